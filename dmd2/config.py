@@ -1,0 +1,167 @@
+"""Config checks that run before any data loading or model building, plus small config helpers.
+
+Unknown keys are already refused by Hydra (the composed config is in struct mode). Here every
+value a runner reads is checked for type and range, and each failure names the key and what is
+expected, so a typo costs seconds, not a crashed job hours later.
+"""
+from __future__ import annotations
+
+import os
+from numbers import Real
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dmd2.networks import ARCHITECTURES
+
+
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type or out of range."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
+def positive_int(v: Any) -> bool:
+    return _is_int(v) and v >= 1
+
+
+def nonneg_int(v: Any) -> bool:
+    return _is_int(v) and v >= 0
+
+
+def positive(v: Any) -> bool:
+    return _is_num(v) and v > 0
+
+
+def nonneg(v: Any) -> bool:
+    return _is_num(v) and v >= 0
+
+
+def fraction(v: Any) -> bool:
+    return _is_num(v) and 0 <= v <= 1
+
+
+def optional(rule: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or rule(v)
+
+
+Rule = tuple[str, Callable[[Any], bool], str]
+
+COMMON_RULES: list[Rule] = [
+    ("seed", nonneg_int, "an integer >= 0"),
+    ("batch_size", positive_int, "an integer >= 1"),
+    ("num_epochs", positive_int, "an integer >= 1"),
+    ("max_steps", optional(positive_int), "null or an integer >= 1"),
+    ("save_every", positive_int, "an integer >= 1 (steps between checkpoints)"),
+    ("log_every", positive_int, "an integer >= 1"),
+    ("sample_every", nonneg_int, "an integer >= 0 (0 = only at the end)"),
+    ("samples_per_class", positive_int, "an integer >= 1"),
+    ("sample_steps", positive_int, "an integer >= 1 (Heun steps)"),
+    ("warmup_steps", nonneg_int, "an integer >= 0"),
+    ("grad_clip", optional(positive), "null or a number > 0"),
+    ("weight_decay", nonneg, "a number >= 0"),
+    ("adam_betas", lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(fraction(b) for b in v),
+     "two numbers in [0, 1]"),
+    ("data.num_classes", positive_int, "an integer >= 1"),
+    ("data.resolution", positive_int, "an integer >= 1"),
+    ("data.num_workers", nonneg_int, "an integer >= 0"),
+    ("arch.name", lambda v: v in ARCHITECTURES, f"one of {sorted(ARCHITECTURES)}"),
+]
+
+STAGE_RULES: dict[str, list[Rule]] = {
+    "teacher": [
+        ("lr", positive, "a number > 0"),
+        ("ema_decay", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+        ("sigma_data", positive, "a number > 0"),
+        ("p_std", positive, "a number > 0"),
+        ("p_mean", _is_num, "a number"),
+    ],
+    "distill": [
+        ("generator_lr", positive, "a number > 0"),
+        ("guidance_lr", positive, "a number > 0"),
+        ("dfake_gen_update_ratio", positive_int, "an integer >= 1 (generator update every N steps)"),
+        ("conditioning_sigma", positive, "a number > 0"),
+        ("min_step_percent", fraction, "a number in [0, 1]"),
+        ("max_step_percent", fraction, "a number in [0, 1]"),
+        ("num_train_timesteps", lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    ],
+}
+
+
+def fail(key: str, value: Any, expected: str) -> None:
+    raise ConfigError(f"config key '{key}' = {value!r}: expected {expected}")
+
+
+def check_rules(cfg: DictConfig, rules: list[Rule]) -> None:
+    for key, rule, expected in rules:
+        if OmegaConf.is_missing(cfg, key):
+            raise ConfigError(f"config key '{key}' is required but not set: expected {expected}")
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, DictConfig) or OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value)
+        if not rule(value):
+            fail(key, value, expected)
+
+
+def check_file(cfg: DictConfig, key: str, what: str) -> None:
+    if OmegaConf.is_missing(cfg, key):
+        raise ConfigError(f"config key '{key}' is required: pass {key}=path/to/{what}")
+    path = cfg[key]
+    if not isinstance(path, str) or not os.path.isfile(path):
+        raise ConfigError(f"config key '{key}' = {path!r}: file not found (expected {what})")
+
+
+def check_data(cfg: DictConfig) -> None:
+    name = cfg.data.get("name")
+    if name not in ("cifar10", "image_folder"):
+        fail("data.name", name, "'cifar10' or 'image_folder'")
+    root = cfg.data.root
+    if name == "image_folder" and (not isinstance(root, str) or not os.path.isdir(root)):
+        raise ConfigError(
+            f"config key 'data.root' = {root!r}: folder not found (expected a class-folder tree root/<class>/<image>)"
+        )
+
+
+def check_device(cfg: DictConfig) -> None:
+    device = cfg.device
+    if device == "auto" or device == "cpu":
+        return
+    if not (isinstance(device, str) and device.split(":")[0] == "cuda"):
+        fail("device", device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device' = {device!r}: CUDA is not available on this machine")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check a composed training config; raise ConfigError naming the first bad key."""
+    stage = cfg.get("stage")
+    if stage not in STAGE_RULES:
+        fail("stage", stage, f"one of {sorted(STAGE_RULES)}")
+    check_rules(cfg, COMMON_RULES + STAGE_RULES[stage])
+    check_device(cfg)
+    check_data(cfg)
+    if stage == "distill":
+        if cfg.min_step_percent >= cfg.max_step_percent:
+            raise ConfigError(
+                f"config keys 'min_step_percent' = {cfg.min_step_percent} and 'max_step_percent' = "
+                f"{cfg.max_step_percent}: expected min_step_percent < max_step_percent"
+            )
+        check_file(cfg, "teacher_checkpoint", "teacher_final.pt")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python data (stored with every run and checkpoint)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]

@@ -1,0 +1,95 @@
+"""Run logging: a local metrics.jsonl (always) plus Weights & Biases (when ``logger.name == wandb``).
+
+A failing W&B call is reported once and then ignored: logging never kills a training run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Mapping
+
+import torch
+from torchvision.utils import save_image
+
+
+class RunLogger:
+    """Writes scalars to ``<output_dir>/metrics.jsonl`` and mirrors scalars, images and histograms to W&B."""
+
+    def __init__(
+        self, output_dir: str, logger_cfg: Mapping[str, Any], config: dict[str, Any], job_type: str,
+        run_name: str | None = None, enabled: bool = True,
+    ) -> None:
+        self.output_dir = output_dir
+        self.enabled = enabled  # False on non-zero ranks: nothing is written
+        self.run: Any = None
+        self._metrics = None
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self._metrics = open(os.path.join(output_dir, "metrics.jsonl"), "a", buffering=1)
+        if logger_cfg.get("name") == "wandb":
+            self.run = self._start_wandb(logger_cfg, config, job_type, run_name)
+
+    def _start_wandb(self, cfg: Mapping[str, Any], config: dict[str, Any], job_type: str, run_name: str | None) -> Any:
+        try:
+            import wandb
+
+            return wandb.init(
+                project=cfg.get("project"), entity=cfg.get("entity"), mode=cfg.get("mode", "offline"),
+                group=cfg.get("group"), tags=list(cfg.get("tags") or []), job_type=job_type, name=run_name,
+                config=config, dir=self.output_dir, reinit="finish_previous",
+            )
+        except Exception as err:  # noqa: BLE001 - W&B must never stop training
+            print(f"[logger] W&B could not start ({err}); continuing with metrics.jsonl only", file=sys.stderr)
+            return None
+
+    def _wandb(self, fn: str, *args: Any, **kwargs: Any) -> None:
+        if self.run is None:
+            return
+        try:
+            getattr(self.run, fn)(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            print(f"[logger] W&B {fn} failed ({err}); W&B logging is off for the rest of this run", file=sys.stderr)
+            self.run = None
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self._metrics.write(json.dumps(row) + "\n")  # type: ignore[union-attr]
+        self._wandb("log", dict(metrics), step=step)
+
+    def log_grid(self, key: str, grid: torch.Tensor, step: int, caption: str = "") -> str | None:
+        """Save an image grid [3,H,W] in [0, 1] to ``samples/<key>_<step>.png`` and log it; return the path."""
+        if not self.enabled:
+            return None
+        folder = os.path.join(self.output_dir, "samples")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{key.replace('/', '_')}_{step:06d}.png")
+        save_image(grid, path)
+        if self.run is not None:
+            import wandb
+
+            self._wandb("log", {key: wandb.Image(path, caption=caption)}, step=step)
+        return path
+
+    def log_histogram(self, key: str, values: torch.Tensor, step: int) -> None:
+        if self.enabled and self.run is not None:
+            import wandb
+
+            self._wandb("log", {key: wandb.Histogram(values.detach().cpu().numpy())}, step=step)
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        if self.enabled and self.run is not None:
+            try:
+                self.run.summary.update(dict(values))
+            except Exception as err:  # noqa: BLE001
+                print(f"[logger] W&B summary failed ({err})", file=sys.stderr)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        self._wandb("finish", exit_code=exit_code)
+        self.run = None

@@ -1,0 +1,52 @@
+"""DMD2 losses as small pure functions over denoisers (callables x, sigma, labels -> x0 estimate).
+
+References: Yin et al., "One-step Diffusion with Distribution Matching Distillation" (DMD, 2024) and
+"Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2, 2024).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dmd2.diffusion import Denoiser, denoising_loss
+
+
+def dm_gradient(x: Tensor, real_denoised: Tensor, fake_denoised: Tensor) -> Tensor:
+    """DMD's distribution matching direction for generator samples x [B,C,H,W].
+
+    With p_real = x - D_real(x_t) and p_fake = x - D_fake(x_t) (the denoisers' views of the noised
+    sample x_t), the direction is (p_real - p_fake) / w, w = mean_chw |p_real| per sample (DMD eq. 8's
+    normaliser). Non-finite entries become 0. Moving x against it pulls x toward D_real, away from D_fake.
+    Returns [B,C,H,W].
+    """
+    p_real = x - real_denoised
+    p_fake = x - fake_denoised
+    weight = p_real.abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)
+    return torch.nan_to_num((p_real - p_fake) / weight)
+
+
+def distribution_matching_loss(
+    x: Tensor, real: Denoiser, fake: Denoiser, sigma: Tensor, class_labels: Tensor, noise: Tensor
+) -> tuple[Tensor, Tensor]:
+    """DMD2 generator loss. x [B,C,H,W] generator samples (with grad), sigma [B], noise like x.
+
+    The two denoisers run without gradient on x_t = x + sigma * noise. The loss is the surrogate
+    0.5 * mean((x - (x - g).detach())^2) whose gradient w.r.t. x is g / x.numel(), g = ``dm_gradient``.
+    Returns (scalar loss, g [B,C,H,W]).
+    """
+    with torch.no_grad():
+        x_t = x + sigma.view(-1, *([1] * (x.dim() - 1))) * noise
+        grad = dm_gradient(x, real(x_t, sigma, class_labels), fake(x_t, sigma, class_labels))
+    loss = 0.5 * F.mse_loss(x, (x - grad).detach(), reduction="mean")
+    return loss, grad
+
+
+def fake_score_loss(
+    fake: Denoiser, x: Tensor, sigma: Tensor, class_labels: Tensor, noise: Tensor, sigma_data: float = 0.5
+) -> Tensor:
+    """Denoising loss of the fake score network on detached generator samples x [B,C,H,W].
+
+    Weight (1/sigma^2 + 1/sigma_data^2), i.e. DMD2's "snr + 1/sigma_data^2" (identical to EDM's lambda).
+    """
+    return denoising_loss(fake, x.detach(), sigma, class_labels, noise, sigma_data)

@@ -1,0 +1,59 @@
+"""Networks: raw architectures, the EDM preconditioning wrapper, and building them from config."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from dmd2.diffusion import edm_scalings
+from dmd2.networks.simple_unet import SimpleUNet
+
+# Architecture registry: the ``arch.name`` config key selects one. Checkpoints store the arch dict,
+# so a network is rebuilt from a file without executing anything stored in it.
+ARCHITECTURES: dict[str, type[nn.Module]] = {"simple_unet": SimpleUNet}
+
+
+class EDMPrecond(nn.Module):
+    """EDM denoiser D(x; sigma, class) = c_skip x + c_out F(c_in x; c_noise, class).
+
+    forward(x [B,C,H,W], sigma [B], class_labels [B] long) -> x0 estimate [B,C,H,W].
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5) -> None:
+        super().__init__()
+        self.net = net
+        self.sigma_data = sigma_data
+
+    def forward(
+        self, x: Tensor, sigma: Tensor, class_labels: Tensor, return_bottleneck: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        sigma = sigma.to(torch.float32).reshape(-1)
+        c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in edm_scalings(sigma, self.sigma_data))
+        out = self.net(c_in * x, c_noise.flatten(), class_labels, return_bottleneck=return_bottleneck)
+        f, bottleneck = out if return_bottleneck else (out, None)
+        denoised = c_skip * x + c_out * f.to(torch.float32)
+        return (denoised, bottleneck) if return_bottleneck else denoised
+
+
+def arch_kwargs(arch: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of an arch config: everything but ``name`` (lists become tuples)."""
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in arch.items() if k != "name"}
+
+
+def build_denoiser(
+    arch: Mapping[str, Any], num_classes: int, resolution: int, sigma_data: float = 0.5
+) -> EDMPrecond:
+    """Build an EDM denoiser from an arch config dict ({"name": ..., **constructor kwargs})."""
+    name = arch.get("name")
+    if name not in ARCHITECTURES:
+        raise ValueError(f"arch.name: unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
+    net = ARCHITECTURES[name](num_classes=num_classes, resolution=resolution, **arch_kwargs(arch))
+    return EDMPrecond(net, sigma_data)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["ARCHITECTURES", "EDMPrecond", "SimpleUNet", "build_denoiser", "count_parameters", "arch_kwargs"]

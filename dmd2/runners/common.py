@@ -1,0 +1,138 @@
+"""What both stage runners share: run directory, seeding, schedules, EMA, sample grids, checkpoints."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torchvision.utils import make_grid
+
+from dmd2.checkpoint import save_checkpoint
+from dmd2.config import resolve_device, to_container
+from dmd2.logging import RunLogger
+
+
+@dataclass
+class RunContext:
+    """Where a run writes, on which device, and its logger."""
+
+    output_dir: str
+    device: torch.device
+    config: dict[str, Any]
+    logger: RunLogger
+
+
+def hydra_output_dir() -> str | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.output_dir
+    except Exception:  # not running under @hydra.main (e.g. a test calling train(cfg) directly)
+        return None
+
+
+def default_run_name() -> str | None:
+    """W&B run name from the command-line overrides, e.g. 'stage=distill,generator_lr=5e-06'."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = [o for o in HydraConfig.get().overrides.task if not o.startswith(("output_dir=", "data_dir="))]
+        return ",".join(task) or None
+    except Exception:
+        return None
+
+
+def start_run(cfg: DictConfig, job_type: str) -> RunContext:
+    """Resolve output_dir and device, seed everything, store the resolved config, start the logger."""
+    output_dir = cfg.output_dir or hydra_output_dir() or os.path.join("outputs", "run")
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "config.yaml"), "w") as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.manual_seed(cfg.seed)
+    config = to_container(cfg)
+    config["output_dir"] = output_dir
+    logger = RunLogger(output_dir, cfg.logger, config, job_type, cfg.run_name or default_run_name())
+    return RunContext(output_dir, resolve_device(cfg.device), config, logger)
+
+
+def total_steps(num_epochs: int, steps_per_epoch: int, max_steps: int | None) -> int:
+    """Training length: num_epochs passes, capped by max_steps when it is set."""
+    steps = num_epochs * steps_per_epoch
+    return min(steps, max_steps) if max_steps else steps
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from lr/warmup_steps to lr over ``warmup_steps`` steps, then constant."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+
+
+def adamw(params: Any, lr: float, betas: Any, weight_decay: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter-wise; buffers are copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay warmed up as min(decay, (1 + n) / (10 + n)) so short runs do not keep the initial weights."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def grid_labels(num_classes: int, per_class: int, device: torch.device) -> Tensor:
+    """Labels [num_classes * per_class] laid out so a grid with ``per_class`` columns has one class per row."""
+    return torch.arange(num_classes, device=device).repeat_interleave(per_class)
+
+
+def to_grid(images: Tensor, per_class: int) -> Tensor:
+    """Images [N,3,H,W] in [-1, 1] -> a grid [3,H',W'] in [0, 1], ``per_class`` images per row."""
+    return make_grid((images.float().clamp(-1, 1) + 1) / 2, nrow=per_class, padding=2)
+
+
+def grad_norm(parameters: Any, clip: float | None) -> Tensor:
+    """Global gradient norm before clipping (clipped to ``clip`` when it is set)."""
+    params = [p for p in parameters if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
+
+
+def check_finite(step: int, **values: Tensor) -> None:
+    """Stop with a clear message if any named loss is NaN or infinite (nothing is saved from this step)."""
+    for name, value in values.items():
+        if not torch.isfinite(value).all():
+            raise FloatingPointError(
+                f"non-finite {name} ({value.item()}) at step {step}; stopping. The last checkpoint is intact; "
+                "try a lower learning rate or a smaller grad_clip"
+            )
+
+
+def save(ctx: RunContext, state: dict[str, Any], name: str) -> str:
+    path = os.path.join(ctx.output_dir, name)
+    save_checkpoint(state, path)
+    return path
+
+
+def run_with_logger(ctx: RunContext, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run a stage body; the logger (and W&B run) is always finished, with a failure code on error."""
+    try:
+        result = body()
+    except BaseException:
+        ctx.logger.finish(exit_code=1)
+        raise
+    ctx.logger.finish()
+    return result
+
+
+def progress(total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stderr, mininterval=1.0)

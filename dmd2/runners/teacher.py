@@ -1,0 +1,99 @@
+"""Stage 1: train the class-conditional EDM teacher.
+
+One step: draw sigma (ln sigma ~ N(p_mean, p_std^2)), noise the batch, EDM-weighted denoising loss,
+AdamW with warm-up and gradient clipping, then an EMA update. The EMA weights are what
+distillation loads. Checkpoints: teacher_NNNNNN.pt every ``save_every`` steps and teacher_final.pt.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from dmd2.data import build_dataset, build_loader, infinite_batches
+from dmd2.diffusion import denoising_loss, heun_nfe, heun_sample, heun_sampler_sigmas, sample_edm_sigma
+from dmd2.networks import EDMPrecond, build_denoiser, count_parameters
+from dmd2.runners.common import (
+    RunContext, adamw, check_finite, ema_decay_at, ema_update, grad_norm, grid_labels, progress, run_with_logger,
+    save, start_run, to_grid, total_steps, warmup_schedule,
+)
+
+
+def teacher_state(cfg: DictConfig, ctx: RunContext, model: EDMPrecond, ema: EDMPrecond,
+                  opt: torch.optim.Optimizer, sched: Any, step: int, epoch: int) -> dict[str, Any]:
+    return {
+        "kind": "teacher", "step": step, "epoch": epoch, "config": ctx.config,
+        "arch": ctx.config["arch"], "num_classes": cfg.data.num_classes, "resolution": cfg.data.resolution,
+        "sigma_data": cfg.sigma_data, "model": model.state_dict(), "ema": ema.state_dict(),
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    }
+
+
+@torch.no_grad()
+def sample_grid(ema: EDMPrecond, noise: torch.Tensor, labels: torch.Tensor, steps: int, per_class: int) -> torch.Tensor:
+    """Heun samples of the EMA teacher from fixed noise/labels, as a grid with one class per row."""
+    return to_grid(heun_sample(ema, noise, labels, heun_sampler_sigmas(steps).to(noise.device)), per_class)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    ctx = start_run(cfg, job_type="teacher")
+    return run_with_logger(ctx, lambda: train_teacher(cfg, ctx))
+
+
+def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
+    device = ctx.device
+    dataset = build_dataset(cfg.data)
+    loader = build_loader(dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed, device.type == "cuda")
+    model = build_denoiser(cfg.arch, cfg.data.num_classes, cfg.data.resolution, cfg.sigma_data).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = adamw(model.parameters(), cfg.lr, cfg.adam_betas, cfg.weight_decay)
+    sched = warmup_schedule(opt, cfg.warmup_steps)
+    steps = total_steps(cfg.num_epochs, len(loader), cfg.max_steps)
+    print(f"[teacher] {count_parameters(model) / 1e6:.2f}M parameters, {len(dataset)} images, "
+          f"{steps} steps of batch {cfg.batch_size} on {device}; writing to {ctx.output_dir}")
+
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 12345)  # fixed grid noise, independent of training
+    grid_y = grid_labels(cfg.data.num_classes, cfg.samples_per_class, device)
+    grid_z = torch.randn(len(grid_y), 3, cfg.data.resolution, cfg.data.resolution, generator=gen).to(device)
+
+    batches = infinite_batches(loader)
+    bar = progress(steps, "teacher")
+    t_last, images_since, loss_sum, n_sum = time.perf_counter(), 0, 0.0, 0
+    epoch, loss = 0, torch.tensor(0.0)
+    for step in range(steps):
+        epoch, (x, y) = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        sigma = sample_edm_sigma(x.shape[0], cfg.p_mean, cfg.p_std, device=device)
+        loss = denoising_loss(model, x, sigma, y, torch.randn_like(x), cfg.sigma_data)
+        check_finite(step, loss=loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = grad_norm(model.parameters(), cfg.grad_clip)
+        check_finite(step, grad_norm=gnorm)
+        opt.step()
+        sched.step()
+        ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
+
+        done = step + 1
+        images_since += x.shape[0]
+        loss_sum, n_sum = loss_sum + loss.item(), n_sum + 1
+        bar.update(1)
+        if done % cfg.log_every == 0 or done == steps:
+            now = time.perf_counter()
+            ctx.logger.log({"train/loss": loss_sum / n_sum, "train/lr": opt.param_groups[0]["lr"],
+                            "train/grad_norm": gnorm.item(), "train/images_per_sec": images_since / (now - t_last),
+                            "train/epoch": epoch}, step=done)
+            bar.set_postfix(loss=f"{loss_sum / n_sum:.4f}")
+            t_last, images_since, loss_sum, n_sum = now, 0, 0.0, 0
+        if (cfg.sample_every and done % cfg.sample_every == 0) or done == steps:
+            grid = sample_grid(ema, grid_z, grid_y, cfg.sample_steps, cfg.samples_per_class)
+            ctx.logger.log_grid("samples/teacher_ema", grid, done, f"EMA, Heun {heun_nfe(cfg.sample_steps)} NFE")
+        if done % cfg.save_every == 0 and done != steps:
+            save(ctx, teacher_state(cfg, ctx, model, ema, opt, sched, done, epoch), f"teacher_{done:06d}.pt")
+    bar.close()
+    path = save(ctx, teacher_state(cfg, ctx, model, ema, opt, sched, steps, epoch), "teacher_final.pt")
+    print(f"[teacher] done: {path}")
+    return {"checkpoint": path, "steps": steps, "final_loss": loss.item()}

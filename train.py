@@ -1,0 +1,36 @@
+"""Training entry point: one Hydra app that dispatches on ``stage`` to a stage runner.
+
+    python train.py stage=teacher data_dir=./data output_dir=./checkpoints/teacher lr=1e-4
+    python train.py stage=distill teacher_checkpoint=./checkpoints/teacher/teacher_final.pt
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from dmd2.config import validate
+
+
+def runner_for(stage: str) -> Callable[[DictConfig], dict[str, Any]]:
+    if stage == "teacher":
+        from dmd2.runners.teacher import run
+    else:
+        from dmd2.runners.distill import run
+    return run
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Validate the composed config (fast, before any data or model), then run its stage."""
+    validate(cfg)
+    return runner_for(cfg.stage)(cfg)
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
