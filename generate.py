@@ -37,7 +37,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     if not os.path.isfile(cfg.checkpoint):
         raise ConfigError(f"config key 'checkpoint' = {cfg.checkpoint!r}: file not found")
     device = resolve_device(cfg.device)
-    sampler = load_sampler(cfg.checkpoint, device, cfg.sampler.steps, cfg.teacher_weights)
+    sampler = load_sampler(cfg.checkpoint, device, cfg.sampler.steps, cfg.teacher_weights, cfg.generator_weights)
     print(f"[generate] loaded {sampler.describe()} from {cfg.checkpoint}")
     names = class_names(cfg, sampler.num_classes)
 

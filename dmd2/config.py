@@ -72,7 +72,7 @@ COMMON_RULES: list[Rule] = [
     ("data.num_classes", positive_int, "an integer >= 1"),
     ("data.resolution", positive_int, "an integer >= 1"),
     ("data.num_workers", nonneg_int, "an integer >= 0"),
-    ("arch.name", lambda v: v in ARCHITECTURES, f"one of {sorted(ARCHITECTURES)}"),
+    ("precision", lambda v: v in ("fp32", "bf16"), "'fp32' or 'bf16' (bf16 autocast on CUDA only)"),
 ]
 
 STAGE_RULES: dict[str, list[Rule]] = {
@@ -82,6 +82,7 @@ STAGE_RULES: dict[str, list[Rule]] = {
         ("sigma_data", positive, "a number > 0"),
         ("p_std", positive, "a number > 0"),
         ("p_mean", _is_num, "a number"),
+        ("arch.name", lambda v: v in ARCHITECTURES, f"one of {sorted(ARCHITECTURES)}"),
     ],
     "distill": [
         ("generator_lr", positive, "a number > 0"),
@@ -91,6 +92,17 @@ STAGE_RULES: dict[str, list[Rule]] = {
         ("min_step_percent", fraction, "a number in [0, 1]"),
         ("max_step_percent", fraction, "a number in [0, 1]"),
         ("num_train_timesteps", lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+        ("arch.name", lambda v: v in ARCHITECTURES or v == "from_teacher",
+         f"'from_teacher' or one of {sorted(ARCHITECTURES)}"),
+        ("denoising_sigmas", optional(lambda v: isinstance(v, list) and len(v) >= 1 and all(positive(s) for s in v)
+                                      and all(a > b for a, b in zip(v, v[1:]))),
+         "null or a non-empty list of positive sigmas in strictly descending order, e.g. [80.0, 2.5, 0.6, 0.1]"),
+        ("generator_ema_decay", optional(lambda v: _is_num(v) and 0 <= v < 1), "null or a number in [0, 1)"),
+        ("gan_classifier", lambda v: isinstance(v, bool), "true or false"),
+        ("cls_loss_weight", nonneg, "a number >= 0"),
+        ("gen_cls_loss_weight", nonneg, "a number >= 0"),
+        ("diffusion_gan", lambda v: isinstance(v, bool), "true or false"),
+        ("diffusion_gan_max_timestep", positive_int, "an integer >= 1"),
     ],
 }
 
@@ -153,6 +165,14 @@ def validate(cfg: DictConfig) -> None:
                 f"config keys 'min_step_percent' = {cfg.min_step_percent} and 'max_step_percent' = "
                 f"{cfg.max_step_percent}: expected min_step_percent < max_step_percent"
             )
+        if cfg.denoising_sigmas is not None and cfg.denoising_sigmas[0] != cfg.conditioning_sigma:
+            raise ConfigError(
+                f"config key 'denoising_sigmas' = {list(cfg.denoising_sigmas)}: its first sigma must equal "
+                f"conditioning_sigma = {cfg.conditioning_sigma} (the generator starts from pure noise at that level)"
+            )
+        if cfg.diffusion_gan_max_timestep > cfg.num_train_timesteps:
+            fail("diffusion_gan_max_timestep", cfg.diffusion_gan_max_timestep,
+                 f"an integer <= num_train_timesteps ({cfg.num_train_timesteps})")
         check_file(cfg, "teacher_checkpoint", "teacher_final.pt")
 
 

@@ -7,7 +7,7 @@ comes in through explicit tensors or ``torch.Generator`` arguments.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -147,8 +147,43 @@ def one_step_sample(generator: Denoiser, noise: Tensor, class_labels: Tensor, co
     sigma = torch.full((noise.shape[0],), float(conditioning_sigma), device=noise.device, dtype=noise.dtype)
     return generator(noise * conditioning_sigma, sigma, class_labels)
 
+
+def backward_simulation(
+    generator: Denoiser, noise: Tensor, class_labels: Tensor, sigmas: Sequence[float], k: int
+) -> Tensor:
+    """The multi-step generator's output at step k of its own sampling chain (DMD2's backward simulation).
+
+    noise [S,B,C,H,W]: S = len(sigmas) independent N(0, I) draws; sigmas: S levels, descending.
+    Steps 0..k-1 run without gradient: x0 = G(x; sigma_i), then x = x0 + sigma_{i+1} * noise[i+1] (fresh noise
+    at every re-noising). Step k runs with gradient (if enabled). Returns G's x0 prediction [B,C,H,W].
+    With k = S - 1 this is the full sampler; with S = 1 it is ``one_step_sample``.
+    """
+    if not 0 <= k < len(sigmas) or noise.shape[0] < len(sigmas):
+        raise ValueError(f"need 0 <= k < len(sigmas) = {len(sigmas)} and noise for every step, got k={k}, "
+                         f"noise steps={noise.shape[0]}")
+    batch = noise.shape[1]
+
+    def level(i: int) -> Tensor:
+        return torch.full((batch,), float(sigmas[i]), device=noise.device, dtype=noise.dtype)
+
+    x = noise[0] * sigmas[0]
+    with torch.no_grad():
+        for i in range(k):
+            x = generator(x, level(i), class_labels) + sigmas[i + 1] * noise[i + 1]
+    return generator(x, level(k), class_labels)
+
+
+def multistep_sample(generator: Denoiser, noise: Tensor, class_labels: Tensor, sigmas: Sequence[float]) -> Tensor:
+    """Sample a multi-step generator: the whole chain of ``backward_simulation``, len(sigmas) evaluations.
+
+    noise [S,B,C,H,W] -> images [B,C,H,W].
+    """
+    with torch.no_grad():
+        return backward_simulation(generator, noise, class_labels, sigmas, len(sigmas) - 1)
+
 __all__ = [
     "Denoiser", "karras_sigmas", "dmd_timestep_sigmas", "edm_scalings", "edm_loss_weight",
     "sample_edm_sigma", "denoising_loss", "heun_sampler_sigmas", "heun_nfe", "heun_sample", "to_uint8",
     "gaussian_optimal_denoiser", "one_step_sample",
+    "backward_simulation", "multistep_sample",
 ]

@@ -50,3 +50,13 @@ def fake_score_loss(
     Weight (1/sigma^2 + 1/sigma_data^2), i.e. DMD2's "snr + 1/sigma_data^2" (identical to EDM's lambda).
     """
     return denoising_loss(fake, x.detach(), sigma, class_labels, noise, sigma_data)
+
+
+def gan_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """Non-saturating GAN loss of the classifier: softplus(l_fake) + softplus(-l_real), averaged. Logits [B]."""
+    return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+
+
+def gan_generator_loss(logits_fake: Tensor) -> Tensor:
+    """Non-saturating GAN loss of the generator: softplus(-l_fake), averaged. Logits [B]."""
+    return F.softplus(-logits_fake).mean()

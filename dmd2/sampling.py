@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from dmd2.checkpoint import load_checkpoint, network_from_checkpoint
-from dmd2.diffusion import heun_nfe, heun_sample, heun_sampler_sigmas, one_step_sample, to_uint8
+from dmd2.diffusion import heun_nfe, heun_sample, heun_sampler_sigmas, multistep_sample, to_uint8
 from dmd2.networks import EDMPrecond
 
 
@@ -26,25 +26,37 @@ class CheckpointSampler:
     resolution: int
     nfe: int                   # network evaluations per sample
     heun_steps: int = 0        # teacher only
-    conditioning_sigma: float = 80.0  # generator only
+    denoising_sigmas: tuple[float, ...] = (80.0,)  # generator only: its chain of noise levels
+    weights: str = "ema"       # which weights of the checkpoint are sampled
+
+    @property
+    def noise_steps(self) -> int:
+        """Independent noise draws each sample needs: 1 for the teacher, one per chain step for a generator."""
+        return 1 if self.kind == "teacher" else len(self.denoising_sigmas)
 
     def describe(self) -> str:
         if self.kind == "teacher":
-            return f"teacher checkpoint (step {self.step}), Heun sampler, {self.heun_steps} steps = {self.nfe} NFE"
-        return f"DMD2 generator checkpoint (step {self.step}), one step = {self.nfe} NFE"
+            return (f"teacher checkpoint (step {self.step}, {self.weights} weights), Heun sampler, "
+                    f"{self.heun_steps} steps = {self.nfe} NFE")
+        return (f"DMD2 generator checkpoint (step {self.step}, {self.weights} weights), {self.nfe}-step "
+                f"sampler over sigmas {list(self.denoising_sigmas)} = {self.nfe} NFE")
 
     @torch.no_grad()
     def __call__(self, noise: Tensor, labels: Tensor) -> Tensor:
+        """noise [S,B,C,H,W] with S = ``noise_steps`` (or [B,C,H,W] when S = 1), labels [B] -> [B,C,H,W]."""
+        if noise.dim() == 4:
+            noise = noise[None]
         if self.kind == "teacher":
             sigmas = heun_sampler_sigmas(self.heun_steps).to(noise.device)
-            return heun_sample(self.net, noise, labels, sigmas)
-        return one_step_sample(self.net, noise, labels, self.conditioning_sigma)
+            return heun_sample(self.net, noise[0], labels, sigmas)
+        return multistep_sample(self.net, noise, labels, self.denoising_sigmas)
 
 
 def load_sampler(path: str, device: torch.device | str = "cpu", heun_steps: int = 18,
-                 teacher_weights: str = "ema") -> CheckpointSampler:
-    """Teacher checkpoints sample their ``teacher_weights`` ("ema" or "model") with ``heun_steps`` Heun steps;
-    DMD2 checkpoints sample the generator in one step from their conditioning sigma."""
+                 teacher_weights: str = "ema", generator_weights: str = "ema") -> CheckpointSampler:
+    """Teacher checkpoints sample their ``teacher_weights`` ("ema" or "model") with ``heun_steps`` Heun steps.
+    DMD2 checkpoints sample the generator over its stored ``denoising_sigmas`` (one step by default), with
+    its EMA weights when ``generator_weights == "ema"`` and the checkpoint has them, else the raw weights."""
     state = load_checkpoint(path)
     common = dict(step=int(state["step"]), num_classes=int(state["num_classes"]), resolution=int(state["resolution"]))
     if state["kind"] == "teacher":
@@ -53,14 +65,21 @@ def load_sampler(path: str, device: torch.device | str = "cpu", heun_steps: int 
         if heun_steps < 1:
             raise ValueError(f"sampler.steps must be >= 1, got {heun_steps}")
         net = network_from_checkpoint(state, teacher_weights).to(device).eval()
-        return CheckpointSampler("teacher", net, nfe=heun_nfe(heun_steps), heun_steps=heun_steps, **common)
-    net = network_from_checkpoint(state, "generator").to(device).eval()
-    return CheckpointSampler("dmd2", net, nfe=1, conditioning_sigma=float(state["conditioning_sigma"]), **common)
+        return CheckpointSampler("teacher", net, nfe=heun_nfe(heun_steps), heun_steps=heun_steps,
+                                 weights=teacher_weights, **common)
+    if generator_weights not in ("ema", "raw"):
+        raise ValueError(f"generator_weights must be 'ema' or 'raw', got {generator_weights!r}")
+    key = "generator_ema" if generator_weights == "ema" and "generator_ema" in state else "generator"
+    sigmas = tuple(float(s) for s in state.get("denoising_sigmas", [state["conditioning_sigma"]]))
+    net = network_from_checkpoint(state, key).to(device).eval()
+    return CheckpointSampler("dmd2", net, nfe=len(sigmas), denoising_sigmas=sigmas,
+                             weights="ema" if key == "generator_ema" else "raw", **common)
 
 
 def per_sample_noise(indices: range, seed: int, shape: tuple[int, ...]) -> Tensor:
     """Noise [len(indices), *shape], sample i drawn from its own generator seeded (seed, i): any subset or
-    batch size reproduces the same images."""
+    batch size reproduces the same images. A leading steps axis in ``shape`` (S, C, H, W) gives each chain
+    step its own draw; its first slice equals the noise of shape (C, H, W)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
                         for i in indices])
 
@@ -73,9 +92,10 @@ def round_robin_labels(indices: range, num_classes: int) -> Tensor:
 def generate_uint8(sampler: CheckpointSampler, num: int, seed: int, batch_size: int,
                    device: torch.device | str = "cpu", start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (uint8 images [B,3,R,R] on the CPU, labels [B]) for samples start..start+num-1, in batches."""
-    shape = (3, sampler.resolution, sampler.resolution)
+    shape = (sampler.noise_steps, 3, sampler.resolution, sampler.resolution)
     for lo in range(start, start + num, batch_size):
         idx = range(lo, min(lo + batch_size, start + num))
         labels = round_robin_labels(idx, sampler.num_classes)
-        images = sampler(per_sample_noise(idx, seed, shape).to(device), labels.to(device))
+        noise = per_sample_noise(idx, seed, shape).transpose(0, 1)  # [S, B, C, H, W]
+        images = sampler(noise.to(device), labels.to(device))
         yield to_uint8(images).cpu(), labels

@@ -1,4 +1,4 @@
-"""UnifiedModel: the one-step generator and the guidance model, side by side.
+"""UnifiedModel: the generator and the guidance model, side by side, and the two DMD2 losses.
 
 The runner calls ``generate`` then ``generator_loss`` (on generator-update steps) and ``guidance_loss``
 (every step); it owns the optimizers and the update schedule.
@@ -6,40 +6,71 @@ The runner calls ``generate`` then ``generator_loss`` (on generator-update steps
 from __future__ import annotations
 
 import copy
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from dmd2.diffusion import one_step_sample
+from dmd2.diffusion import backward_simulation, multistep_sample
 from dmd2.guidance import GuidanceModel
 from dmd2.networks import EDMPrecond
 
 
 class UnifiedModel(nn.Module):
-    """``generator``: a copy of the teacher used as x = G(z * sigma_c; sigma_c, class). ``guidance``: see GuidanceModel."""
+    """``generator``: a copy of the teacher mapping noise to images in len(denoising_sigmas) steps
+    (one step: x = G(z * sigma_c; sigma_c, class)). ``guidance``: see GuidanceModel.
+    """
 
-    def __init__(self, teacher: EDMPrecond, conditioning_sigma: float = 80.0, **guidance_kwargs: float) -> None:
+    def __init__(
+        self, teacher: EDMPrecond, denoising_sigmas: Sequence[float] = (80.0,), cls_loss_weight: float = 0.0,
+        gen_cls_loss_weight: float = 0.0, **guidance_kwargs: float,
+    ) -> None:
         super().__init__()
         self.generator = copy.deepcopy(teacher).train().requires_grad_(True)
         self.guidance = GuidanceModel(teacher, **guidance_kwargs)
-        self.conditioning_sigma = conditioning_sigma
+        self.denoising_sigmas = [float(s) for s in denoising_sigmas]
+        self.cls_loss_weight = cls_loss_weight
+        self.gen_cls_loss_weight = gen_cls_loss_weight
 
-    def generate(self, noise: Tensor, class_labels: Tensor) -> Tensor:
-        """noise [B,C,H,W] ~ N(0, I), class_labels [B] -> images [B,C,H,W] (grad flows if enabled)."""
-        return one_step_sample(self.generator, noise, class_labels, self.conditioning_sigma)
+    @property
+    def num_steps(self) -> int:
+        return len(self.denoising_sigmas)
+
+    def generate(self, noise: Tensor, class_labels: Tensor, k: int = 0) -> Tensor:
+        """noise [S,B,C,H,W] (S = num_steps), labels [B] -> the generator's output at step k [B,C,H,W]
+        (backward simulation; only the last evaluation carries gradient, if enabled)."""
+        return backward_simulation(self.generator, noise, class_labels, self.denoising_sigmas, k)
 
     def generator_loss(self, x: Tensor, class_labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.guidance.dm_loss(x, class_labels)
+        """DM loss (+ weighted generator GAN loss when the GAN head exists). Returns (loss, logs)."""
+        loss, logs = self.guidance.dm_loss(x, class_labels)
+        logs["loss_dm"] = loss.detach()
+        if self.guidance.gan_head is not None:
+            gan = self.guidance.generator_gan_loss(x, class_labels)
+            logs["loss_gen_gan"] = gan.detach()
+            loss = loss + self.gen_cls_loss_weight * gan
+        return loss, logs
 
-    def guidance_loss(self, x: Tensor, class_labels: Tensor) -> Tensor:
-        return self.guidance.fake_loss(x.detach(), class_labels)
+    def guidance_loss(self, x: Tensor, class_labels: Tensor, real: Tensor | None = None,
+                      real_labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Fake-score loss on detached x (+ weighted classifier loss on x vs real images). Returns (loss, logs)."""
+        loss = self.guidance.fake_loss(x.detach(), class_labels)
+        logs = {"loss_fake": loss.detach()}
+        if self.guidance.gan_head is not None:
+            if real is None or real_labels is None:
+                raise ValueError("the GAN classifier needs real images and their labels")
+            cls = self.guidance.classifier_loss(x, real, class_labels, real_labels)
+            logs["loss_cls"] = cls.detach()
+            loss = loss + self.cls_loss_weight * cls
+        return loss, logs
 
     @torch.no_grad()
-    def sample(self, noise: Tensor, class_labels: Tensor) -> Tensor:
-        """Generator samples in eval mode (no dropout), restoring the previous mode afterwards."""
-        was_training = self.generator.training
-        self.generator.eval()
+    def sample(self, noise: Tensor, class_labels: Tensor, generator: nn.Module | None = None) -> Tensor:
+        """Full-chain samples in eval mode (no dropout) from ``generator`` (default: the trained one)."""
+        net = generator if generator is not None else self.generator
+        was_training = net.training
+        net.eval()
         try:
-            return self.generate(noise, class_labels)
+            return multistep_sample(net, noise, class_labels, self.denoising_sigmas)
         finally:
-            self.generator.train(was_training)
+            net.train(was_training)

@@ -99,7 +99,7 @@ def test_update_schedule_and_frozen_teacher():
     torch.manual_seed(0)
     teacher = build_denoiser(TINY_ARCH, 10, 8)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    model = UnifiedModel(teacher, 80.0)
+    model = UnifiedModel(teacher, [80.0])
     gen_before = [p.detach().clone() for p in model.generator.parameters()]
     opts = {"generator": adamw(model.generator.parameters(), 1e-3, (0.9, 0.999), 0.01),
             "guidance": adamw(model.guidance.fake_unet.parameters(), 1e-3, (0.9, 0.999), 0.01)}
@@ -107,9 +107,9 @@ def test_update_schedule_and_frozen_teacher():
     steps, ratio, updates = 7, 3, 0
     for step in range(steps):  # the runner's schedule
         y = torch.randint(0, 10, (4,))
-        z = torch.randn(4, 3, 8, 8)
+        z = torch.randn(1, 4, 3, 8, 8)
         if step % ratio == 0:
-            x, _ = generator_step(model, opts["generator"], scheds["generator"], z, y, 10.0, step)
+            x, _ = generator_step(model, opts["generator"], scheds["generator"], z, y, 0, 10.0, step)
             updates += 1
         else:
             with torch.no_grad():
@@ -125,7 +125,7 @@ def test_update_schedule_and_frozen_teacher():
 
 def test_generator_and_fake_start_as_copies_of_the_teacher():
     teacher = build_denoiser(TINY_ARCH, 10, 8)
-    model = UnifiedModel(teacher, 80.0)
+    model = UnifiedModel(teacher, [80.0])
     ref = teacher.state_dict()
     for net in (model.generator, model.guidance.fake_unet):
         assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items())

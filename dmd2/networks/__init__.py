@@ -7,11 +7,12 @@ import torch
 from torch import Tensor, nn
 
 from dmd2.diffusion import edm_scalings
+from dmd2.networks.edm_unet import EDMUNet
 from dmd2.networks.simple_unet import SimpleUNet
 
 # Architecture registry: the ``arch.name`` config key selects one. Checkpoints store the arch dict,
 # so a network is rebuilt from a file without executing anything stored in it.
-ARCHITECTURES: dict[str, type[nn.Module]] = {"simple_unet": SimpleUNet}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"simple_unet": SimpleUNet, "edm_unet": EDMUNet}
 
 
 class EDMPrecond(nn.Module):

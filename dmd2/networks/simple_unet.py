@@ -104,6 +104,7 @@ class SimpleUNet(nn.Module):
                 cur = c
             res //= 2
         self.bottleneck_channels = cur
+        self.bottleneck_resolution = res
         self.mid1 = ResBlock(cur, cur, emb_dim, dropout, groups)
         self.mid_attn = SelfAttention(cur, groups)
         self.mid2 = ResBlock(cur, cur, emb_dim, dropout, groups)

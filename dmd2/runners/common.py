@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -130,6 +131,13 @@ def run_with_logger(ctx: RunContext, body: Callable[[], dict[str, Any]]) -> dict
         raise
     ctx.logger.finish()
     return result
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """bf16 autocast on CUDA when ``precision == "bf16"``; full fp32 otherwise (and always on the CPU)."""
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def progress(total: int, desc: str) -> Any:

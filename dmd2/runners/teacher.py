@@ -17,7 +17,7 @@ from dmd2.data import build_dataset, build_loader, infinite_batches
 from dmd2.diffusion import denoising_loss, heun_nfe, heun_sample, heun_sampler_sigmas, sample_edm_sigma
 from dmd2.networks import EDMPrecond, build_denoiser, count_parameters
 from dmd2.runners.common import (
-    RunContext, adamw, check_finite, ema_decay_at, ema_update, grad_norm, grid_labels, progress, run_with_logger,
+    RunContext, adamw, autocast, check_finite, ema_decay_at, ema_update, grad_norm, grid_labels, progress, run_with_logger,
     save, start_run, to_grid, total_steps, warmup_schedule,
 )
 
@@ -67,7 +67,8 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         epoch, (x, y) = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         sigma = sample_edm_sigma(x.shape[0], cfg.p_mean, cfg.p_std, device=device)
-        loss = denoising_loss(model, x, sigma, y, torch.randn_like(x), cfg.sigma_data)
+        with autocast(device, cfg.precision):
+            loss = denoising_loss(model, x, sigma, y, torch.randn_like(x), cfg.sigma_data)
         check_finite(step, loss=loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
