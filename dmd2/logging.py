@@ -18,7 +18,7 @@ class RunLogger:
 
     def __init__(
         self, output_dir: str, logger_cfg: Mapping[str, Any], config: dict[str, Any], job_type: str,
-        run_name: str | None = None, enabled: bool = True,
+        run_name: str | None = None, enabled: bool = True, resume_id: str | None = None,
     ) -> None:
         self.output_dir = output_dir
         self.enabled = enabled  # False on non-zero ranks: nothing is written
@@ -29,9 +29,15 @@ class RunLogger:
         os.makedirs(output_dir, exist_ok=True)
         self._metrics = open(os.path.join(output_dir, "metrics.jsonl"), "a", buffering=1)
         if logger_cfg.get("name") == "wandb":
-            self.run = self._start_wandb(logger_cfg, config, job_type, run_name)
+            self.run = self._start_wandb(logger_cfg, config, job_type, run_name, resume_id)
 
-    def _start_wandb(self, cfg: Mapping[str, Any], config: dict[str, Any], job_type: str, run_name: str | None) -> Any:
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run id (stored in checkpoints so a resumed run continues the same W&B run)."""
+        return getattr(self.run, "id", None)
+
+    def _start_wandb(self, cfg: Mapping[str, Any], config: dict[str, Any], job_type: str, run_name: str | None,
+                     resume_id: str | None) -> Any:
         try:
             import wandb
 
@@ -39,6 +45,7 @@ class RunLogger:
                 project=cfg.get("project"), entity=cfg.get("entity"), mode=cfg.get("mode", "offline"),
                 group=cfg.get("group"), tags=list(cfg.get("tags") or []), job_type=job_type, name=run_name,
                 config=config, dir=self.output_dir, reinit="finish_previous",
+                id=resume_id, resume="allow" if resume_id else None,
             )
         except Exception as err:  # noqa: BLE001 - W&B must never stop training
             print(f"[logger] W&B could not start ({err}); continuing with metrics.jsonl only", file=sys.stderr)
@@ -79,6 +86,11 @@ class RunLogger:
             import wandb
 
             self._wandb("log", {key: wandb.Histogram(values.detach().cpu().numpy())}, step=step)
+
+    def define_metric(self, key: str, **kwargs: Any) -> None:
+        """W&B ``define_metric`` (e.g. ``summary="min"``: the run summary keeps the best value)."""
+        if self.enabled:
+            self._wandb("define_metric", key, **kwargs)
 
     def summary(self, values: Mapping[str, Any]) -> None:
         if self.enabled and self.run is not None:

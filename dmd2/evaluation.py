@@ -1,0 +1,439 @@
+"""FID / Frechet distances with clean-fid: feature networks, reference statistics, streamed sample features.
+
+Protocol: ``num`` samples from a checkpoint (dmd2.sampling: per-sample seeded noise, round-robin classes), uint8
+images in [0, 255], featurized batch by batch exactly as clean-fid featurizes an image folder (uint8 image ->
+clean-fid's resize -> float [0, 255] -> feature network), so only the features [N, D] are ever held.
+The distance is clean-fid's ``frechet_distance`` between the Gaussians (mean, covariance) of the two feature sets.
+
+"FID" is reserved for clean-fid's Inception network with its "clean" 299x299 resize, the setting published
+numbers use. Any other (TorchScript) feature network gives an "FD (<network name>)", never called FID.
+
+Nothing here downloads a file unless asked to (``allow_download``): a missing Inception weights file or precomputed
+statistics file fails at once with a message saying which file is needed, where it comes from and where it goes.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import platform
+import re
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import cleanfid
+from cleanfid.downloads_helper import check_download_inception, inception_url
+from cleanfid.features import get_reference_statistics
+from cleanfid.fid import frechet_distance as cleanfid_frechet_distance
+from cleanfid.fid import get_batch_features, get_files_features, kernel_distance
+from cleanfid.inception_torchscript import InceptionV3W
+from cleanfid.resize import build_resizer
+from cleanfid.utils import EXTENSIONS
+
+from dmd2.sampling import CheckpointSampler, generate_uint8
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = inception_url  # where clean-fid downloads the Inception weights from
+# clean-fid's precomputed statistics: <base>/<name>_<mode>_<split>_<res>.npz (see cleanfid.features)
+CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/"
+CIFAR10_TRAIN = dict(name="cifar10", res=32, split="train", mode="clean")
+DOWNLOAD_TIMEOUT_S = 60.0  # socket timeout for any download we allow: a dead connection fails, never hangs
+RESIZE_MODES = ("clean", "none")
+FEATURE_NETWORKS = ("inception", "torchscript")
+
+
+@contextlib.contextmanager
+def quiet_jit_load() -> Iterator[None]:
+    """torch.jit.load warns that TorchScript is deprecated; clean-fid's Inception and feature files are TorchScript."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        yield
+
+
+class EvaluationError(RuntimeError):
+    """A file the evaluation needs is missing or unusable (weights, statistics, feature network)."""
+
+
+# --------------------------------------------------------------------------------------------- feature networks
+
+
+@dataclass
+class FeatureNetwork:
+    """A feature network and how images reach it. ``model``: float [B,3,H,W] in [0,255] on ``device`` -> [B,D]."""
+
+    identity: str        # cache-key part: "inception_v3" or "ts-<file stem>-<sha256[:12]>"
+    metric: str          # "FID" (Inception) or "FD (<file stem>)"
+    wandb_key: str       # "eval/fid" or "eval/fd_<file stem>"
+    resize: str          # "clean" (clean-fid's PIL bicubic to 299x299) or "none" (native resolution)
+    model: Callable[[Tensor], Tensor]
+    device: torch.device
+    source: str          # the weights file
+
+    @property
+    def is_inception(self) -> bool:
+        return self.identity == "inception_v3"
+
+
+def default_inception_path() -> str:
+    """Where clean-fid keeps its Inception weights: /tmp/inception-2015-12-05.pt (./ on Windows)."""
+    return os.path.join("./" if platform.system() == "Windows" else "/tmp", INCEPTION_FILE)
+
+
+@contextlib.contextmanager
+def download_guard(path: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> Iterator[None]:
+    """Run a clean-fid download with a socket timeout; a failed download leaves no partial ``path`` behind."""
+    existed = os.path.exists(path)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        yield
+    except BaseException:
+        if not existed and os.path.exists(path):
+            os.remove(path)
+        raise
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def missing_inception_message(path: str) -> str:
+    return (
+        f"Inception weights not found: {path}\n"
+        f"FID uses clean-fid's Inception network, the file {INCEPTION_FILE} "
+        f"(clean-fid downloads it from {INCEPTION_URL}).\n"
+        f"Offline: copy {INCEPTION_FILE} to {default_inception_path()} (clean-fid's default location), or anywhere "
+        f"and set feature_network.inception_weights=/path/to/{INCEPTION_FILE}.\n"
+        f"Online: set feature_network.allow_download=true to let clean-fid download it.\n"
+        f"Without Inception weights, a TorchScript feature network (feature_network.name=torchscript "
+        f"feature_network.path=...) measures an FD instead (not comparable with published FIDs)."
+    )
+
+
+def build_inception(weights: str | None, device: torch.device, allow_download: bool = False) -> FeatureNetwork:
+    """clean-fid's Inception (the "clean" mode extractor of ``build_feature_extractor(mode="clean",
+    use_dataparallel=False)``, loaded from ``weights`` instead of a fixed /tmp): [B,3,299,299] -> [B,2048]."""
+    path = os.path.abspath(weights or default_inception_path())
+    if os.path.basename(path) != INCEPTION_FILE:
+        raise EvaluationError(f"feature_network.inception_weights = {weights!r}: clean-fid loads the weights by "
+                              f"their file name; the file must be called {INCEPTION_FILE}")
+    folder = os.path.dirname(path)
+    if not os.path.isfile(path):
+        if not allow_download:
+            raise EvaluationError(missing_inception_message(path))
+        print(f"[evaluate] downloading {INCEPTION_FILE} from {INCEPTION_URL} to {folder}")
+        os.makedirs(folder, exist_ok=True)
+        try:
+            with download_guard(path):
+                check_download_inception(fpath=folder)
+        except Exception as err:
+            message = f"download of {INCEPTION_URL} failed ({err}).\n" + missing_inception_message(path)
+            raise EvaluationError(message) from err
+    try:
+        with quiet_jit_load():
+            model = InceptionV3W(folder, download=False, resize_inside=False).to(device).eval()
+    except Exception as err:
+        raise EvaluationError(f"cannot load the Inception weights {path} ({err}); delete the file and fetch "
+                              f"{INCEPTION_FILE} again from {INCEPTION_URL}") from err
+    return FeatureNetwork("inception_v3", "FID", "eval/fid", "clean", model, device, path)
+
+
+def network_stem(path: str) -> str:
+    """File name without its model suffixes: 'nets/cifar10-featnet-dev.ts.pt' -> 'cifar10-featnet-dev'."""
+    name = os.path.basename(path)
+    while True:
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in (".pt", ".pth", ".ts", ".jit", ".torchscript") or not stem:
+            return name
+        name = stem
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_torchscript(path: str, device: torch.device, resize: str) -> FeatureNetwork:
+    """A TorchScript feature network file: float [B,3,H,W] in [0,255] -> [B,D]; H = W = 299 when resize='clean'."""
+    if resize not in RESIZE_MODES:
+        raise EvaluationError(f"feature_network.resize = {resize!r}: expected one of {RESIZE_MODES}")
+    try:
+        with quiet_jit_load():
+            module = torch.jit.load(path, map_location=device).eval()
+    except Exception as err:
+        raise EvaluationError(f"feature_network.path = {path!r}: cannot load it as a TorchScript module "
+                              f"({err})") from err
+    stem = network_stem(path)
+    key = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)
+    identity = f"ts-{key}-{file_sha256(path)[:12]}"  # content hash: a retrained network never reuses old stats
+    return FeatureNetwork(identity, f"FD ({stem})", f"eval/fd_{key}", resize, module, device, os.path.abspath(path))
+
+
+def build_feature_network(name: str, device: torch.device, *, path: str | None = None, resize: str = "clean",
+                          inception_weights: str | None = None, allow_download: bool = False) -> FeatureNetwork:
+    """The configured feature network; fails within seconds when its file is missing (nothing is downloaded
+    unless ``allow_download``)."""
+    if name == "inception":
+        if resize != "clean":
+            raise EvaluationError(f"feature_network.resize = {resize!r}: Inception takes 299x299 inputs; use 'clean'")
+        return build_inception(inception_weights, device, allow_download)
+    if name == "torchscript":
+        if not path or not os.path.isfile(path):
+            raise EvaluationError(f"feature_network.path = {path!r}: file not found (a TorchScript feature network)")
+        return build_torchscript(path, device, resize)
+    raise EvaluationError(f"feature_network.name = {name!r}: expected one of {FEATURE_NETWORKS}")
+
+
+def network_input(images: Tensor, resize: str) -> Tensor:
+    """uint8 images [B,3,H,W] -> float [B,3,H',W'] in [0,255]: clean-fid's "clean" resize (PIL bicubic on float
+    channels, H' = W' = 299) or unchanged (H' = H). Matches clean-fid reading the same images from PNG files."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {images.dtype}")
+    if resize == "none":
+        return images.float()
+    fn_resize = build_resizer("clean")
+    arrays = images.permute(0, 2, 3, 1).numpy()  # [B,H,W,3] uint8, clean-fid's layout
+    return torch.from_numpy(np.stack([fn_resize(a) for a in arrays]).transpose(0, 3, 1, 2).copy())
+
+
+def batch_features(images: Tensor, net: FeatureNetwork) -> np.ndarray:
+    """uint8 images [B,3,H,W] -> features [B,D] (numpy, the network's dtype), via clean-fid's get_batch_features."""
+    feats = get_batch_features(network_input(images, net.resize), net.model, net.device)
+    if feats.ndim != 2 or feats.shape[0] != images.shape[0]:
+        raise EvaluationError(f"feature network {net.source} returned shape {tuple(feats.shape)} for a batch of "
+                              f"{images.shape[0]}; expected [B, D]")
+    return feats
+
+
+def feature_dim(net: FeatureNetwork, resolution: int) -> int:
+    """Run two blank images of side ``resolution`` through the network (a quick check before generating) -> D."""
+    return batch_features(torch.zeros(2, 3, resolution, resolution, dtype=torch.uint8), net).shape[1]
+
+
+# --------------------------------------------------------------------------------------------- statistics, distances
+
+
+def feature_statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Features [N,D] -> (mean [D], covariance [D,D]), float64, as clean-fid computes them (N >= 2)."""
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise ValueError(f"need features [N>=2, D], got shape {feats.shape}")
+    return np.mean(feats, axis=0, dtype=np.float64), np.cov(feats, rowvar=False).reshape(feats.shape[1], feats.shape[1])
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance between N(mu1 [D], sigma1 [D,D]) and N(mu2, sigma2): clean-fid's implementation."""
+    return float(cleanfid_frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+def kernel_inception_distance(feats: np.ndarray, ref_feats: np.ndarray, seed: int = 0) -> float:
+    """KID (clean-fid's ``kernel_distance``: 100 subsets of up to 1000) between features [N,D] and [M,D]; the
+    random subsets come from ``seed``, so reruns agree, and the global NumPy random state is left as it was."""
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        return float(kernel_distance(ref_feats.astype(np.float64), feats.astype(np.float64)))
+    finally:
+        np.random.set_state(state)
+
+
+@dataclass
+class ReferenceStats:
+    """Statistics of the reference images: mean [D], covariance [D,D], features [M,D] (only when KID needs them)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    description: str                 # e.g. "cifar10 train (clean-fid precomputed)" or the folder
+    path: str                        # the statistics file
+    num_images: int | None = None    # unknown for clean-fid's precomputed files
+    image_size: int | None = None    # side of the reference images (folders)
+    feats: np.ndarray | None = field(default=None, repr=False)
+
+
+def precomputed_stats_name(kid: bool = False, **spec: Any) -> str:
+    """clean-fid's file name for precomputed statistics, e.g. 'cifar10_clean_train_32.npz' (+ '_kid' for KID)."""
+    spec = {**CIFAR10_TRAIN, **spec}
+    return f"{spec['name']}_{spec['mode']}_{spec['split']}_{spec['res']}{'_kid' if kid else ''}.npz".lower()
+
+
+def precomputed_cifar10_stats(net: FeatureNetwork, cache_dir: str, kid: bool = False,
+                              allow_download: bool = False) -> ReferenceStats:
+    """clean-fid's precomputed CIFAR-10 train statistics (Inception, clean resize, 32x32). Looked up in
+    ``cache_dir`` and in clean-fid's own stats folder; downloaded by clean-fid only when ``allow_download``."""
+    if not net.is_inception or net.resize != "clean":
+        raise EvaluationError("reference.name=cifar10_train: clean-fid's precomputed statistics are Inception "
+                              "features ('clean' resize); with another feature network use reference.name=folder "
+                              "reference.folder=<image folder>")
+    cleanfid_dir = os.path.join(os.path.dirname(cleanfid.__file__), "stats")
+    names = [precomputed_stats_name()] + ([precomputed_stats_name(kid=True)] if kid else [])
+    found: dict[str, str] = {}
+    for name in names:
+        for folder in (cache_dir, cleanfid_dir):
+            if os.path.isfile(os.path.join(folder, name)):
+                found[name] = os.path.join(folder, name)
+                break
+    missing = [n for n in names if n not in found]
+    if missing and not allow_download:
+        raise EvaluationError(
+            f"clean-fid's precomputed CIFAR-10 statistics are not on this machine: {', '.join(missing)}.\n"
+            f"Offline: copy {' and '.join(CLEANFID_STATS_URL + n for n in missing)} into "
+            f"{os.path.abspath(cache_dir)}/, "
+            f"or compute statistics from an image folder: reference.name=folder "
+            f"reference.folder=data/cifar10-jpeg/train.\n"
+            f"Online: set reference.allow_download=true (or feature_network.allow_download=true).")
+    for name in missing:
+        print(f"[evaluate] downloading {CLEANFID_STATS_URL}{name} (clean-fid)")
+        target = os.path.join(cleanfid_dir, name)
+        try:
+            with download_guard(target):
+                result = get_reference_statistics(CIFAR10_TRAIN["name"], CIFAR10_TRAIN["res"], mode="clean",
+                                                  split="train", metric="KID" if name.endswith("_kid.npz") else "FID")
+        except Exception as err:
+            raise EvaluationError(f"download of {CLEANFID_STATS_URL}{name} failed ({err}); use custom statistics: "
+                                  f"reference.name=folder reference.folder=<image folder>") from err
+        del result
+        found[name] = target
+    with np.load(found[names[0]]) as stats:
+        mu, sigma = stats["mu"], stats["sigma"]
+    feats = None
+    if kid:
+        with np.load(found[names[1]]) as stats:
+            feats = stats["feats"]
+    return ReferenceStats(mu, sigma, "cifar10 train (clean-fid precomputed)", found[names[0]], image_size=32,
+                          num_images=None if feats is None else int(feats.shape[0]), feats=feats)
+
+
+def list_images(folder: str) -> list[str]:
+    """Image files under ``folder`` (recursive, clean-fid's extensions), sorted."""
+    root = os.path.join(glob.escape(folder), "**")
+    files = {f for ext in EXTENSIONS for f in glob.glob(os.path.join(root, "*." + ext), recursive=True)}
+    return sorted(files)
+
+
+def folder_fingerprint(folder: str, files: list[str]) -> str:
+    """Hash of every file's relative path, size and mtime: a changed folder gets new statistics."""
+    digest = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        digest.update(f"{os.path.relpath(f, folder)}\t{st.st_size}\t{int(st.st_mtime)}\n".encode())
+    return digest.hexdigest()
+
+
+def stats_cache_path(cache_dir: str, folder: str, fingerprint: str, net: FeatureNetwork) -> str:
+    """<cache_dir>/<folder name>-<fingerprint[:12]>_<network identity>_<resize>.npz: never shared between
+    feature networks, resize modes or folder contents."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.normpath(folder))) or "folder"
+    return os.path.join(cache_dir, f"{name}-{fingerprint[:12]}_{net.identity}_{net.resize}.npz")
+
+
+def _no_resize(image: np.ndarray) -> np.ndarray:
+    return image  # uint8 [H,W,3]; clean-fid's loader turns it into float [3,H,W] in [0,255]
+
+
+def _save_npz(path: str, **arrays: Any) -> None:
+    """Write an .npz atomically (a temporary file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def folder_stats(folder: str, net: FeatureNetwork, cache_dir: str, kid: bool = False, batch_size: int = 128,
+                 num_workers: int = 0) -> ReferenceStats:
+    """Statistics of the images in ``folder`` under ``net``, computed once with clean-fid's folder loader and
+    cached in ``cache_dir`` (the features [M,D] are cached too, in <name>_feats.npz, when KID needs them)."""
+    files = list_images(folder)
+    if len(files) < 2:
+        raise EvaluationError(f"reference.folder = {folder!r}: found {len(files)} images (need at least 2; "
+                              f"extensions {sorted(EXTENSIONS)})")
+    path = stats_cache_path(cache_dir, folder, folder_fingerprint(folder, files), net)
+    feats_path = path[: -len(".npz")] + "_feats.npz"
+    description = f"{os.path.abspath(folder)} ({len(files)} images)"
+    if os.path.isfile(path) and (not kid or os.path.isfile(feats_path)):
+        print(f"[evaluate] reusing cached reference statistics {path}")
+        with np.load(path) as stats:
+            meta = json.loads(str(stats["meta"]))
+            mu, sigma = stats["mu"], stats["sigma"]
+        if meta.get("network") != net.identity or meta.get("resize") != net.resize:
+            raise EvaluationError(f"cached statistics {path} were made with {meta.get('network')}/"
+                                  f"{meta.get('resize')}, not {net.identity}/{net.resize}; delete the file")
+        feats = None
+        if kid:
+            with np.load(feats_path) as stored:
+                feats = stored["feats"]
+        return ReferenceStats(mu, sigma, description, path, meta["num_images"], meta["image_size"], feats)
+
+    from PIL import Image
+
+    with Image.open(files[0]) as first:
+        image_size = int(first.size[0])
+    print(f"[evaluate] computing reference statistics of {len(files)} images in {folder} with {net.metric} features "
+          f"(resize {net.resize}); cached in {path}")
+    start = time.perf_counter()
+    feats = get_files_features(files, net.model, num_workers=num_workers, batch_size=batch_size, device=net.device,
+                               mode="clean", custom_fn_resize=None if net.resize == "clean" else _no_resize,
+                               description=f"reference {os.path.basename(os.path.normpath(folder))}: ")
+    mu, sigma = feature_statistics(feats)
+    meta = dict(folder=os.path.abspath(folder), num_images=len(files), image_size=image_size, network=net.identity,
+                network_file=net.source, resize=net.resize, seconds=round(time.perf_counter() - start, 1))
+    _save_npz(path, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta)))
+    _save_npz(feats_path, feats=feats.astype(np.float32))
+    print(f"[evaluate] reference statistics done in {meta['seconds']} s")
+    return ReferenceStats(mu, sigma, description, path, len(files), image_size, feats if kid else None)
+
+
+# --------------------------------------------------------------------------------------------- generated samples
+
+
+def sampler_features(sampler: CheckpointSampler, net: FeatureNetwork, num: int, seed: int, batch_size: int,
+                     device: torch.device | str, dim: int, progress: bool = True) -> tuple[np.ndarray, float]:
+    """Features [num, dim] of samples 0..num-1 of ``sampler`` (dmd2.sampling.generate_uint8: seeded noise,
+    round-robin classes), generated and featurized batch by batch; also the seconds spent generating."""
+    feats = np.empty((num, dim), dtype=np.float32)
+    batches = generate_uint8(sampler, num, seed, batch_size, device)
+    done, gen_seconds, next_report = 0, 0.0, num / 10
+    while True:
+        start = time.perf_counter()
+        try:
+            images, _ = next(batches)  # uint8 [B,3,R,R] on the CPU (the copy waits for the device)
+        except StopIteration:
+            break
+        gen_seconds += time.perf_counter() - start
+        feats[done: done + len(images)] = batch_features(images, net)
+        done += len(images)
+        if progress and (done >= next_report or done == num):
+            print(f"[evaluate]   {done}/{num} samples ({done / max(gen_seconds, 1e-9):.1f} images/s generation)")
+            next_report += num / 10
+    return feats, gen_seconds
+
+
+def evaluate_sampler(sampler: CheckpointSampler, net: FeatureNetwork, ref: ReferenceStats, num: int, seed: int,
+                     batch_size: int, device: torch.device | str, kid: bool = False) -> dict[str, Any]:
+    """FID / FD (and KID) of ``num`` samples of ``sampler`` against ``ref``; the numbers of one result row."""
+    if net.resize == "none" and ref.image_size is not None and ref.image_size != sampler.resolution:
+        raise EvaluationError(f"feature_network.resize=none compares images at their native size, but the samples "
+                              f"are {sampler.resolution}x{sampler.resolution} and the reference images "
+                              f"{ref.image_size} wide")
+    dim = feature_dim(net, 299 if net.resize == "clean" else sampler.resolution)
+    if dim != ref.mu.shape[0]:
+        raise EvaluationError(f"the feature network gives {dim}-d features, the reference statistics {ref.path} "
+                              f"are {ref.mu.shape[0]}-d")
+    start = time.perf_counter()
+    feats, gen_seconds = sampler_features(sampler, net, num, seed, batch_size, device, dim)
+    value = frechet_distance(*feature_statistics(feats), ref.mu, ref.sigma)
+    kid_value = kernel_inception_distance(feats, ref.feats, seed) if kid and ref.feats is not None else None
+    return dict(value=value, kid=kid_value, images_per_sec=num / max(gen_seconds, 1e-9),
+                generation_seconds=gen_seconds, total_seconds=time.perf_counter() - start)

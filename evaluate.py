@@ -1,0 +1,197 @@
+"""FID of teacher and DMD2 checkpoints with clean-fid (or an FD with another feature network).
+
+    python evaluate.py checkpoint=./checkpoints/dmd2/dmd2_final.pt            # one-step generator
+    python evaluate.py checkpoint=./checkpoints/teacher/teacher_final.pt sampler.steps=18
+    python evaluate.py checkpoint_dir=./checkpoints/dmd2                      # every checkpoint, by step
+
+Writes <output_dir>/results.json (one row per checkpoint) and logs each row to W&B at the checkpoint's step.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from dmd2.checkpoint import CheckpointError
+from dmd2.config import (ConfigError, check_device, check_rules, fail, nonneg_int, optional, positive_int,
+                         resolve_device, to_container)
+from dmd2.evaluation import (FEATURE_NETWORKS, RESIZE_MODES, build_feature_network, evaluate_sampler, folder_stats,
+                             precomputed_cifar10_stats)
+from dmd2.logging import RunLogger
+from dmd2.runners.common import default_run_name, hydra_output_dir
+from dmd2.sampling import load_sampler
+
+REFERENCES = ("cifar10_train", "folder")
+
+
+def _one_of(options: tuple[str, ...]):
+    return lambda v: v in options
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _path(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
+
+
+RULES = [
+    ("checkpoint", optional(_path), "null or the path of a teacher_*.pt / dmd2_*.pt checkpoint"),
+    ("checkpoint_dir", optional(_path), "null or a folder of checkpoints"),
+    ("output_dir", optional(_path), "null (the Hydra run directory) or a folder"),
+    ("num_samples", lambda v: positive_int(v) and v >= 2, "an integer >= 2 (50000 for published FIDs)"),
+    ("batch_size", positive_int, "an integer >= 1"),
+    ("seed", nonneg_int, "an integer >= 0"),
+    ("num_workers", nonneg_int, "an integer >= 0"),
+    ("teacher_weights", _one_of(("ema", "model")), "'ema' or 'model'"),
+    ("generator_weights", _one_of(("ema", "raw")), "'ema' or 'raw'"),
+    ("sampler.steps", positive_int, "an integer >= 1 (Heun steps: 18 = 35 network evaluations)"),
+    ("kid", _is_bool, "true or false"),
+    ("feature_network.name", _one_of(FEATURE_NETWORKS), f"one of {list(FEATURE_NETWORKS)}"),
+    ("feature_network.path", optional(_path), "null or a TorchScript file"),
+    ("feature_network.resize", _one_of(RESIZE_MODES), f"one of {list(RESIZE_MODES)}"),
+    ("feature_network.inception_weights", optional(_path), "null or the path of inception-2015-12-05.pt"),
+    ("feature_network.allow_download", _is_bool, "true or false"),
+    ("reference.name", _one_of(REFERENCES), f"one of {list(REFERENCES)}"),
+    ("reference.folder", optional(_path), "null or an image folder"),
+    ("reference.cache_dir", _path, "a folder for cached statistics"),
+    ("reference.allow_download", _is_bool, "true or false"),
+]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every key evaluate.py reads (types, ranges, files, combinations) before anything is loaded."""
+    check_rules(cfg, RULES)
+    check_device(cfg)
+    if (cfg.checkpoint is None) == (cfg.checkpoint_dir is None):
+        raise ConfigError("config keys 'checkpoint' and 'checkpoint_dir': set exactly one "
+                          f"(got checkpoint={cfg.checkpoint!r}, checkpoint_dir={cfg.checkpoint_dir!r})")
+    if cfg.checkpoint is not None and not os.path.isfile(cfg.checkpoint):
+        fail("checkpoint", cfg.checkpoint, "an existing checkpoint file (teacher_*.pt or dmd2_*.pt)")
+    if cfg.checkpoint_dir is not None and not os.path.isdir(cfg.checkpoint_dir):
+        fail("checkpoint_dir", cfg.checkpoint_dir, "an existing folder of checkpoints")
+    fn = cfg.feature_network
+    if fn.name == "inception" and fn.resize != "clean":
+        fail("feature_network.resize", fn.resize, "'clean' for Inception (it takes 299x299 inputs)")
+    if fn.name == "inception" and fn.path is not None:
+        fail("feature_network.path", fn.path, "null with feature_network.name=inception "
+             "(set feature_network.name=torchscript to use this file)")
+    if fn.name == "torchscript" and (fn.path is None or not os.path.isfile(fn.path)):
+        fail("feature_network.path", fn.path, "an existing TorchScript file with feature_network.name=torchscript")
+    ref = cfg.reference
+    if ref.name == "folder" and (ref.folder is None or not os.path.isdir(ref.folder)):
+        fail("reference.folder", ref.folder, "an existing image folder with reference.name=folder")
+    if ref.name == "cifar10_train" and ref.folder is not None:
+        fail("reference.folder", ref.folder, "null with reference.name=cifar10_train (clean-fid's precomputed "
+             "statistics); add reference.name=folder to use this folder")
+    if ref.name == "cifar10_train" and fn.name != "inception":
+        fail("reference.name", ref.name, "'folder' with a TorchScript feature network (clean-fid's precomputed "
+             "statistics are Inception features); add reference.folder=<image folder>")
+
+
+def checkpoint_step(path: str) -> int:
+    """The training step stored in a checkpoint, read without loading its tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["step"])
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint of this project ({err})") from err
+
+
+def checkpoints_to_evaluate(cfg: DictConfig) -> list[tuple[int, str]]:
+    """(step, path) of the checkpoint, or of every *.pt in checkpoint_dir in order of step."""
+    if cfg.checkpoint is not None:
+        return [(checkpoint_step(cfg.checkpoint), cfg.checkpoint)]
+    paths = sorted(glob.glob(os.path.join(glob.escape(cfg.checkpoint_dir), "*.pt")))
+    if not paths:
+        fail("checkpoint_dir", cfg.checkpoint_dir, "a folder containing checkpoints (*.pt)")
+    return sorted(((checkpoint_step(p), p) for p in paths), key=lambda sp: (sp[0], sp[1]))
+
+
+def _write_json(path: str, data: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Evaluate the configured checkpoint(s); return the result rows (also in <output_dir>/results.json)."""
+    validate(cfg)
+    checkpoints = checkpoints_to_evaluate(cfg)
+    device = resolve_device(cfg.device)
+    fn = cfg.feature_network
+    net = build_feature_network(fn.name, device, path=fn.path, resize=fn.resize,
+                                inception_weights=fn.inception_weights, allow_download=fn.allow_download)
+    if cfg.reference.name == "folder":
+        ref = folder_stats(cfg.reference.folder, net, cfg.reference.cache_dir, kid=cfg.kid,
+                           batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    else:
+        ref = precomputed_cifar10_stats(net, cfg.reference.cache_dir, kid=cfg.kid,
+                                        allow_download=cfg.reference.allow_download)
+
+    output_dir = cfg.output_dir or hydra_output_dir() or os.path.join("outputs", "evaluate", "run")
+    os.makedirs(output_dir, exist_ok=True)
+    results_path = os.path.join(output_dir, "results.json")
+    config = {**to_container(cfg), "output_dir": output_dir}
+    logger = RunLogger(output_dir, cfg.logger, config, "evaluate", cfg.run_name or default_run_name())
+    logger.define_metric(net.wandb_key, summary="min")
+    if cfg.kid:
+        logger.define_metric("eval/kid", summary="min")
+    results: list[dict[str, Any]] = []
+    exit_code = 1
+    try:
+        for _, path in checkpoints:
+            sampler = load_sampler(path, device, cfg.sampler.steps, cfg.teacher_weights, cfg.generator_weights)
+            print(f"[evaluate] {sampler.describe()} from {path}: {net.metric} of {cfg.num_samples} samples "
+                  f"against {ref.description}")
+            numbers = evaluate_sampler(sampler, net, ref, cfg.num_samples, cfg.seed, cfg.batch_size, device, cfg.kid)
+            row = {
+                "metric": net.metric, "value": numbers["value"], "kid": numbers["kid"],
+                "num_samples": cfg.num_samples, "nfe": sampler.nfe, "images_per_sec": numbers["images_per_sec"],
+                "checkpoint": os.path.abspath(path), "step": sampler.step, "kind": sampler.kind,
+                "sampler_steps": sampler.heun_steps if sampler.kind == "teacher" else sampler.nfe,
+                "weights": sampler.weights,
+                "seed": cfg.seed, "feature_network": net.source, "resize": net.resize,
+                "reference": ref.description, "reference_stats": os.path.abspath(ref.path),
+                "generation_seconds": numbers["generation_seconds"], "total_seconds": numbers["total_seconds"],
+                "device": str(device),
+            }
+            results.append(row)
+            _write_json(results_path, results)
+            kid_text = f", KID {row['kid']:.5f}" if row["kid"] is not None else ""
+            print(f"[evaluate] {net.metric} = {row['value']:.4f}{kid_text} | {sampler.kind} step {sampler.step}, "
+                  f"{sampler.nfe} NFE, {cfg.num_samples} samples, {row['images_per_sec']:.1f} images/s")
+            scalars = {net.wandb_key: row["value"], "eval/nfe": row["nfe"], "eval/num_samples": row["num_samples"],
+                       "eval/images_per_sec": row["images_per_sec"]}
+            if row["kid"] is not None:
+                scalars["eval/kid"] = row["kid"]
+            logger.log(scalars, step=sampler.step)
+        best = min(results, key=lambda r: r["value"])
+        summary = {net.wandb_key: best["value"], "eval/metric": best["metric"], "eval/num_samples": best["num_samples"],
+                   "eval/nfe": best["nfe"], "eval/images_per_sec": best["images_per_sec"],
+                   "eval/checkpoint": best["checkpoint"], "eval/step": best["step"], "eval/kind": best["kind"]}
+        logger.summary(summary)  # eval/kid keeps its own minimum (define_metric)
+        exit_code = 0
+    finally:
+        logger.finish(exit_code)
+    if len(results) > 1:
+        print(f"[evaluate] best: {best['metric']} = {best['value']:.4f} at step {best['step']} ({best['checkpoint']})")
+    print(f"[evaluate] results: {results_path}")
+    return results
+
+
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

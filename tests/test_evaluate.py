@@ -1,0 +1,263 @@
+"""evaluate.py and dmd2/evaluation.py: distances, cached reference statistics, the CLI, W&B, offline failures.
+
+A tiny random TorchScript network stands in for Inception (no weights download on a test machine).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+import evaluate as evaluate_script
+from dmd2.config import ConfigError
+from dmd2.evaluation import (INCEPTION_FILE, INCEPTION_URL, EvaluationError, FeatureNetwork, batch_features,
+                             build_feature_network, feature_statistics, folder_stats, frechet_distance, network_input,
+                             precomputed_cifar10_stats)
+from dmd2.logging import RunLogger
+from tests.conftest import compose_cfg, run_cli
+
+RESULT_FIELDS = {"metric", "value", "kid", "num_samples", "nfe", "images_per_sec", "checkpoint", "step", "kind",
+                 "sampler_steps", "weights", "seed", "feature_network", "resize", "reference",
+                 "reference_stats", "generation_seconds", "total_seconds", "device"}
+
+
+class TinyFeatures(nn.Module):
+    """Random two-layer conv net: float images [B,3,H,W] in [0,255] -> [B,8]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x / 127.5 - 1.0))
+        return 10.0 * torch.relu(self.conv2(h)).mean(dim=(2, 3))
+
+
+@pytest.fixture(scope="module")
+def featnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("featnet") / "tiny-featnet.ts.pt"
+    torch.jit.script(TinyFeatures().eval()).save(str(path))
+    return path
+
+
+def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
+    """uint8 [n,3,32,32]: random 4x4 colour fields upsampled, plus a little texture."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g) * 200 + 28
+    x = F.interpolate(low, size=32, mode="bilinear", align_corners=False) + torch.randn(n, 3, 32, 32, generator=g) * 10
+    return x.clamp(0, 255).round().to(torch.uint8)
+
+
+def distance_to(stats: tuple[np.ndarray, np.ndarray], images: torch.Tensor, net: FeatureNetwork) -> float:
+    return frechet_distance(*feature_statistics(batch_features(images, net)), *stats)
+
+
+def test_distance_is_zero_to_own_stats_and_grows_with_noise_and_colour_shift(featnet):
+    net = build_feature_network("torchscript", torch.device("cpu"), path=str(featnet), resize="none")
+    assert net.metric == "FD (tiny-featnet)" and net.wandb_key == "eval/fd_tiny-featnet"
+    images = smooth_images(400)
+    stats = feature_statistics(batch_features(images, net))
+    assert stats[0].shape == (8,) and stats[1].shape == (8, 8)
+    assert abs(distance_to(stats, images, net)) < 1e-8
+
+    noisy = [distance_to(stats, (images.float() + torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
+                                 * s).clamp(0, 255).round().to(torch.uint8), net) for s in (5, 15, 40, 80)]
+    shifted = []
+    for k in (10, 30, 60, 100):
+        x = images.float()
+        x[:, 0] += k
+        x[:, 2] -= k
+        shifted.append(distance_to(stats, x.clamp(0, 255).round().to(torch.uint8), net))
+    for values in (noisy, shifted):
+        assert values[0] > 1e-6 and all(a < b for a, b in zip(values, values[1:])), values
+
+
+def test_folder_stats_are_cached_per_network_and_resize(featnet, tiny_data, tmp_path, capsys):
+    cache = tmp_path / "stats"
+    net = build_feature_network("torchscript", torch.device("cpu"), path=str(featnet), resize="none")
+    first = folder_stats(str(tiny_data), net, str(cache))
+    assert first.num_images == 20 and first.image_size == 32 and Path(first.path).parent == cache
+    mtime = Path(first.path).stat().st_mtime_ns
+    again = folder_stats(str(tiny_data), net, str(cache))
+    assert again.path == first.path and Path(first.path).stat().st_mtime_ns == mtime
+    assert "reusing cached reference statistics" in capsys.readouterr().out
+    np.testing.assert_array_equal(again.mu, first.mu)
+    # another resize mode (clean-fid's 299 resize) never reuses the native-resolution statistics
+    clean = folder_stats(str(tiny_data), build_feature_network("torchscript", torch.device("cpu"), path=str(featnet),
+                                                               resize="clean"), str(cache))
+    assert clean.path != first.path and not np.allclose(clean.mu, first.mu)
+    assert "tiny-featnet" in Path(clean.path).name and "_clean" in Path(clean.path).name
+
+
+def test_clean_resize_of_samples_matches_clean_fid_reading_png_files(tmp_path):
+    from cleanfid.utils import ResizeDataset
+    from PIL import Image
+
+    images = smooth_images(2)
+    for i, img in enumerate(images):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
+    dataset = ResizeDataset([str(tmp_path / f"{i}.png") for i in range(2)], mode="clean")
+    resized = network_input(images, "clean")
+    assert resized.shape == (2, 3, 299, 299) and resized.dtype == torch.float32
+    torch.testing.assert_close(resized, torch.stack([dataset[i] for i in range(2)]))
+    torch.testing.assert_close(network_input(images, "none"), images.float())
+
+
+class FakeInceptionBase(nn.Module):
+    """Stands in for inception-2015-12-05.pt (same interface: ``layers`` maps [B,3,299,299] -> 2048 features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(3, 2048, 1))
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return self.layers(x)
+
+
+def test_inception_with_local_weights_and_precomputed_stats_is_named_fid(teacher_ckpt, tmp_path, monkeypatch):
+    weights = tmp_path / "weights" / INCEPTION_FILE
+    weights.parent.mkdir()
+    torch.jit.script(FakeInceptionBase().eval()).save(str(weights))
+    stats = tmp_path / "fid_stats"
+    stats.mkdir()
+    np.savez(stats / "cifar10_clean_train_32.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    # scipy's 2048x2048 matrix square root takes minutes on two busy cores; the wiring is what is tested here
+    monkeypatch.setattr("dmd2.evaluation.cleanfid_frechet_distance",
+                        lambda mu1, s1, mu2, s2: float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2)))
+    cfg = compose_cfg([f"checkpoint={teacher_ckpt}", f"feature_network.inception_weights={weights}",
+                       f"reference.cache_dir={stats}", "num_samples=6", "batch_size=3", "sampler.steps=1",
+                       "logger=none", f"output_dir={tmp_path / 'out'}"], config_name="evaluate")
+    (row,) = evaluate_script.evaluate(cfg)
+    assert row["metric"] == "FID" and row["value"] > 0 and row["resize"] == "clean"
+    assert row["feature_network"] == str(weights) and row["reference"] == "cifar10 train (clean-fid precomputed)"
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == [row]
+    metrics = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert metrics["step"] == 4 and "eval/fid" in metrics
+
+
+def eval_args(ckpt_or_dir: str, featnet: Path, tiny_data: Path, tmp_path: Path, out: str) -> list[str]:
+    return [ckpt_or_dir, "feature_network.name=torchscript", f"feature_network.path={featnet}",
+            "feature_network.resize=none", "reference.name=folder", f"reference.folder={tiny_data}",
+            f"reference.cache_dir={tmp_path / 'fid_stats'}", "num_samples=40", "batch_size=20", "sampler.steps=1",
+            "num_workers=0", "logger=none", f"output_dir={tmp_path / out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+
+
+def test_cli_checkpoint_and_checkpoint_dir(teacher_ckpt, tiny_data, featnet, tmp_path):
+    proc = run_cli("evaluate.py", *eval_args(f"checkpoint={teacher_ckpt}", featnet, tiny_data, tmp_path, "one"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert set(row) == RESULT_FIELDS
+    assert row["metric"] == "FD (tiny-featnet)" and row["value"] > 0 and row["kid"] is None
+    assert (row["num_samples"], row["nfe"], row["kind"], row["step"], row["sampler_steps"], row["weights"]) == (
+        40, 1, "teacher", 4, 1, "ema")
+    assert row["images_per_sec"] > 0 and row["checkpoint"] == str(teacher_ckpt)
+    assert "FD (tiny-featnet) =" in proc.stdout and "FID" not in proc.stdout
+    stats_files = list((tmp_path / "fid_stats").glob("*.npz"))
+    mtimes = {p: p.stat().st_mtime_ns for p in stats_files}
+
+    proc = run_cli("evaluate.py", *eval_args(f"checkpoint_dir={teacher_ckpt.parent}", featnet, tiny_data, tmp_path,
+                                             "dir"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "dir" / "results.json").read_text())
+    assert [r["step"] for r in rows] == [2, 4] and all(set(r) == RESULT_FIELDS for r in rows)
+    assert [Path(r["checkpoint"]).name for r in rows] == ["teacher_000002.pt", "teacher_final.pt"]
+    assert rows[1]["value"] == pytest.approx(row["value"])  # same checkpoint, seed and statistics
+    assert "reusing cached reference statistics" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "fid_stats").glob("*.npz")} == mtimes
+
+
+class FakeRun:
+    """Records what RunLogger sends to W&B."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict[str, Any], int]] = []
+        self.defined: dict[str, dict[str, Any]] = {}
+        self.summary: dict[str, Any] = {}
+        self.finished = False
+
+    def log(self, data: dict[str, Any], step: int) -> None:
+        self.logged.append((data, step))
+
+    def define_metric(self, key: str, **kwargs: Any) -> None:
+        self.defined[key] = kwargs
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.finished = True
+
+
+def test_checkpoint_dir_logs_the_curve_and_summary_to_wandb(teacher_ckpt, tiny_data, featnet, tmp_path, monkeypatch):
+    run = FakeRun()
+    monkeypatch.setattr(RunLogger, "_start_wandb", lambda self, *args: run)
+    args = eval_args(f"checkpoint_dir={teacher_ckpt.parent}", featnet, tiny_data, tmp_path, "out")
+    cfg = compose_cfg([a for a in args if not a.startswith(("hydra.", "logger="))] + ["kid=true", "num_samples=10"],
+                      config_name="evaluate")
+    assert cfg.logger.name == "wandb"
+    rows = evaluate_script.evaluate(cfg)
+    assert [step for _, step in run.logged] == [2, 4] == [r["step"] for r in rows]
+    assert all(r["kid"] is not None for r in rows)
+    assert run.defined["eval/fd_tiny-featnet"] == {"summary": "min"} and run.defined["eval/kid"] == {"summary": "min"}
+    assert {"eval/fd_tiny-featnet", "eval/kid", "eval/nfe", "eval/images_per_sec"} <= set(run.logged[0][0])
+    best = min(rows, key=lambda r: r["value"])
+    assert run.summary["eval/fd_tiny-featnet"] == best["value"] and run.summary["eval/step"] == best["step"]
+    assert {"eval/num_samples", "eval/nfe", "eval/images_per_sec", "eval/checkpoint", "eval/metric"} <= set(run.summary)
+    assert run.finished
+
+
+def test_missing_inception_weights_fail_within_seconds(teacher_ckpt, tmp_path):
+    start = time.monotonic()
+    proc = run_cli("evaluate.py", f"checkpoint={teacher_ckpt}", "logger=none", f"output_dir={tmp_path / 'out'}",
+                   f"feature_network.inception_weights={tmp_path / 'nowhere' / INCEPTION_FILE}",
+                   f"hydra.run.dir={tmp_path / 'hydra'}", timeout=60)
+    assert time.monotonic() - start < 20
+    assert proc.returncode != 0
+    assert INCEPTION_FILE in proc.stderr and INCEPTION_URL in proc.stderr
+    assert "feature_network.inception_weights" in proc.stderr and "feature_network.allow_download" in proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_missing_precomputed_stats_fail_offline(tmp_path, monkeypatch):
+    import cleanfid
+
+    monkeypatch.setattr(cleanfid, "__file__", str(tmp_path / "cleanfid" / "__init__.py"))  # an empty stats folder
+    inception = FeatureNetwork("inception_v3", "FID", "eval/fid", "clean", lambda x: x, torch.device("cpu"), "-")
+    with pytest.raises(EvaluationError, match="reference.folder=") as err:
+        precomputed_cifar10_stats(inception, str(tmp_path / "fid_stats"), allow_download=False)
+    assert "cifar10_clean_train_32.npz" in str(err.value) and "allow_download" in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "'checkpoint' and 'checkpoint_dir'"),
+    (["checkpoint=CKPT", "num_samples=1"], "'num_samples'"),
+    (["checkpoint=CKPT", "feature_network.resize=none"], "'feature_network.resize'"),
+    (["checkpoint=CKPT", "feature_network.name=torchscript"], "'feature_network.path'"),
+    (["checkpoint=CKPT", "reference.name=folder"], "'reference.folder'"),
+    (["checkpoint=CKPT", "reference.folder=."], "'reference.folder'"),
+    (["checkpoint=CKPT", "sampler.steps=0"], "'sampler.steps'"),
+    (["checkpoint=CKPT", "kid=maybe"], "'kid'"),
+])
+def test_bad_config_values_name_the_key(overrides, message, tmp_path):
+    ckpt = tmp_path / "x.pt"
+    ckpt.touch()
+    cfg = compose_cfg([o.replace("CKPT", str(ckpt)) for o in overrides] + ["logger=none"], config_name="evaluate")
+    with pytest.raises(ConfigError, match=message):
+        evaluate_script.validate(cfg)
+
+
+def test_every_default_is_commented_once():
+    cfg = compose_cfg(["logger=none"], config_name="evaluate")
+    assert (cfg.num_samples, cfg.sampler.steps, cfg.kid, cfg.feature_network.name, cfg.reference.cache_dir) == (
+        50000, 18, False, "inception", "./fid_stats")
+    assert cfg.reference.allow_download is False and OmegaConf.select(cfg, "feature_network.inception_weights") is None
+    lines = [ln for ln in (Path(evaluate_script.__file__).parent / "conf" / "evaluate.yaml").read_text().splitlines()
+             if ":" in ln and not ln.lstrip().startswith("#") and not ln.strip().endswith(":")]
+    assert all("#" in ln for ln in lines if not ln.strip().startswith(("dir:", "chdir:"))), lines
