@@ -58,3 +58,51 @@ def network_from_checkpoint(state: dict[str, Any], weights: str) -> EDMPrecond:
     net = build_denoiser(state["arch"], state["num_classes"], state["resolution"], state.get("sigma_data", 0.5))
     net.load_state_dict(state[weights])
     return net
+
+
+def periodic_checkpoints(folder: str, prefix: str) -> list[str]:
+    """Paths of ``<prefix>_NNNNNN.pt`` in ``folder``, newest (highest step) first."""
+    if not os.path.isdir(folder):
+        return []
+    names = [n for n in os.listdir(folder) if n.startswith(prefix + "_") and n.endswith(".pt")
+             and n[len(prefix) + 1:-3].isdigit()]
+    return [os.path.join(folder, n) for n in sorted(names, key=lambda n: int(n[len(prefix) + 1:-3]), reverse=True)]
+
+
+def latest_valid_checkpoint(folder: str, prefix: str, kind: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest loadable checkpoint of a run folder: ``<prefix>_final.pt`` first, then periodic ones by step.
+
+    A truncated or corrupted file is skipped with a warning naming it. Returns (path, state) or None.
+    """
+    final = os.path.join(folder, f"{prefix}_final.pt")
+    candidates = ([final] if os.path.isfile(final) else []) + periodic_checkpoints(folder, prefix)
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, kind=kind)
+        except CheckpointError as err:
+            print(f"[resume] WARNING: skipping {path}: {err}; falling back to the previous checkpoint", flush=True)
+    return None
+
+
+def prune_checkpoints(folder: str, prefix: str, keep_last: int | None) -> list[str]:
+    """Delete all but the newest ``keep_last`` periodic checkpoints (``*_final.pt`` is never touched)."""
+    if not keep_last:
+        return []
+    stale = periodic_checkpoints(folder, prefix)[keep_last:]
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
+def rng_state() -> dict[str, Any]:
+    """The global CPU and CUDA random states (plain tensors), for exact resumption."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

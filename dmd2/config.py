@@ -73,6 +73,9 @@ COMMON_RULES: list[Rule] = [
     ("data.resolution", positive_int, "an integer >= 1"),
     ("data.num_workers", nonneg_int, "an integer >= 0"),
     ("precision", lambda v: v in ("fp32", "bf16"), "'fp32' or 'bf16' (bf16 autocast on CUDA only)"),
+    ("keep_last", optional(positive_int), "null (keep all) or an integer >= 1"),
+    ("on_nonfinite", lambda v: v in ("stop", "skip"), "'stop' or 'skip'"),
+    ("resume", optional(lambda v: isinstance(v, str) and len(v) > 0), "null, 'auto' or a checkpoint path"),
 ]
 
 STAGE_RULES: dict[str, list[Rule]] = {
@@ -159,6 +162,10 @@ def validate(cfg: DictConfig) -> None:
     check_rules(cfg, COMMON_RULES + STAGE_RULES[stage])
     check_device(cfg)
     check_data(cfg)
+    if cfg.resume not in (None, "auto") and not os.path.isfile(cfg.resume):
+        raise ConfigError(f"config key 'resume' = {cfg.resume!r}: file not found (expected null, auto or a checkpoint)")
+    if cfg.resume == "auto" and not cfg.output_dir:
+        raise ConfigError("config key 'resume' = 'auto' needs output_dir=<the folder of the run to continue>")
     if stage == "distill":
         if cfg.min_step_percent >= cfg.max_step_percent:
             raise ConfigError(

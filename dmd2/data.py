@@ -1,27 +1,33 @@
 """Datasets: CIFAR-10 through torchvision, or any class-folder tree through ImageFolder.
 
-Images come out as float tensors [3, R, R] in [-1, 1] with integer class labels.
+Images come out as float tensors [3, R, R] in [-1, 1] with integer class labels. The batch order is a
+function of (seed, epoch) only, and random flips are drawn in the training process (``random_hflip``), so a
+run resumed at step s sees exactly the batches an uninterrupted run would.
 """
 from __future__ import annotations
 
 from typing import Any, Iterator, Mapping
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
 
-def image_transform(resolution: int, hflip: bool) -> transforms.Compose:
-    steps: list[Any] = [transforms.Resize(resolution), transforms.CenterCrop(resolution)]
-    if hflip:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
-    return transforms.Compose(steps)
+def image_transform(resolution: int) -> transforms.Compose:
+    return transforms.Compose([transforms.Resize(resolution), transforms.CenterCrop(resolution),
+                               transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
+
+
+def random_hflip(images: Tensor) -> Tensor:
+    """Flip each image [B,C,H,W] horizontally with probability 1/2 (draws from the global torch RNG)."""
+    flip = torch.rand(images.shape[0]) < 0.5
+    return torch.where(flip.to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
 
 
 def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
-    """Dataset from a ``data`` config: name (cifar10 | image_folder), root, num_classes, resolution, hflip."""
-    tf = image_transform(data["resolution"], bool(data.get("hflip", False)) and train)
+    """Dataset from a ``data`` config: name (cifar10 | image_folder), root, num_classes, resolution."""
+    tf = image_transform(data["resolution"])
     if data["name"] == "cifar10":
         try:
             ds: Dataset = datasets.CIFAR10(root=data["root"], train=train, download=True, transform=tf)
@@ -44,21 +50,28 @@ def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
     return ds
 
 
-def build_loader(ds: Dataset, batch_size: int, num_workers: int, seed: int, pin_memory: bool = False) -> DataLoader:
-    """Shuffling loader that drops the last partial batch; shuffling order is fixed by ``seed``."""
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of dataset indices, forever: epoch e is a permutation seeded by (seed, e), cut into
+    ``len(dataset) // batch_size`` full batches. Starts at global batch number ``start`` (= the training step)."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start: int = 0) -> None:
+        self.num_items, self.batch_size, self.seed, self.start = num_items, batch_size, seed, start
+        self.batches_per_epoch = num_items // batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, index = divmod(self.start, self.batches_per_epoch)
+        while True:
+            perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            for b in range(index, self.batches_per_epoch):
+                yield perm[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+            epoch, index = epoch + 1, 0
+
+
+def build_loader(ds: Dataset, batch_size: int, num_workers: int, seed: int, pin_memory: bool = False,
+                 start_step: int = 0) -> DataLoader:
+    """An endless loader of full batches in an order fixed by ``seed``, starting at batch ``start_step``."""
     if len(ds) < batch_size:  # type: ignore[arg-type]
         raise ValueError(f"batch_size = {batch_size} is larger than the dataset ({len(ds)} images)")  # type: ignore[arg-type]
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        ds, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
-        pin_memory=pin_memory, generator=gen, persistent_workers=num_workers > 0,
-    )
-
-
-def infinite_batches(loader: DataLoader) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """Yield (epoch, (images [B,3,R,R], labels [B])) forever, epoch counting from 0."""
-    epoch = 0
-    while True:
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1
+    sampler = EpochBatchSampler(len(ds), batch_size, seed, start_step)  # type: ignore[arg-type]
+    return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0)

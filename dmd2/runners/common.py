@@ -13,8 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
-from dmd2.checkpoint import save_checkpoint
-from dmd2.config import resolve_device, to_container
+from dmd2.checkpoint import (
+    CheckpointError, latest_valid_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint,
+    set_rng_state,
+)
+from dmd2.config import ConfigError, resolve_device, to_container
 from dmd2.logging import RunLogger
 
 
@@ -26,6 +29,7 @@ class RunContext:
     device: torch.device
     config: dict[str, Any]
     logger: RunLogger
+    resume: dict[str, Any] | None = None  # the checkpoint this run continues, if any
 
 
 def hydra_output_dir() -> str | None:
@@ -48,17 +52,51 @@ def default_run_name() -> str | None:
         return None
 
 
-def start_run(cfg: DictConfig, job_type: str) -> RunContext:
-    """Resolve output_dir and device, seed everything, store the resolved config, start the logger."""
+def find_resume(cfg: DictConfig, output_dir: str, prefix: str, kind: str) -> dict[str, Any] | None:
+    """The checkpoint named by ``resume``: null = none, auto = the newest valid one in output_dir, else a path."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        if not cfg.output_dir:
+            raise ConfigError("config key 'resume' = 'auto' needs output_dir=<the folder of the run to continue>")
+        found = latest_valid_checkpoint(output_dir, prefix, kind)
+        if found is None:
+            print(f"[resume] no valid {prefix}_*.pt in {output_dir}: starting from scratch", flush=True)
+            return None
+        print(f"[resume] continuing {found[0]} (step {found[1]['step']})", flush=True)
+        return found[1]
+    try:
+        state = load_checkpoint(cfg.resume, kind=kind)
+    except CheckpointError as err:
+        raise ConfigError(f"config key 'resume' = {cfg.resume!r}: {err}") from err
+    print(f"[resume] continuing {cfg.resume} (step {state['step']})", flush=True)
+    return state
+
+
+def start_run(cfg: DictConfig, job_type: str, prefix: str) -> RunContext:
+    """Resolve output_dir and device, find the checkpoint to resume, seed, store the config, start the logger."""
     output_dir = cfg.output_dir or hydra_output_dir() or os.path.join("outputs", "run")
+    resume = find_resume(cfg, output_dir, prefix, kind=prefix if prefix == "teacher" else "dmd2")
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "config.yaml"), "w") as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
     config = to_container(cfg)
     config["output_dir"] = output_dir
-    logger = RunLogger(output_dir, cfg.logger, config, job_type, cfg.run_name or default_run_name())
-    return RunContext(output_dir, resolve_device(cfg.device), config, logger)
+    logger = RunLogger(output_dir, cfg.logger, config, job_type, cfg.run_name or default_run_name(),
+                       resume_id=resume.get("wandb_run_id") if resume else None)
+    return RunContext(output_dir, resolve_device(cfg.device), config, logger, resume)
+
+
+def run_state(ctx: RunContext, step: int, **parts: Any) -> dict[str, Any]:
+    """Checkpoint fields every stage shares: step, config, random states and the W&B run id."""
+    return {"step": step, "config": ctx.config, "rng": rng_state(), "wandb_run_id": ctx.logger.run_id, **parts}
+
+
+def restore_rng(ctx: RunContext) -> None:
+    """On resume, continue the random streams exactly where the checkpoint left them."""
+    if ctx.resume is not None:
+        set_rng_state(ctx.resume["rng"])
 
 
 def total_steps(num_epochs: int, steps_per_epoch: int, max_steps: int | None) -> int:
@@ -106,20 +144,40 @@ def grad_norm(parameters: Any, clip: float | None) -> Tensor:
     return torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
 
 
-def check_finite(step: int, **values: Tensor) -> None:
-    """Stop with a clear message if any named loss is NaN or infinite (nothing is saved from this step)."""
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient norm became NaN or infinite."""
+
+
+def is_finite(step: int, policy: str, **values: Tensor) -> bool:
+    """True if every named value is finite. Otherwise ``policy`` "stop" raises NonFiniteError naming the step
+    and the term (the last checkpoint stays as it was); "skip" warns and returns False (skip this update)."""
     for name, value in values.items():
         if not torch.isfinite(value).all():
-            raise FloatingPointError(
-                f"non-finite {name} ({value.item()}) at step {step}; stopping. The last checkpoint is intact; "
-                "try a lower learning rate or a smaller grad_clip"
-            )
+            message = f"non-finite {name} ({value.item()}) at step {step}"
+            if policy == "skip":
+                print(f"[train] WARNING: {message}; skipping this update (on_nonfinite=skip)", file=sys.stderr)
+                return False
+            raise NonFiniteError(f"{message}; stopping. The last checkpoint is intact; try a lower learning rate, "
+                                 "a smaller grad_clip, or on_nonfinite=skip")
+    return True
 
 
-def save(ctx: RunContext, state: dict[str, Any], name: str) -> str:
+def save_final(ctx: RunContext, state: dict[str, Any], name: str) -> str:
     path = os.path.join(ctx.output_dir, name)
     save_checkpoint(state, path)
     return path
+
+
+def save_periodic(ctx: RunContext, state: dict[str, Any], prefix: str, step: int, keep_last: int | None) -> None:
+    """Write ``<prefix>_NNNNNN.pt`` and prune old ones. A failed write (disk full, ...) is reported and
+    training goes on: the previous checkpoints are untouched, and the next save tries again."""
+    try:
+        save_checkpoint(state, os.path.join(ctx.output_dir, f"{prefix}_{step:06d}.pt"))
+    except OSError as err:
+        print(f"[checkpoint] ERROR: writing {prefix}_{step:06d}.pt failed ({err}); the previous checkpoints are "
+              "intact, training continues", file=sys.stderr, flush=True)
+        return
+    prune_checkpoints(ctx.output_dir, prefix, keep_last)
 
 
 def run_with_logger(ctx: RunContext, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:

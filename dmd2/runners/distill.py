@@ -22,12 +22,12 @@ from omegaconf import DictConfig
 
 from dmd2.checkpoint import load_checkpoint, network_from_checkpoint
 from dmd2.config import ConfigError
-from dmd2.data import build_dataset, build_loader, infinite_batches
+from dmd2.data import build_dataset, build_loader, random_hflip
 from dmd2.diffusion import heun_nfe
 from dmd2.networks import EDMPrecond, count_parameters
 from dmd2.runners.common import (
-    RunContext, adamw, autocast, check_finite, ema_update, grad_norm, grid_labels, progress, run_with_logger, save,
-    start_run, to_grid, total_steps, warmup_schedule,
+    RunContext, adamw, autocast, ema_update, grad_norm, grid_labels, is_finite, progress, restore_rng, run_state,
+    run_with_logger, save_final, save_periodic, start_run, to_grid, total_steps, warmup_schedule,
 )
 from dmd2.runners.teacher import sample_grid
 from dmd2.unified import UnifiedModel
@@ -55,21 +55,38 @@ def load_teacher(cfg: DictConfig) -> tuple[dict[str, Any], EDMPrecond]:
 
 def distill_state(cfg: DictConfig, ctx: RunContext, teacher: dict[str, Any], model: UnifiedModel,
                   ema: EDMPrecond | None, opts: dict[str, torch.optim.Optimizer], scheds: dict[str, Any],
-                  step: int, epoch: int) -> dict[str, Any]:
-    state = {
-        "kind": "dmd2", "step": step, "epoch": epoch, "config": ctx.config,
-        "arch": teacher["arch"], "num_classes": teacher["num_classes"], "resolution": teacher["resolution"],
-        "sigma_data": teacher.get("sigma_data", 0.5), "conditioning_sigma": float(cfg.conditioning_sigma),
-        "denoising_sigmas": list(model.denoising_sigmas), "teacher_checkpoint": str(cfg.teacher_checkpoint),
-        "generator": model.generator.state_dict(), "fake_unet": model.guidance.fake_unet.state_dict(),
-        "generator_optimizer": opts["generator"].state_dict(), "guidance_optimizer": opts["guidance"].state_dict(),
-        "generator_scheduler": scheds["generator"].state_dict(), "guidance_scheduler": scheds["guidance"].state_dict(),
-    }
+                  step: int) -> dict[str, Any]:
+    state = run_state(
+        ctx, step, kind="dmd2", arch=teacher["arch"], num_classes=teacher["num_classes"],
+        resolution=teacher["resolution"], sigma_data=teacher.get("sigma_data", 0.5),
+        conditioning_sigma=float(cfg.conditioning_sigma), denoising_sigmas=list(model.denoising_sigmas),
+        teacher_checkpoint=str(cfg.teacher_checkpoint), generator=model.generator.state_dict(),
+        fake_unet=model.guidance.fake_unet.state_dict(),
+        generator_optimizer=opts["generator"].state_dict(), guidance_optimizer=opts["guidance"].state_dict(),
+        generator_scheduler=scheds["generator"].state_dict(), guidance_scheduler=scheds["guidance"].state_dict(),
+    )
     if model.guidance.gan_head is not None:
         state["gan_head"] = model.guidance.gan_head.state_dict()
     if ema is not None:
         state["generator_ema"] = ema.state_dict()
     return state
+
+
+def restore_distill(state: dict[str, Any], model: UnifiedModel, ema: EDMPrecond | None,
+                    opts: dict[str, torch.optim.Optimizer], scheds: dict[str, Any]) -> int:
+    """Load a dmd2 checkpoint into the freshly built objects; return its step."""
+    model.generator.load_state_dict(state["generator"])
+    model.guidance.fake_unet.load_state_dict(state["fake_unet"])
+    if model.guidance.gan_head is not None:
+        if "gan_head" not in state:
+            raise ConfigError("config key 'gan_classifier' = true, but the checkpoint to resume has no GAN head")
+        model.guidance.gan_head.load_state_dict(state["gan_head"])
+    if ema is not None:
+        ema.load_state_dict(state.get("generator_ema", state["generator"]))
+    for name in ("generator", "guidance"):
+        opts[name].load_state_dict(state[f"{name}_optimizer"])
+        scheds[name].load_state_dict(state[f"{name}_scheduler"])
+    return int(state["step"])
 
 
 def chain_step(seed: int, step: int, num_steps: int) -> int:
@@ -82,40 +99,42 @@ def chain_step(seed: int, step: int, num_steps: int) -> int:
 
 
 def generator_step(model: UnifiedModel, opt: torch.optim.Optimizer, sched: Any, z: torch.Tensor, y: torch.Tensor,
-                   k: int, clip: float | None, step: int, amp: Any = nullcontext()
+                   k: int, clip: float | None, step: int, amp: Any = nullcontext(), on_nonfinite: str = "stop"
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Update the generator with the DM (+ GAN) loss; return its (detached) samples and the logs."""
     with amp:
         x = model.generate(z, y, k)
         loss, logs = model.generator_loss(x.float(), y)
-    check_finite(step, generator_loss=loss)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    gnorm = grad_norm(model.generator.parameters(), clip)
-    check_finite(step, generator_grad_norm=gnorm)
-    opt.step()
+    if is_finite(step, on_nonfinite, generator_loss=loss):
+        loss.backward()
+        gnorm = grad_norm(model.generator.parameters(), clip)
+        logs["generator_grad_norm"] = gnorm
+        if is_finite(step, on_nonfinite, generator_grad_norm=gnorm):
+            opt.step()
     sched.step()
-    return x.detach().float(), {"generator_grad_norm": gnorm, **logs}
+    return x.detach().float(), {k_: v for k_, v in logs.items() if torch.isfinite(v).all()}
 
 
 def fake_score_step(model: UnifiedModel, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, y: torch.Tensor,
-                    clip: float | None, step: int, real: torch.Tensor | None = None, amp: Any = nullcontext()
-                    ) -> dict[str, torch.Tensor]:
+                    clip: float | None, step: int, real: torch.Tensor | None = None, amp: Any = nullcontext(),
+                    on_nonfinite: str = "stop") -> dict[str, torch.Tensor]:
     """Update the fake score network (and GAN head) on detached generator samples (and real images)."""
     with amp:
         loss, logs = model.guidance_loss(x, y, real, y if real is not None else None)
-    check_finite(step, guidance_loss=loss)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    gnorm = grad_norm(model.guidance.trainable(), clip)
-    check_finite(step, guidance_grad_norm=gnorm)
-    opt.step()
+    if is_finite(step, on_nonfinite, guidance_loss=loss):
+        loss.backward()
+        gnorm = grad_norm(model.guidance.trainable(), clip)
+        logs["guidance_grad_norm"] = gnorm
+        if is_finite(step, on_nonfinite, guidance_grad_norm=gnorm):
+            opt.step()
     sched.step()
-    return {"guidance_grad_norm": gnorm, **logs}
+    return {k_: v for k_, v in logs.items() if torch.isfinite(v).all()}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    ctx = start_run(cfg, job_type="distill")
+    ctx = start_run(cfg, job_type="distill", prefix="dmd2")
     return run_with_logger(ctx, lambda: train_distill(cfg, ctx))
 
 
@@ -123,7 +142,6 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     device = ctx.device
     teacher_state, teacher = load_teacher(cfg)
     dataset = build_dataset(cfg.data)  # labels condition the generator; images feed the GAN classifier
-    loader = build_loader(dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed, device.type == "cuda")
     model = UnifiedModel(
         teacher, cfg.denoising_sigmas or [cfg.conditioning_sigma], cfg.cls_loss_weight, cfg.gen_cls_loss_weight,
         num_train_timesteps=cfg.num_train_timesteps, min_step_percent=cfg.min_step_percent,
@@ -134,12 +152,17 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     opts = {"generator": adamw(model.generator.parameters(), cfg.generator_lr, cfg.adam_betas, cfg.weight_decay),
             "guidance": adamw(model.guidance.trainable(), cfg.guidance_lr, cfg.adam_betas, cfg.weight_decay)}
     scheds = {k: warmup_schedule(o, cfg.warmup_steps) for k, o in opts.items()}
-    steps = total_steps(cfg.num_epochs, len(loader), cfg.max_steps)
+    start = 0
+    if ctx.resume is not None:
+        start = restore_distill(ctx.resume, model, ema, opts, scheds)
+    loader = build_loader(dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed, device.type == "cuda", start)
+    steps_per_epoch = len(dataset) // cfg.batch_size
+    steps = total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps)
     ratio, num_chain = cfg.dfake_gen_update_ratio, model.num_steps
     print(f"[distill] teacher {cfg.teacher_checkpoint} (step {teacher_state['step']}), "
           f"{count_parameters(model.generator) / 1e6:.2f}M parameters per network, {num_chain}-step generator, "
           f"GAN {'on' if cfg.gan_classifier else 'off'}, {steps} steps of batch {cfg.batch_size} on {device}, "
-          f"generator every {ratio} steps; writing to {ctx.output_dir}")
+          f"generator every {ratio} steps, from step {start}; writing to {ctx.output_dir}")
 
     res = cfg.data.resolution
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 12345)
@@ -156,23 +179,28 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             ctx.logger.log_grid("samples/generator_ema", to_grid(model.sample(grid_z, grid_y, ema),
                                 cfg.samples_per_class), step, f"EMA {caption}")
 
-    log_generator_grids(0)
-    batches = infinite_batches(loader)
+    if start == 0:
+        log_generator_grids(0)
+    restore_rng(ctx)
+    batches = iter(loader)
     bar = progress(steps, "distill")
-    t_last, images_since, epoch = time.perf_counter(), 0, 0
+    bar.update(start)
+    t_last, images_since = time.perf_counter(), 0
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     timesteps: list[torch.Tensor] = []
-    for step in range(steps):
-        epoch, (real, y) = next(batches)
+    for step in range(start, steps):
+        real, y = next(batches)
         y = y.to(device, non_blocking=True)
         real = real.to(device, non_blocking=True) if cfg.gan_classifier else None
+        if real is not None and cfg.data.hflip:
+            real = random_hflip(real)
         z = torch.randn(num_chain, y.shape[0], 3, res, res, device=device)
         k = chain_step(cfg.seed, step, num_chain)
         logs: dict[str, torch.Tensor] = {}
         if step % ratio == 0:
             x, logs = generator_step(model, opts["generator"], scheds["generator"], z, y, k, cfg.grad_clip, step,
-                                     autocast(device, cfg.precision))
+                                     autocast(device, cfg.precision), cfg.on_nonfinite)
             timesteps.append(logs.pop("dm_timesteps").cpu())
             if ema is not None:
                 ema_update(ema, model.generator, cfg.generator_ema_decay)
@@ -180,7 +208,7 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             with torch.no_grad(), autocast(device, cfg.precision):
                 x = model.generate(z, y, k).float()
         logs.update(fake_score_step(model, opts["guidance"], scheds["guidance"], x, y, cfg.grad_clip, step, real,
-                                    autocast(device, cfg.precision)))
+                                    autocast(device, cfg.precision), cfg.on_nonfinite))
         for key, v in logs.items():
             sums[key] = sums.get(key, 0.0) + v.item()
             counts[key] = counts.get(key, 0) + 1
@@ -193,7 +221,7 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             metrics = {f"train/{key}": sums[key] / counts[key] for key in sums}
             metrics.update({"train/generator_lr": opts["generator"].param_groups[0]["lr"],
                             "train/guidance_lr": opts["guidance"].param_groups[0]["lr"],
-                            "train/images_per_sec": images_since / (now - t_last), "train/epoch": epoch})
+                            "train/images_per_sec": images_since / (now - t_last), "train/epoch": step // steps_per_epoch})
             ctx.logger.log(metrics, step=done)
             if timesteps:
                 ctx.logger.log_histogram("train/dm_timesteps", torch.cat(timesteps), step=done)
@@ -202,8 +230,9 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         if (cfg.sample_every and done % cfg.sample_every == 0) or done == steps:
             log_generator_grids(done)
         if done % cfg.save_every == 0 and done != steps:
-            save(ctx, distill_state(cfg, ctx, teacher_state, model, ema, opts, scheds, done, epoch), f"dmd2_{done:06d}.pt")
+            save_periodic(ctx, distill_state(cfg, ctx, teacher_state, model, ema, opts, scheds, done), "dmd2", done,
+                          cfg.keep_last)
     bar.close()
-    path = save(ctx, distill_state(cfg, ctx, teacher_state, model, ema, opts, scheds, steps, epoch), "dmd2_final.pt")
+    path = save_final(ctx, distill_state(cfg, ctx, teacher_state, model, ema, opts, scheds, steps), "dmd2_final.pt")
     print(f"[distill] done: {path}")
     return {"checkpoint": path, "steps": steps}

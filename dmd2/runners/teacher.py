@@ -13,23 +13,23 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from dmd2.data import build_dataset, build_loader, infinite_batches
+from dmd2.data import build_dataset, build_loader, random_hflip
 from dmd2.diffusion import denoising_loss, heun_nfe, heun_sample, heun_sampler_sigmas, sample_edm_sigma
 from dmd2.networks import EDMPrecond, build_denoiser, count_parameters
 from dmd2.runners.common import (
-    RunContext, adamw, autocast, check_finite, ema_decay_at, ema_update, grad_norm, grid_labels, progress, run_with_logger,
-    save, start_run, to_grid, total_steps, warmup_schedule,
+    RunContext, adamw, autocast, ema_decay_at, ema_update, grad_norm, grid_labels, is_finite, progress,
+    restore_rng, run_state, run_with_logger, save_final, save_periodic, start_run, to_grid, total_steps,
+    warmup_schedule,
 )
 
 
 def teacher_state(cfg: DictConfig, ctx: RunContext, model: EDMPrecond, ema: EDMPrecond,
-                  opt: torch.optim.Optimizer, sched: Any, step: int, epoch: int) -> dict[str, Any]:
-    return {
-        "kind": "teacher", "step": step, "epoch": epoch, "config": ctx.config,
-        "arch": ctx.config["arch"], "num_classes": cfg.data.num_classes, "resolution": cfg.data.resolution,
-        "sigma_data": cfg.sigma_data, "model": model.state_dict(), "ema": ema.state_dict(),
-        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-    }
+                  opt: torch.optim.Optimizer, sched: Any, step: int) -> dict[str, Any]:
+    return run_state(
+        ctx, step, kind="teacher", arch=ctx.config["arch"], num_classes=cfg.data.num_classes,
+        resolution=cfg.data.resolution, sigma_data=cfg.sigma_data, model=model.state_dict(), ema=ema.state_dict(),
+        optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+    )
 
 
 @torch.no_grad()
@@ -39,62 +39,80 @@ def sample_grid(ema: EDMPrecond, noise: torch.Tensor, labels: torch.Tensor, step
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    ctx = start_run(cfg, job_type="teacher")
+    ctx = start_run(cfg, job_type="teacher", prefix="teacher")
     return run_with_logger(ctx, lambda: train_teacher(cfg, ctx))
 
 
 def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     device = ctx.device
     dataset = build_dataset(cfg.data)
-    loader = build_loader(dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed, device.type == "cuda")
     model = build_denoiser(cfg.arch, cfg.data.num_classes, cfg.data.resolution, cfg.sigma_data).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = adamw(model.parameters(), cfg.lr, cfg.adam_betas, cfg.weight_decay)
     sched = warmup_schedule(opt, cfg.warmup_steps)
-    steps = total_steps(cfg.num_epochs, len(loader), cfg.max_steps)
+    start = 0
+    if ctx.resume is not None:
+        model.load_state_dict(ctx.resume["model"])
+        ema.load_state_dict(ctx.resume["ema"])
+        opt.load_state_dict(ctx.resume["optimizer"])
+        sched.load_state_dict(ctx.resume["scheduler"])
+        start = int(ctx.resume["step"])
+    loader = build_loader(dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed, device.type == "cuda", start)
+    steps_per_epoch = len(dataset) // cfg.batch_size
+    steps = total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps)
     print(f"[teacher] {count_parameters(model) / 1e6:.2f}M parameters, {len(dataset)} images, "
-          f"{steps} steps of batch {cfg.batch_size} on {device}; writing to {ctx.output_dir}")
+          f"{steps} steps of batch {cfg.batch_size} on {device} (from step {start}); writing to {ctx.output_dir}")
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 12345)  # fixed grid noise, independent of training
     grid_y = grid_labels(cfg.data.num_classes, cfg.samples_per_class, device)
     grid_z = torch.randn(len(grid_y), 3, cfg.data.resolution, cfg.data.resolution, generator=gen).to(device)
 
-    batches = infinite_batches(loader)
+    restore_rng(ctx)
+    batches = iter(loader)
     bar = progress(steps, "teacher")
-    t_last, images_since, loss_sum, n_sum = time.perf_counter(), 0, 0.0, 0
-    epoch, loss = 0, torch.tensor(0.0)
-    for step in range(steps):
-        epoch, (x, y) = next(batches)
+    bar.update(start)
+    t_last, images_since, loss_sum, n_sum, skipped = time.perf_counter(), 0, 0.0, 0, 0
+    loss = torch.tensor(float("nan"))
+    for step in range(start, steps):
+        x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if cfg.data.hflip:
+            x = random_hflip(x)
         sigma = sample_edm_sigma(x.shape[0], cfg.p_mean, cfg.p_std, device=device)
         with autocast(device, cfg.precision):
             loss = denoising_loss(model, x, sigma, y, torch.randn_like(x), cfg.sigma_data)
-        check_finite(step, loss=loss)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = grad_norm(model.parameters(), cfg.grad_clip)
-        check_finite(step, grad_norm=gnorm)
-        opt.step()
+        gnorm = torch.tensor(0.0)
+        if is_finite(step, cfg.on_nonfinite, loss=loss):
+            loss.backward()
+            gnorm = grad_norm(model.parameters(), cfg.grad_clip)
+            if is_finite(step, cfg.on_nonfinite, grad_norm=gnorm):
+                opt.step()
+                ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
+            else:
+                skipped += 1
+        else:
+            skipped += 1
         sched.step()
-        ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
 
         done = step + 1
         images_since += x.shape[0]
-        loss_sum, n_sum = loss_sum + loss.item(), n_sum + 1
+        if torch.isfinite(loss):
+            loss_sum, n_sum = loss_sum + loss.item(), n_sum + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == steps:
             now = time.perf_counter()
-            ctx.logger.log({"train/loss": loss_sum / n_sum, "train/lr": opt.param_groups[0]["lr"],
+            ctx.logger.log({"train/loss": loss_sum / max(n_sum, 1), "train/lr": opt.param_groups[0]["lr"],
                             "train/grad_norm": gnorm.item(), "train/images_per_sec": images_since / (now - t_last),
-                            "train/epoch": epoch}, step=done)
-            bar.set_postfix(loss=f"{loss_sum / n_sum:.4f}")
+                            "train/epoch": step // steps_per_epoch, "train/skipped_steps": skipped}, step=done)
+            bar.set_postfix(loss=f"{loss_sum / max(n_sum, 1):.4f}")
             t_last, images_since, loss_sum, n_sum = now, 0, 0.0, 0
         if (cfg.sample_every and done % cfg.sample_every == 0) or done == steps:
             grid = sample_grid(ema, grid_z, grid_y, cfg.sample_steps, cfg.samples_per_class)
             ctx.logger.log_grid("samples/teacher_ema", grid, done, f"EMA, Heun {heun_nfe(cfg.sample_steps)} NFE")
         if done % cfg.save_every == 0 and done != steps:
-            save(ctx, teacher_state(cfg, ctx, model, ema, opt, sched, done, epoch), f"teacher_{done:06d}.pt")
+            save_periodic(ctx, teacher_state(cfg, ctx, model, ema, opt, sched, done), "teacher", done, cfg.keep_last)
     bar.close()
-    path = save(ctx, teacher_state(cfg, ctx, model, ema, opt, sched, steps, epoch), "teacher_final.pt")
+    path = save_final(ctx, teacher_state(cfg, ctx, model, ema, opt, sched, steps), "teacher_final.pt")
     print(f"[teacher] done: {path}")
     return {"checkpoint": path, "steps": steps, "final_loss": loss.item()}
