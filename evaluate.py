@@ -23,7 +23,7 @@ from dmd2.config import (ConfigError, check_device, check_rules, fail, nonneg_in
 from dmd2.evaluation import (FEATURE_NETWORKS, RESIZE_MODES, build_feature_network, evaluate_sampler, folder_stats,
                              precomputed_cifar10_stats)
 from dmd2.logging import RunLogger
-from dmd2.runners.common import default_run_name, hydra_output_dir
+from dmd2.runners.common import default_run_name, hydra_output_dir, logger_settings
 from dmd2.sampling import load_sampler
 
 REFERENCES = ("cifar10_train", "folder")
@@ -141,7 +141,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     os.makedirs(output_dir, exist_ok=True)
     results_path = os.path.join(output_dir, "results.json")
     config = {**to_container(cfg), "output_dir": output_dir}
-    logger = RunLogger(output_dir, cfg.logger, config, "evaluate", cfg.run_name or default_run_name())
+    logger = RunLogger(output_dir, logger_settings(cfg), config, "evaluate", cfg.run_name or default_run_name())
     logger.define_metric(net.wandb_key, summary="min")
     if cfg.kid:
         logger.define_metric("eval/kid", summary="min")

@@ -28,8 +28,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    train(cfg)
+def main(cfg: DictConfig) -> float | None:
+    """Returns the run's objective (read by sweepers such as Optuna): the last logged loss_dm for
+    distillation, the final loss for the teacher."""
+    return train(cfg).get("objective")
 
 
 if __name__ == "__main__":

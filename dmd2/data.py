@@ -73,5 +73,6 @@ def build_loader(ds: Dataset, batch_size: int, num_workers: int, seed: int, pin_
     if len(ds) < batch_size:  # type: ignore[arg-type]
         raise ValueError(f"batch_size = {batch_size} is larger than the dataset ({len(ds)} images)")  # type: ignore[arg-type]
     sampler = EpochBatchSampler(len(ds), batch_size, seed, start_step)  # type: ignore[arg-type]
+    # its own generator: creating the iterator must not draw from the global RNG (a resumed run would drift)
     return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))

@@ -52,6 +52,31 @@ def default_run_name() -> str | None:
         return None
 
 
+def sweep_group() -> str | None:
+    """In a Hydra multirun, the sweep's name: the last two parts of its directory (e.g.
+    'multirun/2026-11-26/14-03-12-123456' -> '2026-11-26_14-03-12-123456'), so every job of one sweep lands in
+    one W&B group."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return None
+        parts = [p for p in os.path.normpath(os.path.abspath(hc.sweep.dir)).split(os.sep) if p]
+        return "_".join(parts[-2:])
+    except Exception:
+        return None
+
+
+def logger_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The logger config with the sweep's group filled in when ``logger.group`` is null."""
+    settings = OmegaConf.to_container(cfg.logger, resolve=True)
+    if settings.get("name") == "wandb" and settings.get("group") is None:  # type: ignore[union-attr]
+        settings["group"] = sweep_group()  # type: ignore[index]
+    return settings  # type: ignore[return-value]
+
+
 def find_resume(cfg: DictConfig, output_dir: str, prefix: str, kind: str) -> dict[str, Any] | None:
     """The checkpoint named by ``resume``: null = none, auto = the newest valid one in output_dir, else a path."""
     if cfg.resume is None:
@@ -83,7 +108,7 @@ def start_run(cfg: DictConfig, job_type: str, prefix: str) -> RunContext:
     torch.manual_seed(cfg.seed)
     config = to_container(cfg)
     config["output_dir"] = output_dir
-    logger = RunLogger(output_dir, cfg.logger, config, job_type, cfg.run_name or default_run_name(),
+    logger = RunLogger(output_dir, logger_settings(cfg), config, job_type, cfg.run_name or default_run_name(),
                        resume_id=resume.get("wandb_run_id") if resume else None)
     return RunContext(output_dir, resolve_device(cfg.device), config, logger, resume)
 

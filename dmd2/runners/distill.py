@@ -186,6 +186,7 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     bar = progress(steps, "distill")
     bar.update(start)
     t_last, images_since = time.perf_counter(), 0
+    objective: float | None = None
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     timesteps: list[torch.Tensor] = []
@@ -223,6 +224,7 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
                             "train/guidance_lr": opts["guidance"].param_groups[0]["lr"],
                             "train/images_per_sec": images_since / (now - t_last), "train/epoch": step // steps_per_epoch})
             ctx.logger.log(metrics, step=done)
+            objective = metrics.get("train/loss_dm", objective)
             if timesteps:
                 ctx.logger.log_histogram("train/dm_timesteps", torch.cat(timesteps), step=done)
             bar.set_postfix(loss_fake=f"{metrics['train/loss_fake']:.4f}")
@@ -235,4 +237,4 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     bar.close()
     path = save_final(ctx, distill_state(cfg, ctx, teacher_state, model, ema, opts, scheds, steps), "dmd2_final.pt")
     print(f"[distill] done: {path}")
-    return {"checkpoint": path, "steps": steps}
+    return {"checkpoint": path, "steps": steps, "objective": objective}

@@ -115,4 +115,4 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     bar.close()
     path = save_final(ctx, teacher_state(cfg, ctx, model, ema, opt, sched, steps), "teacher_final.pt")
     print(f"[teacher] done: {path}")
-    return {"checkpoint": path, "steps": steps, "final_loss": loss.item()}
+    return {"checkpoint": path, "steps": steps, "objective": loss.item()}

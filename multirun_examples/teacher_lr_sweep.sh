@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Teacher learning rate x batch size: 6 jobs. Compare train/loss curves and the EMA sample grids.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python train.py -m stage=teacher lr=1e-4,2e-4,5e-4 batch_size=128,256 "$@"

@@ -1,0 +1,152 @@
+"""Reliability: exact resume after SIGKILL, corrupted checkpoints, safe loading, non-finite guards."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmd2.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint, prune_checkpoints
+from dmd2.runners.common import NonFiniteError
+from tests.conftest import ROOT, SMOKE, compose_cfg, run_cli
+
+
+def launch(*overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill_after_first_checkpoint(proc: subprocess.Popen, folder: Path, prefix: str) -> int:
+    """SIGKILL the run as soon as its first periodic checkpoint exists; return that checkpoint's step."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        found = sorted(folder.glob(f"{prefix}_0*.pt"))
+        if found:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return int(found[0].stem.split("_")[-1])
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.01)
+    raise AssertionError("no checkpoint appeared")
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["teacher", "distill"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(stage, teacher_ckpt, tiny_data, tmp_path):
+    prefix = "teacher" if stage == "teacher" else "dmd2"
+    common = [*SMOKE, f"stage={stage}", "data=image_folder", f"data.root={tiny_data}", "max_steps=30",
+              "save_every=3", "sample_every=0", "log_every=1", "data.num_workers=0"]
+    if stage == "distill":
+        common += [f"teacher_checkpoint={teacher_ckpt}", "dfake_gen_update_ratio=2", "gan_classifier=true",
+                   "denoising_sigmas=[80.0,2.0]", "generator_ema_decay=0.9", "warmup_steps=5"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = run_cli("train.py", *common, f"output_dir={straight}", f"hydra.run.dir={tmp_path / 'h0'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    proc = launch(*common, f"output_dir={killed}", f"hydra.run.dir={tmp_path / 'h1'}")
+    killed_at = kill_after_first_checkpoint(proc, killed, prefix)
+    assert not (killed / f"{prefix}_final.pt").exists(), "the run finished before it could be killed"
+    resumed = run_cli("train.py", *common, f"output_dir={killed}", "resume=auto", f"hydra.run.dir={tmp_path / 'h2'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[resume] continuing" in resumed.stdout
+
+    a = load_checkpoint(str(straight / f"{prefix}_final.pt"))
+    b = load_checkpoint(str(killed / f"{prefix}_final.pt"))
+    keys = ["model", "ema"] if stage == "teacher" else ["generator", "fake_unet", "gan_head", "generator_ema"]
+    for key in keys:
+        assert states_equal(a[key], b[key]), f"{key} differs after resume (killed after step {killed_at})"
+    assert a["step"] == b["step"] == 30
+
+
+def write_run(folder: Path, steps: list[int]) -> None:
+    for s in steps:
+        torch.save({"kind": "teacher", "step": s, "w": torch.full((3,), float(s))}, folder / f"teacher_{s:06d}.pt")
+
+
+def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
+    write_run(tmp_path, [2, 4, 6])
+    newest = tmp_path / "teacher_000006.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # a write cut short by a crash
+    path, state = latest_valid_checkpoint(str(tmp_path), "teacher", "teacher")
+    assert path.endswith("teacher_000004.pt") and state["step"] == 4
+    assert "teacher_000006.pt" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="teacher_000006.pt.*truncated"):
+        load_checkpoint(str(newest))
+
+
+def test_a_pickled_object_in_a_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"kind": "teacher", "step": 1, "payload": Path("/etc/passwd")}, path)  # arbitrary class
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_checkpoint(str(path))
+
+
+def test_keep_last_prunes_only_periodic_checkpoints(tmp_path):
+    write_run(tmp_path, [2, 4, 6, 8])
+    (tmp_path / "teacher_final.pt").write_bytes(b"")
+    removed = prune_checkpoints(str(tmp_path), "teacher", 2)
+    assert sorted(Path(p).name for p in removed) == ["teacher_000002.pt", "teacher_000004.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher_000006.pt", "teacher_000008.pt", "teacher_final.pt"]
+
+
+def poison_third_loss(monkeypatch):
+    import dmd2.runners.teacher as teacher
+
+    calls = {"n": 0}
+    real_loss = teacher.denoising_loss
+
+    def loss_with_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(teacher, "denoising_loss", loss_with_nan)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(monkeypatch, tiny_data, tmp_path):
+    from train import train
+
+    poison_third_loss(monkeypatch)
+    cfg = compose_cfg([*SMOKE, "data=image_folder", f"data.root={tiny_data}", f"output_dir={tmp_path}",
+                       "max_steps=6", "save_every=2"])
+    with pytest.raises(NonFiniteError, match="non-finite loss .* at step 2"):
+        train(cfg)
+    assert load_checkpoint(str(tmp_path / "teacher_000002.pt"))["step"] == 2
+    assert not (tmp_path / "teacher_final.pt").exists() and not (tmp_path / "teacher_000004.pt").exists()
+
+
+def test_nan_loss_can_be_skipped(monkeypatch, tiny_data, tmp_path):
+    from train import train
+
+    poison_third_loss(monkeypatch)
+    cfg = compose_cfg([*SMOKE, "data=image_folder", f"data.root={tiny_data}", f"output_dir={tmp_path}",
+                       "max_steps=4", "on_nonfinite=skip"])
+    train(cfg)
+    state = load_checkpoint(str(tmp_path / "teacher_final.pt"))
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {3}  # 4 steps, one skipped
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["resume=auto"], "'resume' = 'auto' needs output_dir"),
+    (["resume=/nonexistent/teacher_000002.pt"], "'resume'"),
+    (["keep_last=0"], "'keep_last'"),
+    (["on_nonfinite=ignore"], "'on_nonfinite'"),
+    (["precision=fp16"], "'precision'"),
+])
+def test_bad_reliability_settings_are_refused_fast(overrides, message, tiny_data, tmp_path):
+    start = time.perf_counter()
+    proc = run_cli("train.py", *SMOKE, "data=image_folder", f"data.root={tiny_data}", *overrides,
+                   f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert time.perf_counter() - start < 30
