@@ -187,6 +187,22 @@ def is_finite(step: int, policy: str, **values: Tensor) -> bool:
     return True
 
 
+def update(opt: torch.optim.Optimizer, sched: Any, loss: Tensor, params: list[Tensor], clip: float | None,
+           step: int, on_nonfinite: str, name: str) -> Tensor | None:
+    """One optimizer update: backward, clip, step (skipped, or stopped, when the loss or the gradient norm is
+    not finite; see ``is_finite``), then the schedule. Returns the gradient norm, or None if nothing was
+    back-propagated."""
+    opt.zero_grad(set_to_none=True)
+    gnorm = None
+    if is_finite(step, on_nonfinite, **{name: loss}):
+        loss.backward()
+        gnorm = grad_norm(params, clip)
+        if is_finite(step, on_nonfinite, **{f"{name} gradient norm": gnorm}):
+            opt.step()
+    sched.step()
+    return gnorm
+
+
 def save_final(ctx: RunContext, state: dict[str, Any], name: str) -> str:
     path = os.path.join(ctx.output_dir, name)
     save_checkpoint(state, path)

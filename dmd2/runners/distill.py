@@ -26,8 +26,8 @@ from dmd2.data import build_dataset, build_loader, random_hflip
 from dmd2.diffusion import heun_nfe
 from dmd2.networks import EDMPrecond, count_parameters
 from dmd2.runners.common import (
-    RunContext, adamw, autocast, ema_update, grad_norm, grid_labels, is_finite, progress, restore_rng, run_state,
-    run_with_logger, save_final, save_periodic, start_run, to_grid, total_steps, warmup_schedule,
+    RunContext, adamw, autocast, ema_update, grid_labels, progress, restore_rng, run_state, run_with_logger,
+    save_final, save_periodic, start_run, to_grid, total_steps, update, warmup_schedule,
 )
 from dmd2.runners.teacher import sample_grid
 from dmd2.unified import UnifiedModel
@@ -105,14 +105,9 @@ def generator_step(model: UnifiedModel, opt: torch.optim.Optimizer, sched: Any, 
     with amp:
         x = model.generate(z, y, k)
         loss, logs = model.generator_loss(x.float(), y)
-    opt.zero_grad(set_to_none=True)
-    if is_finite(step, on_nonfinite, generator_loss=loss):
-        loss.backward()
-        gnorm = grad_norm(model.generator.parameters(), clip)
+    gnorm = update(opt, sched, loss, list(model.generator.parameters()), clip, step, on_nonfinite, "generator loss")
+    if gnorm is not None:
         logs["generator_grad_norm"] = gnorm
-        if is_finite(step, on_nonfinite, generator_grad_norm=gnorm):
-            opt.step()
-    sched.step()
     return x.detach().float(), {k_: v for k_, v in logs.items() if torch.isfinite(v).all()}
 
 
@@ -122,14 +117,9 @@ def fake_score_step(model: UnifiedModel, opt: torch.optim.Optimizer, sched: Any,
     """Update the fake score network (and GAN head) on detached generator samples (and real images)."""
     with amp:
         loss, logs = model.guidance_loss(x, y, real, y if real is not None else None)
-    opt.zero_grad(set_to_none=True)
-    if is_finite(step, on_nonfinite, guidance_loss=loss):
-        loss.backward()
-        gnorm = grad_norm(model.guidance.trainable(), clip)
+    gnorm = update(opt, sched, loss, model.guidance.trainable(), clip, step, on_nonfinite, "guidance loss")
+    if gnorm is not None:
         logs["guidance_grad_norm"] = gnorm
-        if is_finite(step, on_nonfinite, guidance_grad_norm=gnorm):
-            opt.step()
-    sched.step()
     return {k_: v for k_, v in logs.items() if torch.isfinite(v).all()}
 
 

@@ -17,9 +17,8 @@ from dmd2.data import build_dataset, build_loader, random_hflip
 from dmd2.diffusion import denoising_loss, heun_nfe, heun_sample, heun_sampler_sigmas, sample_edm_sigma
 from dmd2.networks import EDMPrecond, build_denoiser, count_parameters
 from dmd2.runners.common import (
-    RunContext, adamw, autocast, ema_decay_at, ema_update, grad_norm, grid_labels, is_finite, progress,
-    restore_rng, run_state, run_with_logger, save_final, save_periodic, start_run, to_grid, total_steps,
-    warmup_schedule,
+    RunContext, adamw, autocast, ema_decay_at, ema_update, grid_labels, progress, restore_rng, run_state,
+    run_with_logger, save_final, save_periodic, start_run, to_grid, total_steps, update, warmup_schedule,
 )
 
 
@@ -81,19 +80,12 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         sigma = sample_edm_sigma(x.shape[0], cfg.p_mean, cfg.p_std, device=device)
         with autocast(device, cfg.precision):
             loss = denoising_loss(model, x, sigma, y, torch.randn_like(x), cfg.sigma_data)
-        opt.zero_grad(set_to_none=True)
-        gnorm = torch.tensor(0.0)
-        if is_finite(step, cfg.on_nonfinite, loss=loss):
-            loss.backward()
-            gnorm = grad_norm(model.parameters(), cfg.grad_clip)
-            if is_finite(step, cfg.on_nonfinite, grad_norm=gnorm):
-                opt.step()
-                ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
-            else:
-                skipped += 1
+        gnorm = update(opt, sched, loss, list(model.parameters()), cfg.grad_clip, step, cfg.on_nonfinite, "loss")
+        if gnorm is not None and torch.isfinite(gnorm):
+            ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
         else:
             skipped += 1
-        sched.step()
+            gnorm = torch.tensor(float("nan"))
 
         done = step + 1
         images_since += x.shape[0]
