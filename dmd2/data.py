@@ -50,6 +50,23 @@ def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
     return ds
 
 
+class LabelsOnly(Dataset):
+    """A dataset's labels without decoding its images: (empty tensor, label) items, for runs that need only
+    the class distribution (distillation without the GAN classifier)."""
+
+    def __init__(self, ds: Dataset) -> None:
+        targets = getattr(ds, "targets", None)
+        if targets is None:
+            raise ValueError(f"{type(ds).__name__} exposes no 'targets' list")
+        self.targets = [int(t) for t in targets]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return torch.empty(0), self.targets[i]
+
+
 class EpochBatchSampler(Sampler[list[int]]):
     """Batches of dataset indices, forever: epoch e is a permutation seeded by (seed, e), cut into
     ``len(dataset) // batch_size`` full batches. Starts at global batch number ``start`` (= the training step)."""

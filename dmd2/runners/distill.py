@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from dmd2.checkpoint import load_checkpoint, network_from_checkpoint
 from dmd2.config import ConfigError
-from dmd2.data import build_dataset, build_loader, random_hflip
+from dmd2.data import LabelsOnly, build_dataset, build_loader, random_hflip
 from dmd2.diffusion import heun_nfe
 from dmd2.networks import EDMPrecond, count_parameters
 from dmd2.runners.common import (
@@ -132,6 +132,8 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     device = ctx.device
     teacher_state, teacher = load_teacher(cfg)
     dataset = build_dataset(cfg.data)  # labels condition the generator; images feed the GAN classifier
+    if not cfg.gan_classifier:
+        dataset = LabelsOnly(dataset)  # no image decoding when only the labels are used
     model = UnifiedModel(
         teacher, cfg.denoising_sigmas or [cfg.conditioning_sigma], cfg.cls_loss_weight, cfg.gen_cls_loss_weight,
         num_train_timesteps=cfg.num_train_timesteps, min_step_percent=cfg.min_step_percent,

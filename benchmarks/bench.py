@@ -1,0 +1,803 @@
+"""Throughput benchmark of the project's training steps, samplers and FID feature extraction.
+
+    python benchmarks/bench.py                                   # CPU/GPU default: simple_unet_small + simple_unet
+    python benchmarks/bench.py --device cuda --arch simple_unet edm_unet --batch-size 128 --out bench.json
+    python benchmarks/bench.py --device cuda --arch edm_unet --bf16 --channels-last --compile
+    python benchmarks/bench.py --tiny --device cpu --out /tmp/r.json   # < 60 s smoke run (tests use it)
+
+For every architecture preset (conf/arch/<name>.yaml, ``defaults:`` inheritance resolved) and the chosen
+device it measures, with a randomly initialised network at one batch size:
+
+  teacher_step   EDM denoising loss, backward, grad clip, AdamW step, EMA update (what dmd2/runners/teacher.py
+                 does per step, without data loading and logging)
+  dmd2           dmd2.runners.distill.generator_step + fake_score_step (a generator-update step) and no-grad
+                 generate + fake_score_step (a fake-score-only step) on a dmd2.unified.UnifiedModel; the average
+                 step at dfake_gen_update_ratio r is (t_gen + (r - 1) t_fake_only) / r, for r = 10 and 5
+  sampling       one-step generator (multistep_sample over [80]), 4-step generator ([80, 2.5, 0.6, 0.1]) and
+                 the teacher's Heun sampler at 35 evaluations (heun_sample, heun_sampler_sigmas(18))
+  fid_features   the feature network's forward on [B,3,32,32] floats in [0, 255]
+  overhead       each bare network pass a DMD2 step must make, timed alone on the same batch, against the step
+                 (steps and passes timed in interleaved rounds; ratio = median over rounds of step / sum of passes)
+  dmd2_full_method (with --full-method) the same steps with the GAN classifier and a 2-step generator
+
+Every number is images per second = batch / median seconds per iteration (after warm-up iterations; CUDA is
+synchronised around every timed iteration). Results go to a table on stdout and, with --out, to JSON that also
+records the machine, the settings and the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from torch import nn  # noqa: E402
+
+from dmd2.diffusion import (  # noqa: E402
+    denoising_loss, heun_nfe, heun_sample, heun_sampler_sigmas, multistep_sample, sample_edm_sigma,
+)
+from dmd2.networks import build_denoiser, count_parameters  # noqa: E402
+from dmd2.runners.common import adamw, autocast, ema_decay_at, ema_update, grad_norm, warmup_schedule  # noqa: E402
+from dmd2.runners.distill import fake_score_step, generator_step  # noqa: E402
+from dmd2.unified import UnifiedModel  # noqa: E402
+
+CONF = ROOT / "conf"
+FEATNET = Path("/work/shared/models/cifar10-featnet-dev.ts.pt")
+INCEPTION = Path("/tmp/inception-2015-12-05.pt")  # clean-fid's default location of its Inception weights
+NUM_CLASSES, RESOLUTION = 10, 32
+FOUR_STEP_SIGMAS = (80.0, 2.5, 0.6, 0.1)  # the README's 4-step example (conf/experiment/dmd2_cifar10_4step.yaml)
+HEUN_STEPS = 18  # 2 * 18 - 1 = 35 network evaluations
+DEFAULT_ARCHS = ["simple_unet_small", "simple_unet"]
+TINY_ARCHS = ["simple_unet", "edm_unet"]
+# --tiny: widths small enough for a whole run in well under a minute on two CPU cores
+TINY_WIDTHS = {
+    "simple_unet": {"channels": [16, 32], "noise_emb_dim": 16, "emb_dim": 32, "groups": 4, "attn_resolutions": []},
+    "edm_unet": {"model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [16]},
+}
+
+
+# --------------------------------------------------------------------------------------------- configuration
+
+
+def load_arch(name: str, conf_dir: Path = CONF) -> dict[str, Any]:
+    """conf/arch/<name>.yaml as a plain dict, with its ``defaults:`` list resolved the way Hydra does for a
+    config group: each listed preset (recursively) is merged in list order, ``_self_`` marks where the file's own
+    keys go (at the end when it is not listed)."""
+    path = conf_dir / "arch" / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in (conf_dir / "arch").glob("*.yaml"))
+        raise SystemExit(f"--arch {name}: no {path} (available: {', '.join(available)})")
+    raw = OmegaConf.load(path)
+    defaults = list(raw.pop("defaults", []) or [])
+    if "_self_" not in defaults:
+        defaults.append("_self_")
+    merged = OmegaConf.create()
+    for entry in defaults:
+        if entry == "_self_":
+            merged = OmegaConf.merge(merged, raw)
+        else:
+            parent = str(entry).split("/")[-1]
+            merged = OmegaConf.merge(merged, OmegaConf.create(load_arch(parent, conf_dir)))
+    arch = OmegaConf.to_container(merged, resolve=True)
+    if arch.get("name") == "from_teacher":
+        raise SystemExit("--arch from_teacher names no network; pick a preset such as simple_unet")
+    return arch  # type: ignore[return-value]
+
+
+def stage_defaults(stage: str, fallback: dict[str, Any]) -> dict[str, Any]:
+    """The optimiser settings of conf/stage/<stage>.yaml (falling back to the values below when a key is gone)."""
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(CONF / "stage" / f"{stage}.yaml"), resolve=False)
+    except Exception:
+        cfg = {}
+    return {k: cfg[k] if k in cfg else v for k, v in fallback.items()}
+
+
+TEACHER_FALLBACK = {"lr": 1e-4, "adam_betas": [0.9, 0.999], "weight_decay": 0.0, "warmup_steps": 1000,
+                    "grad_clip": 1.0, "ema_decay": 0.9999, "p_mean": -1.2, "p_std": 1.2, "sigma_data": 0.5}
+DISTILL_FALLBACK = {"generator_lr": 2e-6, "guidance_lr": 2e-6, "adam_betas": [0.9, 0.999], "weight_decay": 0.01,
+                    "warmup_steps": 500, "grad_clip": 10.0, "num_train_timesteps": 1000,
+                    "min_step_percent": 0.02, "max_step_percent": 0.98, "conditioning_sigma": 80.0,
+                    "cls_loss_weight": 1e-2, "gen_cls_loss_weight": 3e-3, "diffusion_gan": True,
+                    "diffusion_gan_max_timestep": 1000}
+
+
+# ------------------------------------------------------------------------------------------------ machine
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info = {
+        "platform": platform.platform(), "python": platform.python_version(), "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_num_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "device": str(device), "device_name": cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device),
+    }
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        info["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+        info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+    return info
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------- timing
+
+
+class Timer:
+    """Median wall time of a callable after warm-up; CUDA synchronised around every timed iteration."""
+
+    def __init__(self, device: torch.device, warmup: int, iters: int) -> None:
+        self.device, self.warmup, self.iters = device, warmup, iters
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn: Callable[[], Any], batch: int, warmup: int | None = None, iters: int | None = None
+                 ) -> dict[str, Any]:
+        for _ in range(self.warmup if warmup is None else warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(self.iters if iters is None else iters):
+            self.sync()
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        return self.summary(times, batch)
+
+    @staticmethod
+    def summary(times: list[float], batch: int) -> dict[str, Any]:
+        med = statistics.median(times)
+        return {"seconds_median": med, "seconds_min": min(times), "seconds_max": max(times), "iters": len(times),
+                "images_per_sec": batch / med}
+
+    def rounds(self, fns: dict[str, Callable[[], Any]], batch: int, warmup: int | None = None,
+               iters: int | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]]]:
+        """Time several callables in interleaved rounds (each round runs each once, in order).
+        Returns (summary per name, the per-round times per name)."""
+        for _ in range(self.warmup if warmup is None else warmup):
+            for fn in fns.values():
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(self.iters if iters is None else iters):
+            for name, fn in fns.items():
+                self.sync()
+                t0 = time.perf_counter()
+                fn()
+                self.sync()
+                times[name].append(time.perf_counter() - t0)
+        return {name: self.summary(t, batch) for name, t in times.items()}, times
+
+
+class Memory:
+    """Peak memory of a section: CUDA max_memory_allocated (reset per section), or on the CPU the process's
+    max RSS so far (ru_maxrss: a high-water mark of the whole process, so it never goes down between sections)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = ("torch.cuda.max_memory_allocated, reset before each section" if device.type == "cuda"
+                     else "process max RSS so far (resource.getrusage ru_maxrss; cumulative over sections)")
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+# ----------------------------------------------------------------------------------------------- networks
+
+
+def prepare(net: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """Apply --channels-last / --compile to a network in place (nn.Module.compile keeps the module's type)."""
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)
+    if args.compile:
+        net.compile()
+    return net
+
+
+def images(shape: tuple[int, ...], device: torch.device, channels_last: bool) -> torch.Tensor:
+    """Standard normal [..., C, H, W]; with channels_last every [B, C, H, W] slice has channels-last strides."""
+    if not channels_last:
+        return torch.randn(shape, device=device)
+    *lead, c, h, w = shape
+    return torch.randn(*lead, h, w, c, device=device).movedim(-1, -3)
+
+
+def labels(batch: int, device: torch.device) -> torch.Tensor:
+    return torch.randint(0, NUM_CLASSES, (batch,), device=device)
+
+
+def build(arch: dict[str, Any], device: torch.device) -> nn.Module:
+    return build_denoiser(arch, NUM_CLASSES, RESOLUTION).to(device)
+
+
+# ----------------------------------------------------------------------------------------------- sections
+
+
+def bench_teacher(arch: dict[str, Any], device: torch.device, args: argparse.Namespace, timer: Timer,
+                  mem: Memory) -> dict[str, Any]:
+    """One teacher training step as in dmd2/runners/teacher.py (data loading and logging excluded)."""
+    hp = stage_defaults("teacher", TEACHER_FALLBACK)
+    model = prepare(build(arch, device).train(), args)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = adamw(model.parameters(), hp["lr"], hp["adam_betas"], hp["weight_decay"])
+    sched = warmup_schedule(opt, hp["warmup_steps"])
+    b = args.batch_size
+    x = images((b, 3, RESOLUTION, RESOLUTION), device, args.channels_last).clamp(-1, 1)
+    y = labels(b, device)
+    amp = autocast(device, "bf16" if args.bf16 else "fp32")
+    state = {"step": 0}
+
+    def step() -> None:
+        sigma = sample_edm_sigma(b, hp["p_mean"], hp["p_std"], device=device)
+        with amp:
+            loss = denoising_loss(model, x, sigma, y, torch.randn_like(x), hp["sigma_data"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm(model.parameters(), hp["grad_clip"])
+        opt.step()
+        sched.step()
+        ema_update(ema, model, ema_decay_at(state["step"], hp["ema_decay"]))
+        state["step"] += 1
+
+    mem.reset()
+    out = timer(step, b)
+    out["peak_mem_mb"] = mem.peak_mb()
+    out["includes"] = "denoising_loss forward, backward, grad clip, AdamW step, LR schedule, EMA update"
+    del model, ema, opt
+    return out
+
+
+def build_unified(arch: dict[str, Any], device: torch.device, args: argparse.Namespace,
+                  sigmas: tuple[float, ...] = (80.0,), gan: bool = False) -> tuple[UnifiedModel, dict[str, Any]]:
+    hp = stage_defaults("distill", DISTILL_FALLBACK)
+    teacher = build(arch, device)
+    model = UnifiedModel(teacher, sigmas, hp["cls_loss_weight"], hp["gen_cls_loss_weight"],
+                         num_train_timesteps=hp["num_train_timesteps"], min_step_percent=hp["min_step_percent"],
+                         max_step_percent=hp["max_step_percent"], gan_classifier=gan,
+                         diffusion_gan=hp["diffusion_gan"],
+                         diffusion_gan_max_timestep=hp["diffusion_gan_max_timestep"]).to(device)
+    for net in (model.generator, model.guidance.real_unet, model.guidance.fake_unet):
+        prepare(net, args)
+    return model, hp
+
+
+def bench_dmd2(arch: dict[str, Any], device: torch.device, args: argparse.Namespace, timer: Timer,
+               mem: Memory) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Generator-update and fake-score-only DMD2 steps through the runner's own functions, and the bare passes.
+
+    The two steps and every bare pass are timed in interleaved rounds (each round runs each of them once), so
+    that the step / passes ratios compare measurements taken seconds apart even on a drifting, shared machine.
+    """
+    model, hp = build_unified(arch, device, args)
+    opt_g = adamw(model.generator.parameters(), hp["generator_lr"], hp["adam_betas"], hp["weight_decay"])
+    opt_f = adamw(model.guidance.trainable(), hp["guidance_lr"], hp["adam_betas"], hp["weight_decay"])
+    sched_g, sched_f = warmup_schedule(opt_g, hp["warmup_steps"]), warmup_schedule(opt_f, hp["warmup_steps"])
+    b, clip = args.batch_size, hp["grad_clip"]
+    precision = "bf16" if args.bf16 else "fp32"
+    y = labels(b, device)
+    state = {"step": 0}
+
+    def noise() -> torch.Tensor:
+        return images((model.num_steps, b, 3, RESOLUTION, RESOLUTION), device, args.channels_last)
+
+    def gen_update() -> None:  # the runner's body for step % ratio == 0 (minus logging)
+        x, _ = generator_step(model, opt_g, sched_g, noise(), y, 0, clip, state["step"], autocast(device, precision))
+        fake_score_step(model, opt_f, sched_f, x, y, clip, state["step"], None, autocast(device, precision))
+        state["step"] += 1
+
+    def fake_only() -> None:  # the runner's body for the other steps (minus logging)
+        with torch.no_grad(), autocast(device, precision):
+            x = model.generate(noise(), y, 0).float()
+        fake_score_step(model, opt_f, sched_f, x, y, clip, state["step"], None, autocast(device, precision))
+        state["step"] += 1
+
+    # ---- bare passes on the same batch size, networks in the modes the steps use them in ----
+    gen, real, fake = model.generator, model.guidance.real_unet, model.guidance.fake_unet
+    z = noise()[0] * 80.0
+    s80 = torch.full((b,), 80.0, device=device)
+    sig = model.guidance.sigmas[torch.randint(model.guidance.min_step, model.guidance.max_step + 1, (b,),
+                                              device=device)]
+    x_t = images((b, 3, RESOLUTION, RESOLUTION), device, args.channels_last).clamp(-1, 1) + sig.view(-1, 1, 1, 1) * \
+        images((b, 3, RESOLUTION, RESOLUTION), device, args.channels_last)
+
+    def fwd_bwd(net: nn.Module, inp: torch.Tensor, sigma: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            net.zero_grad(set_to_none=True)
+            with autocast(device, precision):
+                out = net(inp, sigma, y)
+            out.float().square().mean().backward()
+        return run
+
+    def fwd(net: nn.Module, inp: torch.Tensor, sigma: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad(), autocast(device, precision):
+                net(inp, sigma, y)
+        return run
+
+    # the unavoidable non-network work of an update: clip + AdamW step (on separate probe optimizers, lr ~ 0)
+    opt_g_probe = torch.optim.AdamW(gen.parameters(), lr=1e-12)
+    opt_f_probe = torch.optim.AdamW(fake.parameters(), lr=1e-12)
+
+    def update(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> Callable[[], None]:
+        def run() -> None:
+            grad_norm(params, clip)
+            opt.step()
+        return run
+
+    # peak memory of each step alone (these runs also count as warm-up)
+    mem.reset()
+    gen_update()
+    gen_peak = mem.peak_mb()
+    mem.reset()
+    fake_only()
+    fake_peak = mem.peak_mb()
+    # order matters only for the probes: each clip+AdamW follows the fwd+bwd that leaves its gradients
+    fns = {
+        "generator_update_step": gen_update,
+        "fake_score_only_step": fake_only,
+        "generator_fwd_bwd": fwd_bwd(gen, z, s80),
+        "generator_clip_adamw": update(opt_g_probe, list(gen.parameters())),
+        "teacher_fwd_nograd": fwd(real, x_t, sig),
+        "fake_fwd_nograd": fwd(fake, x_t, sig),
+        "fake_fwd_bwd": fwd_bwd(fake, x_t, sig),
+        "fake_clip_adamw": update(opt_f_probe, list(fake.parameters())),
+        "generator_fwd_nograd": fwd(gen, z, s80),
+    }
+    stats, rounds = timer.rounds(fns, b)
+
+    res: dict[str, Any] = {"generator_update_step": stats.pop("generator_update_step"),
+                           "fake_score_only_step": stats.pop("fake_score_only_step")}
+    res["generator_update_step"]["peak_mem_mb"] = gen_peak
+    res["fake_score_only_step"]["peak_mem_mb"] = fake_peak
+    t_gen = res["generator_update_step"]["seconds_median"]
+    t_fake = res["fake_score_only_step"]["seconds_median"]
+    for r in (10, 5):
+        avg = (t_gen + (r - 1) * t_fake) / r
+        res[f"avg_ratio_{r}"] = {"seconds_per_step": avg, "images_per_sec": b / avg}
+    res["includes"] = ("generator_step + fake_score_step (generator update); no-grad generate + fake_score_step "
+                       "(fake-score only); one-step generator, no GAN head; logging, data loading and EMA excluded")
+
+    gen_passes = ("generator_fwd_bwd", "teacher_fwd_nograd", "fake_fwd_nograd", "fake_fwd_bwd")
+    fake_passes = ("generator_fwd_nograd", "fake_fwd_bwd")
+
+    def summed(names: tuple[str, ...], i: int | None = None) -> float:
+        return sum(stats[n]["seconds_median"] if i is None else rounds[n][i] for n in names)
+
+    n = len(rounds["generator_update_step"])
+    per_round = {
+        "generator_update_step": [rounds["generator_update_step"][i] / summed(gen_passes, i) for i in range(n)],
+        "fake_score_only_step": [rounds["fake_score_only_step"][i] / summed(fake_passes, i) for i in range(n)],
+    }
+    for r in (10, 5):
+        per_round[f"avg_ratio_{r}"] = [
+            (rounds["generator_update_step"][i] + (r - 1) * rounds["fake_score_only_step"][i])
+            / (summed(gen_passes, i) + (r - 1) * summed(fake_passes, i)) for i in range(n)]
+    opt_g_s, opt_f_s = stats["generator_clip_adamw"]["seconds_median"], stats["fake_clip_adamw"]["seconds_median"]
+    gen_sum, fake_sum = summed(gen_passes), summed(fake_passes)
+    overhead: dict[str, Any] = {
+        "passes": stats,
+        "generator_update_step": {
+            "step_s": t_gen, "sum_of_passes_s": gen_sum, "ratio_of_medians": t_gen / gen_sum,
+            "sum_of_passes_plus_optimizers_s": gen_sum + opt_g_s + opt_f_s,
+            "ratio_incl_optimizers": t_gen / (gen_sum + opt_g_s + opt_f_s),
+            "passes": "generator fwd+bwd, teacher fwd (no grad), fake fwd (no grad), fake fwd+bwd",
+        },
+        "fake_score_only_step": {
+            "step_s": t_fake, "sum_of_passes_s": fake_sum, "ratio_of_medians": t_fake / fake_sum,
+            "sum_of_passes_plus_optimizers_s": fake_sum + opt_f_s,
+            "ratio_incl_optimizers": t_fake / (fake_sum + opt_f_s),
+            "passes": "generator fwd (no grad), fake fwd+bwd",
+        },
+    }
+    for r in (10, 5):
+        step = (t_gen + (r - 1) * t_fake) / r
+        bare = (gen_sum + (r - 1) * fake_sum) / r
+        overhead[f"avg_ratio_{r}"] = {"step_s": step, "sum_of_passes_s": bare, "ratio_of_medians": step / bare}
+    for key, ratios in per_round.items():
+        overhead[key]["ratio"] = statistics.median(ratios)  # median over rounds of (step / its passes)
+        overhead[key]["ratio_per_round"] = ratios
+    overhead["target"] = "ratio <= 1.10 (step within 10% of its bare network passes)"
+    overhead["method"] = ("steps and passes timed in interleaved rounds; ratio = median over rounds of step time / "
+                          "sum of that round's pass times; ratio_of_medians from the medians")
+    del model, opt_g, opt_f, opt_g_probe, opt_f_probe
+    return res, overhead
+
+
+def bench_full_method(arch: dict[str, Any], device: torch.device, args: argparse.Namespace, timer: Timer,
+                      mem: Memory) -> dict[str, Any]:
+    """The full method (experiment=cpu_smoke's: GAN classifier on the fake network's bottleneck, 2-step generator
+    with backward simulation) through the same runner functions; k alternates 0, 1 as chain_step draws it."""
+    model, hp = build_unified(arch, device, args, sigmas=(80.0, 2.5), gan=True)
+    opt_g = adamw(model.generator.parameters(), hp["generator_lr"], hp["adam_betas"], hp["weight_decay"])
+    opt_f = adamw(model.guidance.trainable(), hp["guidance_lr"], hp["adam_betas"], hp["weight_decay"])
+    sched_g, sched_f = warmup_schedule(opt_g, hp["warmup_steps"]), warmup_schedule(opt_f, hp["warmup_steps"])
+    b, clip = args.batch_size, hp["grad_clip"]
+    precision = "bf16" if args.bf16 else "fp32"
+    y = labels(b, device)
+    real = images((b, 3, RESOLUTION, RESOLUTION), device, args.channels_last).clamp(-1, 1)
+    state = {"step": 0}
+
+    def noise() -> torch.Tensor:
+        return images((model.num_steps, b, 3, RESOLUTION, RESOLUTION), device, args.channels_last)
+
+    def gen_update() -> None:
+        k = state["step"] % model.num_steps
+        x, _ = generator_step(model, opt_g, sched_g, noise(), y, k, clip, state["step"], autocast(device, precision))
+        fake_score_step(model, opt_f, sched_f, x, y, clip, state["step"], real, autocast(device, precision))
+        state["step"] += 1
+
+    def fake_only() -> None:
+        k = state["step"] % model.num_steps
+        with torch.no_grad(), autocast(device, precision):
+            x = model.generate(noise(), y, k).float()
+        fake_score_step(model, opt_f, sched_f, x, y, clip, state["step"], real, autocast(device, precision))
+        state["step"] += 1
+
+    # an even number of timed iterations, so k = 0 and k = 1 are equally represented
+    iters = args.iters + args.iters % 2
+    res: dict[str, Any] = {}
+    mem.reset()
+    res["generator_update_step"] = timer(gen_update, b, warmup=2, iters=iters)
+    res["generator_update_step"]["peak_mem_mb"] = mem.peak_mb()
+    mem.reset()
+    res["fake_score_only_step"] = timer(fake_only, b, warmup=2, iters=iters)
+    res["fake_score_only_step"]["peak_mem_mb"] = mem.peak_mb()
+    t_gen = res["generator_update_step"]["seconds_median"]
+    t_fake = res["fake_score_only_step"]["seconds_median"]
+    for r in (10, 5, 2):
+        avg = (t_gen + (r - 1) * t_fake) / r
+        res[f"avg_ratio_{r}"] = {"seconds_per_step": avg, "images_per_sec": b / avg}
+    res["includes"] = ("gan_classifier=true, denoising_sigmas=[80.0, 2.5] (k alternating 0/1), real images for the "
+                       "classifier; generator EMA, logging and data loading excluded")
+    del model, opt_g, opt_f
+    return res
+
+
+def bench_sampling(arch: dict[str, Any], device: torch.device, args: argparse.Namespace, timer: Timer,
+                   mem: Memory) -> dict[str, Any]:
+    net = prepare(build(arch, device).eval().requires_grad_(False), args)
+    b = args.batch_size
+    y = labels(b, device)
+    amp = autocast(device, "bf16" if args.bf16 else "fp32")
+    z1 = images((1, b, 3, RESOLUTION, RESOLUTION), device, args.channels_last)
+    z4 = images((len(FOUR_STEP_SIGMAS), b, 3, RESOLUTION, RESOLUTION), device, args.channels_last)
+    heun_sigmas = heun_sampler_sigmas(HEUN_STEPS).to(device)
+
+    def one() -> None:
+        with amp:
+            multistep_sample(net, z1, y, (80.0,))
+
+    def four() -> None:
+        with amp:
+            multistep_sample(net, z4, y, FOUR_STEP_SIGMAS)
+
+    def heun() -> None:
+        with amp:
+            heun_sample(net, z1[0], y, heun_sigmas)
+
+    mem.reset()
+    res = {"one_step": timer(one, b), "four_step": timer(four, b)}
+    # the network is warm from the runs above; with --tiny no extra (35-evaluation) warm-up run
+    res["heun_35"] = timer(heun, b, warmup=0 if args.tiny else 1, iters=args.heun_iters)
+    res["peak_mem_mb"] = mem.peak_mb()
+    res["one_step"]["nfe"], res["four_step"]["nfe"], res["heun_35"]["nfe"] = 1, 4, heun_nfe(HEUN_STEPS)
+    res["four_step"]["sigmas"] = list(FOUR_STEP_SIGMAS)
+    res["speedup_one_step_vs_heun35"] = res["one_step"]["images_per_sec"] / res["heun_35"]["images_per_sec"]
+    res["speedup_four_step_vs_heun35"] = res["four_step"]["images_per_sec"] / res["heun_35"]["images_per_sec"]
+    # The same ratio from back-to-back pairs (Heun-35 run, then one-step runs right after it): on a shared,
+    # drifting machine this is steadier than the ratio of two medians taken a minute apart.
+    pairs = []
+    for _ in range(args.heun_iters):
+        t_heun = timer(heun, b, warmup=0, iters=1)["seconds_median"]
+        t_one = timer(one, b, warmup=0, iters=3)["seconds_median"]
+        pairs.append(t_heun / t_one)
+    res["speedup_one_step_vs_heun35_paired"] = statistics.median(pairs)
+    res["speedup_paired_samples"] = pairs
+    res["target"] = "one-step / Heun-35 >= 30 (ideal 35 = the ratio of network evaluations)"
+    return res
+
+
+def small_feature_net() -> nn.Module:
+    """Stand-in with the shape of cifar10-featnet-dev: three conv stages (32/64/128), global max-pool, 128-d."""
+    def stage(c_in: int, c_out: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.Conv2d(c_out, c_out, 3, padding=1),
+                             nn.ReLU(), nn.MaxPool2d(2))
+    body = nn.Sequential(stage(3, 32), stage(32, 64), stage(64, 128), nn.AdaptiveMaxPool2d(1), nn.Flatten())
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = body
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x / 127.5 - 1.0)
+
+    return Net().eval()
+
+
+def bench_features(device: torch.device, args: argparse.Namespace, timer: Timer, mem: Memory) -> dict[str, Any]:
+    b = args.batch_size
+    if FEATNET.is_file() and not args.no_featnet:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = torch.jit.load(str(FEATNET), map_location=device).eval()
+        name = f"TorchScript {FEATNET} (cifar10-featnet-dev, 128-d, native 32x32)"
+    else:
+        net = small_feature_net().to(device)
+        name = "small conv net built in bench.py (3 conv stages 32/64/128, max-pool, 128-d; random weights)"
+    u8 = torch.randint(0, 256, (b, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8, device=device)
+
+    def run() -> None:
+        with torch.no_grad():
+            net(u8.float())
+
+    mem.reset()
+    res = timer(run, b)
+    res["peak_mem_mb"] = mem.peak_mb()
+    res["network"] = name
+    res["input"] = "uint8 [B,3,32,32] -> float in [0, 255], no resize"
+    if INCEPTION.is_file():
+        res["inception"] = bench_inception(device, args, timer)
+    else:
+        res["inception"] = {"skipped": f"clean-fid's Inception weights are not at {INCEPTION} (offline machine); "
+                                       "not measured"}
+    return res
+
+
+def bench_inception(device: torch.device, args: argparse.Namespace, timer: Timer) -> dict[str, Any]:
+    try:
+        from cleanfid.inception_torchscript import InceptionV3W
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = InceptionV3W(str(INCEPTION.parent), download=False, resize_inside=False).to(device).eval()
+    except Exception as err:  # a stand-in file, an old clean-fid, ...
+        return {"skipped": f"could not load clean-fid's Inception from {INCEPTION}: {type(err).__name__}: {err}"}
+    b = args.batch_size
+    x = torch.rand(b, 3, 299, 299, device=device) * 255
+
+    def run() -> None:
+        with torch.no_grad():
+            net(x)
+
+    res = timer(run, b, warmup=1, iters=max(2, args.iters // 2))
+    res["input"] = "float [B,3,299,299] in [0, 255] (the clean resize itself, on the CPU, is not included)"
+    return res
+
+
+# ------------------------------------------------------------------------------------------------- driver
+
+
+def bench_arch(name: str, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    arch = load_arch(name)
+    if args.tiny:
+        arch.update(TINY_WIDTHS.get(arch["name"], {}))
+    torch.manual_seed(args.seed)
+    timer, mem = Timer(device, args.warmup, args.iters), Memory(device)
+    t0 = time.perf_counter()
+    entry: dict[str, Any] = {"arch": name, "arch_config": arch, "device": str(device),
+                             "params": count_parameters(build(arch, torch.device("cpu"))),
+                             "batch_size": args.batch_size, "memory_kind": mem.kind}
+    print(f"[bench] {name}: {entry['params'] / 1e6:.2f}M parameters, batch {args.batch_size} on {device}",
+          file=sys.stderr, flush=True)
+    def section(name: str, run: Callable[[], Any]) -> Any:
+        t = time.perf_counter()
+        result = run()
+        print(f"[bench]   {name} done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        return result
+
+    entry["teacher_step"] = section("teacher_step", lambda: bench_teacher(arch, device, args, timer, mem))
+    entry["dmd2"], entry["overhead"] = section("dmd2", lambda: bench_dmd2(arch, device, args, timer, mem))
+    entry["sampling"] = section("sampling", lambda: bench_sampling(arch, device, args, timer, mem))
+    if args.full_method:
+        entry["dmd2_full_method"] = section("dmd2_full_method",
+                                            lambda: bench_full_method(arch, device, args, timer, mem))
+    entry["fid_features"] = bench_features(device, args, timer, mem)
+    entry["bench_seconds"] = time.perf_counter() - t0
+    return entry
+
+
+def fmt(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def table(report: dict[str, Any]) -> str:
+    m, s = report["machine"], report["settings"]
+    lines = [
+        f"# dmd2 benchmark, {report['date']}",
+        f"# command: {report['command']}",
+        f"# machine: {m['platform']}; CPU {m['cpu_model']} ({m['cpu_count']} logical); torch {m['torch']}, "
+        f"{m['torch_num_threads']} threads; device {m['device']} = {m['device_name']}",
+        f"# settings: batch {s['batch_size']}, archs {', '.join(s['archs'])}, tiny={s['tiny']}, compile={s['compile']}, "
+        f"bf16={s['bf16']} (active={s['bf16_active']}), channels_last={s['channels_last']}, warm-up {s['warmup']}, "
+        f"median of {s['iters']} (Heun-35: {s['heun_iters']})",
+        f"# load average at start {report['load_average_start']}, at end {report['load_average_end']}",
+        "# images/s (higher is better); 1-step/heun35 = ratio of medians / of back-to-back pairs; "
+        "ovh = step time / sum of its bare network passes (r10: averaged at ratio 10)",
+        "",
+    ]
+    head = ["arch", "params", "teacher", "gen-upd", "fake-only", "dmd2 r10", "dmd2 r5", "1-step", "4-step",
+            "heun-35", "1-step/heun35", "featnet", "ovh gen", "ovh fake", "ovh r10", "peak MB"]
+    rows = []
+    for e in report["results"]:
+        d, sm, o = e["dmd2"], e["sampling"], e["overhead"]
+        peak = max(e["teacher_step"]["peak_mem_mb"], d["generator_update_step"]["peak_mem_mb"],
+                   d["fake_score_only_step"]["peak_mem_mb"], sm["peak_mem_mb"])
+        rows.append([e["arch"], f"{e['params'] / 1e6:.2f}M", fmt(e["teacher_step"]["images_per_sec"]),
+                     fmt(d["generator_update_step"]["images_per_sec"]), fmt(d["fake_score_only_step"]["images_per_sec"]),
+                     fmt(d["avg_ratio_10"]["images_per_sec"]), fmt(d["avg_ratio_5"]["images_per_sec"]),
+                     fmt(sm["one_step"]["images_per_sec"]), fmt(sm["four_step"]["images_per_sec"]),
+                     fmt(sm["heun_35"]["images_per_sec"]),
+                     f"{sm['speedup_one_step_vs_heun35']:.1f}x/{sm['speedup_one_step_vs_heun35_paired']:.1f}x",
+                     fmt(e["fid_features"]["images_per_sec"]), f"{o['generator_update_step']['ratio']:.2f}",
+                     f"{o['fake_score_only_step']['ratio']:.2f}", f"{o['avg_ratio_10']['ratio']:.2f}", f"{peak:,.0f}"])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        lines.append("| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |")
+    lines.append("")
+    lines.append("Bare passes (ms, median) and what they sum to:")
+    for e in report["results"]:
+        p = {k: v["seconds_median"] * 1e3 for k, v in e["overhead"]["passes"].items()}
+        o = e["overhead"]
+        lines.append(
+            f"  {e['arch']}: G fwd+bwd {p['generator_fwd_bwd']:.1f}, teacher fwd {p['teacher_fwd_nograd']:.1f}, "
+            f"fake fwd {p['fake_fwd_nograd']:.1f}, fake fwd+bwd {p['fake_fwd_bwd']:.1f}, G fwd {p['generator_fwd_nograd']:.1f}, "
+            f"clip+AdamW G {p['generator_clip_adamw']:.1f} / fake {p['fake_clip_adamw']:.1f}; "
+            f"gen-update step {o['generator_update_step']['step_s'] * 1e3:.1f} vs passes "
+            f"{o['generator_update_step']['sum_of_passes_s'] * 1e3:.1f} (+optimizers "
+            f"{o['generator_update_step']['sum_of_passes_plus_optimizers_s'] * 1e3:.1f}); fake-only step "
+            f"{o['fake_score_only_step']['step_s'] * 1e3:.1f} vs {o['fake_score_only_step']['sum_of_passes_s'] * 1e3:.1f} "
+            f"(+optimizer {o['fake_score_only_step']['sum_of_passes_plus_optimizers_s'] * 1e3:.1f})")
+    for e in report["results"]:
+        if "dmd2_full_method" in e:
+            f = e["dmd2_full_method"]
+            lines.append(
+                f"  {e['arch']} full method (GAN head, 2-step generator), images/s: gen-update "
+                f"{fmt(f['generator_update_step']['images_per_sec'])}, fake-only {fmt(f['fake_score_only_step']['images_per_sec'])}, "
+                f"r10 {fmt(f['avg_ratio_10']['images_per_sec'])}, r5 {fmt(f['avg_ratio_5']['images_per_sec'])}, "
+                f"r2 {fmt(f['avg_ratio_2']['images_per_sec'])}")
+    lines.append("")
+    lines.append("Feature network: " + "; ".join(sorted({e["fid_features"]["network"] for e in report["results"]})))
+    inc = report["results"][0]["fid_features"]["inception"] if report["results"] else {}
+    lines.append("Inception: " + (inc.get("skipped") or f"{fmt(inc['images_per_sec'])} images/s at 299x299"))
+    lines.append(f"Peak memory: {report['results'][0]['memory_kind'] if report['results'] else ''}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--arch", nargs="+", default=None,
+                   help=f"conf/arch presets (default {' '.join(DEFAULT_ARCHS)}; with --tiny {' '.join(TINY_ARCHS)})")
+    p.add_argument("--batch-size", type=int, default=None, help="default 128 on CUDA, 32 on the CPU, 8 with --tiny")
+    p.add_argument("--tiny", action="store_true", help="tiny widths, batch 8 and few iterations (< 60 s on a CPU)")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--compile", action="store_true", help="torch.compile every network (nn.Module.compile)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast, as precision=bf16 (CUDA only; ignored on the CPU)")
+    p.add_argument("--channels-last", action="store_true", help="networks and inputs in channels-last memory format")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per measurement (default 2; tiny 1)")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement (default 5; tiny 3)")
+    p.add_argument("--heun-iters", type=int, default=None, help="timed Heun-35 iterations, and back-to-back Heun/one-step pairs (default 3; tiny 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice; 1 with --tiny on the CPU, because on a busy "
+                        "shared CPU several OpenMP threads can be many times slower than one)")
+    p.add_argument("--full-method", action="store_true",
+                   help="also time DMD2 steps of the full method (GAN classifier, 2-step generator)")
+    p.add_argument("--no-featnet", action="store_true", help="use the built-in conv net even if the TorchScript one exists")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.arch is None:
+        args.arch = TINY_ARCHS if args.tiny else DEFAULT_ARCHS
+    if args.batch_size is None:
+        args.batch_size = 8 if args.tiny else 128 if args.device.startswith("cuda") else 32
+    if args.warmup is None:
+        args.warmup = 1 if args.tiny else 2
+    if args.iters is None:
+        args.iters = 3 if args.tiny else 5
+    if args.heun_iters is None:
+        args.heun_iters = 1 if args.tiny else 3
+    if args.threads is None and args.tiny and not args.device.startswith("cuda"):
+        args.threads = 1
+    if min(args.batch_size, args.iters, args.heun_iters) < 1 or args.warmup < 0:
+        p.error("--batch-size, --iters and --heun-iters must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.bf16 and device.type != "cuda":
+        print("[bench] --bf16: the project's autocast is CUDA-only; this CPU run is fp32", file=sys.stderr)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    report: dict[str, Any] = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None
+        else "bench.main(" + repr(argv) + ")",
+        "machine": machine_info(device),
+        "settings": {"batch_size": args.batch_size, "archs": args.arch, "device": str(device), "tiny": args.tiny,
+                     "compile": args.compile, "bf16": args.bf16, "bf16_active": args.bf16 and device.type == "cuda",
+                     "channels_last": args.channels_last,
+                     "full_method": args.full_method, "warmup": args.warmup, "iters": args.iters,
+                     "heun_iters": args.heun_iters, "threads": torch.get_num_threads(),
+                     "threads_set_by": "--threads" if args.threads else "torch default", "seed": args.seed, "timing": "median seconds per iteration "
+                     "after warm-up; CUDA synchronised around each timed iteration; images/s = batch / median"},
+        "load_average_start": load_average(),
+        "complete": False,
+        "results": [],
+    }
+    t0 = time.perf_counter()
+    for name in args.arch:
+        report["results"].append(bench_arch(name, device, args))
+        report["complete"] = len(report["results"]) == len(args.arch)
+        report["load_average_end"] = load_average()
+        report["total_seconds"] = time.perf_counter() - t0
+        report["table"] = table(report)
+        if args.out:  # after every architecture, so a run cut short by a time limit still leaves its results
+            write_json(report, Path(args.out))
+    print(report["table"])
+    if args.out:
+        print(f"[bench] wrote {args.out}", file=sys.stderr)
+    return report
+
+
+def write_json(report: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, allow_nan=False, default=str) + "\n")
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main()

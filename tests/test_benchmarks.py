@@ -1,0 +1,68 @@
+"""benchmarks/bench.py runs end to end at --tiny size on the CPU and writes a complete JSON report."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "r.json"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--tiny", "--device", "cpu",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| arch" in proc.stdout  # the table
+    return json.loads(out.read_text())
+
+
+def test_machine_and_settings(report: dict) -> None:
+    machine, settings = report["machine"], report["settings"]
+    for key in ("platform", "cpu_model", "torch", "device", "device_name", "torch_num_threads"):
+        assert machine[key], key
+    assert machine["torch_num_threads"] >= 1
+    assert settings["batch_size"] >= 1 and settings["tiny"] is True and settings["device"] == "cpu"
+    for key in ("archs", "compile", "bf16", "channels_last", "warmup", "iters"):
+        assert key in settings, key
+    assert "bench.py" in report["command"] and "--tiny" in report["command"]
+    assert report["date"] and report["table"] and report["complete"] is True
+
+
+def test_every_section_has_positive_numbers(report: dict) -> None:
+    assert {r["arch"] for r in report["results"]} == set(report["settings"]["archs"])
+    for r in report["results"]:
+        assert positive(r["params"])
+        assert positive(r["teacher_step"]["images_per_sec"]) and positive(r["teacher_step"]["peak_mem_mb"])
+        dmd2 = r["dmd2"]
+        for key in ("generator_update_step", "fake_score_only_step"):
+            assert positive(dmd2[key]["images_per_sec"]) and positive(dmd2[key]["seconds_median"])
+            assert positive(dmd2[key]["peak_mem_mb"])
+        for r_ in (10, 5):
+            avg = dmd2[f"avg_ratio_{r_}"]
+            expect = (dmd2["generator_update_step"]["seconds_median"]
+                      + (r_ - 1) * dmd2["fake_score_only_step"]["seconds_median"]) / r_
+            assert avg["seconds_per_step"] == pytest.approx(expect)
+            assert positive(avg["images_per_sec"])
+        s = r["sampling"]
+        for key, nfe in (("one_step", 1), ("four_step", 4), ("heun_35", 35)):
+            assert positive(s[key]["images_per_sec"]) and s[key]["nfe"] == nfe
+        assert positive(s["speedup_one_step_vs_heun35"]) and positive(s["peak_mem_mb"])
+        f = r["fid_features"]
+        assert positive(f["images_per_sec"]) and f["network"]
+        assert "inception" in f
+        o = r["overhead"]
+        assert all(positive(p["seconds_median"]) for p in o["passes"].values())
+        for key in ("generator_update_step", "fake_score_only_step", "avg_ratio_10", "avg_ratio_5"):
+            assert positive(o[key]["ratio"]) and positive(o[key]["sum_of_passes_s"])
+        assert r["memory_kind"]
