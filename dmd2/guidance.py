@@ -100,5 +100,6 @@ class GuidanceModel(nn.Module):
             return gan_generator_loss(self.gan_logits(x, class_labels))
 
     def classifier_loss(self, fake: Tensor, real: Tensor, class_labels: Tensor, real_labels: Tensor) -> Tensor:
-        """Classifier loss on detached generator samples and dataset images."""
-        return gan_discriminator_loss(self.gan_logits(real, real_labels), self.gan_logits(fake.detach(), class_labels))
+        """Classifier loss on detached generator samples and dataset images (one batched forward)."""
+        logits = self.gan_logits(torch.cat([real, fake.detach()]), torch.cat([real_labels, class_labels]))
+        return gan_discriminator_loss(logits[: real.shape[0]], logits[real.shape[0]:])
