@@ -307,6 +307,13 @@ def build_unified(arch: dict[str, Any], device: torch.device, args: argparse.Nam
     return model, hp
 
 
+def optimizers(model: UnifiedModel, hp: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """The distill runner's two AdamW optimizers and warm-up schedules (generator, fake score)."""
+    opt_g = adamw(model.generator.parameters(), hp["generator_lr"], hp["adam_betas"], hp["weight_decay"])
+    opt_f = adamw(model.guidance.trainable(), hp["guidance_lr"], hp["adam_betas"], hp["weight_decay"])
+    return opt_g, opt_f, warmup_schedule(opt_g, hp["warmup_steps"]), warmup_schedule(opt_f, hp["warmup_steps"])
+
+
 def bench_dmd2(arch: dict[str, Any], device: torch.device, args: argparse.Namespace, timer: Timer,
                mem: Memory) -> tuple[dict[str, Any], dict[str, Any]]:
     """Generator-update and fake-score-only DMD2 steps through the runner's own functions, and the bare passes.
@@ -315,9 +322,7 @@ def bench_dmd2(arch: dict[str, Any], device: torch.device, args: argparse.Namesp
     that the step / passes ratios compare measurements taken seconds apart even on a drifting, shared machine.
     """
     model, hp = build_unified(arch, device, args)
-    opt_g = adamw(model.generator.parameters(), hp["generator_lr"], hp["adam_betas"], hp["weight_decay"])
-    opt_f = adamw(model.guidance.trainable(), hp["guidance_lr"], hp["adam_betas"], hp["weight_decay"])
-    sched_g, sched_f = warmup_schedule(opt_g, hp["warmup_steps"]), warmup_schedule(opt_f, hp["warmup_steps"])
+    opt_g, opt_f, sched_g, sched_f = optimizers(model, hp)
     b, clip = args.batch_size, hp["grad_clip"]
     precision = "bf16" if args.bf16 else "fp32"
     y = labels(b, device)
@@ -454,9 +459,7 @@ def bench_full_method(arch: dict[str, Any], device: torch.device, args: argparse
     """The full method (experiment=cpu_smoke's: GAN classifier on the fake network's bottleneck, 2-step generator
     with backward simulation) through the same runner functions; k alternates 0, 1 as chain_step draws it."""
     model, hp = build_unified(arch, device, args, sigmas=(80.0, 2.5), gan=True)
-    opt_g = adamw(model.generator.parameters(), hp["generator_lr"], hp["adam_betas"], hp["weight_decay"])
-    opt_f = adamw(model.guidance.trainable(), hp["guidance_lr"], hp["adam_betas"], hp["weight_decay"])
-    sched_g, sched_f = warmup_schedule(opt_g, hp["warmup_steps"]), warmup_schedule(opt_f, hp["warmup_steps"])
+    opt_g, opt_f, sched_g, sched_f = optimizers(model, hp)
     b, clip = args.batch_size, hp["grad_clip"]
     precision = "bf16" if args.bf16 else "fp32"
     y = labels(b, device)

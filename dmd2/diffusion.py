@@ -142,11 +142,6 @@ def gaussian_optimal_denoiser(mean: Tensor, std: Tensor) -> Denoiser:
 
 
 
-def one_step_sample(generator: Denoiser, noise: Tensor, class_labels: Tensor, conditioning_sigma: float) -> Tensor:
-    """The DMD2 one-step generator: x = G(z * sigma_c; sigma_c, class). noise z [B,C,H,W] -> images [B,C,H,W]."""
-    sigma = torch.full((noise.shape[0],), float(conditioning_sigma), device=noise.device, dtype=noise.dtype)
-    return generator(noise * conditioning_sigma, sigma, class_labels)
-
 
 def backward_simulation(
     generator: Denoiser, noise: Tensor, class_labels: Tensor, sigmas: Sequence[float], k: int
@@ -156,7 +151,7 @@ def backward_simulation(
     noise [S,B,C,H,W]: S = len(sigmas) independent N(0, I) draws; sigmas: S levels, descending.
     Steps 0..k-1 run without gradient: x0 = G(x; sigma_i), then x = x0 + sigma_{i+1} * noise[i+1] (fresh noise
     at every re-noising). Step k runs with gradient (if enabled). Returns G's x0 prediction [B,C,H,W].
-    With k = S - 1 this is the full sampler; with S = 1 it is ``one_step_sample``.
+    With k = S - 1 this is the full sampler; with S = 1 it is the one-step generator G(z * sigma_0; sigma_0).
     """
     if not 0 <= k < len(sigmas) or noise.shape[0] < len(sigmas):
         raise ValueError(f"need 0 <= k < len(sigmas) = {len(sigmas)} and noise for every step, got k={k}, "
@@ -181,9 +176,10 @@ def multistep_sample(generator: Denoiser, noise: Tensor, class_labels: Tensor, s
     with torch.no_grad():
         return backward_simulation(generator, noise, class_labels, sigmas, len(sigmas) - 1)
 
+
 __all__ = [
     "Denoiser", "karras_sigmas", "dmd_timestep_sigmas", "edm_scalings", "edm_loss_weight",
     "sample_edm_sigma", "denoising_loss", "heun_sampler_sigmas", "heun_nfe", "heun_sample", "to_uint8",
-    "gaussian_optimal_denoiser", "one_step_sample",
+    "gaussian_optimal_denoiser",
     "backward_simulation", "multistep_sample",
 ]

@@ -9,7 +9,7 @@ from torch import nn
 
 from dmd2.diffusion import (
     dmd_timestep_sigmas, edm_loss_weight, edm_scalings, gaussian_optimal_denoiser, heun_nfe, heun_sample,
-    heun_sampler_sigmas, karras_sigmas, one_step_sample, sample_edm_sigma, to_uint8,
+    heun_sampler_sigmas, karras_sigmas, multistep_sample, sample_edm_sigma, to_uint8,
 )
 from dmd2.networks import EDMPrecond
 
@@ -119,7 +119,7 @@ def test_heun_sampler_uses_2n_minus_1_evaluations():
     assert calls[0] == pytest.approx(80.0)
 
 
-def test_one_step_sample_feeds_scaled_noise_at_conditioning_sigma():
+def test_one_step_generator_feeds_scaled_noise_at_conditioning_sigma():
     seen = {}
 
     def spy(x, sigma, labels):
@@ -127,7 +127,7 @@ def test_one_step_sample_feeds_scaled_noise_at_conditioning_sigma():
         return x * 0 + 1
 
     z = torch.randn(3, 3, 4, 4)
-    out = one_step_sample(spy, z, torch.zeros(3, dtype=torch.long), 80.0)
+    out = multistep_sample(spy, z[None], torch.zeros(3, dtype=torch.long), [80.0])
     assert torch.equal(seen["x"], z * 80.0) and torch.all(seen["sigma"] == 80.0) and torch.all(out == 1)
 
 
