@@ -2,10 +2,14 @@
 
     python train.py stage=teacher data_dir=./data output_dir=./checkpoints/teacher lr=1e-4
     python train.py stage=distill teacher_checkpoint=./checkpoints/teacher/teacher_final.pt
+    torchrun --nproc_per_node 4 train.py stage=teacher ...     # DistributedDataParallel, one process per GPU
 """
 from __future__ import annotations
 
 from typing import Any, Callable
+
+import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -34,5 +38,13 @@ def main(cfg: DictConfig) -> float | None:
     return train(cfg).get("objective")
 
 
+def quiet_hydra_on_other_ranks(argv: list[str]) -> list[str]:
+    """Under torchrun, ranks > 0 write no Hydra files: they all use rank 0's output folder."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        return [*argv, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return argv
+
+
 if __name__ == "__main__":
+    sys.argv = quiet_hydra_on_other_ranks(sys.argv)
     main()

@@ -13,16 +13,18 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
+from dmd2.distributed import BatchRNG
+
 
 def image_transform(resolution: int) -> transforms.Compose:
     return transforms.Compose([transforms.Resize(resolution), transforms.CenterCrop(resolution),
                                transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
 
 
-def random_hflip(images: Tensor) -> Tensor:
-    """Flip each image [B,C,H,W] horizontally with probability 1/2 (draws from the global torch RNG)."""
-    flip = torch.rand(images.shape[0]) < 0.5
-    return torch.where(flip.to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
+def random_hflip(images: Tensor, rng: BatchRNG | None = None) -> Tensor:
+    """Flip each image [B,C,H,W] horizontally with probability 1/2 (draws from ``rng``, else the global RNG)."""
+    u = rng.rand(images.shape[0]) if rng is not None else torch.rand(images.shape[0])
+    return torch.where((u < 0.5).to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
 
 
 def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
@@ -69,27 +71,33 @@ class LabelsOnly(Dataset):
 
 class EpochBatchSampler(Sampler[list[int]]):
     """Batches of dataset indices, forever: epoch e is a permutation seeded by (seed, e), cut into
-    ``len(dataset) // batch_size`` full batches. Starts at global batch number ``start`` (= the training step)."""
+    ``len(dataset) // (batch_size * world_size)`` full global batches, of which rank r takes the r-th slice of
+    ``batch_size``. Starts at global batch number ``start`` (= the training step)."""
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start: int = 0) -> None:
+    def __init__(self, num_items: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.num_items, self.batch_size, self.seed, self.start = num_items, batch_size, seed, start
-        self.batches_per_epoch = num_items // batch_size
+        self.rank, self.global_batch = rank, batch_size * world_size
+        self.batches_per_epoch = num_items // self.global_batch
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, index = divmod(self.start, self.batches_per_epoch)
         while True:
             perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
             for b in range(index, self.batches_per_epoch):
-                yield perm[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+                first = b * self.global_batch + self.rank * self.batch_size
+                yield perm[first:first + self.batch_size].tolist()
             epoch, index = epoch + 1, 0
 
 
 def build_loader(ds: Dataset, batch_size: int, num_workers: int, seed: int, pin_memory: bool = False,
-                 start_step: int = 0) -> DataLoader:
-    """An endless loader of full batches in an order fixed by ``seed``, starting at batch ``start_step``."""
-    if len(ds) < batch_size:  # type: ignore[arg-type]
-        raise ValueError(f"batch_size = {batch_size} is larger than the dataset ({len(ds)} images)")  # type: ignore[arg-type]
-    sampler = EpochBatchSampler(len(ds), batch_size, seed, start_step)  # type: ignore[arg-type]
+                 start_step: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """An endless loader of this rank's share (``batch_size``) of full global batches, in an order fixed by
+    ``seed``, starting at global batch ``start_step``."""
+    if len(ds) < batch_size * world_size:  # type: ignore[arg-type]
+        raise ValueError(f"batch_size = {batch_size} x {world_size} processes is larger than the dataset "
+                         f"({len(ds)} images)")  # type: ignore[arg-type]
+    sampler = EpochBatchSampler(len(ds), batch_size, seed, start_step, rank, world_size)  # type: ignore[arg-type]
     # its own generator: creating the iterator must not draw from the global RNG (a resumed run would drift)
     return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))

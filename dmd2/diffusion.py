@@ -69,7 +69,11 @@ def sample_edm_sigma(
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """EDM training noise levels: ln(sigma) ~ N(p_mean, p_std^2). Returns [batch]."""
-    normal = torch.randn(batch, generator=generator, device=device)
+    return edm_sigma(torch.randn(batch, generator=generator, device=device), p_mean, p_std)
+
+
+def edm_sigma(normal: Tensor, p_mean: float = -1.2, p_std: float = 1.2) -> Tensor:
+    """Standard normal draws [B] -> EDM training noise levels exp(p_mean + p_std * normal) [B]."""
     return (normal * p_std + p_mean).exp()
 
 
@@ -83,6 +87,11 @@ def denoising_loss(
     Loss = mean_b( lambda(sigma_b) * mean_chw (D(x0 + sigma n; sigma) - x0)^2 ).
     """
     denoised = denoiser(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, class_labels)
+    return weighted_denoising_error(denoised, x0, sigma, sigma_data)
+
+
+def weighted_denoising_error(denoised: Tensor, x0: Tensor, sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
+    """mean_b( lambda(sigma_b) * mean_chw (denoised - x0)^2 ) for denoised, x0 [B,C,H,W], sigma [B]."""
     per_sample = ((denoised - x0) ** 2).flatten(1).mean(1)
     return (edm_loss_weight(sigma, sigma_data) * per_sample).mean()
 
@@ -178,8 +187,7 @@ def multistep_sample(generator: Denoiser, noise: Tensor, class_labels: Tensor, s
 
 
 __all__ = [
-    "Denoiser", "karras_sigmas", "dmd_timestep_sigmas", "edm_scalings", "edm_loss_weight",
-    "sample_edm_sigma", "denoising_loss", "heun_sampler_sigmas", "heun_nfe", "heun_sample", "to_uint8",
-    "gaussian_optimal_denoiser",
-    "backward_simulation", "multistep_sample",
+    "Denoiser", "karras_sigmas", "dmd_timestep_sigmas", "edm_scalings", "edm_loss_weight", "sample_edm_sigma",
+    "edm_sigma", "denoising_loss", "weighted_denoising_error", "heun_sampler_sigmas", "heun_nfe", "heun_sample",
+    "to_uint8", "gaussian_optimal_denoiser", "backward_simulation", "multistep_sample",
 ]

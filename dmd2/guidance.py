@@ -11,8 +11,9 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from dmd2.diffusion import dmd_timestep_sigmas
-from dmd2.losses import distribution_matching_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss
+from dmd2.diffusion import dmd_timestep_sigmas, weighted_denoising_error
+from dmd2.distributed import BatchRNG, randint, randn_like
+from dmd2.losses import distribution_matching_loss, gan_discriminator_loss, gan_generator_loss
 from dmd2.networks import EDMPrecond
 from dmd2.networks.gan_head import GANHead
 
@@ -45,7 +46,8 @@ class GuidanceModel(nn.Module):
     def __init__(
         self, teacher: EDMPrecond, num_train_timesteps: int = 1000, min_step_percent: float = 0.02,
         max_step_percent: float = 0.98, gan_classifier: bool = False, diffusion_gan: bool = True,
-        diffusion_gan_max_timestep: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0,
+        diffusion_gan_max_timestep: int = 1000, cls_loss_weight: float = 0.0, sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
     ) -> None:
         super().__init__()
         self.real_unet = teacher.eval().requires_grad_(False)
@@ -58,6 +60,7 @@ class GuidanceModel(nn.Module):
         self.gan_head = GANHead(net.bottleneck_channels, net.bottleneck_resolution) if gan_classifier else None
         self.diffusion_gan = diffusion_gan
         self.diffusion_gan_max_timestep = diffusion_gan_max_timestep
+        self.cls_loss_weight = cls_loss_weight
 
     def train(self, mode: bool = True) -> "GuidanceModel":
         super().train(mode)
@@ -69,37 +72,56 @@ class GuidanceModel(nn.Module):
         head = list(self.gan_head.parameters()) if self.gan_head is not None else []
         return list(self.fake_unet.parameters()) + head
 
-    def dm_loss(self, x: Tensor, class_labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def dm_loss(self, x: Tensor, class_labels: Tensor, rng: BatchRNG | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Distribution matching loss for generator samples x [B,C,H,W]; logs hold the timesteps and |grad|."""
-        t = torch.randint(self.min_step, self.max_step + 1, (x.shape[0],), device=x.device)
+        t = randint(self.min_step, self.max_step + 1, x.shape[0], x.device, rng)
         loss, grad = distribution_matching_loss(
-            x, self.real_unet, self.fake_unet, self.sigmas[t], class_labels, torch.randn_like(x)
+            x, self.real_unet, self.fake_unet, self.sigmas[t], class_labels, randn_like(x, rng)
         )
         return loss, {"dm_timesteps": t, "dm_grad_norm": grad.flatten(1).norm(dim=1).mean()}
 
-    def fake_loss(self, x: Tensor, class_labels: Tensor) -> Tensor:
-        """Fake-score denoising loss on (detached) generator samples x [B,C,H,W]."""
-        t = torch.randint(0, len(self.sigmas), (x.shape[0],), device=x.device)
-        return fake_score_loss(self.fake_unet, x, self.sigmas[t], class_labels, torch.randn_like(x), self.sigma_data)
-
-    def gan_logits(self, x: Tensor, class_labels: Tensor) -> Tensor:
-        """Classifier logits [B] for images x [B,C,H,W], noised first when diffusion-GAN is on."""
-        assert self.gan_head is not None, "gan_logits needs gan_classifier=true"
+    def gan_noise(self, x: Tensor, rng: BatchRNG | None = None) -> tuple[Tensor, Tensor]:
+        """The classifier's view of images x [B,C,H,W]: (x + sigma * noise, sigma [B]), sigma = sigmas[t] with
+        t ~ U{0 .. diffusion_gan_max_timestep-1} under diffusion-GAN, else sigma_min."""
         if self.diffusion_gan:
-            t = torch.randint(0, self.diffusion_gan_max_timestep, (x.shape[0],), device=x.device)
+            t = randint(0, self.diffusion_gan_max_timestep, x.shape[0], x.device, rng)
         else:
             t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         sigma = self.sigmas[t]
-        _, features = self.fake_unet(x + sigma.view(-1, 1, 1, 1) * torch.randn_like(x), sigma, class_labels,
-                                     return_bottleneck=True)
-        return self.gan_head(features)
+        return x + sigma.view(-1, 1, 1, 1) * randn_like(x, rng), sigma
 
-    def generator_gan_loss(self, x: Tensor, class_labels: Tensor) -> Tensor:
+    def generator_gan_loss(self, x: Tensor, class_labels: Tensor, rng: BatchRNG | None = None) -> Tensor:
         """Generator-side GAN loss; gradients reach x only, never the fake score network or the head."""
+        assert self.gan_head is not None, "the generator GAN loss needs gan_classifier=true"
+        x_t, sigma = self.gan_noise(x, rng)
         with frozen(self.fake_unet, self.gan_head):
-            return gan_generator_loss(self.gan_logits(x, class_labels))
+            _, features = self.fake_unet(x_t, sigma, class_labels, return_bottleneck=True)
+            return gan_generator_loss(self.gan_head(features))
 
-    def classifier_loss(self, fake: Tensor, real: Tensor, class_labels: Tensor, real_labels: Tensor) -> Tensor:
-        """Classifier loss on detached generator samples and dataset images (one batched forward)."""
-        logits = self.gan_logits(torch.cat([real, fake.detach()]), torch.cat([real_labels, class_labels]))
-        return gan_discriminator_loss(logits[: real.shape[0]], logits[real.shape[0]:])
+    def forward(self, x: Tensor, class_labels: Tensor, real: Tensor | None = None, real_labels: Tensor | None = None,
+                rng: BatchRNG | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The guidance loss in one forward of ``fake_unet`` (one forward per backward, as DDP requires).
+
+        x [B,C,H,W] generator samples (detached here), labels [B]. Fake-score denoising loss at t ~ U{0..T-1};
+        with the GAN head, plus ``cls_loss_weight`` times the classifier loss on noised real images [B',C,H,W]
+        and x, whose bottleneck features come from the same batched forward. Returns (loss, logs)."""
+        x = x.detach()
+        n = x.shape[0]
+        sigma = self.sigmas[randint(0, len(self.sigmas), n, x.device, rng)]
+        noisy, sigmas, labels = [x + sigma.view(-1, 1, 1, 1) * randn_like(x, rng)], [sigma], [class_labels]
+        if self.gan_head is not None:
+            if real is None or real_labels is None:
+                raise ValueError("the GAN classifier needs real images and their labels")
+            for images, y in ((real, real_labels), (x, class_labels)):
+                images_t, s = self.gan_noise(images, rng)
+                noisy.append(images_t), sigmas.append(s), labels.append(y)
+        denoised, features = self.fake_unet(torch.cat(noisy), torch.cat(sigmas), torch.cat(labels),
+                                            return_bottleneck=True)
+        loss = weighted_denoising_error(denoised[:n], x, sigma, self.sigma_data)
+        logs = {"loss_fake": loss.detach()}
+        if self.gan_head is not None:
+            logits = self.gan_head(features[n:])
+            cls = gan_discriminator_loss(logits[: real.shape[0]], logits[real.shape[0]:])  # type: ignore[union-attr]
+            logs["loss_cls"] = cls.detach()
+            loss = loss + self.cls_loss_weight * cls
+        return loss, logs

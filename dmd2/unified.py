@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from dmd2.diffusion import backward_simulation, multistep_sample
+from dmd2.distributed import BatchRNG
 from dmd2.guidance import GuidanceModel
 from dmd2.networks import EDMPrecond
 
@@ -27,42 +28,39 @@ class UnifiedModel(nn.Module):
     ) -> None:
         super().__init__()
         self.generator = copy.deepcopy(teacher).train().requires_grad_(True)
-        self.guidance = GuidanceModel(teacher, **guidance_kwargs)
+        self.guidance = GuidanceModel(teacher, cls_loss_weight=cls_loss_weight, **guidance_kwargs)
         self.denoising_sigmas = [float(s) for s in denoising_sigmas]
-        self.cls_loss_weight = cls_loss_weight
         self.gen_cls_loss_weight = gen_cls_loss_weight
 
     @property
     def num_steps(self) -> int:
         return len(self.denoising_sigmas)
 
-    def generate(self, noise: Tensor, class_labels: Tensor, k: int = 0) -> Tensor:
+    def generate(self, noise: Tensor, class_labels: Tensor, k: int = 0, generator: nn.Module | None = None) -> Tensor:
         """noise [S,B,C,H,W] (S = num_steps), labels [B] -> the generator's output at step k [B,C,H,W]
-        (backward simulation; only the last evaluation carries gradient, if enabled)."""
-        return backward_simulation(self.generator, noise, class_labels, self.denoising_sigmas, k)
+        (backward simulation; only the last evaluation carries gradient, if enabled). ``generator``: the
+        network to run (e.g. the generator inside DistributedDataParallel); default ``self.generator``."""
+        net = generator if generator is not None else self.generator
+        return backward_simulation(net, noise, class_labels, self.denoising_sigmas, k)
 
-    def generator_loss(self, x: Tensor, class_labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def generator_loss(self, x: Tensor, class_labels: Tensor, rng: BatchRNG | None = None
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
         """DM loss (+ weighted generator GAN loss when the GAN head exists). Returns (loss, logs)."""
-        loss, logs = self.guidance.dm_loss(x, class_labels)
+        loss, logs = self.guidance.dm_loss(x, class_labels, rng)
         logs["loss_dm"] = loss.detach()
         if self.guidance.gan_head is not None:
-            gan = self.guidance.generator_gan_loss(x, class_labels)
+            gan = self.guidance.generator_gan_loss(x, class_labels, rng)
             logs["loss_gen_gan"] = gan.detach()
             loss = loss + self.gen_cls_loss_weight * gan
         return loss, logs
 
     def guidance_loss(self, x: Tensor, class_labels: Tensor, real: Tensor | None = None,
-                      real_labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Fake-score loss on detached x (+ weighted classifier loss on x vs real images). Returns (loss, logs)."""
-        loss = self.guidance.fake_loss(x.detach(), class_labels)
-        logs = {"loss_fake": loss.detach()}
-        if self.guidance.gan_head is not None:
-            if real is None or real_labels is None:
-                raise ValueError("the GAN classifier needs real images and their labels")
-            cls = self.guidance.classifier_loss(x, real, class_labels, real_labels)
-            logs["loss_cls"] = cls.detach()
-            loss = loss + self.cls_loss_weight * cls
-        return loss, logs
+                      real_labels: Tensor | None = None, rng: BatchRNG | None = None,
+                      guidance: nn.Module | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Fake-score loss on detached x (+ weighted classifier loss on x vs real images), one forward of the
+        fake score network. ``guidance``: the module to call (e.g. inside DistributedDataParallel); default
+        ``self.guidance``. Returns (loss, logs)."""
+        return (guidance if guidance is not None else self.guidance)(x, class_labels, real, real_labels, rng)
 
     @torch.no_grad()
     def sample(self, noise: Tensor, class_labels: Tensor, generator: nn.Module | None = None) -> Tensor:

@@ -18,18 +18,28 @@ from dmd2.checkpoint import (
     set_rng_state,
 )
 from dmd2.config import ConfigError, resolve_device, to_container
+from dmd2.distributed import (
+    BatchRNG, Dist, barrier, broadcast_object, gather_objects, global_mean, init_distributed, shutdown,
+)
 from dmd2.logging import RunLogger
 
 
 @dataclass
 class RunContext:
-    """Where a run writes, on which device, and its logger."""
+    """Where a run writes, on which device, its logger, this process's rank and the batch's random stream."""
 
     output_dir: str
     device: torch.device
     config: dict[str, Any]
     logger: RunLogger
+    dist: Dist
+    rng: BatchRNG                         # noise, noise levels, timesteps and flips of the global batch
     resume: dict[str, Any] | None = None  # the checkpoint this run continues, if any
+
+    def say(self, message: str) -> None:
+        """Print on rank 0 only."""
+        if self.dist.is_main:
+            print(message, flush=True)
 
 
 def hydra_output_dir() -> str | None:
@@ -77,8 +87,9 @@ def logger_settings(cfg: DictConfig) -> dict[str, Any]:
     return settings  # type: ignore[return-value]
 
 
-def find_resume(cfg: DictConfig, output_dir: str, prefix: str, kind: str) -> dict[str, Any] | None:
-    """The checkpoint named by ``resume``: null = none, auto = the newest valid one in output_dir, else a path."""
+def find_resume(cfg: DictConfig, output_dir: str, prefix: str, kind: str) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint named by ``resume`` as (path, state): null = none, auto = the newest valid one in
+    output_dir, else a path."""
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
@@ -89,39 +100,67 @@ def find_resume(cfg: DictConfig, output_dir: str, prefix: str, kind: str) -> dic
             print(f"[resume] no valid {prefix}_*.pt in {output_dir}: starting from scratch", flush=True)
             return None
         print(f"[resume] continuing {found[0]} (step {found[1]['step']})", flush=True)
-        return found[1]
+        return found
     try:
         state = load_checkpoint(cfg.resume, kind=kind)
     except CheckpointError as err:
         raise ConfigError(f"config key 'resume' = {cfg.resume!r}: {err}") from err
     print(f"[resume] continuing {cfg.resume} (step {state['step']})", flush=True)
-    return state
+    return cfg.resume, state
 
 
 def start_run(cfg: DictConfig, job_type: str, prefix: str) -> RunContext:
-    """Resolve output_dir and device, find the checkpoint to resume, seed, store the config, start the logger."""
-    output_dir = cfg.output_dir or hydra_output_dir() or os.path.join("outputs", "run")
-    resume = find_resume(cfg, output_dir, prefix, kind=prefix if prefix == "teacher" else "dmd2")
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "config.yaml"), "w") as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    torch.manual_seed(cfg.seed)
+    """Join the torchrun process group (if any), settle the output folder (rank 0's, shared by every rank)
+    and the checkpoint to resume, seed, store the config, start the logger (rank 0 only)."""
+    d, device = init_distributed(resolve_device(cfg.device))
+    own_dir = hydra_output_dir()
+    output_dir = broadcast_object(cfg.output_dir or own_dir or os.path.join("outputs", "run"), d)
+    if not d.is_main and own_dir and os.path.abspath(own_dir) != os.path.abspath(output_dir):
+        try:  # the empty Hydra folder of a rank > 0 (train.py tells Hydra to write nothing there)
+            os.rmdir(own_dir)
+        except OSError:
+            pass
+    kind = prefix if prefix == "teacher" else "dmd2"
+    found = find_resume(cfg, output_dir, prefix, kind) if d.is_main else None
+    resume_path = broadcast_object(found[0] if found else None, d)
+    resume = found[1] if found else (load_checkpoint(resume_path, kind=kind) if resume_path else None)
     config = to_container(cfg)
-    config["output_dir"] = output_dir
+    config.update(output_dir=output_dir, world_size=d.world_size, global_batch_size=cfg.batch_size * d.world_size)
+    if d.is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.manual_seed(cfg.seed + d.rank)  # dropout and other in-network randomness differ between ranks
     logger = RunLogger(output_dir, logger_settings(cfg), config, job_type, cfg.run_name or default_run_name(),
-                       resume_id=resume.get("wandb_run_id") if resume else None)
-    return RunContext(output_dir, resolve_device(cfg.device), config, logger, resume)
+                       enabled=d.is_main, resume_id=resume.get("wandb_run_id") if resume else None)
+    ctx = RunContext(output_dir, device, config, logger, d, BatchRNG(cfg.seed, device, d), resume)
+    if d.enabled:
+        ctx.say(f"[{job_type}] {d.world_size} processes (torchrun): batch_size {cfg.batch_size} per process, "
+                f"global batch {cfg.batch_size * d.world_size}")
+    return ctx
 
 
 def run_state(ctx: RunContext, step: int, **parts: Any) -> dict[str, Any]:
-    """Checkpoint fields every stage shares: step, config, random states and the W&B run id."""
-    return {"step": step, "config": ctx.config, "rng": rng_state(), "wandb_run_id": ctx.logger.run_id, **parts}
+    """Checkpoint fields every stage shares: step, config, random states (every rank's) and the W&B run id.
+    Under torchrun every rank must call it (it gathers the ranks' random states)."""
+    ranks = gather_objects(rng_state(), ctx.dist)
+    return {"step": step, "config": ctx.config, "rng": ranks[0], "rng_ranks": ranks,
+            "batch_rng": ctx.rng.get_state(), "wandb_run_id": ctx.logger.run_id, **parts}
 
 
 def restore_rng(ctx: RunContext) -> None:
-    """On resume, continue the random streams exactly where the checkpoint left them."""
-    if ctx.resume is not None:
-        set_rng_state(ctx.resume["rng"])
+    """On resume, continue the random streams exactly where the checkpoint left them. Resuming with another
+    number of processes continues the shared batch stream; each rank's own stream is then reseeded."""
+    if ctx.resume is None:
+        return
+    ranks = ctx.resume.get("rng_ranks", [ctx.resume["rng"]])
+    if len(ranks) == ctx.dist.world_size:
+        set_rng_state(ranks[ctx.dist.rank])
+    else:
+        ctx.say(f"[resume] the checkpoint was written by {len(ranks)} processes, this run has "
+                f"{ctx.dist.world_size}: per-rank random streams are reseeded")
+        torch.manual_seed(ctx.config["seed"] + ctx.dist.rank + 1_000_003 * int(ctx.resume["step"]))
+    ctx.rng.set_state(ctx.resume.get("batch_rng"))
 
 
 def total_steps(num_epochs: int, steps_per_epoch: int, max_steps: int | None) -> int:
@@ -189,28 +228,33 @@ def is_finite(step: int, policy: str, **values: Tensor) -> bool:
 def update(opt: torch.optim.Optimizer, sched: Any, loss: Tensor, params: list[Tensor], clip: float | None,
            step: int, on_nonfinite: str, name: str) -> Tensor | None:
     """One optimizer update: backward, clip, step (skipped, or stopped, when the loss or the gradient norm is
-    not finite; see ``is_finite``), then the schedule. Returns the gradient norm, or None if nothing was
-    back-propagated."""
+    not finite; see ``is_finite``), then the schedule. Returns the gradient norm, or None if the step was
+    skipped."""
     opt.zero_grad(set_to_none=True)
-    gnorm = None
-    if is_finite(step, on_nonfinite, **{name: loss}):
-        loss.backward()
-        gnorm = grad_norm(params, clip)
-        if is_finite(step, on_nonfinite, **{f"{name} gradient norm": gnorm}):
-            opt.step()
+    loss.backward()  # always: under DistributedDataParallel every rank must join the gradient all-reduce
+    gnorm = grad_norm(params, clip)
+    # the loss averaged over ranks and the (already all-reduced) gradient norm: every rank decides alike
+    stepped = is_finite(step, on_nonfinite, **{name: global_mean(loss), f"{name} gradient norm": gnorm})
+    if stepped:
+        opt.step()
     sched.step()
-    return gnorm
+    return gnorm if stepped else None
 
 
 def save_final(ctx: RunContext, state: dict[str, Any], name: str) -> str:
+    """Write the final checkpoint (rank 0; the others wait for it). Returns its path."""
     path = os.path.join(ctx.output_dir, name)
-    save_checkpoint(state, path)
+    if ctx.dist.is_main:
+        save_checkpoint(state, path)
+    barrier(ctx.dist)
     return path
 
 
 def save_periodic(ctx: RunContext, state: dict[str, Any], prefix: str, step: int, keep_last: int | None) -> None:
-    """Write ``<prefix>_NNNNNN.pt`` and prune old ones. A failed write (disk full, ...) is reported and
-    training goes on: the previous checkpoints are untouched, and the next save tries again."""
+    """Write ``<prefix>_NNNNNN.pt`` and prune old ones (rank 0 only). A failed write (disk full, ...) is
+    reported and training goes on: the previous checkpoints are untouched, and the next save tries again."""
+    if not ctx.dist.is_main:
+        return
     try:
         save_checkpoint(state, os.path.join(ctx.output_dir, f"{prefix}_{step:06d}.pt"))
     except OSError as err:
@@ -227,6 +271,8 @@ def run_with_logger(ctx: RunContext, body: Callable[[], dict[str, Any]]) -> dict
     except BaseException:
         ctx.logger.finish(exit_code=1)
         raise
+    finally:
+        shutdown()
     ctx.logger.finish()
     return result
 
@@ -238,7 +284,9 @@ def autocast(device: torch.device, precision: str) -> Any:
     return nullcontext()
 
 
-def progress(total: int, desc: str) -> Any:
+def progress(total: int, desc: str, ctx: RunContext) -> Any:
+    """A progress bar on rank 0 (disabled on the others)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
+                disable=not ctx.dist.is_main)

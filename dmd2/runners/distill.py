@@ -19,11 +19,13 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from dmd2.checkpoint import load_checkpoint, network_from_checkpoint
 from dmd2.config import ConfigError
 from dmd2.data import LabelsOnly, build_dataset, build_loader, random_hflip
 from dmd2.diffusion import heun_nfe
+from dmd2.distributed import BatchRNG, mean_across_ranks, wrap
 from dmd2.networks import EDMPrecond, count_parameters
 from dmd2.runners.common import (
     RunContext, adamw, autocast, ema_update, grid_labels, progress, restore_rng, run_state, run_with_logger,
@@ -99,12 +101,14 @@ def chain_step(seed: int, step: int, num_steps: int) -> int:
 
 
 def generator_step(model: UnifiedModel, opt: torch.optim.Optimizer, sched: Any, z: torch.Tensor, y: torch.Tensor,
-                   k: int, clip: float | None, step: int, amp: Any = nullcontext(), on_nonfinite: str = "stop"
+                   k: int, clip: float | None, step: int, amp: Any = nullcontext(), on_nonfinite: str = "stop",
+                   rng: BatchRNG | None = None, generator: nn.Module | None = None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Update the generator with the DM (+ GAN) loss; return its (detached) samples and the logs."""
+    """Update the generator with the DM (+ GAN) loss; return its (detached) samples and the logs.
+    ``generator``: the generator as called for the update (inside DistributedDataParallel under torchrun)."""
     with amp:
-        x = model.generate(z, y, k)
-        loss, logs = model.generator_loss(x.float(), y)
+        x = model.generate(z, y, k, generator)
+        loss, logs = model.generator_loss(x.float(), y, rng)
     gnorm = update(opt, sched, loss, list(model.generator.parameters()), clip, step, on_nonfinite, "generator loss")
     if gnorm is not None:
         logs["generator_grad_norm"] = gnorm
@@ -113,10 +117,12 @@ def generator_step(model: UnifiedModel, opt: torch.optim.Optimizer, sched: Any, 
 
 def fake_score_step(model: UnifiedModel, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, y: torch.Tensor,
                     clip: float | None, step: int, real: torch.Tensor | None = None, amp: Any = nullcontext(),
-                    on_nonfinite: str = "stop") -> dict[str, torch.Tensor]:
-    """Update the fake score network (and GAN head) on detached generator samples (and real images)."""
+                    on_nonfinite: str = "stop", rng: BatchRNG | None = None, guidance: nn.Module | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Update the fake score network (and GAN head) on detached generator samples (and real images).
+    ``guidance``: the guidance model as called for the update (inside DistributedDataParallel under torchrun)."""
     with amp:
-        loss, logs = model.guidance_loss(x, y, real, y if real is not None else None)
+        loss, logs = model.guidance_loss(x, y, real, y if real is not None else None, rng, guidance)
     gnorm = update(opt, sched, loss, model.guidance.trainable(), clip, step, on_nonfinite, "guidance loss")
     if gnorm is not None:
         logs["guidance_grad_norm"] = gnorm
@@ -147,23 +153,31 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     start = 0
     if ctx.resume is not None:
         start = restore_distill(ctx.resume, model, ema, opts, scheds)
-    loader = build_loader(dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed, device.type == "cuda", start)
-    steps_per_epoch = len(dataset) // cfg.batch_size
+    # under torchrun: the networks that are updated, inside DistributedDataParallel (gradients averaged)
+    generator_net, guidance_net = wrap(model.generator, ctx.dist, device), wrap(model.guidance, ctx.dist, device)
+    world, rng = ctx.dist.world_size, ctx.rng
+    loader = build_loader(dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed, device.type == "cuda", start,
+                          ctx.dist.rank, world)
+    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     steps = total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps)
     ratio, num_chain = cfg.dfake_gen_update_ratio, model.num_steps
-    print(f"[distill] teacher {cfg.teacher_checkpoint} (step {teacher_state['step']}), "
-          f"{count_parameters(model.generator) / 1e6:.2f}M parameters per network, {num_chain}-step generator, "
-          f"GAN {'on' if cfg.gan_classifier else 'off'}, {steps} steps of batch {cfg.batch_size} on {device}, "
-          f"generator every {ratio} steps, from step {start}; writing to {ctx.output_dir}")
+    ctx.say(f"[distill] teacher {cfg.teacher_checkpoint} (step {teacher_state['step']}), "
+            f"{count_parameters(model.generator) / 1e6:.2f}M parameters per network, {num_chain}-step generator, "
+            f"GAN {'on' if cfg.gan_classifier else 'off'}, {steps} steps of global batch {cfg.batch_size * world} "
+            f"on {device}, generator every {ratio} steps, from step {start}; writing to {ctx.output_dir}")
 
     res = cfg.data.resolution
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 12345)
     grid_y = grid_labels(cfg.data.num_classes, cfg.samples_per_class, device)
     grid_z = torch.randn(num_chain, len(grid_y), 3, res, res, generator=gen).to(device)
-    ctx.logger.log_grid("samples/teacher", sample_grid(model.guidance.real_unet, grid_z[0], grid_y, cfg.sample_steps,
-                        cfg.samples_per_class), 0, f"teacher EMA, Heun {heun_nfe(cfg.sample_steps)} NFE")
+    if ctx.dist.is_main:
+        ctx.logger.log_grid("samples/teacher", sample_grid(model.guidance.real_unet, grid_z[0], grid_y,
+                            cfg.sample_steps, cfg.samples_per_class), 0,
+                            f"teacher EMA, Heun {heun_nfe(cfg.sample_steps)} NFE")
 
     def log_generator_grids(step: int) -> None:
+        if not ctx.dist.is_main:
+            return
         caption = f"generator, {num_chain} NFE"
         ctx.logger.log_grid("samples/generator", to_grid(model.sample(grid_z, grid_y), cfg.samples_per_class),
                             step, caption)
@@ -175,7 +189,7 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         log_generator_grids(0)
     restore_rng(ctx)
     batches = iter(loader)
-    bar = progress(steps, "distill")
+    bar = progress(steps, "distill", ctx)
     bar.update(start)
     t_last, images_since = time.perf_counter(), 0
     objective: float | None = None
@@ -187,13 +201,13 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         y = y.to(device, non_blocking=True)
         real = real.to(device, non_blocking=True) if cfg.gan_classifier else None
         if real is not None and cfg.data.hflip:
-            real = random_hflip(real)
-        z = torch.randn(num_chain, y.shape[0], 3, res, res, device=device)
+            real = random_hflip(real, rng)
+        z = rng.randn(num_chain, y.shape[0], 3, res, res, dim=1)
         k = chain_step(cfg.seed, step, num_chain)
         logs: dict[str, torch.Tensor] = {}
         if step % ratio == 0:
             x, logs = generator_step(model, opts["generator"], scheds["generator"], z, y, k, cfg.grad_clip, step,
-                                     autocast(device, cfg.precision), cfg.on_nonfinite)
+                                     autocast(device, cfg.precision), cfg.on_nonfinite, rng, generator_net)
             timesteps.append(logs.pop("dm_timesteps").cpu())
             if ema is not None:
                 ema_update(ema, model.generator, cfg.generator_ema_decay)
@@ -201,20 +215,21 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             with torch.no_grad(), autocast(device, cfg.precision):
                 x = model.generate(z, y, k).float()
         logs.update(fake_score_step(model, opts["guidance"], scheds["guidance"], x, y, cfg.grad_clip, step, real,
-                                    autocast(device, cfg.precision), cfg.on_nonfinite))
+                                    autocast(device, cfg.precision), cfg.on_nonfinite, rng, guidance_net))
         for key, v in logs.items():
             sums[key] = sums.get(key, 0.0) + v.item()
             counts[key] = counts.get(key, 0) + 1
 
         done = step + 1
-        images_since += y.shape[0]
+        images_since += y.shape[0] * world
         bar.update(1)
         if done % cfg.log_every == 0 or done == steps:
             now = time.perf_counter()
-            metrics = {f"train/{key}": sums[key] / counts[key] for key in sums}
+            metrics = mean_across_ranks({f"train/{key}": sums[key] / counts[key] for key in sums}, ctx.dist)
             metrics.update({"train/generator_lr": opts["generator"].param_groups[0]["lr"],
                             "train/guidance_lr": opts["guidance"].param_groups[0]["lr"],
-                            "train/images_per_sec": images_since / (now - t_last), "train/epoch": step // steps_per_epoch})
+                            "train/images_per_sec": images_since / (now - t_last), "train/epoch": step // steps_per_epoch,
+                            "train/global_batch_size": cfg.batch_size * world})
             ctx.logger.log(metrics, step=done)
             objective = metrics.get("train/loss_dm", objective)
             if timesteps:
@@ -228,5 +243,5 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
                           cfg.keep_last)
     bar.close()
     path = save_final(ctx, distill_state(cfg, ctx, teacher_state, model, ema, opts, scheds, steps), "dmd2_final.pt")
-    print(f"[distill] done: {path}")
+    ctx.say(f"[distill] done: {path}")
     return {"checkpoint": path, "steps": steps, "objective": objective}

@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig
 
 from dmd2.data import build_dataset, build_loader, random_hflip
-from dmd2.diffusion import denoising_loss, heun_nfe, heun_sample, heun_sampler_sigmas, sample_edm_sigma
+from dmd2.diffusion import denoising_loss, edm_sigma, heun_nfe, heun_sample, heun_sampler_sigmas
+from dmd2.distributed import mean_across_ranks, wrap
 from dmd2.networks import EDMPrecond, build_denoiser, count_parameters
 from dmd2.runners.common import (
     RunContext, adamw, autocast, ema_decay_at, ema_update, grid_labels, progress, restore_rng, run_state,
@@ -49,6 +50,7 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = adamw(model.parameters(), cfg.lr, cfg.adam_betas, cfg.weight_decay)
     sched = warmup_schedule(opt, cfg.warmup_steps)
+    net = wrap(model, ctx.dist, device)  # DistributedDataParallel under torchrun: gradients averaged over ranks
     start = 0
     if ctx.resume is not None:
         model.load_state_dict(ctx.resume["model"])
@@ -56,11 +58,13 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         opt.load_state_dict(ctx.resume["optimizer"])
         sched.load_state_dict(ctx.resume["scheduler"])
         start = int(ctx.resume["step"])
-    loader = build_loader(dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed, device.type == "cuda", start)
-    steps_per_epoch = len(dataset) // cfg.batch_size
+    world = ctx.dist.world_size
+    loader = build_loader(dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed, device.type == "cuda", start,
+                          ctx.dist.rank, world)
+    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     steps = total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps)
-    print(f"[teacher] {count_parameters(model) / 1e6:.2f}M parameters, {len(dataset)} images, "
-          f"{steps} steps of batch {cfg.batch_size} on {device} (from step {start}); writing to {ctx.output_dir}")
+    ctx.say(f"[teacher] {count_parameters(model) / 1e6:.2f}M parameters, {len(dataset)} images, {steps} steps of "
+            f"global batch {cfg.batch_size * world} on {device} (from step {start}); writing to {ctx.output_dir}")
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 12345)  # fixed grid noise, independent of training
     grid_y = grid_labels(cfg.data.num_classes, cfg.samples_per_class, device)
@@ -68,7 +72,7 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
 
     restore_rng(ctx)
     batches = iter(loader)
-    bar = progress(steps, "teacher")
+    bar = progress(steps, "teacher", ctx)
     bar.update(start)
     t_last, images_since, loss_sum, n_sum, skipped = time.perf_counter(), 0, 0.0, 0, 0
     loss = torch.tensor(float("nan"))
@@ -76,10 +80,10 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg.data.hflip:
-            x = random_hflip(x)
-        sigma = sample_edm_sigma(x.shape[0], cfg.p_mean, cfg.p_std, device=device)
+            x = random_hflip(x, ctx.rng)
+        sigma = edm_sigma(ctx.rng.randn(x.shape[0]), cfg.p_mean, cfg.p_std)
         with autocast(device, cfg.precision):
-            loss = denoising_loss(model, x, sigma, y, torch.randn_like(x), cfg.sigma_data)
+            loss = denoising_loss(net, x, sigma, y, ctx.rng.randn(*x.shape), cfg.sigma_data)
         gnorm = update(opt, sched, loss, list(model.parameters()), cfg.grad_clip, step, cfg.on_nonfinite, "loss")
         if gnorm is not None and torch.isfinite(gnorm):
             ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
@@ -88,23 +92,25 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             gnorm = torch.tensor(float("nan"))
 
         done = step + 1
-        images_since += x.shape[0]
+        images_since += x.shape[0] * world
         if torch.isfinite(loss):
             loss_sum, n_sum = loss_sum + loss.item(), n_sum + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == steps:
             now = time.perf_counter()
-            ctx.logger.log({"train/loss": loss_sum / max(n_sum, 1), "train/lr": opt.param_groups[0]["lr"],
+            mean_loss = mean_across_ranks({"loss": loss_sum / max(n_sum, 1)}, ctx.dist)["loss"]
+            ctx.logger.log({"train/loss": mean_loss, "train/lr": opt.param_groups[0]["lr"],
                             "train/grad_norm": gnorm.item(), "train/images_per_sec": images_since / (now - t_last),
-                            "train/epoch": step // steps_per_epoch, "train/skipped_steps": skipped}, step=done)
-            bar.set_postfix(loss=f"{loss_sum / max(n_sum, 1):.4f}")
+                            "train/epoch": step // steps_per_epoch, "train/skipped_steps": skipped,
+                            "train/global_batch_size": cfg.batch_size * world}, step=done)
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
             t_last, images_since, loss_sum, n_sum = now, 0, 0.0, 0
-        if (cfg.sample_every and done % cfg.sample_every == 0) or done == steps:
+        if ctx.dist.is_main and ((cfg.sample_every and done % cfg.sample_every == 0) or done == steps):
             grid = sample_grid(ema, grid_z, grid_y, cfg.sample_steps, cfg.samples_per_class)
             ctx.logger.log_grid("samples/teacher_ema", grid, done, f"EMA, Heun {heun_nfe(cfg.sample_steps)} NFE")
         if done % cfg.save_every == 0 and done != steps:
             save_periodic(ctx, teacher_state(cfg, ctx, model, ema, opt, sched, done), "teacher", done, cfg.keep_last)
     bar.close()
     path = save_final(ctx, teacher_state(cfg, ctx, model, ema, opt, sched, steps), "teacher_final.pt")
-    print(f"[teacher] done: {path}")
+    ctx.say(f"[teacher] done: {path}")
     return {"checkpoint": path, "steps": steps, "objective": loss.item()}

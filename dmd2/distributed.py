@@ -1,0 +1,178 @@
+"""Multi-process training with torchrun and DistributedDataParallel.
+
+``torchrun --nproc_per_node N train.py ...`` starts N copies of this program with RANK, LOCAL_RANK and
+WORLD_SIZE set; ``init_distributed`` joins them into one process group (NCCL on GPUs, gloo on the CPU).
+Without torchrun everything here is a no-op for a world of one process.
+
+Randomness is split in two:
+- the global torch RNG (dropout inside the networks) is seeded with ``seed + rank``;
+- the batch's noise, noise levels, timesteps and flips come from ``BatchRNG``: one stream shared by every
+  rank, drawn for the whole global batch, of which each rank keeps its own slice. Sample i of the global batch
+  therefore gets the same draws whatever the number of processes, and (without dropout) N processes with
+  batch B follow a single process with batch N*B up to floating-point summation order.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dmd2.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the run: rank, world size and the device it trains on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group (if any) and pick this rank's device: cuda:LOCAL_RANK for CUDA runs.
+
+    Returns the Dist and the device. Idempotent: a second call reuses the existing group."""
+    if not launched_by_torchrun():
+        return Dist(), device
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if device.index is not None and device.index != local:
+            raise ConfigError(f"config key 'device' = {device} under torchrun: each process uses cuda:LOCAL_RANK; "
+                             "use device=auto or device=cuda")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local), device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: Any, d: Dist) -> Any:
+    """Rank 0's ``obj`` on every rank (a picklable value such as a path)."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any, d: Dist) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
+    if not d.enabled:
+        return [obj]
+    out: list[Any] = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_across_ranks(values: dict[str, float], d: Dist) -> dict[str, float]:
+    """Average scalar logs over the ranks that have them, so rank 0 logs global-batch values. Every rank must
+    call it; their keys may differ (a rank drops a non-finite value)."""
+    if not d.enabled:
+        return values
+    merged: dict[str, list[float]] = {}
+    for rank_values in gather_objects(values, d):
+        for key, v in rank_values.items():
+            merged.setdefault(key, []).append(v)
+    return {key: sum(vs) / len(vs) for key, vs in merged.items()}
+
+
+def wrap(module: nn.Module, d: Dist, device: torch.device) -> nn.Module:
+    """``module`` inside DistributedDataParallel (gradients averaged over ranks in backward); itself when alone.
+
+    Only the parameters that require gradients are synchronised (a frozen teacher inside is left alone)."""
+    if not d.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    # no buffer broadcast before each forward: the networks' buffers are constants (no running statistics);
+    # newer PyTorch renames the switch
+    params = inspect.signature(DistributedDataParallel).parameters
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   **{no_sync: False})
+
+
+class BatchRNG:
+    """Draws for a global batch from one shared stream; each rank keeps its slice of ``world_size`` equal parts.
+
+    ``randn(8, 3, dim=0)`` on rank r of 2 draws [16, 3] and returns rows 8r .. 8r+7. With one process (or
+    ``generator=None``, the global RNG) it is an ordinary draw."""
+
+    def __init__(self, seed: int | None = None, device: torch.device | str = "cpu", d: Dist = Dist()) -> None:
+        self.device = torch.device(device)
+        self.dist = d
+        self.generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+
+    def _global(self, shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
+        return tuple(s * self.dist.world_size if i == dim else s for i, s in enumerate(shape))
+
+    def _mine(self, full: Tensor, n: int, dim: int) -> Tensor:
+        return full.narrow(dim, self.dist.rank * n, n) if self.dist.enabled else full
+
+    def randn(self, *shape: int, dim: int = 0) -> Tensor:
+        """Standard normal draws, ``shape`` with the batch along ``dim``."""
+        full = torch.randn(self._global(shape, dim), generator=self.generator, device=self.device)
+        return self._mine(full, shape[dim], dim)
+
+    def rand(self, n: int) -> Tensor:
+        """Uniform [0, 1) draws [n]."""
+        return self._mine(torch.rand(n * self.dist.world_size, generator=self.generator, device=self.device), n, 0)
+
+    def randint(self, low: int, high: int, n: int) -> Tensor:
+        """Integers in [low, high), [n]."""
+        full = torch.randint(low, high, (n * self.dist.world_size,), generator=self.generator, device=self.device)
+        return self._mine(full, n, 0)
+
+    def get_state(self) -> Tensor | None:
+        return self.generator.get_state() if self.generator is not None else None
+
+    def set_state(self, state: Tensor | None) -> None:
+        if self.generator is not None and state is not None:
+            self.generator.set_state(state)
+
+
+def randn_like(x: Tensor, rng: BatchRNG | None) -> Tensor:
+    """Noise shaped like x [B,...]: from ``rng`` when given, else the global RNG."""
+    return rng.randn(*x.shape).to(x.dtype) if rng is not None else torch.randn_like(x)
+
+
+def randint(low: int, high: int, n: int, device: torch.device, rng: BatchRNG | None) -> Tensor:
+    """Integers in [low, high), [n], on ``device``: from ``rng`` when given, else the global RNG."""
+    return rng.randint(low, high, n).to(device) if rng is not None else torch.randint(low, high, (n,), device=device)
+
+
+def global_mean(value: Tensor) -> Tensor:
+    """The mean of a (detached) tensor over all ranks; ``value`` itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()

@@ -1,0 +1,116 @@
+"""torchrun + DistributedDataParallel on the CPU (gloo): two processes with batch B follow one process with
+batch 2B, rank 0 alone writes, and the batch is sharded by rank."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmd2.checkpoint import load_checkpoint
+from dmd2.data import EpochBatchSampler
+from dmd2.distributed import BatchRNG, Dist
+from tests.conftest import ROOT, run_cli
+
+# Same weights up to float summation order: the gradient all-reduce averages two half-batch means. Adam
+# turns a rounding difference on a near-zero gradient entry into up to a whole step (lr), so a few entries may
+# move by a fraction of lr; a real mismatch (unsynchronised gradients, a wrong shard) moves most of them.
+MAX_STEP_FRACTION = 0.25    # any entry: within a quarter of one Adam step (lr)
+MEAN_STEP_FRACTION = 1e-3   # averaged over a tensor: within a thousandth of a step
+
+
+BASE = ["logger=none", "device=cpu", "data=image_folder", "max_steps=4", "save_every=2", "sample_every=0",
+        "log_every=1", "warmup_steps=2", "data.num_workers=0", "samples_per_class=1", "sample_steps=2"]
+
+
+def torchrun(*overrides: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def assert_close(a: dict, b: dict, what: str, lr: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        diff = (a[key].float() - b[key].float()).abs()
+        assert diff.max() <= MAX_STEP_FRACTION * lr and diff.mean() <= MEAN_STEP_FRACTION * lr, (
+            f"{what}: {key} differs by up to {diff.max():.2e}, {diff.mean():.2e} on average (lr {lr})")
+
+
+def assert_written_once(folder: Path, prefix: str, steps: int) -> None:
+    assert sorted(p.name for p in folder.glob(f"{prefix}_*.pt")) == [f"{prefix}_000002.pt", f"{prefix}_final.pt"]
+    assert not list(folder.glob(".tmp-*")), "a half-written checkpoint was left behind"
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)), "metrics must be written by rank 0 only"
+
+
+@pytest.fixture(scope="module")
+def teacher_pair(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """A tiny teacher without dropout (dropout draws differ per rank by design), trained by one process
+    with batch 8 and by two torchrun processes with batch 4 each."""
+    root = tmp_path_factory.mktemp("ddp_teacher")
+    common = [*BASE, "stage=teacher", "arch=simple_unet_tiny", "arch.dropout=0", f"data.root={tiny_data}"]
+    single = run_cli("train.py", *common, "batch_size=8", f"output_dir={root / 'single'}",
+                     f"hydra.run.dir={root / 'h1'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = torchrun(*common, "batch_size=4", f"output_dir={root / 'ddp'}", f"hydra.run.dir={root / 'h2'}")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    return root / "single", root / "ddp", ddp.stdout
+
+
+@pytest.mark.slow
+def test_teacher_two_processes_match_one_process_with_the_global_batch(teacher_pair):
+    single, ddp, stdout = teacher_pair
+    assert "2 processes (torchrun): batch_size 4 per process, global batch 8" in stdout
+    assert_written_once(ddp, "teacher", 4)
+    a, b = load_checkpoint(str(single / "teacher_final.pt")), load_checkpoint(str(ddp / "teacher_final.pt"))
+    lr = a["config"]["lr"]
+    assert_close(a["model"], b["model"], "teacher weights", lr)
+    assert_close(a["ema"], b["ema"], "teacher EMA", lr)
+    assert b["config"]["world_size"] == 2 and b["config"]["global_batch_size"] == 8
+    assert len(b["rng_ranks"]) == 2
+    before = load_checkpoint(str(single / "teacher_000002.pt"))["model"]
+    assert any(not torch.equal(before[k], a["model"][k]) for k in before), "training must change the weights"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gan", [False, True])
+def test_distill_two_processes_match_one_process_with_the_global_batch(gan, teacher_pair, tiny_data, tmp_path):
+    """The two-network update in lockstep: generator every 2nd step, fake score every step, with the GAN
+    classifier's batched forward and a 2-step generator (backward simulation)."""
+    teacher = teacher_pair[0] / "teacher_final.pt"
+    common = [*BASE, "stage=distill", f"data.root={tiny_data}", f"teacher_checkpoint={teacher}",
+              "dfake_gen_update_ratio=2", f"gan_classifier={str(gan).lower()}", "generator_lr=1e-3",
+              "guidance_lr=1e-3", "denoising_sigmas=[80.0,2.0]", "generator_ema_decay=0.9"]
+    single = run_cli("train.py", *common, "batch_size=8", f"output_dir={tmp_path / 'single'}",
+                     f"hydra.run.dir={tmp_path / 'h1'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = torchrun(*common, "batch_size=4", f"output_dir={tmp_path / 'ddp'}", f"hydra.run.dir={tmp_path / 'h2'}")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert_written_once(tmp_path / "ddp", "dmd2", 4)
+    a = load_checkpoint(str(tmp_path / "single" / "dmd2_final.pt"))
+    b = load_checkpoint(str(tmp_path / "ddp" / "dmd2_final.pt"))
+    for key in ["generator", "fake_unet", "generator_ema"] + (["gan_head"] if gan else []):
+        assert_close(a[key], b[key], f"distill {key}", lr=1e-3)
+    assert a["generator_optimizer"]["state"][0]["step"] == b["generator_optimizer"]["state"][0]["step"] == 2
+    assert b["guidance_optimizer"]["state"][0]["step"] == 4
+
+
+def test_batch_sampler_shards_each_global_batch_between_ranks():
+    one = iter(EpochBatchSampler(20, 8, seed=3))
+    ranks = [iter(EpochBatchSampler(20, 4, seed=3, rank=r, world_size=2)) for r in range(2)]
+    for _ in range(5):  # across an epoch boundary (2 global batches per epoch)
+        assert next(one) == next(ranks[0]) + next(ranks[1])
+
+
+def test_batch_rng_gives_each_rank_its_slice_of_the_global_draw():
+    full = BatchRNG(7).randn(2, 6, 3, dim=1)
+    parts = [BatchRNG(7, d=Dist(rank=r, world_size=3)).randn(2, 2, 3, dim=1) for r in range(3)]
+    assert torch.equal(torch.cat(parts, dim=1), full)
+    ints = [BatchRNG(7, d=Dist(rank=r, world_size=2)).randint(0, 100, 5) for r in range(2)]
+    assert torch.equal(torch.cat(ints), BatchRNG(7).randint(0, 100, 10))
