@@ -49,12 +49,14 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
+from dmd2.data import CachedBatches, build_dataset, build_loader  # noqa: E402
 from dmd2.diffusion import (  # noqa: E402
     denoising_loss, heun_nfe, heun_sample, heun_sampler_sigmas, multistep_sample, sample_edm_sigma,
 )
 from dmd2.networks import build_denoiser, count_parameters  # noqa: E402
 from dmd2.runners.common import adamw, autocast, ema_decay_at, ema_update, grad_norm, warmup_schedule  # noqa: E402
 from dmd2.runners.distill import fake_score_step, generator_step  # noqa: E402
+from dmd2.speed import prepare_network, set_backend_flags  # noqa: E402
 from dmd2.unified import UnifiedModel  # noqa: E402
 
 CONF = ROOT / "conf"
@@ -231,13 +233,15 @@ class Memory:
 # ----------------------------------------------------------------------------------------------- networks
 
 
+def perf_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The runners' ``perf`` config node as this benchmark's switches set it."""
+    return {"tf32": args.tf32, "cudnn_benchmark": True, "channels_last": args.channels_last, "compile": args.compile,
+            "fused_adamw": args.fused_adamw}
+
+
 def prepare(net: nn.Module, args: argparse.Namespace) -> nn.Module:
-    """Apply --channels-last / --compile to a network in place (nn.Module.compile keeps the module's type)."""
-    if args.channels_last:
-        net.to(memory_format=torch.channels_last)
-    if args.compile:
-        net.compile()
-    return net
+    """--channels-last / --compile, in place, as the runners apply them (dmd2.speed.prepare_network)."""
+    return prepare_network(net, perf_settings(args))
 
 
 def images(shape: tuple[int, ...], device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -265,7 +269,7 @@ def bench_teacher(arch: dict[str, Any], device: torch.device, args: argparse.Nam
     hp = stage_defaults("teacher", TEACHER_FALLBACK)
     model = prepare(build(arch, device).train(), args)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = adamw(model.parameters(), hp["lr"], hp["adam_betas"], hp["weight_decay"])
+    opt = adamw(model.parameters(), hp["lr"], hp["adam_betas"], hp["weight_decay"], args.fused_adamw)
     sched = warmup_schedule(opt, hp["warmup_steps"])
     b = args.batch_size
     x = images((b, 3, RESOLUTION, RESOLUTION), device, args.channels_last).clamp(-1, 1)
@@ -307,10 +311,10 @@ def build_unified(arch: dict[str, Any], device: torch.device, args: argparse.Nam
     return model, hp
 
 
-def optimizers(model: UnifiedModel, hp: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+def optimizers(model: UnifiedModel, hp: dict[str, Any], fused: bool) -> tuple[Any, Any, Any, Any]:
     """The distill runner's two AdamW optimizers and warm-up schedules (generator, fake score)."""
-    opt_g = adamw(model.generator.parameters(), hp["generator_lr"], hp["adam_betas"], hp["weight_decay"])
-    opt_f = adamw(model.guidance.trainable(), hp["guidance_lr"], hp["adam_betas"], hp["weight_decay"])
+    opt_g = adamw(model.generator.parameters(), hp["generator_lr"], hp["adam_betas"], hp["weight_decay"], fused)
+    opt_f = adamw(model.guidance.trainable(), hp["guidance_lr"], hp["adam_betas"], hp["weight_decay"], fused)
     return opt_g, opt_f, warmup_schedule(opt_g, hp["warmup_steps"]), warmup_schedule(opt_f, hp["warmup_steps"])
 
 
@@ -322,7 +326,7 @@ def bench_dmd2(arch: dict[str, Any], device: torch.device, args: argparse.Namesp
     that the step / passes ratios compare measurements taken seconds apart even on a drifting, shared machine.
     """
     model, hp = build_unified(arch, device, args)
-    opt_g, opt_f, sched_g, sched_f = optimizers(model, hp)
+    opt_g, opt_f, sched_g, sched_f = optimizers(model, hp, args.fused_adamw)
     b, clip = args.batch_size, hp["grad_clip"]
     precision = "bf16" if args.bf16 else "fp32"
     y = labels(b, device)
@@ -459,7 +463,7 @@ def bench_full_method(arch: dict[str, Any], device: torch.device, args: argparse
     """The full method (experiment=cpu_smoke's: GAN classifier on the fake network's bottleneck, 2-step generator
     with backward simulation) through the same runner functions; k alternates 0, 1 as chain_step draws it."""
     model, hp = build_unified(arch, device, args, sigmas=(80.0, 2.5), gan=True)
-    opt_g, opt_f, sched_g, sched_f = optimizers(model, hp)
+    opt_g, opt_f, sched_g, sched_f = optimizers(model, hp, args.fused_adamw)
     b, clip = args.batch_size, hp["grad_clip"]
     precision = "bf16" if args.bf16 else "fp32"
     y = labels(b, device)
@@ -614,6 +618,49 @@ def bench_inception(device: torch.device, args: argparse.Namespace, timer: Timer
     return res
 
 
+# ----------------------------------------------------------------------------------------------- data
+
+
+def bench_data(folder: Path, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """Images/s of the runners' batch sources on a class-folder dataset (decoding, transform, collation, copy to
+    ``device``): DataLoader with N workers, and CachedBatches (after its one-time decode, timed separately)."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    ds = build_dataset({"name": "image_folder", "root": str(folder), "num_classes": len(classes),
+                        "resolution": RESOLUTION})
+    b, n = args.batch_size, args.data_batches
+    out: dict[str, Any] = {"folder": str(folder), "images": len(ds), "batch_size": b, "batches_timed": n}
+
+    def rate(batches: Any) -> float:
+        it = iter(batches)
+        next(it)  # workers start, first batch
+        t = time.perf_counter()
+        for _ in range(n):
+            x, y = next(it)
+            x = x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return b * n / (time.perf_counter() - t)
+
+    for w in args.data_workers:
+        out[f"loader_workers_{w}"] = {"images_per_sec": rate(build_loader(ds, b, w, 0, device.type == "cuda"))}
+        print(f"[bench]   data: DataLoader, {w} workers done", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    cached = CachedBatches(ds, b, 0, device, num_workers=max(args.data_workers))
+    out["cache"] = {"build_seconds": time.perf_counter() - t, "decode_workers": max(args.data_workers),
+                    "bytes": cached.images.numel() if cached.images is not None else 0,
+                    "images_per_sec": rate(cached)}
+    return out
+
+
+def data_table(d: dict[str, Any]) -> str:
+    rows = [f"  DataLoader, {k.rsplit('_', 1)[1]} workers: {fmt(v['images_per_sec'])} images/s"
+            for k, v in d.items() if k.startswith("loader_workers_")]
+    c = d["cache"]
+    rows.append(f"  in-memory cache: {fmt(c['images_per_sec'])} images/s, after a one-time decode of "
+                f"{c['build_seconds']:.1f} s ({c['bytes'] / 1e6:.0f} MB, {c['decode_workers']} workers)")
+    return f"Batch loading from {d['folder']} ({d['images']} images, batch {d['batch_size']}):\n" + "\n".join(rows)
+
+
 # ------------------------------------------------------------------------------------------------- driver
 
 
@@ -658,7 +705,8 @@ def table(report: dict[str, Any]) -> str:
         f"# machine: {m['platform']}; CPU {m['cpu_model']} ({m['cpu_count']} logical); torch {m['torch']}, "
         f"{m['torch_num_threads']} threads; device {m['device']} = {m['device_name']}",
         f"# settings: batch {s['batch_size']}, archs {', '.join(s['archs'])}, tiny={s['tiny']}, compile={s['compile']}, "
-        f"bf16={s['bf16']} (active={s['bf16_active']}), channels_last={s['channels_last']}, warm-up {s['warmup']}, "
+        f"bf16={s['bf16']} (active={s['bf16_active']}), channels_last={s['channels_last']}, "
+        f"fused_adamw={s['fused_adamw']}, tf32={s['tf32']}, warm-up {s['warmup']}, "
         f"median of {s['iters']} (Heun-35: {s['heun_iters']})",
         f"# load average at start {report['load_average_start']}, at end {report['load_average_end']}",
         "# images/s (higher is better); 1-step/heun35 = ratio of medians / of back-to-back pairs; "
@@ -726,6 +774,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile every network (nn.Module.compile)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast, as precision=bf16 (CUDA only; ignored on the CPU)")
     p.add_argument("--channels-last", action="store_true", help="networks and inputs in channels-last memory format")
+    p.add_argument("--fused-adamw", action="store_true", help="AdamW's fused kernel (perf.fused_adamw=true)")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false",
+                   help="full fp32 matmuls/convolutions on CUDA (perf.tf32=false; TF32 is the runners' default)")
+    p.add_argument("--data", default=None, metavar="FOLDER",
+                   help="also time batch loading from this class-folder dataset: DataLoader with each of "
+                        "--data-workers workers, and the in-memory cache (perf.cache_dataset), incl. its build time")
+    p.add_argument("--data-workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to time")
+    p.add_argument("--data-batches", type=int, default=40, help="batches timed per loader (after the first)")
+    p.add_argument("--data-only", action="store_true", help="only the --data section")
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per measurement (default 2; tiny 1)")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement (default 5; tiny 3)")
     p.add_argument("--heun-iters", type=int, default=None, help="timed Heun-35 iterations, and back-to-back Heun/one-step pairs (default 3; tiny 1)")
@@ -761,6 +818,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--device cuda: no CUDA device visible to torch")
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_backend_flags(perf_settings(args), device)
     if args.bf16 and device.type != "cuda":
         print("[bench] --bf16: the project's autocast is CUDA-only; this CPU run is fp32", file=sys.stderr)
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -771,7 +829,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine_info(device),
         "settings": {"batch_size": args.batch_size, "archs": args.arch, "device": str(device), "tiny": args.tiny,
                      "compile": args.compile, "bf16": args.bf16, "bf16_active": args.bf16 and device.type == "cuda",
-                     "channels_last": args.channels_last,
+                     "channels_last": args.channels_last, "fused_adamw": args.fused_adamw,
+                     "tf32": args.tf32 and device.type == "cuda",
                      "full_method": args.full_method, "warmup": args.warmup, "iters": args.iters,
                      "heun_iters": args.heun_iters, "threads": torch.get_num_threads(),
                      "threads_set_by": "--threads" if args.threads else "torch default", "seed": args.seed, "timing": "median seconds per iteration "
@@ -781,6 +840,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": [],
     }
     t0 = time.perf_counter()
+    if args.data:
+        report["data_loading"] = bench_data(Path(args.data), device, args)
+        print(data_table(report["data_loading"]))
+        if args.out:
+            write_json(report, Path(args.out))
+        if args.data_only:
+            return report
     for name in args.arch:
         report["results"].append(bench_arch(name, device, args))
         report["complete"] = len(report["results"]) == len(args.arch)

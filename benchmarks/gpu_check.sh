@@ -7,12 +7,15 @@
 #
 # Steps (each through the real CLI, on a synthetic image-folder dataset written here with PIL):
 #   1. teacher   python train.py stage=teacher arch=simple_unet batch_size=128 ... device=cuda precision=bf16 logger=none
-#   2. distill   python train.py stage=distill teacher_checkpoint=<1> ...           (one-step, no GAN)
+#                perf.compile=true                                                  (torch.compile)
+#   2. distill   python train.py stage=distill teacher_checkpoint=<1> ...           (one-step, no GAN, eager)
 #   3. full      python train.py stage=distill ... gan_classifier=true 'denoising_sigmas=[80.0,2.5]'
-#                generator_ema_decay=0.9 dfake_gen_update_ratio=2                  (experiment=cpu_smoke's method)
+#                generator_ema_decay=0.9 dfake_gen_update_ratio=2                  (experiment=cpu_smoke's method; eager:
+#                compiling its many graphs took over 2 minutes on the CPU)
 #   4. generate  python generate.py on the results of 2 and 3 (and the teacher)
 #   5. bench     python benchmarks/bench.py --device cuda --arch simple_unet edm_unet --batch-size 128
-#                --full-method, fp32 and --bf16
+#                --full-method, fp32 and --bf16; then simple_unet with every fast path (--bf16 --channels-last
+#                --compile --fused-adamw), and batch loading with the in-memory cache vs DataLoader workers
 # debug=smoke is not used: it forces device=cpu and a tiny network; every key is passed explicitly instead.
 #
 # Writes into --out: summary.txt (one line per step: ok/FAILED/skipped, seconds), logs/<step>.log,
@@ -26,7 +29,7 @@ set -uo pipefail
 DEVICE=cuda
 OUT=""
 WORK=""
-BUDGET=450
+BUDGET=470
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
@@ -51,12 +54,14 @@ export WANDB_MODE=disabled WANDB_SILENT=true HYDRA_FULL_ERROR=1 PYTHONUNBUFFERED
 if [[ "$DEVICE" == cpu ]]; then
   ARCH=simple_unet_tiny; BATCH=8; TEACHER_STEPS=4; DISTILL_STEPS=4; SAMPLE_STEPS=2; PER_CLASS=2; WORKERS=0; LOG=2
   BENCH=(--device cpu --tiny --full-method)
+  FAST=(--device cpu --tiny --arch simple_unet)
   # On a small shared CPU, torch's default of one OpenMP thread per core can be ~30x slower than one thread
   # (threads wait at every op's barrier for a descheduled sibling); override with OMP_NUM_THREADS=N.
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 else
   ARCH=simple_unet; BATCH=128; TEACHER_STEPS=30; DISTILL_STEPS=20; SAMPLE_STEPS=18; PER_CLASS=32; WORKERS=2; LOG=5
   BENCH=(--device "$DEVICE" --arch simple_unet edm_unet --batch-size 128 --full-method)
+  FAST=(--device "$DEVICE" --arch simple_unet --batch-size 128 --warmup 5)
 fi
 DATA="$WORK/data"
 RUN_KEYS=(data=image_folder "data.root=$DATA" "data.num_workers=$WORKERS" "device=$DEVICE" precision=bf16
@@ -131,7 +136,7 @@ EOF
 
 rm -rf "$WORK/teacher" "$WORK/distill" "$WORK/full" "$WORK"/gen_*
 step teacher 150 "$PY" train.py stage=teacher "arch=$ARCH" "${RUN_KEYS[@]}" "max_steps=$TEACHER_STEPS" \
-  "output_dir=$WORK/teacher" "hydra.run.dir=$WORK/teacher/hydra"
+  perf.compile=true "output_dir=$WORK/teacher" "hydra.run.dir=$WORK/teacher/hydra"
 collect teacher
 TEACHER="$WORK/teacher/teacher_final.pt"
 
@@ -153,7 +158,9 @@ done
 
 step bench_fp32 180 "$PY" benchmarks/bench.py "${BENCH[@]}" --out "$OUT/bench_fp32.json"
 step bench_bf16 150 "$PY" benchmarks/bench.py "${BENCH[@]}" --bf16 --out "$OUT/bench_bf16.json"
-for f in bench_fp32 bench_bf16; do
+step bench_fast 120 "$PY" benchmarks/bench.py "${FAST[@]}" --bf16 --channels-last --compile --fused-adamw \
+  --data "$DATA" --data-batches 5 --out "$OUT/bench_fast.json"
+for f in bench_fp32 bench_bf16 bench_fast; do
   [[ -f "$OUT/$f.json" ]] && "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['table'])" \
     "$OUT/$f.json" > "$OUT/$f.txt"
 done
@@ -188,5 +195,5 @@ for run, bench, what in rows:
 EOF
 
 note "total $(( SECONDS - START ))s; $( ((FAILED)) && echo 'SOME STEPS FAILED' || echo 'all steps ok')"
-for f in bench_fp32 bench_bf16; do [[ -f "$OUT/$f.txt" ]] && { echo; echo "== $f"; cat "$OUT/$f.txt"; }; done
+for f in bench_fp32 bench_bf16 bench_fast; do [[ -f "$OUT/$f.txt" ]] && { echo; echo "== $f"; cat "$OUT/$f.txt"; }; done
 exit $FAILED

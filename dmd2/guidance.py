@@ -40,7 +40,10 @@ class GuidanceModel(nn.Module):
 
     DM-loss timesteps are drawn from [min_step, max_step] = [int(min_pct * T), int(max_pct * T)] of the
     T-entry ascending Karras table; fake-score timesteps from all of it; diffusion-GAN timesteps from
-    [0, diffusion_gan_max_timestep) (or sigma_min without diffusion-GAN).
+    [0, diffusion_gan_max_timestep) (or sigma_min without diffusion-GAN). Calling the module computes the
+    guidance update's loss (``forward``); the generator's losses are ``dm_loss`` and ``generator_gan_loss``.
+    Every draw comes from ``rng`` when given (a ``BatchRNG``: per-sample draws independent of the process
+    count), else from the global RNG.
     """
 
     def __init__(
@@ -95,7 +98,7 @@ class GuidanceModel(nn.Module):
         assert self.gan_head is not None, "the generator GAN loss needs gan_classifier=true"
         x_t, sigma = self.gan_noise(x, rng)
         with frozen(self.fake_unet, self.gan_head):
-            _, features = self.fake_unet(x_t, sigma, class_labels, return_bottleneck=True)
+            _, features = self.fake_unet(x_t, sigma, class_labels, return_bottleneck=True, decode_first=0)
             return gan_generator_loss(self.gan_head(features))
 
     def forward(self, x: Tensor, class_labels: Tensor, real: Tensor | None = None, real_labels: Tensor | None = None,
@@ -115,8 +118,9 @@ class GuidanceModel(nn.Module):
             for images, y in ((real, real_labels), (x, class_labels)):
                 images_t, s = self.gan_noise(images, rng)
                 noisy.append(images_t), sigmas.append(s), labels.append(y)
+        # the classifier needs only bottleneck features: the decoder runs on the first n (denoising) samples
         denoised, features = self.fake_unet(torch.cat(noisy), torch.cat(sigmas), torch.cat(labels),
-                                            return_bottleneck=True)
+                                            return_bottleneck=True, decode_first=n)
         loss = weighted_denoising_error(denoised[:n], x, sigma, self.sigma_data)
         logs = {"loss_fake": loss.detach()}
         if self.gan_head is not None:

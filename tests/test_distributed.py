@@ -14,14 +14,7 @@ import torch
 from dmd2.checkpoint import load_checkpoint
 from dmd2.data import EpochBatchSampler
 from dmd2.distributed import BatchRNG, Dist
-from tests.conftest import ROOT, run_cli
-
-# Same weights up to float summation order: the gradient all-reduce averages two half-batch means. Adam
-# turns a rounding difference on a near-zero gradient entry into up to a whole step (lr), so a few entries may
-# move by a fraction of lr; a real mismatch (unsynchronised gradients, a wrong shard) moves most of them.
-MAX_STEP_FRACTION = 0.25    # any entry: within a quarter of one Adam step (lr)
-MEAN_STEP_FRACTION = 1e-3   # averaged over a tensor: within a thousandth of a step
-
+from tests.conftest import ROOT, assert_trained_alike, run_cli
 
 BASE = ["logger=none", "device=cpu", "data=image_folder", "max_steps=4", "save_every=2", "sample_every=0",
         "log_every=1", "warmup_steps=2", "data.num_workers=0", "samples_per_class=1", "sample_steps=2"]
@@ -32,14 +25,6 @@ def torchrun(*overrides: str, nproc: int = 2, timeout: int = 300) -> subprocess.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "train.py"), *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-
-
-def assert_close(a: dict, b: dict, what: str, lr: float) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        diff = (a[key].float() - b[key].float()).abs()
-        assert diff.max() <= MAX_STEP_FRACTION * lr and diff.mean() <= MEAN_STEP_FRACTION * lr, (
-            f"{what}: {key} differs by up to {diff.max():.2e}, {diff.mean():.2e} on average (lr {lr})")
 
 
 def assert_written_once(folder: Path, prefix: str, steps: int) -> None:
@@ -70,8 +55,8 @@ def test_teacher_two_processes_match_one_process_with_the_global_batch(teacher_p
     assert_written_once(ddp, "teacher", 4)
     a, b = load_checkpoint(str(single / "teacher_final.pt")), load_checkpoint(str(ddp / "teacher_final.pt"))
     lr = a["config"]["lr"]
-    assert_close(a["model"], b["model"], "teacher weights", lr)
-    assert_close(a["ema"], b["ema"], "teacher EMA", lr)
+    assert_trained_alike(a["model"], b["model"], lr, "teacher weights")
+    assert_trained_alike(a["ema"], b["ema"], lr, "teacher EMA")
     assert b["config"]["world_size"] == 2 and b["config"]["global_batch_size"] == 8
     assert len(b["rng_ranks"]) == 2
     before = load_checkpoint(str(single / "teacher_000002.pt"))["model"]
@@ -96,7 +81,7 @@ def test_distill_two_processes_match_one_process_with_the_global_batch(gan, teac
     a = load_checkpoint(str(tmp_path / "single" / "dmd2_final.pt"))
     b = load_checkpoint(str(tmp_path / "ddp" / "dmd2_final.pt"))
     for key in ["generator", "fake_unet", "generator_ema"] + (["gan_head"] if gan else []):
-        assert_close(a[key], b[key], f"distill {key}", lr=1e-3)
+        assert_trained_alike(a[key], b[key], 1e-3, f"distill {key}")
     assert a["generator_optimizer"]["state"][0]["step"] == b["generator_optimizer"]["state"][0]["step"] == 2
     assert b["guidance_optimizer"]["state"][0]["step"] == 4
 

@@ -173,3 +173,22 @@ def test_edm_arch_configs_hold_every_constructor_key(arch, expected_params):
     with torch.device("meta"):  # count without allocating
         net = ARCHITECTURES["edm_unet"](num_classes=10, resolution=32, **arch_kwargs(arch_cfg))
     assert count_parameters(net) == expected_params
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("simple_unet", dict(channels=(16, 32), noise_emb_dim=16, emb_dim=32, groups=4, dropout=0.0)),
+    ("edm_unet", TINY_EDM),
+])
+def test_decode_first_denoises_a_prefix_and_keeps_every_bottleneck(name, kwargs):
+    """The GAN classifier's fast path: only the first n samples go through the decoder."""
+    torch.manual_seed(0)
+    denoiser = build_denoiser({"name": name, **kwargs}, 10, 32).eval()
+    x, sigma, y = torch.randn(6, 3, 32, 32), torch.rand(6) * 5 + 0.1, torch.randint(0, 10, (6,))
+    with torch.no_grad():
+        full, full_features = denoiser(x, sigma, y, return_bottleneck=True)
+        part, features = denoiser(x, sigma, y, return_bottleneck=True, decode_first=2)
+        none, only_features = denoiser(x, sigma, y, return_bottleneck=True, decode_first=0)
+    assert part.shape == (2, 3, 32, 32) and none.shape == (0, 3, 32, 32)
+    torch.testing.assert_close(part, full[:2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(features, full_features)
+    torch.testing.assert_close(only_features, full_features)

@@ -336,9 +336,12 @@ class EDMUNet(nn.Module):
 
     def forward(
         self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None, return_bottleneck: bool = False,
-        augment_labels: Tensor | None = None,
+        augment_labels: Tensor | None = None, decode_first: int | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
+        """x [B,C,H,W] -> [B,C,H,W] (and the bottleneck). ``decode_first=n``: the decoder runs on the first n
+        samples only (output [n,C,H,W]); the others are only encoded (their bottleneck is kept)."""
         emb = self._embedding(x, c_noise, class_labels, augment_labels)
+        no_output = x[:0]  # what decode_first=0 returns: [0,C,H,W]
 
         skips: list[Tensor] = []
         aux = x
@@ -353,6 +356,10 @@ class EDMUNet(nn.Module):
                 x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
         bottleneck = x
+        if decode_first is not None:
+            if decode_first == 0:
+                return (no_output, bottleneck) if return_bottleneck else no_output
+            x, emb, skips = x[:decode_first], emb[:decode_first], [s[:decode_first] for s in skips]
 
         out: Tensor | None = None
         normed: Tensor | None = None

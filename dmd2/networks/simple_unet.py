@@ -125,8 +125,11 @@ class SimpleUNet(nn.Module):
         self.out_conv = nn.Conv2d(cur, in_channels, 3, padding=1)
 
     def forward(
-        self, x: Tensor, c_noise: Tensor, class_labels: Tensor, return_bottleneck: bool = False
+        self, x: Tensor, c_noise: Tensor, class_labels: Tensor, return_bottleneck: bool = False,
+        decode_first: int | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
+        """x [B,C,H,W] -> [B,C,H,W] (and the bottleneck [B,C',H',W']). ``decode_first=n``: the decoder runs on
+        the first n samples only (output [n,C,H,W]); the others are only encoded (their bottleneck is kept)."""
         emb = self.noise_mlp(sinusoidal_embedding(c_noise, self.noise_emb_dim)) + self.label_emb(class_labels)
         h = self.stem(x)
         skips = []
@@ -137,6 +140,10 @@ class SimpleUNet(nn.Module):
                 h = F.avg_pool2d(h, 2)
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
         bottleneck = h
+        if decode_first is not None:
+            if decode_first == 0:
+                return (x[:0], bottleneck) if return_bottleneck else x[:0]
+            h, emb, skips = h[:decode_first], emb[:decode_first], [s[:decode_first] for s in skips]
         for i, (block, attn) in enumerate(zip(self.up, self.up_attn)):
             if i % self.num_res_blocks == 0:
                 h = F.interpolate(h, scale_factor=2, mode="nearest")

@@ -22,6 +22,7 @@ from dmd2.distributed import (
     BatchRNG, Dist, barrier, broadcast_object, gather_objects, global_mean, init_distributed, shutdown,
 )
 from dmd2.logging import RunLogger
+from dmd2.speed import set_backend_flags
 
 
 @dataclass
@@ -130,6 +131,7 @@ def start_run(cfg: DictConfig, job_type: str, prefix: str) -> RunContext:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    set_backend_flags(cfg.perf, device)
     torch.manual_seed(cfg.seed + d.rank)  # dropout and other in-network randomness differ between ranks
     logger = RunLogger(output_dir, logger_settings(cfg), config, job_type, cfg.run_name or default_run_name(),
                        enabled=d.is_main, resume_id=resume.get("wandb_run_id") if resume else None)
@@ -174,8 +176,10 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
 
 
-def adamw(params: Any, lr: float, betas: Any, weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+def adamw(params: Any, lr: float, betas: Any, weight_decay: float, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW, with its fused kernel when ``fused`` (else the multi-tensor one)."""
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                             **({"fused": True} if fused else {}))
 
 
 @torch.no_grad()

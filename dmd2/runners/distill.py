@@ -23,7 +23,7 @@ from torch import nn
 
 from dmd2.checkpoint import load_checkpoint, network_from_checkpoint
 from dmd2.config import ConfigError
-from dmd2.data import LabelsOnly, build_dataset, build_loader, random_hflip
+from dmd2.data import LabelsOnly, build_batches, build_dataset, random_hflip
 from dmd2.diffusion import heun_nfe
 from dmd2.distributed import BatchRNG, mean_across_ranks, wrap
 from dmd2.networks import EDMPrecond, count_parameters
@@ -31,6 +31,7 @@ from dmd2.runners.common import (
     RunContext, adamw, autocast, ema_update, grid_labels, progress, restore_rng, run_state, run_with_logger,
     save_final, save_periodic, start_run, to_grid, total_steps, update, warmup_schedule,
 )
+from dmd2.speed import fused_adamw, prepare_network
 from dmd2.runners.teacher import sample_grid
 from dmd2.unified import UnifiedModel
 
@@ -147,8 +148,12 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         diffusion_gan_max_timestep=cfg.diffusion_gan_max_timestep,
     ).to(device)
     ema = copy.deepcopy(model.generator).eval().requires_grad_(False) if cfg.generator_ema_decay is not None else None
-    opts = {"generator": adamw(model.generator.parameters(), cfg.generator_lr, cfg.adam_betas, cfg.weight_decay),
-            "guidance": adamw(model.guidance.trainable(), cfg.guidance_lr, cfg.adam_betas, cfg.weight_decay)}
+    for net in (model.generator, model.guidance.fake_unet, model.guidance.real_unet):
+        prepare_network(net, cfg.perf)  # channels-last / torch.compile (after the EMA copy: it stays eager)
+    fused = fused_adamw(cfg.perf.fused_adamw, device)
+    betas, wd = cfg.adam_betas, cfg.weight_decay
+    opts = {"generator": adamw(model.generator.parameters(), cfg.generator_lr, betas, wd, fused),
+            "guidance": adamw(model.guidance.trainable(), cfg.guidance_lr, betas, wd, fused)}
     scheds = {k: warmup_schedule(o, cfg.warmup_steps) for k, o in opts.items()}
     start = 0
     if ctx.resume is not None:
@@ -156,8 +161,8 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     # under torchrun: the networks that are updated, inside DistributedDataParallel (gradients averaged)
     generator_net, guidance_net = wrap(model.generator, ctx.dist, device), wrap(model.guidance, ctx.dist, device)
     world, rng = ctx.dist.world_size, ctx.rng
-    loader = build_loader(dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed, device.type == "cuda", start,
-                          ctx.dist.rank, world)
+    loader = build_batches(dataset, cfg.batch_size, cfg.seed, device, cfg.perf, cfg.data.num_workers, start,
+                           ctx.dist.rank, world)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     steps = total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps)
     ratio, num_chain = cfg.dfake_gen_update_ratio, model.num_steps
@@ -228,8 +233,8 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             metrics = mean_across_ranks({f"train/{key}": sums[key] / counts[key] for key in sums}, ctx.dist)
             metrics.update({"train/generator_lr": opts["generator"].param_groups[0]["lr"],
                             "train/guidance_lr": opts["guidance"].param_groups[0]["lr"],
-                            "train/images_per_sec": images_since / (now - t_last), "train/epoch": step // steps_per_epoch,
-                            "train/global_batch_size": cfg.batch_size * world})
+                            "train/images_per_sec": images_since / (now - t_last),
+                            "train/epoch": step // steps_per_epoch, "train/global_batch_size": cfg.batch_size * world})
             ctx.logger.log(metrics, step=done)
             objective = metrics.get("train/loss_dm", objective)
             if timesteps:

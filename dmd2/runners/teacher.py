@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from dmd2.data import build_dataset, build_loader, random_hflip
+from dmd2.data import build_batches, build_dataset, random_hflip
 from dmd2.diffusion import denoising_loss, edm_sigma, heun_nfe, heun_sample, heun_sampler_sigmas
 from dmd2.distributed import mean_across_ranks, wrap
 from dmd2.networks import EDMPrecond, build_denoiser, count_parameters
@@ -21,6 +21,7 @@ from dmd2.runners.common import (
     RunContext, adamw, autocast, ema_decay_at, ema_update, grid_labels, progress, restore_rng, run_state,
     run_with_logger, save_final, save_periodic, start_run, to_grid, total_steps, update, warmup_schedule,
 )
+from dmd2.speed import fused_adamw, prepare_network
 
 
 def teacher_state(cfg: DictConfig, ctx: RunContext, model: EDMPrecond, ema: EDMPrecond,
@@ -48,7 +49,8 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     dataset = build_dataset(cfg.data)
     model = build_denoiser(cfg.arch, cfg.data.num_classes, cfg.data.resolution, cfg.sigma_data).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = adamw(model.parameters(), cfg.lr, cfg.adam_betas, cfg.weight_decay)
+    prepare_network(model, cfg.perf)  # channels-last / torch.compile (after the EMA copy: it stays eager)
+    opt = adamw(model.parameters(), cfg.lr, cfg.adam_betas, cfg.weight_decay, fused_adamw(cfg.perf.fused_adamw, device))
     sched = warmup_schedule(opt, cfg.warmup_steps)
     net = wrap(model, ctx.dist, device)  # DistributedDataParallel under torchrun: gradients averaged over ranks
     start = 0
@@ -59,8 +61,8 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         sched.load_state_dict(ctx.resume["scheduler"])
         start = int(ctx.resume["step"])
     world = ctx.dist.world_size
-    loader = build_loader(dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed, device.type == "cuda", start,
-                          ctx.dist.rank, world)
+    loader = build_batches(dataset, cfg.batch_size, cfg.seed, device, cfg.perf, cfg.data.num_workers, start,
+                           ctx.dist.rank, world)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     steps = total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps)
     ctx.say(f"[teacher] {count_parameters(model) / 1e6:.2f}M parameters, {len(dataset)} images, {steps} steps of "
