@@ -121,11 +121,12 @@ def heun_sample(denoiser: Denoiser, noise: Tensor, class_labels: Tensor, sigmas:
     def d(x_cur: Tensor, s: Tensor) -> Tensor:
         return denoiser(x_cur.to(noise.dtype), (ones * s).to(noise.dtype), class_labels).to(torch.float64)
 
+    levels = sigmas.tolist()  # read once on the host, not once per step
     for i in range(len(sigmas) - 1):
         s_cur, s_next = sigmas[i], sigmas[i + 1]
         slope = (x - d(x, s_cur)) / s_cur
         x_next = x + (s_next - s_cur) * slope
-        if s_next > 0:
+        if levels[i + 1] > 0:
             slope_next = (x_next - d(x_next, s_next)) / s_next
             x_next = x + (s_next - s_cur) * 0.5 * (slope + slope_next)
         x = x_next

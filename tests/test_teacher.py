@@ -8,7 +8,7 @@ import torch
 
 from dmd2.checkpoint import load_checkpoint, network_from_checkpoint
 from dmd2.networks import build_denoiser
-from dmd2.runners.common import ema_decay_at, ema_update, total_steps
+from dmd2.runners.common import RunningMeans, ema_decay_at, ema_update, total_steps
 from tests.conftest import SMOKE, run_cli
 
 
@@ -72,3 +72,11 @@ def test_schedule_helpers():
     before = a.weight.detach().clone()
     ema_update(a, b, 0.75)
     assert torch.allclose(a.weight, 0.75 * before + 0.25 * b.weight)
+
+
+def test_running_means_skip_non_finite_values_and_reset():
+    window = RunningMeans()
+    for v in (1.0, float("nan"), 3.0):
+        window.add({"train/loss": torch.tensor(v), "train/bad": torch.tensor(float("inf"))})
+    assert window.pop() == {"train/loss": 2.0}  # NaN left out of the mean; an all-inf key left out entirely
+    assert window.pop() == {}

@@ -216,8 +216,11 @@ class NonFiniteError(FloatingPointError):
 
 
 def is_finite(step: int, policy: str, **values: Tensor) -> bool:
-    """True if every named value is finite. Otherwise ``policy`` "stop" raises NonFiniteError naming the step
-    and the term (the last checkpoint stays as it was); "skip" warns and returns False (skip this update)."""
+    """True if every named (scalar) value is finite; one host read for all of them. Otherwise ``policy`` "stop"
+    raises NonFiniteError naming the step and the term (the last checkpoint stays as it was); "skip" warns and
+    returns False (skip this update)."""
+    if bool(torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in values.values()])).all()):
+        return True
     for name, value in values.items():
         if not torch.isfinite(value).all():
             message = f"non-finite {name} ({value.item()}) at step {step}"
@@ -227,6 +230,32 @@ def is_finite(step: int, policy: str, **values: Tensor) -> bool:
             raise NonFiniteError(f"{message}; stopping. The last checkpoint is intact; try a lower learning rate, "
                                  "a smaller grad_clip, or on_nonfinite=skip")
     return True
+
+
+class RunningMeans:
+    """Means of scalar logs over a logging window, accumulated on the device: no host read per step, one per
+    window. Non-finite values are left out of their key's mean."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, Tensor] = {}
+
+    def add(self, values: dict[str, Tensor]) -> None:
+        for key, v in values.items():
+            v = v.detach().float().reshape(())
+            ok = torch.isfinite(v)
+            self.sums[key] = self.sums.get(key, 0) + torch.where(ok, v, torch.zeros_like(v))
+            self.counts[key] = self.counts.get(key, 0) + ok.float()
+
+    def pop(self) -> dict[str, float]:
+        """The window's means (keys with no finite value left out), and a fresh window."""
+        keys = list(self.sums)
+        if not keys:
+            return {}
+        sums = torch.stack([self.sums[k] for k in keys]).tolist()
+        counts = torch.stack([self.counts[k] for k in keys]).tolist()
+        self.sums, self.counts = {}, {}
+        return {k: s / n for k, s, n in zip(keys, sums, counts) if n > 0}
 
 
 def update(opt: torch.optim.Optimizer, sched: Any, loss: Tensor, params: list[Tensor], clip: float | None,

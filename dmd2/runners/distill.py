@@ -28,11 +28,11 @@ from dmd2.diffusion import heun_nfe
 from dmd2.distributed import BatchRNG, mean_across_ranks, wrap
 from dmd2.networks import EDMPrecond, count_parameters
 from dmd2.runners.common import (
-    RunContext, adamw, autocast, ema_update, grid_labels, progress, restore_rng, run_state, run_with_logger,
-    save_final, save_periodic, start_run, to_grid, total_steps, update, warmup_schedule,
+    RunContext, RunningMeans, adamw, autocast, ema_update, grid_labels, progress, restore_rng, run_state,
+    run_with_logger, save_final, save_periodic, start_run, to_grid, total_steps, update, warmup_schedule,
 )
-from dmd2.speed import fused_adamw, prepare_network
 from dmd2.runners.teacher import sample_grid
+from dmd2.speed import fused_adamw, prepare_network
 from dmd2.unified import UnifiedModel
 
 
@@ -113,7 +113,7 @@ def generator_step(model: UnifiedModel, opt: torch.optim.Optimizer, sched: Any, 
     gnorm = update(opt, sched, loss, list(model.generator.parameters()), clip, step, on_nonfinite, "generator loss")
     if gnorm is not None:
         logs["generator_grad_norm"] = gnorm
-    return x.detach().float(), {k_: v for k_, v in logs.items() if torch.isfinite(v).all()}
+    return x.detach().float(), logs
 
 
 def fake_score_step(model: UnifiedModel, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, y: torch.Tensor,
@@ -127,7 +127,7 @@ def fake_score_step(model: UnifiedModel, opt: torch.optim.Optimizer, sched: Any,
     gnorm = update(opt, sched, loss, model.guidance.trainable(), clip, step, on_nonfinite, "guidance loss")
     if gnorm is not None:
         logs["guidance_grad_norm"] = gnorm
-    return {k_: v for k_, v in logs.items() if torch.isfinite(v).all()}
+    return logs
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -198,8 +198,7 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     bar.update(start)
     t_last, images_since = time.perf_counter(), 0
     objective: float | None = None
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
+    window = RunningMeans()
     timesteps: list[torch.Tensor] = []
     for step in range(start, steps):
         real, y = next(batches)
@@ -213,7 +212,7 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         if step % ratio == 0:
             x, logs = generator_step(model, opts["generator"], scheds["generator"], z, y, k, cfg.grad_clip, step,
                                      autocast(device, cfg.precision), cfg.on_nonfinite, rng, generator_net)
-            timesteps.append(logs.pop("dm_timesteps").cpu())
+            timesteps.append(logs.pop("dm_timesteps"))
             if ema is not None:
                 ema_update(ema, model.generator, cfg.generator_ema_decay)
         else:
@@ -221,16 +220,14 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
                 x = model.generate(z, y, k).float()
         logs.update(fake_score_step(model, opts["guidance"], scheds["guidance"], x, y, cfg.grad_clip, step, real,
                                     autocast(device, cfg.precision), cfg.on_nonfinite, rng, guidance_net))
-        for key, v in logs.items():
-            sums[key] = sums.get(key, 0.0) + v.item()
-            counts[key] = counts.get(key, 0) + 1
+        window.add({f"train/{key}": v for key, v in logs.items()})
 
         done = step + 1
         images_since += y.shape[0] * world
         bar.update(1)
         if done % cfg.log_every == 0 or done == steps:
             now = time.perf_counter()
-            metrics = mean_across_ranks({f"train/{key}": sums[key] / counts[key] for key in sums}, ctx.dist)
+            metrics = mean_across_ranks(window.pop(), ctx.dist)
             metrics.update({"train/generator_lr": opts["generator"].param_groups[0]["lr"],
                             "train/guidance_lr": opts["guidance"].param_groups[0]["lr"],
                             "train/images_per_sec": images_since / (now - t_last),
@@ -238,9 +235,9 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             ctx.logger.log(metrics, step=done)
             objective = metrics.get("train/loss_dm", objective)
             if timesteps:
-                ctx.logger.log_histogram("train/dm_timesteps", torch.cat(timesteps), step=done)
-            bar.set_postfix(loss_fake=f"{metrics['train/loss_fake']:.4f}")
-            t_last, images_since, sums, counts, timesteps = now, 0, {}, {}, []
+                ctx.logger.log_histogram("train/dm_timesteps", torch.cat(timesteps).cpu(), step=done)
+            bar.set_postfix(loss_fake=f"{metrics.get('train/loss_fake', float('nan')):.4f}")
+            t_last, images_since, timesteps = now, 0, []
         if (cfg.sample_every and done % cfg.sample_every == 0) or done == steps:
             log_generator_grids(done)
         if done % cfg.save_every == 0 and done != steps:

@@ -18,8 +18,8 @@ from dmd2.diffusion import denoising_loss, edm_sigma, heun_nfe, heun_sample, heu
 from dmd2.distributed import mean_across_ranks, wrap
 from dmd2.networks import EDMPrecond, build_denoiser, count_parameters
 from dmd2.runners.common import (
-    RunContext, adamw, autocast, ema_decay_at, ema_update, grid_labels, progress, restore_rng, run_state,
-    run_with_logger, save_final, save_periodic, start_run, to_grid, total_steps, update, warmup_schedule,
+    RunContext, RunningMeans, adamw, autocast, ema_decay_at, ema_update, grid_labels, progress, restore_rng,
+    run_state, run_with_logger, save_final, save_periodic, start_run, to_grid, total_steps, update, warmup_schedule,
 )
 from dmd2.speed import fused_adamw, prepare_network
 
@@ -76,7 +76,7 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     batches = iter(loader)
     bar = progress(steps, "teacher", ctx)
     bar.update(start)
-    t_last, images_since, loss_sum, n_sum, skipped = time.perf_counter(), 0, 0.0, 0, 0
+    t_last, images_since, skipped, window = time.perf_counter(), 0, 0, RunningMeans()
     loss = torch.tensor(float("nan"))
     for step in range(start, steps):
         x, y = next(batches)
@@ -87,7 +87,7 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         with autocast(device, cfg.precision):
             loss = denoising_loss(net, x, sigma, y, ctx.rng.randn(*x.shape), cfg.sigma_data)
         gnorm = update(opt, sched, loss, list(model.parameters()), cfg.grad_clip, step, cfg.on_nonfinite, "loss")
-        if gnorm is not None and torch.isfinite(gnorm):
+        if gnorm is not None:  # None: a skipped update (on_nonfinite=skip)
             ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
         else:
             skipped += 1
@@ -95,18 +95,18 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
 
         done = step + 1
         images_since += x.shape[0] * world
-        if torch.isfinite(loss):
-            loss_sum, n_sum = loss_sum + loss.item(), n_sum + 1
+        window.add({"train/loss": loss})
         bar.update(1)
         if done % cfg.log_every == 0 or done == steps:
             now = time.perf_counter()
-            mean_loss = mean_across_ranks({"loss": loss_sum / max(n_sum, 1)}, ctx.dist)["loss"]
-            ctx.logger.log({"train/loss": mean_loss, "train/lr": opt.param_groups[0]["lr"],
-                            "train/grad_norm": gnorm.item(), "train/images_per_sec": images_since / (now - t_last),
+            metrics = mean_across_ranks(window.pop(), ctx.dist)
+            metrics.update({"train/lr": opt.param_groups[0]["lr"], "train/grad_norm": gnorm.item(),
+                            "train/images_per_sec": images_since / (now - t_last),
                             "train/epoch": step // steps_per_epoch, "train/skipped_steps": skipped,
-                            "train/global_batch_size": cfg.batch_size * world}, step=done)
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
-            t_last, images_since, loss_sum, n_sum = now, 0, 0.0, 0
+                            "train/global_batch_size": cfg.batch_size * world})
+            ctx.logger.log(metrics, step=done)
+            bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}")
+            t_last, images_since = now, 0
         if ctx.dist.is_main and ((cfg.sample_every and done % cfg.sample_every == 0) or done == steps):
             grid = sample_grid(ema, grid_z, grid_y, cfg.sample_steps, cfg.samples_per_class)
             ctx.logger.log_grid("samples/teacher_ema", grid, done, f"EMA, Heun {heun_nfe(cfg.sample_steps)} NFE")
