@@ -149,9 +149,16 @@ class BatchRNG:
     def get_state(self) -> Tensor | None:
         return self.generator.get_state() if self.generator is not None else None
 
-    def set_state(self, state: Tensor | None) -> None:
-        if self.generator is not None and state is not None:
+    def set_state(self, state: Tensor | None) -> bool:
+        """Continue a saved stream; False (the stream is left as seeded) when there is none or it was saved on
+        another kind of device (CPU and CUDA generators keep different states)."""
+        if self.generator is None or state is None:
+            return False
+        try:
             self.generator.set_state(state)
+        except RuntimeError:
+            return False
+        return True
 
 
 def randn_like(x: Tensor, rng: BatchRNG | None) -> Tensor:

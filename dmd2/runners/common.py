@@ -162,7 +162,9 @@ def restore_rng(ctx: RunContext) -> None:
         ctx.say(f"[resume] the checkpoint was written by {len(ranks)} processes, this run has "
                 f"{ctx.dist.world_size}: per-rank random streams are reseeded")
         torch.manual_seed(ctx.config["seed"] + ctx.dist.rank + 1_000_003 * int(ctx.resume["step"]))
-    ctx.rng.set_state(ctx.resume.get("batch_rng"))
+    if not ctx.rng.set_state(ctx.resume.get("batch_rng")):
+        ctx.say("[resume] the checkpoint's batch random stream does not fit this device: it starts afresh from "
+                "the seed (the run stays valid, but is not a bitwise continuation)")
 
 
 def total_steps(num_epochs: int, steps_per_epoch: int, max_steps: int | None) -> int:
