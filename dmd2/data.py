@@ -77,6 +77,9 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def __init__(self, num_items: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
                  world_size: int = 1) -> None:
+        if num_items < batch_size * world_size:
+            raise ValueError(f"batch_size = {batch_size} x {world_size} processes is larger than the dataset "
+                             f"({num_items} images)")
         self.num_items, self.batch_size, self.seed, self.start = num_items, batch_size, seed, start
         self.rank, self.global_batch = rank, batch_size * world_size
         self.batches_per_epoch = num_items // self.global_batch
@@ -95,9 +98,6 @@ def build_loader(ds: Dataset, batch_size: int, num_workers: int, seed: int, pin_
                  start_step: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
     """An endless loader of this rank's share (``batch_size``) of full global batches, in an order fixed by
     ``seed``, starting at global batch ``start_step``."""
-    if len(ds) < batch_size * world_size:  # type: ignore[arg-type]
-        raise ValueError(f"batch_size = {batch_size} x {world_size} processes is larger than the dataset "
-                         f"({len(ds)} images)")  # type: ignore[arg-type]
     sampler = EpochBatchSampler(len(ds), batch_size, seed, start_step, rank, world_size)  # type: ignore[arg-type]
     # its own generator: creating the iterator must not draw from the global RNG (a resumed run would drift)
     return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
@@ -114,9 +114,6 @@ class CachedBatches:
 
     def __init__(self, ds: Dataset, batch_size: int, seed: int, device: torch.device, start_step: int = 0,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0) -> None:
-        if len(ds) < batch_size * world_size:  # type: ignore[arg-type]
-            raise ValueError(f"batch_size = {batch_size} x {world_size} processes is larger than the dataset "
-                             f"({len(ds)} images)")  # type: ignore[arg-type]
         self.sampler = EpochBatchSampler(len(ds), batch_size, seed, start_step, rank,  # type: ignore[arg-type]
                                          world_size)
         self.device = device

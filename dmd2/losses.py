@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dmd2.diffusion import Denoiser, denoising_loss
+from dmd2.diffusion import Denoiser
 
 
 def dm_gradient(x: Tensor, real_denoised: Tensor, fake_denoised: Tensor) -> Tensor:
@@ -40,16 +40,6 @@ def distribution_matching_loss(
         grad = dm_gradient(x, real(x_t, sigma, class_labels), fake(x_t, sigma, class_labels))
     loss = 0.5 * F.mse_loss(x, (x - grad).detach(), reduction="mean")
     return loss, grad
-
-
-def fake_score_loss(
-    fake: Denoiser, x: Tensor, sigma: Tensor, class_labels: Tensor, noise: Tensor, sigma_data: float = 0.5
-) -> Tensor:
-    """Denoising loss of the fake score network on detached generator samples x [B,C,H,W].
-
-    Weight (1/sigma^2 + 1/sigma_data^2), i.e. DMD2's "snr + 1/sigma_data^2" (identical to EDM's lambda).
-    """
-    return denoising_loss(fake, x.detach(), sigma, class_labels, noise, sigma_data)
 
 
 def gan_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:

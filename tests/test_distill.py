@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from dmd2.checkpoint import load_checkpoint
-from dmd2.diffusion import dmd_timestep_sigmas, gaussian_optimal_denoiser
-from dmd2.losses import distribution_matching_loss, dm_gradient, fake_score_loss
+from dmd2.diffusion import denoising_loss, dmd_timestep_sigmas, gaussian_optimal_denoiser
+from dmd2.losses import distribution_matching_loss, dm_gradient
 from dmd2.networks import build_denoiser
 from dmd2.runners.common import adamw, warmup_schedule
 from dmd2.runners.distill import fake_score_step, generator_step
@@ -89,7 +89,8 @@ def test_dm_training_pulls_a_generator_to_the_data_distribution():
             gen_opt.step()
         t = torch.randint(0, 1000, (batch,))
         fake_opt.zero_grad()
-        fake_score_loss(fake, x, sigmas[t], labels, torch.randn_like(x)).backward()
+        # the fake score's loss: EDM denoising on detached samples (weight 1/sigma^2 + 1/sigma_data^2)
+        denoising_loss(fake, x.detach(), sigmas[t], labels, torch.randn_like(x)).backward()
         fake_opt.step()
     assert start > 4 and distance() < start / 20, (start, distance())
 

@@ -122,3 +122,8 @@ def test_two_process_run_resumes_exactly(teacher_pair, tiny_data, tmp_path):
     assert a["step"] == b["step"] == 6
     for key in ("generator", "fake_unet", "gan_head"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), f"{key} differs after resume"
+
+
+def test_a_global_batch_larger_than_the_dataset_is_refused():
+    with pytest.raises(ValueError, match="batch_size = 8 x 3 processes is larger than the dataset"):
+        EpochBatchSampler(20, 8, seed=0, world_size=3)
