@@ -66,3 +66,17 @@ def test_every_section_has_positive_numbers(report: dict) -> None:
         for key in ("generator_update_step", "fake_score_only_step", "avg_ratio_10", "avg_ratio_5"):
             assert positive(o[key]["ratio"]) and positive(o[key]["sum_of_passes_s"])
         assert r["memory_kind"]
+
+
+@pytest.mark.slow
+def test_fast_paths_script_compares_each_switch_with_its_baseline(tmp_path: Path) -> None:
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "fast_paths.sh"), "--device", "cpu", "--tiny",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (tmp_path / "summary.txt").read_text().splitlines()
+    for name, base in [("bf16", "fp32"), ("channels_last", "bf16"), ("fused_adamw", "bf16"), ("compile", "bf16")]:
+        row = next(line for line in lines if line.startswith(name + " "))
+        assert row.endswith(f"vs {base}") and "missing" not in row, row
+    compiled = json.loads((tmp_path / "compile.json").read_text())["settings"]
+    assert compiled["compile"] is True and compiled["bf16"] is True
