@@ -2,7 +2,7 @@
 # One-call check of the whole pipeline on a GPU, then the benchmark. Under 8 minutes on one H100.
 #
 #   bash benchmarks/gpu_check.sh                       # device cuda: results in outputs/gpu_check/results
-#   bash benchmarks/gpu_check.sh --out "$OUT"          # e.g. on a lent machine, results come back from $OUT
+#   bash benchmarks/gpu_check.sh --out results/gpu     # results into a folder of your choice
 #   bash benchmarks/gpu_check.sh --device cpu          # the same steps at --tiny sizes, to check the script on a CPU
 #
 # Steps (each through the real CLI, on a synthetic image-folder dataset written here with PIL):
