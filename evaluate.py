@@ -18,50 +18,25 @@ import torch
 from omegaconf import DictConfig
 
 from dmd2.checkpoint import CheckpointError
-from dmd2.config import (ConfigError, check_device, check_rules, fail, nonneg_int, optional, positive_int,
-                         resolve_device, to_container)
-from dmd2.evaluation import (FEATURE_NETWORKS, RESIZE_MODES, build_feature_network, evaluate_sampler, folder_stats,
-                             precomputed_cifar10_stats)
+from dmd2.config import (ConfigError, check_device, check_fid, check_rules, fail, is_bool, is_path, nonneg_int,
+                         one_of, optional, positive_int, resolve_device, to_container)
+from dmd2.evaluation import evaluate_sampler, feature_network_from_config, reference_from_config
 from dmd2.logging import RunLogger
 from dmd2.runners.common import default_run_name, hydra_output_dir, logger_settings
 from dmd2.sampling import load_sampler
 
-REFERENCES = ("cifar10_train", "folder")
-
-
-def _one_of(options: tuple[str, ...]):
-    return lambda v: v in options
-
-
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
-def _path(v: Any) -> bool:
-    return isinstance(v, str) and v != ""
-
-
 RULES = [
-    ("checkpoint", optional(_path), "null or the path of a teacher_*.pt / dmd2_*.pt checkpoint"),
-    ("checkpoint_dir", optional(_path), "null or a folder of checkpoints"),
-    ("output_dir", optional(_path), "null (the Hydra run directory) or a folder"),
+    ("checkpoint", optional(is_path), "null or the path of a teacher_*.pt / dmd2_*.pt checkpoint"),
+    ("checkpoint_dir", optional(is_path), "null or a folder of checkpoints"),
+    ("output_dir", optional(is_path), "null (the Hydra run directory) or a folder"),
     ("num_samples", lambda v: positive_int(v) and v >= 2, "an integer >= 2 (50000 for published FIDs)"),
     ("batch_size", positive_int, "an integer >= 1"),
     ("seed", nonneg_int, "an integer >= 0"),
     ("num_workers", nonneg_int, "an integer >= 0"),
-    ("teacher_weights", _one_of(("ema", "model")), "'ema' or 'model'"),
-    ("generator_weights", _one_of(("ema", "raw")), "'ema' or 'raw'"),
+    ("teacher_weights", one_of(("ema", "model")), "'ema' or 'model'"),
+    ("generator_weights", one_of(("ema", "raw")), "'ema' or 'raw'"),
     ("sampler.steps", positive_int, "an integer >= 1 (Heun steps: 18 = 35 network evaluations)"),
-    ("kid", _is_bool, "true or false"),
-    ("feature_network.name", _one_of(FEATURE_NETWORKS), f"one of {list(FEATURE_NETWORKS)}"),
-    ("feature_network.path", optional(_path), "null or a TorchScript file"),
-    ("feature_network.resize", _one_of(RESIZE_MODES), f"one of {list(RESIZE_MODES)}"),
-    ("feature_network.inception_weights", optional(_path), "null or the path of inception-2015-12-05.pt"),
-    ("feature_network.allow_download", _is_bool, "true or false"),
-    ("reference.name", _one_of(REFERENCES), f"one of {list(REFERENCES)}"),
-    ("reference.folder", optional(_path), "null or an image folder"),
-    ("reference.cache_dir", _path, "a folder for cached statistics"),
-    ("reference.allow_download", _is_bool, "true or false"),
+    ("kid", is_bool, "true or false"),
 ]
 
 
@@ -76,23 +51,7 @@ def validate(cfg: DictConfig) -> None:
         fail("checkpoint", cfg.checkpoint, "an existing checkpoint file (teacher_*.pt or dmd2_*.pt)")
     if cfg.checkpoint_dir is not None and not os.path.isdir(cfg.checkpoint_dir):
         fail("checkpoint_dir", cfg.checkpoint_dir, "an existing folder of checkpoints")
-    fn = cfg.feature_network
-    if fn.name == "inception" and fn.resize != "clean":
-        fail("feature_network.resize", fn.resize, "'clean' for Inception (it takes 299x299 inputs)")
-    if fn.name == "inception" and fn.path is not None:
-        fail("feature_network.path", fn.path, "null with feature_network.name=inception "
-             "(set feature_network.name=torchscript to use this file)")
-    if fn.name == "torchscript" and (fn.path is None or not os.path.isfile(fn.path)):
-        fail("feature_network.path", fn.path, "an existing TorchScript file with feature_network.name=torchscript")
-    ref = cfg.reference
-    if ref.name == "folder" and (ref.folder is None or not os.path.isdir(ref.folder)):
-        fail("reference.folder", ref.folder, "an existing image folder with reference.name=folder")
-    if ref.name == "cifar10_train" and ref.folder is not None:
-        fail("reference.folder", ref.folder, "null with reference.name=cifar10_train (clean-fid's precomputed "
-             "statistics); add reference.name=folder to use this folder")
-    if ref.name == "cifar10_train" and fn.name != "inception":
-        fail("reference.name", ref.name, "'folder' with a TorchScript feature network (clean-fid's precomputed "
-             "statistics are Inception features); add reference.folder=<image folder>")
+    check_fid(cfg)
 
 
 def checkpoint_step(path: str) -> int:
@@ -127,15 +86,9 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     validate(cfg)
     checkpoints = checkpoints_to_evaluate(cfg)
     device = resolve_device(cfg.device)
-    fn = cfg.feature_network
-    net = build_feature_network(fn.name, device, path=fn.path, resize=fn.resize,
-                                inception_weights=fn.inception_weights, allow_download=fn.allow_download)
-    if cfg.reference.name == "folder":
-        ref = folder_stats(cfg.reference.folder, net, cfg.reference.cache_dir, kid=cfg.kid,
-                           batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-    else:
-        ref = precomputed_cifar10_stats(net, cfg.reference.cache_dir, kid=cfg.kid,
-                                        allow_download=cfg.reference.allow_download)
+    net = feature_network_from_config(cfg.feature_network, device)
+    ref = reference_from_config(cfg.reference, net, kid=cfg.kid, batch_size=cfg.batch_size,
+                                num_workers=cfg.num_workers)
 
     output_dir = cfg.output_dir or hydra_output_dir() or os.path.join("outputs", "evaluate", "run")
     os.makedirs(output_dir, exist_ok=True)

@@ -14,7 +14,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from dmd2.config import validate
+from dmd2.config import ConfigError, validate
 
 
 def runner_for(stage: str) -> Callable[[DictConfig], dict[str, Any]]:
@@ -31,11 +31,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return runner_for(cfg.stage)(cfg)
 
 
+def objective(result: dict[str, Any], optimized_metric: str | None) -> float:
+    """The value a sweeper minimises: ``optimized_metric`` of the run's final metrics, or by default the best
+    eval/fid (eval/fd_*) when the run evaluated (eval_every > 0), else its last logged loss."""
+    key = optimized_metric or result["objective_key"]
+    if key not in result["metrics"]:
+        raise ConfigError(f"config key 'optimized_metric' = {key!r}: the run has no such final metric; it has "
+                          f"{sorted(result['metrics'])}")
+    return float(result["metrics"][key])
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    """Returns the run's objective (read by sweepers such as Optuna): the last logged loss_dm for
-    distillation, the final loss for the teacher."""
-    return train(cfg).get("objective")
+def main(cfg: DictConfig) -> float:
+    """Returns the run's objective for sweepers (Optuna): see ``objective`` and the ``optimized_metric`` key."""
+    return objective(train(cfg), cfg.optimized_metric)
 
 
 def quiet_hydra_on_other_ranks(argv: list[str]) -> list[str]:

@@ -54,7 +54,8 @@ from dmd2.diffusion import (  # noqa: E402
     denoising_loss, heun_nfe, heun_sample, heun_sampler_sigmas, multistep_sample, sample_edm_sigma,
 )
 from dmd2.networks import build_denoiser, count_parameters  # noqa: E402
-from dmd2.runners.common import adamw, autocast, ema_decay_at, ema_update, grad_norm, warmup_schedule  # noqa: E402
+from dmd2.optim import EMA, Updater, adamw, ema_decay_at, grad_norm  # noqa: E402
+from dmd2.runners.common import autocast  # noqa: E402
 from dmd2.runners.distill import fake_score_step, generator_step  # noqa: E402
 from dmd2.speed import prepare_network, set_backend_flags  # noqa: E402
 from dmd2.unified import UnifiedModel  # noqa: E402
@@ -270,7 +271,8 @@ def bench_teacher(arch: dict[str, Any], device: torch.device, args: argparse.Nam
     model = prepare(build(arch, device).train(), args)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = adamw(model.parameters(), hp["lr"], hp["adam_betas"], hp["weight_decay"], args.fused_adamw)
-    sched = warmup_schedule(opt, hp["warmup_steps"])
+    upd = Updater("loss", list(model.parameters()), opt, hp["lr"], hp["warmup_steps"], hp["grad_clip"], "stop",
+                  EMA(ema, model, lambda s: ema_decay_at(s, hp["ema_decay"])))
     b = args.batch_size
     x = images((b, 3, RESOLUTION, RESOLUTION), device, args.channels_last).clamp(-1, 1)
     y = labels(b, device)
@@ -281,18 +283,13 @@ def bench_teacher(arch: dict[str, Any], device: torch.device, args: argparse.Nam
         sigma = sample_edm_sigma(b, hp["p_mean"], hp["p_std"], device=device)
         with amp:
             loss = denoising_loss(model, x, sigma, y, torch.randn_like(x), hp["sigma_data"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm(model.parameters(), hp["grad_clip"])
-        opt.step()
-        sched.step()
-        ema_update(ema, model, ema_decay_at(state["step"], hp["ema_decay"]))
+        upd.update(loss, state["step"])  # the runner's update: backward, clip, finite check, AdamW, EMA
         state["step"] += 1
 
     mem.reset()
     out = timer(step, b)
     out["peak_mem_mb"] = mem.peak_mb()
-    out["includes"] = "denoising_loss forward, backward, grad clip, AdamW step, LR schedule, EMA update"
+    out["includes"] = "denoising_loss forward, backward, grad clip, finite check, AdamW step, EMA update"
     del model, ema, opt
     return out
 
@@ -311,11 +308,14 @@ def build_unified(arch: dict[str, Any], device: torch.device, args: argparse.Nam
     return model, hp
 
 
-def optimizers(model: UnifiedModel, hp: dict[str, Any], fused: bool) -> tuple[Any, Any, Any, Any]:
-    """The distill runner's two AdamW optimizers and warm-up schedules (generator, fake score)."""
-    opt_g = adamw(model.generator.parameters(), hp["generator_lr"], hp["adam_betas"], hp["weight_decay"], fused)
-    opt_f = adamw(model.guidance.trainable(), hp["guidance_lr"], hp["adam_betas"], hp["weight_decay"], fused)
-    return opt_g, opt_f, warmup_schedule(opt_g, hp["warmup_steps"]), warmup_schedule(opt_f, hp["warmup_steps"])
+def optimizers(model: UnifiedModel, hp: dict[str, Any], fused: bool) -> tuple[Updater, Updater]:
+    """The distill runner's two updaters (generator, fake score)."""
+    updaters = []
+    for name, params, lr in (("generator", list(model.generator.parameters()), hp["generator_lr"]),
+                             ("guidance", model.guidance.trainable(), hp["guidance_lr"])):
+        opt = adamw(params, lr, hp["adam_betas"], hp["weight_decay"], fused)
+        updaters.append(Updater(f"{name} loss", params, opt, lr, hp["warmup_steps"], hp["grad_clip"], "stop"))
+    return updaters[0], updaters[1]
 
 
 def bench_dmd2(arch: dict[str, Any], device: torch.device, args: argparse.Namespace, timer: Timer,
@@ -326,7 +326,8 @@ def bench_dmd2(arch: dict[str, Any], device: torch.device, args: argparse.Namesp
     that the step / passes ratios compare measurements taken seconds apart even on a drifting, shared machine.
     """
     model, hp = build_unified(arch, device, args)
-    opt_g, opt_f, sched_g, sched_f = optimizers(model, hp, args.fused_adamw)
+    upd_g, upd_f = optimizers(model, hp, args.fused_adamw)
+    opt_g, opt_f = upd_g.optimizer, upd_f.optimizer
     b, clip = args.batch_size, hp["grad_clip"]
     precision = "bf16" if args.bf16 else "fp32"
     y = labels(b, device)
@@ -336,14 +337,14 @@ def bench_dmd2(arch: dict[str, Any], device: torch.device, args: argparse.Namesp
         return images((model.num_steps, b, 3, RESOLUTION, RESOLUTION), device, args.channels_last)
 
     def gen_update() -> None:  # the runner's body for step % ratio == 0 (minus logging)
-        x, _ = generator_step(model, opt_g, sched_g, noise(), y, 0, clip, state["step"], autocast(device, precision))
-        fake_score_step(model, opt_f, sched_f, x, y, clip, state["step"], None, autocast(device, precision))
+        x, _ = generator_step(model, upd_g, noise(), y, 0, state["step"], autocast(device, precision))
+        fake_score_step(model, upd_f, x, y, state["step"], None, autocast(device, precision))
         state["step"] += 1
 
     def fake_only() -> None:  # the runner's body for the other steps (minus logging)
         with torch.no_grad(), autocast(device, precision):
             x = model.generate(noise(), y, 0).float()
-        fake_score_step(model, opt_f, sched_f, x, y, clip, state["step"], None, autocast(device, precision))
+        fake_score_step(model, upd_f, x, y, state["step"], None, autocast(device, precision))
         state["step"] += 1
 
     # ---- bare passes on the same batch size, networks in the modes the steps use them in ----
@@ -463,8 +464,9 @@ def bench_full_method(arch: dict[str, Any], device: torch.device, args: argparse
     """The full method (experiment=cpu_smoke's: GAN classifier on the fake network's bottleneck, 2-step generator
     with backward simulation) through the same runner functions; k alternates 0, 1 as chain_step draws it."""
     model, hp = build_unified(arch, device, args, sigmas=(80.0, 2.5), gan=True)
-    opt_g, opt_f, sched_g, sched_f = optimizers(model, hp, args.fused_adamw)
-    b, clip = args.batch_size, hp["grad_clip"]
+    upd_g, upd_f = optimizers(model, hp, args.fused_adamw)
+    opt_g, opt_f = upd_g.optimizer, upd_f.optimizer
+    b = args.batch_size
     precision = "bf16" if args.bf16 else "fp32"
     y = labels(b, device)
     real = images((b, 3, RESOLUTION, RESOLUTION), device, args.channels_last).clamp(-1, 1)
@@ -475,15 +477,15 @@ def bench_full_method(arch: dict[str, Any], device: torch.device, args: argparse
 
     def gen_update() -> None:
         k = state["step"] % model.num_steps
-        x, _ = generator_step(model, opt_g, sched_g, noise(), y, k, clip, state["step"], autocast(device, precision))
-        fake_score_step(model, opt_f, sched_f, x, y, clip, state["step"], real, autocast(device, precision))
+        x, _ = generator_step(model, upd_g, noise(), y, k, state["step"], autocast(device, precision))
+        fake_score_step(model, upd_f, x, y, state["step"], real, autocast(device, precision))
         state["step"] += 1
 
     def fake_only() -> None:
         k = state["step"] % model.num_steps
         with torch.no_grad(), autocast(device, precision):
             x = model.generate(noise(), y, k).float()
-        fake_score_step(model, opt_f, sched_f, x, y, clip, state["step"], real, autocast(device, precision))
+        fake_score_step(model, upd_f, x, y, state["step"], real, autocast(device, precision))
         state["step"] += 1
 
     # an even number of timed iterations, so k = 0 and k = 1 are equally represented

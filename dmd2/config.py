@@ -83,6 +83,16 @@ COMMON_RULES: list[Rule] = [
     ("perf.fused_adamw", lambda v: v == "auto" or isinstance(v, bool), "'auto', true or false"),
     ("perf.cache_dataset", lambda v: v == "auto" or isinstance(v, bool), "'auto', true or false"),
     ("perf.cache_max_gb", nonneg, "a number >= 0 (GB)"),
+    ("eval_every", nonneg_int, "an integer >= 0 (steps between FID/FD evaluations; 0 = off)"),
+    ("optimized_metric", optional(lambda v: isinstance(v, str) and v.startswith(("train/", "eval/"))),
+     "null or a metric key such as eval/fid or train/loss_fake"),
+]
+
+EVAL_RULES: list[Rule] = [
+    ("eval.num_samples", lambda v: positive_int(v) and v >= 2, "an integer >= 2 (samples per evaluation)"),
+    ("eval.batch_size", positive_int, "an integer >= 1"),
+    ("eval.seed", nonneg_int, "an integer >= 0"),
+    ("eval.sampler_steps", positive_int, "an integer >= 1 (Heun steps of the teacher's samples)"),
 ]
 
 STAGE_RULES: dict[str, list[Rule]] = {
@@ -113,8 +123,64 @@ STAGE_RULES: dict[str, list[Rule]] = {
         ("gen_cls_loss_weight", nonneg, "a number >= 0"),
         ("diffusion_gan", lambda v: isinstance(v, bool), "true or false"),
         ("diffusion_gan_max_timestep", positive_int, "an integer >= 1"),
+        ("dropout", optional(fraction), "null (the teacher's) or a number in [0, 1]"),
     ],
 }
+
+
+FEATURE_NETWORKS = ("inception", "torchscript")
+RESIZE_MODES = ("clean", "none")
+REFERENCES = ("cifar10_train", "folder")
+
+
+def one_of(options: tuple[str, ...]) -> Callable[[Any], bool]:
+    return lambda v: v in options
+
+
+def is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def is_path(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
+
+
+def fid_rules(prefix: str = "") -> list[Rule]:
+    """Rules of the feature network and reference keys (conf/fid/default.yaml), under ``prefix`` ("" for
+    evaluate.py, "eval." for the evaluation inside training)."""
+    return [(prefix + key, rule, expected) for key, rule, expected in [
+        ("feature_network.name", one_of(FEATURE_NETWORKS), f"one of {list(FEATURE_NETWORKS)}"),
+        ("feature_network.path", optional(is_path), "null or a TorchScript file"),
+        ("feature_network.resize", one_of(RESIZE_MODES), f"one of {list(RESIZE_MODES)}"),
+        ("feature_network.inception_weights", optional(is_path), "null or the path of inception-2015-12-05.pt"),
+        ("feature_network.allow_download", is_bool, "true or false"),
+        ("reference.name", one_of(REFERENCES), f"one of {list(REFERENCES)}"),
+        ("reference.folder", optional(is_path), "null or an image folder"),
+        ("reference.cache_dir", is_path, "a folder for cached statistics"),
+        ("reference.allow_download", is_bool, "true or false"),
+    ]]
+
+
+def check_fid(cfg: DictConfig, prefix: str = "") -> None:
+    """The feature-network and reference keys under ``prefix``: values, files and their combinations."""
+    check_rules(cfg, fid_rules(prefix))
+    fn, ref = OmegaConf.select(cfg, prefix + "feature_network"), OmegaConf.select(cfg, prefix + "reference")
+    if fn.name == "inception" and fn.resize != "clean":
+        fail(prefix + "feature_network.resize", fn.resize, "'clean' for Inception (it takes 299x299 inputs)")
+    if fn.name == "inception" and fn.path is not None:
+        fail(prefix + "feature_network.path", fn.path, f"null with {prefix}feature_network.name=inception "
+             f"(set {prefix}feature_network.name=torchscript to use this file)")
+    if fn.name == "torchscript" and (fn.path is None or not os.path.isfile(fn.path)):
+        fail(prefix + "feature_network.path", fn.path,
+             f"an existing TorchScript file with {prefix}feature_network.name=torchscript")
+    if ref.name == "folder" and (ref.folder is None or not os.path.isdir(ref.folder)):
+        fail(prefix + "reference.folder", ref.folder, f"an existing image folder with {prefix}reference.name=folder")
+    if ref.name == "cifar10_train" and ref.folder is not None:
+        fail(prefix + "reference.folder", ref.folder, f"null with {prefix}reference.name=cifar10_train (clean-fid's "
+             f"precomputed statistics); add {prefix}reference.name=folder to use this folder")
+    if ref.name == "cifar10_train" and fn.name != "inception":
+        fail(prefix + "reference.name", ref.name, "'folder' with a TorchScript feature network (clean-fid's "
+             f"precomputed statistics are Inception features); add {prefix}reference.folder=<image folder>")
 
 
 def fail(key: str, value: Any, expected: str) -> None:
@@ -167,6 +233,9 @@ def validate(cfg: DictConfig) -> None:
     if stage not in STAGE_RULES:
         fail("stage", stage, f"one of {sorted(STAGE_RULES)}")
     check_rules(cfg, COMMON_RULES + STAGE_RULES[stage])
+    if cfg.eval_every > 0:
+        check_rules(cfg, EVAL_RULES)
+        check_fid(cfg, "eval.")
     check_device(cfg)
     check_data(cfg)
     if cfg.resume not in (None, "auto") and not os.path.isfile(cfg.resume):

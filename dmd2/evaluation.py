@@ -24,7 +24,7 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.resize import build_resizer
 from cleanfid.utils import EXTENSIONS
 
+from dmd2.config import FEATURE_NETWORKS, RESIZE_MODES
+from dmd2.distributed import Dist, gather_objects
 from dmd2.sampling import CheckpointSampler, generate_uint8
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -47,8 +49,6 @@ INCEPTION_URL = inception_url  # where clean-fid downloads the Inception weights
 CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/"
 CIFAR10_TRAIN = dict(name="cifar10", res=32, split="train", mode="clean")
 DOWNLOAD_TIMEOUT_S = 60.0  # socket timeout for any download we allow: a dead connection fails, never hangs
-RESIZE_MODES = ("clean", "none")
-FEATURE_NETWORKS = ("inception", "torchscript")
 
 
 @contextlib.contextmanager
@@ -399,11 +399,12 @@ def folder_stats(folder: str, net: FeatureNetwork, cache_dir: str, kid: bool = F
 
 
 def sampler_features(sampler: CheckpointSampler, net: FeatureNetwork, num: int, seed: int, batch_size: int,
-                     device: torch.device | str, dim: int, progress: bool = True) -> tuple[np.ndarray, float]:
-    """Features [num, dim] of samples 0..num-1 of ``sampler`` (dmd2.sampling.generate_uint8: seeded noise,
-    round-robin classes), generated and featurized batch by batch; also the seconds spent generating."""
+                     device: torch.device | str, dim: int, progress: bool = True, start: int = 0
+                     ) -> tuple[np.ndarray, float]:
+    """Features [num, dim] of samples start..start+num-1 of ``sampler`` (dmd2.sampling.generate_uint8: seeded
+    noise, round-robin classes), generated and featurized batch by batch; also the seconds spent generating."""
     feats = np.empty((num, dim), dtype=np.float32)
-    batches = generate_uint8(sampler, num, seed, batch_size, device)
+    batches = generate_uint8(sampler, num, seed, batch_size, device, start)
     done, gen_seconds, next_report = 0, 0.0, num / 10
     while True:
         start = time.perf_counter()
@@ -420,20 +421,54 @@ def sampler_features(sampler: CheckpointSampler, net: FeatureNetwork, num: int, 
     return feats, gen_seconds
 
 
-def evaluate_sampler(sampler: CheckpointSampler, net: FeatureNetwork, ref: ReferenceStats, num: int, seed: int,
-                     batch_size: int, device: torch.device | str, kid: bool = False) -> dict[str, Any]:
-    """FID / FD (and KID) of ``num`` samples of ``sampler`` against ``ref``; the numbers of one result row."""
-    if net.resize == "none" and ref.image_size is not None and ref.image_size != sampler.resolution:
+def evaluate_sampler(sampler: CheckpointSampler, net: FeatureNetwork, ref: ReferenceStats | None, num: int,
+                     seed: int, batch_size: int, device: torch.device | str, kid: bool = False,
+                     dist: Dist | None = None, progress: bool = True) -> dict[str, Any] | None:
+    """FID / FD (and KID) of samples 0..num-1 of ``sampler`` against ``ref``; the numbers of one result row.
+
+    Under torchrun (``dist`` with several processes) every rank must call it: rank r generates and featurizes
+    the contiguous slice [num*r/W, num*(r+1)/W) of the samples, rank 0 gathers the features in order and
+    computes the distance (only rank 0 needs ``ref``), so the value is the same for any number of processes.
+    Returns None on the other ranks."""
+    dist = dist or Dist()
+    if ref is not None and net.resize == "none" and ref.image_size is not None and ref.image_size != sampler.resolution:
         raise EvaluationError(f"feature_network.resize=none compares images at their native size, but the samples "
                               f"are {sampler.resolution}x{sampler.resolution} and the reference images "
                               f"{ref.image_size} wide")
     dim = feature_dim(net, 299 if net.resize == "clean" else sampler.resolution)
-    if dim != ref.mu.shape[0]:
+    if ref is not None and dim != ref.mu.shape[0]:
         raise EvaluationError(f"the feature network gives {dim}-d features, the reference statistics {ref.path} "
                               f"are {ref.mu.shape[0]}-d")
     start = time.perf_counter()
-    feats, gen_seconds = sampler_features(sampler, net, num, seed, batch_size, device, dim)
+    lo, hi = num * dist.rank // dist.world_size, num * (dist.rank + 1) // dist.world_size
+    feats, gen_seconds = sampler_features(sampler, net, hi - lo, seed, batch_size, device, dim,
+                                          progress and dist.is_main, start=lo)
+    parts = gather_objects((feats, gen_seconds), dist)
+    if not dist.is_main:
+        return None
+    assert ref is not None, "rank 0 needs the reference statistics"
+    feats, gen_seconds = np.concatenate([f for f, _ in parts]), max(s for _, s in parts)
     value = frechet_distance(*feature_statistics(feats), ref.mu, ref.sigma)
     kid_value = kernel_inception_distance(feats, ref.feats, seed) if kid and ref.feats is not None else None
+    total = time.perf_counter() - start
     return dict(value=value, kid=kid_value, images_per_sec=num / max(gen_seconds, 1e-9),
-                generation_seconds=gen_seconds, total_seconds=time.perf_counter() - start)
+                generation_seconds=gen_seconds, total_seconds=total)
+
+
+# --------------------------------------------------------------------------------------------- from config
+
+
+def feature_network_from_config(fn: Mapping[str, Any], device: torch.device) -> FeatureNetwork:
+    """The ``feature_network`` config node (conf/fid/default.yaml) -> its FeatureNetwork."""
+    return build_feature_network(fn["name"], device, path=fn["path"], resize=fn["resize"],
+                                 inception_weights=fn["inception_weights"], allow_download=fn["allow_download"])
+
+
+def reference_from_config(ref: Mapping[str, Any], net: FeatureNetwork, kid: bool = False, batch_size: int = 128,
+                          num_workers: int = 0) -> ReferenceStats:
+    """The ``reference`` config node (conf/fid/default.yaml) -> statistics: an image folder's (computed once,
+    cached in ``reference.cache_dir``) or clean-fid's precomputed CIFAR-10 train statistics."""
+    if ref["name"] == "folder":
+        return folder_stats(ref["folder"], net, ref["cache_dir"], kid=kid, batch_size=batch_size,
+                            num_workers=num_workers)
+    return precomputed_cifar10_stats(net, ref["cache_dir"], kid=kid, allow_download=ref["allow_download"])

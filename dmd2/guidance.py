@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from dmd2.diffusion import dmd_timestep_sigmas, weighted_denoising_error
 from dmd2.distributed import BatchRNG, randint, randn_like
 from dmd2.losses import distribution_matching_loss, gan_discriminator_loss, gan_generator_loss
-from dmd2.networks import EDMPrecond
+from dmd2.networks import EDMPrecond, set_dropout
 from dmd2.networks.gan_head import GANHead
 
 
@@ -50,11 +50,13 @@ class GuidanceModel(nn.Module):
         self, teacher: EDMPrecond, num_train_timesteps: int = 1000, min_step_percent: float = 0.02,
         max_step_percent: float = 0.98, gan_classifier: bool = False, diffusion_gan: bool = True,
         diffusion_gan_max_timestep: int = 1000, cls_loss_weight: float = 0.0, sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
+        sigma_max: float = 80.0, dropout: float | None = 0.0,
     ) -> None:
         super().__init__()
         self.real_unet = teacher.eval().requires_grad_(False)
         self.fake_unet = copy.deepcopy(teacher).train().requires_grad_(True)
+        if dropout is not None:
+            set_dropout(self.fake_unet, dropout)
         self.sigma_data = teacher.sigma_data
         self.register_buffer("sigmas", dmd_timestep_sigmas(num_train_timesteps, sigma_min, sigma_max))
         self.min_step = int(min_step_percent * num_train_timesteps)
@@ -84,13 +86,12 @@ class GuidanceModel(nn.Module):
         return loss, {"dm_timesteps": t, "dm_grad_norm": grad.flatten(1).norm(dim=1).mean()}
 
     def gan_noise(self, x: Tensor, rng: BatchRNG | None = None) -> tuple[Tensor, Tensor]:
-        """The classifier's view of images x [B,C,H,W]: (x + sigma * noise, sigma [B]), sigma = sigmas[t] with
-        t ~ U{0 .. diffusion_gan_max_timestep-1} under diffusion-GAN, else sigma_min."""
-        if self.diffusion_gan:
-            t = randint(0, self.diffusion_gan_max_timestep, x.shape[0], x.device, rng)
-        else:
-            t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        sigma = self.sigmas[t]
+        """The classifier's view of images x [B,C,H,W] and the noise level it is told, sigma [B]. Diffusion-GAN:
+        (x + sigma * noise, sigma) with sigma = sigmas[t], t ~ U{0 .. diffusion_gan_max_timestep-1}. Without it:
+        the clean images x, conditioned on sigmas[0] = sigma_min (the network's input needs a positive sigma)."""
+        if not self.diffusion_gan:
+            return x, self.sigmas[0].expand(x.shape[0])
+        sigma = self.sigmas[randint(0, self.diffusion_gan_max_timestep, x.shape[0], x.device, rng)]
         return x + sigma.view(-1, 1, 1, 1) * randn_like(x, rng), sigma
 
     def generator_gan_loss(self, x: Tensor, class_labels: Tensor, rng: BatchRNG | None = None) -> Tensor:

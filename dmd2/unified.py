@@ -14,21 +14,24 @@ from torch import Tensor, nn
 from dmd2.diffusion import backward_simulation, multistep_sample
 from dmd2.distributed import BatchRNG
 from dmd2.guidance import GuidanceModel
-from dmd2.networks import EDMPrecond
+from dmd2.networks import EDMPrecond, set_dropout
 
 
 class UnifiedModel(nn.Module):
     """``generator``: a copy of the teacher mapping noise to images in len(denoising_sigmas) steps
-    (one step: x = G(z * sigma_c; sigma_c, class)). ``guidance``: see GuidanceModel.
+    (one step: x = G(z * sigma_c; sigma_c, class)). ``guidance``: see GuidanceModel. ``dropout``: of the generator
+    and the fake score network (None keeps the teacher's; the teacher itself always runs without).
     """
 
     def __init__(
         self, teacher: EDMPrecond, denoising_sigmas: Sequence[float] = (80.0,), cls_loss_weight: float = 0.0,
-        gen_cls_loss_weight: float = 0.0, **guidance_kwargs: float,
+        gen_cls_loss_weight: float = 0.0, dropout: float | None = 0.0, **guidance_kwargs: float,
     ) -> None:
         super().__init__()
         self.generator = copy.deepcopy(teacher).train().requires_grad_(True)
-        self.guidance = GuidanceModel(teacher, cls_loss_weight=cls_loss_weight, **guidance_kwargs)
+        if dropout is not None:
+            set_dropout(self.generator, dropout)
+        self.guidance = GuidanceModel(teacher, cls_loss_weight=cls_loss_weight, dropout=dropout, **guidance_kwargs)
         self.denoising_sigmas = [float(s) for s in denoising_sigmas]
         self.gen_cls_loss_weight = gen_cls_loss_weight
 

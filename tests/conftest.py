@@ -38,9 +38,9 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data") / "tiny")
 
 
-def compose_cfg(overrides: list[str], config_name: str = "config"):
+def compose_cfg(overrides: list[str], config_name: str = "config", return_hydra_config: bool = False):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config)
 
 
 def run_cli(script: str, *overrides: str, env: dict[str, str] | None = None, timeout: int = 300,
@@ -52,6 +52,38 @@ def run_cli(script: str, *overrides: str, env: dict[str, str] | None = None, tim
 
 
 SMOKE = ["debug=smoke", "logger=none"]
+
+
+class TinyFeatures(torch.nn.Module):
+    """Random two-layer conv net: float images [B,3,H,W] in [0,255] -> [B,8]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x / 127.5 - 1.0))
+        return 10.0 * torch.relu(self.conv2(h)).mean(dim=(2, 3))
+
+
+@pytest.fixture(scope="session")
+def featnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small TorchScript feature network file (tiny-featnet.ts.pt: its distances are "FD (tiny-featnet)")."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("featnet") / "tiny-featnet.ts.pt"
+    torch.jit.script(TinyFeatures().eval()).save(str(path))
+    return path
+
+
+def train_eval_args(featnet: Path, reference: Path, cache: Path, every: int = 2, num: int = 30,
+                    prefix: str = "eval.") -> list[str]:
+    """Overrides for the evaluation inside training (or evaluate.py with prefix ""), measured with the tiny
+    feature network against a reference folder at native resolution."""
+    return [f"{prefix}feature_network.name=torchscript", f"{prefix}feature_network.path={featnet}",
+            f"{prefix}feature_network.resize=none", f"{prefix}reference.name=folder",
+            f"{prefix}reference.folder={reference}", f"{prefix}reference.cache_dir={cache}",
+            f"{prefix}num_samples={num}", f"{prefix}batch_size=8"] + ([f"eval_every={every}"] if prefix else [])
 
 
 @pytest.fixture(scope="session")

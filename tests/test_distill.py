@@ -12,7 +12,7 @@ from dmd2.checkpoint import load_checkpoint
 from dmd2.diffusion import denoising_loss, dmd_timestep_sigmas, gaussian_optimal_denoiser
 from dmd2.losses import distribution_matching_loss, dm_gradient
 from dmd2.networks import build_denoiser
-from dmd2.runners.common import adamw, warmup_schedule
+from dmd2.optim import Updater, adamw
 from dmd2.runners.distill import fake_score_step, generator_step
 from dmd2.unified import UnifiedModel
 from tests.conftest import SMOKE, run_cli
@@ -104,18 +104,20 @@ def test_update_schedule_and_frozen_teacher():
     gen_before = [p.detach().clone() for p in model.generator.parameters()]
     opts = {"generator": adamw(model.generator.parameters(), 1e-3, (0.9, 0.999), 0.01),
             "guidance": adamw(model.guidance.fake_unet.parameters(), 1e-3, (0.9, 0.999), 0.01)}
-    scheds = {k: warmup_schedule(o, 0) for k, o in opts.items()}
+    upds = {"generator": Updater("generator loss", list(model.generator.parameters()), opts["generator"], 1e-3, 0,
+                                 10.0, "stop"),
+            "guidance": Updater("guidance loss", model.guidance.trainable(), opts["guidance"], 1e-3, 0, 10.0, "stop")}
     steps, ratio, updates = 7, 3, 0
     for step in range(steps):  # the runner's schedule
         y = torch.randint(0, 10, (4,))
         z = torch.randn(1, 4, 3, 8, 8)
         if step % ratio == 0:
-            x, _ = generator_step(model, opts["generator"], scheds["generator"], z, y, 0, 10.0, step)
+            x, _ = generator_step(model, upds["generator"], z, y, 0, step)
             updates += 1
         else:
             with torch.no_grad():
                 x = model.generate(z, y)
-        fake_score_step(model, opts["guidance"], scheds["guidance"], x, y, 10.0, step)
+        fake_score_step(model, upds["guidance"], x, y, step)
         assert all(p.grad is None for p in model.guidance.real_unet.parameters())
     adam_steps = lambda opt: {int(s["step"]) for s in opt.state_dict()["state"].values()}  # noqa: E731
     assert updates == 3 and adam_steps(opts["generator"]) == {3} and adam_steps(opts["guidance"]) == {7}
@@ -141,9 +143,9 @@ def test_teacher_distill_generate_end_to_end(teacher_ckpt, tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = load_checkpoint(str(out / "dmd2_final.pt"), kind="dmd2")
     assert state["step"] == 5 and state["conditioning_sigma"] == 80.0
-    steps = {int(s["step"]) for s in state["generator_optimizer"]["state"].values()}
+    steps = {int(s["step"]) for s in state["generator_updater"]["optimizer"]["state"].values()}
     assert steps == {3}  # ceil(5 / 2) generator updates, at steps 0, 2, 4
-    assert {int(s["step"]) for s in state["guidance_optimizer"]["state"].values()} == {5}
+    assert {int(s["step"]) for s in state["guidance_updater"]["optimizer"]["state"].values()} == {5}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss_dm" in r] == [1, 3, 5]
     assert all("train/loss_fake" in r and "train/guidance_grad_norm" in r for r in rows)

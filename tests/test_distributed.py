@@ -14,7 +14,7 @@ import torch
 from dmd2.checkpoint import load_checkpoint
 from dmd2.data import EpochBatchSampler
 from dmd2.distributed import BatchRNG, Dist
-from tests.conftest import ROOT, assert_trained_alike, run_cli
+from tests.conftest import ROOT, assert_trained_alike, run_cli, train_eval_args
 
 BASE = ["logger=none", "device=cpu", "data=image_folder", "max_steps=4", "save_every=2", "sample_every=0",
         "log_every=1", "warmup_steps=2", "data.num_workers=0", "samples_per_class=1", "sample_steps=2"]
@@ -31,7 +31,13 @@ def assert_written_once(folder: Path, prefix: str, steps: int) -> None:
     assert sorted(p.name for p in folder.glob(f"{prefix}_*.pt")) == [f"{prefix}_000002.pt", f"{prefix}_final.pt"]
     assert not list(folder.glob(".tmp-*")), "a half-written checkpoint was left behind"
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, steps + 1)), "metrics must be written by rank 0 only"
+    train = [r["step"] for r in rows if any(k.startswith("train/") for k in r)]
+    assert train == list(range(1, steps + 1)), "metrics must be written by rank 0 only"
+
+
+def eval_rows(folder: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["eval/fd_tiny-featnet"] for r in rows if "eval/fd_tiny-featnet" in r}
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +71,16 @@ def test_teacher_two_processes_match_one_process_with_the_global_batch(teacher_p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("gan", [False, True])
-def test_distill_two_processes_match_one_process_with_the_global_batch(gan, teacher_pair, tiny_data, tmp_path):
+def test_distill_two_processes_match_one_process_with_the_global_batch(gan, teacher_pair, tiny_data, featnet,
+                                                                    tmp_path):
     """The two-network update in lockstep: generator every 2nd step, fake score every step, with the GAN
-    classifier's batched forward and a 2-step generator (backward simulation)."""
+    classifier's batched forward and a 2-step generator (backward simulation). The FD measured during training
+    (its samples sharded over the ranks, 15 each) equals the single process's."""
     teacher = teacher_pair[0] / "teacher_final.pt"
     common = [*BASE, "stage=distill", f"data.root={tiny_data}", f"teacher_checkpoint={teacher}",
               "dfake_gen_update_ratio=2", f"gan_classifier={str(gan).lower()}", "generator_lr=1e-3",
-              "guidance_lr=1e-3", "denoising_sigmas=[80.0,2.0]", "generator_ema_decay=0.9"]
+              "guidance_lr=1e-3", "denoising_sigmas=[80.0,2.0]", "generator_ema_decay=0.9",
+              *train_eval_args(featnet, tiny_data, tmp_path / "fid_stats", every=2, num=30)]
     single = run_cli("train.py", *common, "batch_size=8", f"output_dir={tmp_path / 'single'}",
                      f"hydra.run.dir={tmp_path / 'h1'}")
     assert single.returncode == 0, single.stderr[-3000:]
@@ -82,8 +91,13 @@ def test_distill_two_processes_match_one_process_with_the_global_batch(gan, teac
     b = load_checkpoint(str(tmp_path / "ddp" / "dmd2_final.pt"))
     for key in ["generator", "fake_unet", "generator_ema"] + (["gan_head"] if gan else []):
         assert_trained_alike(a[key], b[key], 1e-3, f"distill {key}")
-    assert a["generator_optimizer"]["state"][0]["step"] == b["generator_optimizer"]["state"][0]["step"] == 2
-    assert b["guidance_optimizer"]["state"][0]["step"] == 4
+    assert a["generator_updater"]["optimizer"]["state"][0]["step"] == b["generator_updater"]["optimizer"]["state"][0]["step"] == 2
+    assert b["guidance_updater"]["optimizer"]["state"][0]["step"] == 4
+    single_fd, ddp_fd = eval_rows(tmp_path / "single"), eval_rows(tmp_path / "ddp")
+    assert sorted(single_fd) == sorted(ddp_fd) == [0, 2, 4]
+    assert single_fd[0] == pytest.approx(ddp_fd[0], rel=1e-5)  # the same (teacher-copy) generator
+    for step in (2, 4):  # generators trained alike, up to summation order
+        assert single_fd[step] == pytest.approx(ddp_fd[step], rel=1e-2)
 
 
 def test_batch_sampler_shards_each_global_batch_between_ranks():

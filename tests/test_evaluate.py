@@ -29,27 +29,6 @@ RESULT_FIELDS = {"metric", "value", "kid", "num_samples", "nfe", "images_per_sec
                  "reference_stats", "generation_seconds", "total_seconds", "device"}
 
 
-class TinyFeatures(nn.Module):
-    """Random two-layer conv net: float images [B,3,H,W] in [0,255] -> [B,8]."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.conv1(x / 127.5 - 1.0))
-        return 10.0 * torch.relu(self.conv2(h)).mean(dim=(2, 3))
-
-
-@pytest.fixture(scope="module")
-def featnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("featnet") / "tiny-featnet.ts.pt"
-    torch.jit.script(TinyFeatures().eval()).save(str(path))
-    return path
-
-
 def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
     """uint8 [n,3,32,32]: random 4x4 colour fields upsampled, plus a little texture."""
     g = torch.Generator().manual_seed(seed)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dmd2.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint, prune_checkpoints
-from dmd2.runners.common import NonFiniteError
+from dmd2.optim import NonFiniteError
 from tests.conftest import ROOT, SMOKE, compose_cfg, run_cli
 
 
@@ -134,7 +134,8 @@ def test_nan_loss_can_be_skipped(monkeypatch, tiny_data, tmp_path):
     train(cfg)
     state = load_checkpoint(str(tmp_path / "teacher_final.pt"))
     assert all(torch.isfinite(v).all() for v in state["model"].values())
-    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {3}  # 4 steps, one skipped
+    assert {int(s["step"]) for s in state["updater"]["optimizer"]["state"].values()} == {3}  # 4 steps, one skipped
+    assert state["updater"]["skipped"] == 1
 
 
 @pytest.mark.parametrize("overrides,message", [

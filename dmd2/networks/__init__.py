@@ -58,8 +58,18 @@ def build_denoiser(
     return EDMPrecond(net, sigma_data)
 
 
+def set_dropout(net: nn.Module, p: float) -> nn.Module:
+    """Set the probability of every dropout layer of ``net`` to ``p`` (in place; weights untouched); returns
+    ``net``. Distillation trains its copies of the teacher with its own dropout (DMD2: 0)."""
+    for module in net.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = float(p)
+    return net
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["ARCHITECTURES", "EDMPrecond", "SimpleUNet", "build_denoiser", "count_parameters", "arch_kwargs"]
+__all__ = ["ARCHITECTURES", "EDMPrecond", "SimpleUNet", "build_denoiser", "count_parameters", "arch_kwargs",
+           "set_dropout"]

@@ -133,7 +133,7 @@ class UNetBlock(nn.Module):
         self.num_heads = num_heads if attention else 0
         if self.num_heads and out_channels % self.num_heads:
             raise ValueError(f"attention: {out_channels} channels do not split into {self.num_heads} heads")
-        self.dropout, self.skip_scale = dropout, skip_scale
+        self.dropout, self.skip_scale = nn.Dropout(dropout), skip_scale
         self.norm0 = GroupNorm(in_channels, eps, max_groups)
         self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter)
         self.affine = Linear(emb_channels, out_channels)
@@ -153,7 +153,7 @@ class UNetBlock(nn.Module):
         h = self.conv0(F.silu(self.norm0(x)))
         h = h + self.affine(emb).to(h.dtype)[:, :, None, None]
         h = F.silu(self.norm1(h))
-        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        h = self.conv1(self.dropout(h))
         h = (h + (x if self.skip is None else self.skip(x))) * self.skip_scale
         if self.num_heads:
             b, c, height, width = h.shape

@@ -1,7 +1,6 @@
-"""What both stage runners share: run directory, seeding, schedules, EMA, sample grids, checkpoints."""
+"""What both stage runners share: run directory, seeding, logging windows, sample grids, checkpoints."""
 from __future__ import annotations
 
-import math
 import os
 import sys
 from contextlib import nullcontext
@@ -10,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.utils import make_grid
 
 from dmd2.checkpoint import (
@@ -18,9 +17,7 @@ from dmd2.checkpoint import (
     set_rng_state,
 )
 from dmd2.config import ConfigError, resolve_device, to_container
-from dmd2.distributed import (
-    BatchRNG, Dist, barrier, broadcast_object, gather_objects, global_mean, init_distributed, shutdown,
-)
+from dmd2.distributed import BatchRNG, Dist, barrier, broadcast_object, gather_objects, init_distributed, shutdown
 from dmd2.logging import RunLogger
 from dmd2.speed import set_backend_flags
 
@@ -173,30 +170,6 @@ def total_steps(num_epochs: int, steps_per_epoch: int, max_steps: int | None) ->
     return min(steps, max_steps) if max_steps else steps
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from lr/warmup_steps to lr over ``warmup_steps`` steps, then constant."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
-
-
-def adamw(params: Any, lr: float, betas: Any, weight_decay: float, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW, with its fused kernel when ``fused`` (else the multi-tensor one)."""
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                             **({"fused": True} if fused else {}))
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter-wise; buffers are copied."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA decay warmed up as min(decay, (1 + n) / (10 + n)) so short runs do not keep the initial weights."""
-    return min(decay, (1 + step) / (10 + step))
-
-
 def grid_labels(num_classes: int, per_class: int, device: torch.device) -> Tensor:
     """Labels [num_classes * per_class] laid out so a grid with ``per_class`` columns has one class per row."""
     return torch.arange(num_classes, device=device).repeat_interleave(per_class)
@@ -205,33 +178,6 @@ def grid_labels(num_classes: int, per_class: int, device: torch.device) -> Tenso
 def to_grid(images: Tensor, per_class: int) -> Tensor:
     """Images [N,3,H,W] in [-1, 1] -> a grid [3,H',W'] in [0, 1], ``per_class`` images per row."""
     return make_grid((images.float().clamp(-1, 1) + 1) / 2, nrow=per_class, padding=2)
-
-
-def grad_norm(parameters: Any, clip: float | None) -> Tensor:
-    """Global gradient norm before clipping (clipped to ``clip`` when it is set)."""
-    params = [p for p in parameters if p.grad is not None]
-    return torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss or gradient norm became NaN or infinite."""
-
-
-def is_finite(step: int, policy: str, **values: Tensor) -> bool:
-    """True if every named (scalar) value is finite; one host read for all of them. Otherwise ``policy`` "stop"
-    raises NonFiniteError naming the step and the term (the last checkpoint stays as it was); "skip" warns and
-    returns False (skip this update)."""
-    if bool(torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in values.values()])).all()):
-        return True
-    for name, value in values.items():
-        if not torch.isfinite(value).all():
-            message = f"non-finite {name} ({value.item()}) at step {step}"
-            if policy == "skip":
-                print(f"[train] WARNING: {message}; skipping this update (on_nonfinite=skip)", file=sys.stderr)
-                return False
-            raise NonFiniteError(f"{message}; stopping. The last checkpoint is intact; try a lower learning rate, "
-                                 "a smaller grad_clip, or on_nonfinite=skip")
-    return True
 
 
 class RunningMeans:
@@ -258,22 +204,6 @@ class RunningMeans:
         counts = torch.stack([self.counts[k] for k in keys]).tolist()
         self.sums, self.counts = {}, {}
         return {k: s / n for k, s, n in zip(keys, sums, counts) if n > 0}
-
-
-def update(opt: torch.optim.Optimizer, sched: Any, loss: Tensor, params: list[Tensor], clip: float | None,
-           step: int, on_nonfinite: str, name: str) -> Tensor | None:
-    """One optimizer update: backward, clip, step (skipped, or stopped, when the loss or the gradient norm is
-    not finite; see ``is_finite``), then the schedule. Returns the gradient norm, or None if the step was
-    skipped."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()  # always: under DistributedDataParallel every rank must join the gradient all-reduce
-    gnorm = grad_norm(params, clip)
-    # the loss averaged over ranks and the (already all-reduced) gradient norm: every rank decides alike
-    stepped = is_finite(step, on_nonfinite, **{name: global_mean(loss), f"{name} gradient norm": gnorm})
-    if stepped:
-        opt.step()
-    sched.step()
-    return gnorm if stepped else None
 
 
 def save_final(ctx: RunContext, state: dict[str, Any], name: str) -> str:
@@ -325,3 +255,13 @@ def progress(total: int, desc: str, ctx: RunContext) -> Any:
 
     return tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
                 disable=not ctx.dist.is_main)
+
+
+def run_result(checkpoint: str, steps: int, metrics: dict[str, float], evaluator: Any, loss_key: str
+               ) -> dict[str, Any]:
+    """What a stage returns: the final checkpoint, the last logged metrics with the evaluation's last and best
+    values, and ``objective_key``, the metric a sweeper minimises by default: the best FID / FD when
+    ``eval_every`` > 0, else the last logged ``loss_key``."""
+    metrics = {**metrics, **evaluator.results()}
+    key = f"{evaluator.key}_best" if evaluator.results() else loss_key
+    return {"checkpoint": checkpoint, "steps": steps, "metrics": metrics, "objective_key": key}

@@ -7,7 +7,11 @@ with ``denoising_sigmas`` of length S it runs k ~ U{0..S-1} steps of its own cha
   updates the generator.
 - ``fake_score_step`` (every step): the fake score network's denoising loss on detached x (plus the GAN
   classifier's loss on x against dataset images) updates the fake score network and the head.
-On the other steps x is made without autograd. The teacher never receives gradients or updates.
+On the other steps x is made without autograd. The teacher never receives gradients or updates and runs in
+eval mode; the generator and the fake score network train with their own ``dropout`` (0 by default, as the
+official DMD2), so at initialisation (fake = teacher) the DM gradient is exactly zero. Both learning-rate
+warm-ups count training iterations. With ``eval_every`` > 0 the generator's FID / FD is measured at step 0,
+every ``eval_every`` steps and at the end (dmd2.training_eval).
 Checkpoints: dmd2_NNNNNN.pt every ``save_every`` steps and dmd2_final.pt.
 """
 from __future__ import annotations
@@ -27,12 +31,15 @@ from dmd2.data import LabelsOnly, build_batches, build_dataset, random_hflip
 from dmd2.diffusion import heun_nfe
 from dmd2.distributed import BatchRNG, mean_across_ranks, wrap
 from dmd2.networks import EDMPrecond, count_parameters
+from dmd2.optim import EMA, Updater, adamw
 from dmd2.runners.common import (
-    RunContext, RunningMeans, adamw, autocast, ema_update, grid_labels, progress, restore_rng, run_state,
-    run_with_logger, save_final, save_periodic, start_run, to_grid, total_steps, update, warmup_schedule,
+    RunContext, RunningMeans, autocast, grid_labels, progress, restore_rng, run_result, run_state, run_with_logger,
+    save_final, save_periodic, start_run, to_grid, total_steps,
 )
 from dmd2.runners.teacher import sample_grid
+from dmd2.sampling import CheckpointSampler
 from dmd2.speed import fused_adamw, prepare_network
+from dmd2.training_eval import TrainingEvaluator
 from dmd2.unified import UnifiedModel
 
 
@@ -57,7 +64,7 @@ def load_teacher(cfg: DictConfig) -> tuple[dict[str, Any], EDMPrecond]:
 
 
 def distill_state(cfg: DictConfig, ctx: RunContext, teacher: dict[str, Any], model: UnifiedModel,
-                  ema: EDMPrecond | None, opts: dict[str, torch.optim.Optimizer], scheds: dict[str, Any],
+                  ema: EDMPrecond | None, upds: dict[str, Updater], evaluator: TrainingEvaluator,
                   step: int) -> dict[str, Any]:
     state = run_state(
         ctx, step, kind="dmd2", arch=teacher["arch"], num_classes=teacher["num_classes"],
@@ -65,8 +72,8 @@ def distill_state(cfg: DictConfig, ctx: RunContext, teacher: dict[str, Any], mod
         conditioning_sigma=float(cfg.conditioning_sigma), denoising_sigmas=list(model.denoising_sigmas),
         teacher_checkpoint=str(cfg.teacher_checkpoint), generator=model.generator.state_dict(),
         fake_unet=model.guidance.fake_unet.state_dict(),
-        generator_optimizer=opts["generator"].state_dict(), guidance_optimizer=opts["guidance"].state_dict(),
-        generator_scheduler=scheds["generator"].state_dict(), guidance_scheduler=scheds["guidance"].state_dict(),
+        generator_updater=upds["generator"].state_dict(), guidance_updater=upds["guidance"].state_dict(),
+        evaluation=evaluator.state_dict(),
     )
     if model.guidance.gan_head is not None:
         state["gan_head"] = model.guidance.gan_head.state_dict()
@@ -75,8 +82,8 @@ def distill_state(cfg: DictConfig, ctx: RunContext, teacher: dict[str, Any], mod
     return state
 
 
-def restore_distill(state: dict[str, Any], model: UnifiedModel, ema: EDMPrecond | None,
-                    opts: dict[str, torch.optim.Optimizer], scheds: dict[str, Any]) -> int:
+def restore_distill(state: dict[str, Any], model: UnifiedModel, ema: EDMPrecond | None, upds: dict[str, Updater],
+                    evaluator: TrainingEvaluator) -> int:
     """Load a dmd2 checkpoint into the freshly built objects; return its step."""
     model.generator.load_state_dict(state["generator"])
     model.guidance.fake_unet.load_state_dict(state["fake_unet"])
@@ -86,9 +93,9 @@ def restore_distill(state: dict[str, Any], model: UnifiedModel, ema: EDMPrecond 
         model.guidance.gan_head.load_state_dict(state["gan_head"])
     if ema is not None:
         ema.load_state_dict(state.get("generator_ema", state["generator"]))
-    for name in ("generator", "guidance"):
-        opts[name].load_state_dict(state[f"{name}_optimizer"])
-        scheds[name].load_state_dict(state[f"{name}_scheduler"])
+    for name, upd in upds.items():
+        upd.load_state_dict(state.get(f"{name}_updater") or state[f"{name}_optimizer"])
+    evaluator.load_state_dict(state.get("evaluation"))
     return int(state["step"])
 
 
@@ -101,30 +108,28 @@ def chain_step(seed: int, step: int, num_steps: int) -> int:
     return int(torch.randint(0, num_steps, (1,), generator=gen))
 
 
-def generator_step(model: UnifiedModel, opt: torch.optim.Optimizer, sched: Any, z: torch.Tensor, y: torch.Tensor,
-                   k: int, clip: float | None, step: int, amp: Any = nullcontext(), on_nonfinite: str = "stop",
-                   rng: BatchRNG | None = None, generator: nn.Module | None = None
+def generator_step(model: UnifiedModel, upd: Updater, z: torch.Tensor, y: torch.Tensor, k: int, step: int,
+                   amp: Any = nullcontext(), rng: BatchRNG | None = None, generator: nn.Module | None = None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Update the generator with the DM (+ GAN) loss; return its (detached) samples and the logs.
     ``generator``: the generator as called for the update (inside DistributedDataParallel under torchrun)."""
     with amp:
         x = model.generate(z, y, k, generator)
         loss, logs = model.generator_loss(x.float(), y, rng)
-    gnorm = update(opt, sched, loss, list(model.generator.parameters()), clip, step, on_nonfinite, "generator loss")
+    gnorm = upd.update(loss, step)
     if gnorm is not None:
         logs["generator_grad_norm"] = gnorm
     return x.detach().float(), logs
 
 
-def fake_score_step(model: UnifiedModel, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, y: torch.Tensor,
-                    clip: float | None, step: int, real: torch.Tensor | None = None, amp: Any = nullcontext(),
-                    on_nonfinite: str = "stop", rng: BatchRNG | None = None, guidance: nn.Module | None = None
-                    ) -> dict[str, torch.Tensor]:
+def fake_score_step(model: UnifiedModel, upd: Updater, x: torch.Tensor, y: torch.Tensor, step: int,
+                    real: torch.Tensor | None = None, amp: Any = nullcontext(), rng: BatchRNG | None = None,
+                    guidance: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Update the fake score network (and GAN head) on detached generator samples (and real images).
     ``guidance``: the guidance model as called for the update (inside DistributedDataParallel under torchrun)."""
     with amp:
         loss, logs = model.guidance_loss(x, y, real, y if real is not None else None, rng, guidance)
-    gnorm = update(opt, sched, loss, model.guidance.trainable(), clip, step, on_nonfinite, "guidance loss")
+    gnorm = upd.update(loss, step)
     if gnorm is not None:
         logs["guidance_grad_norm"] = gnorm
     return logs
@@ -137,6 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     device = ctx.device
+    evaluator = TrainingEvaluator(cfg, device, ctx.dist, ctx.logger)  # a missing feature network fails here
     teacher_state, teacher = load_teacher(cfg)
     dataset = build_dataset(cfg.data)  # labels condition the generator; images feed the GAN classifier
     if not cfg.gan_classifier:
@@ -145,19 +151,21 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         teacher, cfg.denoising_sigmas or [cfg.conditioning_sigma], cfg.cls_loss_weight, cfg.gen_cls_loss_weight,
         num_train_timesteps=cfg.num_train_timesteps, min_step_percent=cfg.min_step_percent,
         max_step_percent=cfg.max_step_percent, gan_classifier=cfg.gan_classifier, diffusion_gan=cfg.diffusion_gan,
-        diffusion_gan_max_timestep=cfg.diffusion_gan_max_timestep,
+        diffusion_gan_max_timestep=cfg.diffusion_gan_max_timestep, dropout=cfg.dropout,
     ).to(device)
     ema = copy.deepcopy(model.generator).eval().requires_grad_(False) if cfg.generator_ema_decay is not None else None
     for net in (model.generator, model.guidance.fake_unet, model.guidance.real_unet):
         prepare_network(net, cfg.perf)  # channels-last / torch.compile (after the EMA copy: it stays eager)
     fused = fused_adamw(cfg.perf.fused_adamw, device)
-    betas, wd = cfg.adam_betas, cfg.weight_decay
-    opts = {"generator": adamw(model.generator.parameters(), cfg.generator_lr, betas, wd, fused),
-            "guidance": adamw(model.guidance.trainable(), cfg.guidance_lr, betas, wd, fused)}
-    scheds = {k: warmup_schedule(o, cfg.warmup_steps) for k, o in opts.items()}
+    upds = {name: Updater(f"{name} loss", params, adamw(params, lr, cfg.adam_betas, cfg.weight_decay, fused), lr,
+                          cfg.warmup_steps, cfg.grad_clip, cfg.on_nonfinite, ema_of)
+            for name, params, lr, ema_of in (
+                ("generator", list(model.generator.parameters()), cfg.generator_lr,
+                 EMA(ema, model.generator, lambda _: cfg.generator_ema_decay) if ema is not None else None),
+                ("guidance", model.guidance.trainable(), cfg.guidance_lr, None))}
     start = 0
     if ctx.resume is not None:
-        start = restore_distill(ctx.resume, model, ema, opts, scheds)
+        start = restore_distill(ctx.resume, model, ema, upds, evaluator)
     # under torchrun: the networks that are updated, inside DistributedDataParallel (gradients averaged)
     generator_net, guidance_net = wrap(model.generator, ctx.dist, device), wrap(model.guidance, ctx.dist, device)
     world, rng = ctx.dist.world_size, ctx.rng
@@ -180,6 +188,12 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
                             cfg.sample_steps, cfg.samples_per_class), 0,
                             f"teacher EMA, Heun {heun_nfe(cfg.sample_steps)} NFE")
 
+    def evaluate(step: int) -> None:  # the weights generate.py / evaluate.py sample: the EMA when there is one
+        net = ema if ema is not None else model.generator
+        evaluator(CheckpointSampler("dmd2", net, step, cfg.data.num_classes, res, num_chain,
+                                    denoising_sigmas=tuple(model.denoising_sigmas),
+                                    weights="ema" if ema is not None else "raw"), step)
+
     def log_generator_grids(step: int) -> None:
         if not ctx.dist.is_main:
             return
@@ -192,12 +206,14 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
 
     if start == 0:
         log_generator_grids(0)
+        if evaluator.enabled:
+            evaluate(0)  # the starting point: the teacher's one-step output
     restore_rng(ctx)
     batches = iter(loader)
     bar = progress(steps, "distill", ctx)
     bar.update(start)
     t_last, images_since = time.perf_counter(), 0
-    objective: float | None = None
+    last: dict[str, float] = {}  # the last logged value of every scalar
     window = RunningMeans()
     timesteps: list[torch.Tensor] = []
     for step in range(start, steps):
@@ -210,16 +226,14 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         k = chain_step(cfg.seed, step, num_chain)
         logs: dict[str, torch.Tensor] = {}
         if step % ratio == 0:
-            x, logs = generator_step(model, opts["generator"], scheds["generator"], z, y, k, cfg.grad_clip, step,
-                                     autocast(device, cfg.precision), cfg.on_nonfinite, rng, generator_net)
+            x, logs = generator_step(model, upds["generator"], z, y, k, step, autocast(device, cfg.precision), rng,
+                                     generator_net)
             timesteps.append(logs.pop("dm_timesteps"))
-            if ema is not None:
-                ema_update(ema, model.generator, cfg.generator_ema_decay)
         else:
             with torch.no_grad(), autocast(device, cfg.precision):
                 x = model.generate(z, y, k).float()
-        logs.update(fake_score_step(model, opts["guidance"], scheds["guidance"], x, y, cfg.grad_clip, step, real,
-                                    autocast(device, cfg.precision), cfg.on_nonfinite, rng, guidance_net))
+        logs.update(fake_score_step(model, upds["guidance"], x, y, step, real, autocast(device, cfg.precision), rng,
+                                    guidance_net))
         window.add({f"train/{key}": v for key, v in logs.items()})
 
         done = step + 1
@@ -228,22 +242,25 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         if done % cfg.log_every == 0 or done == steps:
             now = time.perf_counter()
             metrics = mean_across_ranks(window.pop(), ctx.dist)
-            metrics.update({"train/generator_lr": opts["generator"].param_groups[0]["lr"],
-                            "train/guidance_lr": opts["guidance"].param_groups[0]["lr"],
-                            "train/images_per_sec": images_since / (now - t_last),
-                            "train/epoch": step // steps_per_epoch, "train/global_batch_size": cfg.batch_size * world})
+            metrics.update({f"train/{name}_{what}": value for name, upd in upds.items()
+                            for what, value in (("lr", upd.lr_at(step)), ("skipped_steps", upd.skipped))})
+            metrics.update({"train/images_per_sec": images_since / (now - t_last), "train/epoch": step // steps_per_epoch,
+                            "train/global_batch_size": cfg.batch_size * world})
             ctx.logger.log(metrics, step=done)
-            objective = metrics.get("train/loss_dm", objective)
+            last.update(metrics)
             if timesteps:
                 ctx.logger.log_histogram("train/dm_timesteps", torch.cat(timesteps).cpu(), step=done)
             bar.set_postfix(loss_fake=f"{metrics.get('train/loss_fake', float('nan')):.4f}")
             t_last, images_since, timesteps = now, 0, []
         if (cfg.sample_every and done % cfg.sample_every == 0) or done == steps:
             log_generator_grids(done)
+        if evaluator.due(done, steps):
+            evaluate(done)
         if done % cfg.save_every == 0 and done != steps:
-            save_periodic(ctx, distill_state(cfg, ctx, teacher_state, model, ema, opts, scheds, done), "dmd2", done,
-                          cfg.keep_last)
+            save_periodic(ctx, distill_state(cfg, ctx, teacher_state, model, ema, upds, evaluator, done), "dmd2",
+                          done, cfg.keep_last)
     bar.close()
-    path = save_final(ctx, distill_state(cfg, ctx, teacher_state, model, ema, opts, scheds, steps), "dmd2_final.pt")
+    path = save_final(ctx, distill_state(cfg, ctx, teacher_state, model, ema, upds, evaluator, steps),
+                      "dmd2_final.pt")
     ctx.say(f"[distill] done: {path}")
-    return {"checkpoint": path, "steps": steps, "objective": objective}
+    return run_result(path, steps, last, evaluator, "train/loss_dm")

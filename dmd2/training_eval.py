@@ -1,0 +1,115 @@
+"""Image quality measured inside training: FID / FD of the live networks every ``eval_every`` steps.
+
+It runs evaluate.py's code (``dmd2.evaluation.evaluate_sampler``) with the keys under ``eval.``: the same
+feature network, cached reference statistics, per-sample seeded noise and round-robin classes, so the value
+logged at step N equals ``evaluate.py`` on the checkpoint of step N with the same ``num_samples`` and ``seed``.
+Under torchrun every rank generates its slice of the samples and rank 0 computes the distance.
+
+Logged as ``eval/fid`` (Inception) or ``eval/fd_<network>`` against the training step, with the cost of each
+evaluation (``eval/seconds``, ``eval/images_per_sec``); the W&B summary keeps the minimum.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from dmd2.evaluation import EvaluationError, evaluate_sampler, feature_network_from_config, reference_from_config
+from dmd2.sampling import CheckpointSampler
+from dmd2.distributed import Dist, barrier
+from dmd2.logging import RunLogger
+
+
+@contextmanager
+def untouched_rng(device: torch.device) -> Iterator[None]:
+    """Run a block without changing the global random streams (CPU and ``device``): evaluating (e.g. clean-fid's
+    DataLoader drawing its base seed) never changes what training draws next, so a run with evaluation trains
+    exactly as one without, and resumes exactly."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        yield
+
+
+@contextmanager
+def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` in eval mode (no dropout) for the duration, then back to the mode it was in."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+
+
+class TrainingEvaluator:
+    """Built at the start of a run (a missing feature network or reference fails before any training);
+    called with a sampler of the live network at the steps ``due`` says."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, dist: Dist, logger: RunLogger) -> None:
+        self.every: int = cfg.eval_every
+        self.enabled = self.every > 0
+        self.best, self.best_step, self.last = math.inf, -1, math.nan
+        if not self.enabled:
+            return
+        ev = cfg.eval
+        self.num, self.seed, self.batch_size = ev.num_samples, ev.seed, ev.batch_size
+        self.device, self.dist, self.logger = device, dist, logger
+        try:
+            self.net = feature_network_from_config(ev.feature_network, device)
+            self.ref = None
+            if dist.is_main:  # rank 0 computes (or reads the cached) reference statistics; the others wait
+                with untouched_rng(device):
+                    self.ref = reference_from_config(ev.reference, self.net, batch_size=self.batch_size,
+                                                     num_workers=cfg.data.num_workers)
+        except EvaluationError as err:
+            raise EvaluationError(
+                f"eval_every={self.every}: the FID / FD evaluation inside training cannot start.\n{err}\n"
+                "During training these keys live under 'eval.' (e.g. eval.feature_network.allow_download=true, "
+                "eval.feature_network.name=torchscript eval.feature_network.path=...); eval_every=0 trains "
+                "without evaluation.") from err
+        barrier(dist)
+        self.key, self.metric = self.net.wandb_key, self.net.metric
+        logger.define_metric(self.key, summary="min")
+
+    def due(self, done: int, total: int) -> bool:
+        """Every ``eval_every`` steps and at the end."""
+        return self.enabled and (done % self.every == 0 or done == total)
+
+    def __call__(self, sampler: CheckpointSampler, step: int) -> float | None:
+        """Measure ``sampler`` (every rank must call it), log the value at ``step``; return it (rank 0)."""
+        start = time.perf_counter()
+        with eval_mode(sampler.net), untouched_rng(self.device):
+            numbers = evaluate_sampler(sampler, self.net, self.ref, self.num, self.seed, self.batch_size, self.device,
+                                       dist=self.dist, progress=False)
+        if numbers is None:  # ranks > 0
+            return None
+        seconds = time.perf_counter() - start
+        value = self.last = numbers["value"]
+        if value < self.best:
+            self.best, self.best_step = value, step
+        self.logger.log({self.key: value, "eval/seconds": seconds, "eval/images_per_sec": self.num / seconds,
+                         "eval/nfe": sampler.nfe}, step=step)
+        self.logger.summary({f"{self.key}_best": self.best, "eval/best_step": self.best_step})
+        print(f"[eval] step {step}: {self.metric} = {value:.4f} ({self.num} samples, {sampler.nfe} NFE, "
+              f"{seconds:.1f} s, {self.num / seconds:.1f} images/s; best {self.best:.4f} at step {self.best_step})",
+              flush=True)
+        return value
+
+    def results(self) -> dict[str, Any]:
+        """Final metrics for the sweeper: the last and best values (empty when evaluation is off)."""
+        if not self.enabled or self.best_step < 0:
+            return {}
+        return {self.key: self.last, f"{self.key}_best": self.best, "eval/best_step": self.best_step}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stored in checkpoints, so a resumed run keeps its best value."""
+        return {"best": self.best, "best_step": self.best_step, "last": self.last}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.best, self.best_step, self.last = state["best"], state["best_step"], state["last"]
