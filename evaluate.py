@@ -18,11 +18,12 @@ import torch
 from omegaconf import DictConfig
 
 from dmd2.checkpoint import CheckpointError
+from dmd2.files import atomic_write
 from dmd2.config import (ConfigError, check_device, check_fid, check_rules, fail, is_bool, is_path, nonneg_int,
                          one_of, optional, positive_int, resolve_device, to_container)
 from dmd2.evaluation import evaluate_sampler, feature_network_from_config, reference_from_config
-from dmd2.logging import RunLogger
-from dmd2.runners.common import default_run_name, hydra_output_dir, logger_settings
+from dmd2.run_logger import RunLogger
+from dmd2.run import default_run_name, hydra_output_dir, logger_settings
 from dmd2.sampling import load_sampler
 
 RULES = [
@@ -74,11 +75,7 @@ def checkpoints_to_evaluate(cfg: DictConfig) -> list[tuple[int, str]]:
 
 
 def _write_json(path: str, data: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()), suffix=".json")
 
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ records the machine, the settings and the command line.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import copy
 import datetime as _dt
 import json
@@ -51,12 +52,16 @@ from torch import nn  # noqa: E402
 
 from dmd2.data import CachedBatches, build_dataset, build_loader  # noqa: E402
 from dmd2.diffusion import (  # noqa: E402
-    denoising_loss, heun_nfe, heun_sample, heun_sampler_sigmas, multistep_sample, sample_edm_sigma,
+    heun_nfe, heun_sample, heun_sampler_sigmas, multistep_sample,
 )
 from dmd2.networks import build_denoiser, count_parameters  # noqa: E402
 from dmd2.optim import EMA, Updater, adamw, ema_decay_at, grad_norm  # noqa: E402
-from dmd2.runners.common import autocast  # noqa: E402
-from dmd2.runners.distill import fake_score_step, generator_step  # noqa: E402
+from dmd2.speed import autocast  # noqa: E402
+from dmd2.randomness import BatchRNG  # noqa: E402
+from dmd2.runners.distill import (  # noqa: E402
+    Batch, DistillState, build_model, build_updaters, fake_score_step, generator_step,
+)
+from dmd2.runners.teacher import TeacherState, teacher_step  # noqa: E402
 from dmd2.speed import prepare_network, set_backend_flags  # noqa: E402
 from dmd2.unified import UnifiedModel  # noqa: E402
 
@@ -103,22 +108,14 @@ def load_arch(name: str, conf_dir: Path = CONF) -> dict[str, Any]:
     return arch  # type: ignore[return-value]
 
 
-def stage_defaults(stage: str, fallback: dict[str, Any]) -> dict[str, Any]:
-    """The optimiser settings of conf/stage/<stage>.yaml (falling back to the values below when a key is gone)."""
-    try:
-        cfg = OmegaConf.to_container(OmegaConf.load(CONF / "stage" / f"{stage}.yaml"), resolve=False)
-    except Exception:
-        cfg = {}
-    return {k: cfg[k] if k in cfg else v for k, v in fallback.items()}
+def stage_defaults(stage: str) -> dict[str, Any]:
+    """The settings a ``python train.py stage=<stage>`` run would use, composed from conf/ by Hydra (the one
+    place they are defined)."""
+    from hydra import compose, initialize_config_dir
 
-
-TEACHER_FALLBACK = {"lr": 1e-4, "adam_betas": [0.9, 0.999], "weight_decay": 0.0, "warmup_steps": 1000,
-                    "grad_clip": 1.0, "ema_decay": 0.9999, "p_mean": -1.2, "p_std": 1.2, "sigma_data": 0.5}
-DISTILL_FALLBACK = {"generator_lr": 2e-6, "guidance_lr": 2e-6, "adam_betas": [0.9, 0.999], "weight_decay": 0.01,
-                    "warmup_steps": 500, "grad_clip": 10.0, "num_train_timesteps": 1000,
-                    "min_step_percent": 0.02, "max_step_percent": 0.98, "conditioning_sigma": 80.0,
-                    "cls_loss_weight": 1e-2, "gen_cls_loss_weight": 3e-3, "diffusion_gan": True,
-                    "diffusion_gan_max_timestep": 1000}
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"stage={stage}", "logger=none"])
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------------ machine
@@ -267,55 +264,50 @@ def build(arch: dict[str, Any], device: torch.device) -> nn.Module:
 def bench_teacher(arch: dict[str, Any], device: torch.device, args: argparse.Namespace, timer: Timer,
                   mem: Memory) -> dict[str, Any]:
     """One teacher training step as in dmd2/runners/teacher.py (data loading and logging excluded)."""
-    hp = stage_defaults("teacher", TEACHER_FALLBACK)
+    hp = stage_defaults("teacher")
     model = prepare(build(arch, device).train(), args)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = adamw(model.parameters(), hp["lr"], hp["adam_betas"], hp["weight_decay"], args.fused_adamw)
     upd = Updater("loss", list(model.parameters()), opt, hp["lr"], hp["warmup_steps"], hp["grad_clip"], "stop",
                   EMA(ema, model, lambda s: ema_decay_at(s, hp["ema_decay"])))
+    s = TeacherState(model, upd, BatchRNG(device=device), partial(autocast, device, "bf16" if args.bf16 else "fp32"),
+                     hp["p_mean"], hp["p_std"], hp["sigma_data"], hflip=True)
     b = args.batch_size
     x = images((b, 3, RESOLUTION, RESOLUTION), device, args.channels_last).clamp(-1, 1)
     y = labels(b, device)
-    amp = autocast(device, "bf16" if args.bf16 else "fp32")
     state = {"step": 0}
 
-    def step() -> None:
-        sigma = sample_edm_sigma(b, hp["p_mean"], hp["p_std"], device=device)
-        with amp:
-            loss = denoising_loss(model, x, sigma, y, torch.randn_like(x), hp["sigma_data"])
-        upd.update(loss, state["step"])  # the runner's update: backward, clip, finite check, AdamW, EMA
+    def step() -> None:  # the runner's step: flips, sigma, loss, backward, clip, finite check, AdamW, EMA
+        teacher_step(s, x, y, state["step"])
         state["step"] += 1
 
     mem.reset()
     out = timer(step, b)
     out["peak_mem_mb"] = mem.peak_mb()
-    out["includes"] = "denoising_loss forward, backward, grad clip, finite check, AdamW step, EMA update"
+    out["includes"] = "teacher_step: flips, denoising_loss forward, backward, grad clip, finite check, AdamW, EMA"
     del model, ema, opt
     return out
 
 
 def build_unified(arch: dict[str, Any], device: torch.device, args: argparse.Namespace,
                   sigmas: tuple[float, ...] = (80.0,), gan: bool = False) -> tuple[UnifiedModel, dict[str, Any]]:
-    hp = stage_defaults("distill", DISTILL_FALLBACK)
+    hp = stage_defaults("distill")
     teacher = build(arch, device)
-    model = UnifiedModel(teacher, sigmas, hp["cls_loss_weight"], hp["gen_cls_loss_weight"],
-                         num_train_timesteps=hp["num_train_timesteps"], min_step_percent=hp["min_step_percent"],
-                         max_step_percent=hp["max_step_percent"], gan_classifier=gan,
-                         diffusion_gan=hp["diffusion_gan"],
-                         diffusion_gan_max_timestep=hp["diffusion_gan_max_timestep"]).to(device)
+    hp = {**hp, "denoising_sigmas": list(sigmas), "gan_classifier": gan}
+    model = build_model(teacher, hp).to(device)
     for net in (model.generator, model.guidance.real_unet, model.guidance.fake_unet):
         prepare(net, args)
     return model, hp
 
 
-def optimizers(model: UnifiedModel, hp: dict[str, Any], fused: bool) -> tuple[Updater, Updater]:
-    """The distill runner's two updaters (generator, fake score)."""
-    updaters = []
-    for name, params, lr in (("generator", list(model.generator.parameters()), hp["generator_lr"]),
-                             ("guidance", model.guidance.trainable(), hp["guidance_lr"])):
-        opt = adamw(params, lr, hp["adam_betas"], hp["weight_decay"], fused)
-        updaters.append(Updater(f"{name} loss", params, opt, lr, hp["warmup_steps"], hp["grad_clip"], "stop"))
-    return updaters[0], updaters[1]
+def distill_state(model: UnifiedModel, hp: dict[str, Any], device: torch.device,
+                  args: argparse.Namespace) -> DistillState:
+    """The distill runner's step state: its two updaters (generator, fake score), one process, random draws
+    from the global RNG."""
+    updaters = build_updaters(model, None, hp, args.fused_adamw)
+    amp = partial(autocast, device, "bf16" if args.bf16 else "fp32")
+    return DistillState(model, model.generator, model.guidance, updaters, BatchRNG(device=device), amp,
+                        hp["dfake_gen_update_ratio"])
 
 
 def bench_dmd2(arch: dict[str, Any], device: torch.device, args: argparse.Namespace, timer: Timer,
@@ -326,30 +318,32 @@ def bench_dmd2(arch: dict[str, Any], device: torch.device, args: argparse.Namesp
     that the step / passes ratios compare measurements taken seconds apart even on a drifting, shared machine.
     """
     model, hp = build_unified(arch, device, args)
-    upd_g, upd_f = optimizers(model, hp, args.fused_adamw)
-    opt_g, opt_f = upd_g.optimizer, upd_f.optimizer
+    s = distill_state(model, hp, device, args)
+    opt_g, opt_f = s.updaters["generator"].optimizer, s.updaters["guidance"].optimizer
     b, clip = args.batch_size, hp["grad_clip"]
     precision = "bf16" if args.bf16 else "fp32"
     y = labels(b, device)
     state = {"step": 0}
 
-    def noise() -> torch.Tensor:
-        return images((model.num_steps, b, 3, RESOLUTION, RESOLUTION), device, args.channels_last)
+    def batch() -> Batch:
+        return Batch(y, images((model.num_steps, b, 3, RESOLUTION, RESOLUTION), device, args.channels_last), 0)
 
-    def gen_update() -> None:  # the runner's body for step % ratio == 0 (minus logging)
-        x, _ = generator_step(model, upd_g, noise(), y, 0, state["step"], autocast(device, precision))
-        fake_score_step(model, upd_f, x, y, state["step"], None, autocast(device, precision))
+    def gen_update() -> None:  # distill_step for step % ratio == 0 (minus logging)
+        bt = batch()
+        x, _ = generator_step(s, bt, state["step"])
+        fake_score_step(s, bt, x, state["step"])
         state["step"] += 1
 
-    def fake_only() -> None:  # the runner's body for the other steps (minus logging)
-        with torch.no_grad(), autocast(device, precision):
-            x = model.generate(noise(), y, 0).float()
-        fake_score_step(model, upd_f, x, y, state["step"], None, autocast(device, precision))
+    def fake_only() -> None:  # distill_step for the other steps (minus logging)
+        bt = batch()
+        with torch.no_grad(), s.amp():
+            x = model.generate(bt.z, y, 0).float()
+        fake_score_step(s, bt, x, state["step"])
         state["step"] += 1
 
     # ---- bare passes on the same batch size, networks in the modes the steps use them in ----
     gen, real, fake = model.generator, model.guidance.real_unet, model.guidance.fake_unet
-    z = noise()[0] * 80.0
+    z = batch().z[0] * 80.0
     s80 = torch.full((b,), 80.0, device=device)
     sig = model.guidance.sigmas[torch.randint(model.guidance.min_step, model.guidance.max_step + 1, (b,),
                                               device=device)]
@@ -464,28 +458,28 @@ def bench_full_method(arch: dict[str, Any], device: torch.device, args: argparse
     """The full method (experiment=cpu_smoke's: GAN classifier on the fake network's bottleneck, 2-step generator
     with backward simulation) through the same runner functions; k alternates 0, 1 as chain_step draws it."""
     model, hp = build_unified(arch, device, args, sigmas=(80.0, 2.5), gan=True)
-    upd_g, upd_f = optimizers(model, hp, args.fused_adamw)
-    opt_g, opt_f = upd_g.optimizer, upd_f.optimizer
+    s = distill_state(model, hp, device, args)
+    opt_g, opt_f = s.updaters["generator"].optimizer, s.updaters["guidance"].optimizer
     b = args.batch_size
-    precision = "bf16" if args.bf16 else "fp32"
     y = labels(b, device)
     real = images((b, 3, RESOLUTION, RESOLUTION), device, args.channels_last).clamp(-1, 1)
     state = {"step": 0}
 
-    def noise() -> torch.Tensor:
-        return images((model.num_steps, b, 3, RESOLUTION, RESOLUTION), device, args.channels_last)
+    def batch() -> Batch:
+        noise = images((model.num_steps, b, 3, RESOLUTION, RESOLUTION), device, args.channels_last)
+        return Batch(y, noise, state["step"] % model.num_steps, real)
 
     def gen_update() -> None:
-        k = state["step"] % model.num_steps
-        x, _ = generator_step(model, upd_g, noise(), y, k, state["step"], autocast(device, precision))
-        fake_score_step(model, upd_f, x, y, state["step"], real, autocast(device, precision))
+        bt = batch()
+        x, _ = generator_step(s, bt, state["step"])
+        fake_score_step(s, bt, x, state["step"])
         state["step"] += 1
 
     def fake_only() -> None:
-        k = state["step"] % model.num_steps
-        with torch.no_grad(), autocast(device, precision):
-            x = model.generate(noise(), y, k).float()
-        fake_score_step(model, upd_f, x, y, state["step"], real, autocast(device, precision))
+        bt = batch()
+        with torch.no_grad(), s.amp():
+            x = model.generate(bt.z, y, bt.k).float()
+        fake_score_step(s, bt, x, state["step"])
         state["step"] += 1
 
     # an even number of timed iterations, so k = 0 and k = 1 are equally represented

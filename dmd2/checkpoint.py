@@ -7,11 +7,13 @@ Loading uses ``torch.load(weights_only=True)``: nothing stored in a file is ever
 from __future__ import annotations
 
 import os
-import tempfile
+import sys
 from typing import Any
 
 import torch
 
+from dmd2.distributed import Dist, barrier
+from dmd2.files import atomic_write
 from dmd2.networks import EDMPrecond, build_denoiser
 
 KINDS = ("teacher", "dmd2")
@@ -23,19 +25,7 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(state: dict[str, Any], path: str) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(state, f), suffix=".pt")
 
 
 def load_checkpoint(path: str, kind: str | None = None) -> dict[str, Any]:
@@ -106,3 +96,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_final(state: dict[str, Any], path: str, d: Dist) -> str:
+    """Write the final checkpoint (rank 0; the others wait for it). Returns its path."""
+    if d.is_main:
+        save_checkpoint(state, path)
+    barrier(d)
+    return path
+
+
+def save_periodic(state: dict[str, Any], folder: str, prefix: str, step: int, keep_last: int | None, d: Dist) -> None:
+    """Write ``<prefix>_NNNNNN.pt`` and prune old ones (rank 0 only). A failed write (disk full, ...) is
+    reported and training goes on: the previous checkpoints are untouched, and the next save tries again."""
+    if not d.is_main:
+        return
+    try:
+        save_checkpoint(state, os.path.join(folder, f"{prefix}_{step:06d}.pt"))
+    except OSError as err:
+        print(f"[checkpoint] ERROR: writing {prefix}_{step:06d}.pt failed ({err}); the previous checkpoints are "
+              "intact, training continues", file=sys.stderr, flush=True)
+        return
+    prune_checkpoints(folder, prefix, keep_last)

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
-from dmd2.distributed import BatchRNG
+from dmd2.randomness import EPOCH_STRIDE, GLOBAL_RNG, BatchRNG, derived_seed, generator
 from dmd2.speed import cache_fits
 
 
@@ -22,9 +22,9 @@ def image_transform(resolution: int) -> transforms.Compose:
                                transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
 
 
-def random_hflip(images: Tensor, rng: BatchRNG | None = None) -> Tensor:
-    """Flip each image [B,C,H,W] horizontally with probability 1/2 (draws from ``rng``, else the global RNG)."""
-    u = rng.rand(images.shape[0]) if rng is not None else torch.rand(images.shape[0])
+def random_hflip(images: Tensor, rng: BatchRNG = GLOBAL_RNG) -> Tensor:
+    """Flip each image [B,C,H,W] horizontally with probability 1/2 (draws from ``rng``)."""
+    u = rng.rand(images.shape[0])
     return torch.where((u < 0.5).to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
 
 
@@ -87,7 +87,7 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         epoch, index = divmod(self.start, self.batches_per_epoch)
         while True:
-            perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            perm = torch.randperm(self.num_items, generator=generator(derived_seed(self.seed, epoch, EPOCH_STRIDE)))
             for b in range(index, self.batches_per_epoch):
                 first = b * self.global_batch + self.rank * self.batch_size
                 yield perm[first:first + self.batch_size].tolist()
@@ -144,3 +144,9 @@ def build_batches(ds: Dataset, batch_size: int, seed: int, device: torch.device,
     if cache_fits(perf["cache_dataset"], num_bytes, perf["cache_max_gb"]):
         return CachedBatches(ds, batch_size, seed, device, start_step, rank, world_size, num_workers)
     return build_loader(ds, batch_size, num_workers, seed, device.type == "cuda", start_step, rank, world_size)
+
+
+def total_steps(num_epochs: int, steps_per_epoch: int, max_steps: int | None) -> int:
+    """Training length: num_epochs passes, capped by max_steps when it is set."""
+    steps = num_epochs * steps_per_epoch
+    return min(steps, max_steps) if max_steps else steps

@@ -4,12 +4,8 @@
 WORLD_SIZE set; ``init_distributed`` joins them into one process group (NCCL on GPUs, gloo on the CPU).
 Without torchrun everything here is a no-op for a world of one process.
 
-Randomness is split in two:
-- the global torch RNG (dropout inside the networks) is seeded with ``seed + rank``;
-- the batch's noise, noise levels, timesteps and flips come from ``BatchRNG``: one stream shared by every
-  rank, drawn for the whole global batch, of which each rank keeps its own slice. Sample i of the global batch
-  therefore gets the same draws whatever the number of processes, and (without dropout) N processes with
-  batch B follow a single process with batch N*B up to floating-point summation order.
+Randomness under torchrun: see dmd2.randomness (one batch stream shared by every rank, each rank keeping its
+slice; the global torch RNG, for dropout, seeded with ``seed + rank``).
 """
 from __future__ import annotations
 
@@ -113,62 +109,6 @@ def wrap(module: nn.Module, d: Dist, device: torch.device) -> nn.Module:
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                                    **{no_sync: False})
-
-
-class BatchRNG:
-    """Draws for a global batch from one shared stream; each rank keeps its slice of ``world_size`` equal parts.
-
-    ``randn(8, 3, dim=0)`` on rank r of 2 draws [16, 3] and returns rows 8r .. 8r+7. With one process (or
-    ``generator=None``, the global RNG) it is an ordinary draw."""
-
-    def __init__(self, seed: int | None = None, device: torch.device | str = "cpu", d: Dist = Dist()) -> None:
-        self.device = torch.device(device)
-        self.dist = d
-        self.generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-
-    def _global(self, shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
-        return tuple(s * self.dist.world_size if i == dim else s for i, s in enumerate(shape))
-
-    def _mine(self, full: Tensor, n: int, dim: int) -> Tensor:
-        return full.narrow(dim, self.dist.rank * n, n) if self.dist.enabled else full
-
-    def randn(self, *shape: int, dim: int = 0) -> Tensor:
-        """Standard normal draws, ``shape`` with the batch along ``dim``."""
-        full = torch.randn(self._global(shape, dim), generator=self.generator, device=self.device)
-        return self._mine(full, shape[dim], dim)
-
-    def rand(self, n: int) -> Tensor:
-        """Uniform [0, 1) draws [n]."""
-        return self._mine(torch.rand(n * self.dist.world_size, generator=self.generator, device=self.device), n, 0)
-
-    def randint(self, low: int, high: int, n: int) -> Tensor:
-        """Integers in [low, high), [n]."""
-        full = torch.randint(low, high, (n * self.dist.world_size,), generator=self.generator, device=self.device)
-        return self._mine(full, n, 0)
-
-    def get_state(self) -> Tensor | None:
-        return self.generator.get_state() if self.generator is not None else None
-
-    def set_state(self, state: Tensor | None) -> bool:
-        """Continue a saved stream; False (the stream is left as seeded) when there is none or it was saved on
-        another kind of device (CPU and CUDA generators keep different states)."""
-        if self.generator is None or state is None:
-            return False
-        try:
-            self.generator.set_state(state)
-        except RuntimeError:
-            return False
-        return True
-
-
-def randn_like(x: Tensor, rng: BatchRNG | None) -> Tensor:
-    """Noise shaped like x [B,...]: from ``rng`` when given, else the global RNG."""
-    return rng.randn(*x.shape).to(x.dtype) if rng is not None else torch.randn_like(x)
-
-
-def randint(low: int, high: int, n: int, device: torch.device, rng: BatchRNG | None) -> Tensor:
-    """Integers in [low, high), [n], on ``device``: from ``rng`` when given, else the global RNG."""
-    return rng.randint(low, high, n).to(device) if rng is not None else torch.randint(low, high, (n,), device=device)
 
 
 def global_mean(value: Tensor) -> Tensor:

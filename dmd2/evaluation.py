@@ -41,6 +41,7 @@ from cleanfid.utils import EXTENSIONS
 
 from dmd2.config import FEATURE_NETWORKS, RESIZE_MODES
 from dmd2.distributed import Dist, gather_objects
+from dmd2.files import atomic_write
 from dmd2.sampling import CheckpointSampler, generate_uint8
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -341,14 +342,7 @@ def _no_resize(image: np.ndarray) -> np.ndarray:
 
 def _save_npz(path: str, **arrays: Any) -> None:
     """Write an .npz atomically (a temporary file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: np.savez(f, **arrays), suffix=".npz")
 
 
 def folder_stats(folder: str, net: FeatureNetwork, cache_dir: str, kid: bool = False, batch_size: int = 128,

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from dmd2.diffusion import dmd_timestep_sigmas, weighted_denoising_error
-from dmd2.distributed import BatchRNG, randint, randn_like
+from dmd2.randomness import GLOBAL_RNG, BatchRNG
 from dmd2.losses import distribution_matching_loss, gan_discriminator_loss, gan_generator_loss
 from dmd2.networks import EDMPrecond, set_dropout
 from dmd2.networks.gan_head import GANHead
@@ -42,8 +42,8 @@ class GuidanceModel(nn.Module):
     T-entry ascending Karras table; fake-score timesteps from all of it; diffusion-GAN timesteps from
     [0, diffusion_gan_max_timestep) (or sigma_min without diffusion-GAN). Calling the module computes the
     guidance update's loss (``forward``); the generator's losses are ``dm_loss`` and ``generator_gan_loss``.
-    Every draw comes from ``rng`` when given (a ``BatchRNG``: per-sample draws independent of the process
-    count), else from the global RNG.
+    Every draw comes from ``rng`` (the run's ``BatchRNG``: per-sample draws independent of the process count;
+    by default the global RNG).
     """
 
     def __init__(
@@ -77,24 +77,24 @@ class GuidanceModel(nn.Module):
         head = list(self.gan_head.parameters()) if self.gan_head is not None else []
         return list(self.fake_unet.parameters()) + head
 
-    def dm_loss(self, x: Tensor, class_labels: Tensor, rng: BatchRNG | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def dm_loss(self, x: Tensor, class_labels: Tensor, rng: BatchRNG = GLOBAL_RNG) -> tuple[Tensor, dict[str, Tensor]]:
         """Distribution matching loss for generator samples x [B,C,H,W]; logs hold the timesteps and |grad|."""
-        t = randint(self.min_step, self.max_step + 1, x.shape[0], x.device, rng)
+        t = rng.randint(self.min_step, self.max_step + 1, x.shape[0]).to(x.device)
         loss, grad = distribution_matching_loss(
-            x, self.real_unet, self.fake_unet, self.sigmas[t], class_labels, randn_like(x, rng)
+            x, self.real_unet, self.fake_unet, self.sigmas[t], class_labels, rng.randn_like(x)
         )
         return loss, {"dm_timesteps": t, "dm_grad_norm": grad.flatten(1).norm(dim=1).mean()}
 
-    def gan_noise(self, x: Tensor, rng: BatchRNG | None = None) -> tuple[Tensor, Tensor]:
+    def gan_noise(self, x: Tensor, rng: BatchRNG = GLOBAL_RNG) -> tuple[Tensor, Tensor]:
         """The classifier's view of images x [B,C,H,W] and the noise level it is told, sigma [B]. Diffusion-GAN:
         (x + sigma * noise, sigma) with sigma = sigmas[t], t ~ U{0 .. diffusion_gan_max_timestep-1}. Without it:
         the clean images x, conditioned on sigmas[0] = sigma_min (the network's input needs a positive sigma)."""
         if not self.diffusion_gan:
             return x, self.sigmas[0].expand(x.shape[0])
-        sigma = self.sigmas[randint(0, self.diffusion_gan_max_timestep, x.shape[0], x.device, rng)]
-        return x + sigma.view(-1, 1, 1, 1) * randn_like(x, rng), sigma
+        sigma = self.sigmas[rng.randint(0, self.diffusion_gan_max_timestep, x.shape[0]).to(x.device)]
+        return x + sigma.view(-1, 1, 1, 1) * rng.randn_like(x), sigma
 
-    def generator_gan_loss(self, x: Tensor, class_labels: Tensor, rng: BatchRNG | None = None) -> Tensor:
+    def generator_gan_loss(self, x: Tensor, class_labels: Tensor, rng: BatchRNG = GLOBAL_RNG) -> Tensor:
         """Generator-side GAN loss; gradients reach x only, never the fake score network or the head."""
         assert self.gan_head is not None, "the generator GAN loss needs gan_classifier=true"
         x_t, sigma = self.gan_noise(x, rng)
@@ -103,7 +103,7 @@ class GuidanceModel(nn.Module):
             return gan_generator_loss(self.gan_head(features))
 
     def forward(self, x: Tensor, class_labels: Tensor, real: Tensor | None = None, real_labels: Tensor | None = None,
-                rng: BatchRNG | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                rng: BatchRNG = GLOBAL_RNG) -> tuple[Tensor, dict[str, Tensor]]:
         """The guidance loss in one forward of ``fake_unet`` (one forward per backward, as DDP requires).
 
         x [B,C,H,W] generator samples (detached here), labels [B]. Fake-score denoising loss at t ~ U{0..T-1};
@@ -111,8 +111,8 @@ class GuidanceModel(nn.Module):
         and x, whose bottleneck features come from the same batched forward. Returns (loss, logs)."""
         x = x.detach()
         n = x.shape[0]
-        sigma = self.sigmas[randint(0, len(self.sigmas), n, x.device, rng)]
-        noisy, sigmas, labels = [x + sigma.view(-1, 1, 1, 1) * randn_like(x, rng)], [sigma], [class_labels]
+        sigma = self.sigmas[rng.randint(0, len(self.sigmas), n).to(x.device)]
+        noisy, sigmas, labels = [x + sigma.view(-1, 1, 1, 1) * rng.randn_like(x)], [sigma], [class_labels]
         if self.gan_head is not None:
             if real is None or real_labels is None:
                 raise ValueError("the GAN classifier needs real images and their labels")

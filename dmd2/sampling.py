@@ -9,10 +9,12 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
+from torchvision.utils import make_grid
 
 from dmd2.checkpoint import load_checkpoint, network_from_checkpoint
 from dmd2.diffusion import heun_nfe, heun_sample, heun_sampler_sigmas, multistep_sample, to_uint8
 from dmd2.networks import EDMPrecond
+from dmd2.randomness import derived_seed, generator
 
 
 @dataclass
@@ -80,8 +82,7 @@ def per_sample_noise(indices: range, seed: int, shape: tuple[int, ...]) -> Tenso
     """Noise [len(indices), *shape], sample i drawn from its own generator seeded (seed, i): any subset or
     batch size reproduces the same images. A leading steps axis in ``shape`` (S, C, H, W) gives each chain
     step its own draw; its first slice equals the noise of shape (C, H, W)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-                        for i in indices])
+    return torch.stack([torch.randn(shape, generator=generator(derived_seed(seed, i))) for i in indices])
 
 
 def round_robin_labels(indices: range, num_classes: int) -> Tensor:
@@ -99,3 +100,13 @@ def generate_uint8(sampler: CheckpointSampler, num: int, seed: int, batch_size: 
         noise = per_sample_noise(idx, seed, shape).transpose(0, 1)  # [S, B, C, H, W]
         images = sampler(noise.to(device), labels.to(device))
         yield to_uint8(images).cpu(), labels
+
+
+def grid_labels(num_classes: int, per_class: int, device: torch.device) -> Tensor:
+    """Labels [num_classes * per_class] laid out so a grid with ``per_class`` columns has one class per row."""
+    return torch.arange(num_classes, device=device).repeat_interleave(per_class)
+
+
+def to_grid(images: Tensor, per_class: int) -> Tensor:
+    """Images [N,3,H,W] in [-1, 1] -> a grid [3,H',W'] in [0, 1], ``per_class`` images per row."""
+    return make_grid((images.float().clamp(-1, 1) + 1) / 2, nrow=per_class, padding=2)

@@ -6,9 +6,11 @@
 - ``compile``: ``torch.compile`` of the networks (``nn.Module.compile``: in place, same state_dict keys).
 - ``fused_adamw``: AdamW's fused kernel instead of the multi-tensor ("foreach") one.
 - ``cache_dataset``: the dataset decoded once into a uint8 tensor on the training device (``dmd2.data``).
+And ``precision`` (a stage key): bf16 autocast on CUDA (``autocast``).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Mapping
 
 import torch
@@ -41,3 +43,10 @@ def fused_adamw(setting: Any, device: torch.device) -> bool:
 def cache_fits(setting: Any, num_bytes: int, max_gb: float) -> bool:
     """Whether to cache a dataset of ``num_bytes`` (uint8): ``auto`` = when it is at most ``max_gb``."""
     return num_bytes <= max_gb * 1e9 if setting == "auto" else bool(setting)
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """bf16 autocast on CUDA when ``precision == "bf16"``; full fp32 otherwise (and always on the CPU)."""
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()

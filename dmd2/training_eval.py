@@ -22,7 +22,7 @@ from torch import nn
 from dmd2.evaluation import EvaluationError, evaluate_sampler, feature_network_from_config, reference_from_config
 from dmd2.sampling import CheckpointSampler
 from dmd2.distributed import Dist, barrier
-from dmd2.logging import RunLogger
+from dmd2.run_logger import RunLogger
 
 
 @contextmanager

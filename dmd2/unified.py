@@ -1,7 +1,7 @@
 """UnifiedModel: the generator and the guidance model, side by side, and the two DMD2 losses.
 
-The runner calls ``generate`` then ``generator_loss`` (on generator-update steps) and ``guidance_loss``
-(every step); it owns the optimizers and the update schedule.
+The runner's steps (dmd2/runners/distill.py) call the generator, then ``generator_loss`` (on generator-update
+steps) and the guidance model's loss (every step); they own the optimizers and the update schedule.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from dmd2.diffusion import backward_simulation, multistep_sample
-from dmd2.distributed import BatchRNG
+from dmd2.randomness import GLOBAL_RNG, BatchRNG
 from dmd2.guidance import GuidanceModel
 from dmd2.networks import EDMPrecond, set_dropout
 
@@ -39,14 +39,12 @@ class UnifiedModel(nn.Module):
     def num_steps(self) -> int:
         return len(self.denoising_sigmas)
 
-    def generate(self, noise: Tensor, class_labels: Tensor, k: int = 0, generator: nn.Module | None = None) -> Tensor:
+    def generate(self, noise: Tensor, class_labels: Tensor, k: int = 0) -> Tensor:
         """noise [S,B,C,H,W] (S = num_steps), labels [B] -> the generator's output at step k [B,C,H,W]
-        (backward simulation; only the last evaluation carries gradient, if enabled). ``generator``: the
-        network to run (e.g. the generator inside DistributedDataParallel); default ``self.generator``."""
-        net = generator if generator is not None else self.generator
-        return backward_simulation(net, noise, class_labels, self.denoising_sigmas, k)
+        (backward simulation; only the last evaluation carries gradient, if enabled)."""
+        return backward_simulation(self.generator, noise, class_labels, self.denoising_sigmas, k)
 
-    def generator_loss(self, x: Tensor, class_labels: Tensor, rng: BatchRNG | None = None
+    def generator_loss(self, x: Tensor, class_labels: Tensor, rng: BatchRNG = GLOBAL_RNG
                        ) -> tuple[Tensor, dict[str, Tensor]]:
         """DM loss (+ weighted generator GAN loss when the GAN head exists). Returns (loss, logs)."""
         loss, logs = self.guidance.dm_loss(x, class_labels, rng)
@@ -56,14 +54,6 @@ class UnifiedModel(nn.Module):
             logs["loss_gen_gan"] = gan.detach()
             loss = loss + self.gen_cls_loss_weight * gan
         return loss, logs
-
-    def guidance_loss(self, x: Tensor, class_labels: Tensor, real: Tensor | None = None,
-                      real_labels: Tensor | None = None, rng: BatchRNG | None = None,
-                      guidance: nn.Module | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Fake-score loss on detached x (+ weighted classifier loss on x vs real images), one forward of the
-        fake score network. ``guidance``: the module to call (e.g. inside DistributedDataParallel); default
-        ``self.guidance``. Returns (loss, logs)."""
-        return (guidance if guidance is not None else self.guidance)(x, class_labels, real, real_labels, rng)
 
     @torch.no_grad()
     def sample(self, noise: Tensor, class_labels: Tensor, generator: nn.Module | None = None) -> Tensor:

@@ -1,6 +1,8 @@
 """DMD2: the DM gradient's properties, a toy problem with a known answer, the update schedule, and the CLIs."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import json
 import time
 
@@ -13,7 +15,8 @@ from dmd2.diffusion import denoising_loss, dmd_timestep_sigmas, gaussian_optimal
 from dmd2.losses import distribution_matching_loss, dm_gradient
 from dmd2.networks import build_denoiser
 from dmd2.optim import Updater, adamw
-from dmd2.runners.distill import fake_score_step, generator_step
+from dmd2.randomness import BatchRNG
+from dmd2.runners.distill import Batch, DistillState, distill_step
 from dmd2.unified import UnifiedModel
 from tests.conftest import SMOKE, run_cli
 
@@ -107,17 +110,12 @@ def test_update_schedule_and_frozen_teacher():
     upds = {"generator": Updater("generator loss", list(model.generator.parameters()), opts["generator"], 1e-3, 0,
                                  10.0, "stop"),
             "guidance": Updater("guidance loss", model.guidance.trainable(), opts["guidance"], 1e-3, 0, 10.0, "stop")}
-    steps, ratio, updates = 7, 3, 0
+    steps, ratio = 7, 3
+    s = DistillState(model, model.generator, model.guidance, upds, BatchRNG(), nullcontext, ratio)
+    updates = 0
     for step in range(steps):  # the runner's schedule
-        y = torch.randint(0, 10, (4,))
-        z = torch.randn(1, 4, 3, 8, 8)
-        if step % ratio == 0:
-            x, _ = generator_step(model, upds["generator"], z, y, 0, step)
-            updates += 1
-        else:
-            with torch.no_grad():
-                x = model.generate(z, y)
-        fake_score_step(model, upds["guidance"], x, y, step)
+        logs = distill_step(s, Batch(torch.randint(0, 10, (4,)), torch.randn(1, 4, 3, 8, 8), 0), step)
+        updates += "loss_dm" in logs
         assert all(p.grad is None for p in model.guidance.real_unet.parameters())
     adam_steps = lambda opt: {int(s["step"]) for s in opt.state_dict()["state"].values()}  # noqa: E731
     assert updates == 3 and adam_steps(opts["generator"]) == {3} and adam_steps(opts["guidance"]) == {7}

@@ -13,7 +13,8 @@ import torch
 
 from dmd2.checkpoint import load_checkpoint
 from dmd2.data import EpochBatchSampler
-from dmd2.distributed import BatchRNG, Dist
+from dmd2.distributed import Dist
+from dmd2.randomness import BatchRNG
 from tests.conftest import ROOT, assert_trained_alike, run_cli, train_eval_args
 
 BASE = ["logger=none", "device=cpu", "data=image_folder", "max_steps=4", "save_every=2", "sample_every=0",

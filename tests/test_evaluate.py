@@ -21,7 +21,7 @@ from dmd2.config import ConfigError
 from dmd2.evaluation import (INCEPTION_FILE, INCEPTION_URL, EvaluationError, FeatureNetwork, batch_features,
                              build_feature_network, feature_statistics, folder_stats, frechet_distance, network_input,
                              precomputed_cifar10_stats)
-from dmd2.logging import RunLogger
+from dmd2.run_logger import RunLogger
 from tests.conftest import compose_cfg, run_cli
 
 RESULT_FIELDS = {"metric", "value", "kid", "num_samples", "nfe", "images_per_sec", "checkpoint", "step", "kind",

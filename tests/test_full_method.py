@@ -64,7 +64,7 @@ def test_guidance_loss_with_gan_trains_fake_score_and_head_not_generator():
     z, y = torch.randn(1, 4, 3, 16, 16), torch.randint(0, 10, (4,))
     with torch.no_grad():
         x = model.generate(z, y)
-    loss, logs = model.guidance_loss(x, y, torch.rand(4, 3, 16, 16) * 2 - 1, y)
+    loss, logs = model.guidance(x, y, torch.rand(4, 3, 16, 16) * 2 - 1, y)
     loss.backward()
     assert set(logs) == {"loss_fake", "loss_cls"}
     assert all(p.grad is not None for p in model.guidance.gan_head.parameters())

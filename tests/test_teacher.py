@@ -9,7 +9,8 @@ import torch
 from dmd2.checkpoint import load_checkpoint, network_from_checkpoint
 from dmd2.networks import build_denoiser
 from dmd2.optim import ema_decay_at, ema_update
-from dmd2.runners.common import RunningMeans, total_steps
+from dmd2.data import total_steps
+from dmd2.run_logger import RunningMeans
 from tests.conftest import SMOKE, run_cli
 
 

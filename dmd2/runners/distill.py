@@ -17,30 +17,54 @@ Checkpoints: dmd2_NNNNNN.pt every ``save_every`` steps and dmd2_final.pt.
 from __future__ import annotations
 
 import copy
+import os
 import time
-from contextlib import nullcontext
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Mapping
 
 import torch
 from omegaconf import DictConfig
-from torch import nn
+from torch import Tensor, nn
 
-from dmd2.checkpoint import load_checkpoint, network_from_checkpoint
+from dmd2.checkpoint import load_checkpoint, network_from_checkpoint, save_final, save_periodic
 from dmd2.config import ConfigError
-from dmd2.data import LabelsOnly, build_batches, build_dataset, random_hflip
-from dmd2.diffusion import heun_nfe
-from dmd2.distributed import BatchRNG, mean_across_ranks, wrap
+from dmd2.data import LabelsOnly, build_batches, build_dataset, random_hflip, total_steps
+from dmd2.diffusion import backward_simulation, heun_nfe
+from dmd2.distributed import mean_across_ranks, wrap
 from dmd2.networks import EDMPrecond, count_parameters
 from dmd2.optim import EMA, Updater, adamw
-from dmd2.runners.common import (
-    RunContext, RunningMeans, autocast, grid_labels, progress, restore_rng, run_result, run_state, run_with_logger,
-    save_final, save_periodic, start_run, to_grid, total_steps,
-)
+from dmd2.randomness import GRID_NOISE_OFFSET, BatchRNG, derived_seed, generator
+from dmd2.run import RunContext, progress, restore_rng, run_context, run_result, run_state
+from dmd2.run_logger import RunningMeans
 from dmd2.runners.teacher import sample_grid
-from dmd2.sampling import CheckpointSampler
-from dmd2.speed import fused_adamw, prepare_network
+from dmd2.sampling import CheckpointSampler, grid_labels, to_grid
+from dmd2.speed import autocast, fused_adamw, prepare_network
 from dmd2.training_eval import TrainingEvaluator
 from dmd2.unified import UnifiedModel
+
+
+@dataclass
+class DistillState:
+    """Everything a distillation step reads or updates."""
+
+    model: UnifiedModel            # the generator and the guidance model (teacher, fake score network, GAN head)
+    generator: nn.Module           # model.generator as called for its update (inside DDP under torchrun)
+    guidance: nn.Module            # model.guidance as called for its update (inside DDP under torchrun)
+    updaters: dict[str, Updater]   # "generator" (with the generator EMA, if any) and "guidance"
+    rng: BatchRNG                  # every random draw of the batch
+    amp: Callable[[], Any]         # a fresh autocast context (bf16 on CUDA) or a null one
+    ratio: int                     # the generator updates every ratio-th step (TTUR)
+
+
+@dataclass
+class Batch:
+    """One step's inputs."""
+
+    y: Tensor                      # class labels [B] (from the dataset)
+    z: Tensor                      # noise [S,B,C,H,W], one draw per generator step (S = len(denoising_sigmas))
+    k: int                         # backward-simulation depth: the generator's output at chain step k is trained
+    real: Tensor | None = None     # dataset images [B,C,H,W] for the GAN classifier (None without it)
 
 
 def load_teacher(cfg: DictConfig) -> tuple[dict[str, Any], EDMPrecond]:
@@ -61,6 +85,31 @@ def load_teacher(cfg: DictConfig) -> tuple[dict[str, Any], EDMPrecond]:
         if state[key] != cfg.data[key]:
             raise ConfigError(f"config key 'data.{key}' = {cfg.data[key]} but the teacher was trained with {state[key]}")
     return state, network_from_checkpoint(state, "ema")
+
+
+def build_model(teacher: EDMPrecond, cfg: Mapping[str, Any]) -> UnifiedModel:
+    """The generator and the guidance model of a distill config (composed by Hydra, or its plain-dict form)."""
+    return UnifiedModel(
+        teacher, cfg["denoising_sigmas"] or [cfg["conditioning_sigma"]], cfg["cls_loss_weight"],
+        cfg["gen_cls_loss_weight"], num_train_timesteps=cfg["num_train_timesteps"],
+        min_step_percent=cfg["min_step_percent"], max_step_percent=cfg["max_step_percent"],
+        gan_classifier=cfg["gan_classifier"], diffusion_gan=cfg["diffusion_gan"],
+        diffusion_gan_max_timestep=cfg["diffusion_gan_max_timestep"], dropout=cfg["dropout"],
+    )
+
+
+def build_updaters(model: UnifiedModel, ema: EDMPrecond | None, cfg: Mapping[str, Any], fused: bool
+                   ) -> dict[str, Updater]:
+    """The generator's updater (with its EMA, if any) and the guidance model's (fake score network + GAN head)."""
+    def updater(name: str, params: list[Tensor], lr: float, ema_of: EMA | None) -> Updater:
+        opt = adamw(params, lr, cfg["adam_betas"], cfg["weight_decay"], fused)
+        return Updater(f"{name} loss", params, opt, lr, cfg["warmup_steps"], cfg["grad_clip"], cfg["on_nonfinite"],
+                       ema_of)
+
+    decay = cfg["generator_ema_decay"]
+    return {"generator": updater("generator", list(model.generator.parameters()), cfg["generator_lr"],
+                                 EMA(ema, model.generator, lambda _: decay) if ema is not None else None),
+            "guidance": updater("guidance", model.guidance.trainable(), cfg["guidance_lr"], None)}
 
 
 def distill_state(cfg: DictConfig, ctx: RunContext, teacher: dict[str, Any], model: UnifiedModel,
@@ -104,40 +153,46 @@ def chain_step(seed: int, step: int, num_steps: int) -> int:
     resumed run draw the same k."""
     if num_steps == 1:
         return 0
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return int(torch.randint(0, num_steps, (1,), generator=gen))
+    return int(torch.randint(0, num_steps, (1,), generator=generator(derived_seed(seed, step))))
 
 
-def generator_step(model: UnifiedModel, upd: Updater, z: torch.Tensor, y: torch.Tensor, k: int, step: int,
-                   amp: Any = nullcontext(), rng: BatchRNG | None = None, generator: nn.Module | None = None
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Update the generator with the DM (+ GAN) loss; return its (detached) samples and the logs.
-    ``generator``: the generator as called for the update (inside DistributedDataParallel under torchrun)."""
-    with amp:
-        x = model.generate(z, y, k, generator)
-        loss, logs = model.generator_loss(x.float(), y, rng)
-    gnorm = upd.update(loss, step)
+def generator_step(s: DistillState, b: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Update the generator with the DM (+ GAN) loss; return its (detached) samples x [B,C,H,W] and the logs."""
+    with s.amp():
+        x = backward_simulation(s.generator, b.z, b.y, s.model.denoising_sigmas, b.k)
+        loss, logs = s.model.generator_loss(x.float(), b.y, s.rng)
+    gnorm = s.updaters["generator"].update(loss, step)
     if gnorm is not None:
         logs["generator_grad_norm"] = gnorm
     return x.detach().float(), logs
 
 
-def fake_score_step(model: UnifiedModel, upd: Updater, x: torch.Tensor, y: torch.Tensor, step: int,
-                    real: torch.Tensor | None = None, amp: Any = nullcontext(), rng: BatchRNG | None = None,
-                    guidance: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Update the fake score network (and GAN head) on detached generator samples (and real images).
-    ``guidance``: the guidance model as called for the update (inside DistributedDataParallel under torchrun)."""
-    with amp:
-        loss, logs = model.guidance_loss(x, y, real, y if real is not None else None, rng, guidance)
-    gnorm = upd.update(loss, step)
+def fake_score_step(s: DistillState, b: Batch, x: Tensor, step: int) -> dict[str, Tensor]:
+    """Update the fake score network (and GAN head) on detached generator samples x (and the real images)."""
+    with s.amp():
+        loss, logs = s.guidance(x, b.y, b.real, b.y if b.real is not None else None, s.rng)
+    gnorm = s.updaters["guidance"].update(loss, step)
     if gnorm is not None:
         logs["guidance_grad_norm"] = gnorm
     return logs
 
 
+def distill_step(s: DistillState, b: Batch, step: int) -> dict[str, Tensor]:
+    """One iteration: the generator's update on every ratio-th step (on the others its samples are made without
+    autograd), then the fake score network's update on those samples. Returns the logs."""
+    if step % s.ratio == 0:
+        x, logs = generator_step(s, b, step)
+    else:
+        logs = {}
+        with torch.no_grad(), s.amp():
+            x = s.model.generate(b.z, b.y, b.k).float()
+    logs.update(fake_score_step(s, b, x, step))
+    return logs
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    ctx = start_run(cfg, job_type="distill", prefix="dmd2")
-    return run_with_logger(ctx, lambda: train_distill(cfg, ctx))
+    with run_context(cfg, job_type="distill", prefix="dmd2") as ctx:
+        return train_distill(cfg, ctx)
 
 
 def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
@@ -147,42 +202,32 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     dataset = build_dataset(cfg.data)  # labels condition the generator; images feed the GAN classifier
     if not cfg.gan_classifier:
         dataset = LabelsOnly(dataset)  # no image decoding when only the labels are used
-    model = UnifiedModel(
-        teacher, cfg.denoising_sigmas or [cfg.conditioning_sigma], cfg.cls_loss_weight, cfg.gen_cls_loss_weight,
-        num_train_timesteps=cfg.num_train_timesteps, min_step_percent=cfg.min_step_percent,
-        max_step_percent=cfg.max_step_percent, gan_classifier=cfg.gan_classifier, diffusion_gan=cfg.diffusion_gan,
-        diffusion_gan_max_timestep=cfg.diffusion_gan_max_timestep, dropout=cfg.dropout,
-    ).to(device)
+    model = build_model(teacher, cfg).to(device)
     ema = copy.deepcopy(model.generator).eval().requires_grad_(False) if cfg.generator_ema_decay is not None else None
     for net in (model.generator, model.guidance.fake_unet, model.guidance.real_unet):
         prepare_network(net, cfg.perf)  # channels-last / torch.compile (after the EMA copy: it stays eager)
     fused = fused_adamw(cfg.perf.fused_adamw, device)
-    upds = {name: Updater(f"{name} loss", params, adamw(params, lr, cfg.adam_betas, cfg.weight_decay, fused), lr,
-                          cfg.warmup_steps, cfg.grad_clip, cfg.on_nonfinite, ema_of)
-            for name, params, lr, ema_of in (
-                ("generator", list(model.generator.parameters()), cfg.generator_lr,
-                 EMA(ema, model.generator, lambda _: cfg.generator_ema_decay) if ema is not None else None),
-                ("guidance", model.guidance.trainable(), cfg.guidance_lr, None))}
+    upds = build_updaters(model, ema, cfg, fused)
     start = 0
     if ctx.resume is not None:
         start = restore_distill(ctx.resume, model, ema, upds, evaluator)
-    # under torchrun: the networks that are updated, inside DistributedDataParallel (gradients averaged)
-    generator_net, guidance_net = wrap(model.generator, ctx.dist, device), wrap(model.guidance, ctx.dist, device)
-    world, rng = ctx.dist.world_size, ctx.rng
+    # under torchrun the updated networks run inside DistributedDataParallel (gradients averaged over ranks)
+    s = DistillState(model, wrap(model.generator, ctx.dist, device), wrap(model.guidance, ctx.dist, device), upds,
+                     ctx.rng, partial(autocast, device, cfg.precision), cfg.dfake_gen_update_ratio)
+    world = ctx.dist.world_size
     loader = build_batches(dataset, cfg.batch_size, cfg.seed, device, cfg.perf, cfg.data.num_workers, start,
                            ctx.dist.rank, world)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     steps = total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps)
-    ratio, num_chain = cfg.dfake_gen_update_ratio, model.num_steps
+    num_chain, res = model.num_steps, cfg.data.resolution
     ctx.say(f"[distill] teacher {cfg.teacher_checkpoint} (step {teacher_state['step']}), "
             f"{count_parameters(model.generator) / 1e6:.2f}M parameters per network, {num_chain}-step generator, "
             f"GAN {'on' if cfg.gan_classifier else 'off'}, {steps} steps of global batch {cfg.batch_size * world} "
-            f"on {device}, generator every {ratio} steps, from step {start}; writing to {ctx.output_dir}")
+            f"on {device}, generator every {s.ratio} steps, from step {start}; writing to {ctx.output_dir}")
 
-    res = cfg.data.resolution
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 12345)
     grid_y = grid_labels(cfg.data.num_classes, cfg.samples_per_class, device)
-    grid_z = torch.randn(num_chain, len(grid_y), 3, res, res, generator=gen).to(device)
+    grid_z = torch.randn(num_chain, len(grid_y), 3, res, res, generator=generator(cfg.seed + GRID_NOISE_OFFSET))
+    grid_z = grid_z.to(device)
     if ctx.dist.is_main:
         ctx.logger.log_grid("samples/teacher", sample_grid(model.guidance.real_unet, grid_z[0], grid_y,
                             cfg.sample_steps, cfg.samples_per_class), 0,
@@ -204,6 +249,9 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             ctx.logger.log_grid("samples/generator_ema", to_grid(model.sample(grid_z, grid_y, ema),
                                 cfg.samples_per_class), step, f"EMA {caption}")
 
+    def checkpoint(step: int) -> dict[str, Any]:
+        return distill_state(cfg, ctx, teacher_state, model, ema, upds, evaluator, step)
+
     if start == 0:
         log_generator_grids(0)
         if evaluator.enabled:
@@ -215,25 +263,18 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     t_last, images_since = time.perf_counter(), 0
     last: dict[str, float] = {}  # the last logged value of every scalar
     window = RunningMeans()
-    timesteps: list[torch.Tensor] = []
+    timesteps: list[Tensor] = []
     for step in range(start, steps):
         real, y = next(batches)
         y = y.to(device, non_blocking=True)
         real = real.to(device, non_blocking=True) if cfg.gan_classifier else None
         if real is not None and cfg.data.hflip:
-            real = random_hflip(real, rng)
-        z = rng.randn(num_chain, y.shape[0], 3, res, res, dim=1)
-        k = chain_step(cfg.seed, step, num_chain)
-        logs: dict[str, torch.Tensor] = {}
-        if step % ratio == 0:
-            x, logs = generator_step(model, upds["generator"], z, y, k, step, autocast(device, cfg.precision), rng,
-                                     generator_net)
+            real = random_hflip(real, s.rng)
+        batch = Batch(y, s.rng.randn(num_chain, y.shape[0], 3, res, res, dim=1), chain_step(cfg.seed, step, num_chain),
+                      real)
+        logs = distill_step(s, batch, step)
+        if "dm_timesteps" in logs:
             timesteps.append(logs.pop("dm_timesteps"))
-        else:
-            with torch.no_grad(), autocast(device, cfg.precision):
-                x = model.generate(z, y, k).float()
-        logs.update(fake_score_step(model, upds["guidance"], x, y, step, real, autocast(device, cfg.precision), rng,
-                                    guidance_net))
         window.add({f"train/{key}": v for key, v in logs.items()})
 
         done = step + 1
@@ -257,10 +298,8 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         if evaluator.due(done, steps):
             evaluate(done)
         if done % cfg.save_every == 0 and done != steps:
-            save_periodic(ctx, distill_state(cfg, ctx, teacher_state, model, ema, upds, evaluator, done), "dmd2",
-                          done, cfg.keep_last)
+            save_periodic(checkpoint(done), ctx.output_dir, "dmd2", done, cfg.keep_last, ctx.dist)
     bar.close()
-    path = save_final(ctx, distill_state(cfg, ctx, teacher_state, model, ema, upds, evaluator, steps),
-                      "dmd2_final.pt")
+    path = save_final(checkpoint(steps), os.path.join(ctx.output_dir, "dmd2_final.pt"), ctx.dist)
     ctx.say(f"[distill] done: {path}")
     return run_result(path, steps, last, evaluator, "train/loss_dm")

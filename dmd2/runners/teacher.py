@@ -1,30 +1,59 @@
 """Stage 1: train the class-conditional EDM teacher.
 
-One step: draw sigma (ln sigma ~ N(p_mean, p_std^2)), noise the batch, EDM-weighted denoising loss,
-AdamW with warm-up and gradient clipping, then an EMA update. The EMA weights are what
+One step (``teacher_step``): draw sigma (ln sigma ~ N(p_mean, p_std^2)), noise the batch, EDM-weighted
+denoising loss, AdamW with warm-up and gradient clipping, then an EMA update (dmd2.optim.Updater). The EMA weights are what
 distillation loads. Checkpoints: teacher_NNNNNN.pt every ``save_every`` steps and teacher_final.pt.
 """
 from __future__ import annotations
 
 import copy
+import os
 import time
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig
+from torch import Tensor, nn
 
-from dmd2.data import build_batches, build_dataset, random_hflip
+from dmd2.checkpoint import save_final, save_periodic
+from dmd2.data import build_batches, build_dataset, random_hflip, total_steps
 from dmd2.diffusion import denoising_loss, edm_sigma, heun_nfe, heun_sample, heun_sampler_sigmas
 from dmd2.distributed import mean_across_ranks, wrap
 from dmd2.networks import EDMPrecond, build_denoiser, count_parameters
 from dmd2.optim import EMA, Updater, adamw, ema_decay_at
-from dmd2.runners.common import (
-    RunContext, RunningMeans, autocast, grid_labels, progress, restore_rng, run_result, run_state, run_with_logger,
-    save_final, save_periodic, start_run, to_grid, total_steps,
-)
-from dmd2.sampling import CheckpointSampler
-from dmd2.speed import fused_adamw, prepare_network
+from dmd2.randomness import GRID_NOISE_OFFSET, BatchRNG, generator
+from dmd2.run import RunContext, progress, restore_rng, run_context, run_result, run_state
+from dmd2.run_logger import RunningMeans
+from dmd2.sampling import CheckpointSampler, grid_labels, to_grid
+from dmd2.speed import autocast, fused_adamw, prepare_network
 from dmd2.training_eval import TrainingEvaluator
+
+
+@dataclass
+class TeacherState:
+    """Everything a teacher step reads or updates."""
+
+    net: nn.Module                 # the denoiser as called (inside DDP under torchrun)
+    updater: Updater               # AdamW, warm-up, clipping, non-finite policy and the EMA
+    rng: BatchRNG                  # every random draw of the batch
+    amp: Callable[[], Any]         # a fresh autocast context (bf16 on CUDA) or a null one
+    p_mean: float                  # ln(sigma) ~ N(p_mean, p_std^2)
+    p_std: float
+    sigma_data: float
+    hflip: bool                    # random horizontal flips of the batch
+
+
+def teacher_step(s: TeacherState, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor | None]:
+    """One update on images x [B,C,H,W] in [-1, 1] with labels y [B]: (flip,) draw sigma, EDM denoising loss,
+    update (+ EMA). Returns the loss and the gradient norm (None when the update was skipped)."""
+    if s.hflip:
+        x = random_hflip(x, s.rng)
+    sigma = edm_sigma(s.rng.randn(x.shape[0]), s.p_mean, s.p_std)
+    with s.amp():
+        loss = denoising_loss(s.net, x, sigma, y, s.rng.randn(*x.shape), s.sigma_data)
+    return loss, s.updater.update(loss, step)
 
 
 def teacher_state(cfg: DictConfig, ctx: RunContext, model: EDMPrecond, ema: EDMPrecond, upd: Updater,
@@ -43,8 +72,8 @@ def sample_grid(ema: EDMPrecond, noise: torch.Tensor, labels: torch.Tensor, step
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    ctx = start_run(cfg, job_type="teacher", prefix="teacher")
-    return run_with_logger(ctx, lambda: train_teacher(cfg, ctx))
+    with run_context(cfg, job_type="teacher", prefix="teacher") as ctx:
+        return train_teacher(cfg, ctx)
 
 
 def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
@@ -57,7 +86,6 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     opt = adamw(model.parameters(), cfg.lr, cfg.adam_betas, cfg.weight_decay, fused_adamw(cfg.perf.fused_adamw, device))
     upd = Updater("loss", list(model.parameters()), opt, cfg.lr, cfg.warmup_steps, cfg.grad_clip, cfg.on_nonfinite,
                   EMA(ema, model, lambda step: ema_decay_at(step, cfg.ema_decay)))
-    net = wrap(model, ctx.dist, device)  # DistributedDataParallel under torchrun: gradients averaged over ranks
     start = 0
     if ctx.resume is not None:
         model.load_state_dict(ctx.resume["model"])
@@ -65,6 +93,9 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         upd.load_state_dict(ctx.resume.get("updater") or ctx.resume["optimizer"])
         evaluator.load_state_dict(ctx.resume.get("evaluation"))
         start = int(ctx.resume["step"])
+    # under torchrun the denoiser runs inside DistributedDataParallel (gradients averaged over ranks)
+    s = TeacherState(wrap(model, ctx.dist, device), upd, ctx.rng, partial(autocast, device, cfg.precision),
+                     cfg.p_mean, cfg.p_std, cfg.sigma_data, cfg.data.hflip)
     world = ctx.dist.world_size
     loader = build_batches(dataset, cfg.batch_size, cfg.seed, device, cfg.perf, cfg.data.num_workers, start,
                            ctx.dist.rank, world)
@@ -73,7 +104,7 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     ctx.say(f"[teacher] {count_parameters(model) / 1e6:.2f}M parameters, {len(dataset)} images, {steps} steps of "
             f"global batch {cfg.batch_size * world} on {device} (from step {start}); writing to {ctx.output_dir}")
 
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 12345)  # fixed grid noise, independent of training
+    gen = generator(cfg.seed + GRID_NOISE_OFFSET)  # fixed grid noise, independent of training
     grid_y = grid_labels(cfg.data.num_classes, cfg.samples_per_class, device)
     grid_z = torch.randn(len(grid_y), 3, cfg.data.resolution, cfg.data.resolution, generator=gen).to(device)
 
@@ -86,13 +117,8 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     for step in range(start, steps):
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if cfg.data.hflip:
-            x = random_hflip(x, ctx.rng)
-        sigma = edm_sigma(ctx.rng.randn(x.shape[0]), cfg.p_mean, cfg.p_std)
-        with autocast(device, cfg.precision):
-            loss = denoising_loss(net, x, sigma, y, ctx.rng.randn(*x.shape), cfg.sigma_data)
-        gnorm = upd.update(loss, step)  # None: a skipped update (on_nonfinite=skip)
-        if gnorm is None:
+        loss, gnorm = teacher_step(s, x, y, step)
+        if gnorm is None:  # a skipped update (on_nonfinite=skip)
             gnorm = torch.tensor(float("nan"))
 
         done = step + 1
@@ -117,9 +143,10 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             evaluator(CheckpointSampler("teacher", ema, done, cfg.data.num_classes, cfg.data.resolution,
                                         heun_nfe(cfg.eval.sampler_steps), cfg.eval.sampler_steps), done)
         if done % cfg.save_every == 0 and done != steps:
-            save_periodic(ctx, teacher_state(cfg, ctx, model, ema, upd, evaluator, done), "teacher", done,
-                          cfg.keep_last)
+            save_periodic(teacher_state(cfg, ctx, model, ema, upd, evaluator, done), ctx.output_dir, "teacher", done,
+                          cfg.keep_last, ctx.dist)
     bar.close()
-    path = save_final(ctx, teacher_state(cfg, ctx, model, ema, upd, evaluator, steps), "teacher_final.pt")
+    path = save_final(teacher_state(cfg, ctx, model, ema, upd, evaluator, steps),
+                      os.path.join(ctx.output_dir, "teacher_final.pt"), ctx.dist)
     ctx.say(f"[teacher] done: {path}")
     return run_result(path, steps, last, evaluator, "train/loss")

@@ -1,4 +1,5 @@
-"""Run logging: a local metrics.jsonl (always) plus Weights & Biases (when ``logger.name == wandb``).
+"""Run logging: a local metrics.jsonl (always) plus Weights & Biases (when ``logger.name == wandb``), and the
+running means of a logging window.
 
 A failing W&B call is reported once and then ignored: logging never kills a training run.
 """
@@ -10,6 +11,7 @@ import sys
 from typing import Any, Mapping
 
 import torch
+from torch import Tensor
 from torchvision.utils import save_image
 
 
@@ -105,3 +107,29 @@ class RunLogger:
             self._metrics = None
         self._wandb("finish", exit_code=exit_code)
         self.run = None
+
+
+class RunningMeans:
+    """Means of scalar logs over a logging window, accumulated on the device: no host read per step, one per
+    window. Non-finite values are left out of their key's mean."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, Tensor] = {}
+
+    def add(self, values: dict[str, Tensor]) -> None:
+        for key, v in values.items():
+            v = v.detach().float().reshape(())
+            ok = torch.isfinite(v)
+            self.sums[key] = self.sums.get(key, 0) + torch.where(ok, v, torch.zeros_like(v))
+            self.counts[key] = self.counts.get(key, 0) + ok.float()
+
+    def pop(self) -> dict[str, float]:
+        """The window's means (keys with no finite value left out), and a fresh window."""
+        keys = list(self.sums)
+        if not keys:
+            return {}
+        sums = torch.stack([self.sums[k] for k in keys]).tolist()
+        counts = torch.stack([self.counts[k] for k in keys]).tolist()
+        self.sums, self.counts = {}, {}
+        return {k: s / n for k, s, n in zip(keys, sums, counts) if n > 0}

@@ -1,24 +1,21 @@
-"""What both stage runners share: run directory, seeding, logging windows, sample grids, checkpoints."""
+"""A training run's lifecycle: its output folder, the checkpoint it resumes, seeding, the logger (and W&B run),
+the torchrun process group, and what it returns. Both stage runners open one with ``run_context``."""
 from __future__ import annotations
 
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
-from torchvision.utils import make_grid
 
-from dmd2.checkpoint import (
-    CheckpointError, latest_valid_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint,
-    set_rng_state,
-)
+from dmd2.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint, rng_state, set_rng_state
 from dmd2.config import ConfigError, resolve_device, to_container
-from dmd2.distributed import BatchRNG, Dist, barrier, broadcast_object, gather_objects, init_distributed, shutdown
-from dmd2.logging import RunLogger
+from dmd2.distributed import Dist, broadcast_object, gather_objects, init_distributed, shutdown
+from dmd2.randomness import BatchRNG, derived_seed
+from dmd2.run_logger import RunLogger
 from dmd2.speed import set_backend_flags
 
 
@@ -107,9 +104,11 @@ def find_resume(cfg: DictConfig, output_dir: str, prefix: str, kind: str) -> tup
     return cfg.resume, state
 
 
-def start_run(cfg: DictConfig, job_type: str, prefix: str) -> RunContext:
+@contextmanager
+def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunContext]:
     """Join the torchrun process group (if any), settle the output folder (rank 0's, shared by every rank)
-    and the checkpoint to resume, seed, store the config, start the logger (rank 0 only)."""
+    and the checkpoint to resume, seed, store the config, start the logger (rank 0 only). On leaving, the
+    logger (and W&B run) is finished, with a failure code if the run raised, and the process group closed."""
     d, device = init_distributed(resolve_device(cfg.device))
     own_dir = hydra_output_dir()
     output_dir = broadcast_object(cfg.output_dir or own_dir or os.path.join("outputs", "run"), d)
@@ -136,7 +135,14 @@ def start_run(cfg: DictConfig, job_type: str, prefix: str) -> RunContext:
     if d.enabled:
         ctx.say(f"[{job_type}] {d.world_size} processes (torchrun): batch_size {cfg.batch_size} per process, "
                 f"global batch {cfg.batch_size * d.world_size}")
-    return ctx
+    try:
+        yield ctx
+    except BaseException:
+        logger.finish(exit_code=1)
+        raise
+    finally:
+        shutdown()
+    logger.finish()
 
 
 def run_state(ctx: RunContext, step: int, **parts: Any) -> dict[str, Any]:
@@ -158,95 +164,10 @@ def restore_rng(ctx: RunContext) -> None:
     else:
         ctx.say(f"[resume] the checkpoint was written by {len(ranks)} processes, this run has "
                 f"{ctx.dist.world_size}: per-rank random streams are reseeded")
-        torch.manual_seed(ctx.config["seed"] + ctx.dist.rank + 1_000_003 * int(ctx.resume["step"]))
+        torch.manual_seed(derived_seed(int(ctx.resume["step"]), ctx.config["seed"] + ctx.dist.rank))
     if not ctx.rng.set_state(ctx.resume.get("batch_rng")):
         ctx.say("[resume] the checkpoint's batch random stream does not fit this device: it starts afresh from "
                 "the seed (the run stays valid, but is not a bitwise continuation)")
-
-
-def total_steps(num_epochs: int, steps_per_epoch: int, max_steps: int | None) -> int:
-    """Training length: num_epochs passes, capped by max_steps when it is set."""
-    steps = num_epochs * steps_per_epoch
-    return min(steps, max_steps) if max_steps else steps
-
-
-def grid_labels(num_classes: int, per_class: int, device: torch.device) -> Tensor:
-    """Labels [num_classes * per_class] laid out so a grid with ``per_class`` columns has one class per row."""
-    return torch.arange(num_classes, device=device).repeat_interleave(per_class)
-
-
-def to_grid(images: Tensor, per_class: int) -> Tensor:
-    """Images [N,3,H,W] in [-1, 1] -> a grid [3,H',W'] in [0, 1], ``per_class`` images per row."""
-    return make_grid((images.float().clamp(-1, 1) + 1) / 2, nrow=per_class, padding=2)
-
-
-class RunningMeans:
-    """Means of scalar logs over a logging window, accumulated on the device: no host read per step, one per
-    window. Non-finite values are left out of their key's mean."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.counts: dict[str, Tensor] = {}
-
-    def add(self, values: dict[str, Tensor]) -> None:
-        for key, v in values.items():
-            v = v.detach().float().reshape(())
-            ok = torch.isfinite(v)
-            self.sums[key] = self.sums.get(key, 0) + torch.where(ok, v, torch.zeros_like(v))
-            self.counts[key] = self.counts.get(key, 0) + ok.float()
-
-    def pop(self) -> dict[str, float]:
-        """The window's means (keys with no finite value left out), and a fresh window."""
-        keys = list(self.sums)
-        if not keys:
-            return {}
-        sums = torch.stack([self.sums[k] for k in keys]).tolist()
-        counts = torch.stack([self.counts[k] for k in keys]).tolist()
-        self.sums, self.counts = {}, {}
-        return {k: s / n for k, s, n in zip(keys, sums, counts) if n > 0}
-
-
-def save_final(ctx: RunContext, state: dict[str, Any], name: str) -> str:
-    """Write the final checkpoint (rank 0; the others wait for it). Returns its path."""
-    path = os.path.join(ctx.output_dir, name)
-    if ctx.dist.is_main:
-        save_checkpoint(state, path)
-    barrier(ctx.dist)
-    return path
-
-
-def save_periodic(ctx: RunContext, state: dict[str, Any], prefix: str, step: int, keep_last: int | None) -> None:
-    """Write ``<prefix>_NNNNNN.pt`` and prune old ones (rank 0 only). A failed write (disk full, ...) is
-    reported and training goes on: the previous checkpoints are untouched, and the next save tries again."""
-    if not ctx.dist.is_main:
-        return
-    try:
-        save_checkpoint(state, os.path.join(ctx.output_dir, f"{prefix}_{step:06d}.pt"))
-    except OSError as err:
-        print(f"[checkpoint] ERROR: writing {prefix}_{step:06d}.pt failed ({err}); the previous checkpoints are "
-              "intact, training continues", file=sys.stderr, flush=True)
-        return
-    prune_checkpoints(ctx.output_dir, prefix, keep_last)
-
-
-def run_with_logger(ctx: RunContext, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run a stage body; the logger (and W&B run) is always finished, with a failure code on error."""
-    try:
-        result = body()
-    except BaseException:
-        ctx.logger.finish(exit_code=1)
-        raise
-    finally:
-        shutdown()
-    ctx.logger.finish()
-    return result
-
-
-def autocast(device: torch.device, precision: str) -> Any:
-    """bf16 autocast on CUDA when ``precision == "bf16"``; full fp32 otherwise (and always on the CPU)."""
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def progress(total: int, desc: str, ctx: RunContext) -> Any:
