@@ -6,8 +6,11 @@ Loading uses ``torch.load(weights_only=True)``: nothing stored in a file is ever
 """
 from __future__ import annotations
 
+import datetime
 import os
 import sys
+import tempfile
+import time
 from typing import Any
 
 import torch
@@ -98,10 +101,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rescue_dir() -> str:
+    """Where a checkpoint goes when its own folder cannot take it: $DMD2_RESCUE_DIR, else <tmp>/dmd2-rescue."""
+    return os.environ.get("DMD2_RESCUE_DIR") or os.path.join(tempfile.gettempdir(), "dmd2-rescue")
+
+
 def save_final(state: dict[str, Any], path: str, d: Dist) -> str:
-    """Write the final checkpoint (rank 0; the others wait for it). Returns its path."""
+    """Write a checkpoint that must not be lost (the final one, or one on a stop signal): rank 0 writes, the
+    others wait. A failed write is tried once more; if that fails too the weights go to ``rescue_dir()`` and
+    CheckpointError names both paths (the run ends with an error, its weights kept). Returns the path."""
     if d.is_main:
-        save_checkpoint(state, path)
+        error: Exception | None = None
+        for attempt in range(2):
+            try:
+                save_checkpoint(state, path)
+                break
+            except Exception as err:  # noqa: BLE001 - any failure: OSError, torch.save's RuntimeError, ...
+                error = err
+                print(f"[checkpoint] ERROR: writing {path} failed ({err}){'; trying again' if not attempt else ''}",
+                      file=sys.stderr, flush=True)
+                time.sleep(1.0)
+        else:
+            rescue = os.path.join(rescue_dir(), f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}-"
+                                                f"{os.path.basename(path)}")
+            save_checkpoint(state, rescue)
+            raise CheckpointError(f"could not write {path} ({error}); the checkpoint (step {state.get('step')}) "
+                                  f"was saved to the rescue path {rescue} instead: copy it back to continue")
     barrier(d)
     return path
 
@@ -113,7 +138,7 @@ def save_periodic(state: dict[str, Any], folder: str, prefix: str, step: int, ke
         return
     try:
         save_checkpoint(state, os.path.join(folder, f"{prefix}_{step:06d}.pt"))
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - a full disk raises OSError, or RuntimeError from torch.save
         print(f"[checkpoint] ERROR: writing {prefix}_{step:06d}.pt failed ({err}); the previous checkpoints are "
               "intact, training continues", file=sys.stderr, flush=True)
         return

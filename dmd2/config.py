@@ -76,6 +76,7 @@ COMMON_RULES: list[Rule] = [
     ("keep_last", optional(positive_int), "null (keep all) or an integer >= 1"),
     ("on_nonfinite", lambda v: v in ("stop", "skip"), "'stop' or 'skip'"),
     ("resume", optional(lambda v: isinstance(v, str) and len(v) > 0), "null, 'auto' or a checkpoint path"),
+    ("resume_allow_changes", lambda v: isinstance(v, bool), "true or false"),
     ("perf.tf32", lambda v: isinstance(v, bool), "true or false"),
     ("perf.cudnn_benchmark", lambda v: isinstance(v, bool), "true or false"),
     ("perf.channels_last", lambda v: isinstance(v, bool), "true or false"),

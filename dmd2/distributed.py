@@ -120,6 +120,16 @@ def global_mean(value: Tensor) -> Tensor:
     return out / dist.get_world_size()
 
 
+def any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank if ``flag`` is true on any rank (one small all-reduce)."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([float(flag)], device=torch.device("cuda", d.local_rank) if dist.get_backend() == "nccl"
+                     else torch.device("cpu"))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

@@ -122,5 +122,8 @@ class Updater:
         """``state_dict()``'s output, or a bare optimizer state (checkpoints written before the Updater)."""
         if "param_groups" in state:
             state = {"optimizer": state}
+        ours = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, hyper in zip(self.optimizer.param_groups, ours):  # the moments resume; the settings are this
+            group.update(hyper)                                      # run's (e.g. a changed weight_decay)
         self.skipped = int(state.get("skipped", 0))

@@ -1,19 +1,29 @@
-"""A training run's lifecycle: its output folder, the checkpoint it resumes, seeding, the logger (and W&B run),
-the torchrun process group, and what it returns. Both stage runners open one with ``run_context``."""
+"""A training run's lifecycle: its output folder (checked writable, locked against a second run, cleared of
+half-written files), the checkpoint it resumes (with the settings that may change), seeding, the logger (and
+W&B run), stop signals, the torchrun process group, and what it returns. Both stage runners open one with
+``run_context``."""
 from __future__ import annotations
 
+import datetime
+import glob
+import json
 import os
+import signal
+import socket
 import sys
+import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dmd2.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint, rng_state, set_rng_state
+from dmd2.checkpoint import (
+    CheckpointError, latest_valid_checkpoint, load_checkpoint, rng_state, save_final, set_rng_state,
+)
 from dmd2.config import ConfigError, resolve_device, to_container
-from dmd2.distributed import Dist, broadcast_object, gather_objects, init_distributed, shutdown
+from dmd2.distributed import Dist, any_rank, broadcast_object, gather_objects, init_distributed, shutdown
 from dmd2.randomness import BatchRNG, derived_seed
 from dmd2.run_logger import RunLogger
 from dmd2.speed import set_backend_flags
@@ -30,11 +40,35 @@ class RunContext:
     dist: Dist
     rng: BatchRNG                         # noise, noise levels, timesteps and flips of the global batch
     resume: dict[str, Any] | None = None  # the checkpoint this run continues, if any
+    signals: list[int] = field(default_factory=list)  # stop signals received (SIGTERM, SIGINT, SIGUSR1)
 
     def say(self, message: str) -> None:
         """Print on rank 0 only."""
         if self.dist.is_main:
             print(message, flush=True)
+
+    def stop_requested(self) -> bool:
+        """Whether a stop signal reached any rank (every rank must call it at the same step: they agree)."""
+        return any_rank(bool(self.signals), self.dist)
+
+    def stop(self, state: dict[str, Any], prefix: str, step: int) -> None:
+        """Save ``<prefix>_<step>.pt`` after a stop signal and end the run with exit status 128 + signal number,
+        so ``resume=auto`` continues from this very step (SIGTERM: 143, SIGINT: 130, SIGUSR1: 138)."""
+        sig = self.signals[0] if self.signals else signal.SIGTERM
+        path = save_final(state, os.path.join(self.output_dir, f"{prefix}_{step:06d}.pt"), self.dist)
+        message = (f"[train] {signal.Signals(sig).name} received: stopped at step {step}, checkpoint {path}; "
+                   f"continue with resume=auto output_dir={self.output_dir}")
+        if self.dist.is_main:
+            print(message, file=sys.stderr, flush=True)
+        raise RunStopped(128 + int(sig))
+
+
+class RunStopped(SystemExit):
+    """The run saved a checkpoint and stopped on a signal; its exit status is 128 + the signal number."""
+
+
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None)
+LOCK_FILE = "run.lock"
 
 
 def hydra_output_dir() -> str | None:
@@ -104,6 +138,131 @@ def find_resume(cfg: DictConfig, output_dir: str, prefix: str, kind: str) -> tup
     return cfg.resume, state
 
 
+def check_writable(folder: str) -> None:
+    """Create ``folder`` if needed and write a file there, before any data or model is loaded."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-write-check-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise ConfigError(f"config key 'output_dir' = {folder!r}: not a writable folder ({err}); checkpoints "
+                          "could not be saved there") from err
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+class RunLock:
+    """``<folder>/run.lock`` while a run writes into ``folder``: its pid, host and start time."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def release(self) -> None:
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def acquire_lock(folder: str) -> RunLock:
+    """Take ``folder`` for this process, or refuse (ConfigError naming the holder) if another live run has it.
+    A lock whose owner is gone (killed, or the machine rebooted: no such process on this host) is taken over."""
+    path = os.path.join(folder, LOCK_FILE)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.datetime.now().isoformat()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    holder = json.load(f)
+            except (OSError, ValueError):
+                holder = {}
+            pid, host = holder.get("pid"), holder.get("host")
+            if host == me["host"] and isinstance(pid, int) and not process_alive(pid):
+                print(f"[run] {path}: its run (pid {pid}, started {holder.get('started')}) is gone; taking over",
+                      flush=True)
+                RunLock(path).release()
+                continue
+            raise ConfigError(
+                f"config key 'output_dir' = {folder!r} is in use by another run (pid {pid} on {host}, started "
+                f"{holder.get('started')}): two runs in one folder would overwrite each other's checkpoints. Use "
+                f"another output_dir, or delete {path} if that run is gone") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return RunLock(path)
+    raise ConfigError(f"config key 'output_dir' = {folder!r}: could not take {path}")
+
+
+def remove_orphans(folder: str) -> None:
+    """Temporary files of writes that a killed run left behind (``.tmp-*``, see dmd2.files)."""
+    for path in glob.glob(os.path.join(glob.escape(folder), ".tmp-*")):
+        print(f"[run] removing {path}, left by an interrupted write", flush=True)
+        os.remove(path)
+
+
+# Settings that may differ when a run is resumed: they take effect from the resumed step (and are announced).
+# Every other difference (architecture, data, batch size, update ratio, seed, ...) is refused unless
+# resume_allow_changes=true.
+RESUME_SAFE = ("lr", "generator_lr", "guidance_lr", "weight_decay", "adam_betas", "grad_clip", "warmup_steps",
+               "ema_decay", "generator_ema_decay", "max_steps", "num_epochs", "save_every", "log_every",
+               "sample_every", "samples_per_class", "sample_steps", "keep_last", "on_nonfinite", "eval_every",
+               "eval.", "logger.", "perf.", "run_name", "device", "data.num_workers", "data_dir", "optimized_metric",
+               "resume", "resume_allow_changes", "output_dir", "world_size", "global_batch_size")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def resume_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The settings that differ between a checkpoint's config and this run's, as 'key: old -> new' lines:
+    (safe to change, refused)."""
+    a, b = flatten(old), flatten(new)
+    safe, refused = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            line = f"{key}: {a.get(key, '<unset>')} -> {b.get(key, '<unset>')}"
+            (safe if key.startswith(RESUME_SAFE) else refused).append(line)
+    return safe, refused
+
+
+@contextmanager
+def stop_signals(signals: list[int]) -> Iterator[None]:
+    """Record SIGTERM / SIGINT / SIGUSR1 in ``signals`` (the loop saves and stops after the current step); a
+    second signal gets the default behaviour (e.g. a second Ctrl-C interrupts at once)."""
+    previous = {}
+
+    def record(signum: int, frame: Any) -> None:
+        signals.append(signum)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        print(f"\n[train] {signal.Signals(signum).name} received: saving a checkpoint after this step",
+              file=sys.stderr, flush=True)
+
+    try:
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, record)
+    except ValueError:  # not the main thread: no handlers
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @contextmanager
 def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunContext]:
     """Join the torchrun process group (if any), settle the output folder (rank 0's, shared by every rank)
@@ -118,13 +277,28 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
         except OSError:
             pass
     kind = prefix if prefix == "teacher" else "dmd2"
-    found = find_resume(cfg, output_dir, prefix, kind) if d.is_main else None
+    lock, found, refusal = None, None, None
+    if d.is_main:  # rank 0 takes the folder and finds the checkpoint; every rank learns the outcome
+        try:
+            check_writable(output_dir)
+            lock = acquire_lock(output_dir)
+            remove_orphans(output_dir)
+            found = find_resume(cfg, output_dir, prefix, kind)
+            if found is not None:
+                check_resume_config(found[1]["config"], {**to_container(cfg), "output_dir": output_dir,
+                                    "world_size": d.world_size, "global_batch_size": cfg.batch_size * d.world_size})
+        except ConfigError as err:
+            refusal = err
+    if broadcast_object(refusal is not None, d):
+        if lock is not None:
+            lock.release()
+        shutdown()
+        raise refusal if refusal is not None else ConfigError("the run was refused on rank 0 (see its message)")
     resume_path = broadcast_object(found[0] if found else None, d)
     resume = found[1] if found else (load_checkpoint(resume_path, kind=kind) if resume_path else None)
     config = to_container(cfg)
     config.update(output_dir=output_dir, world_size=d.world_size, global_batch_size=cfg.batch_size * d.world_size)
     if d.is_main:
-        os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
     set_backend_flags(cfg.perf, device)
@@ -136,13 +310,32 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
         ctx.say(f"[{job_type}] {d.world_size} processes (torchrun): batch_size {cfg.batch_size} per process, "
                 f"global batch {cfg.batch_size * d.world_size}")
     try:
-        yield ctx
+        with stop_signals(ctx.signals):
+            yield ctx
+    except RunStopped as stopped:
+        logger.finish(exit_code=int(stopped.code or 1), preempted=True)
+        raise
     except BaseException:
         logger.finish(exit_code=1)
         raise
     finally:
         shutdown()
+        if lock is not None:
+            lock.release()
     logger.finish()
+
+
+def check_resume_config(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse a resume whose settings (``new``: this run's resolved config) differ from the checkpoint's beyond
+    ``RESUME_SAFE`` (unless ``resume_allow_changes``); announce the changes that will take effect."""
+    safe, refused = resume_changes(old, new)
+    if refused and not new.get("resume_allow_changes"):
+        raise ConfigError("config keys differ from the checkpoint to resume, and continuing with them would mix "
+                          "two settings in one run:\n  " + "\n  ".join(refused) + "\nDrop these overrides, start a "
+                          "new output_dir, or set resume_allow_changes=true to continue with them anyway")
+    for line in safe + refused:
+        if not line.startswith(("resume:", "resume_allow_changes:", "output_dir:")):
+            print(f"[resume] changed from the checkpoint, in effect from its step on: {line}", flush=True)
 
 
 def run_state(ctx: RunContext, step: int, **parts: Any) -> dict[str, Any]:

@@ -101,7 +101,10 @@ class RunLogger:
             except Exception as err:  # noqa: BLE001
                 print(f"[logger] W&B summary failed ({err})", file=sys.stderr)
 
-    def finish(self, exit_code: int = 0) -> None:
+    def finish(self, exit_code: int = 0, preempted: bool = False) -> None:
+        """Close metrics.jsonl and finish the W&B run (``preempted``: stopped by a signal, to be resumed)."""
+        if preempted:
+            self._wandb("mark_preempting")
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None

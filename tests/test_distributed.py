@@ -117,12 +117,14 @@ def test_batch_rng_gives_each_rank_its_slice_of_the_global_draw():
 
 
 @pytest.mark.slow
-def test_two_process_run_resumes_exactly(teacher_pair, tiny_data, tmp_path):
+def test_two_process_run_resumes_exactly(teacher_pair, tiny_data, featnet, tmp_path):
     """Stop a two-process distillation at step 4, resume it to step 6: the same weights as 6 straight steps
-    (every rank's random state, the shared batch stream and the data position come back)."""
+    (every rank's random state, the shared batch stream and the data position come back), with the FD
+    measured inside training every 2 steps on the way."""
     teacher = teacher_pair[0] / "teacher_final.pt"
     common = [*BASE, "stage=distill", f"data.root={tiny_data}", f"teacher_checkpoint={teacher}", "batch_size=4",
-              "dfake_gen_update_ratio=2", "gan_classifier=true"]
+              "dfake_gen_update_ratio=2", "gan_classifier=true",
+              *train_eval_args(featnet, tiny_data, tmp_path / "fid_stats", every=2, num=20)]
     straight = torchrun(*common, "max_steps=6", f"output_dir={tmp_path / 'straight'}",
                         f"hydra.run.dir={tmp_path / 'h1'}")
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -142,3 +144,26 @@ def test_two_process_run_resumes_exactly(teacher_pair, tiny_data, tmp_path):
 def test_a_global_batch_larger_than_the_dataset_is_refused():
     with pytest.raises(ValueError, match="batch_size = 8 x 3 processes is larger than the dataset"):
         EpochBatchSampler(20, 8, seed=0, world_size=3)
+
+
+@pytest.mark.slow
+def test_a_stop_signal_under_torchrun_saves_one_checkpoint_at_a_step_all_ranks_agree_on(tiny_data, tmp_path):
+    args = [*BASE, "stage=teacher", "arch=simple_unet_tiny", f"data.root={tiny_data}", "batch_size=4",
+            "max_steps=400", "num_epochs=1000", "save_every=1000", "log_every=1000", f"output_dir={tmp_path / 'out'}"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py")]
+    proc = subprocess.Popen([*cmd, *args, f"hydra.run.dir={tmp_path / 'h1'}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    import time
+    deadline = time.time() + 120
+    while not (tmp_path / "out" / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)
+    proc.terminate()  # SIGTERM to torchrun, which passes it on to every rank
+    _, stderr = proc.communicate(timeout=120)
+    (saved,) = (tmp_path / "out").glob("teacher_0*.pt")
+    step = load_checkpoint(str(saved))["step"]
+    assert 0 < step < 400 and f"stopped at step {step}" in stderr
+    resumed = torchrun(*args, "resume=auto", "max_steps=420", f"hydra.run.dir={tmp_path / 'h2'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(str(tmp_path / "out" / "teacher_final.pt"))["step"] == 420

@@ -299,6 +299,8 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             evaluate(done)
         if done % cfg.save_every == 0 and done != steps:
             save_periodic(checkpoint(done), ctx.output_dir, "dmd2", done, cfg.keep_last, ctx.dist)
+        if ctx.stop_requested() and done != steps:  # SIGTERM / SIGINT / SIGUSR1: save this step, then exit
+            ctx.stop(checkpoint(done), "dmd2", done)
     bar.close()
     path = save_final(checkpoint(steps), os.path.join(ctx.output_dir, "dmd2_final.pt"), ctx.dist)
     ctx.say(f"[distill] done: {path}")

@@ -145,6 +145,8 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         if done % cfg.save_every == 0 and done != steps:
             save_periodic(teacher_state(cfg, ctx, model, ema, upd, evaluator, done), ctx.output_dir, "teacher", done,
                           cfg.keep_last, ctx.dist)
+        if ctx.stop_requested() and done != steps:  # SIGTERM / SIGINT / SIGUSR1: save this step, then exit
+            ctx.stop(teacher_state(cfg, ctx, model, ema, upd, evaluator, done), "teacher", done)
     bar.close()
     path = save_final(teacher_state(cfg, ctx, model, ema, upd, evaluator, steps),
                       os.path.join(ctx.output_dir, "teacher_final.pt"), ctx.dist)

@@ -1,0 +1,167 @@
+"""What a run does when its disk fills, its folder is taken, it is resumed with other settings, or it is told to
+stop: it survives or refuses with a clear message, and never loses or mixes work."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import dmd2.checkpoint as checkpoint
+from dmd2.checkpoint import load_checkpoint
+from dmd2.config import ConfigError
+from dmd2.run import LOCK_FILE, acquire_lock
+from tests.conftest import ROOT, SMOKE, compose_cfg, run_cli
+
+
+def teacher_cfg(tiny_data: Path, out: Path, *extra: str):
+    return compose_cfg([*SMOKE, "data=image_folder", f"data.root={tiny_data}", f"output_dir={out}", *extra])
+
+
+def test_a_failing_periodic_write_of_any_kind_is_survived(monkeypatch, tiny_data, tmp_path):
+    """torch.save on a full disk raises RuntimeError ("unexpected pos"), not OSError: the run must go on."""
+    from train import train
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if obj["step"] == 2:  # the periodic checkpoint of step 2 (the final one is step 4)
+            f.write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    train(teacher_cfg(tiny_data, tmp_path))
+    assert (tmp_path / "teacher_final.pt").is_file() and not (tmp_path / "teacher_000002.pt").exists()
+    assert not list(tmp_path.glob(".tmp-*")), "the half-written temporary file must be removed"
+
+
+def test_a_failing_final_write_keeps_the_weights(monkeypatch, tiny_data, tmp_path):
+    from train import train
+
+    real_save = checkpoint.save_checkpoint
+    rescue = tmp_path / "rescue"
+    monkeypatch.setenv("DMD2_RESCUE_DIR", str(rescue))
+
+    def unwritable_output(state, path):
+        if str(tmp_path / "run") in os.path.abspath(path):
+            raise OSError(30, "Read-only file system")
+        real_save(state, path)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", unwritable_output)
+    with pytest.raises(checkpoint.CheckpointError, match="rescue"):
+        train(teacher_cfg(tiny_data, tmp_path / "run", "save_every=100"))
+    (saved,) = rescue.glob("*teacher_final.pt")
+    assert load_checkpoint(str(saved))["step"] == 4
+
+
+def test_an_unwritable_output_dir_is_refused_before_any_work(tiny_data, tmp_path):
+    target = tmp_path / "ro"
+    target.mkdir()
+    target.chmod(0o500)
+    try:
+        if os.access(target, os.W_OK):  # running as root: a file where a folder is expected instead
+            target.chmod(0o700)
+            target = tmp_path / "file"
+            target.write_text("not a folder")
+        proc = run_cli("train.py", *SMOKE, "data=image_folder", f"data.root={tiny_data}", f"output_dir={target}",
+                       f"hydra.run.dir={tmp_path / 'h'}")
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+    assert proc.returncode != 0 and "'output_dir'" in proc.stderr and "writable" in proc.stderr, proc.stderr[-2000:]
+    assert "[teacher]" not in proc.stdout  # refused before the data and the model
+
+
+def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_owner_is_taken_over(tmp_path, capsys):
+    lock = acquire_lock(str(tmp_path))
+    with pytest.raises(ConfigError, match=f"pid {os.getpid()}"):
+        acquire_lock(str(tmp_path))
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+    # a lock left by a process that no longer exists (SIGKILL, reboot) is taken over, with a message
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
+                                                  "started": "earlier"}))
+    lock = acquire_lock(str(tmp_path))
+    assert "taking over" in capsys.readouterr().out
+    lock.release()
+
+
+def test_two_runs_started_together_in_one_folder_do_not_mix(tiny_data, tmp_path):
+    common = [sys.executable, str(ROOT / "train.py"), *SMOKE, "data=image_folder", f"data.root={tiny_data}",
+              f"output_dir={tmp_path / 'shared'}", "max_steps=6"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    procs = [subprocess.Popen([*common, f"seed={s}", f"hydra.run.dir={tmp_path / f'h{s}'}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) for s in (1, 2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes[0] == 0 and codes[1] != 0, results
+    refused = next(err for code, err in results if code != 0)
+    assert "is in use by" in refused
+    rows = [json.loads(line) for line in (tmp_path / "shared" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7)), "one run's metrics only"
+
+
+def test_orphan_temporary_checkpoints_are_removed_at_the_next_start(tiny_data, tmp_path):
+    from train import train
+
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / ".tmp-abc123.pt").write_bytes(b"half a checkpoint")
+    train(teacher_cfg(tiny_data, tmp_path, "max_steps=1"))
+    assert not (tmp_path / ".tmp-abc123.pt").exists()
+
+
+def test_resume_applies_safe_changes_and_refuses_the_others(tiny_data, tmp_path):
+    from train import train
+
+    train(teacher_cfg(tiny_data, tmp_path, "max_steps=2", "lr=1e-4"))
+    with pytest.raises(ConfigError, match="batch_size"):
+        train(teacher_cfg(tiny_data, tmp_path, "resume=auto", "max_steps=4", "batch_size=4"))
+    assert load_checkpoint(str(tmp_path / "teacher_final.pt"))["step"] == 2, "a refused resume changes nothing"
+    assert "batch_size: 8" in (tmp_path / "config.yaml").read_text()
+    train(teacher_cfg(tiny_data, tmp_path, "resume=auto", "max_steps=4", "lr=5e-4", "weight_decay=0.1"))
+    state = load_checkpoint(str(tmp_path / "teacher_final.pt"))
+    groups = state["updater"]["optimizer"]["param_groups"]
+    assert state["step"] == 4 and state["config"]["lr"] == 5e-4
+    assert groups[0]["lr"] == 5e-4 and groups[0]["weight_decay"] == 0.1  # the new values really ran
+    # explicitly allowed: the change runs and is recorded
+    train(teacher_cfg(tiny_data, tmp_path, "resume=auto", "max_steps=6", "batch_size=4", "resume_allow_changes=true"))
+    state = load_checkpoint(str(tmp_path / "teacher_final.pt"))
+    assert state["step"] == 6 and state["config"]["batch_size"] == 4
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_saves_a_checkpoint_and_resume_loses_nothing(sig, tiny_data, tmp_path):
+    args = [*SMOKE, "data=image_folder", f"data.root={tiny_data}", "max_steps=400", "save_every=1000",
+            "log_every=1000", "sample_every=0"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"output_dir={out}",
+                             f"hydra.run.dir={tmp_path / 'h1'}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:  # training has started
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    code = proc.wait(timeout=120)
+    stderr = proc.stderr.read()
+    assert code == 143 if sig == signal.SIGTERM else code == 128 + int(sig), stderr[-2000:]
+    (saved,) = out.glob("teacher_0*.pt")
+    step = load_checkpoint(str(saved))["step"]
+    assert 0 < step < 400 and f"stopped at step {step}" in stderr
+    proc = run_cli("train.py", *args, f"output_dir={out}", "resume=auto", "max_steps=400",
+                   f"hydra.run.dir={tmp_path / 'h2'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    whole = run_cli("train.py", *args, f"output_dir={tmp_path / 'whole'}", f"hydra.run.dir={tmp_path / 'h3'}")
+    assert whole.returncode == 0
+    a = load_checkpoint(str(out / "teacher_final.pt"))
+    b = load_checkpoint(str(tmp_path / "whole" / "teacher_final.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
