@@ -298,13 +298,13 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
     resume = found[1] if found else (load_checkpoint(resume_path, kind=kind) if resume_path else None)
     config = to_container(cfg)
     config.update(output_dir=output_dir, world_size=d.world_size, global_batch_size=cfg.batch_size * d.world_size)
-    if d.is_main:
-        with open(os.path.join(output_dir, "config.yaml"), "w") as f:
-            f.write(OmegaConf.to_yaml(cfg, resolve=True))
     set_backend_flags(cfg.perf, device)
     torch.manual_seed(cfg.seed + d.rank)  # dropout and other in-network randomness differ between ranks
+    # config.yaml, metrics.jsonl and the W&B run appear with the first thing logged: a run refused while the
+    # runner builds and checks its networks leaves output_dir as it was
     logger = RunLogger(output_dir, logger_settings(cfg), config, job_type, cfg.run_name or default_run_name(),
-                       enabled=d.is_main, resume_id=resume.get("wandb_run_id") if resume else None)
+                       enabled=d.is_main, resume_id=resume.get("wandb_run_id") if resume else None,
+                       config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
     ctx = RunContext(output_dir, device, config, logger, d, BatchRNG(cfg.seed, device, d), resume)
     if d.enabled:
         ctx.say(f"[{job_type}] {d.world_size} processes (torchrun): batch_size {cfg.batch_size} per process, "

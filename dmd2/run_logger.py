@@ -21,21 +21,36 @@ class RunLogger:
     def __init__(
         self, output_dir: str, logger_cfg: Mapping[str, Any], config: dict[str, Any], job_type: str,
         run_name: str | None = None, enabled: bool = True, resume_id: str | None = None,
+        config_yaml: str | None = None,
     ) -> None:
         self.output_dir = output_dir
         self.enabled = enabled  # False on non-zero ranks: nothing is written
         self.run: Any = None
         self._metrics = None
-        if not enabled:
+        self._pending = (logger_cfg, config, job_type, run_name, resume_id, config_yaml) if enabled else None
+        self._definitions: list[tuple[str, dict[str, Any]]] = []
+
+    def start(self) -> None:
+        """Open the run's outputs: ``config.yaml`` (when given), ``metrics.jsonl`` and the W&B run. Called by the
+        first thing logged, so a run refused while it is being set up leaves ``output_dir`` as it was."""
+        if self._pending is None:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        self._metrics = open(os.path.join(output_dir, "metrics.jsonl"), "a", buffering=1)
+        logger_cfg, config, job_type, run_name, resume_id, config_yaml = self._pending
+        self._pending = None
+        os.makedirs(self.output_dir, exist_ok=True)
+        if config_yaml is not None:
+            with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
+                f.write(config_yaml)
+        self._metrics = open(os.path.join(self.output_dir, "metrics.jsonl"), "a", buffering=1)
         if logger_cfg.get("name") == "wandb":
             self.run = self._start_wandb(logger_cfg, config, job_type, run_name, resume_id)
+        for key, kwargs in self._definitions:
+            self._wandb("define_metric", key, **kwargs)
 
     @property
     def run_id(self) -> str | None:
         """The W&B run id (stored in checkpoints so a resumed run continues the same W&B run)."""
+        self.start()
         return getattr(self.run, "id", None)
 
     def _start_wandb(self, cfg: Mapping[str, Any], config: dict[str, Any], job_type: str, run_name: str | None,
@@ -65,6 +80,7 @@ class RunLogger:
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.enabled:
             return
+        self.start()
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(row) + "\n")  # type: ignore[union-attr]
         self._wandb("log", dict(metrics), step=step)
@@ -73,6 +89,7 @@ class RunLogger:
         """Save an image grid [3,H,W] in [0, 1] to ``samples/<key>_<step>.png`` and log it; return the path."""
         if not self.enabled:
             return None
+        self.start()
         folder = os.path.join(self.output_dir, "samples")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{key.replace('/', '_')}_{step:06d}.png")
@@ -90,11 +107,17 @@ class RunLogger:
             self._wandb("log", {key: wandb.Histogram(values.detach().cpu().numpy())}, step=step)
 
     def define_metric(self, key: str, **kwargs: Any) -> None:
-        """W&B ``define_metric`` (e.g. ``summary="min"``: the run summary keeps the best value)."""
-        if self.enabled:
+        """W&B ``define_metric`` (e.g. ``summary="min"``: the run summary keeps the best value); before the
+        outputs are open it is applied when they open."""
+        if not self.enabled:
+            return
+        if self._pending is not None:
+            self._definitions.append((key, kwargs))
+        else:
             self._wandb("define_metric", key, **kwargs)
 
     def summary(self, values: Mapping[str, Any]) -> None:
+        self.start()
         if self.enabled and self.run is not None:
             try:
                 self.run.summary.update(dict(values))

@@ -256,6 +256,7 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         log_generator_grids(0)
         if evaluator.enabled:
             evaluate(0)  # the starting point: the teacher's one-step output
+    ctx.logger.start()  # config.yaml, metrics.jsonl, W&B: every check has passed
     restore_rng(ctx)
     batches = iter(loader)
     bar = progress(steps, "distill", ctx)

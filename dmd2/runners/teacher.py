@@ -108,6 +108,7 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     grid_y = grid_labels(cfg.data.num_classes, cfg.samples_per_class, device)
     grid_z = torch.randn(len(grid_y), 3, cfg.data.resolution, cfg.data.resolution, generator=gen).to(device)
 
+    ctx.logger.start()  # config.yaml, metrics.jsonl, W&B: every check has passed
     restore_rng(ctx)
     batches = iter(loader)
     bar = progress(steps, "teacher", ctx)
