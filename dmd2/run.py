@@ -376,6 +376,7 @@ def run_result(checkpoint: str, steps: int, metrics: dict[str, float], evaluator
     """What a stage returns: the final checkpoint, the last logged metrics with the evaluation's last and best
     values, and ``objective_key``, the metric a sweeper minimises by default: the best FID / FD when
     ``eval_every`` > 0, else the last logged ``loss_key``."""
-    metrics = {**metrics, **evaluator.results()}
-    key = f"{evaluator.key}_best" if evaluator.results() else loss_key
+    evaluated = evaluator.results()
+    key = f"{evaluator.key}_best" if evaluated else loss_key
+    metrics = {**metrics, **evaluated}
     return {"checkpoint": checkpoint, "steps": steps, "metrics": metrics, "objective_key": key}

@@ -20,9 +20,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dmd2.evaluation import EvaluationError, evaluate_sampler, feature_network_from_config, reference_from_config
-from dmd2.sampling import CheckpointSampler
 from dmd2.distributed import Dist, barrier
 from dmd2.run_logger import RunLogger
+from dmd2.sampling import CheckpointSampler
 
 
 @contextmanager
