@@ -19,31 +19,16 @@ from omegaconf import DictConfig
 
 from dmd2.checkpoint import CheckpointError
 from dmd2.files import atomic_write
-from dmd2.config import (ConfigError, check_device, check_fid, check_rules, fail, is_bool, is_path, nonneg_int,
-                         one_of, optional, positive_int, resolve_device, to_container)
+import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
+from dmd2.config import ConfigError, check_device, check_fid, check_settings, fail, resolve_device, to_container
 from dmd2.evaluation import evaluate_sampler, feature_network_from_config, reference_from_config
 from dmd2.run_logger import RunLogger
 from dmd2.run import default_run_name, hydra_output_dir, logger_settings
 from dmd2.sampling import load_sampler
 
-RULES = [
-    ("checkpoint", optional(is_path), "null or the path of a teacher_*.pt / dmd2_*.pt checkpoint"),
-    ("checkpoint_dir", optional(is_path), "null or a folder of checkpoints"),
-    ("output_dir", optional(is_path), "null (the Hydra run directory) or a folder"),
-    ("num_samples", lambda v: positive_int(v) and v >= 2, "an integer >= 2 (50000 for published FIDs)"),
-    ("batch_size", positive_int, "an integer >= 1"),
-    ("seed", nonneg_int, "an integer >= 0"),
-    ("num_workers", nonneg_int, "an integer >= 0"),
-    ("teacher_weights", one_of(("ema", "model")), "'ema' or 'model'"),
-    ("generator_weights", one_of(("ema", "raw")), "'ema' or 'raw'"),
-    ("sampler.steps", positive_int, "an integer >= 1 (Heun steps: 18 = 35 network evaluations)"),
-    ("kid", is_bool, "true or false"),
-]
-
-
 def validate(cfg: DictConfig) -> None:
     """Check every key evaluate.py reads (types, ranges, files, combinations) before anything is loaded."""
-    check_rules(cfg, RULES)
+    check_settings(cfg)
     check_device(cfg)
     if (cfg.checkpoint is None) == (cfg.checkpoint_dir is None):
         raise ConfigError("config keys 'checkpoint' and 'checkpoint_dir': set exactly one "

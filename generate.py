@@ -13,7 +13,8 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
-from dmd2.config import ConfigError, check_device, positive_int, resolve_device
+import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
+from dmd2.config import ConfigError, check_device, check_settings, resolve_device
 from dmd2.sampling import generate_uint8, load_sampler
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -29,10 +30,7 @@ def class_names(cfg: DictConfig, num_classes: int) -> list[str]:
 
 
 def generate(cfg: DictConfig) -> dict[str, Any]:
-    for key in ("num_samples", "batch_size", "sampler.steps"):
-        value = cfg[key] if "." not in key else cfg.sampler.steps
-        if not positive_int(value):
-            raise ConfigError(f"config key '{key}' = {value!r}: expected an integer >= 1")
+    check_settings(cfg)
     check_device(cfg)
     if not os.path.isfile(cfg.checkpoint):
         raise ConfigError(f"config key 'checkpoint' = {cfg.checkpoint!r}: file not found")

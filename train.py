@@ -14,6 +14,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
 from dmd2.config import ConfigError, validate
 
 

@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dmd2.data import CachedBatches, build_dataset, build_loader  # noqa: E402
@@ -59,9 +59,10 @@ from dmd2.optim import EMA, Updater, adamw, ema_decay_at, grad_norm  # noqa: E40
 from dmd2.speed import autocast  # noqa: E402
 from dmd2.randomness import BatchRNG  # noqa: E402
 from dmd2.runners.distill import (  # noqa: E402
-    Batch, DistillState, build_model, build_updaters, fake_score_step, generator_step,
+    Batch, DistillState, build_updaters, fake_score_step, generator_step,
 )
 from dmd2.runners.teacher import TeacherState, teacher_step  # noqa: E402
+from dmd2.settings import TeacherSettings  # noqa: E402
 from dmd2.speed import prepare_network, set_backend_flags  # noqa: E402
 from dmd2.unified import UnifiedModel  # noqa: E402
 
@@ -83,39 +84,27 @@ TINY_WIDTHS = {
 # --------------------------------------------------------------------------------------------- configuration
 
 
-def load_arch(name: str, conf_dir: Path = CONF) -> dict[str, Any]:
-    """conf/arch/<name>.yaml as a plain dict, with its ``defaults:`` list resolved the way Hydra does for a
-    config group: each listed preset (recursively) is merged in list order, ``_self_`` marks where the file's own
-    keys go (at the end when it is not listed)."""
-    path = conf_dir / "arch" / f"{name}.yaml"
-    if not path.is_file():
-        available = sorted(p.stem for p in (conf_dir / "arch").glob("*.yaml"))
-        raise SystemExit(f"--arch {name}: no {path} (available: {', '.join(available)})")
-    raw = OmegaConf.load(path)
-    defaults = list(raw.pop("defaults", []) or [])
-    if "_self_" not in defaults:
-        defaults.append("_self_")
-    merged = OmegaConf.create()
-    for entry in defaults:
-        if entry == "_self_":
-            merged = OmegaConf.merge(merged, raw)
-        else:
-            parent = str(entry).split("/")[-1]
-            merged = OmegaConf.merge(merged, OmegaConf.create(load_arch(parent, conf_dir)))
-    arch = OmegaConf.to_container(merged, resolve=True)
-    if arch.get("name") == "from_teacher":
+def stage_settings(stage: str, arch: str | None = None) -> DictConfig:
+    """The settings a ``python train.py stage=<stage> [arch=<arch>]`` run would use, composed by Hydra from conf/
+    and the schemas of dmd2/settings.py (the one place they are defined)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    overrides = [f"stage={stage}", "logger=none"] + ([f"arch={arch}"] if arch else [])
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        try:
+            return compose(config_name="config", overrides=overrides)
+        except MissingConfigException as err:
+            available = sorted(p.stem for p in (CONF / "arch").glob("*.yaml"))
+            raise SystemExit(f"--arch {arch}: not in conf/arch (available: {', '.join(available)})") from err
+
+
+def load_arch(name: str) -> dict[str, Any]:
+    """The arch dict of ``python train.py arch=<name>``."""
+    arch = OmegaConf.to_container(stage_settings("teacher", name).arch, resolve=True)
+    if arch.get("name") == "from_teacher":  # type: ignore[union-attr]
         raise SystemExit("--arch from_teacher names no network; pick a preset such as simple_unet")
     return arch  # type: ignore[return-value]
-
-
-def stage_defaults(stage: str) -> dict[str, Any]:
-    """The settings a ``python train.py stage=<stage>`` run would use, composed from conf/ by Hydra (the one
-    place they are defined)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"stage={stage}", "logger=none"])
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------------ machine
@@ -255,7 +244,7 @@ def labels(batch: int, device: torch.device) -> torch.Tensor:
 
 
 def build(arch: dict[str, Any], device: torch.device) -> nn.Module:
-    return build_denoiser(arch, NUM_CLASSES, RESOLUTION).to(device)
+    return build_denoiser(arch, NUM_CLASSES, RESOLUTION, TeacherSettings().sigma_data).to(device)
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -264,7 +253,7 @@ def build(arch: dict[str, Any], device: torch.device) -> nn.Module:
 def bench_teacher(arch: dict[str, Any], device: torch.device, args: argparse.Namespace, timer: Timer,
                   mem: Memory) -> dict[str, Any]:
     """One teacher training step as in dmd2/runners/teacher.py (data loading and logging excluded)."""
-    hp = stage_defaults("teacher")
+    hp = stage_settings("teacher")
     model = prepare(build(arch, device).train(), args)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = adamw(model.parameters(), hp["lr"], hp["adam_betas"], hp["weight_decay"], args.fused_adamw)
@@ -290,17 +279,16 @@ def bench_teacher(arch: dict[str, Any], device: torch.device, args: argparse.Nam
 
 
 def build_unified(arch: dict[str, Any], device: torch.device, args: argparse.Namespace,
-                  sigmas: tuple[float, ...] = (80.0,), gan: bool = False) -> tuple[UnifiedModel, dict[str, Any]]:
-    hp = stage_defaults("distill")
-    teacher = build(arch, device)
-    hp = {**hp, "denoising_sigmas": list(sigmas), "gan_classifier": gan}
-    model = build_model(teacher, hp).to(device)
+                  sigmas: tuple[float, ...] = (80.0,), gan: bool = False) -> tuple[UnifiedModel, DictConfig]:
+    hp = stage_settings("distill")
+    hp.denoising_sigmas, hp.gan_classifier = list(sigmas), gan
+    model = UnifiedModel(build(arch, device), hp).to(device)
     for net in (model.generator, model.guidance.real_unet, model.guidance.fake_unet):
         prepare(net, args)
     return model, hp
 
 
-def distill_state(model: UnifiedModel, hp: dict[str, Any], device: torch.device,
+def distill_state(model: UnifiedModel, hp: DictConfig, device: torch.device,
                   args: argparse.Namespace) -> DistillState:
     """The distill runner's step state: its two updaters (generator, fake score), one process, random draws
     from the global RNG."""

@@ -15,9 +15,12 @@ from torch import Tensor
 # A denoiser maps (x [B,C,H,W], sigma [B], class_labels [B]) -> x0 estimate [B,C,H,W].
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 
+# EDM's noise range and schedule curvature (Karras et al. 2022, Table 1), used by every stage.
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+
 
 def karras_sigmas(
-    n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+    n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO
 ) -> Tensor:
     """Karras et al. (2022) eq. 5: ``n`` noise levels, descending from sigma_max to sigma_min.
 
@@ -34,7 +37,7 @@ def karras_sigmas(
 
 
 def dmd_timestep_sigmas(
-    num_timesteps: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+    num_timesteps: int = 1000, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO
 ) -> Tensor:
     """The DMD2 timestep table: Karras sigmas in ascending order, so index t=0 is sigma_min.
 
@@ -96,7 +99,7 @@ def weighted_denoising_error(denoised: Tensor, x0: Tensor, sigma: Tensor, sigma_
     return (edm_loss_weight(sigma, sigma_data) * per_sample).mean()
 
 
-def heun_sampler_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
+def heun_sampler_sigmas(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> Tensor:
     """EDM sampling grid: ``steps`` Karras sigmas followed by a final 0. Returns float64 [steps + 1]."""
     return torch.cat([karras_sigmas(steps, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)])
 

@@ -39,7 +39,7 @@ from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.resize import build_resizer
 from cleanfid.utils import EXTENSIONS
 
-from dmd2.config import FEATURE_NETWORKS, RESIZE_MODES
+from dmd2.settings import FEATURE_NETWORKS, RESIZE_MODES
 from dmd2.distributed import Dist, gather_objects
 from dmd2.files import atomic_write
 from dmd2.sampling import CheckpointSampler, generate_uint8
@@ -453,14 +453,14 @@ def evaluate_sampler(sampler: CheckpointSampler, net: FeatureNetwork, ref: Refer
 
 
 def feature_network_from_config(fn: Mapping[str, Any], device: torch.device) -> FeatureNetwork:
-    """The ``feature_network`` config node (conf/fid/default.yaml) -> its FeatureNetwork."""
+    """The ``feature_network`` config node (FeatureNetwork in dmd2/settings.py) -> its FeatureNetwork."""
     return build_feature_network(fn["name"], device, path=fn["path"], resize=fn["resize"],
                                  inception_weights=fn["inception_weights"], allow_download=fn["allow_download"])
 
 
 def reference_from_config(ref: Mapping[str, Any], net: FeatureNetwork, kid: bool = False, batch_size: int = 128,
                           num_workers: int = 0) -> ReferenceStats:
-    """The ``reference`` config node (conf/fid/default.yaml) -> statistics: an image folder's (computed once,
+    """The ``reference`` config node (Reference in dmd2/settings.py) -> statistics: an image folder's (computed once,
     cached in ``reference.cache_dir``) or clean-fid's precomputed CIFAR-10 train statistics."""
     if ref["name"] == "folder":
         return folder_stats(ref["folder"], net, ref["cache_dir"], kid=kid, batch_size=batch_size,

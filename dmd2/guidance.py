@@ -11,11 +11,12 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from dmd2.diffusion import dmd_timestep_sigmas, weighted_denoising_error
+from dmd2.diffusion import SIGMA_MAX, SIGMA_MIN, dmd_timestep_sigmas, weighted_denoising_error
 from dmd2.randomness import GLOBAL_RNG, BatchRNG
 from dmd2.losses import distribution_matching_loss, gan_discriminator_loss, gan_generator_loss
 from dmd2.networks import EDMPrecond, set_dropout
 from dmd2.networks.gan_head import GANHead
+from dmd2.settings import DistillSettings
 
 
 @contextmanager
@@ -46,26 +47,26 @@ class GuidanceModel(nn.Module):
     by default the global RNG).
     """
 
-    def __init__(
-        self, teacher: EDMPrecond, num_train_timesteps: int = 1000, min_step_percent: float = 0.02,
-        max_step_percent: float = 0.98, gan_classifier: bool = False, diffusion_gan: bool = True,
-        diffusion_gan_max_timestep: int = 1000, cls_loss_weight: float = 0.0, sigma_min: float = 0.002,
-        sigma_max: float = 80.0, dropout: float | None = 0.0,
-    ) -> None:
+    def __init__(self, teacher: EDMPrecond, settings: DistillSettings) -> None:
+        """``settings``: the distill stage's (a composed config or a ``DistillSettings``); this reads
+        num_train_timesteps, min/max_step_percent, gan_classifier, cls_loss_weight, diffusion_gan(_max_timestep)
+        and dropout."""
         super().__init__()
         self.real_unet = teacher.eval().requires_grad_(False)
         self.fake_unet = copy.deepcopy(teacher).train().requires_grad_(True)
-        if dropout is not None:
-            set_dropout(self.fake_unet, dropout)
+        if settings.dropout is not None:
+            set_dropout(self.fake_unet, settings.dropout)
         self.sigma_data = teacher.sigma_data
-        self.register_buffer("sigmas", dmd_timestep_sigmas(num_train_timesteps, sigma_min, sigma_max))
-        self.min_step = int(min_step_percent * num_train_timesteps)
-        self.max_step = min(int(max_step_percent * num_train_timesteps), num_train_timesteps - 1)
+        num_timesteps = settings.num_train_timesteps
+        self.register_buffer("sigmas", dmd_timestep_sigmas(num_timesteps, SIGMA_MIN, SIGMA_MAX))
+        self.min_step = int(settings.min_step_percent * num_timesteps)
+        self.max_step = min(int(settings.max_step_percent * num_timesteps), num_timesteps - 1)
         net = teacher.net
-        self.gan_head = GANHead(net.bottleneck_channels, net.bottleneck_resolution) if gan_classifier else None
-        self.diffusion_gan = diffusion_gan
-        self.diffusion_gan_max_timestep = diffusion_gan_max_timestep
-        self.cls_loss_weight = cls_loss_weight
+        self.gan_head = (GANHead(net.bottleneck_channels, net.bottleneck_resolution) if settings.gan_classifier
+                         else None)
+        self.diffusion_gan = settings.diffusion_gan
+        self.diffusion_gan_max_timestep = settings.diffusion_gan_max_timestep
+        self.cls_loss_weight = settings.cls_loss_weight
 
     def train(self, mode: bool = True) -> "GuidanceModel":
         super().train(mode)

@@ -6,8 +6,6 @@ steps) and the guidance model's loss (every step); they own the optimizers and t
 from __future__ import annotations
 
 import copy
-from typing import Sequence
-
 import torch
 from torch import Tensor, nn
 
@@ -15,25 +13,25 @@ from dmd2.diffusion import backward_simulation, multistep_sample
 from dmd2.randomness import GLOBAL_RNG, BatchRNG
 from dmd2.guidance import GuidanceModel
 from dmd2.networks import EDMPrecond, set_dropout
+from dmd2.settings import DistillSettings
 
 
 class UnifiedModel(nn.Module):
     """``generator``: a copy of the teacher mapping noise to images in len(denoising_sigmas) steps
-    (one step: x = G(z * sigma_c; sigma_c, class)). ``guidance``: see GuidanceModel. ``dropout``: of the generator
-    and the fake score network (None keeps the teacher's; the teacher itself always runs without).
+    (one step: x = G(z * sigma_c; sigma_c, class)). ``guidance``: see GuidanceModel. ``settings``: the distill
+    stage's (a composed config or a ``DistillSettings``): denoising_sigmas / conditioning_sigma,
+    gen_cls_loss_weight, dropout (of the generator and the fake score network; None keeps the teacher's, which
+    itself always runs without) and the guidance model's.
     """
 
-    def __init__(
-        self, teacher: EDMPrecond, denoising_sigmas: Sequence[float] = (80.0,), cls_loss_weight: float = 0.0,
-        gen_cls_loss_weight: float = 0.0, dropout: float | None = 0.0, **guidance_kwargs: float,
-    ) -> None:
+    def __init__(self, teacher: EDMPrecond, settings: DistillSettings) -> None:
         super().__init__()
         self.generator = copy.deepcopy(teacher).train().requires_grad_(True)
-        if dropout is not None:
-            set_dropout(self.generator, dropout)
-        self.guidance = GuidanceModel(teacher, cls_loss_weight=cls_loss_weight, dropout=dropout, **guidance_kwargs)
-        self.denoising_sigmas = [float(s) for s in denoising_sigmas]
-        self.gen_cls_loss_weight = gen_cls_loss_weight
+        if settings.dropout is not None:
+            set_dropout(self.generator, settings.dropout)
+        self.guidance = GuidanceModel(teacher, settings)
+        self.denoising_sigmas = [float(s) for s in (settings.denoising_sigmas or [settings.conditioning_sigma])]
+        self.gen_cls_loss_weight = settings.gen_cls_loss_weight
 
     @property
     def num_steps(self) -> int:

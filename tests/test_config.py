@@ -1,13 +1,21 @@
 """Every config group composes; the spec's keys exist with the spec's defaults; bad values are refused."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
 from pathlib import Path
 
 import pytest
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from dmd2.config import ConfigError, validate
-from tests.conftest import CONF, compose_cfg
+from dmd2.guidance import GuidanceModel
+from dmd2.networks import build_denoiser
+from dmd2.settings import SCHEMAS, DistillSettings, TeacherSettings, describe
+from dmd2.unified import UnifiedModel
+from tests.conftest import CONF, compose_cfg, run_cli
 
 
 def group_options(group: str) -> list[str]:
@@ -25,8 +33,13 @@ def test_every_group_combination_composes(stage, arch, data, logger):
 
 @pytest.mark.parametrize("option", group_options("experiment"))
 def test_every_experiment_composes(option):
-    for stage in ("teacher", "distill"):
-        assert compose_cfg([f"stage={stage}", f"experiment={option}"]).stage == stage
+    """A preset composes with its own stage; a distill preset forced onto the teacher stage is refused at
+    composition, naming a key the teacher does not have (before, it composed into a mixed config)."""
+    cfg = compose_cfg([f"experiment={option}"])
+    assert cfg.stage in ("teacher", "distill")
+    if cfg.stage == "distill" and any(k in cfg for k in ("gan_classifier", "generator_lr")):
+        with pytest.raises(Exception, match="not in 'TeacherSettings'"):
+            compose_cfg(["stage=teacher", f"experiment={option}"])
 
 
 @pytest.mark.parametrize("option", group_options("debug"))
@@ -71,9 +84,10 @@ def test_unknown_key_is_refused_by_composition():
     ("data.name=imagenet", "data.name"),
 ])
 def test_bad_teacher_values_name_the_key(override, key, tiny_data):
-    cfg = compose_cfg(["stage=teacher", "data=image_folder", f"data.root={tiny_data}", override])
-    with pytest.raises(ConfigError, match=f"'{key}'"):
-        validate(cfg)
+    """A wrong type is refused while composing (Hydra, from the schema's type), a wrong value by validate
+    (the schema's rule); both name the key."""
+    with pytest.raises((ConfigError, ConfigCompositionException), match=rf"(?<![\w.]){re.escape(key)}\b"):
+        validate(compose_cfg(["stage=teacher", "data=image_folder", f"data.root={tiny_data}", override]))
 
 
 @pytest.mark.parametrize("override,key", [
@@ -103,3 +117,52 @@ def test_missing_teacher_checkpoint_and_data_folder(tiny_data, tmp_path):
 def test_valid_configs_pass(tiny_data):
     validate(compose_cfg(["stage=teacher", "data=image_folder", f"data.root={tiny_data}"]))
     validate(compose_cfg(["stage=teacher", "debug=smoke"]))  # cifar10 may be downloaded later: not checked here
+
+
+def test_every_setting_has_one_definition_with_a_meaning():
+    """dmd2/settings.py is the one place a setting is defined: each field carries a one-line meaning, and each
+    leaf setting a rule (except free-form lists such as tags and class names)."""
+    for node in SCHEMAS.values():
+        for key, expected, meaning in describe(node):
+            assert meaning and "\n" not in meaning, f"{node.__name__}.{key} has no one-line meaning"
+            assert expected or key in ("tags", "class_names"), f"{node.__name__}.{key} has no rule"
+
+
+def test_stage_files_hold_only_values():
+    """The stage YAMLs define nothing: every key they set is a field of their schema."""
+    for stage, schema in (("teacher", TeacherSettings), ("distill", DistillSettings)):
+        raw = OmegaConf.load(Path(CONF) / "stage" / f"{stage}.yaml")
+        fields = {f.name for f in dataclasses.fields(schema)}
+        assert set(raw) - {"defaults"} <= fields
+
+
+@pytest.mark.parametrize("script,keys", [
+    ("train.py", ["generator_lr:", "dfake_gen_update_ratio:", "lr:", "arch.model_channels:", "eval.num_samples:",
+                  "perf.compile:", "logger.mode:"]),
+    ("evaluate.py", ["num_samples:", "feature_network.name:", "reference.folder:"]),
+    ("generate.py", ["num_samples:", "class_names:"]),
+])
+def test_help_lists_every_key_with_its_meaning(script, keys):
+    proc = run_cli(script, "--help")
+    assert proc.returncode == 0, proc.stderr
+    for key in keys:
+        line = next((ln for ln in proc.stdout.splitlines() if ln.strip().startswith(key)), None)
+        assert line is not None and len(line.split(":", 1)[1].strip()) > 5, key
+    assert "== This run's config" in proc.stdout and "-sc install=bash" in proc.stdout
+
+
+def test_models_read_the_stage_settings_and_keep_no_defaults():
+    """UnifiedModel / GuidanceModel take the distill settings object; nothing else carries a default."""
+    for cls in (UnifiedModel, GuidanceModel):
+        params = inspect.signature(cls.__init__).parameters
+        assert all(p.default is inspect.Parameter.empty for n, p in params.items() if n != "self"), cls
+    teacher = build_denoiser({"name": "simple_unet", "channels": [8, 16], "emb_dim": 16, "noise_emb_dim": 8,
+                              "groups": 4}, 10, 8, 0.5)
+    cfg = compose_cfg(["stage=distill", "min_step_percent=0.1", "max_step_percent=0.5", "num_train_timesteps=100",
+                       "denoising_sigmas=[80.0,1.0]", "gan_classifier=true"])
+    model = UnifiedModel(teacher, cfg)
+    assert (model.guidance.min_step, model.guidance.max_step, len(model.guidance.sigmas)) == (10, 50, 100)
+    assert model.denoising_sigmas == [80.0, 1.0] and model.guidance.gan_head is not None
+    same = UnifiedModel(teacher, DistillSettings(min_step_percent=0.1, max_step_percent=0.5, num_train_timesteps=100,
+                                                 denoising_sigmas=[80.0, 1.0], gan_classifier=True))
+    assert (same.guidance.min_step, same.guidance.max_step, same.denoising_sigmas) == (10, 50, [80.0, 1.0])

@@ -75,10 +75,11 @@ class AnalyticRawNet(nn.Module):
 
 MEAN = torch.tensor([0.3, -0.2, 0.0]).view(3, 1, 1).expand(3, 2, 2)
 STD = torch.tensor([0.5, 0.2, 0.05]).view(3, 1, 1).expand(3, 2, 2)
+SIGMA_DATA = 0.5  # EDM's, as AnalyticRawNet assumes by default
 
 
 def test_preconditioning_reproduces_the_denoiser_it_wraps():
-    denoiser = EDMPrecond(AnalyticRawNet(MEAN, STD))
+    denoiser = EDMPrecond(AnalyticRawNet(MEAN, STD), SIGMA_DATA)
     optimal = gaussian_optimal_denoiser(MEAN, STD)
     x = torch.randn(64, 3, 2, 2) * 3
     sigma = torch.logspace(-2.7, 1.9, 64)  # 0.002 .. 80
@@ -91,7 +92,7 @@ def test_heun_sampler_recovers_gaussian_data_through_preconditioning(steps, rtol
     """Samples of the exact denoiser match the data's mean and std. The std tolerance is the sampler's
     discretisation error (measured: +0.5%..+2% at 64 steps, +5%..+11% at 18 steps for std 0.5..0.05)
     plus sampling noise of 20,000 samples (~0.5%)."""
-    denoiser = EDMPrecond(AnalyticRawNet(MEAN, STD))
+    denoiser = EDMPrecond(AnalyticRawNet(MEAN, STD), SIGMA_DATA)
     n = 20_000
     noise = torch.randn(n, 3, 2, 2, generator=torch.Generator().manual_seed(0))
     x = heun_sample(denoiser, noise, torch.zeros(n, dtype=torch.long), heun_sampler_sigmas(steps))
@@ -101,7 +102,7 @@ def test_heun_sampler_recovers_gaussian_data_through_preconditioning(steps, rtol
 
 def test_one_euler_step_collapses_to_the_mean():
     """The 1-NFE teacher baseline: one Euler step from sigma_max returns ~D(x; 80), almost the data mean."""
-    denoiser = EDMPrecond(AnalyticRawNet(MEAN, STD))
+    denoiser = EDMPrecond(AnalyticRawNet(MEAN, STD), SIGMA_DATA)
     noise = torch.randn(5000, 3, 2, 2, generator=torch.Generator().manual_seed(1))
     one = heun_sample(denoiser, noise, torch.zeros(5000, dtype=torch.long), heun_sampler_sigmas(1))
     assert (one.std(0) / STD).max() < 0.05

@@ -18,6 +18,7 @@ from dmd2.optim import Updater, adamw
 from dmd2.randomness import BatchRNG
 from dmd2.runners.distill import Batch, DistillState, distill_step
 from dmd2.unified import UnifiedModel
+from dmd2.settings import DistillSettings
 from tests.conftest import SMOKE, run_cli
 
 TINY_ARCH = {"name": "simple_unet", "channels": [8, 16], "emb_dim": 16, "noise_emb_dim": 8, "groups": 4,
@@ -25,7 +26,7 @@ TINY_ARCH = {"name": "simple_unet", "channels": [8, 16], "emb_dim": 16, "noise_e
 
 
 def test_dm_gradient_vanishes_when_fake_equals_real():
-    den = build_denoiser(TINY_ARCH, 10, 8).eval()
+    den = build_denoiser(TINY_ARCH, 10, 8, 0.5).eval()
     x = torch.randn(4, 3, 8, 8, requires_grad=True)
     y = torch.randint(0, 10, (4,))
     loss, grad = distribution_matching_loss(x, den, den, torch.full((4,), 2.0), y, torch.randn_like(x))
@@ -101,9 +102,9 @@ def test_dm_training_pulls_a_generator_to_the_data_distribution():
 def test_update_schedule_and_frozen_teacher():
     """Over N steps the generator is updated ceil(N / ratio) times, the fake score N times, the teacher never."""
     torch.manual_seed(0)
-    teacher = build_denoiser(TINY_ARCH, 10, 8)
+    teacher = build_denoiser(TINY_ARCH, 10, 8, 0.5)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    model = UnifiedModel(teacher, [80.0])
+    model = UnifiedModel(teacher, DistillSettings())
     gen_before = [p.detach().clone() for p in model.generator.parameters()]
     opts = {"generator": adamw(model.generator.parameters(), 1e-3, (0.9, 0.999), 0.01),
             "guidance": adamw(model.guidance.fake_unet.parameters(), 1e-3, (0.9, 0.999), 0.01)}
@@ -125,8 +126,8 @@ def test_update_schedule_and_frozen_teacher():
 
 
 def test_generator_and_fake_start_as_copies_of_the_teacher():
-    teacher = build_denoiser(TINY_ARCH, 10, 8)
-    model = UnifiedModel(teacher, [80.0])
+    teacher = build_denoiser(TINY_ARCH, 10, 8, 0.5)
+    model = UnifiedModel(teacher, DistillSettings())
     ref = teacher.state_dict()
     for net in (model.generator, model.guidance.fake_unet):
         assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items())

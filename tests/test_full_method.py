@@ -11,6 +11,7 @@ from dmd2.networks import build_denoiser
 from dmd2.networks.gan_head import GANHead
 from dmd2.runners.distill import chain_step
 from dmd2.unified import UnifiedModel
+from dmd2.settings import DistillSettings
 from tests.conftest import run_cli
 
 TINY_ARCH = {"name": "simple_unet", "channels": [8, 16, 16], "emb_dim": 16, "noise_emb_dim": 8, "groups": 4,
@@ -39,8 +40,9 @@ def test_gan_classifier_learns_to_separate_real_from_fake():
 
 def make_model(**kwargs) -> UnifiedModel:
     torch.manual_seed(0)
-    teacher = build_denoiser(TINY_ARCH, 10, 16)
-    return UnifiedModel(teacher, gan_classifier=True, cls_loss_weight=1.0, gen_cls_loss_weight=1.0, **kwargs)
+    teacher = build_denoiser(TINY_ARCH, 10, 16, 0.5)
+    return UnifiedModel(teacher, DistillSettings(gan_classifier=True, cls_loss_weight=1.0, gen_cls_loss_weight=1.0,
+                                                 **kwargs))
 
 
 def test_generator_side_gan_gradient_reaches_only_the_generator():

@@ -2,6 +2,7 @@
 counts, class conditioning, config round trip and one training step through build_denoiser. CPU, small."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 
@@ -15,6 +16,7 @@ from dmd2.diffusion import denoising_loss
 from dmd2.networks import ARCHITECTURES, EDMPrecond, arch_kwargs, build_denoiser, count_parameters
 from dmd2.networks.edm_unet import EDMUNet, PositionalEmbedding
 from dmd2.networks.simple_unet import SimpleUNet
+from dmd2.settings import ARCH_SETTINGS
 
 # EDM's CIFAR-10 DDPM++ (Karras et al. 2022; NVlabs/edm `--arch=ddpmpp --cond=1`), 10 classes, 32x32.
 EDM_CIFAR10 = dict(model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4, num_blocks=4,
@@ -47,18 +49,24 @@ def _rerandomize(net: nn.Module, seed: int = 0) -> nn.Module:
     return net
 
 
+
+def edm_kwargs(**values) -> dict:
+    """EDMUNet constructor arguments: the edm_unet settings' defaults updated with ``values``."""
+    return arch_kwargs({"name": "edm_unet", **values})
+
+
 @pytest.fixture(scope="module")
 def edm_cifar10() -> EDMUNet:
     torch.manual_seed(0)
-    return EDMUNet(num_classes=10, resolution=32, **EDM_CIFAR10).eval()
+    return EDMUNet(num_classes=10, resolution=32, **edm_kwargs(**EDM_CIFAR10)).eval()
 
 
 def test_parameter_counts_at_published_width(edm_cifar10):
     assert count_parameters(edm_cifar10) == EDM_CIFAR10_PARAMS
     assert abs(EDM_CIFAR10_PARAMS / 55.7e6 - 1) < 0.01
-    aug = EDMUNet(num_classes=10, resolution=32, augment_dim=9, **EDM_CIFAR10)
+    aug = EDMUNet(num_classes=10, resolution=32, **edm_kwargs(augment_dim=9, **EDM_CIFAR10))
     assert count_parameters(aug) == EDM_CIFAR10_PARAMS_WITH_AUGMENT
-    assert count_parameters(SimpleUNet(num_classes=10, resolution=32)) == SIMPLE_UNET_DEFAULT_PARAMS
+    assert count_parameters(SimpleUNet(num_classes=10, resolution=32, **arch_kwargs({"name": "simple_unet"}))) == SIMPLE_UNET_DEFAULT_PARAMS
 
 
 def test_edm_unet_published_width_shapes_and_bottleneck(edm_cifar10):
@@ -72,7 +80,7 @@ def test_edm_unet_published_width_shapes_and_bottleneck(edm_cifar10):
 
 
 def test_simple_unet_default_shapes_and_bottleneck():
-    net = SimpleUNet(num_classes=10, resolution=32).eval()
+    net = SimpleUNet(num_classes=10, resolution=32, **arch_kwargs({"name": "simple_unet"})).eval()
     x, c_noise, y = _inputs(2)
     with torch.no_grad():
         out, bottleneck = net(x, c_noise, y, return_bottleneck=True)
@@ -87,7 +95,7 @@ def test_simple_unet_default_shapes_and_bottleneck():
     ("edm_unet", TINY_EDM),
 ])
 def test_class_conditioning_changes_the_output(name, kwargs):
-    net = _rerandomize(ARCHITECTURES[name](num_classes=10, resolution=32, **kwargs)).eval()
+    net = _rerandomize(ARCHITECTURES[name](num_classes=10, resolution=32, **arch_kwargs({"name": name, **kwargs}))).eval()
     x, c_noise, _ = _inputs(2)
     with torch.no_grad():
         a = net(x, c_noise, torch.tensor([0, 1]))
@@ -99,7 +107,7 @@ def test_class_conditioning_changes_the_output(name, kwargs):
 
 
 def test_edm_unet_tiny_shapes_at_other_resolution():
-    net = EDMUNet(num_classes=10, resolution=16, **{**TINY_EDM, "attn_resolutions": (8,)}).eval()
+    net = EDMUNet(num_classes=10, resolution=16, **edm_kwargs(**{**TINY_EDM, "attn_resolutions": (8,)})).eval()
     x, c_noise, y = _inputs(3, res=16)
     out, bottleneck = net(x, c_noise, y, return_bottleneck=True)
     assert out.shape == (3, 3, 16, 16)
@@ -113,7 +121,7 @@ def test_edm_unet_tiny_shapes_at_other_resolution():
     dict(num_heads=2, augment_dim=9, label_dropout=0.1),
 ])
 def test_edm_unet_variants_run(variant):
-    net = EDMUNet(num_classes=10, resolution=32, **{**TINY_EDM, **variant})
+    net = EDMUNet(num_classes=10, resolution=32, **edm_kwargs(**{**TINY_EDM, **variant}))
     x, c_noise, y = _inputs(2)
     out, bottleneck = net(x, c_noise, y, return_bottleneck=True, augment_labels=torch.zeros(2, 9))
     assert out.shape == x.shape and bottleneck.shape == (2, 32, 8, 8)
@@ -131,7 +139,7 @@ def test_positional_embedding_frequencies_and_order():
 def test_label_map_sees_scaled_one_hot():
     """Integer labels act as one-hot vectors scaled by sqrt(num_classes), as in EDM; float label vectors
     are accepted as-is (all zeros = no class)."""
-    net = _rerandomize(EDMUNet(num_classes=10, resolution=32, **TINY_EDM)).eval()
+    net = _rerandomize(EDMUNet(num_classes=10, resolution=32, **edm_kwargs(**TINY_EDM))).eval()
     x, c_noise, _ = _inputs(2)
     labels = torch.tensor([3, 9])
     with torch.no_grad():
@@ -147,7 +155,7 @@ def test_label_map_sees_scaled_one_hot():
 
 def test_tiny_edm_unet_through_build_denoiser_trains():
     torch.manual_seed(0)
-    denoiser = build_denoiser({"name": "edm_unet", **TINY_EDM, "dropout": 0.1}, 10, 32)
+    denoiser = build_denoiser({"name": "edm_unet", **TINY_EDM, "dropout": 0.1}, 10, 32, 0.5)
     assert isinstance(denoiser, EDMPrecond) and isinstance(denoiser.net, EDMUNet)
     x0, _, y = _inputs(4)
     x0 = x0.clamp(-1, 1)
@@ -166,13 +174,27 @@ def test_edm_arch_configs_hold_every_constructor_key(arch, expected_params):
     arch_cfg = OmegaConf.to_container(cfg.arch, resolve=True)
     assert arch_cfg["name"] == "edm_unet"
     ctor = set(inspect.signature(EDMUNet.__init__).parameters) - {"self", "num_classes", "resolution"}
-    assert set(arch_kwargs(arch_cfg)) == ctor
-    defaults = {k: v.default for k, v in inspect.signature(EDMUNet.__init__).parameters.items() if k in ctor}
-    if arch == "edm_unet":  # the yaml and the constructor defaults agree
-        assert arch_kwargs(arch_cfg) == defaults
+    assert set(arch_cfg) - {"name"} == ctor  # the composed arch names every constructor argument
     with torch.device("meta"):  # count without allocating
         net = ARCHITECTURES["edm_unet"](num_classes=10, resolution=32, **arch_kwargs(arch_cfg))
     assert count_parameters(net) == expected_params
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_constructors_take_exactly_the_settings_of_their_schema(name):
+    """One definition: a network's constructor has no defaults of its own, and its arguments are the fields of
+    its settings schema (dmd2/settings.py) plus the data's num_classes and resolution."""
+    params = inspect.signature(ARCHITECTURES[name].__init__).parameters
+    assert all(p.default is inspect.Parameter.empty for n, p in params.items() if n != "self")
+    fields = {f.name for f in dataclasses.fields(ARCH_SETTINGS[name])} - {"name"}
+    assert set(params) - {"self", "num_classes", "resolution"} == fields
+
+
+def test_old_arch_dicts_load_with_schema_defaults():
+    """A checkpoint's arch dict lacking a later-added key builds with that key's default."""
+    full = arch_kwargs({"name": "edm_unet", **TINY_EDM})
+    partial = arch_kwargs({"name": "edm_unet", "model_channels": 16})
+    assert partial["norm_max_groups"] == full["norm_max_groups"] == 32 and partial["model_channels"] == 16
 
 
 @pytest.mark.parametrize("name,kwargs", [
@@ -182,7 +204,7 @@ def test_edm_arch_configs_hold_every_constructor_key(arch, expected_params):
 def test_decode_first_denoises_a_prefix_and_keeps_every_bottleneck(name, kwargs):
     """The GAN classifier's fast path: only the first n samples go through the decoder."""
     torch.manual_seed(0)
-    denoiser = build_denoiser({"name": name, **kwargs}, 10, 32).eval()
+    denoiser = build_denoiser({"name": name, **kwargs}, 10, 32, 0.5).eval()
     x, sigma, y = torch.randn(6, 3, 32, 32), torch.rand(6) * 5 + 0.1, torch.randint(0, 10, (6,))
     with torch.no_grad():
         full, full_features = denoiser(x, sigma, y, return_bottleneck=True)

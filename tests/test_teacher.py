@@ -34,7 +34,7 @@ def test_teacher_cli_writes_checkpoints_samples_and_offline_wandb(tiny_data, tmp
     assert {"model", "ema", "updater"} <= set(state) and state["updater"]["skipped"] == 0
     # the file alone rebuilds an identical network
     net = network_from_checkpoint(state, "ema").eval()
-    fresh = build_denoiser(state["arch"], state["num_classes"], state["resolution"]).eval()
+    fresh = build_denoiser(state["arch"], state["num_classes"], state["resolution"], 0.5).eval()
     fresh.load_state_dict(state["ema"])
     x, s, y = torch.randn(2, 3, 32, 32), torch.tensor([0.5, 5.0]), torch.tensor([1, 2])
     assert torch.equal(net(x, s, y), fresh(x, s, y))

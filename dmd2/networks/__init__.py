@@ -9,10 +9,12 @@ from torch import Tensor, nn
 from dmd2.diffusion import edm_scalings
 from dmd2.networks.edm_unet import EDMUNet
 from dmd2.networks.simple_unet import SimpleUNet
+from dmd2.settings import ARCH_SETTINGS, arch_settings
 
 # Architecture registry: the ``arch.name`` config key selects one. Checkpoints store the arch dict,
 # so a network is rebuilt from a file without executing anything stored in it.
 ARCHITECTURES: dict[str, type[nn.Module]] = {"simple_unet": SimpleUNet, "edm_unet": EDMUNet}
+assert ARCHITECTURES.keys() == ARCH_SETTINGS.keys(), "every architecture needs its settings in dmd2/settings.py"
 
 
 class EDMPrecond(nn.Module):
@@ -21,7 +23,7 @@ class EDMPrecond(nn.Module):
     forward(x [B,C,H,W], sigma [B], class_labels [B] long) -> x0 estimate [B,C,H,W].
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5) -> None:
+    def __init__(self, net: nn.Module, sigma_data: float) -> None:
         super().__init__()
         self.net = net
         self.sigma_data = sigma_data
@@ -43,18 +45,16 @@ class EDMPrecond(nn.Module):
 
 
 def arch_kwargs(arch: Mapping[str, Any]) -> dict[str, Any]:
-    """Constructor arguments of an arch config: everything but ``name`` (lists become tuples)."""
-    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in arch.items() if k != "name"}
+    """Constructor arguments of an arch dict: its architecture's defaults (dmd2/settings.py) updated with the
+    dict's values, without ``name``; lists become tuples. Checkpoints written before a key existed load with
+    that key's default."""
+    full = arch_settings(arch.get("name"), **{k: v for k, v in arch.items() if k != "name"})
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in full.items() if k != "name"}
 
 
-def build_denoiser(
-    arch: Mapping[str, Any], num_classes: int, resolution: int, sigma_data: float = 0.5
-) -> EDMPrecond:
-    """Build an EDM denoiser from an arch config dict ({"name": ..., **constructor kwargs})."""
-    name = arch.get("name")
-    if name not in ARCHITECTURES:
-        raise ValueError(f"arch.name: unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
-    net = ARCHITECTURES[name](num_classes=num_classes, resolution=resolution, **arch_kwargs(arch))
+def build_denoiser(arch: Mapping[str, Any], num_classes: int, resolution: int, sigma_data: float) -> EDMPrecond:
+    """Build an EDM denoiser from an arch dict ({"name": ..., **settings}; missing settings take their defaults)."""
+    net = ARCHITECTURES[arch["name"]](num_classes=num_classes, resolution=resolution, **arch_kwargs(arch))
     return EDMPrecond(net, sigma_data)
 
 

@@ -208,29 +208,13 @@ class EDMUNet(nn.Module):
     """
 
     def __init__(
-        self,
-        num_classes: int = 10,
-        resolution: int = 32,
-        in_channels: int = 3,
-        model_channels: int = 128,
-        channel_mult: Sequence[int] = (2, 2, 2),
-        channel_mult_emb: int = 4,
-        channel_mult_noise: int = 1,
-        num_blocks: int = 4,
-        attn_resolutions: Sequence[int] = (16,),
-        num_heads: int = 1,
-        dropout: float = 0.13,
-        label_dropout: float = 0.0,
-        augment_dim: int = 0,
-        embedding_type: str = "positional",
-        max_positions: int = 10000,
-        encoder_type: str = "standard",
-        decoder_type: str = "standard",
-        resample_filter: Sequence[float] = (1, 1),
-        skip_scale: float = math.sqrt(0.5),
-        norm_eps: float = 1e-6,
-        norm_max_groups: int = 32,
+        self, *, num_classes: int, resolution: int, in_channels: int, model_channels: int,
+        channel_mult: Sequence[int], channel_mult_emb: int, channel_mult_noise: int, num_blocks: int,
+        attn_resolutions: Sequence[int], num_heads: int, dropout: float, label_dropout: float, augment_dim: int,
+        embedding_type: str, max_positions: int, encoder_type: str, decoder_type: str,
+        resample_filter: Sequence[float], skip_scale: float, norm_eps: float, norm_max_groups: int,
     ) -> None:
+        """Keyword arguments only, all required: their defaults and meanings are EDMUNetArch (dmd2/settings.py)."""
         super().__init__()
         if embedding_type not in ("positional", "fourier"):
             raise ValueError(f"embedding_type must be 'positional' or 'fourier', got {embedding_type!r}")

@@ -12,6 +12,7 @@ This is the raw network F of the EDM denoiser; preconditioning lives in ``dmd2.n
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,18 +72,10 @@ class SimpleUNet(nn.Module):
     """
 
     def __init__(
-        self,
-        num_classes: int = 10,
-        resolution: int = 32,
-        in_channels: int = 3,
-        channels: tuple[int, ...] = (64, 128, 256, 512),
-        num_res_blocks: int = 1,
-        attn_resolutions: tuple[int, ...] = (),
-        noise_emb_dim: int = 128,
-        emb_dim: int = 512,
-        dropout: float = 0.1,
-        groups: int = 8,
+        self, *, num_classes: int, resolution: int, channels: Sequence[int], num_res_blocks: int,
+        attn_resolutions: Sequence[int], noise_emb_dim: int, emb_dim: int, dropout: float, groups: int,
     ) -> None:
+        """Keyword arguments only, all required: their defaults and meanings are SimpleUNetArch (dmd2/settings.py)."""
         super().__init__()
         if resolution % 2 ** (len(channels) - 1) != 0:
             raise ValueError(f"resolution {resolution} is not divisible by 2^{len(channels) - 1}")
@@ -90,7 +83,7 @@ class SimpleUNet(nn.Module):
         self.num_classes = num_classes
         self.noise_mlp = nn.Sequential(nn.Linear(noise_emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(num_classes, emb_dim)
-        self.stem = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.stem = nn.Conv2d(3, channels[0], 3, padding=1)
 
         self.down = nn.ModuleList()
         self.down_attn = nn.ModuleList()
@@ -122,7 +115,7 @@ class SimpleUNet(nn.Module):
                 res *= 2
             self.up_attn.append(SelfAttention(outs[i], groups) if res in attn_resolutions else nn.Identity())
         self.out_norm = nn.GroupNorm(groups, cur)
-        self.out_conv = nn.Conv2d(cur, in_channels, 3, padding=1)
+        self.out_conv = nn.Conv2d(cur, 3, 3, padding=1)
 
     def forward(
         self, x: Tensor, c_noise: Tensor, class_labels: Tensor, return_bottleneck: bool = False,

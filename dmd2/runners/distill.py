@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig
@@ -38,6 +38,7 @@ from dmd2.randomness import GRID_NOISE_OFFSET, BatchRNG, derived_seed, generator
 from dmd2.run import RunContext, progress, restore_rng, run_context, run_result, run_state
 from dmd2.run_logger import RunningMeans
 from dmd2.runners.teacher import sample_grid
+from dmd2.settings import DistillSettings
 from dmd2.sampling import CheckpointSampler, grid_labels, to_grid
 from dmd2.speed import autocast, fused_adamw, prepare_network
 from dmd2.training_eval import TrainingEvaluator
@@ -87,29 +88,18 @@ def load_teacher(cfg: DictConfig) -> tuple[dict[str, Any], EDMPrecond]:
     return state, network_from_checkpoint(state, "ema")
 
 
-def build_model(teacher: EDMPrecond, cfg: Mapping[str, Any]) -> UnifiedModel:
-    """The generator and the guidance model of a distill config (composed by Hydra, or its plain-dict form)."""
-    return UnifiedModel(
-        teacher, cfg["denoising_sigmas"] or [cfg["conditioning_sigma"]], cfg["cls_loss_weight"],
-        cfg["gen_cls_loss_weight"], num_train_timesteps=cfg["num_train_timesteps"],
-        min_step_percent=cfg["min_step_percent"], max_step_percent=cfg["max_step_percent"],
-        gan_classifier=cfg["gan_classifier"], diffusion_gan=cfg["diffusion_gan"],
-        diffusion_gan_max_timestep=cfg["diffusion_gan_max_timestep"], dropout=cfg["dropout"],
-    )
-
-
-def build_updaters(model: UnifiedModel, ema: EDMPrecond | None, cfg: Mapping[str, Any], fused: bool
+def build_updaters(model: UnifiedModel, ema: EDMPrecond | None, cfg: DistillSettings, fused: bool
                    ) -> dict[str, Updater]:
     """The generator's updater (with its EMA, if any) and the guidance model's (fake score network + GAN head)."""
     def updater(name: str, params: list[Tensor], lr: float, ema_of: EMA | None) -> Updater:
-        opt = adamw(params, lr, cfg["adam_betas"], cfg["weight_decay"], fused)
-        return Updater(f"{name} loss", params, opt, lr, cfg["warmup_steps"], cfg["grad_clip"], cfg["on_nonfinite"],
+        opt = adamw(params, lr, cfg.adam_betas, cfg.weight_decay, fused)
+        return Updater(f"{name} loss", params, opt, lr, cfg.warmup_steps, cfg.grad_clip, cfg.on_nonfinite,
                        ema_of)
 
-    decay = cfg["generator_ema_decay"]
-    return {"generator": updater("generator", list(model.generator.parameters()), cfg["generator_lr"],
+    decay = cfg.generator_ema_decay
+    return {"generator": updater("generator", list(model.generator.parameters()), cfg.generator_lr,
                                  EMA(ema, model.generator, lambda _: decay) if ema is not None else None),
-            "guidance": updater("guidance", model.guidance.trainable(), cfg["guidance_lr"], None)}
+            "guidance": updater("guidance", model.guidance.trainable(), cfg.guidance_lr, None)}
 
 
 def distill_state(cfg: DictConfig, ctx: RunContext, teacher: dict[str, Any], model: UnifiedModel,
@@ -202,7 +192,7 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     dataset = build_dataset(cfg.data)  # labels condition the generator; images feed the GAN classifier
     if not cfg.gan_classifier:
         dataset = LabelsOnly(dataset)  # no image decoding when only the labels are used
-    model = build_model(teacher, cfg).to(device)
+    model = UnifiedModel(teacher, cfg).to(device)
     ema = copy.deepcopy(model.generator).eval().requires_grad_(False) if cfg.generator_ema_decay is not None else None
     for net in (model.generator, model.guidance.fake_unet, model.guidance.real_unet):
         prepare_network(net, cfg.perf)  # channels-last / torch.compile (after the EMA copy: it stays eager)
