@@ -59,6 +59,15 @@ def checkpoints_to_evaluate(cfg: DictConfig) -> list[tuple[int, str]]:
     return sorted(((checkpoint_step(p), p) for p in paths), key=lambda sp: (sp[0], sp[1]))
 
 
+def protocol(net: Any) -> str:
+    """Which published numbers a result is comparable with (README "Which FID")."""
+    if not net.is_inception:
+        return "FD with a custom feature network (comparable only with itself)"
+    if net.resize == "legacy_tensorflow":
+        return "TF-Inception (EDM / DMD2 / StyleGAN papers; clean-fid mode legacy_tensorflow)"
+    return "clean-fid clean (clean-fid's leaderboards)"
+
+
 def _write_json(path: str, data: Any) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()), suffix=".json")
 
@@ -94,7 +103,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
                 "checkpoint": os.path.abspath(path), "step": sampler.step, "kind": sampler.kind,
                 "sampler_steps": sampler.heun_steps if sampler.kind == "teacher" else sampler.nfe,
                 "weights": sampler.weights,
-                "seed": cfg.seed, "feature_network": net.source, "resize": net.resize,
+                "seed": cfg.seed, "feature_network": net.source, "resize": net.resize, "protocol": protocol(net),
                 "reference": ref.description, "reference_stats": os.path.abspath(ref.path),
                 "generation_seconds": numbers["generation_seconds"], "total_seconds": numbers["total_seconds"],
                 "device": str(device),

@@ -1,4 +1,4 @@
-"""Write samples of every class from a teacher or DMD2 checkpoint.
+"""Write samples of every class from a teacher or DMD2 checkpoint (an unconditional model: a flat folder).
 
     python generate.py checkpoint=./checkpoints/dmd2/dmd2_final.pt output_dir=./generated num_samples=16
     python generate.py checkpoint=./checkpoints/teacher/teacher_final.pt sampler.steps=18
@@ -37,15 +37,24 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     sampler = load_sampler(cfg.checkpoint, device, cfg.sampler.steps, cfg.teacher_weights, cfg.generator_weights)
     print(f"[generate] loaded {sampler.describe()} from {cfg.checkpoint}")
-    names = class_names(cfg, sampler.num_classes)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if sampler.num_classes == 0:  # unconditional: a flat folder and one grid
+        total = cfg.num_samples
+        images = torch.cat([imgs for imgs, _ in generate_uint8(sampler, total, cfg.seed, cfg.batch_size, device)])
+        for k, img in enumerate(images):
+            save_image(img.float() / 255, os.path.join(cfg.output_dir, f"{k:06d}.png"))
+        save_image(make_grid(images.float() / 255, nrow=min(8, total)), os.path.join(cfg.output_dir, "grid_all.png"))
+        print(f"[generate] wrote {total} samples of an unconditional model ({sampler.nfe} NFE each) to "
+              f"{cfg.output_dir}")
+        return {"kind": sampler.kind, "num_images": total, "nfe": sampler.nfe, "output_dir": cfg.output_dir}
 
+    names = class_names(cfg, sampler.num_classes)
     per_class: list[list[torch.Tensor]] = [[] for _ in names]
     total = cfg.num_samples * sampler.num_classes  # round-robin labels: num_samples of every class
     for images, labels in generate_uint8(sampler, total, cfg.seed, cfg.batch_size, device):
         for img, label in zip(images, labels.tolist()):
             per_class[label].append(img)
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
     for name, imgs in zip(names, per_class):
         folder = os.path.join(cfg.output_dir, name)
         os.makedirs(folder, exist_ok=True)

@@ -51,8 +51,12 @@ def check_settings(cfg: DictConfig, prefix: str = "") -> None:
 def check_fid(cfg: DictConfig, prefix: str = "") -> None:
     """The feature-network and reference keys under ``prefix`` together: files and combinations."""
     fn, ref = OmegaConf.select(cfg, prefix + "feature_network"), OmegaConf.select(cfg, prefix + "reference")
-    if fn.name == "inception" and fn.resize != "clean":
-        fail(prefix + "feature_network.resize", fn.resize, "'clean' for Inception (it takes 299x299 inputs)")
+    if fn.name == "inception" and fn.resize == "none":
+        fail(prefix + "feature_network.resize", fn.resize, "'clean' or 'legacy_tensorflow' for Inception (it takes "
+             "299x299 inputs)")
+    if fn.name == "torchscript" and fn.resize == "legacy_tensorflow":
+        fail(prefix + "feature_network.resize", fn.resize, "'clean' or 'none' for a TorchScript network "
+             "(legacy_tensorflow is Inception's own internal resize)")
     if fn.name == "inception" and fn.path is not None:
         fail(prefix + "feature_network.path", fn.path, f"null with {prefix}feature_network.name=inception "
              f"(set {prefix}feature_network.name=torchscript to use this file)")
@@ -64,6 +68,13 @@ def check_fid(cfg: DictConfig, prefix: str = "") -> None:
     if ref.name == "cifar10_train" and ref.folder is not None:
         fail(prefix + "reference.folder", ref.folder, f"null with {prefix}reference.name=cifar10_train (clean-fid's "
              f"precomputed statistics); add {prefix}reference.name=folder to use this folder")
+    if ref.name == "npz" and (ref.path is None or not os.path.isfile(ref.path)):
+        fail(prefix + "reference.path", ref.path, f"an existing .npz file (mu, sigma) with {prefix}reference.name=npz")
+    if ref.name != "npz" and ref.path is not None:
+        fail(prefix + "reference.path", ref.path, f"null unless {prefix}reference.name=npz")
+    if ref.name == "cifar10_train" and fn.name == "inception" and fn.resize != "clean":
+        fail(prefix + "reference.name", ref.name, "'npz' or 'folder' with resize=legacy_tensorflow (clean-fid's "
+             f"precomputed statistics use its clean resize); add {prefix}reference.name=npz {prefix}reference.path=...")
     if ref.name == "cifar10_train" and fn.name != "inception":
         fail(prefix + "reference.name", ref.name, "'folder' with a TorchScript feature network (clean-fid's "
              f"precomputed statistics are Inception features); add {prefix}reference.folder=<image folder>")

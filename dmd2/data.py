@@ -29,7 +29,8 @@ def random_hflip(images: Tensor, rng: BatchRNG = GLOBAL_RNG) -> Tensor:
 
 
 def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
-    """Dataset from a ``data`` config: name (cifar10 | image_folder), root, num_classes, resolution."""
+    """Dataset from a ``data`` config: name (cifar10 | image_folder), root, num_classes, resolution.
+    ``num_classes`` 0 (unconditional): any folder tree, every label 0."""
     tf = image_transform(data["resolution"])
     if data["name"] == "cifar10":
         try:
@@ -45,12 +46,20 @@ def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
         classes = ds.classes
     else:
         raise ValueError(f"data.name: unknown dataset {data['name']!r}; expected 'cifar10' or 'image_folder'")
-    if len(classes) != data["num_classes"]:
+    if data["num_classes"] == 0:  # unconditional: every image gets label 0, which the networks ignore
+        ds.targets = [0] * len(ds)  # type: ignore[attr-defined]
+        ds.target_transform = no_label  # type: ignore[attr-defined]
+    elif len(classes) != data["num_classes"]:
         raise ValueError(
             f"data.num_classes = {data['num_classes']} but {data['root']!r} has {len(classes)} classes "
             f"({', '.join(classes[:12])}); set data.num_classes={len(classes)}"
         )
     return ds
+
+
+def no_label(_: int) -> int:
+    """The label of every image of an unconditional dataset (data.num_classes=0)."""
+    return 0
 
 
 class LabelsOnly(Dataset):

@@ -5,8 +5,11 @@ images in [0, 255], featurized batch by batch exactly as clean-fid featurizes an
 clean-fid's resize -> float [0, 255] -> feature network), so only the features [N, D] are ever held.
 The distance is clean-fid's ``frechet_distance`` between the Gaussians (mean, covariance) of the two feature sets.
 
-"FID" is reserved for clean-fid's Inception network with its "clean" 299x299 resize, the setting published
-numbers use. Any other (TorchScript) feature network gives an "FD (<network name>)", never called FID.
+"FID" is reserved for clean-fid's Inception network, in one of two protocols (``feature_network.resize``):
+"clean" (clean-fid's PIL-bicubic 299x299 resize; comparable with clean-fid's published numbers) or
+"legacy_tensorflow" (the network resizes inside, as the original TensorFlow code did; this is how EDM and DMD2
+measure, against reference statistics such as EDM's cifar10-32x32.npz). Any other (TorchScript) feature network
+gives an "FD (<network name>)", never called FID.
 
 Nothing here downloads a file unless asked to (``allow_download``): a missing Inception weights file or precomputed
 statistics file fails at once with a message saying which file is needed, where it comes from and where it goes.
@@ -39,9 +42,9 @@ from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.resize import build_resizer
 from cleanfid.utils import EXTENSIONS
 
-from dmd2.settings import FEATURE_NETWORKS, RESIZE_MODES
+from dmd2.settings import FEATURE_NETWORKS
 from dmd2.distributed import Dist, gather_objects
-from dmd2.files import atomic_write
+from dmd2.files import atomic_write, file_sha256
 from dmd2.sampling import CheckpointSampler, generate_uint8
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -74,7 +77,7 @@ class FeatureNetwork:
     identity: str        # cache-key part: "inception_v3" or "ts-<file stem>-<sha256[:12]>"
     metric: str          # "FID" (Inception) or "FD (<file stem>)"
     wandb_key: str       # "eval/fid" or "eval/fd_<file stem>"
-    resize: str          # "clean" (clean-fid's PIL bicubic to 299x299) or "none" (native resolution)
+    resize: str          # "clean" (PIL bicubic to 299x299), "legacy_tensorflow" (inside Inception) or "none"
     model: Callable[[Tensor], Tensor]
     device: torch.device
     source: str          # the weights file
@@ -82,6 +85,11 @@ class FeatureNetwork:
     @property
     def is_inception(self) -> bool:
         return self.identity == "inception_v3"
+
+    @property
+    def input_size(self) -> int | None:
+        """Side of the images the model takes (299 after the clean resize), or None: the images' own."""
+        return 299 if self.resize == "clean" else None
 
 
 def default_inception_path() -> str:
@@ -118,9 +126,13 @@ def missing_inception_message(path: str) -> str:
     )
 
 
-def build_inception(weights: str | None, device: torch.device, allow_download: bool = False) -> FeatureNetwork:
-    """clean-fid's Inception (the "clean" mode extractor of ``build_feature_extractor(mode="clean",
-    use_dataparallel=False)``, loaded from ``weights`` instead of a fixed /tmp): [B,3,299,299] -> [B,2048]."""
+def build_inception(weights: str | None, device: torch.device, allow_download: bool = False,
+                    resize: str = "clean") -> FeatureNetwork:
+    """clean-fid's Inception, as its ``build_feature_extractor(mode=resize, use_dataparallel=False)`` builds it but
+    loaded from ``weights`` instead of a fixed /tmp: "clean" takes [B,3,299,299]; "legacy_tensorflow" takes images
+    at their own size and resizes them inside the network (TensorFlow's bilinear resize) -> [B,2048]."""
+    if resize not in ("clean", "legacy_tensorflow"):
+        raise EvaluationError(f"feature_network.resize = {resize!r}: Inception takes 'clean' or 'legacy_tensorflow'")
     path = os.path.abspath(weights or default_inception_path())
     if os.path.basename(path) != INCEPTION_FILE:
         raise EvaluationError(f"feature_network.inception_weights = {weights!r}: clean-fid loads the weights by "
@@ -139,11 +151,13 @@ def build_inception(weights: str | None, device: torch.device, allow_download: b
             raise EvaluationError(message) from err
     try:
         with quiet_jit_load():
-            model = InceptionV3W(folder, download=False, resize_inside=False).to(device).eval()
+            model = InceptionV3W(folder, download=False, resize_inside=resize == "legacy_tensorflow").to(device).eval()
     except Exception as err:
         raise EvaluationError(f"cannot load the Inception weights {path} ({err}); delete the file and fetch "
                               f"{INCEPTION_FILE} again from {INCEPTION_URL}") from err
-    return FeatureNetwork("inception_v3", "FID", "eval/fid", "clean", model, device, path)
+    if resize == "clean":
+        return FeatureNetwork("inception_v3", "FID", "eval/fid", resize, model, device, path)
+    return FeatureNetwork("inception_v3", "FID (TF-Inception protocol)", "eval/fid_tf", resize, model, device, path)
 
 
 def network_stem(path: str) -> str:
@@ -156,18 +170,10 @@ def network_stem(path: str) -> str:
         name = stem
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def build_torchscript(path: str, device: torch.device, resize: str) -> FeatureNetwork:
     """A TorchScript feature network file: float [B,3,H,W] in [0,255] -> [B,D]; H = W = 299 when resize='clean'."""
-    if resize not in RESIZE_MODES:
-        raise EvaluationError(f"feature_network.resize = {resize!r}: expected one of {RESIZE_MODES}")
+    if resize not in ("clean", "none"):
+        raise EvaluationError(f"feature_network.resize = {resize!r}: a TorchScript network takes 'clean' or 'none'")
     try:
         with quiet_jit_load():
             module = torch.jit.load(path, map_location=device).eval()
@@ -185,9 +191,7 @@ def build_feature_network(name: str, device: torch.device, *, path: str | None =
     """The configured feature network; fails within seconds when its file is missing (nothing is downloaded
     unless ``allow_download``)."""
     if name == "inception":
-        if resize != "clean":
-            raise EvaluationError(f"feature_network.resize = {resize!r}: Inception takes 299x299 inputs; use 'clean'")
-        return build_inception(inception_weights, device, allow_download)
+        return build_inception(inception_weights, device, allow_download, resize)
     if name == "torchscript":
         if not path or not os.path.isfile(path):
             raise EvaluationError(f"feature_network.path = {path!r}: file not found (a TorchScript feature network)")
@@ -200,7 +204,7 @@ def network_input(images: Tensor, resize: str) -> Tensor:
     channels, H' = W' = 299) or unchanged (H' = H). Matches clean-fid reading the same images from PNG files."""
     if images.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
-    if resize == "none":
+    if resize != "clean":  # "none", or "legacy_tensorflow": Inception resizes inside
         return images.float()
     fn_resize = build_resizer("clean")
     arrays = images.permute(0, 2, 3, 1).numpy()  # [B,H,W,3] uint8, clean-fid's layout
@@ -311,6 +315,30 @@ def precomputed_cifar10_stats(net: FeatureNetwork, cache_dir: str, kid: bool = F
             feats = stats["feats"]
     return ReferenceStats(mu, sigma, "cifar10 train (clean-fid precomputed)", found[names[0]], image_size=32,
                           num_images=None if feats is None else int(feats.shape[0]), feats=feats)
+
+
+def npz_stats(path: str, net: FeatureNetwork) -> ReferenceStats:
+    """Reference statistics from an .npz with ``mu`` [D] and ``sigma`` [D,D] (EDM's cifar10-32x32.npz and
+    imagenet-64x64.npz, made by EDM's fid.py ref with TensorFlow-Inception features)."""
+    try:
+        with np.load(path) as stats:
+            if "mu" not in stats.files or "sigma" not in stats.files:
+                raise EvaluationError(f"reference.path = {path!r}: expected arrays 'mu' and 'sigma', found "
+                                      f"{sorted(stats.files)}")
+            mu, sigma = np.asarray(stats["mu"], dtype=np.float64), np.asarray(stats["sigma"], dtype=np.float64)
+    except EvaluationError:
+        raise
+    except Exception as err:
+        raise EvaluationError(f"reference.path = {path!r}: not a readable .npz of statistics ({err})") from err
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise EvaluationError(f"reference.path = {path!r}: expected mu [D] and sigma [D,D], got {mu.shape} and "
+                              f"{sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise EvaluationError(f"reference.path = {path!r}: mu or sigma holds NaN or inf")
+    if net.is_inception and net.resize != "legacy_tensorflow":
+        print(f"[evaluate] note: {os.path.basename(path)} is compared under clean-fid's 'clean' protocol; EDM's "
+              f"reference files hold TF-Inception statistics (feature_network.resize=legacy_tensorflow)")
+    return ReferenceStats(mu, sigma, f"{os.path.abspath(path)} (statistics file)", path)
 
 
 def list_images(folder: str) -> list[str]:
@@ -429,7 +457,7 @@ def evaluate_sampler(sampler: CheckpointSampler, net: FeatureNetwork, ref: Refer
         raise EvaluationError(f"feature_network.resize=none compares images at their native size, but the samples "
                               f"are {sampler.resolution}x{sampler.resolution} and the reference images "
                               f"{ref.image_size} wide")
-    dim = feature_dim(net, 299 if net.resize == "clean" else sampler.resolution)
+    dim = feature_dim(net, net.input_size or sampler.resolution)
     if ref is not None and dim != ref.mu.shape[0]:
         raise EvaluationError(f"the feature network gives {dim}-d features, the reference statistics {ref.path} "
                               f"are {ref.mu.shape[0]}-d")
@@ -461,7 +489,9 @@ def feature_network_from_config(fn: Mapping[str, Any], device: torch.device) -> 
 def reference_from_config(ref: Mapping[str, Any], net: FeatureNetwork, kid: bool = False, batch_size: int = 128,
                           num_workers: int = 0) -> ReferenceStats:
     """The ``reference`` config node (Reference in dmd2/settings.py) -> statistics: an image folder's (computed once,
-    cached in ``reference.cache_dir``) or clean-fid's precomputed CIFAR-10 train statistics."""
+    cached in ``reference.cache_dir``), a statistics file, or clean-fid's precomputed CIFAR-10 train statistics."""
+    if ref["name"] == "npz":
+        return npz_stats(ref["path"], net)
     if ref["name"] == "folder":
         return folder_stats(ref["folder"], net, ref["cache_dir"], kid=kid, batch_size=batch_size,
                             num_workers=num_workers)

@@ -1,6 +1,7 @@
 """Writing files so that a crash or a full disk never leaves a half-written one under the final name."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from typing import IO, Callable
@@ -22,3 +23,12 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None], suffix: str = ""
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

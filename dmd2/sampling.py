@@ -85,9 +85,15 @@ def per_sample_noise(indices: range, seed: int, shape: tuple[int, ...]) -> Tenso
     return torch.stack([torch.randn(shape, generator=generator(derived_seed(seed, i))) for i in indices])
 
 
+def label_count(num_classes: int) -> int:
+    """Labels a sampler draws: the classes, or the single label 0 of an unconditional model (num_classes 0)."""
+    return max(1, num_classes)
+
+
 def round_robin_labels(indices: range, num_classes: int) -> Tensor:
-    """Class of sample i is i mod num_classes (equal counts when N is a multiple of num_classes)."""
-    return torch.tensor([i % num_classes for i in indices], dtype=torch.long)
+    """Class of sample i is i mod num_classes (equal counts when N is a multiple of num_classes); all 0 for an
+    unconditional model."""
+    return torch.tensor([i % label_count(num_classes) for i in indices], dtype=torch.long)
 
 
 def generate_uint8(sampler: CheckpointSampler, num: int, seed: int, batch_size: int,
@@ -103,8 +109,9 @@ def generate_uint8(sampler: CheckpointSampler, num: int, seed: int, batch_size: 
 
 
 def grid_labels(num_classes: int, per_class: int, device: torch.device) -> Tensor:
-    """Labels [num_classes * per_class] laid out so a grid with ``per_class`` columns has one class per row."""
-    return torch.arange(num_classes, device=device).repeat_interleave(per_class)
+    """Labels [num_classes * per_class] laid out so a grid with ``per_class`` columns has one class per row (one
+    row of label 0 for an unconditional model)."""
+    return torch.arange(label_count(num_classes), device=device).repeat_interleave(per_class)
 
 
 def to_grid(images: Tensor, per_class: int) -> Tensor:

@@ -174,7 +174,8 @@ class DataSettings:
     name: str = setting("cifar10", "cifar10 (torchvision) | image_folder (any class-folder tree)",
                         one_of("cifar10", "image_folder"))
     root: str = setting("${data_dir}", "dataset folder (image_folder: root/<class>/<image>)", TEXT)
-    num_classes: int = setting(10, "number of classes (class labels 0 .. num_classes - 1)", POSITIVE_INT)
+    num_classes: int = setting(10, "number of classes (labels 0 .. num_classes - 1); 0 = unconditional (labels "
+                                "ignored, e.g. EDM's -uncond- models)", NONNEG_INT)
     resolution: int = setting(32, "image side in pixels (image_folder: resized and center-cropped)", POSITIVE_INT)
     hflip: bool = setting(True, "random horizontal flips (teacher training augmentation)", BOOL)
     num_workers: int = setting(2, "DataLoader worker processes", NONNEG_INT)
@@ -202,7 +203,8 @@ class NoLogger:
 
 
 FEATURE_NETWORKS = ("inception", "torchscript")
-RESIZE_MODES = ("clean", "none")
+RESIZE_MODES = ("clean", "legacy_tensorflow", "none")
+REFERENCES = ("cifar10_train", "folder", "npz")
 
 
 @dataclass
@@ -211,8 +213,9 @@ class FeatureNetwork:
                         "FD (<name>))", one_of(*FEATURE_NETWORKS))
     path: Optional[str] = setting(None, "torchscript: the .pt file, float images [B,3,H,W] in [0,255] -> "
                                   "features [B,D]", optional(TEXT))
-    resize: str = setting("clean", "clean: clean-fid's 299x299 resize (Inception needs it) | none: native "
-                          "resolution", one_of(*RESIZE_MODES))
+    resize: str = setting("clean", "clean: clean-fid's 299x299 resize (its published-comparable protocol) | "
+                          "legacy_tensorflow: Inception resizes inside, as TensorFlow did (EDM's and DMD2's FIDs) | "
+                          "none: native resolution (TorchScript networks)", one_of(*RESIZE_MODES))
     inception_weights: Optional[str] = setting(None, "path of inception-2015-12-05.pt; null = "
                                                "/tmp/inception-2015-12-05.pt (clean-fid's place)", optional(TEXT))
     allow_download: bool = setting(False, "true: clean-fid may download missing weights (else a missing file "
@@ -222,9 +225,13 @@ class FeatureNetwork:
 @dataclass
 class Reference:
     name: str = setting("cifar10_train", "cifar10_train: clean-fid's precomputed CIFAR-10 train statistics "
-                        "(Inception) | folder", one_of("cifar10_train", "folder"))
+                        "(Inception, clean) | folder: an image folder's | npz: a statistics file (mu, sigma)",
+                        one_of(*REFERENCES))
     folder: Optional[str] = setting(None, "reference.name=folder: an image folder tree, e.g. "
                                     "data/cifar10-jpeg/train", optional(TEXT))
+    path: Optional[str] = setting(None, "reference.name=npz: a file with mu [D] and sigma [D,D], e.g. EDM's "
+                                  "cifar10-32x32.npz (TF-Inception features: use resize=legacy_tensorflow)",
+                                  optional(TEXT))
     cache_dir: str = setting("./fid_stats", "folder statistics are computed once and cached here", TEXT)
     allow_download: bool = setting("${..feature_network.allow_download}", "true: clean-fid may download its "
                                    "precomputed statistics", BOOL)
@@ -410,9 +417,9 @@ class EvaluateSettings(FidSettings):
 class GenerateSettings:
     """samples of every class from a teacher or DMD2 checkpoint."""
     checkpoint: str = setting(MISSING, "teacher_*.pt (Heun sampler) or dmd2_*.pt (the generator)", TEXT)
-    output_dir: str = setting("./generated", "<output_dir>/<class>/NNNN.png, grid_<class>.png and grid_all.png",
-                              TEXT)
-    num_samples: int = setting(16, "samples per class", POSITIVE_INT)
+    output_dir: str = setting("./generated", "<output_dir>/<class>/NNNN.png, grid_<class>.png and grid_all.png "
+                              "(unconditional: <output_dir>/NNNNNN.png and grid_all.png)", TEXT)
+    num_samples: int = setting(16, "samples per class (an unconditional model: samples in all)", POSITIVE_INT)
     seed: int = setting(0, "sample i uses noise seeded by (seed, i): reruns give the same images", NONNEG_INT)
     batch_size: int = setting(256, "images generated at once", POSITIVE_INT)
     device: str = setting("auto", "auto | cpu | cuda | cuda:N", DEVICE)

@@ -26,7 +26,7 @@ from dmd2.run_logger import RunLogger
 from tests.conftest import compose_cfg, run_cli
 
 RESULT_FIELDS = {"metric", "value", "kid", "num_samples", "nfe", "images_per_sec", "checkpoint", "step", "kind",
-                 "sampler_steps", "weights", "seed", "feature_network", "resize", "reference",
+                 "sampler_steps", "weights", "seed", "feature_network", "resize", "protocol", "reference",
                  "reference_stats", "generation_seconds", "total_seconds", "device"}
 
 

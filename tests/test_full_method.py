@@ -141,13 +141,15 @@ def test_seed_minimal_teacher_runs_two_steps(tiny_data, tmp_path):
 def test_edm_presets_run_two_steps(tiny_data, tmp_path):
     """edm_teacher_cifar10 -> dmd2_cifar10 and dmd2_cifar10_4step, with a narrow EDM UNet."""
     common = ["debug=smoke", "logger=none", "max_steps=2", "batch_size=4", "sample_every=0", "samples_per_class=1",
-              "data=image_folder", f"data.root={tiny_data}", *EDM_TINY]
+              "data=image_folder", f"data.root={tiny_data}"]
     teacher_dir = tmp_path / "teacher"
-    run_ok("experiment=edm_teacher_cifar10", *common, f"output_dir={teacher_dir}", f"hydra.run.dir={tmp_path / 'h0'}")
+    run_ok("experiment=edm_teacher_cifar10", *common, *EDM_TINY, f"output_dir={teacher_dir}",
+           f"hydra.run.dir={tmp_path / 'h0'}")
     assert load_checkpoint(str(teacher_dir / "teacher_final.pt"))["arch"]["name"] == "edm_unet"
     for i, preset in enumerate(["dmd2_cifar10", "dmd2_cifar10_4step"]):
         out = tmp_path / preset
-        run_ok(f"experiment={preset}", *common, f"teacher_checkpoint={teacher_dir / 'teacher_final.pt'}",
+        run_ok(f"experiment={preset}", *common, "arch=from_teacher",  # the preset's default (debug=smoke sets one)
+               f"teacher_checkpoint={teacher_dir / 'teacher_final.pt'}",
                f"output_dir={out}", f"hydra.run.dir={tmp_path / f'h{i + 1}'}")
         state = load_checkpoint(str(out / "dmd2_final.pt"), kind="dmd2")
         assert "gan_head" in state and len(state["denoising_sigmas"]) == (1 if i == 0 else 4)

@@ -82,7 +82,7 @@ class SimpleUNet(nn.Module):
         self.noise_emb_dim = noise_emb_dim
         self.num_classes = num_classes
         self.noise_mlp = nn.Sequential(nn.Linear(noise_emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = nn.Embedding(num_classes, emb_dim)
+        self.label_emb = nn.Embedding(num_classes, emb_dim) if num_classes else None  # 0: unconditional
         self.stem = nn.Conv2d(3, channels[0], 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -123,7 +123,9 @@ class SimpleUNet(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """x [B,C,H,W] -> [B,C,H,W] (and the bottleneck [B,C',H',W']). ``decode_first=n``: the decoder runs on
         the first n samples only (output [n,C,H,W]); the others are only encoded (their bottleneck is kept)."""
-        emb = self.noise_mlp(sinusoidal_embedding(c_noise, self.noise_emb_dim)) + self.label_emb(class_labels)
+        emb = self.noise_mlp(sinusoidal_embedding(c_noise, self.noise_emb_dim))
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(class_labels)
         h = self.stem(x)
         skips = []
         for i, (block, attn) in enumerate(zip(self.down, self.down_attn)):
