@@ -50,7 +50,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dmd2.data import CachedBatches, build_dataset, build_loader  # noqa: E402
+from dmd2.data import CachedBatches, EDMDataset, build_dataset, build_loader  # noqa: E402
 from dmd2.diffusion import (  # noqa: E402
     heun_nfe, heun_sample, heun_sampler_sigmas, multistep_sample,
 )
@@ -605,14 +605,26 @@ def bench_inception(device: torch.device, args: argparse.Namespace, timer: Timer
 # ----------------------------------------------------------------------------------------------- data
 
 
+def data_settings(path: Path) -> dict[str, Any]:
+    """The ``data`` settings of a dataset path: EDM's format (a .zip, or a folder with dataset.json) at its own
+    image size, or a class-folder tree at 32x32."""
+    if path.is_file() or (path / "dataset.json").is_file():
+        raw = EDMDataset(str(path), lambda image: image)
+        num_classes = max(raw.targets) + 1 if raw.labelled else 0
+        return {"name": "edm_dataset", "root": str(path), "num_classes": num_classes,
+                "resolution": raw[0][0].size[0]}
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    return {"name": "image_folder", "root": str(path), "num_classes": len(classes), "resolution": RESOLUTION}
+
+
 def bench_data(folder: Path, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
-    """Images/s of the runners' batch sources on a class-folder dataset (decoding, transform, collation, copy to
-    ``device``): DataLoader with N workers, and CachedBatches (after its one-time decode, timed separately)."""
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    ds = build_dataset({"name": "image_folder", "root": str(folder), "num_classes": len(classes),
-                        "resolution": RESOLUTION})
+    """Images/s of the runners' batch sources on a dataset (decoding, transform, collation, copy to ``device``):
+    DataLoader with N workers, and CachedBatches (after its one-time decode, timed separately)."""
+    settings = data_settings(folder)
+    ds = build_dataset(settings)
     b, n = args.batch_size, args.data_batches
-    out: dict[str, Any] = {"folder": str(folder), "images": len(ds), "batch_size": b, "batches_timed": n}
+    out: dict[str, Any] = {"folder": str(folder), "format": settings["name"], "resolution": settings["resolution"],
+                           "images": len(ds), "batch_size": b, "batches_timed": n}
 
     def rate(batches: Any) -> float:
         it = iter(batches)
@@ -642,7 +654,8 @@ def data_table(d: dict[str, Any]) -> str:
     c = d["cache"]
     rows.append(f"  in-memory cache: {fmt(c['images_per_sec'])} images/s, after a one-time decode of "
                 f"{c['build_seconds']:.1f} s ({c['bytes'] / 1e6:.0f} MB, {c['decode_workers']} workers)")
-    return f"Batch loading from {d['folder']} ({d['images']} images, batch {d['batch_size']}):\n" + "\n".join(rows)
+    return (f"Batch loading from {d['folder']} ({d['images']} images, {d['format']} at {d['resolution']}x"
+            f"{d['resolution']}, batch {d['batch_size']}):\n" + "\n".join(rows))
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -762,7 +775,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-tf32", dest="tf32", action="store_false",
                    help="full fp32 matmuls/convolutions on CUDA (perf.tf32=false; TF32 is the runners' default)")
     p.add_argument("--data", default=None, metavar="FOLDER",
-                   help="also time batch loading from this class-folder dataset: DataLoader with each of "
+                   help="also time batch loading from this dataset (a class-folder tree, or EDM's .zip / folder with "
+                        "dataset.json): DataLoader with each of "
                         "--data-workers workers, and the in-memory cache (perf.cache_dataset), incl. its build time")
     p.add_argument("--data-workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to time")
     p.add_argument("--data-batches", type=int, default=40, help="batches timed per loader (after the first)")

@@ -90,6 +90,9 @@ def check_file(cfg: DictConfig, key: str, what: str) -> None:
 
 def check_data(cfg: DictConfig) -> None:
     root = cfg.data.root
+    if cfg.data.name == "edm_dataset" and not os.path.exists(root):
+        raise ConfigError(f"config key 'data.root' = {root!r}: not found (expected EDM's dataset: a .zip or a folder "
+                          f"with dataset.json, as dataset_tool.py writes it)")
     if cfg.data.name == "image_folder" and not os.path.isdir(root):
         raise ConfigError(
             f"config key 'data.root' = {root!r}: folder not found (expected a class-folder tree root/<class>/<image>)"

@@ -1,4 +1,4 @@
-"""Datasets: CIFAR-10 through torchvision, or any class-folder tree through ImageFolder.
+"""Datasets: CIFAR-10 through torchvision, any class-folder tree through ImageFolder, or EDM's dataset format.
 
 Images come out as float tensors [3, R, R] in [-1, 1] with integer class labels. The batch order is a
 function of (seed, epoch) only, and random flips are drawn in the training process (``random_hflip``), so a
@@ -6,9 +6,14 @@ run resumed at step s sees exactly the batches an uninterrupted run would.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping
+import io
+import json
+import os
+import zipfile
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
@@ -44,17 +49,81 @@ def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
     elif data["name"] == "image_folder":
         ds = datasets.ImageFolder(root=data["root"], transform=tf)
         classes = ds.classes
+    elif data["name"] == "edm_dataset":
+        ds = EDMDataset(data["root"], tf)
+        if data["num_classes"] and not ds.labelled:
+            raise ValueError(f"data.root = {data['root']!r}: its dataset.json has no labels; set data.num_classes=0 "
+                             f"(unconditional) or use a labelled dataset")
+        if data["num_classes"] and ds.targets and max(ds.targets) >= data["num_classes"]:
+            raise ValueError(f"data.num_classes = {data['num_classes']} but {data['root']!r} has labels up to "
+                             f"{max(ds.targets)}; set data.num_classes={max(ds.targets) + 1}")
+        classes = [str(c) for c in range(data["num_classes"])]
     else:
         raise ValueError(f"data.name: unknown dataset {data['name']!r}; expected 'cifar10' or 'image_folder'")
     if data["num_classes"] == 0:  # unconditional: every image gets label 0, which the networks ignore
         ds.targets = [0] * len(ds)  # type: ignore[attr-defined]
-        ds.target_transform = no_label  # type: ignore[attr-defined]
+        ds.target_transform = no_label  # type: ignore[attr-defined]  # (ImageFolder reads it; the others targets)
     elif len(classes) != data["num_classes"]:
         raise ValueError(
             f"data.num_classes = {data['num_classes']} but {data['root']!r} has {len(classes)} classes "
             f"({', '.join(classes[:12])}); set data.num_classes={len(classes)}"
         )
     return ds
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class EDMDataset(Dataset):
+    """EDM's dataset format, as its ``dataset_tool.py`` writes it: a .zip or a folder of images (in any
+    sub-folders) and ``dataset.json`` holding ``{"labels": [[relative path, class], ...]}`` (or null: no labels).
+    Items are (transformed image, class); ``targets`` lists every image's class, in the images' sorted order.
+    A zip is opened once per process (DataLoader workers each open their own)."""
+
+    def __init__(self, root: str, transform: Callable[[Image.Image], Tensor]) -> None:
+        self.root, self.transform = root, transform
+        self.is_zip = os.path.isfile(root)
+        self._zip: tuple[int, zipfile.ZipFile] | None = None
+        if self.is_zip:
+            with zipfile.ZipFile(root) as z:
+                names = z.namelist()
+        elif os.path.isdir(root):
+            names = [os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
+                     for d, _, files in os.walk(root) for f in files]
+        else:
+            raise ValueError(f"data.root = {root!r}: neither a .zip nor a folder (EDM's dataset_tool.py output)")
+        self.files = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.files:
+            raise ValueError(f"data.root = {root!r}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+        labels = json.loads(self._read("dataset.json")).get("labels") if "dataset.json" in names else None
+        self.labelled = labels is not None
+        if labels is None:
+            self.targets = [0] * len(self.files)
+        else:
+            by_name = {name: int(label) for name, label in labels}
+            missing = [f for f in self.files if f not in by_name]
+            if missing:
+                raise ValueError(f"data.root = {root!r}: dataset.json has no label for {missing[0]} "
+                                 f"({len(missing)} images without one)")
+            self.targets = [by_name[f] for f in self.files]
+
+    def _read(self, name: str) -> bytes:
+        if not self.is_zip:
+            with open(os.path.join(self.root, name), "rb") as f:
+                return f.read()
+        if self._zip is None or self._zip[0] != os.getpid():  # one handle per process (workers fork)
+            self._zip = (os.getpid(), zipfile.ZipFile(self.root))
+        return self._zip[1].read(name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_zip": None}  # a zip handle does not travel to spawned workers
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        with Image.open(io.BytesIO(self._read(self.files[i]))) as img:
+            return self.transform(img.convert("RGB")), self.targets[i]
 
 
 def no_label(_: int) -> int:

@@ -12,7 +12,8 @@ source is never looked at. Tensors nested in the pickle are rebuilt from their b
 ``torch.load(weights_only=True)``. Any other global is refused with a message naming it.
 
 From the records, ``import_edm`` takes the network's recorded constructor arguments (``_init_kwargs``), maps them
-to an ``edm_unet`` arch (DDPM++: the ``-vp`` files; NCSN++: the ``-ve`` files), loads the weights into our
+to an ``edm_unet`` arch (DDPM++: the ``-vp`` files; NCSN++: the ``-ve`` files) or an ``adm`` arch (the ImageNet-64
+``-adm`` file), loads the weights into our
 network and writes an ordinary teacher checkpoint (weights in the EMA slot, plus provenance).
 """
 from __future__ import annotations
@@ -51,10 +52,16 @@ SONGUNET_DEFAULTS: dict[str, Any] = dict(
 # most 32 groups, residual sums scaled by sqrt(1/2), positional embedding over 10000 positions.
 SONGUNET_FIXED: dict[str, Any] = dict(num_heads=1, norm_eps=1e-6, norm_max_groups=32, skip_scale=math.sqrt(0.5),
                                       max_positions=10000)
+# DhariwalUNet's (ADM's) constructor defaults in NVlabs/edm; its internals (channels_per_head 64, ...) are fixed.
+DHARIWALUNET_DEFAULTS: dict[str, Any] = dict(
+    label_dim=0, augment_dim=0, model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3,
+    attn_resolutions=[32, 16, 8], dropout=0.10, label_dropout=0,
+)
 OTHER_PRECONDITIONINGS = {
     "VPPrecond": "VP preconditioning (EDM's baseline-*-vp.pkl files)",
     "VEPrecond": "VE preconditioning (EDM's baseline-*-ve.pkl files)",
-    "iDDPMPrecond": "iDDPM preconditioning (EDM's baseline-imagenet-64x64-cond-adm.pkl)",
+    "iDDPMPrecond": "iDDPM preconditioning (EDM's baseline-imagenet-64x64-cond-adm.pkl; the EDM-preconditioned "
+                    "edm-imagenet-64x64-cond-adm.pkl imports)",
 }
 
 
@@ -203,20 +210,20 @@ def init_kwargs(record: Record, source: str) -> dict[str, Any]:
 
 
 def edm_arch(model: Record, source: str) -> tuple[dict[str, Any], int, int]:
-    """(our edm_unet arch dict, num_classes, resolution) from a SongUNet record's constructor arguments."""
-    if model.class_name == "DhariwalUNet":
-        raise EDMImportError(f"{source}: the network is an ADM (DhariwalUNet, EDM's ImageNet-64 model), which this "
-                             f"project does not implement yet; DDPM++ and NCSN++ (SongUNet) import")
-    if model.class_name != "SongUNet":
-        raise EDMImportError(f"{source}: unknown architecture {model.class_name} (expected SongUNet)")
-    kw = {**SONGUNET_DEFAULTS, **init_kwargs(model, source)}
+    """(our arch dict, num_classes, resolution) from the constructor arguments of a SongUNet record (DDPM++ /
+    NCSN++: edm_unet) or a DhariwalUNet record (ADM: adm)."""
+    if model.class_name == "SongUNet":
+        name, defaults, fixed = "edm_unet", SONGUNET_DEFAULTS, SONGUNET_FIXED
+    elif model.class_name == "DhariwalUNet":
+        name, defaults, fixed = "adm", DHARIWALUNET_DEFAULTS, {"channels_per_head": 64}
+    else:
+        raise EDMImportError(f"{source}: unknown architecture {model.class_name} (expected SongUNet or DhariwalUNet)")
+    kw = {**defaults, **init_kwargs(model, source)}
     if kw["in_channels"] != kw["out_channels"]:
         raise EDMImportError(f"{source}: in_channels {kw['in_channels']} != out_channels {kw['out_channels']}")
-    keys = ["model_channels", "channel_mult", "channel_mult_emb", "channel_mult_noise", "num_blocks",
-            "attn_resolutions", "dropout", "label_dropout", "augment_dim", "embedding_type", "encoder_type",
-            "decoder_type", "resample_filter"]
-    values = {k: list(kw[k]) if isinstance(kw[k], (list, tuple)) else kw[k] for k in keys}
-    arch = arch_settings("edm_unet", in_channels=int(kw["in_channels"]), **values, **SONGUNET_FIXED)
+    values = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in kw.items() if k in defaults}
+    del values["label_dim"]
+    arch = arch_settings(name, in_channels=int(kw["in_channels"]), **values, **fixed)
     return arch, int(kw["label_dim"]), int(kw["img_resolution"])
 
 
@@ -265,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_checkpoint(state, args.output)
     arch = state["arch"]
-    kind = "NCSN++" if arch["embedding_type"] == "fourier" else "DDPM++"
+    kind = "ADM" if arch["name"] == "adm" else "NCSN++" if arch["embedding_type"] == "fourier" else "DDPM++"
     classes = f"{state['num_classes']} classes" if state["num_classes"] else "unconditional"
     print(f"[import_edm] {args.source} -> {args.output}: {kind} ({arch['model_channels']} channels, "
           f"mult {arch['channel_mult']}), {classes}, {state['resolution']}x{state['resolution']}, "

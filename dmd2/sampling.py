@@ -108,10 +108,16 @@ def generate_uint8(sampler: CheckpointSampler, num: int, seed: int, batch_size: 
         yield to_uint8(images).cpu(), labels
 
 
+GRID_MAX_CLASSES = 16  # sample grids show at most this many classes (rows), evenly spaced over all of them
+
+
 def grid_labels(num_classes: int, per_class: int, device: torch.device) -> Tensor:
-    """Labels [num_classes * per_class] laid out so a grid with ``per_class`` columns has one class per row (one
-    row of label 0 for an unconditional model)."""
-    return torch.arange(label_count(num_classes), device=device).repeat_interleave(per_class)
+    """Labels [rows * per_class] laid out so a grid with ``per_class`` columns has one class per row: every class
+    (at most GRID_MAX_CLASSES, evenly spaced, e.g. for ImageNet's 1000), or one row of label 0 for an
+    unconditional model."""
+    n = label_count(num_classes)
+    classes = torch.arange(n) if n <= GRID_MAX_CLASSES else torch.linspace(0, n - 1, GRID_MAX_CLASSES).round().long()
+    return classes.to(device).repeat_interleave(per_class)
 
 
 def to_grid(images: Tensor, per_class: int) -> Tensor:

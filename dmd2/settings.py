@@ -62,7 +62,8 @@ def one_of(*options: Any) -> Rule:
 
 
 def optional(rule: Rule, none_means: str = "") -> Rule:
-    return Rule(lambda v: v is None or rule(v), f"null{' (' + none_means + ')' if none_means else ''} or {rule.expected}")
+    null = f"null ({none_means})" if none_means else "null"
+    return Rule(lambda v: v is None or rule(v), f"{null} or {rule.expected}")
 
 
 BOOL = Rule(lambda v: isinstance(v, bool), "true or false")
@@ -151,12 +152,32 @@ class EDMUNetArch:
 
 
 @dataclass
+class ADMArch:
+    """ADM (Dhariwal & Nichol 2021) as EDM re-implemented it ("DhariwalUNet"); defaults: EDM's class-conditional
+    ImageNet 64x64 network (edm-imagenet-64x64-cond-adm, 296M parameters), the official DMD2 teacher."""
+    name: str = setting("adm", "architecture", one_of("adm"))
+    in_channels: int = setting(3, "image channels (in = out)", POSITIVE_INT)
+    model_channels: int = setting(192, "base width", POSITIVE_INT)
+    channel_mult: List[int] = setting([1, 2, 3, 4], "width multiplier per level; level l runs at resolution R / 2^l",
+                                      INT_LIST)
+    channel_mult_emb: int = setting(4, "conditioning-embedding width = channel_mult_emb * model_channels",
+                                    POSITIVE_INT)
+    num_blocks: int = setting(3, "residual blocks per level (encoder; the decoder has num_blocks + 1)",
+                              POSITIVE_INT)
+    attn_resolutions: List[int] = setting([32, 16, 8], "self-attention at these resolutions", INT_LIST)
+    dropout: float = setting(0.10, "dropout in the residual blocks", FRACTION)
+    label_dropout: float = setting(0.0, "class-label dropout in training (classifier-free guidance)", FRACTION)
+    augment_dim: int = setting(0, "augmentation-label input; 0 = none", NONNEG_INT)
+    channels_per_head: int = setting(64, "attention heads = block width / channels_per_head", POSITIVE_INT)
+
+
+@dataclass
 class FromTeacherArch:
     """Distillation: rebuild the networks with the architecture stored in the teacher checkpoint."""
     name: str = setting("from_teacher", "the teacher checkpoint's architecture", one_of("from_teacher"))
 
 
-ARCH_SETTINGS: dict[str, type] = {"simple_unet": SimpleUNetArch, "edm_unet": EDMUNetArch}
+ARCH_SETTINGS: dict[str, type] = {"simple_unet": SimpleUNetArch, "edm_unet": EDMUNetArch, "adm": ADMArch}
 
 
 def arch_settings(name: str, **values: Any) -> dict[str, Any]:
@@ -171,9 +192,11 @@ def arch_settings(name: str, **values: Any) -> dict[str, Any]:
 
 @dataclass
 class DataSettings:
-    name: str = setting("cifar10", "cifar10 (torchvision) | image_folder (any class-folder tree)",
-                        one_of("cifar10", "image_folder"))
-    root: str = setting("${data_dir}", "dataset folder (image_folder: root/<class>/<image>)", TEXT)
+    name: str = setting("cifar10", "cifar10 (torchvision) | image_folder (any class-folder tree) | edm_dataset (EDM's "
+                        "dataset_tool.py output: a .zip or folder with dataset.json)",
+                        one_of("cifar10", "image_folder", "edm_dataset"))
+    root: str = setting("${data_dir}", "dataset folder (image_folder: root/<class>/<image>) or edm_dataset's .zip",
+                        TEXT)
     num_classes: int = setting(10, "number of classes (labels 0 .. num_classes - 1); 0 = unconditional (labels "
                                 "ignored, e.g. EDM's -uncond- models)", NONNEG_INT)
     resolution: int = setting(32, "image side in pixels (image_folder: resized and center-cropped)", POSITIVE_INT)
@@ -321,7 +344,8 @@ class TrainSettings:
 
     log_every: int = setting(50, "scalar logging interval (steps)", POSITIVE_INT)
     sample_every: int = setting(5000, "sample grid interval (steps); 0 = only at the end", NONNEG_INT)
-    samples_per_class: int = setting(8, "columns of the sample grid (one row per class)", POSITIVE_INT)
+    samples_per_class: int = setting(8, "columns of the sample grid (one row per class; at most 16 classes, "
+                                     "evenly spaced)", POSITIVE_INT)
     sample_steps: int = setting(18, "Heun steps of teacher sample grids (18 steps = 35 network evaluations)",
                                 POSITIVE_INT)
 
@@ -435,7 +459,7 @@ class GenerateSettings:
 SCHEMAS: dict[str, type] = {
     "schema/stage/teacher": TeacherSettings, "schema/stage/distill": DistillSettings,
     "schema/arch/simple_unet": SimpleUNetArch, "schema/arch/edm_unet": EDMUNetArch,
-    "schema/arch/from_teacher": FromTeacherArch, "schema/data": DataSettings,
+    "schema/arch/adm": ADMArch, "schema/arch/from_teacher": FromTeacherArch, "schema/data": DataSettings,
     "schema/logger/wandb": WandbLogger, "schema/logger/none": NoLogger,
     "schema/evaluate": EvaluateSettings, "schema/generate": GenerateSettings,
 }
@@ -459,8 +483,8 @@ def describe(node: type, prefix: str = "") -> list[tuple[str, str, str]]:
 def help_template(script: str, title: str, sections: list[tuple[str, type, str]]) -> str:
     """Hydra's --help text: ``sections`` are (heading, schema, key prefix); Hydra fills in $APP_CONFIG_GROUPS
     and the composed $CONFIG."""
-    lines = [f"{script}: {title}", "", "Override any key on the command line (key=value), choose config groups (group=option), "
-             "sweep with -m.", "", "== Config groups =="]
+    lines = [f"{script}: {title}", "", "Override any key on the command line (key=value), choose config groups "
+             "(group=option), sweep with -m.", "", "== Config groups =="]
     keys = []
     for heading, node, prefix in sections:
         keys.append(f"== {heading} ==")
@@ -468,14 +492,16 @@ def help_template(script: str, title: str, sections: list[tuple[str, type, str]]
             keys.append(f"  {key}: {meaning}" + (f"  [{expected}]" if expected else ""))
         keys.append("")
     keys += ["== This run's config (with your overrides) =="]
-    tail = ["", f"Hydra's own flags: --hydra-help. Tab completion (bash): eval \"$(python {script} -sc install=bash)\"."]
+    tail = ["", "Hydra's own flags: --hydra-help. Tab completion (bash): "
+            f"eval \"$(python {script} -sc install=bash)\"."]
     literal = lambda part: "\n".join(part).replace("$", "$$")  # string.Template escapes; no OmegaConf ${...}
     return "\n".join([literal(lines), "$APP_CONFIG_GROUPS", literal(keys), "$CONFIG", literal(tail)])
 
 
 TRAIN_HELP = [("Keys of both stages", TrainSettings, ""), ("stage=teacher", TeacherSettings, ""),
               ("stage=distill", DistillSettings, ""), ("arch=simple_unet*", SimpleUNetArch, "arch."),
-              ("arch=edm_unet*", EDMUNetArch, "arch."), ("data", DataSettings, "data."),
+              ("arch=edm_unet*", EDMUNetArch, "arch."), ("arch=adm", ADMArch, "arch."),
+              ("data", DataSettings, "data."),
               ("logger=wandb", WandbLogger, "logger.")]
 
 

@@ -210,7 +210,7 @@ def test_truncated_and_wrong_files_are_refused_naming_the_file(tmp_path):
 
 @pytest.mark.parametrize("precond,model_type,message", [
     ("VPPrecond", "SongUNet", "VP preconditioning"), ("VEPrecond", "SongUNet", "VE preconditioning"),
-    ("iDDPMPrecond", "DhariwalUNet", "iDDPM preconditioning"), ("EDMPrecond", "DhariwalUNet", "ADM"),
+    ("iDDPMPrecond", "DhariwalUNet", "iDDPM preconditioning"), ("EDMPrecond", "MyUNet", "unknown architecture"),
 ])
 def test_other_preconditionings_and_architectures_are_refused(precond, model_type, message, tmp_path):
     pkl = tmp_path / "baseline.pkl"

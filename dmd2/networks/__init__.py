@@ -7,13 +7,14 @@ import torch
 from torch import Tensor, nn
 
 from dmd2.diffusion import edm_scalings
+from dmd2.networks.adm_unet import ADMUNet
 from dmd2.networks.edm_unet import EDMUNet
 from dmd2.networks.simple_unet import SimpleUNet
 from dmd2.settings import ARCH_SETTINGS, arch_settings
 
 # Architecture registry: the ``arch.name`` config key selects one. Checkpoints store the arch dict,
 # so a network is rebuilt from a file without executing anything stored in it.
-ARCHITECTURES: dict[str, type[nn.Module]] = {"simple_unet": SimpleUNet, "edm_unet": EDMUNet}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"simple_unet": SimpleUNet, "edm_unet": EDMUNet, "adm": ADMUNet}
 assert ARCHITECTURES.keys() == ARCH_SETTINGS.keys(), "every architecture needs its settings in dmd2/settings.py"
 
 

@@ -121,12 +121,17 @@ class GroupNorm(nn.GroupNorm):
 
 
 class UNetBlock(nn.Module):
-    """DDPM++ residual block with optional 2x resampling and self-attention. [B,in,H,W], [B,E] -> [B,out,H',W']."""
+    """Residual block with optional 2x resampling and self-attention. [B,in,H,W], [B,E] -> [B,out,H',W'].
+
+    DDPM++ / NCSN++ (the defaults): the embedding is added after conv0, a resampled shortcut is always projected.
+    ADM (``adaptive_scale``, ``resample_proj=False``): the embedding gives a scale and a shift of norm1's output,
+    and a resampled shortcut with unchanged width is only resampled (no weights)."""
 
     def __init__(
         self, in_channels: int, out_channels: int, emb_channels: int, *, up: bool = False, down: bool = False,
         attention: bool = False, num_heads: int = 1, dropout: float = 0.0, skip_scale: float = math.sqrt(0.5),
         eps: float = 1e-6, resample_filter: Sequence[float] = (1, 1), max_groups: int = 32,
+        adaptive_scale: bool = False, resample_proj: bool = True,
     ) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -136,12 +141,15 @@ class UNetBlock(nn.Module):
         self.dropout, self.skip_scale = nn.Dropout(dropout), skip_scale
         self.norm0 = GroupNorm(in_channels, eps, max_groups)
         self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter)
-        self.affine = Linear(emb_channels, out_channels)
+        self.adaptive_scale = adaptive_scale
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1))
         self.norm1 = GroupNorm(out_channels, eps, max_groups)
         self.conv1 = Conv2d(out_channels, out_channels, 3, gain=1e-5)
-        # DDPM++ projects the shortcut with a 1x1 conv whenever the shape changes (channels or resolution).
+        # The shortcut changes whenever the shape does: DDPM++ projects it with a 1x1 conv; ADM only resamples
+        # it (kernel 0) when the width stays.
+        kernel = 1 if resample_proj or in_channels != out_channels else 0
         self.skip = (
-            Conv2d(in_channels, out_channels, 1, up=up, down=down, resample_filter=resample_filter)
+            Conv2d(in_channels, out_channels, kernel, up=up, down=down, resample_filter=resample_filter)
             if in_channels != out_channels or up or down else None
         )
         if self.num_heads:
@@ -151,8 +159,12 @@ class UNetBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv0(F.silu(self.norm0(x)))
-        h = h + self.affine(emb).to(h.dtype)[:, :, None, None]
-        h = F.silu(self.norm1(h))
+        params = self.affine(emb).to(h.dtype)[:, :, None, None]
+        if self.adaptive_scale:
+            scale, shift = params.chunk(2, dim=1)
+            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        else:
+            h = F.silu(self.norm1(h + params))
         h = self.conv1(self.dropout(h))
         h = (h + (x if self.skip is None else self.skip(x))) * self.skip_scale
         if self.num_heads:
@@ -191,6 +203,20 @@ class FourierEmbedding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         args = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
         return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+def class_onehot(class_labels: Tensor, batch: int, num_classes: int, dtype: torch.dtype, label_dropout: float
+                 ) -> Tensor:
+    """Class labels [B] long (or already one-hot [B, num_classes] float) -> one-hot [B, num_classes] in ``dtype``;
+    ``label_dropout`` zeroes that fraction of rows (classifier-free guidance training)."""
+    if class_labels.is_floating_point():
+        onehot = class_labels.reshape(batch, num_classes).to(dtype)
+    else:
+        onehot = F.one_hot(class_labels.reshape(-1).long(), num_classes).to(dtype)
+    if label_dropout:
+        keep = torch.rand(onehot.shape[0], 1, device=onehot.device) >= label_dropout
+        onehot = onehot * keep.to(onehot.dtype)
+    return onehot
 
 
 class EDMUNet(nn.Module):
@@ -305,13 +331,8 @@ class EDMUNet(nn.Module):
         emb = self.map_noise(c_noise.to(torch.float32).reshape(-1))
         emb = torch.cat(emb.chunk(2, dim=1)[::-1], dim=1)  # DDPM++ feeds [sin | cos]
         if self.map_label is not None and class_labels is not None:
-            if class_labels.is_floating_point():
-                onehot = class_labels.reshape(x.shape[0], self.num_classes).to(emb.dtype)
-            else:
-                onehot = F.one_hot(class_labels.reshape(-1).long(), self.num_classes).to(emb.dtype)
-            if self.training and self.label_dropout:
-                keep = torch.rand(onehot.shape[0], 1, device=onehot.device) >= self.label_dropout
-                onehot = onehot * keep.to(onehot.dtype)
+            onehot = class_onehot(class_labels, x.shape[0], self.num_classes, emb.dtype,
+                                  self.label_dropout if self.training else 0.0)
             emb = emb + self.map_label(onehot * math.sqrt(self.num_classes))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.to(emb.dtype))
