@@ -188,7 +188,7 @@ def test_a_pickle_with_any_other_global_is_refused_and_nothing_runs(tmp_path):
     with pytest.raises(EDMImportError, match=r"evil\.pkl.*refusing the global '(posix|os)\.system'"):
         import_edm(str(pkl))
     assert not marker.exists()
-    # the same inside a network's state, and behind EDM's own reconstruct global with another module name
+    # a torch module class EDM networks never contain is refused the same way (only containers are allowed)
     pkl.write_bytes(pickle.dumps({"ema": 1, "x": [torch.nn.Linear(2, 2)]}))
     with pytest.raises(EDMImportError, match="torch.nn.modules.linear.Linear"):
         import_edm(str(pkl))
