@@ -8,6 +8,7 @@ Writes <output_dir>/results.json (one row per checkpoint) and logs each row to W
 """
 from __future__ import annotations
 
+import logging
 import glob
 import json
 import os
@@ -26,6 +27,8 @@ from dmd2.run_logger import RunLogger
 from dmd2.run import default_run_name, hydra_output_dir, logger_settings
 from dmd2.sampling import load_sampler
 
+log = logging.getLogger("evaluate")
+
 def validate(cfg: DictConfig) -> None:
     """Check every key evaluate.py reads (types, ranges, files, combinations) before anything is loaded."""
     check_settings(cfg)
@@ -40,13 +43,28 @@ def validate(cfg: DictConfig) -> None:
     check_fid(cfg)
 
 
-def checkpoint_step(path: str) -> int:
-    """The training step stored in a checkpoint, read without loading its tensors."""
+def checkpoint_info(path: str) -> dict[str, Any]:
+    """A checkpoint's step, kind and W&B run (id and group), read without loading its tensors."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(state["step"])
+        logger = (state.get("config") or {}).get("logger") or {}
+        return {"step": int(state["step"]), "kind": state["kind"], "wandb_run_id": state.get("wandb_run_id"),
+                "wandb_group": logger.get("group")}
     except Exception as err:
         raise CheckpointError(f"{path} is not a readable checkpoint of this project ({err})") from err
+
+
+def checkpoint_step(path: str) -> int:
+    return checkpoint_info(path)["step"]
+
+
+def wandb_settings(cfg: DictConfig, training: dict[str, Any]) -> dict[str, Any]:
+    """The logger settings, with ``logger.group`` null meaning the training run's group (or, when it had none,
+    its run id): a training run's evaluations sit next to it in W&B."""
+    settings = logger_settings(cfg)
+    if settings.get("name") == "wandb" and settings.get("group") is None:
+        settings["group"] = training["wandb_group"] or training["wandb_run_id"]
+    return settings
 
 
 def checkpoints_to_evaluate(cfg: DictConfig) -> list[tuple[int, str]]:
@@ -84,8 +102,11 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     output_dir = cfg.output_dir or hydra_output_dir() or os.path.join("outputs", "evaluate", "run")
     os.makedirs(output_dir, exist_ok=True)
     results_path = os.path.join(output_dir, "results.json")
-    config = {**to_container(cfg), "output_dir": output_dir}
-    logger = RunLogger(output_dir, logger_settings(cfg), config, "evaluate", cfg.run_name or default_run_name())
+    training = checkpoint_info(checkpoints[-1][1])
+    settings = wandb_settings(cfg, training)
+    config = {**to_container(cfg), "output_dir": output_dir, "logger": settings,
+              "training_run_id": training["wandb_run_id"]}
+    logger = RunLogger(output_dir, settings, config, "evaluate", cfg.run_name or default_run_name())
     logger.define_metric(net.wandb_key, summary="min")
     if cfg.kid:
         logger.define_metric("eval/kid", summary="min")
@@ -94,7 +115,10 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     try:
         for _, path in checkpoints:
             sampler = load_sampler(path, device, cfg.sampler.steps, cfg.teacher_weights, cfg.generator_weights)
-            print(f"[evaluate] {sampler.describe()} from {path}: {net.metric} of {cfg.num_samples} samples "
+            info = checkpoint_info(path)
+            logger.use_checkpoint(path, info["kind"], info["wandb_run_id"],
+                                  "checkpoint" if len(checkpoints) == 1 else f"checkpoint_{info['step']:06d}")
+            log.info(f"[evaluate] {sampler.describe()} from {path}: {net.metric} of {cfg.num_samples} samples "
                   f"against {ref.description}")
             numbers = evaluate_sampler(sampler, net, ref, cfg.num_samples, cfg.seed, cfg.batch_size, device, cfg.kid)
             row = {
@@ -111,7 +135,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
             results.append(row)
             _write_json(results_path, results)
             kid_text = f", KID {row['kid']:.5f}" if row["kid"] is not None else ""
-            print(f"[evaluate] {net.metric} = {row['value']:.4f}{kid_text} | {sampler.kind} step {sampler.step}, "
+            log.info(f"[evaluate] {net.metric} = {row['value']:.4f}{kid_text} | {sampler.kind} step {sampler.step}, "
                   f"{sampler.nfe} NFE, {cfg.num_samples} samples, {row['images_per_sec']:.1f} images/s")
             scalars = {net.wandb_key: row["value"], "eval/nfe": row["nfe"], "eval/num_samples": row["num_samples"],
                        "eval/images_per_sec": row["images_per_sec"]}
@@ -127,8 +151,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     finally:
         logger.finish(exit_code)
     if len(results) > 1:
-        print(f"[evaluate] best: {best['metric']} = {best['value']:.4f} at step {best['step']} ({best['checkpoint']})")
-    print(f"[evaluate] results: {results_path}")
+        log.info(f"[evaluate] best: {best['metric']} = {best['value']:.4f} at step {best['step']} ({best['checkpoint']})")
+    log.info(f"[evaluate] results: {results_path}")
     return results
 
 

@@ -1,71 +1,137 @@
-"""Write samples of every class from a teacher or DMD2 checkpoint (an unconditional model: a flat folder).
+"""Images from a checkpoint or an export, one per seed (as EDM's generate.py), as PNG folders or one .npz.
 
-    python generate.py checkpoint=./checkpoints/dmd2/dmd2_final.pt output_dir=./generated num_samples=16
+    python generate.py checkpoint=./checkpoints/dmd2/dmd2_final.pt seeds=0-63
+    python generate.py checkpoint=./exports/dmd2-cifar10 classes=[cat,dog] seeds=0-99
+    python generate.py checkpoint=./checkpoints/dmd2/dmd2_final.pt seeds=0-49999 format=npz   # for metric tools
     python generate.py checkpoint=./checkpoints/teacher/teacher_final.pt sampler.steps=18
+
+Seed s draws its own noise, so it gives the same image in any run (up to the last bit of floating-point
+rounding when the batch size differs), and seed s of all classes is evaluate.py's sample s.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
-from omegaconf import DictConfig
-from torchvision.utils import make_grid, save_image
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image, ImageDraw
 
 import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
 from dmd2.config import ConfigError, check_device, check_settings, resolve_device
-from dmd2.sampling import generate_uint8, load_sampler
+from dmd2.generator import Generator, GeneratorError, load_generator, parse_seeds
+from dmd2.sampling import GRID_MAX_CLASSES
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+log = logging.getLogger("generate")
+GRID_COLUMNS = 16  # images per grid row
 
 
-def class_names(cfg: DictConfig, num_classes: int) -> list[str]:
-    if cfg.class_names is not None:
-        names = list(cfg.class_names)
-        if len(names) != num_classes:
-            raise ConfigError(f"config key 'class_names' has {len(names)} names; the checkpoint has {num_classes} classes")
-        return names
-    return CIFAR10_CLASSES if num_classes == 10 else [f"class_{c:03d}" for c in range(num_classes)]
+def chosen_classes(cfg: DictConfig, gen: Generator) -> list[int]:
+    """The class ids to sample ([0] for an unconditional model)."""
+    if gen.num_classes == 0:
+        if cfg.classes not in (None, 0, [0]):
+            raise ConfigError(f"config key 'classes' = {cfg.classes}: the model is unconditional (leave classes null)")
+        return [0]
+    if cfg.classes is None:
+        return list(range(gen.num_classes))
+    wanted = OmegaConf.to_container(cfg.classes) if OmegaConf.is_list(cfg.classes) else [cfg.classes]
+    try:
+        return [gen.class_id(c) for c in wanted]  # type: ignore[union-attr]
+    except GeneratorError as err:
+        raise ConfigError(f"config key 'classes' = {wanted}: {err}") from err
+
+
+def folder_name(name: str) -> str:
+    """A class name as a folder name (path separators replaced)."""
+    return name.replace("/", "_").replace(os.sep, "_").strip() or "_"
+
+
+def labelled_grid(rows: list[list[torch.Tensor]], names: list[str]) -> Image.Image:
+    """uint8 images [3,H,W], one list per row, as one image with each row's name on its left."""
+    h, w = rows[0][0].shape[1:] if rows and rows[0] else (32, 32)
+    pad = 2
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    margin = (int(max(draw.textlength(n) for n in names)) + 8) if any(names) else 0
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (margin + cols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (images, name) in enumerate(zip(rows, names)):
+        top = pad + r * (h + pad)
+        draw.text((4, top + h // 2 - 6), name, fill="black")
+        for c, img in enumerate(images):
+            grid.paste(Image.fromarray(img.permute(1, 2, 0).numpy()), (margin + pad + c * (w + pad), top))
+    return grid
 
 
 def generate(cfg: DictConfig) -> dict[str, Any]:
     check_settings(cfg)
     check_device(cfg)
-    if not os.path.isfile(cfg.checkpoint):
-        raise ConfigError(f"config key 'checkpoint' = {cfg.checkpoint!r}: file not found")
+    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+        raise ConfigError(f"config key 'output_dir' = {cfg.output_dir!r} is a file; expected a folder (it is created "
+                          "when missing)")
+    if not cfg.checkpoint.startswith("hf://") and not os.path.exists(cfg.checkpoint):
+        raise ConfigError(f"config key 'checkpoint' = {cfg.checkpoint!r}: not found (a checkpoint .pt, an export "
+                          "folder or .safetensors file, or hf://owner/repo)")
     device = resolve_device(cfg.device)
-    sampler = load_sampler(cfg.checkpoint, device, cfg.sampler.steps, cfg.teacher_weights, cfg.generator_weights)
-    print(f"[generate] loaded {sampler.describe()} from {cfg.checkpoint}")
+    try:
+        gen = load_generator(cfg.checkpoint, device, heun_steps=cfg.sampler.steps,
+                             teacher_weights=cfg.teacher_weights, generator_weights=cfg.generator_weights)
+    except GeneratorError as err:
+        raise ConfigError(f"config key 'checkpoint' = {cfg.checkpoint!r}: {err}") from err
+    names = list(cfg.class_names) if cfg.class_names is not None else gen.class_names
+    if gen.num_classes and len(names) != gen.num_classes:
+        raise ConfigError(f"config key 'class_names' has {len(names)} names; the model has {gen.num_classes} classes")
+    gen.class_names = names
+    classes = chosen_classes(cfg, gen)
+    seeds = parse_seeds(cfg.seeds) if cfg.seeds is not None else list(range(8 * len(classes)))
+    labels = [classes[s % len(classes)] for s in seeds]
+    log.info(f"[generate] {gen.describe()} from {cfg.checkpoint}: {len(seeds)} images to {cfg.output_dir} "
+             f"({cfg.format})")
+
     os.makedirs(cfg.output_dir, exist_ok=True)
-    if sampler.num_classes == 0:  # unconditional: a flat folder and one grid
-        total = cfg.num_samples
-        images = torch.cat([imgs for imgs, _ in generate_uint8(sampler, total, cfg.seed, cfg.batch_size, device)])
-        for k, img in enumerate(images):
-            save_image(img.float() / 255, os.path.join(cfg.output_dir, f"{k:06d}.png"))
-        save_image(make_grid(images.float() / 255, nrow=min(8, total)), os.path.join(cfg.output_dir, "grid_all.png"))
-        print(f"[generate] wrote {total} samples of an unconditional model ({sampler.nfe} NFE each) to "
-              f"{cfg.output_dir}")
-        return {"kind": sampler.kind, "num_images": total, "nfe": sampler.nfe, "output_dir": cfg.output_dir}
+    conditional = gen.num_classes > 0
+    grid_rows: dict[int, list[torch.Tensor]] = {c: [] for c in classes}
+    all_images: list[np.ndarray] = []
+    from tqdm import tqdm
 
-    names = class_names(cfg, sampler.num_classes)
-    per_class: list[list[torch.Tensor]] = [[] for _ in names]
-    total = cfg.num_samples * sampler.num_classes  # round-robin labels: num_samples of every class
-    for images, labels in generate_uint8(sampler, total, cfg.seed, cfg.batch_size, device):
-        for img, label in zip(images, labels.tolist()):
-            per_class[label].append(img)
+    done = 0
+    with tqdm(total=len(seeds), desc="generate", unit="img", dynamic_ncols=True) as bar:
+        for images, y in gen.batches(labels, seeds, batch_size=cfg.batch_size):
+            for img, label, seed in zip(images, y.tolist(), seeds[done:done + len(images)]):
+                if len(grid_rows[label]) < GRID_COLUMNS:
+                    grid_rows[label].append(img)
+                if cfg.format == "npz":
+                    all_images.append(img.permute(1, 2, 0).numpy())
+                    continue
+                folder = os.path.join(cfg.output_dir, folder_name(names[label])) if conditional else cfg.output_dir
+                os.makedirs(folder, exist_ok=True)
+                Image.fromarray(img.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{seed:06d}.png"))
+            done += len(images)
+            bar.update(len(images))
 
-    for name, imgs in zip(names, per_class):
-        folder = os.path.join(cfg.output_dir, name)
-        os.makedirs(folder, exist_ok=True)
-        for k, img in enumerate(imgs):
-            save_image(img.float() / 255, os.path.join(folder, f"{k:04d}.png"))
-        save_image(make_grid(torch.stack(imgs).float() / 255, nrow=min(8, len(imgs))),
-                   os.path.join(cfg.output_dir, f"grid_{name}.png"))
-    overview = torch.stack([img for imgs in per_class for img in imgs]).float() / 255
-    save_image(make_grid(overview, nrow=cfg.num_samples), os.path.join(cfg.output_dir, "grid_all.png"))
-    print(f"[generate] wrote {total} samples ({cfg.num_samples} per class, {sampler.nfe} NFE each) to {cfg.output_dir}")
-    return {"kind": sampler.kind, "num_images": total, "nfe": sampler.nfe, "output_dir": cfg.output_dir}
+    shown = [c for c in classes if grid_rows[c]]
+    if len(shown) > GRID_MAX_CLASSES:  # evenly spaced rows, as the training grids
+        shown = [shown[round(i * (len(shown) - 1) / (GRID_MAX_CLASSES - 1))] for i in range(GRID_MAX_CLASSES)]
+    if conditional:
+        grid = labelled_grid([grid_rows[c] for c in shown], [names[c] for c in shown])
+    else:  # unconditional: rows of 8 images, no names
+        flat = grid_rows[0]
+        grid = labelled_grid([flat[i:i + 8] for i in range(0, len(flat), 8)], [""] * ((len(flat) + 7) // 8))
+    grid.save(os.path.join(cfg.output_dir, "grid.png"))
+    result: dict[str, Any] = {"kind": gen.sampler.kind, "num_images": len(seeds), "nfe": gen.nfe,
+                              "output_dir": cfg.output_dir}
+    if cfg.format == "npz":
+        path = os.path.join(cfg.output_dir, "samples.npz")
+        np.savez(path, arr_0=np.stack(all_images), arr_1=np.asarray(labels, dtype=np.int64),
+                 seeds=np.asarray(seeds, dtype=np.int64), class_names=np.asarray(names if conditional else []))
+        result["npz"] = path
+    log.info(f"[generate] wrote {len(seeds)} images ({gen.nfe} NFE each"
+             + (f", classes {', '.join(names[c] for c in classes[:10])}{' ...' if len(classes) > 10 else ''}"
+                if conditional else ", unconditional") + f") to {result.get('npz', cfg.output_dir)}")
+    return result
 
 
 @hydra.main(config_path="conf", config_name="generate", version_base="1.3")
@@ -74,4 +140,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    torch.set_grad_enabled(False)
     main()

@@ -102,7 +102,7 @@ collect() {
   local run="$1" dir="$WORK/$1"
   [[ -f "$dir/metrics.jsonl" ]] && cp "$dir/metrics.jsonl" "$OUT/metrics_$run.jsonl"
   local grid
-  grid=$(ls -t "$dir"/samples/*.png "$dir"/grid_all.png 2>/dev/null | head -n 1)
+  grid=$(ls -t "$dir"/samples/*.png "$dir"/grid.png 2>/dev/null | head -n 1)
   [[ -n "$grid" ]] && cp "$grid" "$OUT/grid_$run.png"
   return 0
 }
@@ -152,9 +152,9 @@ collect full
 
 for run in full distill teacher; do
   ckpt="$WORK/$run/dmd2_final.pt"; [[ $run == teacher ]] && ckpt="$TEACHER"
-  step "generate_$run" 90 "$PY" generate.py "checkpoint=$ckpt" "output_dir=$WORK/gen_$run" num_samples=4 \
+  step "generate_$run" 90 "$PY" generate.py "checkpoint=$ckpt" "output_dir=$WORK/gen_$run" seeds=0-39 \
     "device=$DEVICE" "sampler.steps=$SAMPLE_STEPS" "hydra.run.dir=$WORK/gen_$run/hydra"
-  [[ -f "$WORK/gen_$run/grid_all.png" ]] && cp "$WORK/gen_$run/grid_all.png" "$OUT/generated_$run.png"
+  [[ -f "$WORK/gen_$run/grid.png" ]] && cp "$WORK/gen_$run/grid.png" "$OUT/generated_$run.png"
 done
 
 step bench_fp32 180 "$PY" benchmarks/bench.py "${BENCH[@]}" --out "$OUT/bench_fp32.json"

@@ -6,9 +6,9 @@ Loading uses ``torch.load(weights_only=True)``: nothing stored in a file is ever
 """
 from __future__ import annotations
 
+import logging
 import datetime
 import os
-import sys
 import tempfile
 import time
 from typing import Any
@@ -18,6 +18,8 @@ import torch
 from dmd2.distributed import Dist, barrier
 from dmd2.files import atomic_write
 from dmd2.networks import EDMPrecond, build_denoiser
+
+log = logging.getLogger(__name__)
 
 KINDS = ("teacher", "dmd2")
 
@@ -73,7 +75,7 @@ def latest_valid_checkpoint(folder: str, prefix: str, kind: str) -> tuple[str, d
         try:
             return path, load_checkpoint(path, kind=kind)
         except CheckpointError as err:
-            print(f"[resume] WARNING: skipping {path}: {err}; falling back to the previous checkpoint", flush=True)
+            log.warning(f"[resume] WARNING: skipping {path}: {err}; falling back to the previous checkpoint")
     return None
 
 
@@ -118,8 +120,7 @@ def save_final(state: dict[str, Any], path: str, d: Dist) -> str:
                 break
             except Exception as err:  # noqa: BLE001 - any failure: OSError, torch.save's RuntimeError, ...
                 error = err
-                print(f"[checkpoint] ERROR: writing {path} failed ({err}){'; trying again' if not attempt else ''}",
-                      file=sys.stderr, flush=True)
+                log.error(f"[checkpoint] ERROR: writing {path} failed ({err}){'; trying again' if not attempt else ''}")
                 time.sleep(1.0)
         else:
             rescue = os.path.join(rescue_dir(), f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}-"
@@ -139,7 +140,7 @@ def save_periodic(state: dict[str, Any], folder: str, prefix: str, step: int, ke
     try:
         save_checkpoint(state, os.path.join(folder, f"{prefix}_{step:06d}.pt"))
     except Exception as err:  # noqa: BLE001 - a full disk raises OSError, or RuntimeError from torch.save
-        print(f"[checkpoint] ERROR: writing {prefix}_{step:06d}.pt failed ({err}); the previous checkpoints are "
-              "intact, training continues", file=sys.stderr, flush=True)
+        log.error(f"[checkpoint] ERROR: writing {prefix}_{step:06d}.pt failed ({err}); the previous checkpoints are "
+                  "intact, training continues")
         return
     prune_checkpoints(folder, prefix, keep_last)

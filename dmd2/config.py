@@ -88,8 +88,14 @@ def check_file(cfg: DictConfig, key: str, what: str) -> None:
         raise ConfigError(f"config key '{key}' = {path!r}: file not found (expected {what})")
 
 
+SYNTHETIC_ROOT = "generated"  # data=synthetic's placeholder root (conf/data/synthetic.yaml)
+
+
 def check_data(cfg: DictConfig) -> None:
     root = cfg.data.root
+    if cfg.data.name == "synthetic" and root != SYNTHETIC_ROOT:
+        raise ConfigError(f"config key 'data.root' = {root!r}, but data=synthetic (debug=smoke's data) reads no files "
+                          "and would ignore it: name the data it holds, e.g. data=image_folder or data=edm_dataset")
     if cfg.data.name == "edm_dataset" and not os.path.exists(root):
         raise ConfigError(f"config key 'data.root' = {root!r}: not found (expected EDM's dataset: a .zip or a folder "
                           f"with dataset.json, as dataset_tool.py writes it)")

@@ -1,4 +1,5 @@
-"""Datasets: CIFAR-10 through torchvision, any class-folder tree through ImageFolder, or EDM's dataset format.
+"""Datasets: CIFAR-10 through torchvision, any class-folder tree through ImageFolder, EDM's dataset format, or
+a small generated one (``synthetic``: coloured squares, for smoke runs on a machine with no data).
 
 Images come out as float tensors [3, R, R] in [-1, 1] with integer class labels. The batch order is a
 function of (seed, epoch) only, and random flips are drawn in the training process (``random_hflip``), so a
@@ -33,11 +34,22 @@ def random_hflip(images: Tensor, rng: BatchRNG = GLOBAL_RNG) -> Tensor:
     return torch.where((u < 0.5).to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
 
 
+def default_class_names(num_classes: int) -> list[str]:
+    """Names of classes a dataset does not name: class_000, class_001, ..."""
+    return [f"class_{c:03d}" for c in range(num_classes)]
+
+
 def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
-    """Dataset from a ``data`` config: name (cifar10 | image_folder), root, num_classes, resolution.
-    ``num_classes`` 0 (unconditional): any folder tree, every label 0."""
+    """Dataset from a ``data`` config: name (cifar10 | image_folder | edm_dataset | synthetic), root, num_classes,
+    resolution. ``num_classes`` 0 (unconditional): any folder tree, every label 0. The dataset's
+    ``class_names`` attribute lists its class names (label order), or is None when the files do not name them
+    (EDM's format); an unconditional dataset has none ([])."""
     tf = image_transform(data["resolution"])
-    if data["name"] == "cifar10":
+    named = True
+    if data["name"] == "synthetic":
+        ds = SyntheticShapes(data["num_classes"] or 1, data["synthetic_per_class"], data["resolution"])
+        classes = ds.classes
+    elif data["name"] == "cifar10":
         try:
             ds: Dataset = datasets.CIFAR10(root=data["root"], train=train, download=True, transform=tf)
         except Exception as err:  # network errors surface as many types; say what to do instead
@@ -57,9 +69,11 @@ def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
         if data["num_classes"] and ds.targets and max(ds.targets) >= data["num_classes"]:
             raise ValueError(f"data.num_classes = {data['num_classes']} but {data['root']!r} has labels up to "
                              f"{max(ds.targets)}; set data.num_classes={max(ds.targets) + 1}")
-        classes = [str(c) for c in range(data["num_classes"])]
+        classes, named = default_class_names(data["num_classes"]), False
     else:
-        raise ValueError(f"data.name: unknown dataset {data['name']!r}; expected 'cifar10' or 'image_folder'")
+        raise ValueError(f"data.name: unknown dataset {data['name']!r}; expected cifar10, image_folder, "
+                         "edm_dataset or synthetic")
+    ds.class_names = (list(classes) if named else None) if data["num_classes"] else []  # type: ignore[attr-defined]
     if data["num_classes"] == 0:  # unconditional: every image gets label 0, which the networks ignore
         ds.targets = [0] * len(ds)  # type: ignore[attr-defined]
         ds.target_transform = no_label  # type: ignore[attr-defined]  # (ImageFolder reads it; the others targets)
@@ -124,6 +138,39 @@ class EDMDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         with Image.open(io.BytesIO(self._read(self.files[i]))) as img:
             return self.transform(img.convert("RGB")), self.targets[i]
+
+
+class SyntheticShapes(Dataset):
+    """A generated dataset for smoke runs without any download: class c is a square of its own colour (red,
+    orange, ... for up to 10 classes; evenly spaced hues beyond) at a random place and size on a dark, noisy
+    background. Image i is a function of i alone (seeded by i), so every process and run sees the same data.
+    Items are (float [3,R,R] in [-1, 1], class), class i mod num_classes."""
+
+    COLOURS = {"red": (220, 40, 40), "orange": (240, 140, 20), "yellow": (230, 220, 40), "green": (40, 180, 60),
+               "cyan": (40, 200, 210), "blue": (40, 70, 220), "purple": (140, 50, 200), "pink": (240, 120, 190),
+               "white": (235, 235, 235), "brown": (130, 80, 40)}
+
+    def __init__(self, num_classes: int, per_class: int, resolution: int) -> None:
+        self.resolution, self.num_classes = resolution, num_classes
+        self.targets = [i % num_classes for i in range(num_classes * per_class)]
+        if num_classes <= len(self.COLOURS):
+            self.classes = list(self.COLOURS)[:num_classes]
+            self.rgb = torch.tensor([self.COLOURS[c] for c in self.classes], dtype=torch.float32)
+        else:
+            hue = torch.arange(num_classes) / num_classes
+            self.classes = [f"hue_{c:03d}" for c in range(num_classes)]
+            self.rgb = 127.5 + 100 * torch.stack([torch.cos(2 * torch.pi * (hue + k / 3)) for k in range(3)], 1)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        g, r, c = generator(derived_seed(0, i)), self.resolution, self.targets[i]
+        image = 30 + 15 * torch.randn(3, r, r, generator=g)
+        side = int(torch.randint(r // 4, r // 2 + 1, (1,), generator=g))
+        top, left = (int(v) for v in torch.randint(0, r - side + 1, (2,), generator=g))
+        image[:, top:top + side, left:left + side] = self.rgb[c].view(3, 1, 1)
+        return (image.clamp(0, 255).round() / 127.5 - 1), c
 
 
 def no_label(_: int) -> int:

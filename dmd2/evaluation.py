@@ -16,6 +16,7 @@ statistics file fails at once with a message saying which file is needed, where 
 """
 from __future__ import annotations
 
+import logging
 import contextlib
 import glob
 import hashlib
@@ -46,6 +47,8 @@ from dmd2.settings import FEATURE_NETWORKS
 from dmd2.distributed import Dist, gather_objects
 from dmd2.files import atomic_write, file_sha256
 from dmd2.sampling import CheckpointSampler, generate_uint8
+
+log = logging.getLogger(__name__)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = inception_url  # where clean-fid downloads the Inception weights from
@@ -141,7 +144,7 @@ def build_inception(weights: str | None, device: torch.device, allow_download: b
     if not os.path.isfile(path):
         if not allow_download:
             raise EvaluationError(missing_inception_message(path))
-        print(f"[evaluate] downloading {INCEPTION_FILE} from {INCEPTION_URL} to {folder}")
+        log.info(f"[evaluate] downloading {INCEPTION_FILE} from {INCEPTION_URL} to {folder}")
         os.makedirs(folder, exist_ok=True)
         try:
             with download_guard(path):
@@ -296,7 +299,7 @@ def precomputed_cifar10_stats(net: FeatureNetwork, cache_dir: str, kid: bool = F
             f"reference.folder=data/cifar10-jpeg/train.\n"
             f"Online: set reference.allow_download=true (or feature_network.allow_download=true).")
     for name in missing:
-        print(f"[evaluate] downloading {CLEANFID_STATS_URL}{name} (clean-fid)")
+        log.info(f"[evaluate] downloading {CLEANFID_STATS_URL}{name} (clean-fid)")
         target = os.path.join(cleanfid_dir, name)
         try:
             with download_guard(target):
@@ -336,7 +339,7 @@ def npz_stats(path: str, net: FeatureNetwork) -> ReferenceStats:
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise EvaluationError(f"reference.path = {path!r}: mu or sigma holds NaN or inf")
     if net.is_inception and net.resize != "legacy_tensorflow":
-        print(f"[evaluate] note: {os.path.basename(path)} is compared under clean-fid's 'clean' protocol; EDM's "
+        log.info(f"[evaluate] note: {os.path.basename(path)} is compared under clean-fid's 'clean' protocol; EDM's "
               f"reference files hold TF-Inception statistics (feature_network.resize=legacy_tensorflow)")
     return ReferenceStats(mu, sigma, f"{os.path.abspath(path)} (statistics file)", path)
 
@@ -385,7 +388,7 @@ def folder_stats(folder: str, net: FeatureNetwork, cache_dir: str, kid: bool = F
     feats_path = path[: -len(".npz")] + "_feats.npz"
     description = f"{os.path.abspath(folder)} ({len(files)} images)"
     if os.path.isfile(path) and (not kid or os.path.isfile(feats_path)):
-        print(f"[evaluate] reusing cached reference statistics {path}")
+        log.info(f"[evaluate] reusing cached reference statistics {path}")
         with np.load(path) as stats:
             meta = json.loads(str(stats["meta"]))
             mu, sigma = stats["mu"], stats["sigma"]
@@ -402,7 +405,7 @@ def folder_stats(folder: str, net: FeatureNetwork, cache_dir: str, kid: bool = F
 
     with Image.open(files[0]) as first:
         image_size = int(first.size[0])
-    print(f"[evaluate] computing reference statistics of {len(files)} images in {folder} with {net.metric} features "
+    log.info(f"[evaluate] computing reference statistics of {len(files)} images in {folder} with {net.metric} features "
           f"(resize {net.resize}); cached in {path}")
     start = time.perf_counter()
     feats = get_files_features(files, net.model, num_workers=num_workers, batch_size=batch_size, device=net.device,
@@ -413,7 +416,7 @@ def folder_stats(folder: str, net: FeatureNetwork, cache_dir: str, kid: bool = F
                 network_file=net.source, resize=net.resize, seconds=round(time.perf_counter() - start, 1))
     _save_npz(path, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta)))
     _save_npz(feats_path, feats=feats.astype(np.float32))
-    print(f"[evaluate] reference statistics done in {meta['seconds']} s")
+    log.info(f"[evaluate] reference statistics done in {meta['seconds']} s")
     return ReferenceStats(mu, sigma, description, path, len(files), image_size, feats if kid else None)
 
 
@@ -438,7 +441,7 @@ def sampler_features(sampler: CheckpointSampler, net: FeatureNetwork, num: int, 
         feats[done: done + len(images)] = batch_features(images, net)
         done += len(images)
         if progress and (done >= next_report or done == num):
-            print(f"[evaluate]   {done}/{num} samples ({done / max(gen_seconds, 1e-9):.1f} images/s generation)")
+            log.info(f"[evaluate]   {done}/{num} samples ({done / max(gen_seconds, 1e-9):.1f} images/s generation)")
             next_report += num / 10
     return feats, gen_seconds
 

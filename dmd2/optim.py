@@ -6,8 +6,8 @@ leaves the weights, the optimizer state and the EMA untouched and is counted in 
 """
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from dmd2.distributed import global_mean
+
+log = logging.getLogger(__name__)
 
 
 def adamw(params: Any, lr: float, betas: Any, weight_decay: float, fused: bool = False) -> torch.optim.AdamW:
@@ -64,7 +66,7 @@ def is_finite(step: int, policy: str, **values: Tensor) -> bool:
         if not torch.isfinite(value).all():
             message = f"non-finite {name} ({value.item()}) at step {step}"
             if policy == "skip":
-                print(f"[train] WARNING: {message}; skipping this update (on_nonfinite=skip)", file=sys.stderr)
+                log.warning(f"[train] WARNING: {message}; skipping this update (on_nonfinite=skip)")
                 return False
             raise NonFiniteError(f"{message}; stopping. The last checkpoint is intact; try a lower learning rate, "
                                  "a smaller grad_clip, or on_nonfinite=skip")

@@ -4,6 +4,7 @@ W&B run), stop signals, the torchrun process group, and what it returns. Both st
 ``run_context``."""
 from __future__ import annotations
 
+import logging
 import datetime
 import glob
 import json
@@ -28,6 +29,8 @@ from dmd2.randomness import BatchRNG, derived_seed
 from dmd2.run_logger import RunLogger
 from dmd2.speed import set_backend_flags
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class RunContext:
@@ -45,7 +48,7 @@ class RunContext:
     def say(self, message: str) -> None:
         """Print on rank 0 only."""
         if self.dist.is_main:
-            print(message, flush=True)
+            log.info(message)
 
     def stop_requested(self) -> bool:
         """Whether a stop signal reached any rank (every rank must call it at the same step: they agree)."""
@@ -59,7 +62,7 @@ class RunContext:
         message = (f"[train] {signal.Signals(sig).name} received: stopped at step {step}, checkpoint {path}; "
                    f"continue with resume=auto output_dir={self.output_dir}")
         if self.dist.is_main:
-            print(message, file=sys.stderr, flush=True)
+            log.warning(message)
         raise RunStopped(128 + int(sig))
 
 
@@ -126,15 +129,15 @@ def find_resume(cfg: DictConfig, output_dir: str, prefix: str, kind: str) -> tup
             raise ConfigError("config key 'resume' = 'auto' needs output_dir=<the folder of the run to continue>")
         found = latest_valid_checkpoint(output_dir, prefix, kind)
         if found is None:
-            print(f"[resume] no valid {prefix}_*.pt in {output_dir}: starting from scratch", flush=True)
+            log.info(f"[resume] no valid {prefix}_*.pt in {output_dir}: starting from scratch")
             return None
-        print(f"[resume] continuing {found[0]} (step {found[1]['step']})", flush=True)
+        log.info(f"[resume] continuing {found[0]} (step {found[1]['step']})")
         return found
     try:
         state = load_checkpoint(cfg.resume, kind=kind)
     except CheckpointError as err:
         raise ConfigError(f"config key 'resume' = {cfg.resume!r}: {err}") from err
-    print(f"[resume] continuing {cfg.resume} (step {state['step']})", flush=True)
+    log.info(f"[resume] continuing {cfg.resume} (step {state['step']})")
     return cfg.resume, state
 
 
@@ -189,8 +192,7 @@ def acquire_lock(folder: str) -> RunLock:
                 holder = {}
             pid, host = holder.get("pid"), holder.get("host")
             if host == me["host"] and isinstance(pid, int) and not process_alive(pid):
-                print(f"[run] {path}: its run (pid {pid}, started {holder.get('started')}) is gone; taking over",
-                      flush=True)
+                log.info(f"[run] {path}: its run (pid {pid}, started {holder.get('started')}) is gone; taking over")
                 RunLock(path).release()
                 continue
             raise ConfigError(
@@ -206,7 +208,7 @@ def acquire_lock(folder: str) -> RunLock:
 def remove_orphans(folder: str) -> None:
     """Temporary files of writes that a killed run left behind (``.tmp-*``, see dmd2.files)."""
     for path in glob.glob(os.path.join(glob.escape(folder), ".tmp-*")):
-        print(f"[run] removing {path}, left by an interrupted write", flush=True)
+        log.info(f"[run] removing {path}, left by an interrupted write")
         os.remove(path)
 
 
@@ -297,12 +299,14 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
     resume_path = broadcast_object(found[0] if found else None, d)
     resume = found[1] if found else (load_checkpoint(resume_path, kind=kind) if resume_path else None)
     config = to_container(cfg)
-    config.update(output_dir=output_dir, world_size=d.world_size, global_batch_size=cfg.batch_size * d.world_size)
+    settings = logger_settings(cfg)  # with the sweep's W&B group filled in: evaluate.py joins it
+    config.update(output_dir=output_dir, world_size=d.world_size, global_batch_size=cfg.batch_size * d.world_size,
+                  logger=settings)
     set_backend_flags(cfg.perf, device)
     torch.manual_seed(cfg.seed + d.rank)  # dropout and other in-network randomness differ between ranks
     # config.yaml, metrics.jsonl and the W&B run appear with the first thing logged: a run refused while the
     # runner builds and checks its networks leaves output_dir as it was
-    logger = RunLogger(output_dir, logger_settings(cfg), config, job_type, cfg.run_name or default_run_name(),
+    logger = RunLogger(output_dir, settings, config, job_type, cfg.run_name or default_run_name(),
                        enabled=d.is_main, resume_id=resume.get("wandb_run_id") if resume else None,
                        config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
     ctx = RunContext(output_dir, device, config, logger, d, BatchRNG(cfg.seed, device, d), resume)
@@ -335,7 +339,7 @@ def check_resume_config(old: dict[str, Any], new: dict[str, Any]) -> None:
                           "new output_dir, or set resume_allow_changes=true to continue with them anyway")
     for line in safe + refused:
         if not line.startswith(("resume:", "resume_allow_changes:", "output_dir:")):
-            print(f"[resume] changed from the checkpoint, in effect from its step on: {line}", flush=True)
+            log.info(f"[resume] changed from the checkpoint, in effect from its step on: {line}")
 
 
 def run_state(ctx: RunContext, step: int, **parts: Any) -> dict[str, Any]:

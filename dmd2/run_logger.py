@@ -5,14 +5,20 @@ A failing W&B call is reported once and then ignored: logging never kills a trai
 """
 from __future__ import annotations
 
+import logging
 import json
 import os
-import sys
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 from torchvision.utils import save_image
+
+log = logging.getLogger(__name__)
+
+
+STEP_KEY = "step"                             # the x axis of every logged series
+STEPPED = ("train/*", "eval/*", "samples/*")  # the series plotted against it
 
 
 class RunLogger:
@@ -29,6 +35,7 @@ class RunLogger:
         self._metrics = None
         self._pending = (logger_cfg, config, job_type, run_name, resume_id, config_yaml) if enabled else None
         self._definitions: list[tuple[str, dict[str, Any]]] = []
+        self.log_checkpoints = False  # logger.log_checkpoints of a started W&B run
 
     def start(self) -> None:
         """Open the run's outputs: ``config.yaml`` (when given), ``metrics.jsonl`` and the W&B run. Called by the
@@ -44,6 +51,11 @@ class RunLogger:
         self._metrics = open(os.path.join(self.output_dir, "metrics.jsonl"), "a", buffering=1)
         if logger_cfg.get("name") == "wandb":
             self.run = self._start_wandb(logger_cfg, config, job_type, run_name, resume_id)
+            self.log_checkpoints = bool(logger_cfg.get("log_checkpoints", False))
+        # every series is plotted against the training step (also when a resumed run's W&B step differs)
+        self._wandb("define_metric", STEP_KEY)
+        for pattern in STEPPED:
+            self._wandb("define_metric", pattern, step_metric=STEP_KEY)
         for key, kwargs in self._definitions:
             self._wandb("define_metric", key, **kwargs)
 
@@ -65,7 +77,7 @@ class RunLogger:
                 id=resume_id, resume="allow" if resume_id else None,
             )
         except Exception as err:  # noqa: BLE001 - W&B must never stop training
-            print(f"[logger] W&B could not start ({err}); continuing with metrics.jsonl only", file=sys.stderr)
+            log.warning(f"[logger] W&B could not start ({err}); continuing with metrics.jsonl only")
             return None
 
     def _wandb(self, fn: str, *args: Any, **kwargs: Any) -> None:
@@ -74,7 +86,7 @@ class RunLogger:
         try:
             getattr(self.run, fn)(*args, **kwargs)
         except Exception as err:  # noqa: BLE001
-            print(f"[logger] W&B {fn} failed ({err}); W&B logging is off for the rest of this run", file=sys.stderr)
+            log.warning(f"[logger] W&B {fn} failed ({err}); W&B logging is off for the rest of this run")
             self.run = None
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
@@ -83,7 +95,7 @@ class RunLogger:
         self.start()
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(row) + "\n")  # type: ignore[union-attr]
-        self._wandb("log", dict(metrics), step=step)
+        self._wandb("log", {**metrics, STEP_KEY: step}, step=step)
 
     def log_grid(self, key: str, grid: torch.Tensor, step: int, caption: str = "") -> str | None:
         """Save an image grid [3,H,W] in [0, 1] to ``samples/<key>_<step>.png`` and log it; return the path."""
@@ -97,20 +109,78 @@ class RunLogger:
         if self.run is not None:
             import wandb
 
-            self._wandb("log", {key: wandb.Image(path, caption=caption)}, step=step)
+            self._wandb("log", {key: wandb.Image(path, caption=caption), STEP_KEY: step}, step=step)
         return path
+
+    def log_samples(self, key: str, images: torch.Tensor, labels: torch.Tensor, class_names: list[str] | None,
+                    per_row: int, step: int, caption: str = "") -> str | None:
+        """Images [N,3,H,W] in [-1, 1] with their labels [N]: a grid (``per_row`` images per row, see log_grid)
+        and, in W&B, a Table of the images with their step, label and class name (``<key>_table``)."""
+        from dmd2.sampling import to_grid
+
+        path = self.log_grid(key, to_grid(images, per_row), step, caption)
+        if self.run is not None:
+            import wandb
+
+            uint8 = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+            table = wandb.Table(columns=["step", "label", "class", "image"])
+            for img, label in zip(uint8, labels.tolist()):
+                name = class_names[label] if class_names and label < len(class_names) else str(label)
+                table.add_data(step, label, name, wandb.Image(img.permute(1, 2, 0).numpy()))
+            self._wandb("log", {f"{key}_table": table, STEP_KEY: step}, step=step)
+        return path
+
+    def log_artifact(self, path: str, kind: str, step: int, final: bool = True,
+                     metadata: Mapping[str, Any] | None = None) -> None:
+        """With ``logger.log_checkpoints``: log a checkpoint file or an export folder as the W&B artifact
+        ``<kind>-<run id>`` (type model), aliases latest, step-N (and final)."""
+        if self.run is None or not self.log_checkpoints:
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(artifact_name(kind, self.run.id), type="model", metadata=dict(metadata or {}))
+            artifact.add_dir(path) if os.path.isdir(path) else artifact.add_file(path)
+            self.run.log_artifact(artifact, aliases=["latest", f"step-{step}"] + (["final"] if final else []))
+        except Exception as err:  # noqa: BLE001 - W&B must never stop a run
+            log.warning(f"[logger] W&B artifact of {path} failed ({err})")
+
+    def use_checkpoint(self, path: str, kind: str, run_id: str | None, role: str) -> None:
+        """Record that this run consumed the checkpoint ``path`` (its ``role``: teacher, checkpoint), written by
+        the W&B run ``run_id``: the config key ``inputs.<role>`` names it and its artifact ``<kind>-<run_id>``;
+        online with ``logger.log_checkpoints`` the artifact is also marked as this run's input (W&B lineage;
+        offline runs cannot use artifacts)."""
+        if not self.enabled:
+            return
+        self.start()
+        if self.run is None:
+            return
+        name = artifact_name(kind, run_id) if run_id else None
+        try:
+            self.run.config.update({"inputs": {role: {"path": os.path.abspath(path), "artifact": name}}},
+                                   allow_val_change=True)
+            if self.log_checkpoints and name and not self.run.offline:
+                import wandb
+
+                artifact = wandb.Artifact(name, type="model")
+                artifact.add_file(path)
+                self.run.use_artifact(artifact)
+        except Exception as err:  # noqa: BLE001
+            log.warning(f"[logger] W&B could not link the {role} {path} ({err})")
 
     def log_histogram(self, key: str, values: torch.Tensor, step: int) -> None:
         if self.enabled and self.run is not None:
             import wandb
 
-            self._wandb("log", {key: wandb.Histogram(values.detach().cpu().numpy())}, step=step)
+            self._wandb("log", {key: wandb.Histogram(values.detach().cpu().numpy()), STEP_KEY: step}, step=step)
 
     def define_metric(self, key: str, **kwargs: Any) -> None:
         """W&B ``define_metric`` (e.g. ``summary="min"``: the run summary keeps the best value); before the
-        outputs are open it is applied when they open."""
+        outputs are open it is applied when they open. Keys of the ``STEPPED`` series keep the step axis."""
         if not self.enabled:
             return
+        if key.split("/")[0] + "/*" in STEPPED:
+            kwargs.setdefault("step_metric", STEP_KEY)
         if self._pending is not None:
             self._definitions.append((key, kwargs))
         else:
@@ -122,7 +192,7 @@ class RunLogger:
             try:
                 self.run.summary.update(dict(values))
             except Exception as err:  # noqa: BLE001
-                print(f"[logger] W&B summary failed ({err})", file=sys.stderr)
+                log.warning(f"[logger] W&B summary failed ({err})")
 
     def finish(self, exit_code: int = 0, preempted: bool = False) -> None:
         """Close metrics.jsonl and finish the W&B run (``preempted``: stopped by a signal, to be resumed)."""
@@ -133,6 +203,11 @@ class RunLogger:
             self._metrics = None
         self._wandb("finish", exit_code=exit_code)
         self.run = None
+
+
+def artifact_name(kind: str, run_id: str) -> str:
+    """The W&B artifact of a run's checkpoint or export: <kind>-<run id> (e.g. teacher-1a2b3c4d)."""
+    return f"{kind}-{run_id}"
 
 
 class RunningMeans:

@@ -4,8 +4,9 @@ Both ``generate.py`` and ``evaluate.py`` use it, so a checkpoint is always sampl
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -56,10 +57,15 @@ class CheckpointSampler:
 
 def load_sampler(path: str, device: torch.device | str = "cpu", heun_steps: int = 18,
                  teacher_weights: str = "ema", generator_weights: str = "ema") -> CheckpointSampler:
+    """The sampler of the checkpoint file at ``path`` (see ``sampler_from_checkpoint``)."""
+    return sampler_from_checkpoint(load_checkpoint(path), device, heun_steps, teacher_weights, generator_weights)
+
+
+def sampler_from_checkpoint(state: dict[str, Any], device: torch.device | str = "cpu", heun_steps: int = 18,
+                            teacher_weights: str = "ema", generator_weights: str = "ema") -> CheckpointSampler:
     """Teacher checkpoints sample their ``teacher_weights`` ("ema" or "model") with ``heun_steps`` Heun steps.
     DMD2 checkpoints sample the generator over its stored ``denoising_sigmas`` (one step by default), with
     its EMA weights when ``generator_weights == "ema"`` and the checkpoint has them, else the raw weights."""
-    state = load_checkpoint(path)
     common = dict(step=int(state["step"]), num_classes=int(state["num_classes"]), resolution=int(state["resolution"]))
     if state["kind"] == "teacher":
         if teacher_weights not in ("ema", "model"):
@@ -72,13 +78,18 @@ def load_sampler(path: str, device: torch.device | str = "cpu", heun_steps: int 
     if generator_weights not in ("ema", "raw"):
         raise ValueError(f"generator_weights must be 'ema' or 'raw', got {generator_weights!r}")
     key = "generator_ema" if generator_weights == "ema" and "generator_ema" in state else "generator"
-    sigmas = tuple(float(s) for s in state.get("denoising_sigmas", [state["conditioning_sigma"]]))
     net = network_from_checkpoint(state, key).to(device).eval()
+    sigmas = generator_sigmas(state)
     return CheckpointSampler("dmd2", net, nfe=len(sigmas), denoising_sigmas=sigmas,
                              weights="ema" if key == "generator_ema" else "raw", **common)
 
 
-def per_sample_noise(indices: range, seed: int, shape: tuple[int, ...]) -> Tensor:
+def generator_sigmas(state: dict[str, Any]) -> tuple[float, ...]:
+    """A dmd2 checkpoint's chain of noise levels (one step at ``conditioning_sigma`` in older checkpoints)."""
+    return tuple(float(s) for s in state.get("denoising_sigmas", [state["conditioning_sigma"]]))
+
+
+def per_sample_noise(indices: Iterable[int], seed: int, shape: tuple[int, ...]) -> Tensor:
     """Noise [len(indices), *shape], sample i drawn from its own generator seeded (seed, i): any subset or
     batch size reproduces the same images. A leading steps axis in ``shape`` (S, C, H, W) gives each chain
     step its own draw; its first slice equals the noise of shape (C, H, W)."""
@@ -96,16 +107,33 @@ def round_robin_labels(indices: range, num_classes: int) -> Tensor:
     return torch.tensor([i % label_count(num_classes) for i in indices], dtype=torch.long)
 
 
+def sample_batches(sampler: CheckpointSampler, seeds: Sequence[int], labels: Tensor, batch_size: int,
+                   device: torch.device | str = "cpu", base_seed: int = 0, dtype: torch.dtype | None = None
+                   ) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (uint8 images [B,3,R,R] on the CPU, labels [B]) for ``seeds`` [N] with ``labels`` [N], in batches.
+    The image of seed s is made from noise seeded by (base_seed, s), so it is the same whatever the batch size
+    or the other seeds (``per_sample_noise``). ``dtype`` (bfloat16 / float16): the network runs under autocast."""
+    if len(seeds) != len(labels):
+        raise ValueError(f"{len(seeds)} seeds but {len(labels)} labels")
+    shape = (sampler.noise_steps, 3, sampler.resolution, sampler.resolution)
+    device = torch.device(device)
+    for lo in range(0, len(seeds), batch_size):
+        chunk, y = seeds[lo:lo + batch_size], labels[lo:lo + batch_size]
+        noise = per_sample_noise(chunk, base_seed, shape).transpose(0, 1)  # [S, B, C, H, W]
+        amp = (torch.autocast(device.type, dtype=dtype) if dtype not in (None, torch.float32)
+               else contextlib.nullcontext())
+        with amp:
+            images = sampler(noise.to(device), y.to(device))
+        yield to_uint8(images.float()).cpu(), y
+
+
 def generate_uint8(sampler: CheckpointSampler, num: int, seed: int, batch_size: int,
                    device: torch.device | str = "cpu", start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (uint8 images [B,3,R,R] on the CPU, labels [B]) for samples start..start+num-1, in batches."""
-    shape = (sampler.noise_steps, 3, sampler.resolution, sampler.resolution)
-    for lo in range(start, start + num, batch_size):
-        idx = range(lo, min(lo + batch_size, start + num))
-        labels = round_robin_labels(idx, sampler.num_classes)
-        noise = per_sample_noise(idx, seed, shape).transpose(0, 1)  # [S, B, C, H, W]
-        images = sampler(noise.to(device), labels.to(device))
-        yield to_uint8(images).cpu(), labels
+    """Yield (uint8 images [B,3,R,R] on the CPU, labels [B]) for samples start..start+num-1 (classes
+    round-robin), in batches: what evaluate.py measures. Sample i is ``generate.py``'s seed i when seed = 0."""
+    indices = range(start, start + num)
+    yield from sample_batches(sampler, indices, round_robin_labels(indices, sampler.num_classes), batch_size,
+                              device, seed)
 
 
 GRID_MAX_CLASSES = 16  # sample grids show at most this many classes (rows), evenly spaced over all of them

@@ -193,8 +193,9 @@ def arch_settings(name: str, **values: Any) -> dict[str, Any]:
 @dataclass
 class DataSettings:
     name: str = setting("cifar10", "cifar10 (torchvision) | image_folder (any class-folder tree) | edm_dataset (EDM's "
-                        "dataset_tool.py output: a .zip or folder with dataset.json)",
-                        one_of("cifar10", "image_folder", "edm_dataset"))
+                        "dataset_tool.py output: a .zip or folder with dataset.json) | synthetic (generated coloured "
+                        "squares: smoke runs with no data)",
+                        one_of("cifar10", "image_folder", "edm_dataset", "synthetic"))
     root: str = setting("${data_dir}", "dataset folder (image_folder: root/<class>/<image>) or edm_dataset's .zip",
                         TEXT)
     num_classes: int = setting(10, "number of classes (labels 0 .. num_classes - 1); 0 = unconditional (labels "
@@ -202,6 +203,7 @@ class DataSettings:
     resolution: int = setting(32, "image side in pixels (image_folder: resized and center-cropped)", POSITIVE_INT)
     hflip: bool = setting(True, "random horizontal flips (teacher training augmentation)", BOOL)
     num_workers: int = setting(2, "DataLoader worker processes", NONNEG_INT)
+    synthetic_per_class: int = setting(64, "data=synthetic: images per class", POSITIVE_INT)
 
 
 @dataclass
@@ -211,9 +213,12 @@ class WandbLogger:
     project: str = setting("dmd2-cifar10", "W&B project", TEXT)
     entity: Optional[str] = setting(None, "W&B entity (user or team); null = your default", optional(TEXT))
     mode: str = setting("offline", "offline | online | disabled", one_of("offline", "online", "disabled"))
-    group: Optional[str] = setting(None, "W&B group; null = none for single runs, the sweep folder in sweeps",
-                                   optional(TEXT))
+    group: Optional[str] = setting(None, "W&B group; null = none for single runs, the sweep folder in sweeps; "
+                                   "evaluate.py: the training run's group (or its run id)", optional(TEXT))
     tags: List[str] = setting([], "W&B tags")
+    log_checkpoints: bool = setting(False, "log final checkpoints (and a distillation's generator export) as W&B "
+                                    "artifacts, and link the teacher / checkpoint a run consumed (offline: copies "
+                                    "the files into W&B's staging area until `wandb sync`)", BOOL)
 
 
 @dataclass
@@ -437,21 +442,42 @@ class EvaluateSettings(FidSettings):
                                       optional(TEXT))
 
 
+def _seeds_ok(value: Any) -> bool:
+    from dmd2.generator import GeneratorError, parse_seeds  # (torch-free parsing; imported when checked)
+
+    try:
+        return bool(parse_seeds(value))
+    except GeneratorError:
+        return False
+
+
+SEEDS = Rule(lambda v: v is None or _seeds_ok(v),
+             "null, a seed (7), a range (0-63) or a list of seeds and ranges ([0-9,20])")
+CLASSES = Rule(lambda v: v is None or isinstance(v, (int, str)) or (isinstance(v, (list, tuple)) and len(v) > 0),
+               "null, a class id or name, or a list of them")
+
+
 @dataclass
 class GenerateSettings:
-    """samples of every class from a teacher or DMD2 checkpoint."""
-    checkpoint: str = setting(MISSING, "teacher_*.pt (Heun sampler) or dmd2_*.pt (the generator)", TEXT)
-    output_dir: str = setting("./generated", "<output_dir>/<class>/NNNN.png, grid_<class>.png and grid_all.png "
-                              "(unconditional: <output_dir>/NNNNNN.png and grid_all.png)", TEXT)
-    num_samples: int = setting(16, "samples per class (an unconditional model: samples in all)", POSITIVE_INT)
-    seed: int = setting(0, "sample i uses noise seeded by (seed, i): reruns give the same images", NONNEG_INT)
+    """images from a checkpoint or an export, one per seed."""
+    checkpoint: str = setting(MISSING, "a teacher_*.pt (Heun sampler) or dmd2_*.pt checkpoint, an export folder or "
+                              ".safetensors file (python -m dmd2.export), or hf://owner/repo", TEXT)
+    output_dir: str = setting("./generated", "png: <output_dir>/<class>/<seed>.png (unconditional: "
+                              "<output_dir>/<seed>.png); npz: <output_dir>/samples.npz; both: grid.png", TEXT)
+    seeds: Any = setting(None, "image seeds, as EDM's generate.py: 7, 0-63 or [0-9,20,30-32]; seed s draws its own "
+                         "noise, so it gives the same image in any run; null = 8 per class (0 .. 8 x classes - 1)",
+                         SEEDS)
+    classes: Any = setting(None, "class ids or names, e.g. 3 or [cat,dog]; seed s gets classes[s mod len(classes)]; "
+                           "null = every class", CLASSES)
+    format: str = setting("png", "png (one file per image) | npz (samples.npz: arr_0 uint8 [N,H,W,3], arr_1 labels "
+                          "[N], seeds [N], class_names; the layout of ADM's evaluator)", one_of("png", "npz"))
     batch_size: int = setting(256, "images generated at once", POSITIVE_INT)
     device: str = setting("auto", "auto | cpu | cuda | cuda:N", DEVICE)
     teacher_weights: str = setting("ema", "teacher checkpoints: ema | model", one_of("ema", "model"))
     generator_weights: str = setting("ema", "DMD2 checkpoints: ema | raw", one_of("ema", "raw"))
     sampler: SamplerSettings = group(SamplerSettings, "how teacher checkpoints sample")
-    class_names: Optional[List[str]] = setting(None, "names for folders and logs; null = CIFAR-10's when there are "
-                                               "10 classes")
+    class_names: Optional[List[str]] = setting(None, "names for folders and grids; null = the model's (stored in "
+                                               "checkpoints and exports; class_000 ... when unknown)")
 
 
 # ---------------------------------------------------------------------------------------------- registration
@@ -525,7 +551,7 @@ def register() -> None:
                                     "(stage=distill).", train_sections),
         "dmd2_evaluate": help_template("evaluate.py", "FID / FD of teacher and DMD2 checkpoints.",
                                        [("Keys", EvaluateSettings, ""), ("logger=wandb", WandbLogger, "logger.")]),
-        "dmd2_generate": help_template("generate.py", "samples of every class from a checkpoint.",
+        "dmd2_generate": help_template("generate.py", "images from a checkpoint or an export, one per seed.",
                                        [("Keys", GenerateSettings, "")]),
     }
     for name, template in helps.items():

@@ -10,6 +10,7 @@ evaluation (``eval/seconds``, ``eval/images_per_sec``); the W&B summary keeps th
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ from dmd2.evaluation import EvaluationError, evaluate_sampler, feature_network_f
 from dmd2.distributed import Dist, barrier
 from dmd2.run_logger import RunLogger
 from dmd2.sampling import CheckpointSampler
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -95,9 +98,8 @@ class TrainingEvaluator:
         self.logger.log({self.key: value, "eval/seconds": seconds, "eval/images_per_sec": self.num / seconds,
                          "eval/nfe": sampler.nfe}, step=step)
         self.logger.summary({f"{self.key}_best": self.best, "eval/best_step": self.best_step})
-        print(f"[eval] step {step}: {self.metric} = {value:.4f} ({self.num} samples, {sampler.nfe} NFE, "
-              f"{seconds:.1f} s, {self.num / seconds:.1f} images/s; best {self.best:.4f} at step {self.best_step})",
-              flush=True)
+        log.info(f"[eval] step {step}: {self.metric} = {value:.4f} ({self.num} samples, {sampler.nfe} NFE, "
+                 f"{seconds:.1f} s, {self.num / seconds:.1f} images/s; best {self.best:.4f} at step {self.best_step})")
         return value
 
     def results(self) -> dict[str, Any]:

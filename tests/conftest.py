@@ -96,6 +96,55 @@ def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> P
     return out / "teacher_final.pt"
 
 
+@pytest.fixture(scope="session")
+def dmd2_run(tmp_path_factory: pytest.TempPathFactory, teacher_ckpt: Path, tiny_data: Path) -> Path:
+    """A tiny distillation (5 steps, generator every 2nd, generator EMA) through the real CLI, logged to an
+    offline W&B run with ``logger.log_checkpoints``: its output folder (dmd2_final.pt, generator/, wandb/)."""
+    out = tmp_path_factory.mktemp("dmd2")
+    proc = run_cli("train.py", "debug=smoke", "logger=wandb", "logger.log_checkpoints=true", "stage=distill",
+                   "data=image_folder", f"data.root={tiny_data}", f"teacher_checkpoint={teacher_ckpt}",
+                   f"output_dir={out}", "max_steps=5", "dfake_gen_update_ratio=2", "generator_ema_decay=0.9",
+                   f"hydra.run.dir={out / 'hydra'}", env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def wandb_records(run_folder: Path) -> list:
+    """The records of the offline W&B run under ``run_folder``/wandb (W&B's .wandb file: a 7-byte header, then
+    LevelDB-log framing of protobuf ``Record`` messages in 32 KiB blocks)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = list(Path(run_folder).glob("wandb/offline-run-*/run-*.wandb"))
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, records, buffer = 7, [], b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:  # padding
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        buffer = chunk if kind in (1, 2) else buffer + chunk  # FULL / FIRST start a record, MIDDLE / LAST extend
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buffer)
+            records.append(record)
+            buffer = b""
+    return records
+
+
+def wandb_artifacts(records: list) -> dict[str, tuple[str, list[str]]]:
+    """Artifacts a run logged (tables' own run_table artifacts left out): name -> (type, sorted aliases)."""
+    return {r.artifact.name: (r.artifact.type, sorted(r.artifact.aliases)) for r in records
+            if r.WhichOneof("record_type") == "artifact" and r.artifact.type != "run_table"}
+
+
 def assert_trained_alike(a: dict, b: dict, lr: float, what: str) -> None:
     """Two state dicts equal up to rounding. Kernels that sum in another order differ in the last bits, and Adam
     turns such a difference on a near-zero gradient entry (e.g. an attention key bias) into up to one whole step

@@ -70,7 +70,8 @@ def test_spec_overrides_work_at_top_level():
 
 def test_generate_config_has_spec_keys():
     cfg = compose_cfg([], config_name="generate")
-    assert cfg.output_dir == "./generated" and cfg.num_samples == 16 and OmegaConf.is_missing(cfg, "checkpoint")
+    assert cfg.output_dir == "./generated" and cfg.seeds is None and cfg.format == "png"
+    assert OmegaConf.is_missing(cfg, "checkpoint")
 
 
 def test_unknown_key_is_refused_by_composition():
@@ -117,7 +118,11 @@ def test_missing_teacher_checkpoint_and_data_folder(tiny_data, tmp_path):
 
 def test_valid_configs_pass(tiny_data):
     validate(compose_cfg(["stage=teacher", "data=image_folder", f"data.root={tiny_data}"]))
-    validate(compose_cfg(["stage=teacher", "debug=smoke"]))  # cifar10 may be downloaded later: not checked here
+    validate(compose_cfg(["stage=teacher"]))  # cifar10 may be downloaded later: not checked here
+    validate(compose_cfg(["stage=teacher", "debug=smoke"]))  # generated data: nothing to check
+    with pytest.raises(ConfigError, match="'data.root'.*data=synthetic.*data=edm_dataset"):  # a root it would ignore
+        validate(compose_cfg(["experiment=dmd2_imagenet64", "debug=smoke", "data.root=imagenet.zip",
+                              "teacher_checkpoint=x.pt"]))
 
 
 def test_every_setting_has_one_definition_with_a_meaning():
@@ -147,7 +152,7 @@ def test_help_lists_every_key_with_its_meaning():
     for text, keys in [(proc.stdout, ["generator_lr:", "dfake_gen_update_ratio:", "lr:", "arch.model_channels:",
                                       "eval.num_samples:", "perf.compile:", "logger.mode:"]),
                        (templates["dmd2_evaluate"], ["num_samples:", "feature_network.name:", "reference.path:"]),
-                       (templates["dmd2_generate"], ["num_samples:", "class_names:"])]:
+                       (templates["dmd2_generate"], ["seeds:", "classes:", "format:", "class_names:"])]:
         for key in keys:
             line = next((ln for ln in text.splitlines() if ln.strip().startswith(key)), None)
             assert line is not None and len(line.split(":", 1)[1].strip()) > 5, key

@@ -134,12 +134,8 @@ def test_generator_and_fake_start_as_copies_of_the_teacher():
         assert all(p.data_ptr() != q.data_ptr() for p, q in zip(net.parameters(), teacher.parameters()))
 
 
-def test_teacher_distill_generate_end_to_end(teacher_ckpt, tiny_data, tmp_path):
-    out = tmp_path / "dmd2"
-    proc = run_cli("train.py", *SMOKE, "stage=distill", "data=image_folder", f"data.root={tiny_data}",
-                   f"teacher_checkpoint={teacher_ckpt}", f"output_dir={out}", "max_steps=5",
-                   "dfake_gen_update_ratio=2", f"hydra.run.dir={tmp_path / 'h1'}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_teacher_distill_generate_end_to_end(dmd2_run, teacher_ckpt, tmp_path):
+    out = dmd2_run  # train.py stage=distill max_steps=5 dfake_gen_update_ratio=2 (tests/conftest.py)
     state = load_checkpoint(str(out / "dmd2_final.pt"), kind="dmd2")
     assert state["step"] == 5 and state["conditioning_sigma"] == 80.0
     steps = {int(s["step"]) for s in state["generator_updater"]["optimizer"]["state"].values()}
@@ -152,13 +148,16 @@ def test_teacher_distill_generate_end_to_end(teacher_ckpt, tiny_data, tmp_path):
     assert (out / "samples" / "samples_generator_000005.png").is_file()
 
     gen_out = tmp_path / "generated"
-    proc = run_cli("generate.py", f"checkpoint={out / 'dmd2_final.pt'}", f"output_dir={gen_out}", "num_samples=3",
+    proc = run_cli("generate.py", f"checkpoint={out / 'dmd2_final.pt'}", f"output_dir={gen_out}", "seeds=0-29",
                    "device=cpu", f"hydra.run.dir={tmp_path / 'h2'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DMD2 generator checkpoint" in proc.stdout
-    assert len(list(gen_out.glob("*/*.png"))) == 30 and len(list(gen_out.glob("grid_*.png"))) == 11
+    assert sorted(p.name for p in (gen_out / "class03").iterdir()) == ["000003.png", "000013.png", "000023.png"]
+    assert len(list(gen_out.glob("*/*.png"))) == 30 and (gen_out / "grid.png").is_file()
+    assert "generate.py" not in (tmp_path / "h2" / "generate.log").read_text() and \
+        "wrote 30 images" in (tmp_path / "h2" / "generate.log").read_text()  # messages reach Hydra's log file
 
-    proc = run_cli("generate.py", f"checkpoint={teacher_ckpt}", f"output_dir={tmp_path / 'gen_t'}", "num_samples=1",
+    proc = run_cli("generate.py", f"checkpoint={teacher_ckpt}", f"output_dir={tmp_path / 'gen_t'}", "seeds=0-9",
                    "sampler.steps=2", "device=cpu", f"hydra.run.dir={tmp_path / 'h3'}")
     assert proc.returncode == 0 and "teacher checkpoint" in proc.stdout and "3 NFE" in proc.stdout
 

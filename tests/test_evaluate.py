@@ -62,7 +62,8 @@ def test_distance_is_zero_to_own_stats_and_grows_with_noise_and_colour_shift(fea
         assert values[0] > 1e-6 and all(a < b for a, b in zip(values, values[1:])), values
 
 
-def test_folder_stats_are_cached_per_network_and_resize(featnet, tiny_data, tmp_path, capsys):
+def test_folder_stats_are_cached_per_network_and_resize(featnet, tiny_data, tmp_path, caplog):
+    caplog.set_level("INFO")
     cache = tmp_path / "stats"
     net = build_feature_network("torchscript", torch.device("cpu"), path=str(featnet), resize="none")
     first = folder_stats(str(tiny_data), net, str(cache))
@@ -70,7 +71,7 @@ def test_folder_stats_are_cached_per_network_and_resize(featnet, tiny_data, tmp_
     mtime = Path(first.path).stat().st_mtime_ns
     again = folder_stats(str(tiny_data), net, str(cache))
     assert again.path == first.path and Path(first.path).stat().st_mtime_ns == mtime
-    assert "reusing cached reference statistics" in capsys.readouterr().out
+    assert "reusing cached reference statistics" in caplog.text
     np.testing.assert_array_equal(again.mu, first.mu)
     # another resize mode (clean-fid's 299 resize) never reuses the native-resolution statistics
     clean = folder_stats(str(tiny_data), build_feature_network("torchscript", torch.device("cpu"), path=str(featnet),
@@ -156,6 +157,12 @@ def test_cli_checkpoint_and_checkpoint_dir(teacher_ckpt, tiny_data, featnet, tmp
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "fid_stats").glob("*.npz")} == mtimes
 
 
+class FakeConfig(dict):
+    def update(self, values: dict[str, Any], allow_val_change: bool = False) -> None:  # type: ignore[override]
+        for key, value in values.items():
+            self.setdefault(key, {}).update(value) if isinstance(value, dict) else self.__setitem__(key, value)
+
+
 class FakeRun:
     """Records what RunLogger sends to W&B."""
 
@@ -164,6 +171,8 @@ class FakeRun:
         self.defined: dict[str, dict[str, Any]] = {}
         self.summary: dict[str, Any] = {}
         self.finished = False
+        self.offline = True
+        self.config = FakeConfig()
 
     def log(self, data: dict[str, Any], step: int) -> None:
         self.logged.append((data, step))
@@ -185,7 +194,11 @@ def test_checkpoint_dir_logs_the_curve_and_summary_to_wandb(teacher_ckpt, tiny_d
     rows = evaluate_script.evaluate(cfg)
     assert [step for _, step in run.logged] == [2, 4] == [r["step"] for r in rows]
     assert all(r["kid"] is not None for r in rows)
-    assert run.defined["eval/fd_tiny-featnet"] == {"summary": "min"} and run.defined["eval/kid"] == {"summary": "min"}
+    min_by_step = {"summary": "min", "step_metric": "step"}  # every eval/* series on the training-step axis
+    assert run.defined["eval/fd_tiny-featnet"] == min_by_step and run.defined["eval/kid"] == min_by_step
+    assert run.defined["eval/*"] == {"step_metric": "step"} and all(data["step"] == s for data, s in run.logged)
+    # each checkpoint measured is recorded as an input of the evaluation run
+    assert {"checkpoint_000002", "checkpoint_000004"} <= set(run.config["inputs"])
     assert {"eval/fd_tiny-featnet", "eval/kid", "eval/nfe", "eval/images_per_sec"} <= set(run.logged[0][0])
     best = min(rows, key=lambda r: r["value"])
     assert run.summary["eval/fd_tiny-featnet"] == best["value"] and run.summary["eval/step"] == best["step"]

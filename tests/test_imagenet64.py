@@ -196,7 +196,9 @@ def test_the_imagenet64_preset_runs_two_steps_on_an_imported_adm(tmp_path):
     assert import_main([str(pkl), str(teacher)]) == 0
     data = make_edm_dataset(tmp_path / "imagenet-32x32.zip", n=16)
     out = tmp_path / "run"
-    proc = run_cli("train.py", "experiment=dmd2_imagenet64", *SMOKE, "arch=from_teacher", f"data.root={data}",
+    # debug=smoke picks generated data: naming the preset's data again puts the zip back
+    proc = run_cli("train.py", "experiment=dmd2_imagenet64", *SMOKE, "arch=from_teacher", "data=edm_dataset",
+                   f"data.root={data}",
                    "data.resolution=32", f"teacher_checkpoint={teacher}", "max_steps=2", "batch_size=4",
                    f"output_dir={out}", f"hydra.run.dir={out}/hydra")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -73,13 +73,13 @@ def write_run(folder: Path, steps: list[int]) -> None:
         torch.save({"kind": "teacher", "step": s, "w": torch.full((3,), float(s))}, folder / f"teacher_{s:06d}.pt")
 
 
-def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
+def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
     write_run(tmp_path, [2, 4, 6])
     newest = tmp_path / "teacher_000006.pt"
     newest.write_bytes(newest.read_bytes()[:100])  # a write cut short by a crash
     path, state = latest_valid_checkpoint(str(tmp_path), "teacher", "teacher")
     assert path.endswith("teacher_000004.pt") and state["step"] == 4
-    assert "teacher_000006.pt" in capsys.readouterr().out
+    assert "teacher_000006.pt" in caplog.text and caplog.records[-1].levelname == "WARNING"
     with pytest.raises(CheckpointError, match="teacher_000006.pt.*truncated"):
         load_checkpoint(str(newest))
 

@@ -79,7 +79,8 @@ def test_an_unwritable_output_dir_is_refused_before_any_work(tiny_data, tmp_path
     assert "[teacher]" not in proc.stdout  # refused before the data and the model
 
 
-def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_owner_is_taken_over(tmp_path, capsys):
+def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_owner_is_taken_over(tmp_path, caplog):
+    caplog.set_level("INFO")
     lock = acquire_lock(str(tmp_path))
     with pytest.raises(ConfigError, match=f"pid {os.getpid()}"):
         acquire_lock(str(tmp_path))
@@ -90,7 +91,7 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_owner_is_taken_ov
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
                                                   "started": "earlier"}))
     lock = acquire_lock(str(tmp_path))
-    assert "taking over" in capsys.readouterr().out
+    assert "taking over" in caplog.text
     lock.release()
 
 

@@ -11,15 +11,19 @@ from dmd2.networks import build_denoiser
 from dmd2.optim import ema_decay_at, ema_update
 from dmd2.data import total_steps
 from dmd2.run_logger import RunningMeans
-from tests.conftest import SMOKE, run_cli
+from tests.conftest import SMOKE, run_cli, wandb_artifacts, wandb_records
 
 
 def test_teacher_cli_writes_checkpoints_samples_and_offline_wandb(tiny_data, tmp_path):
     out = tmp_path / "teacher"
-    proc = run_cli("train.py", "debug=smoke", "logger=wandb", "stage=teacher", "data=image_folder",
-                   f"data.root={tiny_data}", f"output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}",
-                   env={"WANDB_MODE": "offline"})
+    proc = run_cli("train.py", "debug=smoke", "logger=wandb", "logger.log_checkpoints=true", "stage=teacher",
+                   "data=image_folder", f"data.root={tiny_data}", f"output_dir={out}",
+                   f"hydra.run.dir={tmp_path / 'hydra'}", env={"WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    run_id = load_checkpoint(str(out / "teacher_final.pt"))["wandb_run_id"]
+    assert wandb_artifacts(wandb_records(out)) == {f"teacher-{run_id}": ("model", ["final", "latest", "step-4"])}
+    log = (tmp_path / "hydra" / "train.log").read_text()  # Hydra's log file holds the run's messages
+    assert "[INFO]" in log and "[teacher] done" in log
     assert (out / "teacher_final.pt").is_file() and (out / "teacher_000002.pt").is_file()  # save_every=2, 4 steps
     assert not (out / "teacher_000004.pt").exists()  # the last step is saved once, as teacher_final.pt
     assert list((out / "wandb").glob("offline-run-*")), "W&B offline run folder missing"
@@ -40,6 +44,15 @@ def test_teacher_cli_writes_checkpoints_samples_and_offline_wandb(tiny_data, tmp
     assert torch.equal(net(x, s, y), fresh(x, s, y))
     # EMA differs from the raw weights after training
     assert any(not torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])
+
+
+def test_the_smoke_command_runs_in_a_fresh_folder_without_data(tmp_path):
+    """README's first command, as a new user types it, in an empty folder on a machine with no data."""
+    proc = run_cli("train.py", "debug=smoke", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (final,) = list(tmp_path.glob("outputs/*/*/teacher_final.pt"))
+    assert load_checkpoint(str(final))["class_names"][:3] == ["red", "orange", "yellow"]  # data=synthetic
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]  # nothing downloaded, nothing else written
 
 
 def test_two_runs_in_the_same_second_get_their_own_directories(tiny_data, tmp_path):

@@ -37,9 +37,10 @@ from dmd2.optim import EMA, Updater, adamw
 from dmd2.randomness import GRID_NOISE_OFFSET, BatchRNG, derived_seed, generator
 from dmd2.run import RunContext, progress, restore_rng, run_context, run_result, run_state
 from dmd2.run_logger import RunningMeans
-from dmd2.runners.teacher import sample_grid
+from dmd2.export import export_generator
+from dmd2.runners.teacher import teacher_samples
 from dmd2.settings import DistillSettings
-from dmd2.sampling import CheckpointSampler, grid_labels, to_grid
+from dmd2.sampling import CheckpointSampler, grid_labels
 from dmd2.speed import autocast, fused_adamw, prepare_network
 from dmd2.training_eval import TrainingEvaluator
 from dmd2.unified import UnifiedModel
@@ -88,6 +89,18 @@ def load_teacher(cfg: DictConfig) -> tuple[dict[str, Any], EDMPrecond]:
     return state, network_from_checkpoint(state, "ema")
 
 
+def class_names(teacher: dict[str, Any], dataset_names: list[str] | None, data_name: str) -> list[str] | None:
+    """The class names the generator is trained with: the teacher's (stored in its checkpoint), else the
+    dataset's. Both known and different means label c is another class in the data than for the teacher:
+    refused."""
+    names = teacher.get("class_names")
+    if names is not None and dataset_names is not None and list(names) != list(dataset_names):
+        raise ConfigError(
+            f"config key 'data' ({data_name}): its classes {list(dataset_names)[:10]} are not the teacher's "
+            f"{list(names)[:10]} (same order expected): labels would mean other classes than the teacher learned")
+    return list(names) if names is not None else dataset_names
+
+
 def build_updaters(model: UnifiedModel, ema: EDMPrecond | None, cfg: DistillSettings, fused: bool
                    ) -> dict[str, Updater]:
     """The generator's updater (with its EMA, if any) and the guidance model's (fake score network + GAN head)."""
@@ -104,10 +117,10 @@ def build_updaters(model: UnifiedModel, ema: EDMPrecond | None, cfg: DistillSett
 
 def distill_state(cfg: DictConfig, ctx: RunContext, teacher: dict[str, Any], model: UnifiedModel,
                   ema: EDMPrecond | None, upds: dict[str, Updater], evaluator: TrainingEvaluator,
-                  step: int) -> dict[str, Any]:
+                  step: int, classes: list[str] | None) -> dict[str, Any]:
     state = run_state(
         ctx, step, kind="dmd2", arch=teacher["arch"], num_classes=teacher["num_classes"],
-        resolution=teacher["resolution"], sigma_data=teacher.get("sigma_data", 0.5),
+        resolution=teacher["resolution"], sigma_data=teacher.get("sigma_data", 0.5), class_names=classes,
         conditioning_sigma=float(cfg.conditioning_sigma), denoising_sigmas=list(model.denoising_sigmas),
         teacher_checkpoint=str(cfg.teacher_checkpoint), generator=model.generator.state_dict(),
         fake_unet=model.guidance.fake_unet.state_dict(),
@@ -190,6 +203,7 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     evaluator = TrainingEvaluator(cfg, device, ctx.dist, ctx.logger)  # a missing feature network fails here
     teacher_state, teacher = load_teacher(cfg)
     dataset = build_dataset(cfg.data)  # labels condition the generator; images feed the GAN classifier
+    classes = class_names(teacher_state, dataset.class_names, cfg.data.name)
     if not cfg.gan_classifier:
         dataset = LabelsOnly(dataset)  # no image decoding when only the labels are used
     model = UnifiedModel(teacher, cfg).to(device)
@@ -219,9 +233,9 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     grid_z = torch.randn(num_chain, len(grid_y), 3, res, res, generator=generator(cfg.seed + GRID_NOISE_OFFSET))
     grid_z = grid_z.to(device)
     if ctx.dist.is_main:
-        ctx.logger.log_grid("samples/teacher", sample_grid(model.guidance.real_unet, grid_z[0], grid_y,
-                            cfg.sample_steps, cfg.samples_per_class), 0,
-                            f"teacher EMA, Heun {heun_nfe(cfg.sample_steps)} NFE")
+        ctx.logger.log_samples("samples/teacher", teacher_samples(model.guidance.real_unet, grid_z[0], grid_y,
+                               cfg.sample_steps), grid_y, classes, cfg.samples_per_class, 0,
+                               f"teacher EMA, Heun {heun_nfe(cfg.sample_steps)} NFE")
 
     def evaluate(step: int) -> None:  # the weights generate.py / evaluate.py sample: the EMA when there is one
         net = ema if ema is not None else model.generator
@@ -233,20 +247,22 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         if not ctx.dist.is_main:
             return
         caption = f"generator, {num_chain} NFE"
-        ctx.logger.log_grid("samples/generator", to_grid(model.sample(grid_z, grid_y), cfg.samples_per_class),
-                            step, caption)
+        ctx.logger.log_samples("samples/generator", model.sample(grid_z, grid_y), grid_y, classes,
+                               cfg.samples_per_class, step, caption)
         if ema is not None:
-            ctx.logger.log_grid("samples/generator_ema", to_grid(model.sample(grid_z, grid_y, ema),
-                                cfg.samples_per_class), step, f"EMA {caption}")
+            ctx.logger.log_samples("samples/generator_ema", model.sample(grid_z, grid_y, ema), grid_y, classes,
+                                   cfg.samples_per_class, step, f"EMA {caption}")
 
     def checkpoint(step: int) -> dict[str, Any]:
-        return distill_state(cfg, ctx, teacher_state, model, ema, upds, evaluator, step)
+        return distill_state(cfg, ctx, teacher_state, model, ema, upds, evaluator, step, classes)
 
     if start == 0:
         log_generator_grids(0)
         if evaluator.enabled:
             evaluate(0)  # the starting point: the teacher's one-step output
     ctx.logger.start()  # config.yaml, metrics.jsonl, W&B: every check has passed
+    if ctx.dist.is_main:
+        ctx.logger.use_checkpoint(cfg.teacher_checkpoint, "teacher", teacher_state.get("wandb_run_id"), "teacher")
     restore_rng(ctx)
     batches = iter(loader)
     bar = progress(steps, "distill", ctx)
@@ -294,5 +310,12 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             ctx.stop(checkpoint(done), "dmd2", done)
     bar.close()
     path = save_final(checkpoint(steps), os.path.join(ctx.output_dir, "dmd2_final.pt"), ctx.dist)
+    if ctx.dist.is_main:  # the generator alone, ready for dmd2.load_generator / generate.py / the Hub
+        export = os.path.join(ctx.output_dir, "generator")
+        meta = export_generator(path, export)
+        ctx.say(f"[distill] generator exported to {export} ({meta['weights']} weights, {num_chain} NFE)")
+        ctx.logger.log_artifact(path, "dmd2", steps)
+        ctx.logger.log_artifact(export, "generator", steps, metadata={k: meta[k] for k in ("kind", "sampler",
+                                "num_classes", "resolution", "provenance")})
     ctx.say(f"[distill] done: {path}")
     return run_result(path, steps, last, evaluator, "train/loss_dm")

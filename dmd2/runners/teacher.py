@@ -26,7 +26,7 @@ from dmd2.optim import EMA, Updater, adamw, ema_decay_at
 from dmd2.randomness import GRID_NOISE_OFFSET, BatchRNG, generator
 from dmd2.run import RunContext, progress, restore_rng, run_context, run_result, run_state
 from dmd2.run_logger import RunningMeans
-from dmd2.sampling import CheckpointSampler, grid_labels, to_grid
+from dmd2.sampling import CheckpointSampler, grid_labels
 from dmd2.speed import autocast, fused_adamw, prepare_network
 from dmd2.training_eval import TrainingEvaluator
 
@@ -57,18 +57,19 @@ def teacher_step(s: TeacherState, x: Tensor, y: Tensor, step: int) -> tuple[Tens
 
 
 def teacher_state(cfg: DictConfig, ctx: RunContext, model: EDMPrecond, ema: EDMPrecond, upd: Updater,
-                  evaluator: TrainingEvaluator, step: int) -> dict[str, Any]:
+                  evaluator: TrainingEvaluator, step: int, class_names: list[str] | None) -> dict[str, Any]:
     return run_state(
         ctx, step, kind="teacher", arch=ctx.config["arch"], num_classes=cfg.data.num_classes,
-        resolution=cfg.data.resolution, sigma_data=cfg.sigma_data, model=model.state_dict(), ema=ema.state_dict(),
+        resolution=cfg.data.resolution, sigma_data=cfg.sigma_data, class_names=class_names,
+        model=model.state_dict(), ema=ema.state_dict(),
         updater=upd.state_dict(), evaluation=evaluator.state_dict(),
     )
 
 
 @torch.no_grad()
-def sample_grid(ema: EDMPrecond, noise: torch.Tensor, labels: torch.Tensor, steps: int, per_class: int) -> torch.Tensor:
-    """Heun samples of the EMA teacher from fixed noise/labels, as a grid with one class per row."""
-    return to_grid(heun_sample(ema, noise, labels, heun_sampler_sigmas(steps).to(noise.device)), per_class)
+def teacher_samples(ema: EDMPrecond, noise: torch.Tensor, labels: torch.Tensor, steps: int) -> torch.Tensor:
+    """Heun samples [B,3,R,R] in [-1, 1] of the EMA teacher from fixed noise [B,3,R,R] and labels [B]."""
+    return heun_sample(ema, noise, labels, heun_sampler_sigmas(steps).to(noise.device))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -80,6 +81,7 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     device = ctx.device
     evaluator = TrainingEvaluator(cfg, device, ctx.dist, ctx.logger)  # a missing feature network fails here
     dataset = build_dataset(cfg.data)
+    classes = dataset.class_names  # stored in checkpoints: generate.py and exports name their classes
     model = build_denoiser(cfg.arch, cfg.data.num_classes, cfg.data.resolution, cfg.sigma_data).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     prepare_network(model, cfg.perf)  # channels-last / torch.compile (after the EMA copy: it stays eager)
@@ -138,18 +140,21 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}")
             t_last, images_since = now, 0
         if ctx.dist.is_main and ((cfg.sample_every and done % cfg.sample_every == 0) or done == steps):
-            grid = sample_grid(ema, grid_z, grid_y, cfg.sample_steps, cfg.samples_per_class)
-            ctx.logger.log_grid("samples/teacher_ema", grid, done, f"EMA, Heun {heun_nfe(cfg.sample_steps)} NFE")
+            ctx.logger.log_samples("samples/teacher_ema", teacher_samples(ema, grid_z, grid_y, cfg.sample_steps),
+                                   grid_y, classes, cfg.samples_per_class, done,
+                                   f"EMA, Heun {heun_nfe(cfg.sample_steps)} NFE")
         if evaluator.due(done, steps):
             evaluator(CheckpointSampler("teacher", ema, done, cfg.data.num_classes, cfg.data.resolution,
                                         heun_nfe(cfg.eval.sampler_steps), cfg.eval.sampler_steps), done)
         if done % cfg.save_every == 0 and done != steps:
-            save_periodic(teacher_state(cfg, ctx, model, ema, upd, evaluator, done), ctx.output_dir, "teacher", done,
+            save_periodic(teacher_state(cfg, ctx, model, ema, upd, evaluator, done, classes), ctx.output_dir, "teacher", done,
                           cfg.keep_last, ctx.dist)
         if ctx.stop_requested() and done != steps:  # SIGTERM / SIGINT / SIGUSR1: save this step, then exit
-            ctx.stop(teacher_state(cfg, ctx, model, ema, upd, evaluator, done), "teacher", done)
+            ctx.stop(teacher_state(cfg, ctx, model, ema, upd, evaluator, done, classes), "teacher", done)
     bar.close()
-    path = save_final(teacher_state(cfg, ctx, model, ema, upd, evaluator, steps),
+    path = save_final(teacher_state(cfg, ctx, model, ema, upd, evaluator, steps, classes),
                       os.path.join(ctx.output_dir, "teacher_final.pt"), ctx.dist)
+    if ctx.dist.is_main:
+        ctx.logger.log_artifact(path, "teacher", steps)
     ctx.say(f"[teacher] done: {path}")
     return run_result(path, steps, last, evaluator, "train/loss")

@@ -1,0 +1,227 @@
+"""A trained model as a sampler you can call from Python: ``dmd2.load_generator(...)``.
+
+    import dmd2
+    gen = dmd2.load_generator("exports/dmd2-cifar10")           # an export folder (see dmd2.export)
+    images = gen.sample(labels=["cat", "dog"], seeds=[0, 1])    # uint8 [2, 3, 32, 32]
+
+A source is an export folder (``config.json`` + ``model.safetensors``, the layout of a Hugging Face Hub
+repository), a ``.safetensors`` file written by the export (its header holds the same metadata), a training
+checkpoint (``teacher_*.pt`` / ``dmd2_*.pt``), or ``hf://<owner>/<repo>`` (downloaded with ``huggingface_hub``,
+the ``hub`` extra). ``generate.py`` samples through this same object, so an export and the checkpoint it came
+from give bitwise the same images for the same seeds.
+
+Seeds: the image of seed s is made from noise seeded by s alone (whatever the batch size or the other seeds);
+with labels left out, seed s gets class s mod (number of classes), as in evaluate.py (its sample i, seed 0).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from dmd2.checkpoint import CheckpointError, load_checkpoint
+from dmd2.data import default_class_names
+from dmd2.networks import build_denoiser
+from dmd2.sampling import CheckpointSampler, sample_batches, sampler_from_checkpoint
+
+EXPORT_FORMAT = "dmd2-generator"
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+Labels = int | str | Sequence[int | str] | Tensor | None
+
+
+class GeneratorError(ValueError):
+    """A source that cannot be loaded, or labels / seeds that do not fit the model."""
+
+
+@dataclass
+class Generator:
+    """A loaded model: its sampler (network + how it samples), class names ([] when unconditional) and the
+    metadata it was loaded with (an export's config.json; for a checkpoint, the same fields)."""
+
+    sampler: CheckpointSampler
+    class_names: list[str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return self.sampler.num_classes
+
+    @property
+    def resolution(self) -> int:
+        return self.sampler.resolution
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per image."""
+        return self.sampler.nfe
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.sampler.net.parameters()).device
+
+    def to(self, device: torch.device | str) -> "Generator":
+        self.sampler.net.to(device)
+        return self
+
+    def describe(self) -> str:
+        classes = f"{self.num_classes} classes" if self.num_classes else "unconditional"
+        return f"{self.sampler.describe()}, {classes}, {self.resolution}x{self.resolution}"
+
+    def label_ids(self, labels: Labels, seeds: Sequence[int]) -> Tensor:
+        """Class ids [N] for ``seeds`` [N]: ``labels`` may be one class (id or name) for all, one per seed, or
+        None (seed s gets class s mod num_classes; 0 for an unconditional model)."""
+        k = max(1, self.num_classes)
+        if labels is None:
+            return torch.tensor([s % k for s in seeds], dtype=torch.long)
+        if isinstance(labels, Tensor):
+            labels = labels.reshape(-1).tolist()
+        if isinstance(labels, (int, str)):
+            labels = [labels] * len(seeds)
+        labels = list(labels)
+        if len(labels) != len(seeds):
+            raise GeneratorError(f"{len(labels)} labels for {len(seeds)} seeds: give one label, or one per seed")
+        return torch.tensor([self.class_id(c) for c in labels], dtype=torch.long)
+
+    def class_id(self, c: int | str) -> int:
+        """A class given by id or name -> its id (GeneratorError naming the valid choices)."""
+        if self.num_classes == 0:
+            if c in (0, "0"):
+                return 0
+            raise GeneratorError(f"the model is unconditional: it takes no class (got {c!r})")
+        if isinstance(c, str) and not c.lstrip("-").isdigit():
+            if c not in self.class_names:
+                raise GeneratorError(f"unknown class {c!r}; the model's classes are {self.class_names[:20]}"
+                                     + (" ..." if self.num_classes > 20 else ""))
+            return self.class_names.index(c)
+        if not 0 <= int(c) < self.num_classes:
+            raise GeneratorError(f"class {c} is out of range: the model has classes 0 .. {self.num_classes - 1}")
+        return int(c)
+
+    def batches(self, labels: Labels = None, seeds: Sequence[int] | int | None = None, *, batch_size: int = 256,
+                dtype: torch.dtype | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Like ``sample``, one batch at a time: (uint8 images [B,3,R,R] on the CPU, labels [B])."""
+        if seeds is None:
+            seeds = range(len(labels) if isinstance(labels, (list, tuple, Tensor)) else 1)
+        seeds = [seeds] if isinstance(seeds, int) else [int(s) for s in seeds]
+        yield from sample_batches(self.sampler, seeds, self.label_ids(labels, seeds), batch_size, self.device,
+                                  dtype=dtype)
+
+    def sample(self, labels: Labels = None, seeds: Sequence[int] | int | None = None, *, batch_size: int = 256,
+               device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """uint8 images [N,3,R,R] (CPU) for ``seeds`` (default 0 .. N-1 for N labels) of ``labels`` (ids or
+        names; see ``label_ids``). ``device`` moves the model first; ``dtype`` (torch.bfloat16 / float16) runs
+        the network under autocast. ``images.permute(0, 2, 3, 1).numpy()`` gives [N,R,R,3] arrays."""
+        if device is not None:
+            self.to(device)
+        return torch.cat([images for images, _ in self.batches(labels, seeds, batch_size=batch_size, dtype=dtype)])
+
+
+def parse_seeds(spec: Any) -> list[int]:
+    """Seeds as EDM's generate.py takes them: 7, '0-63', '0-9,20,30-32' or a list of those -> [ints]."""
+    if isinstance(spec, bool):
+        raise GeneratorError(f"seeds: expected a number, a range like 0-63 or a list, got {spec!r}")
+    if isinstance(spec, int):
+        return [spec]
+    if isinstance(spec, (list, tuple)) or (hasattr(spec, "__iter__") and not isinstance(spec, str)):
+        return [s for part in spec for s in parse_seeds(part)]
+    seeds: list[int] = []
+    for part in str(spec).split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise GeneratorError(f"seeds: {part!r} is not a number or a range like 0-63") from None
+        if first < 0 or last < first:
+            raise GeneratorError(f"seeds: {part!r} is not a range of non-negative numbers low-high")
+        seeds.extend(range(first, last + 1))
+    return seeds
+
+
+def read_export(folder_or_file: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(metadata, state dict) of an export: a folder with config.json + model.safetensors, or the
+    .safetensors file alone (its header carries the metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder_or_file, WEIGHTS_FILE) if os.path.isdir(folder_or_file) else folder_or_file
+    if not os.path.isfile(path):
+        raise GeneratorError(f"{folder_or_file}: no {WEIGHTS_FILE} (an export folder holds {CONFIG_FILE} and "
+                             f"{WEIGHTS_FILE}; write one with python -m dmd2.export)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+        weights = load_file(path)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise GeneratorError(f"{path}: not a readable safetensors file ({err})") from err
+    config_path = os.path.join(os.path.dirname(path), CONFIG_FILE)
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            metadata = json.load(f)
+    elif "dmd2" in header:
+        metadata = json.loads(header["dmd2"])
+    else:
+        raise GeneratorError(f"{path}: no {CONFIG_FILE} next to it and no dmd2 metadata in its header: not an "
+                             "export of this project")
+    if metadata.get("format") != EXPORT_FORMAT:
+        raise GeneratorError(f"{path}: metadata format {metadata.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    return metadata, weights
+
+
+def sampler_from_export(metadata: dict[str, Any], weights: dict[str, Tensor], device: torch.device | str,
+                        heun_steps: int | None) -> CheckpointSampler:
+    net = build_denoiser(metadata["arch"], metadata["num_classes"], metadata["resolution"], metadata["sigma_data"])
+    net.load_state_dict(weights)
+    net = net.to(device).eval().requires_grad_(False)
+    common = dict(step=int(metadata["provenance"]["step"]), num_classes=int(metadata["num_classes"]),
+                  resolution=int(metadata["resolution"]), weights=metadata["weights"])
+    sampler = metadata["sampler"]
+    if metadata["kind"] == "teacher":
+        from dmd2.diffusion import heun_nfe
+
+        steps = heun_steps or int(sampler["heun_steps"])
+        return CheckpointSampler("teacher", net, nfe=heun_nfe(steps), heun_steps=steps, **common)
+    sigmas = tuple(float(s) for s in sampler["denoising_sigmas"])
+    return CheckpointSampler("dmd2", net, nfe=len(sigmas), denoising_sigmas=sigmas, **common)
+
+
+def hub_snapshot(repo_id: str) -> str:
+    """Download (or find in the local cache) a Hugging Face Hub repository; return its folder."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise GeneratorError(f"hf://{repo_id}: loading from the Hugging Face Hub needs huggingface_hub "
+                             "(pip install -e '.[hub]')") from None
+    return snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, "README.md"])
+
+
+def load_generator(source: str, device: torch.device | str = "cpu", *, heun_steps: int | None = None,
+                   teacher_weights: str = "ema", generator_weights: str = "ema") -> Generator:
+    """Load a model for sampling from an export folder or file, a training checkpoint or ``hf://owner/repo``.
+
+    ``heun_steps``: a teacher's Heun steps (default: the export's, or 18 for a checkpoint).
+    ``teacher_weights`` / ``generator_weights``: which weights of a training checkpoint (an export holds one
+    set: the ones chosen when it was written)."""
+    source = str(source)
+    if source.startswith("hf://"):
+        source = hub_snapshot(source[len("hf://"):])
+    if os.path.isdir(source) or source.endswith(".safetensors"):
+        metadata, weights = read_export(source)
+        sampler = sampler_from_export(metadata, weights, device, heun_steps)
+        names = list(metadata.get("class_names") or default_class_names(sampler.num_classes))
+        return Generator(sampler, names, metadata)
+    if not os.path.exists(source):
+        raise GeneratorError(f"{source}: not found (expected an export folder, a .safetensors file, a checkpoint "
+                             ".pt or hf://owner/repo)")
+    try:
+        state = load_checkpoint(source)
+    except CheckpointError as err:
+        raise GeneratorError(str(err)) from err
+    sampler = sampler_from_checkpoint(state, device, heun_steps or 18, teacher_weights, generator_weights)
+    from dmd2.export import export_metadata
+
+    metadata = export_metadata(state, sampler, source, with_checksum=False)
+    return Generator(sampler, metadata["class_names"], metadata)
