@@ -4,6 +4,7 @@
 #   bash benchmarks/fast_paths.sh                          # cuda, simple_unet, batch 128: results in outputs/fast_paths
 #   bash benchmarks/fast_paths.sh --out "$OUT" --arch edm_unet
 #   bash benchmarks/fast_paths.sh --device cpu --tiny      # tiny widths: checks the script in about a minute
+#   bash benchmarks/fast_paths.sh --only fp32,bf16,compile # some settings (a switch needs its baseline to compare)
 #
 # Runs benchmarks/bench.py once per setting (JSON + table each) and prints, per setting, the teacher step, the
 # DMD2 step at ratio 10 and one-step sampling in images/s, and each as a ratio to the setting's baseline:
@@ -20,12 +21,14 @@ DEVICE=cuda
 OUT=""
 ARCH=simple_unet
 EXTRA=()
+ONLY=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --arch) ARCH="$2"; shift 2 ;;
     --tiny) EXTRA+=(--tiny); shift ;;
+    --only) ONLY="$2"; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "fast_paths.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -44,6 +47,12 @@ BASE=(--device "$DEVICE" --arch "$ARCH" "${EXTRA[@]}")
 declare -A FLAGS=([fp32]="" [bf16]="--bf16" [no_tf32]="--no-tf32" [channels_last]="--bf16 --channels-last"
                   [fused_adamw]="--bf16 --fused-adamw" [compile]="--bf16 --compile")
 ORDER=(fp32 bf16 no_tf32 channels_last fused_adamw compile)
+if [[ -n "$ONLY" ]]; then
+  IFS=, read -r -a ORDER <<< "$ONLY"
+  for name in "${ORDER[@]}"; do
+    [[ -v "FLAGS[$name]" ]] || { echo "fast_paths.sh: --only: unknown setting $name (${!FLAGS[*]})" >&2; exit 2; }
+  done
+fi
 FAILED=0
 for name in "${ORDER[@]}"; do
   # shellcheck disable=SC2086
@@ -52,7 +61,7 @@ for name in "${ORDER[@]}"; do
   fi
 done
 
-"$PY" - "$OUT" <<'PYEOF' | tee "$OUT/summary.txt"
+"$PY" - "$OUT" "${ORDER[*]}" <<'PYEOF' | tee "$OUT/summary.txt"
 import json, sys
 from pathlib import Path
 
@@ -77,6 +86,8 @@ if first:
           f"arch {first['settings']['archs'][0]}, batch {first['settings']['batch_size']}")
 print(f"{'setting':14s} {'teacher':>10s} {'dmd2 r10':>10s} {'1-step':>10s}   vs baseline (teacher / dmd2 / 1-step)")
 for name, base in baseline.items():
+    if name not in sys.argv[2].split():
+        continue  # not asked for (--only)
     r = rates(name)
     if r is None:
         print(f"{name:14s} missing")

@@ -46,7 +46,7 @@ class RunContext:
     signals: list[int] = field(default_factory=list)  # stop signals received (SIGTERM, SIGINT, SIGUSR1)
 
     def say(self, message: str) -> None:
-        """Print on rank 0 only."""
+        """Log (INFO) on rank 0 only."""
         if self.dist.is_main:
             log.info(message)
 

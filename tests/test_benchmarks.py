@@ -71,11 +71,15 @@ def test_every_section_has_positive_numbers(report: dict) -> None:
 @pytest.mark.slow
 def test_fast_paths_script_compares_each_switch_with_its_baseline(tmp_path: Path) -> None:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    # three of the six settings: each switch runs through the same loop (tests/test_speed.py checks that every
+    # switch trains like the plain path)
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "fast_paths.sh"), "--device", "cpu", "--tiny",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
+                           "--only", "fp32,bf16,compile", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=400, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (tmp_path / "summary.txt").read_text().splitlines()
-    for name, base in [("bf16", "fp32"), ("channels_last", "bf16"), ("fused_adamw", "bf16"), ("compile", "bf16")]:
+    assert not any(line.startswith(("channels_last ", "fused_adamw ", "no_tf32 ")) for line in lines)
+    for name, base in [("bf16", "fp32"), ("compile", "bf16")]:
         row = next(line for line in lines if line.startswith(name + " "))
         assert row.endswith(f"vs {base}") and "missing" not in row, row
     compiled = json.loads((tmp_path / "compile.json").read_text())["settings"]

@@ -142,7 +142,7 @@ def test_resume_applies_safe_changes_and_refuses_the_others(tiny_data, tmp_path)
 def test_a_stop_signal_saves_a_checkpoint_and_resume_loses_nothing(tiny_data, tmp_path):
     """SIGUSR1, the signal schedulers send before a time limit (SIGTERM: the torchrun test)."""
     sig = signal.SIGUSR1
-    args = [*SMOKE, "data=image_folder", f"data.root={tiny_data}", "max_steps=400", "save_every=1000",
+    args = [*SMOKE, "data=image_folder", f"data.root={tiny_data}", "max_steps=200", "save_every=1000",
             "log_every=1000", "sample_every=0"]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     out = tmp_path / "stopped"
@@ -159,8 +159,8 @@ def test_a_stop_signal_saves_a_checkpoint_and_resume_loses_nothing(tiny_data, tm
     assert code == 128 + int(sig) == 138, stderr[-2000:]
     (saved,) = out.glob("teacher_0*.pt")
     step = load_checkpoint(str(saved))["step"]
-    assert 0 < step < 400 and f"stopped at step {step}" in stderr
-    proc = run_cli("train.py", *args, f"output_dir={out}", "resume=auto", "max_steps=400",
+    assert 0 < step < 200 and f"stopped at step {step}" in stderr
+    proc = run_cli("train.py", *args, f"output_dir={out}", "resume=auto", "max_steps=200",
                    f"hydra.run.dir={tmp_path / 'h2'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     whole = run_cli("train.py", *args, f"output_dir={tmp_path / 'whole'}", f"hydra.run.dir={tmp_path / 'h3'}")
