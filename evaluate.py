@@ -3,19 +3,19 @@
     python evaluate.py checkpoint=./checkpoints/dmd2/dmd2_final.pt            # one-step generator
     python evaluate.py checkpoint=./checkpoints/teacher/teacher_final.pt sampler.steps=18
     python evaluate.py checkpoint_dir=./checkpoints/dmd2                      # every checkpoint, by step
+    python evaluate.py checkpoint=hf://owner/dmd2-cifar10                     # an export (dmd2.export)
 
 Writes <output_dir>/results.json (one row per checkpoint) and logs each row to W&B at the checkpoint's step.
 """
 from __future__ import annotations
 
-import logging
 import glob
+import logging
 import json
 import os
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from dmd2.checkpoint import CheckpointError
@@ -25,7 +25,7 @@ from dmd2.config import ConfigError, check_device, check_fid, check_settings, fa
 from dmd2.evaluation import evaluate_sampler, feature_network_from_config, reference_from_config
 from dmd2.run_logger import RunLogger
 from dmd2.run import default_run_name, hydra_output_dir, logger_settings
-from dmd2.sampling import load_sampler
+from dmd2.generator import GeneratorError, is_export, load_generator, source_info
 
 log = logging.getLogger("evaluate")
 
@@ -36,22 +36,20 @@ def validate(cfg: DictConfig) -> None:
     if (cfg.checkpoint is None) == (cfg.checkpoint_dir is None):
         raise ConfigError("config keys 'checkpoint' and 'checkpoint_dir': set exactly one "
                           f"(got checkpoint={cfg.checkpoint!r}, checkpoint_dir={cfg.checkpoint_dir!r})")
-    if cfg.checkpoint is not None and not os.path.isfile(cfg.checkpoint):
-        fail("checkpoint", cfg.checkpoint, "an existing checkpoint file (teacher_*.pt or dmd2_*.pt)")
+    if cfg.checkpoint is not None and not (cfg.checkpoint.startswith("hf://") or os.path.exists(cfg.checkpoint)):
+        fail("checkpoint", cfg.checkpoint, "an existing checkpoint (teacher_*.pt or dmd2_*.pt), an export folder or "
+             ".safetensors file, or hf://owner/repo")
     if cfg.checkpoint_dir is not None and not os.path.isdir(cfg.checkpoint_dir):
         fail("checkpoint_dir", cfg.checkpoint_dir, "an existing folder of checkpoints")
     check_fid(cfg)
 
 
 def checkpoint_info(path: str) -> dict[str, Any]:
-    """A checkpoint's step, kind and W&B run (id and group), read without loading its tensors."""
+    """A checkpoint's or export's step, kind and W&B run (id and group), read without loading its weights."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        logger = (state.get("config") or {}).get("logger") or {}
-        return {"step": int(state["step"]), "kind": state["kind"], "wandb_run_id": state.get("wandb_run_id"),
-                "wandb_group": logger.get("group")}
-    except Exception as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint of this project ({err})") from err
+        return source_info(path)
+    except GeneratorError as err:
+        raise CheckpointError(str(err)) from err
 
 
 def checkpoint_step(path: str) -> int:
@@ -114,9 +112,11 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     exit_code = 1
     try:
         for _, path in checkpoints:
-            sampler = load_sampler(path, device, cfg.sampler.steps, cfg.teacher_weights, cfg.generator_weights)
-            info = checkpoint_info(path)
-            logger.use_checkpoint(path, info["kind"], info["wandb_run_id"],
+            sampler = load_generator(path, device, heun_steps=cfg.sampler.steps, teacher_weights=cfg.teacher_weights,
+                                     generator_weights=cfg.generator_weights).sampler
+            info = checkpoint_info(path)  # the artifact a distillation logs of its export is generator-<run id>
+            kind = "generator" if is_export(path) and info["kind"] == "dmd2" else info["kind"]
+            logger.use_checkpoint(path, kind, info["wandb_run_id"],
                                   "checkpoint" if len(checkpoints) == 1 else f"checkpoint_{info['step']:06d}")
             log.info(f"[evaluate] {sampler.describe()} from {path}: {net.metric} of {cfg.num_samples} samples "
                   f"against {ref.description}")

@@ -26,7 +26,7 @@ from torch import Tensor
 from dmd2.checkpoint import CheckpointError, load_checkpoint
 from dmd2.data import default_class_names
 from dmd2.networks import build_denoiser
-from dmd2.sampling import CheckpointSampler, sample_batches, sampler_from_checkpoint
+from dmd2.sampling import CheckpointSampler, make_sampler, sample_batches, sampler_from_checkpoint
 
 EXPORT_FORMAT = "dmd2-generator"
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -173,19 +173,15 @@ def read_export(folder_or_file: str) -> tuple[dict[str, Any], dict[str, Tensor]]
 
 def sampler_from_export(metadata: dict[str, Any], weights: dict[str, Tensor], device: torch.device | str,
                         heun_steps: int | None) -> CheckpointSampler:
+    """The sampler of an export: its network with ``weights``, a teacher with ``heun_steps`` Heun steps (None:
+    the export's), a generator over its stored chain."""
     net = build_denoiser(metadata["arch"], metadata["num_classes"], metadata["resolution"], metadata["sigma_data"])
     net.load_state_dict(weights)
     net = net.to(device).eval().requires_grad_(False)
-    common = dict(step=int(metadata["provenance"]["step"]), num_classes=int(metadata["num_classes"]),
-                  resolution=int(metadata["resolution"]), weights=metadata["weights"])
-    sampler = metadata["sampler"]
-    if metadata["kind"] == "teacher":
-        from dmd2.diffusion import heun_nfe
-
-        steps = heun_steps or int(sampler["heun_steps"])
-        return CheckpointSampler("teacher", net, nfe=heun_nfe(steps), heun_steps=steps, **common)
-    sigmas = tuple(float(s) for s in sampler["denoising_sigmas"])
-    return CheckpointSampler("dmd2", net, nfe=len(sigmas), denoising_sigmas=sigmas, **common)
+    how = metadata["sampler"]
+    return make_sampler(metadata["kind"], net, int(metadata["provenance"]["step"]), int(metadata["num_classes"]),
+                        int(metadata["resolution"]), metadata["weights"], heun_steps or int(how.get("heun_steps", 18)),
+                        how.get("denoising_sigmas", ()))
 
 
 def hub_snapshot(repo_id: str) -> str:
@@ -198,6 +194,40 @@ def hub_snapshot(repo_id: str) -> str:
     return snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, "README.md"])
 
 
+def is_export(source: str) -> bool:
+    """Whether ``source`` names an export (folder, .safetensors file or hf://) rather than a checkpoint .pt."""
+    return str(source).startswith("hf://") or os.path.isdir(source) or str(source).endswith(".safetensors")
+
+
+def source_info(source: str) -> dict[str, Any]:
+    """Step, kind and W&B run (id, group) of a checkpoint or an export, read without loading its weights."""
+    source = hub_snapshot(source[len("hf://"):]) if source.startswith("hf://") else source
+    if is_export(source):
+        from safetensors import safe_open
+
+        config = os.path.join(source, CONFIG_FILE) if os.path.isdir(source) else None
+        if config is not None and os.path.isfile(config):
+            with open(config) as f:
+                meta = json.load(f)
+        else:
+            path = os.path.join(source, WEIGHTS_FILE) if os.path.isdir(source) else source
+            try:
+                with safe_open(path, framework="pt") as f:
+                    meta = json.loads((f.metadata() or {})["dmd2"])
+            except Exception as err:  # noqa: BLE001 - a missing file, a foreign file, no metadata
+                raise GeneratorError(f"{source}: not an export of this project ({err})") from err
+        logger = (meta.get("training_config") or {}).get("logger") or {}
+        return {"step": int(meta["provenance"]["step"]), "kind": meta["kind"],
+                "wandb_run_id": meta["provenance"].get("wandb_run_id"), "wandb_group": logger.get("group")}
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        logger = (state.get("config") or {}).get("logger") or {}
+        return {"step": int(state["step"]), "kind": state["kind"], "wandb_run_id": state.get("wandb_run_id"),
+                "wandb_group": logger.get("group")}
+    except Exception as err:
+        raise GeneratorError(f"{source} is not a readable checkpoint of this project ({err})") from err
+
+
 def load_generator(source: str, device: torch.device | str = "cpu", *, heun_steps: int | None = None,
                    teacher_weights: str = "ema", generator_weights: str = "ema") -> Generator:
     """Load a model for sampling from an export folder or file, a training checkpoint or ``hf://owner/repo``.
@@ -208,7 +238,7 @@ def load_generator(source: str, device: torch.device | str = "cpu", *, heun_step
     source = str(source)
     if source.startswith("hf://"):
         source = hub_snapshot(source[len("hf://"):])
-    if os.path.isdir(source) or source.endswith(".safetensors"):
+    if is_export(source):
         metadata, weights = read_export(source)
         sampler = sampler_from_export(metadata, weights, device, heun_steps)
         names = list(metadata.get("class_names") or default_class_names(sampler.num_classes))

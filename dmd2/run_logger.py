@@ -163,7 +163,7 @@ class RunLogger:
                 import wandb
 
                 artifact = wandb.Artifact(name, type="model")
-                artifact.add_file(path)
+                artifact.add_dir(path) if os.path.isdir(path) else artifact.add_file(path)
                 self.run.use_artifact(artifact)
         except Exception as err:  # noqa: BLE001
             log.warning(f"[logger] W&B could not link the {role} {path} ({err})")

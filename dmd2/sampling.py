@@ -66,22 +66,31 @@ def sampler_from_checkpoint(state: dict[str, Any], device: torch.device | str = 
     """Teacher checkpoints sample their ``teacher_weights`` ("ema" or "model") with ``heun_steps`` Heun steps.
     DMD2 checkpoints sample the generator over its stored ``denoising_sigmas`` (one step by default), with
     its EMA weights when ``generator_weights == "ema"`` and the checkpoint has them, else the raw weights."""
-    common = dict(step=int(state["step"]), num_classes=int(state["num_classes"]), resolution=int(state["resolution"]))
     if state["kind"] == "teacher":
         if teacher_weights not in ("ema", "model"):
             raise ValueError(f"teacher_weights must be 'ema' or 'model', got {teacher_weights!r}")
+        key, weights = teacher_weights, teacher_weights
+    else:
+        if generator_weights not in ("ema", "raw"):
+            raise ValueError(f"generator_weights must be 'ema' or 'raw', got {generator_weights!r}")
+        key = "generator_ema" if generator_weights == "ema" and "generator_ema" in state else "generator"
+        weights = "ema" if key == "generator_ema" else "raw"
+    net = network_from_checkpoint(state, key).to(device).eval()
+    return make_sampler(state["kind"], net, int(state["step"]), int(state["num_classes"]), int(state["resolution"]),
+                        weights, heun_steps, generator_sigmas(state) if state["kind"] == "dmd2" else ())
+
+
+def make_sampler(kind: str, net: EDMPrecond, step: int, num_classes: int, resolution: int, weights: str,
+                 heun_steps: int, sigmas: Sequence[float]) -> CheckpointSampler:
+    """A teacher's Heun sampler with ``heun_steps`` steps, or a generator over its chain ``sigmas``."""
+    if kind == "teacher":
         if heun_steps < 1:
             raise ValueError(f"sampler.steps must be >= 1, got {heun_steps}")
-        net = network_from_checkpoint(state, teacher_weights).to(device).eval()
-        return CheckpointSampler("teacher", net, nfe=heun_nfe(heun_steps), heun_steps=heun_steps,
-                                 weights=teacher_weights, **common)
-    if generator_weights not in ("ema", "raw"):
-        raise ValueError(f"generator_weights must be 'ema' or 'raw', got {generator_weights!r}")
-    key = "generator_ema" if generator_weights == "ema" and "generator_ema" in state else "generator"
-    net = network_from_checkpoint(state, key).to(device).eval()
-    sigmas = generator_sigmas(state)
-    return CheckpointSampler("dmd2", net, nfe=len(sigmas), denoising_sigmas=sigmas,
-                             weights="ema" if key == "generator_ema" else "raw", **common)
+        return CheckpointSampler("teacher", net, step, num_classes, resolution, heun_nfe(heun_steps), heun_steps,
+                                 weights=weights)
+    sigmas = tuple(float(s) for s in sigmas)
+    return CheckpointSampler("dmd2", net, step, num_classes, resolution, len(sigmas), denoising_sigmas=sigmas,
+                             weights=weights)
 
 
 def generator_sigmas(state: dict[str, Any]) -> tuple[float, ...]:

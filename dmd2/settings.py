@@ -421,8 +421,8 @@ class SamplerSettings:
 class EvaluateSettings(FidSettings):
     """evaluate.py: FID of teacher and DMD2 checkpoints with clean-fid (or an FD with another feature network)."""
     logger: Any = chosen("wandb (offline by default) | none: conf/logger")
-    checkpoint: Optional[str] = setting(None, "one teacher_*.pt or dmd2_*.pt; set this or checkpoint_dir",
-                                        optional(TEXT))
+    checkpoint: Optional[str] = setting(None, "one teacher_*.pt or dmd2_*.pt, an export folder or .safetensors "
+                                        "file, or hf://owner/repo; set this or checkpoint_dir", optional(TEXT))
     checkpoint_dir: Optional[str] = setting(None, "every *.pt in this folder, in order of training step",
                                             optional(TEXT))
     output_dir: Optional[str] = setting(None, "results.json, metrics.jsonl and wandb/; null = this run's Hydra "

@@ -157,3 +157,19 @@ def test_the_distillation_run_logs_its_artifacts_and_teacher_to_offline_wandb(dm
     assert metrics["train/*"] == metrics["eval/*"] == metrics["samples/*"] == "step"
     keys = {i.key or "/".join(i.nested_key) for r in records if r.HasField("history") for i in r.history.item}
     assert {"train/loss_dm", "step", "samples/generator_ema_table/_type"} <= keys  # a Table of labelled samples
+
+
+def test_evaluate_py_measures_an_export_as_its_checkpoint(dmd2_run, featnet, tiny_data, tmp_path):
+    import evaluate as evaluate_script
+
+    def measure(source: Path, out: str) -> dict:
+        args = [f"checkpoint={source}", "feature_network.name=torchscript", f"feature_network.path={featnet}",
+                "feature_network.resize=none", "reference.name=folder", f"reference.folder={tiny_data}",
+                f"reference.cache_dir={tmp_path / 'stats'}", "num_samples=20", "batch_size=10", "num_workers=0",
+                "logger=none", f"output_dir={tmp_path / out}"]
+        (row,) = evaluate_script.evaluate(compose_cfg(args, config_name="evaluate"))
+        return row
+
+    export, checkpoint = measure(dmd2_run / "generator", "e"), measure(dmd2_run / "dmd2_final.pt", "c")
+    assert (export["step"], export["kind"], export["weights"], export["nfe"]) == (5, "dmd2", "ema", 1)
+    assert export["value"] == checkpoint["value"] > 0
