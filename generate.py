@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
 from dmd2.config import ConfigError, check_device, check_settings, resolve_device
@@ -95,8 +96,6 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     conditional = gen.num_classes > 0
     grid_rows: dict[int, list[torch.Tensor]] = {c: [] for c in classes}
     all_images: list[np.ndarray] = []
-    from tqdm import tqdm
-
     done = 0
     with tqdm(total=len(seeds), desc="generate", unit="img", dynamic_ncols=True) as bar:
         for images, y in gen.batches(labels, seeds, batch_size=cfg.batch_size):

@@ -116,13 +116,14 @@ class RunLogger:
                     per_row: int, step: int, caption: str = "") -> str | None:
         """Images [N,3,H,W] in [-1, 1] with their labels [N]: a grid (``per_row`` images per row, see log_grid)
         and, in W&B, a Table of the images with their step, label and class name (``<key>_table``)."""
+        from dmd2.diffusion import to_uint8
         from dmd2.sampling import to_grid
 
         path = self.log_grid(key, to_grid(images, per_row), step, caption)
         if self.run is not None:
             import wandb
 
-            uint8 = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+            uint8 = to_uint8(images.detach().float()).cpu()
             table = wandb.Table(columns=["step", "label", "class", "image"])
             for img, label in zip(uint8, labels.tolist()):
                 name = class_names[label] if class_names and label < len(class_names) else str(label)
