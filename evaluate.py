@@ -10,8 +10,8 @@ Writes <output_dir>/results.json (one row per checkpoint) and logs each row to W
 from __future__ import annotations
 
 import glob
-import logging
 import json
+import logging
 import os
 from typing import Any
 

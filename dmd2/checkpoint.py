@@ -6,8 +6,8 @@ Loading uses ``torch.load(weights_only=True)``: nothing stored in a file is ever
 """
 from __future__ import annotations
 
-import logging
 import datetime
+import logging
 import os
 import tempfile
 import time

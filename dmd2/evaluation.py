@@ -16,11 +16,11 @@ statistics file fails at once with a message saying which file is needed, where 
 """
 from __future__ import annotations
 
-import logging
 import contextlib
 import glob
 import hashlib
 import json
+import logging
 import os
 import platform
 import re

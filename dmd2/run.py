@@ -4,10 +4,10 @@ W&B run), stop signals, the torchrun process group, and what it returns. Both st
 ``run_context``."""
 from __future__ import annotations
 
-import logging
 import datetime
 import glob
 import json
+import logging
 import os
 import signal
 import socket

@@ -5,8 +5,8 @@ A failing W&B call is reported once and then ignored: logging never kills a trai
 """
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 from typing import Any, Mapping
 
