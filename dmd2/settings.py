@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, Callable, List, Optional
@@ -506,11 +507,26 @@ def describe(node: type, prefix: str = "") -> list[tuple[str, str, str]]:
     return rows
 
 
-def help_template(script: str, title: str, sections: list[tuple[str, type, str]]) -> str:
-    """Hydra's --help text: ``sections`` are (heading, schema, key prefix); Hydra fills in $APP_CONFIG_GROUPS
-    and the composed $CONFIG."""
-    lines = [f"{script}: {title}", "", "Override any key on the command line (key=value), choose config groups "
-             "(group=option), sweep with -m.", "", "== Config groups =="]
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def group_options(groups: list[str]) -> str:
+    """'group: option, option' lines for the config groups a script uses, read from conf/."""
+    lines = []
+    for name in groups:
+        folder = os.path.join(CONF_DIR, name)
+        options = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
+        lines.append(f"{name}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+def help_template(script: str, title: str, sections: list[tuple[str, type, str]], groups: list[str]) -> str:
+    """Hydra's --help text: the config ``groups`` the script uses with their options, then ``sections``
+    ((heading, schema, key prefix) of its keys); Hydra fills in the composed $CONFIG."""
+    lines = [f"{script}: {title}", "", "Override any key on the command line (key=value)"
+             + (", choose config groups (group=option)" if groups else "") + ", sweep with -m.", ""]
+    if groups:
+        lines += ["== Config groups ==", group_options(groups), ""]
     keys = []
     for heading, node, prefix in sections:
         keys.append(f"== {heading} ==")
@@ -521,7 +537,7 @@ def help_template(script: str, title: str, sections: list[tuple[str, type, str]]
     tail = ["", "Hydra's own flags: --hydra-help. Tab completion (bash): "
             f"eval \"$(python {script} -sc install=bash)\"."]
     literal = lambda part: "\n".join(part).replace("$", "$$")  # string.Template escapes; no OmegaConf ${...}
-    return "\n".join([literal(lines), "$APP_CONFIG_GROUPS", literal(keys), "$CONFIG", literal(tail)])
+    return "\n".join([literal(lines + keys), "$CONFIG", literal(tail)])
 
 
 TRAIN_HELP = [("Keys of both stages", TrainSettings, ""), ("stage=teacher", TeacherSettings, ""),
@@ -548,11 +564,13 @@ def register() -> None:
                       for h, n, p in TRAIN_HELP]
     helps = {
         "dmd2_train": help_template("train.py", "train an EDM teacher (stage=teacher) or distill it with DMD2 "
-                                    "(stage=distill).", train_sections),
+                                    "(stage=distill).", train_sections,
+                                    ["stage", "arch", "data", "logger", "experiment", "debug", "hparams_search"]),
         "dmd2_evaluate": help_template("evaluate.py", "FID / FD of teacher and DMD2 checkpoints.",
-                                       [("Keys", EvaluateSettings, ""), ("logger=wandb", WandbLogger, "logger.")]),
+                                       [("Keys", EvaluateSettings, ""), ("logger=wandb", WandbLogger, "logger.")],
+                                       ["logger", "protocol"]),
         "dmd2_generate": help_template("generate.py", "images from a checkpoint or an export, one per seed.",
-                                       [("Keys", GenerateSettings, "")]),
+                                       [("Keys", GenerateSettings, "")], []),
     }
     for name, template in helps.items():
         cs.store(group="hydra/help", name=name, node={"app_name": name, "header": "", "footer": "",

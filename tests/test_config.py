@@ -157,6 +157,11 @@ def test_help_lists_every_key_with_its_meaning():
             line = next((ln for ln in text.splitlines() if ln.strip().startswith(key)), None)
             assert line is not None and len(line.split(":", 1)[1].strip()) > 5, key
     assert "== This run's config" in proc.stdout and "-sc install=bash" in proc.stdout
+    # each script lists the config groups it uses, with their options (no internal schema groups)
+    groups = proc.stdout.split("== Keys")[0]
+    assert "data: cifar10, edm_dataset, image_folder, synthetic" in groups and "schema" not in groups
+    assert "logger: none, wandb\nprotocol: edm" in templates["dmd2_evaluate"]
+    assert "Config groups" not in templates["dmd2_generate"]
 
 
 def test_models_read_the_stage_settings_and_keep_no_defaults():
