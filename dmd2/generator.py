@@ -107,6 +107,8 @@ class Generator:
         if seeds is None:
             seeds = range(len(labels) if isinstance(labels, (list, tuple, Tensor)) else 1)
         seeds = [seeds] if isinstance(seeds, int) else [int(s) for s in seeds]
+        if not seeds:
+            raise GeneratorError("no seeds: give at least one")
         yield from sample_batches(self.sampler, seeds, self.label_ids(labels, seeds), batch_size, self.device,
                                   dtype=dtype)
 

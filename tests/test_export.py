@@ -94,6 +94,8 @@ def test_a_seed_gives_its_own_image_whatever_the_other_seeds_and_the_batch_size(
     # the same noise; the network's float rounding may differ with the batch size in the last bit (<= 1 level)
     assert (alone.int() - among.int()).abs().max() <= 1
     assert torch.equal(gen.sample(seeds=[7, 3], batch_size=1), alone)  # and a rerun is bitwise
+    with pytest.raises(GeneratorError, match="no seeds"):
+        gen.sample(seeds=[])
 
 
 def test_class_names_travel_from_the_data_to_checkpoints_exports_and_outputs(teacher_ckpt, dmd2_run, tmp_path):
