@@ -52,10 +52,6 @@ def checkpoint_info(path: str) -> dict[str, Any]:
         raise CheckpointError(str(err)) from err
 
 
-def checkpoint_step(path: str) -> int:
-    return checkpoint_info(path)["step"]
-
-
 def wandb_settings(cfg: DictConfig, training: dict[str, Any]) -> dict[str, Any]:
     """The logger settings, with ``logger.group`` null meaning the training run's group (or, when it had none,
     its run id): a training run's evaluations sit next to it in W&B."""
@@ -65,14 +61,14 @@ def wandb_settings(cfg: DictConfig, training: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def checkpoints_to_evaluate(cfg: DictConfig) -> list[tuple[int, str]]:
-    """(step, path) of the checkpoint, or of every *.pt in checkpoint_dir in order of step."""
+def checkpoints_to_evaluate(cfg: DictConfig) -> list[tuple[dict[str, Any], str]]:
+    """(checkpoint_info, path) of the checkpoint, or of every *.pt in checkpoint_dir in order of step."""
     if cfg.checkpoint is not None:
-        return [(checkpoint_step(cfg.checkpoint), cfg.checkpoint)]
+        return [(checkpoint_info(cfg.checkpoint), cfg.checkpoint)]
     paths = sorted(glob.glob(os.path.join(glob.escape(cfg.checkpoint_dir), "*.pt")))
     if not paths:
         fail("checkpoint_dir", cfg.checkpoint_dir, "a folder containing checkpoints (*.pt)")
-    return sorted(((checkpoint_step(p), p) for p in paths), key=lambda sp: (sp[0], sp[1]))
+    return sorted(((checkpoint_info(p), p) for p in paths), key=lambda ip: (ip[0]["step"], ip[1]))
 
 
 def protocol(net: Any) -> str:
@@ -100,7 +96,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     output_dir = cfg.output_dir or hydra_output_dir() or os.path.join("outputs", "evaluate", "run")
     os.makedirs(output_dir, exist_ok=True)
     results_path = os.path.join(output_dir, "results.json")
-    training = checkpoint_info(checkpoints[-1][1])
+    training = checkpoints[-1][0]
     settings = wandb_settings(cfg, training)
     config = {**to_container(cfg), "output_dir": output_dir, "logger": settings,
               "training_run_id": training["wandb_run_id"]}
@@ -111,15 +107,15 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     exit_code = 1
     try:
-        for _, path in checkpoints:
+        for info, path in checkpoints:
             sampler = load_generator(path, device, heun_steps=cfg.sampler.steps, teacher_weights=cfg.teacher_weights,
                                      generator_weights=cfg.generator_weights).sampler
-            info = checkpoint_info(path)  # the artifact a distillation logs of its export is generator-<run id>
+            # the artifact a distillation logs of its export is generator-<run id>
             kind = "generator" if is_export(path) and info["kind"] == "dmd2" else info["kind"]
             logger.use_checkpoint(path, kind, info["wandb_run_id"],
                                   "checkpoint" if len(checkpoints) == 1 else f"checkpoint_{info['step']:06d}")
             log.info(f"[evaluate] {sampler.describe()} from {path}: {net.metric} of {cfg.num_samples} samples "
-                  f"against {ref.description}")
+                     f"against {ref.description}")
             numbers = evaluate_sampler(sampler, net, ref, cfg.num_samples, cfg.seed, cfg.batch_size, device, cfg.kid)
             row = {
                 "metric": net.metric, "value": numbers["value"], "kid": numbers["kid"],
@@ -136,7 +132,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
             _write_json(results_path, results)
             kid_text = f", KID {row['kid']:.5f}" if row["kid"] is not None else ""
             log.info(f"[evaluate] {net.metric} = {row['value']:.4f}{kid_text} | {sampler.kind} step {sampler.step}, "
-                  f"{sampler.nfe} NFE, {cfg.num_samples} samples, {row['images_per_sec']:.1f} images/s")
+                     f"{sampler.nfe} NFE, {cfg.num_samples} samples, {row['images_per_sec']:.1f} images/s")
             scalars = {net.wandb_key: row["value"], "eval/nfe": row["nfe"], "eval/num_samples": row["num_samples"],
                        "eval/images_per_sec": row["images_per_sec"]}
             if row["kid"] is not None:
@@ -151,7 +147,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     finally:
         logger.finish(exit_code)
     if len(results) > 1:
-        log.info(f"[evaluate] best: {best['metric']} = {best['value']:.4f} at step {best['step']} ({best['checkpoint']})")
+        log.info(f"[evaluate] best: {best['metric']} = {best['value']:.4f} at step {best['step']} "
+                 f"({best['checkpoint']})")
     log.info(f"[evaluate] results: {results_path}")
     return results
 

@@ -340,7 +340,7 @@ def npz_stats(path: str, net: FeatureNetwork) -> ReferenceStats:
         raise EvaluationError(f"reference.path = {path!r}: mu or sigma holds NaN or inf")
     if net.is_inception and net.resize != "legacy_tensorflow":
         log.info(f"[evaluate] note: {os.path.basename(path)} is compared under clean-fid's 'clean' protocol; EDM's "
-              f"reference files hold TF-Inception statistics (feature_network.resize=legacy_tensorflow)")
+                 f"reference files hold TF-Inception statistics (feature_network.resize=legacy_tensorflow)")
     return ReferenceStats(mu, sigma, f"{os.path.abspath(path)} (statistics file)", path)
 
 
@@ -406,7 +406,7 @@ def folder_stats(folder: str, net: FeatureNetwork, cache_dir: str, kid: bool = F
     with Image.open(files[0]) as first:
         image_size = int(first.size[0])
     log.info(f"[evaluate] computing reference statistics of {len(files)} images in {folder} with {net.metric} features "
-          f"(resize {net.resize}); cached in {path}")
+             f"(resize {net.resize}); cached in {path}")
     start = time.perf_counter()
     feats = get_files_features(files, net.model, num_workers=num_workers, batch_size=batch_size, device=net.device,
                                mode="clean", custom_fn_resize=None if net.resize == "clean" else _no_resize,

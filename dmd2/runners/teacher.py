@@ -110,6 +110,9 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     grid_y = grid_labels(cfg.data.num_classes, cfg.samples_per_class, device)
     grid_z = torch.randn(len(grid_y), 3, cfg.data.resolution, cfg.data.resolution, generator=gen).to(device)
 
+    def checkpoint(step: int) -> dict[str, Any]:
+        return teacher_state(cfg, ctx, model, ema, upd, evaluator, step, classes)
+
     ctx.logger.start()  # config.yaml, metrics.jsonl, W&B: every check has passed
     restore_rng(ctx)
     batches = iter(loader)
@@ -147,13 +150,11 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             evaluator(CheckpointSampler("teacher", ema, done, cfg.data.num_classes, cfg.data.resolution,
                                         heun_nfe(cfg.eval.sampler_steps), cfg.eval.sampler_steps), done)
         if done % cfg.save_every == 0 and done != steps:
-            save_periodic(teacher_state(cfg, ctx, model, ema, upd, evaluator, done, classes), ctx.output_dir, "teacher", done,
-                          cfg.keep_last, ctx.dist)
+            save_periodic(checkpoint(done), ctx.output_dir, "teacher", done, cfg.keep_last, ctx.dist)
         if ctx.stop_requested() and done != steps:  # SIGTERM / SIGINT / SIGUSR1: save this step, then exit
-            ctx.stop(teacher_state(cfg, ctx, model, ema, upd, evaluator, done, classes), "teacher", done)
+            ctx.stop(checkpoint(done), "teacher", done)
     bar.close()
-    path = save_final(teacher_state(cfg, ctx, model, ema, upd, evaluator, steps, classes),
-                      os.path.join(ctx.output_dir, "teacher_final.pt"), ctx.dist)
+    path = save_final(checkpoint(steps), os.path.join(ctx.output_dir, "teacher_final.pt"), ctx.dist)
     if ctx.dist.is_main:
         ctx.logger.log_artifact(path, "teacher", steps)
     ctx.say(f"[teacher] done: {path}")
