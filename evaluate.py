@@ -5,6 +5,10 @@
     python evaluate.py checkpoint_dir=./checkpoints/dmd2                      # every checkpoint, by step
     python evaluate.py checkpoint=hf://owner/dmd2-cifar10                     # an export (dmd2.export)
 
+A checkpoint trained on data=gaussian_mixture gets the mixture's exact scores instead (no feature network): pixel FD
+to the true moments, mode coverage, the fraction of samples on a mode and, for a teacher, its denoising error
+against the exact denoiser per noise level.
+
 Writes <output_dir>/results.json (one row per checkpoint) and logs each row to W&B at the checkpoint's step.
 """
 from __future__ import annotations
@@ -22,7 +26,10 @@ from dmd2.checkpoint import CheckpointError
 from dmd2.files import atomic_write
 import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
 from dmd2.config import ConfigError, check_device, check_fid, check_settings, fail, resolve_device, to_container
-from dmd2.evaluation import evaluate_sampler, feature_network_from_config, reference_from_config
+from dmd2.evaluation import evaluate_mixture, evaluate_sampler, feature_network_from_config, reference_from_config
+from dmd2.mixture import (DENOISING_SAMPLES, DENOISING_SIGMAS, MIXTURE_KEY, MIXTURE_METRIC, GaussianMixture,
+                          denoising_errors, mixture_from_config, reference_scores)
+from dmd2.sampling import CheckpointSampler
 from dmd2.run_logger import RunLogger
 from dmd2.run import default_run_name, hydra_output_dir, logger_settings
 from dmd2.generator import GeneratorError, is_export, load_generator, source_info
@@ -84,14 +91,74 @@ def _write_json(path: str, data: Any) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()), suffix=".json")
 
 
+def checkpoint_mixture(checkpoints: list[tuple[dict[str, Any], str]]) -> GaussianMixture | None:
+    """The known-answer mixture the checkpoints were trained on (data=gaussian_mixture; scored exactly, with no
+    feature network), or None. Checkpoints of other data, or of another mixture, in the same call are refused."""
+    datas = [info.get("data") or {} for info, _ in checkpoints]
+    if all(d.get("name") != "gaussian_mixture" for d in datas):
+        return None
+    keys = ("name", "num_classes", "resolution", "mixture_components", "mixture_std", "mixture_seed")
+    kinds = {tuple(d.get(k) for k in keys) for d in datas}
+    if len(kinds) > 1:
+        raise ConfigError(f"config key 'checkpoint_dir' = {checkpoints[0][1]!r}...: its checkpoints were trained on "
+                          f"different data ({sorted(map(str, kinds))}); evaluate them one data set at a time")
+    return mixture_from_config(datas[-1])
+
+
+def measure_features(sampler: CheckpointSampler, net: Any, ref: Any, cfg: DictConfig, device: Any
+                     ) -> tuple[dict[str, Any], dict[str, float]]:
+    """FID / FD (and KID) of a sampler: the result row's own fields and the scalars to log."""
+    numbers = evaluate_sampler(sampler, net, ref, cfg.num_samples, cfg.seed, cfg.batch_size, device, cfg.kid)
+    row = {"metric": net.metric, "value": numbers["value"], "kid": numbers["kid"],
+           "images_per_sec": numbers["images_per_sec"], "feature_network": net.source, "resize": net.resize,
+           "protocol": protocol(net), "reference": ref.description, "reference_stats": os.path.abspath(ref.path),
+           "generation_seconds": numbers["generation_seconds"], "total_seconds": numbers["total_seconds"]}
+    scalars = {net.wandb_key: row["value"]}
+    if row["kid"] is not None:
+        scalars["eval/kid"] = row["kid"]
+    return row, scalars
+
+
+def measure_mixture(sampler: CheckpointSampler, mix: GaussianMixture, floor: dict[str, float], cfg: DictConfig,
+                    device: Any) -> tuple[dict[str, Any], dict[str, float]]:
+    """Exact scores of a model of data=gaussian_mixture (and, for a teacher, its denoising error against the exact
+    denoiser per noise level): the result row's own fields and the scalars to log."""
+    numbers = evaluate_mixture(sampler, mix, cfg.num_samples, cfg.seed, cfg.batch_size, device)
+    assert numbers is not None  # one process
+    scores = numbers["scores"]
+    row = {"metric": MIXTURE_METRIC, "value": scores["fd"], "kid": None, "images_per_sec": numbers["images_per_sec"],
+           "mixture_scores": scores, "mixture_floor": floor,
+           "protocol": "exact scores of data=gaussian_mixture, pixel space (README \"Known-answer runs\")",
+           "reference": "the exact mixture", "generation_seconds": numbers["generation_seconds"],
+           "total_seconds": numbers["total_seconds"]}
+    scalars = {f"eval/mixture_{k}": v for k, v in scores.items()}
+    if sampler.kind == "teacher":
+        rows = denoising_errors(sampler.net, mix, DENOISING_SIGMAS, min(cfg.num_samples, DENOISING_SAMPLES),
+                                cfg.seed, cfg.batch_size, device)
+        row["denoising_error"] = rows
+        scalars.update({f"eval/denoise_mse/sigma_{r['sigma']:g}": r["mse"] for r in rows})
+        table = "  ".join(f"{r['sigma']:g}: {r['mse']:.2e}" for r in rows)
+        log.info(f"[evaluate] denoising error vs the exact denoiser, mean squared per pixel, by sigma: {table}")
+    log.info(f"[evaluate] exact scores: coverage {scores['coverage']:.3f}, on a mode {scores['near']:.3f}, mode "
+             f"weights TV {scores['weight_tv']:.3f}; true samples at this count: FD {floor['fd']:.4f}, coverage "
+             f"{floor['coverage']:.3f}, on a mode {floor['near']:.3f}")
+    return row, scalars
+
+
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Evaluate the configured checkpoint(s); return the result rows (also in <output_dir>/results.json)."""
     validate(cfg)
     checkpoints = checkpoints_to_evaluate(cfg)
     device = resolve_device(cfg.device)
-    net = feature_network_from_config(cfg.feature_network, device)
-    ref = reference_from_config(cfg.reference, net, kid=cfg.kid, batch_size=cfg.batch_size,
-                                num_workers=cfg.num_workers)
+    mixture = checkpoint_mixture(checkpoints)
+    if mixture is None:
+        net = feature_network_from_config(cfg.feature_network, device)
+        ref = reference_from_config(cfg.reference, net, kid=cfg.kid, batch_size=cfg.batch_size,
+                                    num_workers=cfg.num_workers)
+        key, against = net.wandb_key, ref.description
+    else:  # known-answer data: exact scores, no feature network or reference statistics
+        floor = reference_scores(mixture, cfg.num_samples, cfg.seed)
+        key, against = MIXTURE_KEY, "the exact mixture"
 
     output_dir = cfg.output_dir or hydra_output_dir() or os.path.join("outputs", "evaluate", "run")
     os.makedirs(output_dir, exist_ok=True)
@@ -101,7 +168,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     config = {**to_container(cfg), "output_dir": output_dir, "logger": settings,
               "training_run_id": training["wandb_run_id"]}
     logger = RunLogger(output_dir, settings, config, "evaluate", cfg.run_name or default_run_name())
-    logger.define_metric(net.wandb_key, summary="min")
+    logger.define_metric(key, summary="min")
     if cfg.kid:
         logger.define_metric("eval/kid", summary="min")
     results: list[dict[str, Any]] = []
@@ -114,32 +181,28 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
             kind = "generator" if is_export(path) and info["kind"] == "dmd2" else info["kind"]
             logger.use_checkpoint(path, kind, info["wandb_run_id"],
                                   "checkpoint" if len(checkpoints) == 1 else f"checkpoint_{info['step']:06d}")
-            log.info(f"[evaluate] {sampler.describe()} from {path}: {net.metric} of {cfg.num_samples} samples "
-                     f"against {ref.description}")
-            numbers = evaluate_sampler(sampler, net, ref, cfg.num_samples, cfg.seed, cfg.batch_size, device, cfg.kid)
+            metric = MIXTURE_METRIC if mixture is not None else net.metric
+            log.info(f"[evaluate] {sampler.describe()} from {path}: {metric} of {cfg.num_samples} samples "
+                     f"against {against}")
+            if mixture is None:
+                measured, scalars = measure_features(sampler, net, ref, cfg, device)
+            else:
+                measured, scalars = measure_mixture(sampler, mixture, floor, cfg, device)
             row = {
-                "metric": net.metric, "value": numbers["value"], "kid": numbers["kid"],
-                "num_samples": cfg.num_samples, "nfe": sampler.nfe, "images_per_sec": numbers["images_per_sec"],
-                "checkpoint": os.path.abspath(path), "step": sampler.step, "kind": sampler.kind,
+                **measured, "num_samples": cfg.num_samples, "nfe": sampler.nfe, "checkpoint": os.path.abspath(path),
+                "step": sampler.step, "kind": sampler.kind,
                 "sampler_steps": sampler.heun_steps if sampler.kind == "teacher" else sampler.nfe,
-                "weights": sampler.weights,
-                "seed": cfg.seed, "feature_network": net.source, "resize": net.resize, "protocol": protocol(net),
-                "reference": ref.description, "reference_stats": os.path.abspath(ref.path),
-                "generation_seconds": numbers["generation_seconds"], "total_seconds": numbers["total_seconds"],
-                "device": str(device),
+                "weights": sampler.weights, "seed": cfg.seed, "device": str(device),
             }
             results.append(row)
             _write_json(results_path, results)
             kid_text = f", KID {row['kid']:.5f}" if row["kid"] is not None else ""
-            log.info(f"[evaluate] {net.metric} = {row['value']:.4f}{kid_text} | {sampler.kind} step {sampler.step}, "
+            log.info(f"[evaluate] {row['metric']} = {row['value']:.4f}{kid_text} | {sampler.kind} step {sampler.step}, "
                      f"{sampler.nfe} NFE, {cfg.num_samples} samples, {row['images_per_sec']:.1f} images/s")
-            scalars = {net.wandb_key: row["value"], "eval/nfe": row["nfe"], "eval/num_samples": row["num_samples"],
-                       "eval/images_per_sec": row["images_per_sec"]}
-            if row["kid"] is not None:
-                scalars["eval/kid"] = row["kid"]
-            logger.log(scalars, step=sampler.step)
+            logger.log({**scalars, "eval/nfe": row["nfe"], "eval/num_samples": row["num_samples"],
+                        "eval/images_per_sec": row["images_per_sec"]}, step=sampler.step)
         best = min(results, key=lambda r: r["value"])
-        summary = {net.wandb_key: best["value"], "eval/metric": best["metric"], "eval/num_samples": best["num_samples"],
+        summary = {key: best["value"], "eval/metric": best["metric"], "eval/num_samples": best["num_samples"],
                    "eval/nfe": best["nfe"], "eval/images_per_sec": best["images_per_sec"],
                    "eval/checkpoint": best["checkpoint"], "eval/step": best["step"], "eval/kind": best["kind"]}
         logger.summary(summary)  # eval/kid keeps its own minimum (define_metric)

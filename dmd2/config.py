@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dmd2.settings import GENERATED_DATA
+
 
 class ConfigError(ValueError):
     """A config value is missing, of the wrong type or out of range."""
@@ -88,14 +90,22 @@ def check_file(cfg: DictConfig, key: str, what: str) -> None:
         raise ConfigError(f"config key '{key}' = {path!r}: file not found (expected {what})")
 
 
-SYNTHETIC_ROOT = "generated"  # data=synthetic's placeholder root (conf/data/synthetic.yaml)
+SYNTHETIC_ROOT = "generated"  # the placeholder root of generated data (conf/data/synthetic.yaml, gaussian_mixture.yaml)
 
 
 def check_data(cfg: DictConfig) -> None:
     root = cfg.data.root
-    if cfg.data.name == "synthetic" and root != SYNTHETIC_ROOT:
-        raise ConfigError(f"config key 'data.root' = {root!r}, but data=synthetic (debug=smoke's data) reads no files "
-                          "and would ignore it: name the data it holds, e.g. data=image_folder or data=edm_dataset")
+    if cfg.data.name in GENERATED_DATA and root != SYNTHETIC_ROOT:
+        raise ConfigError(f"config key 'data.root' = {root!r}, but data={cfg.data.name} is generated and reads no "
+                          "files, so it would ignore it: name the data it holds, e.g. data=image_folder or "
+                          "data=edm_dataset")
+    if cfg.data.name == "gaussian_mixture" and cfg.data.hflip:
+        raise ConfigError("config key 'data.hflip' = true, but data=gaussian_mixture has no augmentations: a flipped "
+                          "mean image is another mode, so flips would change the distribution being learned "
+                          "(and its exact scores); set data.hflip=false")
+    if cfg.get("exact_teacher") and cfg.data.name != "gaussian_mixture":
+        raise ConfigError(f"config key 'exact_teacher' = true needs data=gaussian_mixture (the only data whose exact "
+                          f"denoiser is known), got data={cfg.data.name}")
     if cfg.data.name == "edm_dataset" and not os.path.exists(root):
         raise ConfigError(f"config key 'data.root' = {root!r}: not found (expected EDM's dataset: a .zip or a folder "
                           f"with dataset.json, as dataset_tool.py writes it)")
@@ -114,7 +124,7 @@ def check_device(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check a composed training config; raise ConfigError naming the first bad key."""
     check_settings(cfg)
-    if cfg.eval_every > 0:
+    if cfg.eval_every > 0 and cfg.data.name != "gaussian_mixture":  # the mixture is scored exactly, no features
         check_fid(cfg, "eval.")
     check_device(cfg)
     check_data(cfg)

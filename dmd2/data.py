@@ -1,5 +1,6 @@
 """Datasets: CIFAR-10 through torchvision, any class-folder tree through ImageFolder, EDM's dataset format, or
-a small generated one (``synthetic``: coloured squares, for smoke runs on a machine with no data).
+a small generated one (``synthetic``: coloured squares, for smoke runs on a machine with no data), or a
+known-answer mixture of Gaussians (``gaussian_mixture``, dmd2/mixture.py).
 
 Images come out as float tensors [3, R, R] in [-1, 1] with integer class labels. The batch order is a
 function of (seed, epoch) only, and random flips are drawn in the training process (``random_hflip``), so a
@@ -19,7 +20,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
+from dmd2.mixture import MixtureDataset, mixture_from_config
 from dmd2.randomness import EPOCH_STRIDE, GLOBAL_RNG, BatchRNG, derived_seed, generator
+from dmd2.settings import DATA_KINDS
 from dmd2.speed import cache_fits
 
 
@@ -40,7 +43,8 @@ def default_class_names(num_classes: int) -> list[str]:
 
 
 def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
-    """Dataset from a ``data`` config: name (cifar10 | image_folder | edm_dataset | synthetic), root, num_classes,
+    """Dataset from a ``data`` config: name (cifar10 | image_folder | edm_dataset | synthetic | gaussian_mixture),
+    root, num_classes,
     resolution. ``num_classes`` 0 (unconditional): any folder tree, every label 0. The dataset's
     ``class_names`` attribute lists its class names (label order), or is None when the files do not name them
     (EDM's format); an unconditional dataset has none ([])."""
@@ -48,6 +52,10 @@ def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
     named = True
     if data["name"] == "synthetic":
         ds = SyntheticShapes(data["num_classes"] or 1, data["synthetic_per_class"], data["resolution"])
+        classes = ds.classes
+    elif data["name"] == "gaussian_mixture":
+        ds = MixtureDataset(mixture_from_config(data), data["synthetic_per_class"], data["mixture_seed"],
+                            data["num_classes"])
         classes = ds.classes
     elif data["name"] == "cifar10":
         try:
@@ -71,8 +79,7 @@ def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
                              f"{max(ds.targets)}; set data.num_classes={max(ds.targets) + 1}")
         classes, named = default_class_names(data["num_classes"]), False
     else:
-        raise ValueError(f"data.name: unknown dataset {data['name']!r}; expected cifar10, image_folder, "
-                         "edm_dataset or synthetic")
+        raise ValueError(f"data.name: unknown dataset {data['name']!r}; expected one of {DATA_KINDS}")
     ds.class_names = (list(classes) if named else None) if data["num_classes"] else []  # type: ignore[attr-defined]
     if data["num_classes"] == 0:  # unconditional: every image gets label 0, which the networks ignore
         ds.targets = [0] * len(ds)  # type: ignore[attr-defined]

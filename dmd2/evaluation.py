@@ -46,6 +46,7 @@ from cleanfid.utils import EXTENSIONS
 from dmd2.settings import FEATURE_NETWORKS
 from dmd2.distributed import Dist, gather_objects
 from dmd2.files import atomic_write, file_sha256
+from dmd2.mixture import GaussianMixture, mixture_scores
 from dmd2.sampling import CheckpointSampler, generate_uint8
 
 log = logging.getLogger(__name__)
@@ -478,6 +479,28 @@ def evaluate_sampler(sampler: CheckpointSampler, net: FeatureNetwork, ref: Refer
     total = time.perf_counter() - start
     return dict(value=value, kid=kid_value, images_per_sec=num / max(gen_seconds, 1e-9),
                 generation_seconds=gen_seconds, total_seconds=total)
+
+
+def evaluate_mixture(sampler: CheckpointSampler, mix: GaussianMixture, num: int, seed: int, batch_size: int,
+                     device: torch.device | str, dist: Dist | None = None) -> dict[str, Any] | None:
+    """Exact scores (dmd2.mixture.mixture_scores: pixel FD to the true moments, mode coverage, samples on a mode)
+    of samples 0..num-1 of a model trained on ``data=gaussian_mixture``, drawn as ``evaluate_sampler`` draws them
+    (same seeds, same classes, same slices per rank; rank 0 scores). Returns None on the other ranks."""
+    dist = dist or Dist()
+    start = time.perf_counter()
+    lo, hi = num * dist.rank // dist.world_size, num * (dist.rank + 1) // dist.world_size
+    gen_start = time.perf_counter()
+    parts = list(generate_uint8(sampler, hi - lo, seed, batch_size, device, lo))
+    gen_seconds = time.perf_counter() - gen_start
+    gathered = gather_objects((parts, gen_seconds), dist)
+    if not dist.is_main:
+        return None
+    images = torch.cat([x for p, _ in gathered for x, _ in p])
+    labels = torch.cat([y for p, _ in gathered for _, y in p])
+    scores = mixture_scores(mix, images, labels)
+    gen_seconds = max(s for _, s in gathered)
+    return dict(value=scores["fd"], scores=scores, images_per_sec=num / max(gen_seconds, 1e-9),
+                generation_seconds=gen_seconds, total_seconds=time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------------------------- from config

@@ -202,7 +202,8 @@ def is_export(source: str) -> bool:
 
 
 def source_info(source: str) -> dict[str, Any]:
-    """Step, kind and W&B run (id, group) of a checkpoint or an export, read without loading its weights."""
+    """Step, kind, W&B run (id, group) and training ``data`` config of a checkpoint or an export, read without
+    loading its weights."""
     source = hub_snapshot(source[len("hf://"):]) if source.startswith("hf://") else source
     if is_export(source):
         from safetensors import safe_open
@@ -218,14 +219,16 @@ def source_info(source: str) -> dict[str, Any]:
                     meta = json.loads((f.metadata() or {})["dmd2"])
             except Exception as err:  # noqa: BLE001 - a missing file, a foreign file, no metadata
                 raise GeneratorError(f"{source}: not an export of this project ({err})") from err
-        logger = (meta.get("training_config") or {}).get("logger") or {}
+        training = meta.get("training_config") or {}
+        logger = training.get("logger") or {}
         return {"step": int(meta["provenance"]["step"]), "kind": meta["kind"],
-                "wandb_run_id": meta["provenance"].get("wandb_run_id"), "wandb_group": logger.get("group")}
+                "wandb_run_id": meta["provenance"].get("wandb_run_id"), "wandb_group": logger.get("group"),
+                "data": training.get("data") or {}}
     try:
         state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
         logger = (state.get("config") or {}).get("logger") or {}
         return {"step": int(state["step"]), "kind": state["kind"], "wandb_run_id": state.get("wandb_run_id"),
-                "wandb_group": logger.get("group")}
+                "wandb_group": logger.get("group"), "data": (state.get("config") or {}).get("data") or {}}
     except Exception as err:
         raise GeneratorError(f"{source} is not a readable checkpoint of this project ({err})") from err
 

@@ -191,12 +191,17 @@ def arch_settings(name: str, **values: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- data, logger
 
 
+DATA_KINDS = ("cifar10", "image_folder", "edm_dataset", "synthetic", "gaussian_mixture")
+GENERATED_DATA = ("synthetic", "gaussian_mixture")  # made on the fly: data.root is a placeholder
+
+
 @dataclass
 class DataSettings:
     name: str = setting("cifar10", "cifar10 (torchvision) | image_folder (any class-folder tree) | edm_dataset (EDM's "
                         "dataset_tool.py output: a .zip or folder with dataset.json) | synthetic (generated coloured "
-                        "squares: smoke runs with no data)",
-                        one_of("cifar10", "image_folder", "edm_dataset", "synthetic"))
+                        "squares: smoke runs with no data) | gaussian_mixture (a known-answer mixture of Gaussians, "
+                        "scored exactly: dmd2/mixture.py)",
+                        one_of(*DATA_KINDS))
     root: str = setting("${data_dir}", "dataset folder (image_folder: root/<class>/<image>) or edm_dataset's .zip",
                         TEXT)
     num_classes: int = setting(10, "number of classes (labels 0 .. num_classes - 1); 0 = unconditional (labels "
@@ -204,7 +209,13 @@ class DataSettings:
     resolution: int = setting(32, "image side in pixels (image_folder: resized and center-cropped)", POSITIVE_INT)
     hflip: bool = setting(True, "random horizontal flips (teacher training augmentation)", BOOL)
     num_workers: int = setting(2, "DataLoader worker processes", NONNEG_INT)
-    synthetic_per_class: int = setting(64, "data=synthetic: images per class", POSITIVE_INT)
+    synthetic_per_class: int = setting(64, "data=synthetic / gaussian_mixture: images per class", POSITIVE_INT)
+    mixture_components: int = setting(3, "data=gaussian_mixture: Gaussian components (modes) per class, equally "
+                                      "weighted", POSITIVE_INT)
+    mixture_std: float = setting(0.05, "data=gaussian_mixture: per-pixel standard deviation of each component "
+                                 "(pixels in [-1, 1])", number(above=0, high=0.2))
+    mixture_seed: int = setting(0, "data=gaussian_mixture: seed of the mean images and of the data set's draws",
+                                NONNEG_INT)
 
 
 @dataclass
@@ -407,6 +418,9 @@ class DistillSettings(TrainSettings):
                                               POSITIVE_INT)
     generator_ema_decay: Optional[float] = setting(None, "EMA of the generator weights (e.g. 0.999), saved next "
                                                    "to the raw weights", optional(DECAY, "off"))
+    exact_teacher: bool = setting(False, "data=gaussian_mixture only: the real score is the mixture's exact "
+                                  "denoiser (closed form, zero teacher error); teacher_checkpoint then only "
+                                  "initialises the generator and the fake score network", BOOL)
 
 
 # ---------------------------------------------------------------------------------------------- evaluate, generate

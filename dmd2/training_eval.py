@@ -5,7 +5,8 @@ feature network, cached reference statistics, per-sample seeded noise and round-
 logged at step N equals ``evaluate.py`` on the checkpoint of step N with the same ``num_samples`` and ``seed``.
 Under torchrun every rank generates its slice of the samples and rank 0 computes the distance.
 
-Logged as ``eval/fid`` (Inception) or ``eval/fd_<network>`` against the training step, with the cost of each
+Logged as ``eval/fid`` (Inception) or ``eval/fd_<network>`` against the training step (``data=gaussian_mixture``:
+its exact scores instead, ``eval/mixture_fd`` with ``eval/mixture_coverage``, ``_near`` and ``_weight_tv``), with the cost of each
 evaluation (``eval/seconds``, ``eval/images_per_sec``); the W&B summary keeps the minimum.
 """
 from __future__ import annotations
@@ -20,7 +21,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from dmd2.evaluation import EvaluationError, evaluate_sampler, feature_network_from_config, reference_from_config
+from dmd2.evaluation import (EvaluationError, evaluate_mixture, evaluate_sampler, feature_network_from_config,
+                             reference_from_config)
+from dmd2.mixture import MIXTURE_KEY, MIXTURE_METRIC, mixture_from_config, reference_scores
 from dmd2.distributed import Dist, barrier
 from dmd2.run_logger import RunLogger
 from dmd2.sampling import CheckpointSampler
@@ -57,11 +60,21 @@ class TrainingEvaluator:
         self.every: int = cfg.eval_every
         self.enabled = self.every > 0
         self.best, self.best_step, self.last = math.inf, -1, math.nan
+        self.last_scores: dict[str, float] = {}  # data=gaussian_mixture: the last evaluation's exact scores
         if not self.enabled:
             return
         ev = cfg.eval
         self.num, self.seed, self.batch_size = ev.num_samples, ev.seed, ev.batch_size
         self.device, self.dist, self.logger = device, dist, logger
+        self.mixture = mixture_from_config(cfg.data) if cfg.data.name == "gaussian_mixture" else None
+        if self.mixture is not None:  # known-answer data: exact scores, no feature network or reference
+            self.key, self.metric = MIXTURE_KEY, MIXTURE_METRIC
+            logger.define_metric(self.key, summary="min")
+            if dist.is_main:
+                floor = reference_scores(self.mixture, self.num, self.seed)
+                logger.summary({f"{self.key}_floor": floor["fd"]})
+                log.info(f"[eval] {self.metric} of {self.num} true samples (the floor): {floor['fd']:.4f}")
+            return
         try:
             self.net = feature_network_from_config(ev.feature_network, device)
             self.ref = None
@@ -87,18 +100,25 @@ class TrainingEvaluator:
         """Measure ``sampler`` (every rank must call it), log the value at ``step``; return it (rank 0)."""
         start = time.perf_counter()
         with eval_mode(sampler.net), untouched_rng(self.device):
-            numbers = evaluate_sampler(sampler, self.net, self.ref, self.num, self.seed, self.batch_size, self.device,
-                                       dist=self.dist, progress=False)
+            if self.mixture is not None:
+                numbers = evaluate_mixture(sampler, self.mixture, self.num, self.seed, self.batch_size, self.device,
+                                           self.dist)
+            else:
+                numbers = evaluate_sampler(sampler, self.net, self.ref, self.num, self.seed, self.batch_size,
+                                           self.device, dist=self.dist, progress=False)
         if numbers is None:  # ranks > 0
             return None
         seconds = time.perf_counter() - start
         value = self.last = numbers["value"]
+        self.last_scores = numbers.get("scores", {})
         if value < self.best:
             self.best, self.best_step = value, step
-        self.logger.log({self.key: value, "eval/seconds": seconds, "eval/images_per_sec": self.num / seconds,
+        extra = {f"eval/mixture_{k}": v for k, v in numbers.get("scores", {}).items() if k != "fd"}
+        self.logger.log({self.key: value, **extra, "eval/seconds": seconds, "eval/images_per_sec": self.num / seconds,
                          "eval/nfe": sampler.nfe}, step=step)
         self.logger.summary({f"{self.key}_best": self.best, "eval/best_step": self.best_step})
-        log.info(f"[eval] step {step}: {self.metric} = {value:.4f} ({self.num} samples, {sampler.nfe} NFE, "
+        scores = "".join(f", {k} {v:.3f}" for k, v in numbers.get("scores", {}).items() if k != "fd")
+        log.info(f"[eval] step {step}: {self.metric} = {value:.4f}{scores} ({self.num} samples, {sampler.nfe} NFE, "
                  f"{seconds:.1f} s, {self.num / seconds:.1f} images/s; best {self.best:.4f} at step {self.best_step})")
         return value
 
@@ -106,7 +126,8 @@ class TrainingEvaluator:
         """Final metrics for the sweeper: the last and best values (empty when evaluation is off)."""
         if not self.enabled or self.best_step < 0:
             return {}
-        return {self.key: self.last, f"{self.key}_best": self.best, "eval/best_step": self.best_step}
+        extra = {f"eval/mixture_{k}": v for k, v in self.last_scores.items() if k != "fd"}
+        return {self.key: self.last, f"{self.key}_best": self.best, "eval/best_step": self.best_step, **extra}
 
     def state_dict(self) -> dict[str, Any]:
         """Stored in checkpoints, so a resumed run keeps its best value."""

@@ -38,6 +38,7 @@ from dmd2.randomness import GRID_NOISE_OFFSET, BatchRNG, derived_seed, generator
 from dmd2.run import RunContext, progress, restore_rng, run_context, run_result, run_state
 from dmd2.run_logger import RunningMeans
 from dmd2.export import export_generator
+from dmd2.mixture import ExactDenoiser, mixture_from_config
 from dmd2.runners.teacher import teacher_samples
 from dmd2.settings import DistillSettings
 from dmd2.sampling import CheckpointSampler, grid_labels
@@ -207,8 +208,11 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     if not cfg.gan_classifier:
         dataset = LabelsOnly(dataset)  # no image decoding when only the labels are used
     model = UnifiedModel(teacher, cfg).to(device)
+    if cfg.exact_teacher:  # known-answer data: the real score is exact; the checkpoint only initialises G and fake
+        model.guidance.real_unet = ExactDenoiser(mixture_from_config(cfg.data), teacher.sigma_data)
     ema = copy.deepcopy(model.generator).eval().requires_grad_(False) if cfg.generator_ema_decay is not None else None
-    for net in (model.generator, model.guidance.fake_unet, model.guidance.real_unet):
+    networks = [model.generator, model.guidance.fake_unet] + ([] if cfg.exact_teacher else [model.guidance.real_unet])
+    for net in networks:
         prepare_network(net, cfg.perf)  # channels-last / torch.compile (after the EMA copy: it stays eager)
     fused = fused_adamw(cfg.perf.fused_adamw, device)
     upds = build_updaters(model, ema, cfg, fused)
@@ -224,7 +228,10 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     steps = total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps)
     num_chain, res = model.num_steps, cfg.data.resolution
-    ctx.say(f"[distill] teacher {cfg.teacher_checkpoint} (step {teacher_state['step']}), "
+    teacher_text = f"teacher {cfg.teacher_checkpoint} (step {teacher_state['step']})"
+    if cfg.exact_teacher:
+        teacher_text = f"the exact mixture denoiser as teacher (networks initialised from {teacher_text})"
+    ctx.say(f"[distill] {teacher_text}, "
             f"{count_parameters(model.generator) / 1e6:.2f}M parameters per network, {num_chain}-step generator, "
             f"GAN {'on' if cfg.gan_classifier else 'off'}, {steps} steps of global batch {cfg.batch_size * world} "
             f"on {device}, generator every {s.ratio} steps, from step {start}; writing to {ctx.output_dir}")

@@ -1,0 +1,132 @@
+"""data=gaussian_mixture: the mixture, its exact moments, exact denoiser and exact scores (fast, no training)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cleanfid.fid import frechet_distance
+
+from conftest import compose_cfg
+from dmd2.config import ConfigError, validate
+from dmd2.data import build_dataset
+from dmd2.diffusion import gaussian_optimal_denoiser, heun_sample, heun_sampler_sigmas, to_uint8
+from dmd2.mixture import (ExactDenoiser, class_moments, exact_denoise, frechet_to_exact, make_mixture,
+                          mixture_scores, quantize, reference_scores, sample_mixture)
+
+
+@pytest.fixture(scope="module")
+def mix():
+    return make_mixture(num_classes=4, components=3, resolution=8, std=0.05, seed=0)
+
+
+def test_mixture_is_a_function_of_its_keys(mix):
+    again = make_mixture(4, 3, 8, 0.05, 0)
+    assert torch.equal(mix.means, again.means)
+    assert not torch.equal(mix.means, make_mixture(4, 3, 8, 0.05, 1).means)
+    assert mix.means.shape == (4, 3, 3, 8, 8) and mix.means.abs().max() <= 0.75
+    # smooth: neighbouring pixels differ far less than pixels paired at random
+    flat = mix.means.flatten(2)
+    shuffled = flat[..., torch.randperm(flat.shape[-1], generator=torch.Generator().manual_seed(0))]
+    neighbours = (mix.means[..., 1:] - mix.means[..., :-1]).abs().mean()
+    assert neighbours < 0.5 * (flat - shuffled).abs().mean()
+
+
+def test_class_moments_match_many_draws(mix):
+    labels = torch.full((60000,), 2)
+    x, _ = sample_mixture(mix, labels, torch.Generator().manual_seed(0))
+    m, cov = class_moments(mix)
+    flat = x.flatten(1).double()
+    assert torch.allclose(flat.mean(0), m[2], atol=0.01)
+    assert torch.allclose(torch.cov(flat.T), cov[2], atol=0.01)
+
+
+def bayes_posterior_mean(mix, x, sigma, c):
+    """E[x0 | x] by Bayes' rule written out for one sample, in numpy (an independent implementation)."""
+    mu = mix.means[c].flatten(1).double().numpy()
+    v = mix.std ** 2 + sigma ** 2
+    logp = np.array([-((x - m) ** 2).sum() / (2 * v) for m in mu])
+    w = np.exp(logp - logp.max())
+    w /= w.sum()
+    return sum(wk * (m + mix.std ** 2 / v * (x - m)) for wk, m in zip(w, mu))
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.3, 2.0, 80.0])
+def test_exact_denoiser_is_the_posterior_mean(mix, sigma):
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.tensor([0, 1, 2, 3])
+    x0, _ = sample_mixture(mix, labels, gen)
+    x = x0 + sigma * torch.randn(x0.shape, generator=gen)
+    out = exact_denoise(mix, x, torch.full((4,), sigma), labels)
+    for i, c in enumerate(labels.tolist()):
+        want = bayes_posterior_mean(mix, x[i].flatten().double().numpy(), sigma, c)
+        np.testing.assert_allclose(out[i].flatten().double().numpy(), want, atol=1e-5)
+
+
+def test_one_component_is_the_gaussian_denoiser():
+    one = make_mixture(1, 1, 8, 0.1, 3)
+    x, sigma = torch.randn(5, 3, 8, 8), torch.tensor([0.1, 0.5, 1.0, 5.0, 80.0])
+    want = gaussian_optimal_denoiser(one.means[0, 0], torch.tensor(0.1))(x, sigma, torch.zeros(5))
+    assert torch.allclose(ExactDenoiser(one)(x, sigma, torch.zeros(5, dtype=torch.long)), want, atol=1e-6)
+
+
+def test_frechet_to_exact_is_clean_fids_formula():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 12)), rng.normal(size=(300, 12)) * 1.5 + 0.3
+    args = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert frechet_to_exact(*args) == pytest.approx(float(frechet_distance(*args)), rel=1e-8)
+
+
+def test_scores_of_true_samples_blur_and_a_single_mode(mix):
+    floor = reference_scores(mix, 2000)
+    assert floor["coverage"] == 1.0 and floor["near"] == 1.0 and floor["weight_tv"] < 0.08
+    labels = torch.arange(2000) % 4
+    blur = mixture_scores(mix, mix.means.mean(1)[labels], labels)  # every sample the average of its modes
+    assert blur["near"] == 0.0 and blur["coverage"] == 0.0 and blur["fd"] > 20 * floor["fd"]
+    gen = torch.Generator().manual_seed(5)
+    one_mode = mix.means[labels, 0] + mix.std * torch.randn(2000, 3, 8, 8, generator=gen)  # mode collapse
+    collapsed = mixture_scores(mix, quantize(one_mode), labels)
+    assert collapsed["near"] == 1.0 and collapsed["coverage"] == pytest.approx(1 / 3)
+    assert collapsed["weight_tv"] == pytest.approx(2 / 3) and collapsed["fd"] > 10 * floor["fd"]
+    # uint8 images score as their float values
+    assert mixture_scores(mix, to_uint8(one_mode), labels) == pytest.approx(collapsed)
+
+
+def test_exact_denoiser_with_heun_lands_on_the_mixture(mix):
+    """The sampler and the exact denoiser together: 35 NFE reach the floor, one Euler step is the blur."""
+    labels = torch.arange(1000) % 4
+    z = torch.randn(1000, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    floor = reference_scores(mix, 1000)
+    good = mixture_scores(mix, to_uint8(heun_sample(ExactDenoiser(mix), z, labels, heun_sampler_sigmas(18))), labels)
+    assert good["coverage"] == 1.0 and good["near"] >= 0.99 and good["fd"] < 1.3 * floor["fd"]
+    one = mixture_scores(mix, to_uint8(heun_sample(ExactDenoiser(mix), z, labels, heun_sampler_sigmas(1))), labels)
+    assert one["near"] == 0.0 and one["fd"] > 20 * floor["fd"]
+
+
+def test_dataset_draws_are_fixed_and_unflipped():
+    cfg = compose_cfg(["data=gaussian_mixture", "data.num_classes=2", "data.synthetic_per_class=50"])
+    a, b = build_dataset(cfg.data), build_dataset(cfg.data)
+    assert len(a) == 100 and a.class_names == ["class_000", "class_001"]
+    assert torch.equal(a.images, b.images) and [a[i][1] for i in range(4)] == [0, 1, 0, 1]
+    assert torch.equal(a.images, quantize(a.images))  # on the 256 levels every image has
+    mix = a.mixture
+    near = mixture_scores(mix, a.images, torch.tensor(a.targets))
+    assert near["near"] == 1.0 and near["coverage"] == 1.0
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["data.hflip=true"], "a flipped mean image is another mode"),
+    (["data.root=somewhere"], "data=gaussian_mixture is generated"),
+])
+def test_refused_mixture_settings(overrides, words):
+    cfg = compose_cfg(["data=gaussian_mixture", "device=cpu", *overrides])
+    with pytest.raises(ConfigError, match=words):
+        validate(cfg)
+
+
+def test_exact_teacher_needs_the_mixture(tmp_path):
+    ckpt = tmp_path / "t.pt"
+    ckpt.write_bytes(b"x")
+    cfg = compose_cfg(["stage=distill", f"teacher_checkpoint={ckpt}", "exact_teacher=true", "data=synthetic",
+                       "device=cpu"])
+    with pytest.raises(ConfigError, match="'exact_teacher' = true needs data=gaussian_mixture"):
+        validate(cfg)
