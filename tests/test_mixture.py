@@ -1,6 +1,8 @@
 """data=gaussian_mixture: the mixture, its exact moments, exact denoiser and exact scores (fast, no training)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -130,3 +132,43 @@ def test_exact_teacher_needs_the_mixture(tmp_path):
                        "device=cpu"])
     with pytest.raises(ConfigError, match="'exact_teacher' = true needs data=gaussian_mixture"):
         validate(cfg)
+
+
+def test_teacher_and_student_are_scored_exactly_in_training_and_by_evaluate(tmp_path):
+    """A few steps of each stage on the mixture: in-training evaluation logs the exact scores (with the floor in
+    the summary), evaluate.py gives the same value for the same samples and, for the teacher, its denoising error
+    against the exact denoiser at every noise level."""
+    import evaluate as evaluate_script
+    from train import train
+
+    quick = ["debug=smoke", "logger=none", "data=gaussian_mixture", "data.num_classes=2",
+             "data.synthetic_per_class=64", "eval_every=4", "eval.num_samples=40", "eval.sampler_steps=2"]
+    result = train(compose_cfg([*quick, f"output_dir={tmp_path / 't'}"]))
+    assert set(result["metrics"]) >= {"eval/mixture_fd", "eval/mixture_near", "eval/mixture_coverage",
+                                      "eval/mixture_weight_tv", "eval/mixture_fd_best"}
+    assert result["objective_key"] == "eval/mixture_fd_best"
+    teacher = tmp_path / "t" / "teacher_final.pt"
+    distilled = train(compose_cfg([*quick, "stage=distill", f"teacher_checkpoint={teacher}", "exact_teacher=true",
+                                   f"output_dir={tmp_path / 'd'}"]))
+    assert 0 <= distilled["metrics"]["eval/mixture_near"] <= 1
+
+    rows = evaluate_script.evaluate(compose_cfg(
+        ["logger=none", f"checkpoint={teacher}", "num_samples=40", "sampler.steps=2", "device=cpu",
+         f"output_dir={tmp_path / 'e'}"], config_name="evaluate"))
+    (row,) = rows
+    assert row["value"] == pytest.approx(result["metrics"]["eval/mixture_fd"], rel=1e-9)
+    assert row["mixture_scores"]["fd"] == row["value"] and row["mixture_floor"]["near"] == 1.0
+    errors = row["denoising_error"]
+    assert [e["sigma"] for e in errors] == sorted(e["sigma"] for e in errors) and len(errors) >= 8
+    assert all(e["mse"] >= 0 and e["mse_x0"] > 0 for e in errors)
+    saved = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert saved[0]["denoising_error"] == errors
+
+
+def test_exact_denoiser_has_no_denoising_error(mix):
+    from dmd2.mixture import DENOISING_SIGMAS, denoising_errors
+
+    rows = denoising_errors(ExactDenoiser(mix), mix, DENOISING_SIGMAS, num=200)
+    assert all(r["mse"] < 1e-10 for r in rows)
+    # the irreducible error grows with the noise: from ~0 to the mixture's per-pixel variance
+    assert rows[0]["mse_x0"] < 1e-5 < rows[-1]["mse_x0"]
