@@ -39,8 +39,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("config keys 'checkpoint' and 'checkpoint_dir': set exactly one "
                           f"(got checkpoint={cfg.checkpoint!r}, checkpoint_dir={cfg.checkpoint_dir!r})")
     if cfg.checkpoint is not None and not (cfg.checkpoint.startswith("hf://") or os.path.exists(cfg.checkpoint)):
-        fail_file("checkpoint", cfg.checkpoint, "an existing checkpoint (teacher_*.pt or dmd2_*.pt), an export folder or "
-             ".safetensors file, or hf://owner/repo")
+        fail_file("checkpoint", cfg.checkpoint, "an existing checkpoint (teacher_*.pt or dmd2_*.pt), an export "
+                  "folder or .safetensors file, or hf://owner/repo")
     if cfg.checkpoint_dir is not None and not os.path.isdir(cfg.checkpoint_dir):
         fail_file("checkpoint_dir", cfg.checkpoint_dir, "an existing folder of checkpoints")
     check_fid(cfg)

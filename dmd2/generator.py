@@ -30,6 +30,7 @@ from dmd2.export_format import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, export_
 from dmd2.networks import build_denoiser
 from dmd2.sampling import CheckpointSampler, make_sampler, sample_batches, sampler_from_checkpoint
 from dmd2.seeds import parse_seeds  # noqa: F401  (dmd2.generator.parse_seeds, as before it moved)
+
 Labels = int | str | Sequence[int | str] | Tensor | None
 
 
