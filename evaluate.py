@@ -17,22 +17,25 @@ import glob
 import json
 import logging
 import os
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig
 
-from dmd2.checkpoint import CheckpointError
+from dmd2.errors import CheckpointError, GeneratorError
 from dmd2.files import atomic_write
 import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
-from dmd2.config import ConfigError, check_device, check_fid, check_settings, fail, resolve_device, to_container
-from dmd2.evaluation import evaluate_mixture, evaluate_sampler, feature_network_from_config, reference_from_config
-from dmd2.mixture import (DENOISING_SAMPLES, DENOISING_SIGMAS, MIXTURE_KEY, MIXTURE_METRIC, GaussianMixture,
-                          denoising_errors, mixture_from_config, reference_scores)
-from dmd2.sampling import CheckpointSampler
-from dmd2.run_logger import RunLogger
-from dmd2.run import default_run_name, hydra_output_dir, logger_settings
-from dmd2.generator import GeneratorError, is_export, load_generator, source_info
+from dmd2.cli import run_script
+from dmd2.config import (ConfigError, check_device, check_fid, check_settings, fail_file, resolve_device,
+                         to_container)
+
+if TYPE_CHECKING:
+    from dmd2.mixture import GaussianMixture
+    from dmd2.sampling import CheckpointSampler
+
+# Only torch-free modules are imported above: --help and tab completion compose the config without torch. The
+# functions below import what they need (torch, clean-fid, the generator) when they run.
 
 log = logging.getLogger("evaluate")
 
@@ -44,15 +47,17 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("config keys 'checkpoint' and 'checkpoint_dir': set exactly one "
                           f"(got checkpoint={cfg.checkpoint!r}, checkpoint_dir={cfg.checkpoint_dir!r})")
     if cfg.checkpoint is not None and not (cfg.checkpoint.startswith("hf://") or os.path.exists(cfg.checkpoint)):
-        fail("checkpoint", cfg.checkpoint, "an existing checkpoint (teacher_*.pt or dmd2_*.pt), an export folder or "
-             ".safetensors file, or hf://owner/repo")
+        fail_file("checkpoint", cfg.checkpoint, "an existing checkpoint (teacher_*.pt or dmd2_*.pt), an export "
+                  "folder or .safetensors file, or hf://owner/repo")
     if cfg.checkpoint_dir is not None and not os.path.isdir(cfg.checkpoint_dir):
-        fail("checkpoint_dir", cfg.checkpoint_dir, "an existing folder of checkpoints")
+        fail_file("checkpoint_dir", cfg.checkpoint_dir, "an existing folder of checkpoints")
     check_fid(cfg)
 
 
 def checkpoint_info(path: str) -> dict[str, Any]:
     """A checkpoint's or export's step, kind and W&B run (id and group), read without loading its weights."""
+    from dmd2.generator import source_info
+
     try:
         return source_info(path)
     except GeneratorError as err:
@@ -62,6 +67,8 @@ def checkpoint_info(path: str) -> dict[str, Any]:
 def wandb_settings(cfg: DictConfig, training: dict[str, Any]) -> dict[str, Any]:
     """The logger settings, with ``logger.group`` null meaning the training run's group (or, when it had none,
     its run id): a training run's evaluations sit next to it in W&B."""
+    from dmd2.run import logger_settings
+
     settings = logger_settings(cfg)
     if settings.get("name") == "wandb" and settings.get("group") is None:
         settings["group"] = training["wandb_group"] or training["wandb_run_id"]
@@ -74,7 +81,7 @@ def checkpoints_to_evaluate(cfg: DictConfig) -> list[tuple[dict[str, Any], str]]
         return [(checkpoint_info(cfg.checkpoint), cfg.checkpoint)]
     paths = sorted(glob.glob(os.path.join(glob.escape(cfg.checkpoint_dir), "*.pt")))
     if not paths:
-        fail("checkpoint_dir", cfg.checkpoint_dir, "a folder containing checkpoints (*.pt)")
+        fail_file("checkpoint_dir", cfg.checkpoint_dir, "a folder containing checkpoints (*.pt)")
     return sorted(((checkpoint_info(p), p) for p in paths), key=lambda ip: (ip[0]["step"], ip[1]))
 
 
@@ -94,6 +101,8 @@ def _write_json(path: str, data: Any) -> None:
 def checkpoint_mixture(checkpoints: list[tuple[dict[str, Any], str]]) -> GaussianMixture | None:
     """The known-answer mixture the checkpoints were trained on (data=gaussian_mixture; scored exactly, with no
     feature network), or None. Checkpoints of other data, or of another mixture, in the same call are refused."""
+    from dmd2.mixture import mixture_from_config
+
     datas = [info.get("data") or {} for info, _ in checkpoints]
     if all(d.get("name") != "gaussian_mixture" for d in datas):
         return None
@@ -108,6 +117,8 @@ def checkpoint_mixture(checkpoints: list[tuple[dict[str, Any], str]]) -> Gaussia
 def measure_features(sampler: CheckpointSampler, net: Any, ref: Any, cfg: DictConfig, device: Any
                      ) -> tuple[dict[str, Any], dict[str, float]]:
     """FID / FD (and KID) of a sampler: the result row's own fields and the scalars to log."""
+    from dmd2.evaluation import evaluate_sampler
+
     numbers = evaluate_sampler(sampler, net, ref, cfg.num_samples, cfg.seed, cfg.batch_size, device, cfg.kid)
     row = {"metric": net.metric, "value": numbers["value"], "kid": numbers["kid"],
            "images_per_sec": numbers["images_per_sec"], "feature_network": net.source, "resize": net.resize,
@@ -123,6 +134,9 @@ def measure_mixture(sampler: CheckpointSampler, mix: GaussianMixture, floor: dic
                     device: Any) -> tuple[dict[str, Any], dict[str, float]]:
     """Exact scores of a model of data=gaussian_mixture (and, for a teacher, its denoising error against the exact
     denoiser per noise level): the result row's own fields and the scalars to log."""
+    from dmd2.evaluation import evaluate_mixture
+    from dmd2.mixture import DENOISING_SAMPLES, DENOISING_SIGMAS, MIXTURE_METRIC, denoising_errors
+
     numbers = evaluate_mixture(sampler, mix, cfg.num_samples, cfg.seed, cfg.batch_size, device)
     assert numbers is not None  # one process
     scores = numbers["scores"]
@@ -147,6 +161,12 @@ def measure_mixture(sampler: CheckpointSampler, mix: GaussianMixture, floor: dic
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Evaluate the configured checkpoint(s); return the result rows (also in <output_dir>/results.json)."""
+    from dmd2.evaluation import feature_network_from_config, reference_from_config
+    from dmd2.generator import is_export, load_generator
+    from dmd2.mixture import MIXTURE_KEY, MIXTURE_METRIC, reference_scores
+    from dmd2.run import default_run_name, hydra_output_dir
+    from dmd2.run_logger import RunLogger
+
     validate(cfg)
     checkpoints = checkpoints_to_evaluate(cfg)
     device = resolve_device(cfg.device)
@@ -222,4 +242,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

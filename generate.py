@@ -12,19 +12,25 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
+from dmd2.cli import run_script
 from dmd2.config import ConfigError, check_device, check_settings, resolve_device
-from dmd2.generator import Generator, GeneratorError, load_generator, parse_seeds
-from dmd2.sampling import GRID_MAX_CLASSES
+from dmd2.errors import FileError, GeneratorError
+from dmd2.seeds import parse_seeds
+
+if TYPE_CHECKING:  # torch and the generator are imported in generate(): --help and tab completion stay fast
+    import torch
+
+    from dmd2.generator import Generator
 
 log = logging.getLogger("generate")
 GRID_COLUMNS = 16  # images per grid row
@@ -68,20 +74,23 @@ def labelled_grid(rows: list[list[torch.Tensor]], names: list[str]) -> Image.Ima
 
 
 def generate(cfg: DictConfig) -> dict[str, Any]:
+    from dmd2.generator import load_generator
+    from dmd2.sampling import GRID_MAX_CLASSES
+
     check_settings(cfg)
     check_device(cfg)
     if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
         raise ConfigError(f"config key 'output_dir' = {cfg.output_dir!r} is a file; expected a folder (it is created "
                           "when missing)")
     if not cfg.checkpoint.startswith("hf://") and not os.path.exists(cfg.checkpoint):
-        raise ConfigError(f"config key 'checkpoint' = {cfg.checkpoint!r}: not found (a checkpoint .pt, an export "
-                          "folder or .safetensors file, or hf://owner/repo)")
+        raise FileError(f"config key 'checkpoint' = {cfg.checkpoint!r}: not found (a checkpoint .pt, an export "
+                        "folder or .safetensors file, or hf://owner/repo)")
     device = resolve_device(cfg.device)
     try:
         gen = load_generator(cfg.checkpoint, device, heun_steps=cfg.sampler.steps,
                              teacher_weights=cfg.teacher_weights, generator_weights=cfg.generator_weights)
     except GeneratorError as err:
-        raise ConfigError(f"config key 'checkpoint' = {cfg.checkpoint!r}: {err}") from err
+        raise FileError(f"config key 'checkpoint' = {cfg.checkpoint!r}: {err}") from err
     names = list(cfg.class_names) if cfg.class_names is not None else gen.class_names
     if gen.num_classes and len(names) != gen.num_classes:
         raise ConfigError(f"config key 'class_names' has {len(names)} names; the model has {gen.num_classes} classes")
@@ -135,9 +144,11 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(config_path="conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    import torch
+
+    torch.set_grad_enabled(False)
     generate(cfg)
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
-    main()
+    sys.exit(run_script(main))

@@ -15,7 +15,11 @@ import hydra
 from omegaconf import DictConfig
 
 import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
+from dmd2.cli import run_script
 from dmd2.config import ConfigError, validate
+
+# Only torch-free modules are imported above: --help and tab completion compose the config without torch. The
+# stage runners (torch, data, networks) are imported when a run starts (runner_for).
 
 
 def runner_for(stage: str) -> Callable[[DictConfig], dict[str, Any]]:
@@ -57,4 +61,4 @@ def quiet_hydra_on_other_ranks(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv = quiet_hydra_on_other_ranks(sys.argv)
-    main()
+    sys.exit(run_script(main))

@@ -16,16 +16,13 @@ from typing import Any
 import torch
 
 from dmd2.distributed import Dist, barrier
+from dmd2.errors import CheckpointError
 from dmd2.files import atomic_write
 from dmd2.networks import EDMPrecond, build_denoiser
 
 log = logging.getLogger(__name__)
 
 KINDS = ("teacher", "dmd2")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable, or not of the expected kind."""
 
 
 def save_checkpoint(state: dict[str, Any], path: str) -> None:

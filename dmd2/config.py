@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dmd2.errors import ConfigError, FileError
 from dmd2.settings import GENERATED_DATA
 
+if TYPE_CHECKING:
+    import torch
 
-class ConfigError(ValueError):
-    """A config value is missing, of the wrong type or out of range."""
+# This module is on the config-composition path of the scripts (--help, tab completion): it imports torch only
+# inside the functions that need it.
 
 
 def fail(key: str, value: Any, expected: str) -> None:
     raise ConfigError(f"config key '{key}' = {value!r}: expected {expected}")
+
+
+def fail_file(key: str, value: Any, expected: str) -> None:
+    """Like ``fail``, for a key naming a file or folder that is missing or of the wrong kind (exit status 3)."""
+    raise FileError(f"config key '{key}' = {value!r}: expected {expected}")
 
 
 def check_settings(cfg: DictConfig, prefix: str = "") -> None:
@@ -63,15 +70,17 @@ def check_fid(cfg: DictConfig, prefix: str = "") -> None:
         fail(prefix + "feature_network.path", fn.path, f"null with {prefix}feature_network.name=inception "
              f"(set {prefix}feature_network.name=torchscript to use this file)")
     if fn.name == "torchscript" and (fn.path is None or not os.path.isfile(fn.path)):
-        fail(prefix + "feature_network.path", fn.path,
-             f"an existing TorchScript file with {prefix}feature_network.name=torchscript")
+        fail_file(prefix + "feature_network.path", fn.path,
+                  f"an existing TorchScript file with {prefix}feature_network.name=torchscript")
     if ref.name == "folder" and (ref.folder is None or not os.path.isdir(ref.folder)):
-        fail(prefix + "reference.folder", ref.folder, f"an existing image folder with {prefix}reference.name=folder")
+        fail_file(prefix + "reference.folder", ref.folder,
+                  f"an existing image folder with {prefix}reference.name=folder")
     if ref.name == "cifar10_train" and ref.folder is not None:
         fail(prefix + "reference.folder", ref.folder, f"null with {prefix}reference.name=cifar10_train (clean-fid's "
              f"precomputed statistics); add {prefix}reference.name=folder to use this folder")
     if ref.name == "npz" and (ref.path is None or not os.path.isfile(ref.path)):
-        fail(prefix + "reference.path", ref.path, f"an existing .npz file (mu, sigma) with {prefix}reference.name=npz")
+        fail_file(prefix + "reference.path", ref.path, f"an existing .npz file (mu, sigma) with "
+                  f"{prefix}reference.name=npz")
     if ref.name != "npz" and ref.path is not None:
         fail(prefix + "reference.path", ref.path, f"null unless {prefix}reference.name=npz")
     if ref.name == "cifar10_train" and fn.name == "inception" and fn.resize != "clean":
@@ -87,7 +96,7 @@ def check_file(cfg: DictConfig, key: str, what: str) -> None:
         raise ConfigError(f"config key '{key}' is required: pass {key}=path/to/{what}")
     path = cfg[key]
     if not isinstance(path, str) or not os.path.isfile(path):
-        raise ConfigError(f"config key '{key}' = {path!r}: file not found (expected {what})")
+        raise FileError(f"config key '{key}' = {path!r}: file not found (expected {what})")
 
 
 SYNTHETIC_ROOT = "generated"  # the placeholder root of generated data (conf/data/synthetic.yaml, gaussian_mixture.yaml)
@@ -107,15 +116,17 @@ def check_data(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'exact_teacher' = true needs data=gaussian_mixture (the only data whose exact "
                           f"denoiser is known), got data={cfg.data.name}")
     if cfg.data.name == "edm_dataset" and not os.path.exists(root):
-        raise ConfigError(f"config key 'data.root' = {root!r}: not found (expected EDM's dataset: a .zip or a folder "
-                          f"with dataset.json, as dataset_tool.py writes it)")
+        raise FileError(f"config key 'data.root' = {root!r}: not found (expected EDM's dataset: a .zip or a folder "
+                        f"with dataset.json, as dataset_tool.py writes it)")
     if cfg.data.name == "image_folder" and not os.path.isdir(root):
-        raise ConfigError(
+        raise FileError(
             f"config key 'data.root' = {root!r}: folder not found (expected a class-folder tree root/<class>/<image>)"
         )
 
 
 def check_device(cfg: DictConfig) -> None:
+    import torch
+
     device = cfg.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"config key 'device' = {device!r}: CUDA is not available on this machine")
@@ -129,7 +140,7 @@ def validate(cfg: DictConfig) -> None:
     check_device(cfg)
     check_data(cfg)
     if cfg.resume not in (None, "auto") and not os.path.isfile(cfg.resume):
-        raise ConfigError(f"config key 'resume' = {cfg.resume!r}: file not found (expected null, auto or a checkpoint)")
+        raise FileError(f"config key 'resume' = {cfg.resume!r}: file not found (expected null, auto or a checkpoint)")
     if cfg.resume == "auto" and not cfg.output_dir:
         raise ConfigError("config key 'resume' = 'auto' needs output_dir=<the folder of the run to continue>")
     if cfg.stage == "distill":
@@ -150,6 +161,8 @@ def validate(cfg: DictConfig) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

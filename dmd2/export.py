@@ -17,8 +17,6 @@ The folder holds:
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -28,47 +26,11 @@ from typing import Any
 
 import torch
 
-from dmd2 import __version__
-from dmd2.checkpoint import CheckpointError, load_checkpoint
-from dmd2.data import default_class_names
-from dmd2.files import atomic_write, file_sha256
-from dmd2.generator import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, GeneratorError
-from dmd2.sampling import CheckpointSampler, sampler_from_checkpoint
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    """A short hash of a resolved training config (sorted JSON): equal configs, equal hashes."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def export_metadata(state: dict[str, Any], sampler: CheckpointSampler, checkpoint: str,
-                    with_checksum: bool = True) -> dict[str, Any]:
-    """The config.json of an export of checkpoint ``state`` (sampled by ``sampler``)."""
-    num_classes = int(state["num_classes"])
-    names = state.get("class_names")
-    if sampler.kind == "teacher":
-        how = {"heun_steps": sampler.heun_steps, "nfe": sampler.nfe}
-    else:
-        how = {"denoising_sigmas": list(sampler.denoising_sigmas), "nfe": sampler.nfe}
-    config = state.get("config") or {}
-    provenance = {
-        "checkpoint": os.path.basename(checkpoint),
-        "checkpoint_sha256": file_sha256(checkpoint) if with_checksum else None,
-        "step": int(state["step"]),
-        "teacher_checkpoint": state.get("teacher_checkpoint"),
-        "imported_from": (state.get("provenance") or {}).get("source"),
-        "config_sha256": config_hash(config),
-        "wandb_run_id": state.get("wandb_run_id"),
-        "dmd2_version": __version__,
-        "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    return {
-        "format": EXPORT_FORMAT, "format_version": 1, "kind": state["kind"], "weights": sampler.weights,
-        "arch": state["arch"], "num_classes": num_classes, "resolution": int(state["resolution"]),
-        "sigma_data": float(state.get("sigma_data", 0.5)), "sampler": how,
-        "class_names": list(names) if names is not None else default_class_names(num_classes),
-        "provenance": provenance, "training_config": config,
-    }
+from dmd2.checkpoint import load_checkpoint
+from dmd2.errors import CheckpointError, GeneratorError
+from dmd2.export_format import CONFIG_FILE, WEIGHTS_FILE, export_metadata
+from dmd2.files import atomic_write
+from dmd2.sampling import sampler_from_checkpoint
 
 
 def model_card(meta: dict[str, Any], repo_id: str | None) -> str:

@@ -23,18 +23,15 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from dmd2.checkpoint import CheckpointError, load_checkpoint
+from dmd2.checkpoint import load_checkpoint
 from dmd2.data import default_class_names
+from dmd2.errors import CheckpointError, GeneratorError
+from dmd2.export_format import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, export_metadata
 from dmd2.networks import build_denoiser
 from dmd2.sampling import CheckpointSampler, make_sampler, sample_batches, sampler_from_checkpoint
+from dmd2.seeds import parse_seeds  # noqa: F401  (dmd2.generator.parse_seeds, as before it moved)
 
-EXPORT_FORMAT = "dmd2-generator"
-WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 Labels = int | str | Sequence[int | str] | Tensor | None
-
-
-class GeneratorError(ValueError):
-    """A source that cannot be loaded, or labels / seeds that do not fit the model."""
 
 
 @dataclass
@@ -120,27 +117,6 @@ class Generator:
         if device is not None:
             self.to(device)
         return torch.cat([images for images, _ in self.batches(labels, seeds, batch_size=batch_size, dtype=dtype)])
-
-
-def parse_seeds(spec: Any) -> list[int]:
-    """Seeds as EDM's generate.py takes them: 7, '0-63', '0-9,20,30-32' or a list of those -> [ints]."""
-    if isinstance(spec, bool):
-        raise GeneratorError(f"seeds: expected a number, a range like 0-63 or a list, got {spec!r}")
-    if isinstance(spec, int):
-        return [spec]
-    if isinstance(spec, (list, tuple)) or (hasattr(spec, "__iter__") and not isinstance(spec, str)):
-        return [s for part in spec for s in parse_seeds(part)]
-    seeds: list[int] = []
-    for part in str(spec).split(","):
-        lo, sep, hi = part.strip().partition("-")
-        try:
-            first, last = int(lo), int(hi) if sep else int(lo)
-        except ValueError:
-            raise GeneratorError(f"seeds: {part!r} is not a number or a range like 0-63") from None
-        if first < 0 or last < first:
-            raise GeneratorError(f"seeds: {part!r} is not a range of non-negative numbers low-high")
-        seeds.extend(range(first, last + 1))
-    return seeds
 
 
 def read_export(folder_or_file: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -256,7 +232,5 @@ def load_generator(source: str, device: torch.device | str = "cpu", *, heun_step
     except CheckpointError as err:
         raise GeneratorError(str(err)) from err
     sampler = sampler_from_checkpoint(state, device, heun_steps or 18, teacher_weights, generator_weights)
-    from dmd2.export import export_metadata
-
     metadata = export_metadata(state, sampler, source, with_checksum=False)
     return Generator(sampler, metadata["class_names"], metadata)

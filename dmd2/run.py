@@ -24,6 +24,7 @@ from dmd2.checkpoint import (
     CheckpointError, latest_valid_checkpoint, load_checkpoint, rng_state, save_final, set_rng_state,
 )
 from dmd2.config import ConfigError, resolve_device, to_container
+from dmd2.errors import FileError
 from dmd2.distributed import Dist, any_rank, broadcast_object, gather_objects, init_distributed, shutdown
 from dmd2.randomness import BatchRNG, derived_seed
 from dmd2.run_logger import RunLogger
@@ -136,7 +137,7 @@ def find_resume(cfg: DictConfig, output_dir: str, prefix: str, kind: str) -> tup
     try:
         state = load_checkpoint(cfg.resume, kind=kind)
     except CheckpointError as err:
-        raise ConfigError(f"config key 'resume' = {cfg.resume!r}: {err}") from err
+        raise FileError(f"config key 'resume' = {cfg.resume!r}: {err}") from err
     log.info(f"[resume] continuing {cfg.resume} (step {state['step']})")
     return cfg.resume, state
 
@@ -149,8 +150,8 @@ def check_writable(folder: str) -> None:
         os.close(fd)
         os.remove(probe)
     except OSError as err:
-        raise ConfigError(f"config key 'output_dir' = {folder!r}: not a writable folder ({err}); checkpoints "
-                          "could not be saved there") from err
+        raise FileError(f"config key 'output_dir' = {folder!r}: not a writable folder ({err}); checkpoints "
+                        "could not be saved there") from err
 
 
 def process_alive(pid: int) -> bool:

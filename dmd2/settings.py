@@ -23,6 +23,9 @@ from typing import Any, Callable, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from dmd2.errors import GeneratorError
+from dmd2.seeds import parse_seeds
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -458,8 +461,6 @@ class EvaluateSettings(FidSettings):
 
 
 def _seeds_ok(value: Any) -> bool:
-    from dmd2.generator import GeneratorError, parse_seeds  # (torch-free parsing; imported when checked)
-
     try:
         return bool(parse_seeds(value))
     except GeneratorError:

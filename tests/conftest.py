@@ -2,18 +2,27 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # parallel test workers (pytest-xdist, one per core): one torch thread each, and in the scripts they start,
+    # instead of every process using every core
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
+HANG_GUARD_S = 1800  # subprocess timeouts only catch a hung process: a loaded machine must not fail a test
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
@@ -33,9 +42,26 @@ def make_image_folder(root: Path, num_classes: int = 10, per_class: int = 2, siz
     return root
 
 
+def build_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``name``, filled by ``build`` once per test run. Under pytest-xdist every worker has its own
+    session; the workers share such a folder in their common temporary folder: the first one builds it under a
+    file lock, the others wait for it and reuse it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / name
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            folder.mkdir(parents=True)
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("data") / "tiny")
+    return build_once(tmp_path_factory, "data", lambda folder: make_image_folder(folder / "tiny")) / "tiny"
 
 
 def compose_cfg(overrides: list[str], config_name: str = "config", return_hydra_config: bool = False):
@@ -43,7 +69,7 @@ def compose_cfg(overrides: list[str], config_name: str = "config", return_hydra_
         return compose(config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config)
 
 
-def run_cli(script: str, *overrides: str, env: dict[str, str] | None = None, timeout: int = 300,
+def run_cli(script: str, *overrides: str, env: dict[str, str] | None = None, timeout: int = HANG_GUARD_S,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would (a subprocess, real Hydra CLI)."""
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
@@ -89,24 +115,26 @@ def train_eval_args(featnet: Path, reference: Path, cache: Path, every: int = 2,
 @pytest.fixture(scope="session")
 def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
     """A tiny teacher trained for a few steps through the real CLI (shared by the distill tests)."""
-    out = tmp_path_factory.mktemp("teacher")
-    proc = run_cli("train.py", *SMOKE, "stage=teacher", "data=image_folder", f"data.root={tiny_data}",
-                   f"output_dir={out}", "hydra.run.dir=" + str(out / "hydra"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "teacher_final.pt"
+    def train(out: Path) -> None:
+        proc = run_cli("train.py", *SMOKE, "stage=teacher", "data=image_folder", f"data.root={tiny_data}",
+                       f"output_dir={out}", "hydra.run.dir=" + str(out / "hydra"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return build_once(tmp_path_factory, "teacher", train) / "teacher_final.pt"
 
 
 @pytest.fixture(scope="session")
 def dmd2_run(tmp_path_factory: pytest.TempPathFactory, teacher_ckpt: Path, tiny_data: Path) -> Path:
     """A tiny distillation (5 steps, generator every 2nd, generator EMA) through the real CLI, logged to an
     offline W&B run with ``logger.log_checkpoints``: its output folder (dmd2_final.pt, generator/, wandb/)."""
-    out = tmp_path_factory.mktemp("dmd2")
-    proc = run_cli("train.py", "debug=smoke", "logger=wandb", "logger.log_checkpoints=true", "stage=distill",
-                   "data=image_folder", f"data.root={tiny_data}", f"teacher_checkpoint={teacher_ckpt}",
-                   f"output_dir={out}", "max_steps=5", "dfake_gen_update_ratio=2", "generator_ema_decay=0.9",
-                   f"hydra.run.dir={out / 'hydra'}", env={"WANDB_MODE": "offline"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    def distill(out: Path) -> None:
+        proc = run_cli("train.py", "debug=smoke", "logger=wandb", "logger.log_checkpoints=true", "stage=distill",
+                       "data=image_folder", f"data.root={tiny_data}", f"teacher_checkpoint={teacher_ckpt}",
+                       f"output_dir={out}", "max_steps=5", "dfake_gen_update_ratio=2", "generator_ema_decay=0.9",
+                       f"hydra.run.dir={out / 'hydra'}", env={"WANDB_MODE": "offline"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return build_once(tmp_path_factory, "dmd2", distill)
 
 
 def wandb_records(run_folder: Path) -> list:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import HANG_GUARD_S, ROOT
+
+pytestmark = pytest.mark.slow  # every test here runs bench.py end to end (over 30 s on two CPU cores)
 
 
 def positive(value) -> bool:
@@ -21,7 +23,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "r.json"
     env = {**os.environ, "WANDB_MODE": "disabled"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--tiny", "--device", "cpu",
-                           "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+                           "--out", str(out)], capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=ROOT,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| arch" in proc.stdout  # the table
     return json.loads(out.read_text())
@@ -68,14 +71,13 @@ def test_every_section_has_positive_numbers(report: dict) -> None:
         assert r["memory_kind"]
 
 
-@pytest.mark.slow
 def test_fast_paths_script_compares_each_switch_with_its_baseline(tmp_path: Path) -> None:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     # three of the six settings: each switch runs through the same loop (tests/test_speed.py checks that every
     # switch trains like the plain path)
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "fast_paths.sh"), "--device", "cpu", "--tiny",
                            "--only", "fp32,bf16,compile", "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=400, cwd=ROOT, env=env)
+                          timeout=HANG_GUARD_S, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (tmp_path / "summary.txt").read_text().splitlines()
     assert not any(line.startswith(("channels_last ", "fused_adamw ", "no_tf32 ")) for line in lines)

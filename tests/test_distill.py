@@ -195,3 +195,11 @@ def test_a_non_teacher_checkpoint_is_refused(tiny_data, tmp_path):
     proc = run_cli("train.py", *SMOKE, "stage=distill", "data=image_folder", f"data.root={tiny_data}",
                    f"teacher_checkpoint={bogus}", f"hydra.run.dir={tmp_path / 'h'}")
     assert proc.returncode != 0 and "not a checkpoint of this project" in proc.stderr
+
+
+def test_the_smoke_distillation_makes_real_generator_updates(dmd2_run):
+    """README's "Try it first" settings (debug=smoke, dfake_gen_update_ratio=2): the update at step 0 has a zero DM
+    gradient (fake = teacher), the one at step 2 a non-zero one."""
+    rows = [json.loads(line) for line in (dmd2_run / "metrics.jsonl").read_text().splitlines()]
+    grads = [row["train/dm_grad_norm"] for row in rows if "train/dm_grad_norm" in row]
+    assert len(grads) >= 2 and grads[0] == 0.0 and grads[1] > 0.0

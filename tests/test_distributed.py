@@ -15,13 +15,16 @@ from dmd2.checkpoint import load_checkpoint
 from dmd2.data import EpochBatchSampler
 from dmd2.distributed import Dist
 from dmd2.randomness import BatchRNG
-from tests.conftest import ROOT, assert_trained_alike, run_cli, train_eval_args
+from tests.conftest import HANG_GUARD_S, ROOT, assert_trained_alike, run_cli, train_eval_args
+
+# the torchrun runs (two processes each) run one at a time, on one test worker
+pytestmark = pytest.mark.xdist_group("torchrun")
 
 BASE = ["logger=none", "device=cpu", "data=image_folder", "max_steps=4", "save_every=2", "sample_every=0",
         "log_every=1", "warmup_steps=2", "data.num_workers=0", "samples_per_class=1", "sample_steps=2"]
 
 
-def torchrun(*overrides: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(*overrides: str, nproc: int = 2, timeout: int = HANG_GUARD_S) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "train.py"), *overrides]
@@ -155,12 +158,12 @@ def test_a_stop_signal_under_torchrun_saves_one_checkpoint_at_a_step_all_ranks_a
     proc = subprocess.Popen([*cmd, *args, f"hydra.run.dir={tmp_path / 'h1'}"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     import time
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_GUARD_S
     while not (tmp_path / "out" / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(2.0)
     proc.terminate()  # SIGTERM to torchrun, which passes it on to every rank
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=HANG_GUARD_S)
     (saved,) = (tmp_path / "out").glob("teacher_0*.pt")
     step = load_checkpoint(str(saved))["step"]
     assert 0 < step < 200 and f"stopped at step {step}" in stderr

@@ -29,7 +29,7 @@ from dmd2.files import file_sha256
 from dmd2.import_edm import EDMImportError, import_edm, main as import_main
 from dmd2.networks import EDMPrecond, build_denoiser
 from dmd2.settings import arch_settings
-from tests.conftest import ROOT, SMOKE, compose_cfg, run_cli, train_eval_args
+from tests.conftest import HANG_GUARD_S, ROOT, SMOKE, compose_cfg, run_cli, train_eval_args
 
 # SongUNet's constructor defaults in NVlabs/edm (training/networks.py); a pickle records only passed arguments.
 EDM_SONGUNET_DEFAULTS = dict(augment_dim=0, model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4,
@@ -229,7 +229,7 @@ def test_an_imported_teacher_distills_generates_and_evaluates(label_dim, tiny_da
     edm_snapshot(pkl, "ncsnpp" if label_dim else "ddpmpp", label_dim)
     teacher = tmp_path / "edm.pt"
     proc = subprocess.run([sys.executable, "-m", "dmd2.import_edm", str(pkl), str(teacher)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = ["data=image_folder", f"data.root={tiny_data}", f"data.num_classes={label_dim}"]
     out = tmp_path / "distill"

@@ -18,7 +18,7 @@ import dmd2.checkpoint as checkpoint
 from dmd2.checkpoint import load_checkpoint
 from dmd2.config import ConfigError
 from dmd2.run import LOCK_FILE, acquire_lock
-from tests.conftest import ROOT, SMOKE, compose_cfg, run_cli
+from tests.conftest import HANG_GUARD_S, ROOT, SMOKE, compose_cfg, run_cli
 
 
 def teacher_cfg(tiny_data: Path, out: Path, *extra: str):
@@ -101,7 +101,7 @@ def test_two_runs_started_together_in_one_folder_do_not_mix(tiny_data, tmp_path)
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     procs = [subprocess.Popen([*common, f"seed={s}", f"hydra.run.dir={tmp_path / f'h{s}'}"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) for s in (1, 2)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    results = [(p.wait(timeout=HANG_GUARD_S), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes[0] == 0 and codes[1] != 0, results
     refused = next(err for code, err in results if code != 0)
@@ -149,12 +149,12 @@ def test_a_stop_signal_saves_a_checkpoint_and_resume_loses_nothing(tiny_data, tm
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"output_dir={out}",
                              f"hydra.run.dir={tmp_path / 'h1'}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=ROOT)
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_GUARD_S
     while not (out / "metrics.jsonl").exists() and time.time() < deadline:  # training has started
         time.sleep(0.2)
     time.sleep(1.0)
     proc.send_signal(sig)
-    code = proc.wait(timeout=120)
+    code = proc.wait(timeout=HANG_GUARD_S)
     stderr = proc.stderr.read()
     assert code == 128 + int(sig) == 138, stderr[-2000:]
     (saved,) = out.glob("teacher_0*.pt")

@@ -37,6 +37,7 @@ from dmd2.optim import EMA, Updater, adamw
 from dmd2.randomness import GRID_NOISE_OFFSET, BatchRNG, derived_seed, generator
 from dmd2.run import RunContext, progress, restore_rng, run_context, run_result, run_state
 from dmd2.run_logger import RunningMeans
+from dmd2.schedule import log_schedule
 from dmd2.export import export_generator
 from dmd2.mixture import ExactDenoiser, mixture_from_config
 from dmd2.runners.teacher import teacher_samples
@@ -227,6 +228,7 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
                            ctx.dist.rank, world)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     steps = total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps)
+    log_schedule(cfg, steps, steps_per_epoch, start, ctx.dist.is_main)
     num_chain, res = model.num_steps, cfg.data.resolution
     teacher_text = f"teacher {cfg.teacher_checkpoint} (step {teacher_state['step']})"
     if cfg.exact_teacher:

@@ -26,6 +26,7 @@ from dmd2.optim import EMA, Updater, adamw, ema_decay_at
 from dmd2.randomness import GRID_NOISE_OFFSET, BatchRNG, generator
 from dmd2.run import RunContext, progress, restore_rng, run_context, run_result, run_state
 from dmd2.run_logger import RunningMeans
+from dmd2.schedule import log_schedule
 from dmd2.sampling import CheckpointSampler, grid_labels
 from dmd2.speed import autocast, fused_adamw, prepare_network
 from dmd2.training_eval import TrainingEvaluator
@@ -103,6 +104,7 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
                            ctx.dist.rank, world)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     steps = total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps)
+    log_schedule(cfg, steps, steps_per_epoch, start, ctx.dist.is_main)
     ctx.say(f"[teacher] {count_parameters(model) / 1e6:.2f}M parameters, {len(dataset)} images, {steps} steps of "
             f"global batch {cfg.batch_size * world} on {device} (from step {start}); writing to {ctx.output_dir}")
 

@@ -1,0 +1,99 @@
+"""The scripts' entry point: errors caused by input end the run with a message and a documented exit status.
+
+    if __name__ == "__main__":
+        sys.exit(run_script(main))      # main: the script's @hydra.main function
+
+An error caused by the config, a file, a checkpoint or the evaluation setup is printed as one message, without a
+Python traceback, and gives its own exit status (``dmd2.errors``; README "Exit statuses"). HYDRA_FULL_ERROR=1
+prints the traceback as well. Any other exception is a bug and propagates with its full traceback (status 1).
+
+This module imports no torch: the scripts' --help and tab completion stay fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import traceback
+from typing import Any, Callable
+
+from hydra.errors import ConfigCompositionException, HydraException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+from dmd2.errors import (CONFIG_ERROR, EVALUATION_ERROR, FILE_ERROR, CheckpointError, ConfigError, FileError,
+                         GeneratorError)
+from dmd2.settings import DistillSettings, TeacherSettings, TrainSettings
+
+
+def stage_of_key(key: str) -> str | None:
+    """The stage ("teacher" or "distill") whose settings alone have the top-level ``key``, else None."""
+    shared = {f.name for f in dataclasses.fields(TrainSettings)}
+    for stage, schema in (("teacher", TeacherSettings), ("distill", DistillSettings)):
+        if key in {f.name for f in dataclasses.fields(schema)} - shared:
+            return stage
+    return None
+
+
+def composition_message(err: HydraException, script: str) -> str:
+    """Hydra's message for a config it could not compose, with a hint that fits this project: an unknown key is
+    named as a key of the other stage when it is one, and Hydra's advice to append it with +key is left out
+    (the scripts read only the keys of their schemas: an appended key would be ignored)."""
+    cause = err.__cause__
+    unknown_key = isinstance(err, ConfigCompositionException) and isinstance(cause, (ConfigAttributeError,
+                                                                                     ConfigKeyError))
+    if unknown_key and cause.full_key:
+        key = cause.full_key
+        stage = stage_of_key(key)
+        if stage is not None:
+            return f"`{key}` is a `stage={stage}` key: add stage={stage}"
+        return f"unknown config key '{key}' (python {script} --help lists every key)"
+    return str(err) + (f"\n{cause}" if cause is not None else "")
+
+
+def evaluation_error_type() -> type | None:
+    """dmd2.evaluation's EvaluationError, when that module is loaded (it imports torch and clean-fid, so it is not
+    imported here; an evaluation error can only have been raised once it is loaded)."""
+    return getattr(sys.modules.get("dmd2.evaluation"), "EvaluationError", None)
+
+
+def exit_status(err: BaseException) -> int | None:
+    """The exit status of an error caused by input (README "Exit statuses"), or None for any other exception."""
+    evaluation_error = evaluation_error_type()
+    if evaluation_error is not None and isinstance(err, evaluation_error):
+        return EVALUATION_ERROR
+    if isinstance(err, (FileError, CheckpointError, GeneratorError)):
+        return FILE_ERROR
+    if isinstance(err, (ConfigError, HydraException)):
+        return CONFIG_ERROR
+    return None
+
+
+def run_script(main: Callable[[], Any]) -> int:
+    """Run a script's Hydra ``main``; return 0, or the exit status of an input error after printing its message.
+
+    Hydra prints errors itself (exit status 1) unless HYDRA_FULL_ERROR=1, when it raises them: it is set while
+    ``main`` runs so that the errors reach this function, which then prints the traceback only if the user had set
+    HYDRA_FULL_ERROR=1."""
+    show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except Exception as err:
+        status = exit_status(err)
+        if status is None:
+            raise
+        if show_traceback:
+            traceback.print_exc()
+        script = os.path.basename(sys.argv[0])
+        message = composition_message(err, script) if isinstance(err, HydraException) else str(err)
+        sys.stderr.write(f"Error: {message}\n")
+        if not show_traceback:
+            sys.stderr.write(f"(exit status {status}; set HYDRA_FULL_ERROR=1 for the traceback)\n")
+        return status
+    finally:
+        if previous is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+    return 0

@@ -1,0 +1,72 @@
+"""Errors caused by input end the scripts with their message and a documented exit status, without a Python
+traceback (README "Exit statuses"); HYDRA_FULL_ERROR=1 adds the traceback."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmd2.cli import stage_of_key
+from dmd2.errors import CONFIG_ERROR, EVALUATION_ERROR, FILE_ERROR
+from tests.conftest import run_cli
+
+
+def assert_user_error(proc, status: int, *words: str) -> None:
+    assert proc.returncode == status, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for word in words:
+        assert word in proc.stderr, (word, proc.stderr[-3000:])
+
+
+def test_stage_of_key():
+    assert stage_of_key("generator_lr") == "distill" and stage_of_key("teacher_checkpoint") == "distill"
+    assert stage_of_key("lr") == "teacher" and stage_of_key("p_mean") == "teacher"
+    assert stage_of_key("batch_size") is None and stage_of_key("no_such_key") is None
+
+
+def test_a_key_of_the_other_stage_is_named_as_such(tmp_path):
+    proc = run_cli("train.py", "generator_lr=5e-6", cwd=tmp_path)
+    assert_user_error(proc, CONFIG_ERROR, "`generator_lr` is a `stage=distill` key: add stage=distill")
+    assert "+generator_lr" not in proc.stderr  # Hydra's advice to append the key does not apply
+    proc = run_cli("train.py", "stage=distill", "lr=1e-4", cwd=tmp_path)
+    assert_user_error(proc, CONFIG_ERROR, "`lr` is a `stage=teacher` key: add stage=teacher")
+
+
+def test_unknown_keys_and_bad_values_are_config_errors(tmp_path):
+    proc = run_cli("evaluate.py", "no_such_key=1", cwd=tmp_path)
+    assert_user_error(proc, CONFIG_ERROR, "unknown config key 'no_such_key'", "evaluate.py --help")
+    proc = run_cli("train.py", "debug=smoke", "logger=none", "lr=-1", f"output_dir={tmp_path / 'out'}",
+                   f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
+    assert_user_error(proc, CONFIG_ERROR, "config key 'lr' = -1")
+
+
+def test_a_missing_or_unreadable_file_is_a_file_error(tmp_path):
+    missing = tmp_path / "missing.pt"
+    proc = run_cli("train.py", "debug=smoke", "logger=none", "stage=distill", f"teacher_checkpoint={missing}",
+                   f"output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
+    assert_user_error(proc, FILE_ERROR, "config key 'teacher_checkpoint'", str(missing))
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    proc = run_cli("generate.py", f"checkpoint={corrupt}", "device=cpu", f"output_dir={tmp_path / 'gen'}",
+                   f"hydra.run.dir={tmp_path / 'hydra2'}", cwd=tmp_path)
+    assert_user_error(proc, FILE_ERROR, "config key 'checkpoint'", "corrupt.pt")
+
+
+@pytest.fixture()
+def checkpoint_info_only(tmp_path: Path) -> Path:
+    """A file with the fields evaluate.py reads before it sets up the feature network (no weights)."""
+    path = tmp_path / "teacher_000000.pt"
+    torch.save({"kind": "teacher", "step": 0}, path)
+    return path
+
+
+@pytest.mark.parametrize("full_error", [False, True])
+def test_an_evaluation_setup_error(tmp_path, checkpoint_info_only, full_error):
+    proc = run_cli("evaluate.py", f"checkpoint={checkpoint_info_only}", "logger=none", "device=cpu",
+                   f"feature_network.inception_weights={tmp_path / 'inception.pt'}",
+                   f"output_dir={tmp_path / 'eval'}", f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path,
+                   env={"HYDRA_FULL_ERROR": "1" if full_error else "0"})
+    assert proc.returncode == EVALUATION_ERROR, proc.stderr[-3000:]
+    assert "feature_network.inception_weights" in proc.stderr and "inception-2015-12-05.pt" in proc.stderr
+    assert ("Traceback" in proc.stderr) == full_error, proc.stderr[-3000:]

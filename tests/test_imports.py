@@ -1,0 +1,105 @@
+"""The import structure of dmd2/: no import cycle (top-level or inside functions), and a config path without torch."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "dmd2"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(tree: ast.AST, module: str, is_package: bool, known: set[str]) -> set[str]:
+    """The dmd2 modules an AST imports anywhere (module level, functions, conditional blocks). ``from a import b``
+    counts as importing a.b when that is a module, else a."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                package = module.split(".") if is_package else module.split(".")[:-1]
+                package = package[:len(package) - (node.level - 1)]
+                base = ".".join(package + ([base] if base else []))
+            names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        else:
+            continue
+        for name in names:
+            while name and name not in known:  # import dmd2.a.b.c: the longest known module prefix
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """dmd2 module -> the dmd2 modules it imports."""
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    known = set(files)
+    return {name: imported_modules(ast.parse(path.read_text(), str(path)), name, path.name == "__init__.py", known)
+            for name, path in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as [a, b, ..., a], or None."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" after
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node], path[len(path):] = "open", [node]
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        path.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_find_cycle_reports_the_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+
+
+def test_the_graph_sees_top_level_function_level_and_relative_imports():
+    known = {"dmd2", "dmd2.x", "dmd2.y", "dmd2.z", "dmd2.sub", "dmd2.sub.w"}
+    source = ("import os\nimport dmd2.x\nfrom dmd2 import y\n"
+              "def f():\n    from dmd2.z import thing\n    from . import w\n")
+    assert imported_modules(ast.parse(source), "dmd2.sub.v", False, known) == {"dmd2.x", "dmd2.y", "dmd2.z",
+                                                                                 "dmd2.sub.w"}
+    graph = import_graph()
+    assert "dmd2.sampling" in graph["dmd2.generator"] and "dmd2.settings" in graph["dmd2.networks"]
+
+
+def test_dmd2_has_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_config_path_does_not_import_torch():
+    """What --help and tab completion load (the settings, config checks and error handling, and the scripts' own
+    modules) must not import torch: it takes seconds."""
+    code = ("import sys\n"
+            "sys.path.insert(0, sys.argv[1])\n"
+            "import dmd2.settings, dmd2.config, dmd2.cli, dmd2.errors, dmd2.seeds, dmd2.schedule\n"
+            "import train, evaluate, generate\n"
+            "heavy = sorted(m for m in ('torch', 'torchvision', 'cleanfid', 'wandb') if m in sys.modules)\n"
+            "print(','.join(heavy) or 'none')\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "none", f"the config path imported {proc.stdout.strip()}"
