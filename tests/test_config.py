@@ -159,7 +159,7 @@ def test_help_lists_every_key_with_its_meaning():
     assert "== This run's config" in proc.stdout and "-sc install=bash" in proc.stdout
     # each script lists the config groups it uses, with their options (no internal schema groups)
     groups = proc.stdout.split("== Keys")[0]
-    assert "data: cifar10, edm_dataset, image_folder, synthetic" in groups and "schema" not in groups
+    assert "data: cifar10, edm_dataset, gaussian_mixture, image_folder, synthetic" in groups and "schema" not in groups
     assert "logger: none, wandb\nprotocol: edm" in templates["dmd2_evaluate"]
     assert "Config groups" not in templates["dmd2_generate"]
 
