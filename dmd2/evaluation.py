@@ -47,7 +47,7 @@ from dmd2.settings import FEATURE_NETWORKS
 from dmd2.distributed import Dist, gather_objects
 from dmd2.files import atomic_write, file_sha256
 from dmd2.mixture import GaussianMixture, mixture_scores
-from dmd2.sampling import CheckpointSampler, generate_uint8
+from dmd2.sampling import CheckpointSampler, generate_uint8, round_robin_labels
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ INCEPTION_URL = inception_url  # where clean-fid downloads the Inception weights
 CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/"
 CIFAR10_TRAIN = dict(name="cifar10", res=32, split="train", mode="clean")
 CIFAR10_TRAIN_IMAGES = 50000
+GENERATE_GRID = "grid.png"  # generate.py's overview grid in its output folder
 DOWNLOAD_TIMEOUT_S = 60.0  # socket timeout for any download we allow: a dead connection fails, never hangs
 
 
@@ -283,12 +284,23 @@ def frechet_to_reference(ref_mu: np.ndarray, ref_sigma: np.ndarray) -> Callable[
     return distance
 
 
-def bootstrap_std(feats: np.ndarray, ref: "ReferenceStats", resamples: int, seed: int, kid: bool = False
-                  ) -> tuple[float | None, float | None]:
+def bootstrap_indices(rng: np.random.Generator, labels: np.ndarray | None, n: int) -> np.ndarray:
+    """One bootstrap resample of n items: n draws with replacement, within each class when ``labels`` [n] are
+    given (the class counts stay as they were: evaluations draw classes round-robin, so a rerun with other seeds
+    has the same counts)."""
+    if labels is None:
+        return rng.integers(0, n, n)
+    parts = [members[rng.integers(0, len(members), len(members))]
+             for members in (np.flatnonzero(labels == c) for c in np.unique(labels))]
+    return np.concatenate(parts)
+
+
+def bootstrap_std(feats: np.ndarray, ref: "ReferenceStats", resamples: int, seed: int, kid: bool = False,
+                  labels: np.ndarray | None = None) -> tuple[float | None, float | None]:
     """The sampling noise of FD (and KID) of the generated features [N,D] against a fixed reference: the standard
-    deviation over ``resamples`` bootstrap resamples (N draws with replacement) of the generated samples, i.e.
-    the spread a rerun with other seeds would show (the reference is the same in every run, so it is not
-    resampled). Resamples come from ``seed``; returns (fd_std, kid_std), None where not computed."""
+    deviation over ``resamples`` bootstrap resamples of the generated samples (within each class of ``labels``
+    [N] when given), i.e. the spread a rerun with other seeds would show (the reference is the same in every run,
+    so it is not resampled). Resamples come from ``seed``; returns (fd_std, kid_std), None where not computed."""
     if resamples < 2:
         return None, None
     rng = np.random.default_rng(seed)
@@ -296,7 +308,7 @@ def bootstrap_std(feats: np.ndarray, ref: "ReferenceStats", resamples: int, seed
     feats64 = feats.astype(np.float64)
     fds, kids = [], []
     for b in range(resamples):
-        idx = rng.integers(0, len(feats), len(feats))
+        idx = bootstrap_indices(rng, labels, len(feats))
         fds.append(distance(*feature_statistics(feats64[idx])))
         if kid and ref.feats is not None:
             kids.append(kernel_inception_distance(feats[idx], ref.feats, seed + 1 + b))
@@ -304,13 +316,13 @@ def bootstrap_std(feats: np.ndarray, ref: "ReferenceStats", resamples: int, seed
 
 
 def score_features(feats: np.ndarray, ref: "ReferenceStats", kid: bool = False, seed: int = 0,
-                   resamples: int = 0) -> dict[str, Any]:
+                   resamples: int = 0, labels: np.ndarray | None = None) -> dict[str, Any]:
     """FD of features [N,D] to ``ref`` (clean-fid's), KID when asked (and ``ref`` holds features), each with its
-    bootstrap standard deviation (``bootstrap_std``): the numbers every evaluation reports, whatever the images
-    came from (a checkpoint, a folder, an .npz)."""
+    bootstrap standard deviation (``bootstrap_std``, stratified by ``labels`` [N] when known): the numbers every
+    evaluation reports, whatever the images came from (a checkpoint, a folder, an .npz)."""
     value = frechet_distance(*feature_statistics(feats), ref.mu, ref.sigma)
     kid_value = kernel_inception_distance(feats, ref.feats, seed) if kid and ref.feats is not None else None
-    std, kid_std = bootstrap_std(feats, ref, resamples, seed, kid_value is not None)
+    std, kid_std = bootstrap_std(feats, ref, resamples, seed, kid_value is not None, labels)
     return dict(value=value, std=std, kid=kid_value, kid_std=kid_std, num_samples=int(len(feats)))
 
 
@@ -646,7 +658,8 @@ def evaluate_sampler(sampler: CheckpointSampler, net: FeatureNetwork, ref: Refer
         return None
     assert ref is not None, "rank 0 needs the reference statistics"
     feats, gen_seconds = np.concatenate([f for f, _ in parts]), max(s for _, s in parts)
-    numbers = score_features(feats, ref, kid, seed, resamples)
+    labels = round_robin_labels(range(num), sampler.num_classes).numpy()  # the classes generate_uint8 drew
+    numbers = score_features(feats, ref, kid, seed, resamples, labels)
     total = time.perf_counter() - start
     return dict(**numbers, images_per_sec=num / max(gen_seconds, 1e-9), generation_seconds=gen_seconds,
                 total_seconds=total)
@@ -688,8 +701,14 @@ def load_image_set(path: str) -> np.ndarray:
             images = np.stack([np.asarray(Image.open(io.BytesIO(zf.read(n))).convert("RGB"), dtype=np.uint8)
                                for n in names]) if names else np.zeros((0, 0, 0, 3), np.uint8)
     elif os.path.isdir(path):
-        files = list_images(path)
-        images = np.stack([read_image_file(f) for f in files]) if files else np.zeros((0, 0, 0, 3), np.uint8)
+        # generate.py's overview grid (<folder>/grid.png) is not a sample
+        files = [f for f in list_images(path) if os.path.relpath(f, path) != GENERATE_GRID]
+        arrays = [read_image_file(f) for f in files]
+        odd = [f for f, a in zip(files, arrays) if a.shape != arrays[0].shape]
+        if odd:
+            raise EvaluationError(f"images = {path!r}: images of different sizes, e.g. {files[0]} "
+                                  f"{arrays[0].shape[:2]} and {odd[0]} {arrays[files.index(odd[0])].shape[:2]}")
+        images = np.stack(arrays) if arrays else np.zeros((0, 0, 0, 3), np.uint8)
     else:
         raise EvaluationError(f"images = {path!r}: expected an image folder, a .zip of images or an .npz with "
                               f"arr_0 [N,H,W,3]")
