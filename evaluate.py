@@ -66,6 +66,9 @@ def validate(cfg: DictConfig) -> None:
              "training data): reference.name=folder reference.folder=..., npz reference.path=... or cifar10_train")
     if cfg.write_reference is not None and not cfg.write_reference.endswith(".npz"):
         fail("write_reference", cfg.write_reference, "a path ending in .npz")
+    if cfg.write_reference is not None and (cfg.images is not None or cfg.checkpoint_dir is not None):
+        fail("write_reference", cfg.write_reference, "no images= or checkpoint_dir= with it (it writes the reference "
+             "statistics reference.* names; checkpoint= only supplies the training data of reference.name=auto)")
     if cfg.checkpoint is not None and not (cfg.checkpoint.startswith("hf://") or os.path.exists(cfg.checkpoint)):
         fail("checkpoint", cfg.checkpoint, "an existing checkpoint (teacher_*.pt or dmd2_*.pt), an export folder or "
              ".safetensors file, or hf://owner/repo")
@@ -170,14 +173,14 @@ def measure_images(cfg: DictConfig, device: Any) -> list[dict[str, Any]]:
     """FID / FD (and KID) of the images in ``cfg.images`` (folder, .zip or .npz) against the configured
     reference: one result row (in <output_dir>/results.json), with the checks and numbers of a checkpoint's."""
     net = feature_network_from_config(cfg.feature_network, device)
-    images = load_image_set(cfg.images)
+    images, labels = load_image_set(cfg.images)
     check_measurement(net, None, images.shape[1], len(images), cfg.allow_few_samples)  # before the reference
     ref = reference_from_config(cfg.reference, net, kid=cfg.kid, batch_size=cfg.batch_size,
                                 num_workers=cfg.num_workers)
     log.info(f"[evaluate] {len(images)} images ({images.shape[1]}x{images.shape[2]}) from {cfg.images}: "
              f"{net.metric} against {ref.description}")
     numbers = evaluate_images(images, net, ref, cfg.batch_size, cfg.seed, cfg.kid, cfg.uncertainty_resamples,
-                              cfg.allow_few_samples)
+                              cfg.allow_few_samples, labels)
     row, _ = feature_row(numbers, net, ref)
     row.update(images=os.path.abspath(cfg.images), num_samples=numbers["num_samples"],
                total_seconds=numbers["total_seconds"], device=str(device))

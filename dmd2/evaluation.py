@@ -11,6 +11,13 @@ The distance is clean-fid's ``frechet_distance`` between the Gaussians (mean, co
 measure, against reference statistics such as EDM's cifar10-32x32.npz). Any other (TorchScript) feature network
 gives an "FD (<network name>)", never called FID.
 
+Every comparison is checked before any image is generated or read (``check_measurement``): reference statistics
+record what they were made from (data set, source, resolution, image count, feature network, resize:
+``ReferenceStats.meta``), and a reference that differs from what is measured in resolution, network or resize
+is refused, as is a sample count at or below the feature dimension (a singular covariance) unless allowed. Each
+value comes with its sampling noise: the standard deviation over bootstrap resamples of the generated samples'
+features (``bootstrap_std``), computed from the features already extracted.
+
 Nothing here downloads a file unless asked to (``allow_download``): a missing Inception weights file or precomputed
 statistics file fails at once with a message saying which file is needed, where it comes from and where it goes.
 """
@@ -676,18 +683,24 @@ def read_image_file(path: str) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def load_image_set(path: str) -> np.ndarray:
-    """Images to measure -> uint8 [N,H,W,3] (the layout of generate.py's, ADM's and EDM's files):
+def load_image_set(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images to measure -> (uint8 [N,H,W,3], class labels [N] or None when the files do not say), from the
+    layouts of generate.py, ADM and EDM:
 
     - an .npz whose ``arr_0`` is uint8 [N,H,W,3] (generate.py format=npz, ADM's sample batches) or [N,3,H,W];
+      labels: its ``arr_1`` [N] when present (generate.py writes them);
     - a .zip or a folder of image files (EDM's generate.py output and dataset format, generate.py's PNGs), read
-      recursively in sorted order."""
+      recursively in sorted order; labels: the sub-folder of each image (generate.py's <class>/<seed>.png), when
+      every image sits in one."""
+    labels: np.ndarray | None = None
     if os.path.isfile(path) and path.endswith(".npz"):
         with np.load(path) as data:
             if "arr_0" not in data.files:
                 raise EvaluationError(f"images = {path!r}: expected the array 'arr_0' (uint8 [N,H,W,3]), found "
                                       f"{sorted(data.files)}")
             images = data["arr_0"]
+            if "arr_1" in data.files and data["arr_1"].shape == (len(images),):
+                labels = np.asarray(data["arr_1"])
         if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
             images = images.transpose(0, 2, 3, 1)  # [N,3,H,W] -> [N,H,W,3]
     elif os.path.isfile(path) and path.endswith(".zip"):
@@ -709,6 +722,10 @@ def load_image_set(path: str) -> np.ndarray:
             raise EvaluationError(f"images = {path!r}: images of different sizes, e.g. {files[0]} "
                                   f"{arrays[0].shape[:2]} and {odd[0]} {arrays[files.index(odd[0])].shape[:2]}")
         images = np.stack(arrays) if arrays else np.zeros((0, 0, 0, 3), np.uint8)
+        folders = [os.path.dirname(os.path.relpath(f, path)) for f in files]
+        if files and all(folders):
+            names = sorted(set(folders))
+            labels = np.array([names.index(d) for d in folders])
     else:
         raise EvaluationError(f"images = {path!r}: expected an image folder, a .zip of images or an .npz with "
                               f"arr_0 [N,H,W,3]")
@@ -717,7 +734,7 @@ def load_image_set(path: str) -> np.ndarray:
                               f"{images.dtype} {tuple(images.shape)}")
     if len(images) < 2:
         raise EvaluationError(f"images = {path!r}: found {len(images)} images (need at least 2)")
-    return images
+    return images, labels
 
 
 def image_features(images: np.ndarray, net: FeatureNetwork, batch_size: int) -> np.ndarray:
@@ -729,12 +746,13 @@ def image_features(images: np.ndarray, net: FeatureNetwork, batch_size: int) -> 
 
 
 def evaluate_images(images: np.ndarray, net: FeatureNetwork, ref: ReferenceStats, batch_size: int, seed: int = 0,
-                    kid: bool = False, resamples: int = 0, allow_few_samples: bool = False) -> dict[str, Any]:
-    """FID / FD (and KID) of uint8 images [N,H,W,3] against ``ref``: the checks and numbers of
-    ``evaluate_sampler``, for images made elsewhere."""
+                    kid: bool = False, resamples: int = 0, allow_few_samples: bool = False,
+                    labels: np.ndarray | None = None) -> dict[str, Any]:
+    """FID / FD (and KID) of uint8 images [N,H,W,3] (classes ``labels`` [N] when known: the bootstrap resamples
+    within them) against ``ref``: the checks and numbers of ``evaluate_sampler``, for images made elsewhere."""
     check_measurement(net, ref, images.shape[1], len(images), allow_few_samples)
     start = time.perf_counter()
-    numbers = score_features(image_features(images, net, batch_size), ref, kid, seed, resamples)
+    numbers = score_features(image_features(images, net, batch_size), ref, kid, seed, resamples, labels)
     return dict(**numbers, total_seconds=time.perf_counter() - start)
 
 

@@ -162,7 +162,7 @@ def test_generated_pngs_and_npz_give_the_checkpoints_value_and_a_written_referen
         featnet, teacher_ckpt, tiny_data, tmp_path):
     common = [f"feature_network.name=torchscript", f"feature_network.path={featnet}", "feature_network.resize=none",
               "reference.name=folder", f"reference.folder={tiny_data}", f"reference.cache_dir={tmp_path / 'stats'}",
-              "batch_size=20", "num_workers=0", "logger=none", "uncertainty_resamples=0"]
+              "batch_size=20", "num_workers=0", "logger=none", "uncertainty_resamples=10"]
     (ckpt_row,) = evaluate_script.evaluate(compose_cfg(
         [f"checkpoint={teacher_ckpt}", "num_samples=40", "sampler.steps=1", f"output_dir={tmp_path / 'c'}", *common],
         config_name="evaluate"))
@@ -176,6 +176,8 @@ def test_generated_pngs_and_npz_give_the_checkpoints_value_and_a_written_referen
                                                       config_name="evaluate"))
         assert row["num_samples"] == 40 and row["name"] == ckpt_row["name"]
         assert row["value"] == pytest.approx(ckpt_row["value"], rel=1e-6), source
+        # the classes come from the files (class folders, arr_1), so the bootstrap draws the same resamples
+        assert row["std"] == pytest.approx(ckpt_row["std"], rel=1e-5), source
         assert json.loads((tmp_path / "i" / "results.json").read_text())[0]["value"] == row["value"]
     # a reference file written from the folder: EDM's keys plus the metadata, and the same distance
     out = tmp_path / "refs" / "tiny-32.npz"
