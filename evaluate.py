@@ -287,7 +287,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
             else:
                 measured, scalars = measure_mixture(sampler, mixture, floor, cfg, device)
             row = {
-                **measured, "num_samples": cfg.num_samples, "nfe": sampler.nfe, "checkpoint": os.path.abspath(path),
+                **measured, "name": measured.get("name") or metric_name(key, cfg.num_samples),
+                "num_samples": cfg.num_samples, "nfe": sampler.nfe, "checkpoint": os.path.abspath(path),
                 "step": sampler.step, "kind": sampler.kind,
                 "sampler_steps": sampler.heun_steps if sampler.kind == "teacher" else sampler.nfe,
                 "weights": sampler.weights, "seed": cfg.seed, "device": str(device),
@@ -300,7 +301,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
                         "eval/images_per_sec": row["images_per_sec"]}, step=sampler.step)
         best = min(results, key=lambda r: r["value"])
         summary = {key: best["value"], "eval/metric": best["metric"], "eval/num_samples": best["num_samples"],
-                   "eval/name": best.get("name", f"{key.split('/', 1)[-1]}@{best['num_samples']}"),
+                   "eval/name": best["name"],
                    **({f"{key}_std": best["std"]} if best.get("std") is not None else {}),
                    "eval/nfe": best["nfe"], "eval/images_per_sec": best["images_per_sec"],
                    "eval/checkpoint": best["checkpoint"], "eval/step": best["step"], "eval/kind": best["kind"]}

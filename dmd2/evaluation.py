@@ -50,7 +50,7 @@ from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.resize import build_resizer
 from cleanfid.utils import EXTENSIONS
 
-from dmd2.settings import FEATURE_NETWORKS
+from dmd2.settings import FEATURE_NETWORKS, GENERATED_DATA
 from dmd2.distributed import Dist, gather_objects
 from dmd2.files import atomic_write, file_sha256
 from dmd2.mixture import GaussianMixture, mixture_scores
@@ -793,6 +793,8 @@ def data_fingerprint(data: Mapping[str, Any]) -> str:
     keys = ("name", "resolution", "num_classes", "synthetic_per_class", "mixture_components", "mixture_std",
             "mixture_seed")
     parts = {k: data.get(k) for k in keys}
+    if data.get("name") in GENERATED_DATA:  # made from its settings; data.root is a placeholder
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     root = str(data.get("root"))
     parts["root"] = os.path.abspath(root)
     if os.path.isfile(root):
@@ -833,8 +835,9 @@ def dataset_stats(data: Mapping[str, Any], net: FeatureNetwork, cache_dir: str, 
     mu, sigma = feature_statistics(feats)
     ref = ReferenceStats(mu, sigma, f"the training data {label} ({len(ds)} images)", path, len(ds), res,
                          feats if kid else None, dataset=label,
-                         source=f"data={data['name']} data.root={os.path.abspath(str(data['root']))} "
-                                f"(sha256 {fingerprint[:12]})", network=net.identity, resize=net.resize)
+                         source=(f"data={data['name']}, generated from its settings" if data["name"] in GENERATED_DATA
+                                 else f"data={data['name']} data.root={os.path.abspath(str(data['root']))}")
+                         + f" (sha256 {fingerprint[:12]})", network=net.identity, resize=net.resize)
     os.makedirs(cache_dir, exist_ok=True)
     write_reference(path, ref, network_file=net.source, seconds=round(time.perf_counter() - start, 1))
     _save_npz(feats_path, feats=feats.astype(np.float32))

@@ -88,6 +88,32 @@ def test_the_default_reference_is_the_training_data_and_equals_its_folder_statis
         reference_from_config(spec, net, data=None)
 
 
+def test_an_edm_dataset_is_its_own_default_reference(featnet, tmp_path, caplog):
+    from tests.test_imagenet64 import make_edm_dataset
+
+    caplog.set_level("INFO")
+    zip_path = make_edm_dataset(tmp_path / "imagenet-64x64.zip", n=12, num_classes=1000, size=64)
+    data = {"name": "edm_dataset", "root": str(zip_path), "resolution": 64, "num_classes": 1000}
+    spec = {"name": "auto", "cache_dir": str(tmp_path / "stats"), "allow_download": False}
+    ref = reference_from_config(spec, tiny_net(featnet), data=data)
+    assert (ref.dataset, ref.image_size, ref.num_images) == ("imagenet64", 64, 12)
+    assert Path(ref.path).name.startswith("imagenet64-64px-") and "imagenet-64x64.zip" in ref.source
+    with np.load(ref.path) as stored:  # EDM's keys and the metadata
+        assert json.loads(str(stored["meta"]))["dataset"] == "imagenet64" and stored["mu"].shape == (8,)
+    with pytest.raises(EvaluationError, match="the images measured are 32x32, the reference images"):
+        evaluate_sampler(NeverSampled(32), tiny_net(featnet), ref, 100, 0, 10, "cpu")
+
+
+def test_evaluate_logs_to_the_project_of_the_checkpoints_data():
+    cfg = compose_cfg(["checkpoint=x.pt"], config_name="evaluate")
+    assert cfg.logger.project is None
+    training = {"wandb_group": None, "wandb_run_id": "abc", "data": {"name": "edm_dataset",
+                                                                     "root": "datasets/imagenet-64x64.zip"}}
+    assert evaluate_script.wandb_settings(cfg, training)["project"] == "dmd2-imagenet64"
+    cfg = compose_cfg(["checkpoint=x.pt", "logger.project=mine"], config_name="evaluate")
+    assert evaluate_script.wandb_settings(cfg, training)["project"] == "mine"
+
+
 def test_wandb_project_and_reference_follow_the_dataset():
     assert wandb_project({"name": "cifar10", "root": "./data"}) == "dmd2-cifar10"
     assert wandb_project({"name": "edm_dataset", "root": "datasets/imagenet-64x64.zip"}) == "dmd2-imagenet64"
