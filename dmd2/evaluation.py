@@ -683,6 +683,16 @@ def read_image_file(path: str) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
+def folder_labels(relpaths: list[str]) -> np.ndarray | None:
+    """Class labels [N] of image files from their sub-folders (generate.py's <class>/<seed>.png; sorted folder
+    names -> 0, 1, ...), or None when some image sits at the top level."""
+    folders = [os.path.dirname(p) for p in relpaths]
+    if not folders or not all(folders):
+        return None
+    names = sorted(set(folders))
+    return np.array([names.index(d) for d in folders])
+
+
 def load_image_set(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Images to measure -> (uint8 [N,H,W,3], class labels [N] or None when the files do not say), from the
     layouts of generate.py, ADM and EDM:
@@ -710,9 +720,11 @@ def load_image_set(path: str) -> tuple[np.ndarray, np.ndarray | None]:
         from PIL import Image
 
         with zipfile.ZipFile(path) as zf:
-            names = sorted(n for n in zf.namelist() if n.lower().endswith(tuple("." + e for e in EXTENSIONS)))
+            names = sorted(n for n in zf.namelist() if n.lower().endswith(tuple("." + e for e in EXTENSIONS))
+                           and n != GENERATE_GRID)
             images = np.stack([np.asarray(Image.open(io.BytesIO(zf.read(n))).convert("RGB"), dtype=np.uint8)
                                for n in names]) if names else np.zeros((0, 0, 0, 3), np.uint8)
+        labels = folder_labels(names)
     elif os.path.isdir(path):
         # generate.py's overview grid (<folder>/grid.png) is not a sample
         files = [f for f in list_images(path) if os.path.relpath(f, path) != GENERATE_GRID]
@@ -722,10 +734,7 @@ def load_image_set(path: str) -> tuple[np.ndarray, np.ndarray | None]:
             raise EvaluationError(f"images = {path!r}: images of different sizes, e.g. {files[0]} "
                                   f"{arrays[0].shape[:2]} and {odd[0]} {arrays[files.index(odd[0])].shape[:2]}")
         images = np.stack(arrays) if arrays else np.zeros((0, 0, 0, 3), np.uint8)
-        folders = [os.path.dirname(os.path.relpath(f, path)) for f in files]
-        if files and all(folders):
-            names = sorted(set(folders))
-            labels = np.array([names.index(d) for d in folders])
+        labels = folder_labels([os.path.relpath(f, path) for f in files])
     else:
         raise EvaluationError(f"images = {path!r}: expected an image folder, a .zip of images or an .npz with "
                               f"arr_0 [N,H,W,3]")

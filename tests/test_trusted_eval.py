@@ -197,7 +197,10 @@ def test_generated_pngs_and_npz_give_the_checkpoints_value_and_a_written_referen
         generate_script.generate(compose_cfg([f"checkpoint={teacher_ckpt}", f"output_dir={tmp_path / fmt}",
                                               "seeds=0-39", f"format={fmt}", "sampler.steps=1", "device=cpu"],
                                              config_name="generate"))
-    for source in (tmp_path / "png", tmp_path / "npz" / "samples.npz"):
+    import shutil
+
+    shutil.make_archive(str(tmp_path / "pngs"), "zip", tmp_path / "png")  # the folder as a .zip (EDM's fid.py calc)
+    for source in (tmp_path / "png", tmp_path / "npz" / "samples.npz", tmp_path / "pngs.zip"):
         (row,) = evaluate_script.evaluate(compose_cfg([f"images={source}", f"output_dir={tmp_path / 'i'}", *common],
                                                       config_name="evaluate"))
         assert row["num_samples"] == 40 and row["name"] == ckpt_row["name"]
