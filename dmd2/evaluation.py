@@ -302,6 +302,18 @@ def bootstrap_indices(rng: np.random.Generator, labels: np.ndarray | None, n: in
     return np.concatenate(parts)
 
 
+def resample_statistics(centered: np.ndarray, mean: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [D], covariance [D,D]) of a resample that holds item i counts[i] times, from the features centered
+    on their mean (``centered`` [N,D] = feats - ``mean``): equal to ``feature_statistics(feats[idx])`` up to
+    float32 rounding, without copying the features."""
+    n = int(counts.sum())
+    weights = counts.astype(centered.dtype)
+    shift = (weights @ centered).astype(np.float64) / n
+    scatter = (centered * weights[:, None]).T @ centered
+    cov = (scatter.astype(np.float64) - n * np.outer(shift, shift)) / (n - 1)
+    return mean + shift, cov
+
+
 def bootstrap_std(feats: np.ndarray, ref: "ReferenceStats", resamples: int, seed: int, kid: bool = False,
                   labels: np.ndarray | None = None) -> tuple[float | None, float | None]:
     """The sampling noise of FD (and KID) of the generated features [N,D] against a fixed reference: the standard
@@ -312,11 +324,12 @@ def bootstrap_std(feats: np.ndarray, ref: "ReferenceStats", resamples: int, seed
         return None, None
     rng = np.random.default_rng(seed)
     distance = frechet_to_reference(ref.mu, ref.sigma)
-    feats64 = feats.astype(np.float64)
+    mean = feats.mean(axis=0, dtype=np.float64)
+    centered = (feats - mean).astype(np.float32)  # one copy for all resamples; no [N,D] float64 per resample
     fds, kids = [], []
     for b in range(resamples):
         idx = bootstrap_indices(rng, labels, len(feats))
-        fds.append(distance(*feature_statistics(feats64[idx])))
+        fds.append(distance(*resample_statistics(centered, mean, np.bincount(idx, minlength=len(feats)))))
         if kid and ref.feats is not None:
             kids.append(kernel_inception_distance(feats[idx], ref.feats, seed + 1 + b))
     return float(np.std(fds, ddof=1)), (float(np.std(kids, ddof=1)) if kids else None)
