@@ -314,7 +314,7 @@ def resample_statistics(centered: np.ndarray, mean: np.ndarray, counts: np.ndarr
     return mean + shift, cov
 
 
-def bootstrap_std(feats: np.ndarray, ref: "ReferenceStats", resamples: int, seed: int, kid: bool = False,
+def bootstrap_std(feats: np.ndarray, ref: ReferenceStats, resamples: int, seed: int, kid: bool = False,
                   labels: np.ndarray | None = None) -> tuple[float | None, float | None]:
     """The sampling noise of FD (and KID) of the generated features [N,D] against a fixed reference: the standard
     deviation over ``resamples`` bootstrap resamples of the generated samples (within each class of ``labels``
@@ -335,7 +335,7 @@ def bootstrap_std(feats: np.ndarray, ref: "ReferenceStats", resamples: int, seed
     return float(np.std(fds, ddof=1)), (float(np.std(kids, ddof=1)) if kids else None)
 
 
-def score_features(feats: np.ndarray, ref: "ReferenceStats", kid: bool = False, seed: int = 0,
+def score_features(feats: np.ndarray, ref: ReferenceStats, kid: bool = False, seed: int = 0,
                    resamples: int = 0, labels: np.ndarray | None = None) -> dict[str, Any]:
     """FD of features [N,D] to ``ref`` (clean-fid's), KID when asked (and ``ref`` holds features), each with its
     bootstrap standard deviation (``bootstrap_std``, stratified by ``labels`` [N] when known): the numbers every

@@ -144,7 +144,8 @@ def test_fewer_samples_than_the_feature_dimension_are_refused_unless_allowed(fea
 
 def test_values_are_named_with_their_sample_count():
     assert [count_label(n) for n in (50000, 10000, 2500, 40, 1234)] == ["50k", "10k", "2.5k", "40", "1234"]
-    assert metric_name("eval/fid", 10000) == "fid@10k" and metric_name("eval/fd_tiny-featnet", 40) == "fd_tiny-featnet@40"
+    assert metric_name("eval/fid", 10000) == "fid@10k"
+    assert metric_name("eval/fd_tiny-featnet", 40) == "fd_tiny-featnet@40"
 
 
 # ------------------------------------------------------------------------------------------------ item 3: uncertainty
