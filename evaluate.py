@@ -9,6 +9,18 @@ A checkpoint trained on data=gaussian_mixture gets the mixture's exact scores in
 to the true moments, mode coverage, the fraction of samples on a mode and, for a teacher, its denoising error
 against the exact denoiser per noise level.
 
+Images made elsewhere, and reference files (the same feature and distance code as checkpoints):
+
+    python evaluate.py images=generated/ reference.name=folder reference.folder=data/cifar10/train
+    python evaluate.py images=generated/samples.npz protocol=edm reference.path=fid-refs/cifar10-32x32.npz
+    python evaluate.py write_reference=refs/faces-64.npz reference.name=folder reference.folder=data/faces
+    python evaluate.py write_reference=refs/train.npz checkpoint=...   # the checkpoint's training data
+
+The default reference (reference.name=auto) is the checkpoint's own training data. A reference whose resolution,
+feature network or resize differs from what is measured, or fewer samples than the feature dimension
+(allow_few_samples), is refused before any sample is generated. Every value comes with its bootstrap standard
+deviation (uncertainty_resamples) and is named with its sample count (fid@50k).
+
 Writes <output_dir>/results.json (one row per checkpoint) and logs each row to W&B at the checkpoint's step.
 """
 from __future__ import annotations
@@ -27,7 +39,7 @@ from dmd2.errors import CheckpointError, GeneratorError
 from dmd2.files import atomic_write
 import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
 from dmd2.cli import run_script
-from dmd2.config import (ConfigError, check_device, check_fid, check_settings, fail_file, resolve_device,
+from dmd2.config import (ConfigError, check_device, check_fid, check_settings, fail, fail_file, resolve_device,
                          to_container)
 
 if TYPE_CHECKING:
@@ -43,9 +55,21 @@ def validate(cfg: DictConfig) -> None:
     """Check every key evaluate.py reads (types, ranges, files, combinations) before anything is loaded."""
     check_settings(cfg)
     check_device(cfg)
-    if (cfg.checkpoint is None) == (cfg.checkpoint_dir is None):
-        raise ConfigError("config keys 'checkpoint' and 'checkpoint_dir': set exactly one "
-                          f"(got checkpoint={cfg.checkpoint!r}, checkpoint_dir={cfg.checkpoint_dir!r})")
+    sources = {k: cfg[k] for k in ("checkpoint", "checkpoint_dir", "images") if cfg[k] is not None}
+    if len(sources) != 1 and not (cfg.write_reference is not None and len(sources) <= 1):
+        raise ConfigError("config keys 'checkpoint' and 'checkpoint_dir' (or 'images'): set exactly one "
+                          f"(got checkpoint={cfg.checkpoint!r}, checkpoint_dir={cfg.checkpoint_dir!r}, "
+                          f"images={cfg.images!r})")
+    if cfg.images is not None and not os.path.exists(cfg.images):
+        fail_file("images", cfg.images, "an image folder, a .zip of images or an .npz with arr_0 [N,H,W,3]")
+    if cfg.reference.name == "auto" and (cfg.images is not None or (cfg.write_reference and not cfg.checkpoint)):
+        fail("reference.name", "auto", "a named reference with images= or write_reference= (auto is a checkpoint's "
+             "training data): reference.name=folder reference.folder=..., npz reference.path=... or cifar10_train")
+    if cfg.write_reference is not None and not cfg.write_reference.endswith(".npz"):
+        fail("write_reference", cfg.write_reference, "a path ending in .npz")
+    if cfg.write_reference is not None and (cfg.images is not None or cfg.checkpoint_dir is not None):
+        fail("write_reference", cfg.write_reference, "no images= or checkpoint_dir= with it (it writes the reference "
+             "statistics reference.* names; checkpoint= only supplies the training data of reference.name=auto)")
     if cfg.checkpoint is not None and not (cfg.checkpoint.startswith("hf://") or os.path.exists(cfg.checkpoint)):
         fail_file("checkpoint", cfg.checkpoint, "an existing checkpoint (teacher_*.pt or dmd2_*.pt), an export "
                   "folder or .safetensors file, or hf://owner/repo")
@@ -66,10 +90,11 @@ def checkpoint_info(path: str) -> dict[str, Any]:
 
 def wandb_settings(cfg: DictConfig, training: dict[str, Any]) -> dict[str, Any]:
     """The logger settings, with ``logger.group`` null meaning the training run's group (or, when it had none,
-    its run id): a training run's evaluations sit next to it in W&B."""
+    its run id): a training run's evaluations sit next to it in W&B; ``logger.project`` null: the training
+    data's project (dmd2-cifar10, dmd2-imagenet64, ...)."""
     from dmd2.run import logger_settings
 
-    settings = logger_settings(cfg)
+    settings = logger_settings(cfg, data=training.get("data") or None)
     if settings.get("name") == "wandb" and settings.get("group") is None:
         settings["group"] = training["wandb_group"] or training["wandb_run_id"]
     return settings
@@ -114,20 +139,89 @@ def checkpoint_mixture(checkpoints: list[tuple[dict[str, Any], str]]) -> Gaussia
     return mixture_from_config(datas[-1])
 
 
+def feature_row(numbers: dict[str, Any], net: Any, ref: Any) -> tuple[dict[str, Any], dict[str, float]]:
+    """A result row's feature-network fields (the value named with its sample count, e.g. fid@50k, and its
+    bootstrap standard deviation) and the scalars to log."""
+    from dmd2.evaluation import metric_name
+
+    row = {"metric": net.metric, "name": metric_name(net.wandb_key, numbers["num_samples"]),
+           "value": numbers["value"], "std": numbers["std"], "kid": numbers["kid"], "kid_std": numbers["kid_std"],
+           "feature_network": net.source, "resize": net.resize, "protocol": protocol(net),
+           "reference": ref.description, "reference_stats": os.path.abspath(ref.path), "reference_meta": ref.meta()}
+    scalars = {net.wandb_key: row["value"]}
+    if row["std"] is not None:
+        scalars[f"{net.wandb_key}_std"] = row["std"]
+    if row["kid"] is not None:
+        scalars["eval/kid"] = row["kid"]
+    if row["kid_std"] is not None:
+        scalars["eval/kid_std"] = row["kid_std"]
+    return row, scalars
+
+
+def value_text(row: dict[str, Any]) -> str:
+    """'FID = 3.2100 ± 0.0400 (fid@50k), KID ...' for the log."""
+    noise = f" ± {row['std']:.4f}" if row.get("std") is not None else ""
+    kid = ""
+    if row.get("kid") is not None:
+        kid = f", KID {row['kid']:.5f}" + (f" ± {row['kid_std']:.5f}" if row.get("kid_std") is not None else "")
+    return f"{row['metric']} = {row['value']:.4f}{noise}" + (f" ({row['name']})" if "name" in row else "") + kid
+
+
 def measure_features(sampler: CheckpointSampler, net: Any, ref: Any, cfg: DictConfig, device: Any
                      ) -> tuple[dict[str, Any], dict[str, float]]:
     """FID / FD (and KID) of a sampler: the result row's own fields and the scalars to log."""
     from dmd2.evaluation import evaluate_sampler
 
-    numbers = evaluate_sampler(sampler, net, ref, cfg.num_samples, cfg.seed, cfg.batch_size, device, cfg.kid)
-    row = {"metric": net.metric, "value": numbers["value"], "kid": numbers["kid"],
-           "images_per_sec": numbers["images_per_sec"], "feature_network": net.source, "resize": net.resize,
-           "protocol": protocol(net), "reference": ref.description, "reference_stats": os.path.abspath(ref.path),
-           "generation_seconds": numbers["generation_seconds"], "total_seconds": numbers["total_seconds"]}
-    scalars = {net.wandb_key: row["value"]}
-    if row["kid"] is not None:
-        scalars["eval/kid"] = row["kid"]
+    numbers = evaluate_sampler(sampler, net, ref, cfg.num_samples, cfg.seed, cfg.batch_size, device, cfg.kid,
+                               resamples=cfg.uncertainty_resamples, allow_few_samples=cfg.allow_few_samples)
+    row, scalars = feature_row(numbers, net, ref)
+    row.update(images_per_sec=numbers["images_per_sec"], generation_seconds=numbers["generation_seconds"],
+               total_seconds=numbers["total_seconds"])
     return row, scalars
+
+
+def measure_images(cfg: DictConfig, device: Any) -> list[dict[str, Any]]:
+    """FID / FD (and KID) of the images in ``cfg.images`` (folder, .zip or .npz) against the configured
+    reference: one result row (in <output_dir>/results.json), with the checks and numbers of a checkpoint's."""
+    from dmd2.evaluation import (check_measurement, evaluate_images, feature_network_from_config, load_image_set,
+                                 reference_from_config)
+    from dmd2.run import hydra_output_dir
+
+    net = feature_network_from_config(cfg.feature_network, device)
+    images, labels = load_image_set(cfg.images)
+    check_measurement(net, None, images.shape[1], len(images), cfg.allow_few_samples)  # before the reference
+    ref = reference_from_config(cfg.reference, net, kid=cfg.kid, batch_size=cfg.batch_size,
+                                num_workers=cfg.num_workers)
+    log.info(f"[evaluate] {len(images)} images ({images.shape[1]}x{images.shape[2]}) from {cfg.images}: "
+             f"{net.metric} against {ref.description}")
+    numbers = evaluate_images(images, net, ref, cfg.batch_size, cfg.seed, cfg.kid, cfg.uncertainty_resamples,
+                              cfg.allow_few_samples, labels)
+    row, _ = feature_row(numbers, net, ref)
+    row.update(images=os.path.abspath(cfg.images), num_samples=numbers["num_samples"],
+               total_seconds=numbers["total_seconds"], device=str(device))
+    output_dir = cfg.output_dir or hydra_output_dir() or os.path.join("outputs", "evaluate", "run")
+    os.makedirs(output_dir, exist_ok=True)
+    _write_json(os.path.join(output_dir, "results.json"), [row])
+    log.info(f"[evaluate] {value_text(row)} | {cfg.images}")
+    log.info(f"[evaluate] results: {os.path.join(output_dir, 'results.json')}")
+    return [row]
+
+
+def write_reference_file(cfg: DictConfig, device: Any) -> list[dict[str, Any]]:
+    """Write the configured reference statistics (a folder's, a checkpoint's training data, ...) to
+    ``cfg.write_reference``: mu, sigma (what EDM's fid.py reads) and their metadata."""
+    from dmd2.evaluation import feature_network_from_config, reference_from_config, write_reference
+
+    net = feature_network_from_config(cfg.feature_network, device)
+    data = checkpoint_info(cfg.checkpoint)["data"] if cfg.checkpoint else None
+    ref = reference_from_config(cfg.reference, net, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                data=data)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.write_reference)), exist_ok=True)
+    write_reference(cfg.write_reference, ref, network_file=net.source)
+    log.info(f"[evaluate] wrote reference statistics of {ref.description} ({ref.num_images} images of "
+             f"{ref.image_size}x{ref.image_size}, {net.metric} features, resize {net.resize}) to "
+             f"{cfg.write_reference}")
+    return [{"reference": cfg.write_reference, **ref.meta()}]
 
 
 def measure_mixture(sampler: CheckpointSampler, mix: GaussianMixture, floor: dict[str, float], cfg: DictConfig,
@@ -161,20 +255,31 @@ def measure_mixture(sampler: CheckpointSampler, mix: GaussianMixture, floor: dic
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Evaluate the configured checkpoint(s); return the result rows (also in <output_dir>/results.json)."""
-    from dmd2.evaluation import feature_network_from_config, reference_from_config
+    from dmd2.evaluation import check_measurement, check_reference, feature_network_from_config, metric_name, \
+        reference_from_config
     from dmd2.generator import is_export, load_generator
     from dmd2.mixture import MIXTURE_KEY, MIXTURE_METRIC, reference_scores
     from dmd2.run import default_run_name, hydra_output_dir
     from dmd2.run_logger import RunLogger
 
     validate(cfg)
-    checkpoints = checkpoints_to_evaluate(cfg)
     device = resolve_device(cfg.device)
+    if cfg.write_reference is not None:
+        return write_reference_file(cfg, device)
+    if cfg.images is not None:
+        return measure_images(cfg, device)
+    checkpoints = checkpoints_to_evaluate(cfg)
     mixture = checkpoint_mixture(checkpoints)
     if mixture is None:
         net = feature_network_from_config(cfg.feature_network, device)
+        data = checkpoints[-1][0].get("data") or None
+        resolution = data.get("resolution") if data else None
+        if resolution is not None:  # refused before the reference is computed: too few samples ...
+            check_measurement(net, None, int(resolution), cfg.num_samples, cfg.allow_few_samples)
         ref = reference_from_config(cfg.reference, net, kid=cfg.kid, batch_size=cfg.batch_size,
-                                    num_workers=cfg.num_workers)
+                                    num_workers=cfg.num_workers, data=data)
+        if resolution is not None:  # ... or a reference that does not fit (evaluate_sampler checks again)
+            check_reference(ref, net, int(resolution))
         key, against = net.wandb_key, ref.description
     else:  # known-answer data: exact scores, no feature network or reference statistics
         floor = reference_scores(mixture, cfg.num_samples, cfg.seed)
@@ -209,20 +314,22 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
             else:
                 measured, scalars = measure_mixture(sampler, mixture, floor, cfg, device)
             row = {
-                **measured, "num_samples": cfg.num_samples, "nfe": sampler.nfe, "checkpoint": os.path.abspath(path),
+                **measured, "name": measured.get("name") or metric_name(key, cfg.num_samples),
+                "num_samples": cfg.num_samples, "nfe": sampler.nfe, "checkpoint": os.path.abspath(path),
                 "step": sampler.step, "kind": sampler.kind,
                 "sampler_steps": sampler.heun_steps if sampler.kind == "teacher" else sampler.nfe,
                 "weights": sampler.weights, "seed": cfg.seed, "device": str(device),
             }
             results.append(row)
             _write_json(results_path, results)
-            kid_text = f", KID {row['kid']:.5f}" if row["kid"] is not None else ""
-            log.info(f"[evaluate] {row['metric']} = {row['value']:.4f}{kid_text} | {sampler.kind} step {sampler.step}, "
+            log.info(f"[evaluate] {value_text(row)} | {sampler.kind} step {sampler.step}, "
                      f"{sampler.nfe} NFE, {cfg.num_samples} samples, {row['images_per_sec']:.1f} images/s")
             logger.log({**scalars, "eval/nfe": row["nfe"], "eval/num_samples": row["num_samples"],
                         "eval/images_per_sec": row["images_per_sec"]}, step=sampler.step)
         best = min(results, key=lambda r: r["value"])
         summary = {key: best["value"], "eval/metric": best["metric"], "eval/num_samples": best["num_samples"],
+                   "eval/name": best["name"],
+                   **({f"{key}_std": best["std"]} if best.get("std") is not None else {}),
                    "eval/nfe": best["nfe"], "eval/images_per_sec": best["images_per_sec"],
                    "eval/checkpoint": best["checkpoint"], "eval/step": best["step"], "eval/kind": best["kind"]}
         logger.summary(summary)  # eval/kid keeps its own minimum (define_metric)
@@ -230,8 +337,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     finally:
         logger.finish(exit_code)
     if len(results) > 1:
-        log.info(f"[evaluate] best: {best['metric']} = {best['value']:.4f} at step {best['step']} "
-                 f"({best['checkpoint']})")
+        log.info(f"[evaluate] best: {value_text(best)} at step {best['step']} ({best['checkpoint']})")
     log.info(f"[evaluate] results: {results_path}")
     return results
 

@@ -36,10 +36,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return runner_for(cfg.stage)(cfg)
 
 
-def objective(result: dict[str, Any], optimized_metric: str | None) -> float:
+def objective(result: dict[str, Any], optimized_metric: str | None) -> float | None:
     """The value a sweeper minimises: ``optimized_metric`` of the run's final metrics, or by default the best
-    eval/fid (eval/fd_*) when the run evaluated (eval_every > 0), else its last logged loss."""
+    eval/fid (eval/fd_*) when the run evaluated (eval_every > 0); None when the run has no objective (no
+    evaluation and none named: a sweep is refused at start then, see dmd2.config.check_objective)."""
     key = optimized_metric or result["objective_key"]
+    if key is None:
+        return None
     if key not in result["metrics"]:
         raise ConfigError(f"config key 'optimized_metric' = {key!r}: the run has no such final metric; it has "
                           f"{sorted(result['metrics'])}")
@@ -47,7 +50,7 @@ def objective(result: dict[str, Any], optimized_metric: str | None) -> float:
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     """Returns the run's objective for sweepers (Optuna): see ``objective`` and the ``optimized_metric`` key."""
     return objective(train(cfg), cfg.optimized_metric)
 

@@ -75,9 +75,12 @@ def check_fid(cfg: DictConfig, prefix: str = "") -> None:
     if ref.name == "folder" and (ref.folder is None or not os.path.isdir(ref.folder)):
         fail_file(prefix + "reference.folder", ref.folder,
                   f"an existing image folder with {prefix}reference.name=folder")
-    if ref.name == "cifar10_train" and ref.folder is not None:
-        fail(prefix + "reference.folder", ref.folder, f"null with {prefix}reference.name=cifar10_train (clean-fid's "
-             f"precomputed statistics); add {prefix}reference.name=folder to use this folder")
+    if ref.name != "folder" and ref.folder is not None:
+        fail(prefix + "reference.folder", ref.folder, f"null with {prefix}reference.name={ref.name}; add "
+             f"{prefix}reference.name=folder to use this folder")
+    if ref.name != "npz" and ref.resolution is not None:
+        fail(prefix + "reference.resolution", ref.resolution, f"null unless {prefix}reference.name=npz (the other "
+             "references know their resolution)")
     if ref.name == "npz" and (ref.path is None or not os.path.isfile(ref.path)):
         fail_file(prefix + "reference.path", ref.path, f"an existing .npz file (mu, sigma) with "
                   f"{prefix}reference.name=npz")
@@ -89,6 +92,57 @@ def check_fid(cfg: DictConfig, prefix: str = "") -> None:
     if ref.name == "cifar10_train" and fn.name != "inception":
         fail(prefix + "reference.name", ref.name, "'folder' with a TorchScript feature network (clean-fid's "
              f"precomputed statistics are Inception features); add {prefix}reference.folder=<image folder>")
+
+
+def optimizing_sweep() -> bool:
+    """Whether this job belongs to a sweep that minimises what train.py returns (a sweeper other than Hydra's
+    basic one, e.g. hparams_search=... with Optuna); False outside a Hydra app."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+    except Exception:
+        return False
+    return choices.get("hparams_search") not in (None, "null") or choices.get("hydra/sweeper") not in (None, "basic")
+
+
+def eval_metric_keys(cfg: DictConfig) -> list[str]:
+    """The final eval/ metrics a training run with this config produces (TrainingEvaluator.results); none when
+    eval_every = 0."""
+    if cfg.eval_every == 0:
+        return []
+    if cfg.data.name == "gaussian_mixture":
+        from dmd2.mixture import MIXTURE_KEY
+
+        return [MIXTURE_KEY, f"{MIXTURE_KEY}_best", "eval/best_step", "eval/mixture_coverage", "eval/mixture_near",
+                "eval/mixture_weight_tv"]
+    from dmd2.evaluation import metric_key
+
+    fn = cfg.eval.feature_network
+    key = metric_key(fn.name, fn.resize, fn.path)
+    return [key, f"{key}_best", f"{key}_std", "eval/best_step"]
+
+
+def check_objective(cfg: DictConfig, sweeping: bool) -> None:
+    """No silent objective: a sweep (``sweeping``) or a named ``optimized_metric`` must rank runs by a metric the
+    run produces. The default objective is the best evaluation metric, so it needs eval_every > 0; a loss is
+    an objective only when named (optimized_metric=train/...)."""
+    metric = cfg.optimized_metric
+    produced = eval_metric_keys(cfg)
+    if metric is None:
+        if sweeping and not produced:
+            raise ConfigError(
+                "config keys 'eval_every' = 0 and 'optimized_metric' = null in a sweep (hparams_search / "
+                "hydra/sweeper): the sweep would rank trials by nothing it measures. Turn the evaluation on "
+                "(eval_every=N, e.g. eval_every=2000; it minimises the best eval/fid or eval/fd_*), or name "
+                "the objective yourself, e.g. optimized_metric=train/loss (a loss does not rank sample quality)")
+        return
+    if metric.startswith("eval/") and metric not in produced:
+        if not produced:
+            raise ConfigError(f"config key 'optimized_metric' = {metric!r}, but 'eval_every' = 0: the run logs no "
+                              f"eval/ metric; set eval_every=N")
+        raise ConfigError(f"config key 'optimized_metric' = {metric!r}: the run does not produce it; with these "
+                          f"eval.feature_network settings it produces {produced}")
 
 
 def check_file(cfg: DictConfig, key: str, what: str) -> None:
@@ -137,6 +191,13 @@ def validate(cfg: DictConfig) -> None:
     check_settings(cfg)
     if cfg.eval_every > 0 and cfg.data.name != "gaussian_mixture":  # the mixture is scored exactly, no features
         check_fid(cfg, "eval.")
+        if cfg.eval.reference.name == "cifar10_train" and cfg.data.resolution != 32:
+            raise ConfigError(
+                f"config keys 'eval.reference.name' = 'cifar10_train' and 'data.resolution' = {cfg.data.resolution}: "
+                f"the reference is CIFAR-10 train at 32x32, the run's images are "
+                f"{cfg.data.resolution}x{cfg.data.resolution}; measure against the training data "
+                f"(eval.reference.name=auto) or a reference of that resolution")
+    check_objective(cfg, optimizing_sweep())
     check_device(cfg)
     check_data(cfg)
     if cfg.resume not in (None, "auto") and not os.path.isfile(cfg.resume):

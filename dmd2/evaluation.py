@@ -11,6 +11,13 @@ The distance is clean-fid's ``frechet_distance`` between the Gaussians (mean, co
 measure, against reference statistics such as EDM's cifar10-32x32.npz). Any other (TorchScript) feature network
 gives an "FD (<network name>)", never called FID.
 
+Every comparison is checked before any image is generated or read (``check_measurement``): reference statistics
+record what they were made from (data set, source, resolution, image count, feature network, resize:
+``ReferenceStats.meta``), and a reference that differs from what is measured in resolution, network or resize
+is refused, as is a sample count at or below the feature dimension (a singular covariance) unless allowed. Each
+value comes with its sampling noise: the standard deviation over bootstrap resamples of the generated samples'
+features (``bootstrap_std``), computed from the features already extracted.
+
 Nothing here downloads a file unless asked to (``allow_download``): a missing Inception weights file or precomputed
 statistics file fails at once with a message saying which file is needed, where it comes from and where it goes.
 """
@@ -43,11 +50,11 @@ from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.resize import build_resizer
 from cleanfid.utils import EXTENSIONS
 
-from dmd2.settings import FEATURE_NETWORKS
+from dmd2.settings import FEATURE_NETWORKS, GENERATED_DATA
 from dmd2.distributed import Dist, gather_objects
 from dmd2.files import atomic_write, file_sha256
 from dmd2.mixture import GaussianMixture, mixture_scores
-from dmd2.sampling import CheckpointSampler, generate_uint8
+from dmd2.sampling import CheckpointSampler, generate_uint8, round_robin_labels
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,8 @@ INCEPTION_URL = inception_url  # where clean-fid downloads the Inception weights
 # clean-fid's precomputed statistics: <base>/<name>_<mode>_<split>_<res>.npz (see cleanfid.features)
 CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/"
 CIFAR10_TRAIN = dict(name="cifar10", res=32, split="train", mode="clean")
+CIFAR10_TRAIN_IMAGES = 50000
+GENERATE_GRID = "grid.png"  # generate.py's overview grid in its output folder
 DOWNLOAD_TIMEOUT_S = 60.0  # socket timeout for any download we allow: a dead connection fails, never hangs
 
 
@@ -159,9 +168,10 @@ def build_inception(weights: str | None, device: torch.device, allow_download: b
     except Exception as err:
         raise EvaluationError(f"cannot load the Inception weights {path} ({err}); delete the file and fetch "
                               f"{INCEPTION_FILE} again from {INCEPTION_URL}") from err
+    key = metric_key("inception", resize)
     if resize == "clean":
-        return FeatureNetwork("inception_v3", "FID", "eval/fid", resize, model, device, path)
-    return FeatureNetwork("inception_v3", "FID (TF-Inception protocol)", "eval/fid_tf", resize, model, device, path)
+        return FeatureNetwork("inception_v3", "FID", key, resize, model, device, path)
+    return FeatureNetwork("inception_v3", "FID (TF-Inception protocol)", key, resize, model, device, path)
 
 
 def network_stem(path: str) -> str:
@@ -172,6 +182,14 @@ def network_stem(path: str) -> str:
         if ext.lower() not in (".pt", ".pth", ".ts", ".jit", ".torchscript") or not stem:
             return name
         name = stem
+
+
+def metric_key(name: str, resize: str, path: str | None = None) -> str:
+    """The W&B key of a feature network's distance, known from the config alone: inception -> eval/fid (clean)
+    or eval/fid_tf (legacy_tensorflow); torchscript -> eval/fd_<file stem>."""
+    if name == "inception":
+        return "eval/fid" if resize == "clean" else "eval/fid_tf"
+    return "eval/fd_" + re.sub(r"[^A-Za-z0-9_.-]", "_", network_stem(path or ""))
 
 
 def build_torchscript(path: str, device: torch.device, resize: str) -> FeatureNetwork:
@@ -185,9 +203,10 @@ def build_torchscript(path: str, device: torch.device, resize: str) -> FeatureNe
         raise EvaluationError(f"feature_network.path = {path!r}: cannot load it as a TorchScript module "
                               f"({err})") from err
     stem = network_stem(path)
-    key = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)
-    identity = f"ts-{key}-{file_sha256(path)[:12]}"  # content hash: a retrained network never reuses old stats
-    return FeatureNetwork(identity, f"FD ({stem})", f"eval/fd_{key}", resize, module, device, os.path.abspath(path))
+    key = metric_key("torchscript", resize, path)
+    # content hash: a retrained network never reuses old statistics
+    identity = f"ts-{key[len('eval/fd_'):]}-{file_sha256(path)[:12]}"
+    return FeatureNetwork(identity, f"FD ({stem})", key, resize, module, device, os.path.abspath(path))
 
 
 def build_feature_network(name: str, device: torch.device, *, path: str | None = None, resize: str = "clean",
@@ -255,17 +274,148 @@ def kernel_inception_distance(feats: np.ndarray, ref_feats: np.ndarray, seed: in
         np.random.set_state(state)
 
 
+def frechet_to_reference(ref_mu: np.ndarray, ref_sigma: np.ndarray) -> Callable[[np.ndarray, np.ndarray], float]:
+    """A function (mu [D], sigma [D,D]) -> Frechet distance to N(ref_mu, ref_sigma), for many ``sigma`` against
+    one reference: tr sqrt(S R) = sum sqrt(eig(R^1/2 S R^1/2)), with R^1/2 computed once (an eigendecomposition
+    per call instead of a general matrix square root). Agrees with ``frechet_distance`` to rounding (tested);
+    used for the bootstrap replicates only, the reported value is always clean-fid's."""
+    w, v = np.linalg.eigh(np.asarray(ref_sigma, np.float64))
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    trace_ref = float(np.trace(ref_sigma))
+
+    def distance(mu: np.ndarray, sigma: np.ndarray) -> float:
+        eig = np.linalg.eigvalsh(root @ sigma @ root)
+        diff = mu - ref_mu
+        return float(diff @ diff + np.trace(sigma) + trace_ref - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+
+    return distance
+
+
+def bootstrap_indices(rng: np.random.Generator, labels: np.ndarray | None, n: int) -> np.ndarray:
+    """One bootstrap resample of n items: n draws with replacement, within each class when ``labels`` [n] are
+    given (the class counts stay as they were: evaluations draw classes round-robin, so a rerun with other seeds
+    has the same counts)."""
+    if labels is None:
+        return rng.integers(0, n, n)
+    parts = [members[rng.integers(0, len(members), len(members))]
+             for members in (np.flatnonzero(labels == c) for c in np.unique(labels))]
+    return np.concatenate(parts)
+
+
+def resample_statistics(centered: np.ndarray, mean: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [D], covariance [D,D]) of a resample that holds item i counts[i] times, from the features centered
+    on their mean (``centered`` [N,D] = feats - ``mean``): equal to ``feature_statistics(feats[idx])`` up to
+    float32 rounding, without copying the features."""
+    n = int(counts.sum())
+    weights = counts.astype(centered.dtype)
+    shift = (weights @ centered).astype(np.float64) / n
+    scatter = (centered * weights[:, None]).T @ centered
+    cov = (scatter.astype(np.float64) - n * np.outer(shift, shift)) / (n - 1)
+    return mean + shift, cov
+
+
+def bootstrap_std(feats: np.ndarray, ref: ReferenceStats, resamples: int, seed: int, kid: bool = False,
+                  labels: np.ndarray | None = None) -> tuple[float | None, float | None]:
+    """The sampling noise of FD (and KID) of the generated features [N,D] against a fixed reference: the standard
+    deviation over ``resamples`` bootstrap resamples of the generated samples (within each class of ``labels``
+    [N] when given), i.e. the spread a rerun with other seeds would show (the reference is the same in every run,
+    so it is not resampled). Resamples come from ``seed``; returns (fd_std, kid_std), None where not computed."""
+    if resamples < 2:
+        return None, None
+    rng = np.random.default_rng(seed)
+    distance = frechet_to_reference(ref.mu, ref.sigma)
+    mean = feats.mean(axis=0, dtype=np.float64)
+    centered = (feats - mean).astype(np.float32)  # one copy for all resamples; no [N,D] float64 per resample
+    fds, kids = [], []
+    for b in range(resamples):
+        idx = bootstrap_indices(rng, labels, len(feats))
+        fds.append(distance(*resample_statistics(centered, mean, np.bincount(idx, minlength=len(feats)))))
+        if kid and ref.feats is not None:
+            kids.append(kernel_inception_distance(feats[idx], ref.feats, seed + 1 + b))
+    return float(np.std(fds, ddof=1)), (float(np.std(kids, ddof=1)) if kids else None)
+
+
+def score_features(feats: np.ndarray, ref: ReferenceStats, kid: bool = False, seed: int = 0,
+                   resamples: int = 0, labels: np.ndarray | None = None) -> dict[str, Any]:
+    """FD of features [N,D] to ``ref`` (clean-fid's), KID when asked (and ``ref`` holds features), each with its
+    bootstrap standard deviation (``bootstrap_std``, stratified by ``labels`` [N] when known): the numbers every
+    evaluation reports, whatever the images came from (a checkpoint, a folder, an .npz)."""
+    value = frechet_distance(*feature_statistics(feats), ref.mu, ref.sigma)
+    kid_value = kernel_inception_distance(feats, ref.feats, seed) if kid and ref.feats is not None else None
+    std, kid_std = bootstrap_std(feats, ref, resamples, seed, kid_value is not None, labels)
+    return dict(value=value, std=std, kid=kid_value, kid_std=kid_std, num_samples=int(len(feats)))
+
+
 @dataclass
 class ReferenceStats:
-    """Statistics of the reference images: mean [D], covariance [D,D], features [M,D] (only when KID needs them)."""
+    """Statistics of the reference images: mean [D], covariance [D,D], features [M,D] (only when KID needs them),
+    and what they were made from (stored with every file this project writes, see ``meta``)."""
 
     mu: np.ndarray
     sigma: np.ndarray
     description: str                 # e.g. "cifar10 train (clean-fid precomputed)" or the folder
     path: str                        # the statistics file
-    num_images: int | None = None    # unknown for clean-fid's precomputed files
-    image_size: int | None = None    # side of the reference images (folders)
+    num_images: int | None = None    # unknown for statistics files without metadata
+    image_size: int | None = None    # side of the reference images; None: unknown
     feats: np.ndarray | None = field(default=None, repr=False)
+    dataset: str | None = None       # the data set's name, e.g. "cifar10 train", "imagenet-64x64", a folder's name
+    source: str | None = None        # where the images came from: a path, with a content hash where one is known
+    network: str | None = None       # FeatureNetwork.identity of the features; None: unknown (EDM's .npz files)
+    resize: str | None = None        # the feature network's resize mode; None: unknown
+    resolution_from: str = "metadata"  # how image_size is known: metadata | reference.resolution | the file name
+
+    def meta(self) -> dict[str, Any]:
+        """The metadata written next to ``mu`` and ``sigma`` (a JSON string under the key ``meta``)."""
+        return dict(dataset=self.dataset, source=self.source, image_size=self.image_size,
+                    num_images=self.num_images, network=self.network, resize=self.resize)
+
+
+def check_reference(ref: ReferenceStats, net: FeatureNetwork, resolution: int, prefix: str = "") -> None:
+    """Refuse reference statistics that do not fit what is measured: images of ``resolution`` x ``resolution``
+    featurized by ``net``. Names both sides of every mismatch (resolution, feature network, resize)."""
+    if ref.image_size is None:
+        raise EvaluationError(
+            f"reference statistics {ref.path}: the resolution of their images is unknown (a statistics file "
+            f"without metadata and without NxN in its name). If they were made from {resolution}x{resolution} "
+            f"images, say so: {prefix}reference.resolution={resolution}")
+    problems = []
+    if ref.image_size != resolution:
+        problems.append(f"resolution: the images measured are {resolution}x{resolution}, the reference images "
+                        f"({ref.dataset or ref.description}) {ref.image_size}x{ref.image_size}")
+    if ref.network is not None and ref.network != net.identity:
+        problems.append(f"feature network: this evaluation uses {net.identity} ({net.source}), the reference "
+                        f"statistics were made with {ref.network}")
+    if ref.resize is not None and ref.resize != net.resize:
+        problems.append(f"resize: this evaluation uses {prefix}feature_network.resize={net.resize}, the reference "
+                        f"statistics were made with resize {ref.resize}")
+    if problems:
+        raise EvaluationError(
+            f"the reference statistics {ref.path} do not fit what is measured, so the distance would be "
+            f"meaningless:\n  - " + "\n  - ".join(problems) + "\n"
+            f"Measure against a reference made from {resolution}x{resolution} images with this feature network: "
+            f"{prefix}reference.name=auto (the training data), {prefix}reference.name=folder "
+            f"{prefix}reference.folder=<images>, or {prefix}reference.name=npz {prefix}reference.path=<file>.")
+
+
+def check_sample_count(num: int, dim: int, allow: bool, prefix: str = "") -> None:
+    """FID / FD needs the covariance of the samples' features [num, dim] to be of full rank: num > dim."""
+    if num <= dim and not allow:
+        raise EvaluationError(
+            f"config key '{prefix}num_samples' = {num}: fewer samples than the feature dimension ({dim}) leave "
+            f"their covariance singular, so the FID / FD is not a meaningful number. Use {prefix}num_samples >= "
+            f"{dim + 1} (published FIDs: 50000), or set {prefix}allow_few_samples=true to compute it anyway.")
+
+
+def count_label(num: int) -> str:
+    """A sample count as it appears in metric names: 50000 -> '50k', 10000 -> '10k', 2500 -> '2.5k', 40 -> '40'."""
+    if num >= 1000 and num % 100 == 0:
+        return f"{num / 1000:g}k"
+    return str(num)
+
+
+def metric_name(wandb_key: str, num: int) -> str:
+    """The name of a value with its sample count: ('eval/fid', 10000) -> 'fid@10k'."""
+    return f"{wandb_key.split('/', 1)[-1]}@{count_label(num)}"
 
 
 def precomputed_stats_name(kid: bool = False, **spec: Any) -> str:
@@ -318,18 +468,28 @@ def precomputed_cifar10_stats(net: FeatureNetwork, cache_dir: str, kid: bool = F
         with np.load(found[names[1]]) as stats:
             feats = stats["feats"]
     return ReferenceStats(mu, sigma, "cifar10 train (clean-fid precomputed)", found[names[0]], image_size=32,
-                          num_images=None if feats is None else int(feats.shape[0]), feats=feats)
+                          num_images=CIFAR10_TRAIN_IMAGES, feats=feats, dataset="cifar10 train",
+                          source=CLEANFID_STATS_URL + names[0], network=net.identity, resize="clean")
 
 
-def npz_stats(path: str, net: FeatureNetwork) -> ReferenceStats:
-    """Reference statistics from an .npz with ``mu`` [D] and ``sigma`` [D,D] (EDM's cifar10-32x32.npz and
-    imagenet-64x64.npz, made by EDM's fid.py ref with TensorFlow-Inception features)."""
+def resolution_in_name(path: str) -> int | None:
+    """The image side a statistics file's name states: 'cifar10-32x32.npz' -> 32, 'imagenet-64x64.npz' -> 64."""
+    match = re.search(r"(\d+)x(\d+)", os.path.basename(path))
+    return int(match.group(1)) if match and match.group(1) == match.group(2) else None
+
+
+def npz_stats(path: str, net: FeatureNetwork, resolution: int | None = None) -> ReferenceStats:
+    """Reference statistics from an .npz with ``mu`` [D] and ``sigma`` [D,D]: a file written by this project
+    (with its ``meta``), or EDM's cifar10-32x32.npz and imagenet-64x64.npz (made by EDM's fid.py ref with
+    TensorFlow-Inception features; no metadata: the resolution is ``resolution`` (reference.resolution) or read
+    from the file name, and the log says which)."""
     try:
         with np.load(path) as stats:
             if "mu" not in stats.files or "sigma" not in stats.files:
                 raise EvaluationError(f"reference.path = {path!r}: expected arrays 'mu' and 'sigma', found "
                                       f"{sorted(stats.files)}")
             mu, sigma = np.asarray(stats["mu"], dtype=np.float64), np.asarray(stats["sigma"], dtype=np.float64)
+            meta = json.loads(str(stats["meta"])) if "meta" in stats.files else None
     except EvaluationError:
         raise
     except Exception as err:
@@ -339,10 +499,29 @@ def npz_stats(path: str, net: FeatureNetwork) -> ReferenceStats:
                               f"{sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise EvaluationError(f"reference.path = {path!r}: mu or sigma holds NaN or inf")
+    name = os.path.basename(path)
+    if meta is not None:  # written by this project: its own record of what it was made from
+        stated = meta.get("image_size")
+        if resolution is not None and stated is not None and resolution != stated:
+            raise EvaluationError(f"reference.resolution = {resolution}, but {path} records images of "
+                                  f"{stated}x{stated}; leave reference.resolution null for files with metadata")
+        log.info(f"[evaluate] reference {name}: {meta.get('dataset')}, {meta.get('num_images')} images of "
+                 f"{stated}x{stated}, {meta.get('network')} features (resize {meta.get('resize')})")
+        return ReferenceStats(mu, sigma, f"{os.path.abspath(path)} ({meta.get('dataset')})", path,
+                              meta.get("num_images"), stated, dataset=meta.get("dataset"), source=meta.get("source"),
+                              network=meta.get("network"), resize=meta.get("resize"))
+    from_name = resolution_in_name(path)
+    size, how = (resolution, "reference.resolution") if resolution is not None else (from_name, "the file name")
+    if size is not None:
+        log.info(f"[evaluate] reference {name} holds only mu and sigma (no metadata): taken as statistics of "
+                 f"{size}x{size} images ({how}) made with this run's feature network ({net.identity}, resize "
+                 f"{net.resize}); only their dimension ({mu.shape[0]}) can be checked")
     if net.is_inception and net.resize != "legacy_tensorflow":
-        log.info(f"[evaluate] note: {os.path.basename(path)} is compared under clean-fid's 'clean' protocol; EDM's "
+        log.info(f"[evaluate] note: {name} is compared under clean-fid's 'clean' protocol; EDM's "
                  f"reference files hold TF-Inception statistics (feature_network.resize=legacy_tensorflow)")
-    return ReferenceStats(mu, sigma, f"{os.path.abspath(path)} (statistics file)", path)
+    return ReferenceStats(mu, sigma, f"{os.path.abspath(path)} (statistics file)", path, image_size=size,
+                          dataset=os.path.splitext(name)[0], source=os.path.abspath(path),
+                          resolution_from=how if size is not None else "unknown")
 
 
 def list_images(folder: str) -> list[str]:
@@ -377,6 +556,14 @@ def _save_npz(path: str, **arrays: Any) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays), suffix=".npz")
 
 
+def write_reference(path: str, ref: ReferenceStats, **extra: Any) -> None:
+    """Write reference statistics as EDM's tools read them (``mu`` [D], ``sigma`` [D,D], float64) with their
+    metadata (``meta``: a JSON string of ``ReferenceStats.meta`` and ``extra``)."""
+    meta = {**ref.meta(), **extra}
+    _save_npz(path, mu=np.asarray(ref.mu, np.float64), sigma=np.asarray(ref.sigma, np.float64),
+              meta=np.array(json.dumps(meta)))
+
+
 def folder_stats(folder: str, net: FeatureNetwork, cache_dir: str, kid: bool = False, batch_size: int = 128,
                  num_workers: int = 0) -> ReferenceStats:
     """Statistics of the images in ``folder`` under ``net``, computed once with clean-fid's folder loader and
@@ -385,7 +572,8 @@ def folder_stats(folder: str, net: FeatureNetwork, cache_dir: str, kid: bool = F
     if len(files) < 2:
         raise EvaluationError(f"reference.folder = {folder!r}: found {len(files)} images (need at least 2; "
                               f"extensions {sorted(EXTENSIONS)})")
-    path = stats_cache_path(cache_dir, folder, folder_fingerprint(folder, files), net)
+    fingerprint = folder_fingerprint(folder, files)
+    path = stats_cache_path(cache_dir, folder, fingerprint, net)
     feats_path = path[: -len(".npz")] + "_feats.npz"
     description = f"{os.path.abspath(folder)} ({len(files)} images)"
     if os.path.isfile(path) and (not kid or os.path.isfile(feats_path)):
@@ -400,7 +588,9 @@ def folder_stats(folder: str, net: FeatureNetwork, cache_dir: str, kid: bool = F
         if kid:
             with np.load(feats_path) as stored:
                 feats = stored["feats"]
-        return ReferenceStats(mu, sigma, description, path, meta["num_images"], meta["image_size"], feats)
+        return ReferenceStats(mu, sigma, description, path, meta["num_images"], meta["image_size"], feats,
+                              dataset=meta.get("dataset"), source=meta.get("source"), network=meta.get("network"),
+                              resize=meta.get("resize"))
 
     from PIL import Image
 
@@ -413,12 +603,15 @@ def folder_stats(folder: str, net: FeatureNetwork, cache_dir: str, kid: bool = F
                                mode="clean", custom_fn_resize=None if net.resize == "clean" else _no_resize,
                                description=f"reference {os.path.basename(os.path.normpath(folder))}: ")
     mu, sigma = feature_statistics(feats)
-    meta = dict(folder=os.path.abspath(folder), num_images=len(files), image_size=image_size, network=net.identity,
-                network_file=net.source, resize=net.resize, seconds=round(time.perf_counter() - start, 1))
-    _save_npz(path, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta)))
+    ref = ReferenceStats(mu, sigma, description, path, len(files), image_size, feats if kid else None,
+                         dataset=os.path.basename(os.path.normpath(os.path.abspath(folder))),
+                         source=f"{os.path.abspath(folder)} (files sha256 {fingerprint[:12]})", network=net.identity,
+                         resize=net.resize)
+    seconds = round(time.perf_counter() - start, 1)
+    write_reference(path, ref, network_file=net.source, seconds=seconds)
     _save_npz(feats_path, feats=feats.astype(np.float32))
-    log.info(f"[evaluate] reference statistics done in {meta['seconds']} s")
-    return ReferenceStats(mu, sigma, description, path, len(files), image_size, feats if kid else None)
+    log.info(f"[evaluate] reference statistics done in {seconds} s")
+    return ref
 
 
 # --------------------------------------------------------------------------------------------- generated samples
@@ -447,24 +640,35 @@ def sampler_features(sampler: CheckpointSampler, net: FeatureNetwork, num: int, 
     return feats, gen_seconds
 
 
-def evaluate_sampler(sampler: CheckpointSampler, net: FeatureNetwork, ref: ReferenceStats | None, num: int,
-                     seed: int, batch_size: int, device: torch.device | str, kid: bool = False,
-                     dist: Dist | None = None, progress: bool = True) -> dict[str, Any] | None:
-    """FID / FD (and KID) of samples 0..num-1 of ``sampler`` against ``ref``; the numbers of one result row.
-
-    Under torchrun (``dist`` with several processes) every rank must call it: rank r generates and featurizes
-    the contiguous slice [num*r/W, num*(r+1)/W) of the samples, rank 0 gathers the features in order and
-    computes the distance (only rank 0 needs ``ref``), so the value is the same for any number of processes.
-    Returns None on the other ranks."""
-    dist = dist or Dist()
-    if ref is not None and net.resize == "none" and ref.image_size is not None and ref.image_size != sampler.resolution:
-        raise EvaluationError(f"feature_network.resize=none compares images at their native size, but the samples "
-                              f"are {sampler.resolution}x{sampler.resolution} and the reference images "
-                              f"{ref.image_size} wide")
-    dim = feature_dim(net, net.input_size or sampler.resolution)
+def check_measurement(net: FeatureNetwork, ref: ReferenceStats | None, resolution: int, num: int,
+                      allow_few_samples: bool = False, prefix: str = "") -> int:
+    """Every check before images are generated or read: the reference fits (``check_reference``), the feature
+    network runs on images of ``resolution`` and matches the reference's dimension, and ``num`` samples are
+    enough (``check_sample_count``). Returns the feature dimension D."""
+    if ref is not None:
+        check_reference(ref, net, resolution, prefix)
+    dim = feature_dim(net, net.input_size or resolution)
     if ref is not None and dim != ref.mu.shape[0]:
         raise EvaluationError(f"the feature network gives {dim}-d features, the reference statistics {ref.path} "
                               f"are {ref.mu.shape[0]}-d")
+    check_sample_count(num, dim, allow_few_samples, prefix)
+    return dim
+
+
+def evaluate_sampler(sampler: CheckpointSampler, net: FeatureNetwork, ref: ReferenceStats | None, num: int,
+                     seed: int, batch_size: int, device: torch.device | str, kid: bool = False,
+                     dist: Dist | None = None, progress: bool = True, resamples: int = 0,
+                     allow_few_samples: bool = False) -> dict[str, Any] | None:
+    """FID / FD (and KID) of samples 0..num-1 of ``sampler`` against ``ref``, each with its bootstrap standard
+    deviation over ``resamples`` resamples (``score_features``); the numbers of one result row.
+
+    Refuses (``check_measurement``) before generating anything when the reference does not fit or ``num`` is
+    too small. Under torchrun (``dist`` with several processes) every rank must call it: rank r generates and
+    featurizes the contiguous slice [num*r/W, num*(r+1)/W) of the samples, rank 0 gathers the features in order
+    and computes the distance (only rank 0 needs ``ref``), so the value is the same for any number of processes.
+    Returns None on the other ranks."""
+    dist = dist or Dist()
+    dim = check_measurement(net, ref, sampler.resolution, num, allow_few_samples)
     start = time.perf_counter()
     lo, hi = num * dist.rank // dist.world_size, num * (dist.rank + 1) // dist.world_size
     feats, gen_seconds = sampler_features(sampler, net, hi - lo, seed, batch_size, device, dim,
@@ -474,11 +678,104 @@ def evaluate_sampler(sampler: CheckpointSampler, net: FeatureNetwork, ref: Refer
         return None
     assert ref is not None, "rank 0 needs the reference statistics"
     feats, gen_seconds = np.concatenate([f for f, _ in parts]), max(s for _, s in parts)
-    value = frechet_distance(*feature_statistics(feats), ref.mu, ref.sigma)
-    kid_value = kernel_inception_distance(feats, ref.feats, seed) if kid and ref.feats is not None else None
+    labels = round_robin_labels(range(num), sampler.num_classes).numpy()  # the classes generate_uint8 drew
+    numbers = score_features(feats, ref, kid, seed, resamples, labels)
     total = time.perf_counter() - start
-    return dict(value=value, kid=kid_value, images_per_sec=num / max(gen_seconds, 1e-9),
-                generation_seconds=gen_seconds, total_seconds=total)
+    return dict(**numbers, images_per_sec=num / max(gen_seconds, 1e-9), generation_seconds=gen_seconds,
+                total_seconds=total)
+
+
+# --------------------------------------------------------------------------------------------- images from files
+
+
+def read_image_file(path: str) -> np.ndarray:
+    """One image file -> uint8 [H,W,3] (RGB)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def folder_labels(relpaths: list[str]) -> np.ndarray | None:
+    """Class labels [N] of image files from their sub-folders (generate.py's <class>/<seed>.png; sorted folder
+    names -> 0, 1, ...), or None when some image sits at the top level."""
+    folders = [os.path.dirname(p) for p in relpaths]
+    if not folders or not all(folders):
+        return None
+    names = sorted(set(folders))
+    return np.array([names.index(d) for d in folders])
+
+
+def load_image_set(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images to measure -> (uint8 [N,H,W,3], class labels [N] or None when the files do not say), from the
+    layouts of generate.py, ADM and EDM:
+
+    - an .npz whose ``arr_0`` is uint8 [N,H,W,3] (generate.py format=npz, ADM's sample batches) or [N,3,H,W];
+      labels: its ``arr_1`` [N] when present (generate.py writes them);
+    - a .zip or a folder of image files (EDM's generate.py output and dataset format, generate.py's PNGs), read
+      recursively in sorted order; labels: the sub-folder of each image (generate.py's <class>/<seed>.png), when
+      every image sits in one."""
+    labels: np.ndarray | None = None
+    if os.path.isfile(path) and path.endswith(".npz"):
+        with np.load(path) as data:
+            if "arr_0" not in data.files:
+                raise EvaluationError(f"images = {path!r}: expected the array 'arr_0' (uint8 [N,H,W,3]), found "
+                                      f"{sorted(data.files)}")
+            images = data["arr_0"]
+            if "arr_1" in data.files and data["arr_1"].shape == (len(images),):
+                labels = np.asarray(data["arr_1"])
+        if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
+            images = images.transpose(0, 2, 3, 1)  # [N,3,H,W] -> [N,H,W,3]
+    elif os.path.isfile(path) and path.endswith(".zip"):
+        import io
+        import zipfile
+
+        from PIL import Image
+
+        with zipfile.ZipFile(path) as zf:
+            names = sorted(n for n in zf.namelist() if n.lower().endswith(tuple("." + e for e in EXTENSIONS))
+                           and n != GENERATE_GRID)
+            images = np.stack([np.asarray(Image.open(io.BytesIO(zf.read(n))).convert("RGB"), dtype=np.uint8)
+                               for n in names]) if names else np.zeros((0, 0, 0, 3), np.uint8)
+        labels = folder_labels(names)
+    elif os.path.isdir(path):
+        # generate.py's overview grid (<folder>/grid.png) is not a sample
+        files = [f for f in list_images(path) if os.path.relpath(f, path) != GENERATE_GRID]
+        arrays = [read_image_file(f) for f in files]
+        odd = [f for f, a in zip(files, arrays) if a.shape != arrays[0].shape]
+        if odd:
+            raise EvaluationError(f"images = {path!r}: images of different sizes, e.g. {files[0]} "
+                                  f"{arrays[0].shape[:2]} and {odd[0]} {arrays[files.index(odd[0])].shape[:2]}")
+        images = np.stack(arrays) if arrays else np.zeros((0, 0, 0, 3), np.uint8)
+        labels = folder_labels([os.path.relpath(f, path) for f in files])
+    else:
+        raise EvaluationError(f"images = {path!r}: expected an image folder, a .zip of images or an .npz with "
+                              f"arr_0 [N,H,W,3]")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+        raise EvaluationError(f"images = {path!r}: expected square RGB uint8 images [N,H,W,3], got "
+                              f"{images.dtype} {tuple(images.shape)}")
+    if len(images) < 2:
+        raise EvaluationError(f"images = {path!r}: found {len(images)} images (need at least 2)")
+    return images, labels
+
+
+def image_features(images: np.ndarray, net: FeatureNetwork, batch_size: int) -> np.ndarray:
+    """uint8 images [N,H,W,3] -> features [N,D], batch by batch through ``batch_features`` (the path generated
+    samples take)."""
+    parts = [batch_features(torch.from_numpy(images[lo:lo + batch_size]).permute(0, 3, 1, 2).contiguous(), net)
+             for lo in range(0, len(images), batch_size)]
+    return np.concatenate(parts)
+
+
+def evaluate_images(images: np.ndarray, net: FeatureNetwork, ref: ReferenceStats, batch_size: int, seed: int = 0,
+                    kid: bool = False, resamples: int = 0, allow_few_samples: bool = False,
+                    labels: np.ndarray | None = None) -> dict[str, Any]:
+    """FID / FD (and KID) of uint8 images [N,H,W,3] (classes ``labels`` [N] when known: the bootstrap resamples
+    within them) against ``ref``: the checks and numbers of ``evaluate_sampler``, for images made elsewhere."""
+    check_measurement(net, ref, images.shape[1], len(images), allow_few_samples)
+    start = time.perf_counter()
+    numbers = score_features(image_features(images, net, batch_size), ref, kid, seed, resamples, labels)
+    return dict(**numbers, total_seconds=time.perf_counter() - start)
 
 
 def evaluate_mixture(sampler: CheckpointSampler, mix: GaussianMixture, num: int, seed: int, batch_size: int,
@@ -512,13 +809,82 @@ def feature_network_from_config(fn: Mapping[str, Any], device: torch.device) -> 
                                  inception_weights=fn["inception_weights"], allow_download=fn["allow_download"])
 
 
+def data_fingerprint(data: Mapping[str, Any]) -> str:
+    """Hash of what a ``data`` config reads: its settings and, for files, their paths, sizes and mtimes (a
+    folder's images, an EDM .zip); a changed data set gets new statistics."""
+    keys = ("name", "resolution", "num_classes", "synthetic_per_class", "mixture_components", "mixture_std",
+            "mixture_seed")
+    parts = {k: data.get(k) for k in keys}
+    if data.get("name") in GENERATED_DATA:  # made from its settings; data.root is a placeholder
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    root = str(data.get("root"))
+    parts["root"] = os.path.abspath(root)
+    if os.path.isfile(root):
+        st = os.stat(root)
+        parts["files"] = f"{st.st_size}\t{int(st.st_mtime)}"
+    elif os.path.isdir(root) and data.get("name") != "cifar10":
+        parts["files"] = folder_fingerprint(root, list_images(root))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def dataset_stats(data: Mapping[str, Any], net: FeatureNetwork, cache_dir: str, kid: bool = False,
+                  batch_size: int = 128, num_workers: int = 0) -> ReferenceStats:
+    """Statistics of the training data a ``data`` config reads (any kind: dmd2.data.build_dataset, images as the
+    model sees them: resized and center-cropped to data.resolution, then uint8), computed once and cached in
+    ``cache_dir`` as <data set>-<R>px-<hash>_<network>_<resize>.npz with their metadata."""
+    from torch.utils.data import DataLoader
+
+    from dmd2.data import build_dataset, dataset_label
+    from dmd2.diffusion import to_uint8
+
+    label, res = dataset_label(data), int(data["resolution"])
+    fingerprint = data_fingerprint(data)
+    path = os.path.join(cache_dir, f"{label}-{res}px-{fingerprint[:12]}_{net.identity}_{net.resize}.npz")
+    feats_path = path[: -len(".npz")] + "_feats.npz"
+    if os.path.isfile(path) and (not kid or os.path.isfile(feats_path)):
+        log.info(f"[evaluate] reusing cached reference statistics {path}")
+        ref = npz_stats(path, net)
+        if kid:
+            with np.load(feats_path) as stored:
+                ref.feats = stored["feats"]
+        return ref
+    ds = build_dataset(dict(data))
+    log.info(f"[evaluate] computing reference statistics of the training data ({label}, {len(ds)} images of "
+             f"{res}x{res}) with {net.metric} features (resize {net.resize}); cached in {path}")
+    start = time.perf_counter()
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    feats = np.concatenate([batch_features(to_uint8(x), net) for x, _ in loader])
+    mu, sigma = feature_statistics(feats)
+    ref = ReferenceStats(mu, sigma, f"the training data {label} ({len(ds)} images)", path, len(ds), res,
+                         feats if kid else None, dataset=label,
+                         source=(f"data={data['name']}, generated from its settings" if data["name"] in GENERATED_DATA
+                                 else f"data={data['name']} data.root={os.path.abspath(str(data['root']))}")
+                         + f" (sha256 {fingerprint[:12]})", network=net.identity, resize=net.resize)
+    os.makedirs(cache_dir, exist_ok=True)
+    write_reference(path, ref, network_file=net.source, seconds=round(time.perf_counter() - start, 1))
+    _save_npz(feats_path, feats=feats.astype(np.float32))
+    return ref
+
+
 def reference_from_config(ref: Mapping[str, Any], net: FeatureNetwork, kid: bool = False, batch_size: int = 128,
-                          num_workers: int = 0) -> ReferenceStats:
-    """The ``reference`` config node (Reference in dmd2/settings.py) -> statistics: an image folder's (computed once,
-    cached in ``reference.cache_dir``), a statistics file, or clean-fid's precomputed CIFAR-10 train statistics."""
+                          num_workers: int = 0, data: Mapping[str, Any] | None = None) -> ReferenceStats:
+    """The ``reference`` config node (Reference in dmd2/settings.py) -> statistics: ``auto``, the training data
+    ``data`` (clean-fid's precomputed statistics for 32x32 CIFAR-10 under Inception's clean resize, else computed
+    once and cached in ``reference.cache_dir``), an image folder's (computed once, cached), a statistics file, or
+    clean-fid's precomputed CIFAR-10 train statistics."""
     if ref["name"] == "npz":
-        return npz_stats(ref["path"], net)
+        return npz_stats(ref["path"], net, ref.get("resolution"))
     if ref["name"] == "folder":
         return folder_stats(ref["folder"], net, ref["cache_dir"], kid=kid, batch_size=batch_size,
                             num_workers=num_workers)
+    if ref["name"] == "auto":
+        if not data:
+            raise EvaluationError("reference.name=auto measures against the training data of the model, which is "
+                                  "not known here (images from files, or a checkpoint without its training config): "
+                                  "name a reference, e.g. reference.name=folder reference.folder=<images> or "
+                                  "reference.name=npz reference.path=<statistics file>")
+        if (data["name"] == "cifar10" and int(data["resolution"]) == CIFAR10_TRAIN["res"] and net.is_inception
+                and net.resize == "clean"):
+            return precomputed_cifar10_stats(net, ref["cache_dir"], kid=kid, allow_download=ref["allow_download"])
+        return dataset_stats(data, net, ref["cache_dir"], kid=kid, batch_size=batch_size, num_workers=num_workers)
     return precomputed_cifar10_stats(net, ref["cache_dir"], kid=kid, allow_download=ref["allow_download"])

@@ -112,12 +112,24 @@ def sweep_group() -> str | None:
         return None
 
 
-def logger_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The logger config with the sweep's group filled in when ``logger.group`` is null."""
+def logger_settings(cfg: DictConfig, data: Any = None) -> dict[str, Any]:
+    """The logger config with the sweep's group filled in when ``logger.group`` is null, and the project when
+    ``logger.project`` is null (from ``data``, by default the config's ``data``)."""
     settings = OmegaConf.to_container(cfg.logger, resolve=True)
     if settings.get("name") == "wandb" and settings.get("group") is None:  # type: ignore[union-attr]
         settings["group"] = sweep_group()  # type: ignore[index]
+    if settings.get("name") == "wandb" and settings.get("project") is None:  # type: ignore[union-attr]
+        data = data if data is not None else OmegaConf.select(cfg, "data", default=None)
+        settings["project"] = wandb_project(data)  # type: ignore[index]
     return settings  # type: ignore[return-value]
+
+
+def wandb_project(data: Any) -> str:
+    """The default W&B project: dmd2-<data set> (dmd2-cifar10, dmd2-imagenet64, ...); dmd2 when the data is
+    unknown."""
+    from dmd2.data import dataset_label
+
+    return f"dmd2-{dataset_label(data)}" if data else "dmd2"
 
 
 def find_resume(cfg: DictConfig, output_dir: str, prefix: str, kind: str) -> tuple[str, dict[str, Any]] | None:
@@ -380,8 +392,9 @@ def run_result(checkpoint: str, steps: int, metrics: dict[str, float], evaluator
                ) -> dict[str, Any]:
     """What a stage returns: the final checkpoint, the last logged metrics with the evaluation's last and best
     values, and ``objective_key``, the metric a sweeper minimises by default: the best FID / FD when
-    ``eval_every`` > 0, else the last logged ``loss_key``."""
+    ``eval_every`` > 0, else None (a loss, e.g. ``loss_key``, is an objective only when optimized_metric names
+    it)."""
     evaluated = evaluator.results()
-    key = f"{evaluator.key}_best" if evaluated else loss_key
+    key = f"{evaluator.key}_best" if evaluated else None  # no evaluation, no default objective (train.objective)
     metrics = {**metrics, **evaluated}
     return {"checkpoint": checkpoint, "steps": steps, "metrics": metrics, "objective_key": key}

@@ -225,7 +225,9 @@ class DataSettings:
 class WandbLogger:
     """Weights & Biases; offline by default (no account needed; `wandb sync` uploads later)."""
     name: str = setting("wandb", "logger", one_of("wandb"))
-    project: str = setting("dmd2-cifar10", "W&B project", TEXT)
+    project: Optional[str] = setting(None, "W&B project; null = dmd2-<data set> (dmd2-cifar10, dmd2-imagenet64, "
+                                     "...: train.py from data.*, evaluate.py from the checkpoint's training data)",
+                                     optional(TEXT))
     entity: Optional[str] = setting(None, "W&B entity (user or team); null = your default", optional(TEXT))
     mode: str = setting("offline", "offline | online | disabled", one_of("offline", "online", "disabled"))
     group: Optional[str] = setting(None, "W&B group; null = none for single runs, the sweep folder in sweeps; "
@@ -247,7 +249,7 @@ class NoLogger:
 
 FEATURE_NETWORKS = ("inception", "torchscript")
 RESIZE_MODES = ("clean", "legacy_tensorflow", "none")
-REFERENCES = ("cifar10_train", "folder", "npz")
+REFERENCES = ("auto", "cifar10_train", "folder", "npz")
 
 
 @dataclass
@@ -267,14 +269,19 @@ class FeatureNetwork:
 
 @dataclass
 class Reference:
-    name: str = setting("cifar10_train", "cifar10_train: clean-fid's precomputed CIFAR-10 train statistics "
-                        "(Inception, clean) | folder: an image folder's | npz: a statistics file (mu, sigma)",
-                        one_of(*REFERENCES))
+    name: str = setting("auto", "auto: the model's own training data (train.py: data.*; evaluate.py: the "
+                        "checkpoint's), statistics computed once and cached; clean-fid's precomputed ones for 32x32 "
+                        "CIFAR-10 under Inception's clean resize | cifar10_train: clean-fid's precomputed CIFAR-10 "
+                        "train statistics (Inception, clean, 32x32) | folder: an image folder's | npz: a statistics "
+                        "file (mu, sigma)", one_of(*REFERENCES))
     folder: Optional[str] = setting(None, "reference.name=folder: an image folder tree, e.g. "
                                     "data/cifar10-jpeg/train", optional(TEXT))
     path: Optional[str] = setting(None, "reference.name=npz: a file with mu [D] and sigma [D,D], e.g. EDM's "
                                   "cifar10-32x32.npz (TF-Inception features: use resize=legacy_tensorflow)",
                                   optional(TEXT))
+    resolution: Optional[int] = setting(None, "reference.name=npz, a file without metadata (EDM's): the side of the "
+                                        "images it was made from; null = read from the file name (cifar10-32x32.npz "
+                                        "-> 32)", optional(POSITIVE_INT, "from the file's metadata or name"))
     cache_dir: str = setting("./fid_stats", "folder statistics are computed once and cached here", TEXT)
     allow_download: bool = setting("${..feature_network.allow_download}", "true: clean-fid may download its "
                                    "precomputed statistics", BOOL)
@@ -285,13 +292,19 @@ class FidSettings:
     """How FID / FD is measured: the feature network and the reference statistics (evaluate.py and eval_every)."""
     feature_network: FeatureNetwork = group(FeatureNetwork, "the network whose features are compared")
     reference: Reference = group(Reference, "the reference statistics")
+    allow_few_samples: bool = setting(False, "true: compute FID / FD even with fewer samples than the feature "
+                                      "dimension (2048 for Inception; a singular covariance, a number comparable "
+                                      "with nothing); false: refused before sampling", BOOL)
+    uncertainty_resamples: int = setting(20, "bootstrap resamples of the generated samples' features behind each "
+                                         "value's standard deviation (eval/fid_std, eval/kid_std; the spread a "
+                                         "rerun with other seeds shows); 0 = none", NONNEG_INT)
 
 
 @dataclass
 class EvalSettings(FidSettings):
     """What eval_every measures: feature_network.* and reference.* as in evaluate.py, and these."""
-    num_samples: int = setting(10000, "samples per evaluation, classes round-robin (published FIDs use 50000)",
-                               int_at_least(2))
+    num_samples: int = setting(10000, "samples per evaluation, classes round-robin; the values are named with it "
+                               "(fid@10k); published FIDs use 50000 (README \"Which FID\")", int_at_least(2))
     batch_size: int = setting(250, "images generated and featurized at once", POSITIVE_INT)
     seed: int = setting(0, "sample i uses noise seeded by (seed, i): every evaluation sees the same noise",
                         NONNEG_INT)
@@ -373,8 +386,8 @@ class TrainSettings:
                               "0), logged as eval/fid or eval/fd_<network>; 0 = off", NONNEG_INT)
     eval: EvalSettings = group(EvalSettings, "what eval_every measures")
     optimized_metric: Optional[str] = setting(None, "what train.py returns to a sweeper: null = the best eval "
-                                              "metric when eval_every > 0, else the last loss; or a final metric "
-                                              "key", optional(METRIC))
+                                              "metric (needs eval_every > 0); or a final metric key the run "
+                                              "produces (a loss only when named: train/loss)", optional(METRIC))
     perf: Perf = group(Perf, "fast paths")
 
 
@@ -441,7 +454,8 @@ class EvaluateSettings(FidSettings):
     logger: Any = chosen("wandb (offline by default) | none: conf/logger")
     checkpoint: Optional[str] = setting(None, "one teacher_*.pt or dmd2_*.pt, an export folder or .safetensors "
                                         "file, or hf://owner/repo; set this or checkpoint_dir", optional(TEXT))
-    checkpoint_dir: Optional[str] = setting(None, "every *.pt in this folder, in order of training step",
+    checkpoint_dir: Optional[str] = setting(None, "every *.pt in this folder, in order of training step; set one "
+                                            "of checkpoint, checkpoint_dir, images, write_reference",
                                             optional(TEXT))
     output_dir: Optional[str] = setting(None, "results.json, metrics.jsonl and wandb/; null = this run's Hydra "
                                         "directory", optional(TEXT))
@@ -454,6 +468,12 @@ class EvaluateSettings(FidSettings):
     generator_weights: str = setting("ema", "DMD2 checkpoints: ema (when trained with generator_ema_decay, else "
                                      "raw) | raw", one_of("ema", "raw"))
     sampler: SamplerSettings = group(SamplerSettings, "how teacher checkpoints sample")
+    images: Optional[str] = setting(None, "measure these images instead of a checkpoint: a folder or .zip of image "
+                                    "files (generate.py's PNGs, EDM's output) or an .npz with arr_0 uint8 [N,H,W,3] "
+                                    "(generate.py format=npz, ADM's layout); needs a named reference",
+                                    optional(TEXT))
+    write_reference: Optional[str] = setting(None, "write the reference statistics (reference.*) to this .npz: mu, "
+                                             "sigma (EDM's format) and their metadata, then stop", optional(TEXT))
     kid: bool = setting(False, "also compute KID (clean-fid's kernel distance)", BOOL)
     num_workers: int = setting(4, "data-loader workers reading the reference folder", NONNEG_INT)
     run_name: Optional[str] = setting(None, "W&B run name; null = built from the command-line overrides",

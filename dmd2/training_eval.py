@@ -5,7 +5,13 @@ feature network, cached reference statistics, per-sample seeded noise and round-
 logged at step N equals ``evaluate.py`` on the checkpoint of step N with the same ``num_samples`` and ``seed``.
 Under torchrun every rank generates its slice of the samples and rank 0 computes the distance.
 
-Logged as ``eval/fid`` (Inception) or ``eval/fd_<network>`` against the training step (``data=gaussian_mixture``:
+Before the first step it refuses a reference whose resolution, feature network or resize differs from the run's
+(the default reference, ``eval.reference.name=auto``, is the run's own training data) and a sample count below the
+feature dimension (``eval.allow_few_samples``).
+
+Logged as ``eval/fid`` (Inception) or ``eval/fd_<network>`` with its bootstrap standard deviation
+(``eval/fid_std``; README "Which FID") and the sample count in the summary (``eval/num_samples``, ``eval/name``
+= fid@10k) against the training step (``data=gaussian_mixture``:
 its exact scores instead, ``eval/mixture_fd`` with ``eval/mixture_coverage``, ``_near`` and ``_weight_tv``), with the cost of each
 evaluation (``eval/seconds``, ``eval/images_per_sec``); the W&B summary keeps the minimum.
 """
@@ -21,8 +27,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from dmd2.evaluation import (EvaluationError, evaluate_mixture, evaluate_sampler, feature_network_from_config,
-                             reference_from_config)
+from dmd2.config import to_container
+from dmd2.evaluation import (EvaluationError, check_measurement, check_reference, evaluate_mixture, evaluate_sampler,
+                             feature_network_from_config, metric_name, reference_from_config)
 from dmd2.mixture import MIXTURE_KEY, MIXTURE_METRIC, mixture_from_config, reference_scores
 from dmd2.distributed import Dist, barrier
 from dmd2.run_logger import RunLogger
@@ -61,6 +68,7 @@ class TrainingEvaluator:
         self.enabled = self.every > 0
         self.best, self.best_step, self.last = math.inf, -1, math.nan
         self.last_scores: dict[str, float] = {}  # data=gaussian_mixture: the last evaluation's exact scores
+        self.last_std: float | None = None  # the last value's bootstrap standard deviation (feature networks)
         if not self.enabled:
             return
         ev = cfg.eval
@@ -69,19 +77,26 @@ class TrainingEvaluator:
         self.mixture = mixture_from_config(cfg.data) if cfg.data.name == "gaussian_mixture" else None
         if self.mixture is not None:  # known-answer data: exact scores, no feature network or reference
             self.key, self.metric = MIXTURE_KEY, MIXTURE_METRIC
+            self.name = metric_name(self.key, self.num)
             logger.define_metric(self.key, summary="min")
             if dist.is_main:
                 floor = reference_scores(self.mixture, self.num, self.seed)
                 logger.summary({f"{self.key}_floor": floor["fd"]})
                 log.info(f"[eval] {self.metric} of {self.num} true samples (the floor): {floor['fd']:.4f}")
             return
+        self.allow_few, self.resamples = ev.allow_few_samples, ev.uncertainty_resamples
         try:
             self.net = feature_network_from_config(ev.feature_network, device)
+            # refused before any reference is computed or any step trained: too few samples ...
+            check_measurement(self.net, None, cfg.data.resolution, self.num, self.allow_few, "eval.")
             self.ref = None
             if dist.is_main:  # rank 0 computes (or reads the cached) reference statistics; the others wait
                 with untouched_rng(device):
                     self.ref = reference_from_config(ev.reference, self.net, batch_size=self.batch_size,
-                                                     num_workers=cfg.data.num_workers)
+                                                     num_workers=cfg.data.num_workers,
+                                                     data=to_container(cfg.data))
+                # ... or a reference of another resolution, feature network or resize
+                check_reference(self.ref, self.net, cfg.data.resolution, "eval.")
         except EvaluationError as err:
             raise EvaluationError(
                 f"eval_every={self.every}: the FID / FD evaluation inside training cannot start.\n{err}\n"
@@ -90,7 +105,11 @@ class TrainingEvaluator:
                 "without evaluation.") from err
         barrier(dist)
         self.key, self.metric = self.net.wandb_key, self.net.metric
+        self.name = metric_name(self.key, self.num)  # e.g. fid@10k: the value with its sample count
         logger.define_metric(self.key, summary="min")
+        logger.summary({"eval/num_samples": self.num, "eval/name": self.name})
+        if dist.is_main:
+            log.info(f"[eval] {self.metric} of {self.num} samples ({self.name}) against {self.ref.description}")
 
     def due(self, done: int, total: int) -> bool:
         """Every ``eval_every`` steps and at the end."""
@@ -105,7 +124,8 @@ class TrainingEvaluator:
                                            self.dist)
             else:
                 numbers = evaluate_sampler(sampler, self.net, self.ref, self.num, self.seed, self.batch_size,
-                                           self.device, dist=self.dist, progress=False)
+                                           self.device, dist=self.dist, progress=False, resamples=self.resamples,
+                                           allow_few_samples=self.allow_few)
         if numbers is None:  # ranks > 0
             return None
         seconds = time.perf_counter() - start
@@ -114,12 +134,17 @@ class TrainingEvaluator:
         if value < self.best:
             self.best, self.best_step = value, step
         extra = {f"eval/mixture_{k}": v for k, v in numbers.get("scores", {}).items() if k != "fd"}
+        self.last_std = numbers.get("std")
+        if self.last_std is not None:
+            extra[f"{self.key}_std"] = self.last_std
         self.logger.log({self.key: value, **extra, "eval/seconds": seconds, "eval/images_per_sec": self.num / seconds,
                          "eval/nfe": sampler.nfe}, step=step)
         self.logger.summary({f"{self.key}_best": self.best, "eval/best_step": self.best_step})
         scores = "".join(f", {k} {v:.3f}" for k, v in numbers.get("scores", {}).items() if k != "fd")
-        log.info(f"[eval] step {step}: {self.metric} = {value:.4f}{scores} ({self.num} samples, {sampler.nfe} NFE, "
-                 f"{seconds:.1f} s, {self.num / seconds:.1f} images/s; best {self.best:.4f} at step {self.best_step})")
+        noise = f" ± {self.last_std:.4f}" if self.last_std is not None else ""
+        log.info(f"[eval] step {step}: {self.metric} = {value:.4f}{noise}{scores} ({self.name}: {self.num} samples, "
+                 f"{sampler.nfe} NFE, {seconds:.1f} s, {self.num / seconds:.1f} images/s; best {self.best:.4f} at "
+                 f"step {self.best_step})")
         return value
 
     def results(self) -> dict[str, Any]:
@@ -127,6 +152,8 @@ class TrainingEvaluator:
         if not self.enabled or self.best_step < 0:
             return {}
         extra = {f"eval/mixture_{k}": v for k, v in self.last_scores.items() if k != "fd"}
+        if self.last_std is not None:
+            extra[f"{self.key}_std"] = self.last_std
         return {self.key: self.last, f"{self.key}_best": self.best, "eval/best_step": self.best_step, **extra}
 
     def state_dict(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from dmd2.run_logger import RunLogger
 from dmd2.errors import EVALUATION_ERROR
 from tests.conftest import compose_cfg, run_cli
 
-RESULT_FIELDS = {"metric", "value", "kid", "num_samples", "nfe", "images_per_sec", "checkpoint", "step", "kind",
+RESULT_FIELDS = {"metric", "name", "value", "std", "kid", "kid_std", "reference_meta", "num_samples", "nfe", "images_per_sec", "checkpoint", "step", "kind",
                  "sampler_steps", "weights", "seed", "feature_network", "resize", "protocol", "reference",
                  "reference_stats", "generation_seconds", "total_seconds", "device"}
 
@@ -117,6 +117,7 @@ def test_inception_with_local_weights_and_precomputed_stats_is_named_fid(teacher
                         lambda mu1, s1, mu2, s2: float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2)))
     cfg = compose_cfg([f"checkpoint={teacher_ckpt}", f"feature_network.inception_weights={weights}",
                        f"reference.cache_dir={stats}", "num_samples=6", "batch_size=3", "sampler.steps=1",
+                       "allow_few_samples=true", "uncertainty_resamples=0", "reference.name=cifar10_train",
                        "logger=none", f"output_dir={tmp_path / 'out'}"], config_name="evaluate")
     (row,) = evaluate_script.evaluate(cfg)
     assert row["metric"] == "FID" and row["value"] > 0 and row["resize"] == "clean"

@@ -301,6 +301,7 @@ def test_edm_protocol_feeds_inception_the_images_at_their_own_size_and_reads_a_r
                         lambda mu1, s1, mu2, s2: float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2)))
     cfg = compose_cfg([f"checkpoint={teacher_ckpt}", "protocol=edm", f"reference.path={tmp_path / 'cifar10-32x32.npz'}",
                        f"feature_network.inception_weights={weights}", "num_samples=4", "batch_size=2",
+                       "allow_few_samples=true", "uncertainty_resamples=0",
                        "sampler.steps=1", "logger=none", f"output_dir={tmp_path / 'out'}"], config_name="evaluate")
     (row,) = evaluate_script.evaluate(cfg)
     assert row["metric"] == "FID (TF-Inception protocol)" and row["resize"] == "legacy_tensorflow"

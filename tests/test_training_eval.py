@@ -128,6 +128,8 @@ def test_distill_logs_the_fd_curve_equal_to_evaluate_py(teacher_ckpt, tiny_data,
     curve = eval_curve(out)
     assert sorted(curve) == [0, 2, 4] and all(v > 0 for v in curve.values())
     costs = [r for r in rows(out) if KEY in r]
+    assert all(r[f"{KEY}_std"] > 0 for r in costs)  # each value with its bootstrap standard deviation
+    assert "(fd_tiny-featnet@30: 30 samples" in proc.stdout
     assert all(r["eval/seconds"] > 0 and r["eval/images_per_sec"] > 0 and r["eval/nfe"] == 1 for r in costs)
     assert "[eval] step 4: FD (tiny-featnet)" in proc.stdout and "images/s" in proc.stdout
     state = load_checkpoint(str(out / "dmd2_final.pt"))
@@ -165,10 +167,25 @@ def test_teacher_evaluation_and_the_objective_for_sweepers(tiny_data, featnet, t
     assert train_script.objective(result, "train/loss") == result["metrics"]["train/loss"]
     with pytest.raises(ConfigError, match="'optimized_metric' = 'eval/fid'"):
         train_script.objective(result, "eval/fid")
-    # without evaluation the objective falls back to the last logged loss
+    assert result["metrics"][f"{KEY}_std"] > 0  # the last value's bootstrap standard deviation
+    # without evaluation there is no default objective: a loss only when named
     cfg = compose_cfg([*SMOKE, "data=image_folder", f"data.root={tiny_data}", f"output_dir={tmp_path / 'off'}"])
     result = train_script.train(cfg)
-    assert result["objective_key"] == "train/loss" and math.isfinite(train_script.objective(result, None))
+    assert result["objective_key"] is None and train_script.objective(result, None) is None
+    assert math.isfinite(train_script.objective(result, "train/loss"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.resolution=16"], "the images measured are 16x16, the reference images (tiny) 32x32"),
+    (["eval.num_samples=8"], "'eval.num_samples' = 8: fewer samples than the feature dimension (8)"),
+])
+def test_an_evaluation_that_does_not_fit_stops_the_run_before_its_first_step(overrides, message, tiny_data, featnet,
+                                                                             tmp_path):
+    cfg = compose_cfg([*SMOKE, "data=image_folder", f"data.root={tiny_data}", f"output_dir={tmp_path}",
+                       *train_eval_args(featnet, tiny_data, tmp_path / "fid_stats"), *overrides])
+    with pytest.raises(Exception, match=re.escape(message)):
+        train_script.train(cfg)
+    assert not (tmp_path / "teacher_000002.pt").exists()
 
 
 def test_optuna_search_minimises_the_eval_metric(teacher_ckpt, tiny_data, featnet, tmp_path):
