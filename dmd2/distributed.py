@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dmd2.config import ConfigError
+from dmd2.errors import ConfigError
 
 
 @dataclass(frozen=True)
