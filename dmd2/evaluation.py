@@ -53,6 +53,7 @@ from cleanfid.utils import EXTENSIONS
 from dmd2.settings import FEATURE_NETWORKS, GENERATED_DATA
 from dmd2.distributed import Dist, gather_objects
 from dmd2.files import atomic_write, file_sha256
+from dmd2.frechet import frechet_to_reference
 from dmd2.mixture import GaussianMixture, mixture_scores
 from dmd2.sampling import CheckpointSampler, generate_uint8, round_robin_labels
 
@@ -272,23 +273,6 @@ def kernel_inception_distance(feats: np.ndarray, ref_feats: np.ndarray, seed: in
         return float(kernel_distance(ref_feats.astype(np.float64), feats.astype(np.float64)))
     finally:
         np.random.set_state(state)
-
-
-def frechet_to_reference(ref_mu: np.ndarray, ref_sigma: np.ndarray) -> Callable[[np.ndarray, np.ndarray], float]:
-    """A function (mu [D], sigma [D,D]) -> Frechet distance to N(ref_mu, ref_sigma), for many ``sigma`` against
-    one reference: tr sqrt(S R) = sum sqrt(eig(R^1/2 S R^1/2)), with R^1/2 computed once (an eigendecomposition
-    per call instead of a general matrix square root). Agrees with ``frechet_distance`` to rounding (tested);
-    used for the bootstrap replicates only, the reported value is always clean-fid's."""
-    w, v = np.linalg.eigh(np.asarray(ref_sigma, np.float64))
-    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    trace_ref = float(np.trace(ref_sigma))
-
-    def distance(mu: np.ndarray, sigma: np.ndarray) -> float:
-        eig = np.linalg.eigvalsh(root @ sigma @ root)
-        diff = mu - ref_mu
-        return float(diff @ diff + np.trace(sigma) + trace_ref - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
-
-    return distance
 
 
 def bootstrap_indices(rng: np.random.Generator, labels: np.ndarray | None, n: int) -> np.ndarray:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from dmd2.frechet import frechet_to_reference
 from dmd2.randomness import derived_seed, generator
 
 MEAN_AMPLITUDE = 0.75  # mean images lie in [-0.75, 0.75]: with std <= 0.05 a sample is clipped with p < 1e-6
@@ -107,17 +108,6 @@ class MixtureDataset(Dataset):
 # --------------------------------------------------------------------------------------------- exact answers
 
 
-def frechet_to_exact(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S2^1/2 S1 S2^1/2)^1/2): clean-fid's Frechet distance, written with
-    symmetric eigendecompositions, which stays exact and fast when the sample covariance S1 [D,D] is singular
-    (fewer samples than pixels) as long as the exact S2 is positive definite (it is: S2 >= std^2 I)."""
-    w, v = np.linalg.eigh(sigma2)
-    root2 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    inner = np.linalg.eigvalsh(root2 @ sigma1 @ root2)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2)
-                 - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
-
-
 def class_moments(mix: GaussianMixture) -> tuple[Tensor, Tensor]:
     """The exact mean [C,D] and covariance [C,D,D] (float64) of each class:
     m = mean_k mu_k, S = mean_k (mu_k - m)(mu_k - m)^T + std^2 I."""
@@ -168,7 +158,7 @@ def mixture_scores(mix: GaussianMixture, images: Tensor, labels: Tensor) -> dict
     """Exact scores of samples ``images`` (uint8 [N,3,R,R], or floats in [-1, 1]) with class ``labels`` [N]:
 
     - ``fd``: the Frechet distance in pixel space (pixels in [-1, 1]) between each class's samples and its exact
-      moments, averaged over classes (``frechet_to_exact``);
+      moments, averaged over classes (``dmd2.frechet``: exact with fewer samples than pixels);
     - ``near``: the fraction of samples within NEAR_RADIUS typical distances of a component of their class
       (a blend of two modes is far from both);
     - ``coverage``: the fraction of (class, component) pairs that receive at least half their share
@@ -191,7 +181,7 @@ def mixture_scores(mix: GaussianMixture, images: Tensor, labels: Tensor) -> dict
         if n < 2:
             raise ValueError(f"mixture scores need at least 2 samples of every class; class {c} has {n}")
         xc = x[sel].flatten(1).double().numpy()
-        fds.append(float(frechet_to_exact(xc.mean(0), np.cov(xc, rowvar=False), m[c].numpy(), cov[c].numpy())))
+        fds.append(frechet_to_reference(m[c].numpy(), cov[c].numpy())(xc.mean(0), np.cov(xc, rowvar=False)))
         on_mode = torch.bincount(nearest[sel & near], minlength=k).double()
         covered += int((on_mode >= 0.5 * n / k).sum())
         freq = torch.bincount(nearest[sel], minlength=k).double() / n

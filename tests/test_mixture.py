@@ -6,13 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from cleanfid.fid import frechet_distance
 
 from conftest import compose_cfg
 from dmd2.config import ConfigError, validate
 from dmd2.data import build_dataset
 from dmd2.diffusion import gaussian_optimal_denoiser, heun_sample, heun_sampler_sigmas, to_uint8
-from dmd2.mixture import (ExactDenoiser, class_moments, exact_denoise, frechet_to_exact, make_mixture,
+from dmd2.frechet import frechet_to_reference
+from dmd2.mixture import (ExactDenoiser, class_moments, exact_denoise, make_mixture,
                           mixture_scores, quantize, reference_scores, sample_mixture)
 
 
@@ -71,11 +71,17 @@ def test_one_component_is_the_gaussian_denoiser():
     assert torch.allclose(ExactDenoiser(one)(x, sigma, torch.zeros(5, dtype=torch.long)), want, atol=1e-6)
 
 
-def test_frechet_to_exact_is_clean_fids_formula():
+def test_frechet_distance_with_a_singular_sample_covariance():
+    """Fewer samples than dimensions: the eigendecomposition form still equals the definition, computed here
+    from the exact square root of the reference's covariance."""
     rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(400, 12)), rng.normal(size=(300, 12)) * 1.5 + 0.3
-    args = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
-    assert frechet_to_exact(*args) == pytest.approx(float(frechet_distance(*args)), rel=1e-8)
+    a = rng.normal(size=(10, 30))  # rank 9 < 30
+    ref_sigma = np.diag(rng.uniform(0.5, 2, 30))
+    sigma = np.cov(a, rowvar=False)
+    root = np.diag(np.sqrt(np.diag(ref_sigma)))
+    inner = np.linalg.eigvalsh(root @ sigma @ root)
+    want = (a.mean(0) ** 2).sum() + np.trace(sigma) + np.trace(ref_sigma) - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+    assert frechet_to_reference(np.zeros(30), ref_sigma)(a.mean(0), sigma) == pytest.approx(want, rel=1e-10)
 
 
 def test_scores_of_true_samples_blur_and_a_single_mode(mix):
