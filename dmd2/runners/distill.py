@@ -195,6 +195,99 @@ def distill_step(s: DistillState, b: Batch, step: int) -> dict[str, Tensor]:
     return logs
 
 
+def build_networks(cfg: DictConfig, teacher: EDMPrecond, device: torch.device
+                   ) -> tuple[UnifiedModel, EDMPrecond | None, dict[str, Updater]]:
+    """The generator and the guidance model (copies of the teacher; with ``exact_teacher`` the real score is the
+    mixture's exact denoiser), the generator's EMA (or None) and both updaters."""
+    model = UnifiedModel(teacher, cfg).to(device)
+    if cfg.exact_teacher:  # known-answer data: the real score is exact; the checkpoint only initialises G and fake
+        model.guidance.real_unet = ExactDenoiser(mixture_from_config(cfg.data), teacher.sigma_data)
+    ema = copy.deepcopy(model.generator).eval().requires_grad_(False) if cfg.generator_ema_decay is not None else None
+    networks = [model.generator, model.guidance.fake_unet] + ([] if cfg.exact_teacher else [model.guidance.real_unet])
+    for net in networks:
+        prepare_network(net, cfg.perf)  # channels-last / torch.compile (after the EMA copy: it stays eager)
+    fused = fused_adamw(cfg.perf.fused_adamw, device)
+    return model, ema, build_updaters(model, ema, cfg, fused)
+
+
+def describe_run(cfg: DictConfig, ctx: RunContext, teacher_state: dict[str, Any], model: UnifiedModel, steps: int,
+                 start: int) -> str:
+    """The line a distillation starts with: its teacher, networks, method and length."""
+    teacher_text = f"teacher {cfg.teacher_checkpoint} (step {teacher_state['step']})"
+    if cfg.exact_teacher:
+        teacher_text = f"the exact mixture denoiser as teacher (networks initialised from {teacher_text})"
+    return (f"[distill] {teacher_text}, {count_parameters(model.generator) / 1e6:.2f}M parameters per network, "
+            f"{model.num_steps}-step generator, GAN {'on' if cfg.gan_classifier else 'off'}, {steps} steps of global "
+            f"batch {cfg.batch_size * ctx.dist.world_size} on {ctx.device}, generator every "
+            f"{cfg.dfake_gen_update_ratio} steps, from step {start}; writing to {ctx.output_dir}")
+
+
+def train_metrics(window: RunningMeans, upds: dict[str, Updater], dist: Any, step: int,
+                  extra: dict[str, float]) -> dict[str, float]:
+    """The logged scalars of a log interval: the window's means over ranks, each updater's learning rate and
+    skipped steps at ``step``, and ``extra``."""
+    metrics = mean_across_ranks(window.pop(), dist)
+    metrics.update({f"train/{name}_{what}": value for name, upd in upds.items()
+                    for what, value in (("lr", upd.lr_at(step)), ("skipped_steps", upd.skipped))})
+    return {**metrics, **extra}
+
+
+def export_final(ctx: RunContext, path: str, steps: int, num_chain: int) -> None:
+    """Export the generator of the final checkpoint (ready for dmd2.load_generator / generate.py / the Hub) and
+    log both as W&B artifacts (rank 0)."""
+    export = os.path.join(ctx.output_dir, "generator")
+    meta = export_generator(path, export)
+    ctx.say(f"[distill] generator exported to {export} ({meta['weights']} weights, {num_chain} NFE)")
+    ctx.logger.log_artifact(path, "dmd2", steps)
+    ctx.logger.log_artifact(export, "generator", steps, metadata={k: meta[k] for k in ("kind", "sampler",
+                            "num_classes", "resolution", "provenance")})
+
+
+class SampleGrids:
+    """The fixed noise [S,N,3,R,R] and labels [N] of the sample grids (one row per class) and how they are logged."""
+
+    def __init__(self, cfg: DictConfig, num_chain: int, classes: list[str] | None, device: torch.device) -> None:
+        res, self.per_class, self.classes, self.sample_steps = (cfg.data.resolution, cfg.samples_per_class, classes,
+                                                                cfg.sample_steps)
+        self.y = grid_labels(cfg.data.num_classes, cfg.samples_per_class, device)
+        z = torch.randn(num_chain, len(self.y), 3, res, res, generator=generator(cfg.seed + GRID_NOISE_OFFSET))
+        self.z = z.to(device)
+
+    def log_teacher(self, ctx: RunContext, teacher: nn.Module) -> None:
+        images = teacher_samples(teacher, self.z[0], self.y, self.sample_steps)
+        ctx.logger.log_samples("samples/teacher", images, self.y, self.classes, self.per_class, 0,
+                               f"teacher EMA, Heun {heun_nfe(self.sample_steps)} NFE")
+
+    def log_generator(self, ctx: RunContext, model: UnifiedModel, ema: EDMPrecond | None, step: int) -> None:
+        caption = f"generator, {model.num_steps} NFE"
+        ctx.logger.log_samples("samples/generator", model.sample(self.z, self.y), self.y, self.classes,
+                               self.per_class, step, caption)
+        if ema is not None:
+            ctx.logger.log_samples("samples/generator_ema", model.sample(self.z, self.y, ema), self.y, self.classes,
+                                   self.per_class, step, f"EMA {caption}")
+
+
+def generator_sampler(model: UnifiedModel, ema: EDMPrecond | None, step: int, num_classes: int,
+                      resolution: int) -> CheckpointSampler:
+    """What evaluations measure: the weights generate.py / evaluate.py sample (the EMA when there is one)."""
+    net = ema if ema is not None else model.generator
+    return CheckpointSampler("dmd2", net, step, num_classes, resolution, model.num_steps,
+                             denoising_sigmas=tuple(model.denoising_sigmas), weights="ema" if ema is not None else "raw")
+
+
+def make_batch(cfg: DictConfig, rng: BatchRNG, real: Tensor, y: Tensor, step: int, num_chain: int,
+               device: torch.device) -> Batch:
+    """A step's inputs from the loader's (images, labels): the labels, the images for the GAN classifier (flipped
+    when data.hflip; None without the classifier), fresh noise for every chain step and the chain depth. Draws from
+    ``rng`` in this order: flips, then noise."""
+    y = y.to(device, non_blocking=True)
+    real = real.to(device, non_blocking=True) if cfg.gan_classifier else None
+    if real is not None and cfg.data.hflip:
+        real = random_hflip(real, rng)
+    res = cfg.data.resolution
+    return Batch(y, rng.randn(num_chain, y.shape[0], 3, res, res, dim=1), chain_step(cfg.seed, step, num_chain), real)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     with run_context(cfg, job_type="distill", prefix="dmd2") as ctx:
         return train_distill(cfg, ctx)
@@ -208,15 +301,7 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     classes = class_names(teacher_state, dataset.class_names, cfg.data.name)
     if not cfg.gan_classifier:
         dataset = LabelsOnly(dataset)  # no image decoding when only the labels are used
-    model = UnifiedModel(teacher, cfg).to(device)
-    if cfg.exact_teacher:  # known-answer data: the real score is exact; the checkpoint only initialises G and fake
-        model.guidance.real_unet = ExactDenoiser(mixture_from_config(cfg.data), teacher.sigma_data)
-    ema = copy.deepcopy(model.generator).eval().requires_grad_(False) if cfg.generator_ema_decay is not None else None
-    networks = [model.generator, model.guidance.fake_unet] + ([] if cfg.exact_teacher else [model.guidance.real_unet])
-    for net in networks:
-        prepare_network(net, cfg.perf)  # channels-last / torch.compile (after the EMA copy: it stays eager)
-    fused = fused_adamw(cfg.perf.fused_adamw, device)
-    upds = build_updaters(model, ema, cfg, fused)
+    model, ema, upds = build_networks(cfg, teacher, device)
     start = 0
     if ctx.resume is not None:
         start = restore_distill(ctx.resume, model, ema, upds, evaluator)
@@ -230,37 +315,18 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     steps = total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps)
     log_schedule(cfg, steps, steps_per_epoch, start, ctx.dist.is_main)
     num_chain, res = model.num_steps, cfg.data.resolution
-    teacher_text = f"teacher {cfg.teacher_checkpoint} (step {teacher_state['step']})"
-    if cfg.exact_teacher:
-        teacher_text = f"the exact mixture denoiser as teacher (networks initialised from {teacher_text})"
-    ctx.say(f"[distill] {teacher_text}, "
-            f"{count_parameters(model.generator) / 1e6:.2f}M parameters per network, {num_chain}-step generator, "
-            f"GAN {'on' if cfg.gan_classifier else 'off'}, {steps} steps of global batch {cfg.batch_size * world} "
-            f"on {device}, generator every {s.ratio} steps, from step {start}; writing to {ctx.output_dir}")
+    ctx.say(describe_run(cfg, ctx, teacher_state, model, steps, start))
 
-    grid_y = grid_labels(cfg.data.num_classes, cfg.samples_per_class, device)
-    grid_z = torch.randn(num_chain, len(grid_y), 3, res, res, generator=generator(cfg.seed + GRID_NOISE_OFFSET))
-    grid_z = grid_z.to(device)
+    grids = SampleGrids(cfg, num_chain, classes, device)
     if ctx.dist.is_main:
-        ctx.logger.log_samples("samples/teacher", teacher_samples(model.guidance.real_unet, grid_z[0], grid_y,
-                               cfg.sample_steps), grid_y, classes, cfg.samples_per_class, 0,
-                               f"teacher EMA, Heun {heun_nfe(cfg.sample_steps)} NFE")
+        grids.log_teacher(ctx, model.guidance.real_unet)
 
     def evaluate(step: int) -> None:  # the weights generate.py / evaluate.py sample: the EMA when there is one
-        net = ema if ema is not None else model.generator
-        evaluator(CheckpointSampler("dmd2", net, step, cfg.data.num_classes, res, num_chain,
-                                    denoising_sigmas=tuple(model.denoising_sigmas),
-                                    weights="ema" if ema is not None else "raw"), step)
+        evaluator(generator_sampler(model, ema, step, cfg.data.num_classes, res), step)
 
     def log_generator_grids(step: int) -> None:
-        if not ctx.dist.is_main:
-            return
-        caption = f"generator, {num_chain} NFE"
-        ctx.logger.log_samples("samples/generator", model.sample(grid_z, grid_y), grid_y, classes,
-                               cfg.samples_per_class, step, caption)
-        if ema is not None:
-            ctx.logger.log_samples("samples/generator_ema", model.sample(grid_z, grid_y, ema), grid_y, classes,
-                                   cfg.samples_per_class, step, f"EMA {caption}")
+        if ctx.dist.is_main:
+            grids.log_generator(ctx, model, ema, step)
 
     def checkpoint(step: int) -> dict[str, Any]:
         return distill_state(cfg, ctx, teacher_state, model, ema, upds, evaluator, step, classes)
@@ -281,28 +347,20 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     window = RunningMeans()
     timesteps: list[Tensor] = []
     for step in range(start, steps):
-        real, y = next(batches)
-        y = y.to(device, non_blocking=True)
-        real = real.to(device, non_blocking=True) if cfg.gan_classifier else None
-        if real is not None and cfg.data.hflip:
-            real = random_hflip(real, s.rng)
-        batch = Batch(y, s.rng.randn(num_chain, y.shape[0], 3, res, res, dim=1), chain_step(cfg.seed, step, num_chain),
-                      real)
+        batch = make_batch(cfg, s.rng, *next(batches), step, num_chain, device)
         logs = distill_step(s, batch, step)
         if "dm_timesteps" in logs:
             timesteps.append(logs.pop("dm_timesteps"))
         window.add({f"train/{key}": v for key, v in logs.items()})
 
         done = step + 1
-        images_since += y.shape[0] * world
+        images_since += batch.y.shape[0] * world
         bar.update(1)
         if done % cfg.log_every == 0 or done == steps:
             now = time.perf_counter()
-            metrics = mean_across_ranks(window.pop(), ctx.dist)
-            metrics.update({f"train/{name}_{what}": value for name, upd in upds.items()
-                            for what, value in (("lr", upd.lr_at(step)), ("skipped_steps", upd.skipped))})
-            metrics.update({"train/images_per_sec": images_since / (now - t_last), "train/epoch": step // steps_per_epoch,
-                            "train/global_batch_size": cfg.batch_size * world})
+            metrics = train_metrics(window, upds, ctx.dist, step, {
+                "train/images_per_sec": images_since / (now - t_last), "train/epoch": step // steps_per_epoch,
+                "train/global_batch_size": cfg.batch_size * world})
             ctx.logger.log(metrics, step=done)
             last.update(metrics)
             if timesteps:
@@ -319,12 +377,7 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             ctx.stop(checkpoint(done), "dmd2", done)
     bar.close()
     path = save_final(checkpoint(steps), os.path.join(ctx.output_dir, "dmd2_final.pt"), ctx.dist)
-    if ctx.dist.is_main:  # the generator alone, ready for dmd2.load_generator / generate.py / the Hub
-        export = os.path.join(ctx.output_dir, "generator")
-        meta = export_generator(path, export)
-        ctx.say(f"[distill] generator exported to {export} ({meta['weights']} weights, {num_chain} NFE)")
-        ctx.logger.log_artifact(path, "dmd2", steps)
-        ctx.logger.log_artifact(export, "generator", steps, metadata={k: meta[k] for k in ("kind", "sampler",
-                                "num_classes", "resolution", "provenance")})
+    if ctx.dist.is_main:
+        export_final(ctx, path, steps, num_chain)
     ctx.say(f"[distill] done: {path}")
     return run_result(path, steps, last, evaluator, "train/loss_dm")
