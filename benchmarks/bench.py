@@ -1,4 +1,6 @@
 """Throughput benchmark of the project's training steps, samplers and FID feature extraction.
+(Shared pieces: bench_tools.py; feature-network and data-loading measurements: bench_features.py; the text
+report: bench_report.py.)
 
     python benchmarks/bench.py                                   # CPU/GPU default: simple_unet_small + simple_unet
     python benchmarks/bench.py --device cuda --arch simple_unet edm_unet --batch-size 128 --out bench.json
@@ -32,13 +34,10 @@ import copy
 import datetime as _dt
 import json
 import os
-import platform
-import resource
 import shlex
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,14 +46,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dmd2.data import CachedBatches, EDMDataset, build_dataset, build_loader  # noqa: E402
 from dmd2.diffusion import (  # noqa: E402
     heun_nfe, heun_sample, heun_sampler_sigmas, multistep_sample,
 )
-from dmd2.networks import build_denoiser, count_parameters  # noqa: E402
+from dmd2.networks import count_parameters  # noqa: E402
 from dmd2.optim import EMA, Updater, adamw, ema_decay_at, grad_norm  # noqa: E402
 from dmd2.speed import autocast  # noqa: E402
 from dmd2.randomness import BatchRNG  # noqa: E402
@@ -62,194 +60,18 @@ from dmd2.runners.distill import (  # noqa: E402
     Batch, DistillState, build_updaters, fake_score_step, generator_step,
 )
 from dmd2.runners.teacher import TeacherState, teacher_step  # noqa: E402
-from dmd2.settings import TeacherSettings  # noqa: E402
-from dmd2.speed import prepare_network, set_backend_flags  # noqa: E402
+from dmd2.speed import set_backend_flags  # noqa: E402
 from dmd2.unified import UnifiedModel  # noqa: E402
 
-CONF = ROOT / "conf"
-FEATNET = Path("/work/shared/models/cifar10-featnet-dev.ts.pt")
-INCEPTION = Path("/tmp/inception-2015-12-05.pt")  # clean-fid's default location of its Inception weights
-NUM_CLASSES, RESOLUTION = 10, 32
-FOUR_STEP_SIGMAS = (80.0, 2.5, 0.6, 0.1)  # the README's 4-step example (conf/experiment/dmd2_cifar10_4step.yaml)
-HEUN_STEPS = 18  # 2 * 18 - 1 = 35 network evaluations
-DEFAULT_ARCHS = ["simple_unet_small", "simple_unet"]
-TINY_ARCHS = ["simple_unet", "edm_unet"]
-# --tiny: widths small enough for a whole run in well under a minute on two CPU cores
-TINY_WIDTHS = {
-    "simple_unet": {"channels": [16, 32], "noise_emb_dim": 16, "emb_dim": 32, "groups": 4, "attn_resolutions": []},
-    "edm_unet": {"model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [16]},
-}
-
-
-# --------------------------------------------------------------------------------------------- configuration
-
-
-def stage_settings(stage: str, arch: str | None = None) -> DictConfig:
-    """The settings a ``python train.py stage=<stage> [arch=<arch>]`` run would use, composed by Hydra from conf/
-    and the schemas of dmd2/settings.py (the one place they are defined)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import MissingConfigException
-
-    overrides = [f"stage={stage}", "logger=none"] + ([f"arch={arch}"] if arch else [])
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        try:
-            return compose(config_name="config", overrides=overrides)
-        except MissingConfigException as err:
-            available = sorted(p.stem for p in (CONF / "arch").glob("*.yaml"))
-            raise SystemExit(f"--arch {arch}: not in conf/arch (available: {', '.join(available)})") from err
-
-
-def load_arch(name: str) -> dict[str, Any]:
-    """The arch dict of ``python train.py arch=<name>``."""
-    arch = OmegaConf.to_container(stage_settings("teacher", name).arch, resolve=True)
-    if arch.get("name") == "from_teacher":  # type: ignore[union-attr]
-        raise SystemExit("--arch from_teacher names no network; pick a preset such as simple_unet")
-    return arch  # type: ignore[return-value]
-
-
-# ------------------------------------------------------------------------------------------------ machine
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info = {
-        "platform": platform.platform(), "python": platform.python_version(), "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_num_threads": torch.get_num_threads(),
-        "cuda_available": torch.cuda.is_available(),
-        "device": str(device), "device_name": cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device),
-    }
-    if device.type == "cuda":
-        info["cuda"] = torch.version.cuda
-        info["cudnn"] = torch.backends.cudnn.version()
-        info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
-        info["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
-        info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
-    return info
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-# ------------------------------------------------------------------------------------------------- timing
-
-
-class Timer:
-    """Median wall time of a callable after warm-up; CUDA synchronised around every timed iteration."""
-
-    def __init__(self, device: torch.device, warmup: int, iters: int) -> None:
-        self.device, self.warmup, self.iters = device, warmup, iters
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __call__(self, fn: Callable[[], Any], batch: int, warmup: int | None = None, iters: int | None = None
-                 ) -> dict[str, Any]:
-        for _ in range(self.warmup if warmup is None else warmup):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(self.iters if iters is None else iters):
-            self.sync()
-            t0 = time.perf_counter()
-            fn()
-            self.sync()
-            times.append(time.perf_counter() - t0)
-        return self.summary(times, batch)
-
-    @staticmethod
-    def summary(times: list[float], batch: int) -> dict[str, Any]:
-        med = statistics.median(times)
-        return {"seconds_median": med, "seconds_min": min(times), "seconds_max": max(times), "iters": len(times),
-                "images_per_sec": batch / med}
-
-    def rounds(self, fns: dict[str, Callable[[], Any]], batch: int, warmup: int | None = None,
-               iters: int | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]]]:
-        """Time several callables in interleaved rounds (each round runs each once, in order).
-        Returns (summary per name, the per-round times per name)."""
-        for _ in range(self.warmup if warmup is None else warmup):
-            for fn in fns.values():
-                fn()
-        times: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(self.iters if iters is None else iters):
-            for name, fn in fns.items():
-                self.sync()
-                t0 = time.perf_counter()
-                fn()
-                self.sync()
-                times[name].append(time.perf_counter() - t0)
-        return {name: self.summary(t, batch) for name, t in times.items()}, times
-
-
-class Memory:
-    """Peak memory of a section: CUDA max_memory_allocated (reset per section), or on the CPU the process's
-    max RSS so far (ru_maxrss: a high-water mark of the whole process, so it never goes down between sections)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.kind = ("torch.cuda.max_memory_allocated, reset before each section" if device.type == "cuda"
-                     else "process max RSS so far (resource.getrusage ru_maxrss; cumulative over sections)")
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
-# ----------------------------------------------------------------------------------------------- networks
-
-
-def perf_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The runners' ``perf`` config node as this benchmark's switches set it."""
-    return {"tf32": args.tf32, "cudnn_benchmark": True, "channels_last": args.channels_last, "compile": args.compile,
-            "fused_adamw": args.fused_adamw}
-
-
-def prepare(net: nn.Module, args: argparse.Namespace) -> nn.Module:
-    """--channels-last / --compile, in place, as the runners apply them (dmd2.speed.prepare_network)."""
-    return prepare_network(net, perf_settings(args))
-
-
-def images(shape: tuple[int, ...], device: torch.device, channels_last: bool) -> torch.Tensor:
-    """Standard normal [..., C, H, W]; with channels_last every [B, C, H, W] slice has channels-last strides."""
-    if not channels_last:
-        return torch.randn(shape, device=device)
-    *lead, c, h, w = shape
-    return torch.randn(*lead, h, w, c, device=device).movedim(-1, -3)
-
-
-def labels(batch: int, device: torch.device) -> torch.Tensor:
-    return torch.randint(0, NUM_CLASSES, (batch,), device=device)
-
-
-def build(arch: dict[str, Any], device: torch.device) -> nn.Module:
-    return build_denoiser(arch, NUM_CLASSES, RESOLUTION, TeacherSettings().sigma_data).to(device)
+from bench_features import bench_data, bench_features  # noqa: E402
+from bench_report import data_table, table  # noqa: E402
+from bench_tools import (  # noqa: E402
+    DEFAULT_ARCHS, FOUR_STEP_SIGMAS, HEUN_STEPS, RESOLUTION, TINY_ARCHS, TINY_WIDTHS, Memory, Timer, build, images,
+    labels, load_arch, load_average, machine_info, perf_settings, prepare, stage_settings,
+)
 
 
 # ----------------------------------------------------------------------------------------------- sections
-
-
 def bench_teacher(arch: dict[str, Any], device: torch.device, args: argparse.Namespace, timer: Timer,
                   mem: Memory) -> dict[str, Any]:
     """One teacher training step as in dmd2/runners/teacher.py (data loading and logging excluded)."""
@@ -534,128 +356,8 @@ def bench_sampling(arch: dict[str, Any], device: torch.device, args: argparse.Na
     return res
 
 
-def small_feature_net() -> nn.Module:
-    """Stand-in with the shape of cifar10-featnet-dev: three conv stages (32/64/128), global max-pool, 128-d."""
-    def stage(c_in: int, c_out: int) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.Conv2d(c_out, c_out, 3, padding=1),
-                             nn.ReLU(), nn.MaxPool2d(2))
-    body = nn.Sequential(stage(3, 32), stage(32, 64), stage(64, 128), nn.AdaptiveMaxPool2d(1), nn.Flatten())
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = body
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.body(x / 127.5 - 1.0)
-
-    return Net().eval()
 
 
-def bench_features(device: torch.device, args: argparse.Namespace, timer: Timer, mem: Memory) -> dict[str, Any]:
-    b = args.batch_size
-    if FEATNET.is_file() and not args.no_featnet:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            net = torch.jit.load(str(FEATNET), map_location=device).eval()
-        name = f"TorchScript {FEATNET} (cifar10-featnet-dev, 128-d, native 32x32)"
-    else:
-        net = small_feature_net().to(device)
-        name = "small conv net built in bench.py (3 conv stages 32/64/128, max-pool, 128-d; random weights)"
-    u8 = torch.randint(0, 256, (b, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8, device=device)
-
-    def run() -> None:
-        with torch.no_grad():
-            net(u8.float())
-
-    mem.reset()
-    res = timer(run, b)
-    res["peak_mem_mb"] = mem.peak_mb()
-    res["network"] = name
-    res["input"] = "uint8 [B,3,32,32] -> float in [0, 255], no resize"
-    if INCEPTION.is_file():
-        res["inception"] = bench_inception(device, args, timer)
-    else:
-        res["inception"] = {"skipped": f"clean-fid's Inception weights are not at {INCEPTION} (offline machine); "
-                                       "not measured"}
-    return res
-
-
-def bench_inception(device: torch.device, args: argparse.Namespace, timer: Timer) -> dict[str, Any]:
-    try:
-        from cleanfid.inception_torchscript import InceptionV3W
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            net = InceptionV3W(str(INCEPTION.parent), download=False, resize_inside=False).to(device).eval()
-    except Exception as err:  # a stand-in file, an old clean-fid, ...
-        return {"skipped": f"could not load clean-fid's Inception from {INCEPTION}: {type(err).__name__}: {err}"}
-    b = args.batch_size
-    x = torch.rand(b, 3, 299, 299, device=device) * 255
-
-    def run() -> None:
-        with torch.no_grad():
-            net(x)
-
-    res = timer(run, b, warmup=1, iters=max(2, args.iters // 2))
-    res["input"] = "float [B,3,299,299] in [0, 255] (the clean resize itself, on the CPU, is not included)"
-    return res
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-
-def data_settings(path: Path) -> dict[str, Any]:
-    """The ``data`` settings of a dataset path: EDM's format (a .zip, or a folder with dataset.json) at its own
-    image size, or a class-folder tree at 32x32."""
-    if path.is_file() or (path / "dataset.json").is_file():
-        raw = EDMDataset(str(path), lambda image: image)
-        num_classes = max(raw.targets) + 1 if raw.labelled else 0
-        return {"name": "edm_dataset", "root": str(path), "num_classes": num_classes,
-                "resolution": raw[0][0].size[0]}
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
-    return {"name": "image_folder", "root": str(path), "num_classes": len(classes), "resolution": RESOLUTION}
-
-
-def bench_data(folder: Path, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
-    """Images/s of the runners' batch sources on a dataset (decoding, transform, collation, copy to ``device``):
-    DataLoader with N workers, and CachedBatches (after its one-time decode, timed separately)."""
-    settings = data_settings(folder)
-    ds = build_dataset(settings)
-    b, n = args.batch_size, args.data_batches
-    out: dict[str, Any] = {"folder": str(folder), "format": settings["name"], "resolution": settings["resolution"],
-                           "images": len(ds), "batch_size": b, "batches_timed": n}
-
-    def rate(batches: Any) -> float:
-        it = iter(batches)
-        next(it)  # workers start, first batch
-        t = time.perf_counter()
-        for _ in range(n):
-            x, y = next(it)
-            x = x.to(device, non_blocking=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return b * n / (time.perf_counter() - t)
-
-    for w in args.data_workers:
-        out[f"loader_workers_{w}"] = {"images_per_sec": rate(build_loader(ds, b, w, 0, device.type == "cuda"))}
-        print(f"[bench]   data: DataLoader, {w} workers done", file=sys.stderr, flush=True)
-    t = time.perf_counter()
-    cached = CachedBatches(ds, b, 0, device, num_workers=max(args.data_workers))
-    out["cache"] = {"build_seconds": time.perf_counter() - t, "decode_workers": max(args.data_workers),
-                    "bytes": cached.images.numel() if cached.images is not None else 0,
-                    "images_per_sec": rate(cached)}
-    return out
-
-
-def data_table(d: dict[str, Any]) -> str:
-    rows = [f"  DataLoader, {k.rsplit('_', 1)[1]} workers: {fmt(v['images_per_sec'])} images/s"
-            for k, v in d.items() if k.startswith("loader_workers_")]
-    c = d["cache"]
-    rows.append(f"  in-memory cache: {fmt(c['images_per_sec'])} images/s, after a one-time decode of "
-                f"{c['build_seconds']:.1f} s ({c['bytes'] / 1e6:.0f} MB, {c['decode_workers']} workers)")
-    return (f"Batch loading from {d['folder']} ({d['images']} images, {d['format']} at {d['resolution']}x"
-            f"{d['resolution']}, batch {d['batch_size']}):\n" + "\n".join(rows))
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -688,76 +390,6 @@ def bench_arch(name: str, device: torch.device, args: argparse.Namespace) -> dic
     entry["fid_features"] = bench_features(device, args, timer, mem)
     entry["bench_seconds"] = time.perf_counter() - t0
     return entry
-
-
-def fmt(v: float) -> str:
-    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
-
-
-def table(report: dict[str, Any]) -> str:
-    m, s = report["machine"], report["settings"]
-    lines = [
-        f"# dmd2 benchmark, {report['date']}",
-        f"# command: {report['command']}",
-        f"# machine: {m['platform']}; CPU {m['cpu_model']} ({m['cpu_count']} logical); torch {m['torch']}, "
-        f"{m['torch_num_threads']} threads; device {m['device']} = {m['device_name']}",
-        f"# settings: batch {s['batch_size']}, archs {', '.join(s['archs'])}, tiny={s['tiny']}, compile={s['compile']}, "
-        f"bf16={s['bf16']} (active={s['bf16_active']}), channels_last={s['channels_last']}, "
-        f"fused_adamw={s['fused_adamw']}, tf32={s['tf32']}, warm-up {s['warmup']}, "
-        f"median of {s['iters']} (Heun-35: {s['heun_iters']})",
-        f"# load average at start {report['load_average_start']}, at end {report['load_average_end']}",
-        "# images/s (higher is better); 1-step/heun35 = ratio of medians / of back-to-back pairs; "
-        "ovh = step time / sum of its bare network passes (r10: averaged at ratio 10)",
-        "",
-    ]
-    head = ["arch", "params", "teacher", "gen-upd", "fake-only", "dmd2 r10", "dmd2 r5", "1-step", "4-step",
-            "heun-35", "1-step/heun35", "featnet", "ovh gen", "ovh fake", "ovh r10", "peak MB"]
-    rows = []
-    for e in report["results"]:
-        d, sm, o = e["dmd2"], e["sampling"], e["overhead"]
-        peak = max(e["teacher_step"]["peak_mem_mb"], d["generator_update_step"]["peak_mem_mb"],
-                   d["fake_score_only_step"]["peak_mem_mb"], sm["peak_mem_mb"])
-        rows.append([e["arch"], f"{e['params'] / 1e6:.2f}M", fmt(e["teacher_step"]["images_per_sec"]),
-                     fmt(d["generator_update_step"]["images_per_sec"]), fmt(d["fake_score_only_step"]["images_per_sec"]),
-                     fmt(d["avg_ratio_10"]["images_per_sec"]), fmt(d["avg_ratio_5"]["images_per_sec"]),
-                     fmt(sm["one_step"]["images_per_sec"]), fmt(sm["four_step"]["images_per_sec"]),
-                     fmt(sm["heun_35"]["images_per_sec"]),
-                     f"{sm['speedup_one_step_vs_heun35']:.1f}x/{sm['speedup_one_step_vs_heun35_paired']:.1f}x",
-                     fmt(e["fid_features"]["images_per_sec"]), f"{o['generator_update_step']['ratio']:.2f}",
-                     f"{o['fake_score_only_step']['ratio']:.2f}", f"{o['avg_ratio_10']['ratio']:.2f}", f"{peak:,.0f}"])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
-    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        lines.append("| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |")
-    lines.append("")
-    lines.append("Bare passes (ms, median) and what they sum to:")
-    for e in report["results"]:
-        p = {k: v["seconds_median"] * 1e3 for k, v in e["overhead"]["passes"].items()}
-        o = e["overhead"]
-        lines.append(
-            f"  {e['arch']}: G fwd+bwd {p['generator_fwd_bwd']:.1f}, teacher fwd {p['teacher_fwd_nograd']:.1f}, "
-            f"fake fwd {p['fake_fwd_nograd']:.1f}, fake fwd+bwd {p['fake_fwd_bwd']:.1f}, G fwd {p['generator_fwd_nograd']:.1f}, "
-            f"clip+AdamW G {p['generator_clip_adamw']:.1f} / fake {p['fake_clip_adamw']:.1f}; "
-            f"gen-update step {o['generator_update_step']['step_s'] * 1e3:.1f} vs passes "
-            f"{o['generator_update_step']['sum_of_passes_s'] * 1e3:.1f} (+optimizers "
-            f"{o['generator_update_step']['sum_of_passes_plus_optimizers_s'] * 1e3:.1f}); fake-only step "
-            f"{o['fake_score_only_step']['step_s'] * 1e3:.1f} vs {o['fake_score_only_step']['sum_of_passes_s'] * 1e3:.1f} "
-            f"(+optimizer {o['fake_score_only_step']['sum_of_passes_plus_optimizers_s'] * 1e3:.1f})")
-    for e in report["results"]:
-        if "dmd2_full_method" in e:
-            f = e["dmd2_full_method"]
-            lines.append(
-                f"  {e['arch']} full method (GAN head, 2-step generator), images/s: gen-update "
-                f"{fmt(f['generator_update_step']['images_per_sec'])}, fake-only {fmt(f['fake_score_only_step']['images_per_sec'])}, "
-                f"r10 {fmt(f['avg_ratio_10']['images_per_sec'])}, r5 {fmt(f['avg_ratio_5']['images_per_sec'])}, "
-                f"r2 {fmt(f['avg_ratio_2']['images_per_sec'])}")
-    lines.append("")
-    lines.append("Feature network: " + "; ".join(sorted({e["fid_features"]["network"] for e in report["results"]})))
-    inc = report["results"][0]["fid_features"]["inception"] if report["results"] else {}
-    lines.append("Inception: " + (inc.get("skipped") or f"{fmt(inc['images_per_sec'])} images/s at 299x299"))
-    lines.append(f"Peak memory: {report['results'][0]['memory_kind'] if report['results'] else ''}")
-    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
