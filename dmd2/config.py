@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from dmd2.errors import ConfigError, FileError
+from dmd2.metric_keys import MIXTURE_KEY, metric_key
 from dmd2.settings import GENERATED_DATA
 
 if TYPE_CHECKING:
@@ -112,12 +113,8 @@ def eval_metric_keys(cfg: DictConfig) -> list[str]:
     if cfg.eval_every == 0:
         return []
     if cfg.data.name == "gaussian_mixture":
-        from dmd2.mixture import MIXTURE_KEY
-
         return [MIXTURE_KEY, f"{MIXTURE_KEY}_best", "eval/best_step", "eval/mixture_coverage", "eval/mixture_near",
                 "eval/mixture_weight_tv"]
-    from dmd2.evaluation import metric_key
-
     fn = cfg.eval.feature_network
     key = metric_key(fn.name, fn.resize, fn.path)
     return [key, f"{key}_best", f"{key}_std", "eval/best_step"]

@@ -54,6 +54,7 @@ from dmd2.settings import FEATURE_NETWORKS, GENERATED_DATA
 from dmd2.distributed import Dist, gather_objects
 from dmd2.files import atomic_write, file_sha256
 from dmd2.frechet import frechet_to_reference
+from dmd2.metric_keys import metric_key, network_stem
 from dmd2.mixture import GaussianMixture, mixture_scores
 from dmd2.sampling import CheckpointSampler, generate_uint8, round_robin_labels
 
@@ -173,24 +174,6 @@ def build_inception(weights: str | None, device: torch.device, allow_download: b
     if resize == "clean":
         return FeatureNetwork("inception_v3", "FID", key, resize, model, device, path)
     return FeatureNetwork("inception_v3", "FID (TF-Inception protocol)", key, resize, model, device, path)
-
-
-def network_stem(path: str) -> str:
-    """File name without its model suffixes: 'nets/cifar10-featnet-dev.ts.pt' -> 'cifar10-featnet-dev'."""
-    name = os.path.basename(path)
-    while True:
-        stem, ext = os.path.splitext(name)
-        if ext.lower() not in (".pt", ".pth", ".ts", ".jit", ".torchscript") or not stem:
-            return name
-        name = stem
-
-
-def metric_key(name: str, resize: str, path: str | None = None) -> str:
-    """The W&B key of a feature network's distance, known from the config alone: inception -> eval/fid (clean)
-    or eval/fid_tf (legacy_tensorflow); torchscript -> eval/fd_<file stem>."""
-    if name == "inception":
-        return "eval/fid" if resize == "clean" else "eval/fid_tf"
-    return "eval/fd_" + re.sub(r"[^A-Za-z0-9_.-]", "_", network_stem(path or ""))
 
 
 def build_torchscript(path: str, device: torch.device, resize: str) -> FeatureNetwork:

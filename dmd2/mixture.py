@@ -29,12 +29,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from dmd2.frechet import frechet_to_reference
+from dmd2.metric_keys import MIXTURE_KEY, MIXTURE_METRIC  # noqa: F401  (the mixture's scores are logged under them)
 from dmd2.randomness import derived_seed, generator
 
 MEAN_AMPLITUDE = 0.75  # mean images lie in [-0.75, 0.75]: with std <= 0.05 a sample is clipped with p < 1e-6
 NEAR_RADIUS = 2.0      # "on a mode": ||x - mu|| <= NEAR_RADIUS * std * sqrt(D) (a true sample has ratio 1 +- 0.05)
-MIXTURE_KEY = "eval/mixture_fd"  # what evaluations log; eval/mixture_coverage, _near, _weight_tv beside it
-MIXTURE_METRIC = "pixel FD to the exact mixture"
 DATA_STREAM = 7        # the samples' random stream, apart from the means' (derived_seed(seed, DATA_STREAM))
 
 
