@@ -20,8 +20,8 @@ from typing import Any, Callable
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from dmd2.errors import (CONFIG_ERROR, EVALUATION_ERROR, FILE_ERROR, CheckpointError, ConfigError, FileError,
-                         GeneratorError)
+from dmd2.errors import (CONFIG_ERROR, EVALUATION_ERROR, FILE_ERROR, CheckpointError, ConfigError,
+                         EvaluationError, FileError, GeneratorError)
 from dmd2.settings import DistillSettings, TeacherSettings, TrainSettings
 
 
@@ -50,16 +50,9 @@ def composition_message(err: HydraException, script: str) -> str:
     return str(err) + (f"\n{cause}" if cause is not None else "")
 
 
-def evaluation_error_type() -> type | None:
-    """dmd2.evaluation's EvaluationError, when that module is loaded (it imports torch and clean-fid, so it is not
-    imported here; an evaluation error can only have been raised once it is loaded)."""
-    return getattr(sys.modules.get("dmd2.evaluation"), "EvaluationError", None)
-
-
 def exit_status(err: BaseException) -> int | None:
     """The exit status of an error caused by input (README "Exit statuses"), or None for any other exception."""
-    evaluation_error = evaluation_error_type()
-    if evaluation_error is not None and isinstance(err, evaluation_error):
+    if isinstance(err, EvaluationError):
         return EVALUATION_ERROR
     if isinstance(err, (FileError, CheckpointError, GeneratorError)):
         return FILE_ERROR

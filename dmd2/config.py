@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from dmd2.errors import ConfigError, FileError
-from dmd2.metric_keys import MIXTURE_KEY, metric_key
+from dmd2.naming import MIXTURE_KEY, metric_key
 from dmd2.settings import GENERATED_DATA
 
 if TYPE_CHECKING:

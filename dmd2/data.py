@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import zipfile
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
 from dmd2.mixture import MixtureDataset, mixture_from_config
+from dmd2.naming import dataset_label  # noqa: F401  (part of this module's interface)
 from dmd2.randomness import EPOCH_STRIDE, GLOBAL_RNG, BatchRNG, derived_seed, generator
 from dmd2.settings import DATA_KINDS
 from dmd2.speed import cache_fits
@@ -91,20 +91,6 @@ def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
             f"({', '.join(classes[:12])}); set data.num_classes={len(classes)}"
         )
     return ds
-
-
-def dataset_label(data: Mapping[str, Any]) -> str:
-    """A short name of the data a ``data`` config reads, for W&B project names and reference statistics:
-    cifar10, synthetic, mixture, or the stem of ``root`` with its 'NxN' folded in (datasets/imagenet-64x64.zip ->
-    imagenet64, data/faces -> faces)."""
-    if data["name"] in ("cifar10", "synthetic"):
-        return data["name"]
-    if data["name"] == "gaussian_mixture":
-        return "mixture"
-    stem = os.path.basename(os.path.normpath(str(data["root"])))
-    stem = stem[:-4] if stem.lower().endswith(".zip") else stem
-    stem = re.sub(r"[-_]?(\d+)x\1$", r"\1", stem)
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or data["name"]
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")

@@ -24,3 +24,8 @@ class CheckpointError(RuntimeError):
 
 class GeneratorError(ValueError):
     """A source that cannot be loaded, or labels / seeds that do not fit the model."""
+
+
+class EvaluationError(RuntimeError):
+    """A file the evaluation needs is missing or unusable (weights, statistics, feature network), or the evaluation
+    does not fit what is measured (resolution, network, resize, sample count)."""

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 import cleanfid
 from cleanfid.downloads_helper import check_download_inception, inception_url
@@ -51,10 +52,13 @@ from cleanfid.resize import build_resizer
 from cleanfid.utils import EXTENSIONS
 
 from dmd2.settings import FEATURE_NETWORKS, GENERATED_DATA
+from dmd2.data import build_dataset
+from dmd2.diffusion import to_uint8
 from dmd2.distributed import Dist, gather_objects
+from dmd2.errors import EvaluationError
 from dmd2.files import atomic_write, file_sha256
 from dmd2.frechet import frechet_to_reference
-from dmd2.metric_keys import metric_key, network_stem
+from dmd2.naming import dataset_label, metric_key, network_stem
 from dmd2.mixture import GaussianMixture, mixture_scores
 from dmd2.sampling import CheckpointSampler, generate_uint8, round_robin_labels
 
@@ -76,10 +80,6 @@ def quiet_jit_load() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
         yield
-
-
-class EvaluationError(RuntimeError):
-    """A file the evaluation needs is missing or unusable (weights, statistics, feature network)."""
 
 
 # --------------------------------------------------------------------------------------------- feature networks
@@ -799,11 +799,6 @@ def dataset_stats(data: Mapping[str, Any], net: FeatureNetwork, cache_dir: str, 
     """Statistics of the training data a ``data`` config reads (any kind: dmd2.data.build_dataset, images as the
     model sees them: resized and center-cropped to data.resolution, then uint8), computed once and cached in
     ``cache_dir`` as <data set>-<R>px-<hash>_<network>_<resize>.npz with their metadata."""
-    from torch.utils.data import DataLoader
-
-    from dmd2.data import build_dataset, dataset_label
-    from dmd2.diffusion import to_uint8
-
     label, res = dataset_label(data), int(data["resolution"])
     fingerprint = data_fingerprint(data)
     path = os.path.join(cache_dir, f"{label}-{res}px-{fingerprint[:12]}_{net.identity}_{net.resize}.npz")

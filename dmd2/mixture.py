@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from dmd2.frechet import frechet_to_reference
-from dmd2.metric_keys import MIXTURE_KEY, MIXTURE_METRIC  # noqa: F401  (the mixture's scores are logged under them)
+from dmd2.naming import MIXTURE_KEY, MIXTURE_METRIC  # noqa: F401  (the mixture's scores are logged under them)
 from dmd2.randomness import derived_seed, generator
 
 MEAN_AMPLITUDE = 0.75  # mean images lie in [-0.75, 0.75]: with std <= 0.05 a sample is clipped with p < 1e-6

@@ -25,6 +25,7 @@ from dmd2.checkpoint import (
 )
 from dmd2.config import ConfigError, resolve_device, to_container
 from dmd2.errors import FileError
+from dmd2.naming import dataset_label
 from dmd2.distributed import Dist, any_rank, broadcast_object, gather_objects, init_distributed, shutdown
 from dmd2.randomness import BatchRNG, derived_seed
 from dmd2.run_logger import RunLogger
@@ -127,8 +128,6 @@ def logger_settings(cfg: DictConfig, data: Any = None) -> dict[str, Any]:
 def wandb_project(data: Any) -> str:
     """The default W&B project: dmd2-<data set> (dmd2-cifar10, dmd2-imagenet64, ...); dmd2 when the data is
     unknown."""
-    from dmd2.data import dataset_label
-
     return f"dmd2-{dataset_label(data)}" if data else "dmd2"
 
 

@@ -1,9 +1,11 @@
-"""The keys evaluations log under, known from the config alone (no torch): the config checks which metric a run
-will produce (dmd2.config.check_objective) before anything is built."""
+"""Names known from a config alone, without torch: the keys evaluations log under (the config checks which metric a
+run will produce, dmd2.config.check_objective, before anything is built) and the short name of a data set (W&B
+projects, cached reference statistics)."""
 from __future__ import annotations
 
 import os
 import re
+from typing import Any, Mapping
 
 MIXTURE_KEY = "eval/mixture_fd"  # data=gaussian_mixture; eval/mixture_coverage, _near, _weight_tv beside it
 MIXTURE_METRIC = "pixel FD to the exact mixture"
@@ -25,3 +27,17 @@ def metric_key(name: str, resize: str, path: str | None = None) -> str:
     if name == "inception":
         return "eval/fid" if resize == "clean" else "eval/fid_tf"
     return "eval/fd_" + re.sub(r"[^A-Za-z0-9_.-]", "_", network_stem(path or ""))
+
+
+def dataset_label(data: Mapping[str, Any]) -> str:
+    """A short name of the data a ``data`` config reads, for W&B project names and reference statistics:
+    cifar10, synthetic, mixture, or the stem of ``root`` with its 'NxN' folded in (datasets/imagenet-64x64.zip ->
+    imagenet64, data/faces -> faces)."""
+    if data["name"] in ("cifar10", "synthetic"):
+        return data["name"]
+    if data["name"] == "gaussian_mixture":
+        return "mixture"
+    stem = os.path.basename(os.path.normpath(str(data["root"])))
+    stem = stem[:-4] if stem.lower().endswith(".zip") else stem
+    stem = re.sub(r"[-_]?(\d+)x\1$", r"\1", stem)
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or data["name"]
