@@ -10,6 +10,16 @@ from typing import Any, Mapping
 MIXTURE_KEY = "eval/mixture_fd"  # data=gaussian_mixture; eval/mixture_coverage, _near, _weight_tv beside it
 MIXTURE_METRIC = "pixel FD to the exact mixture"
 
+# Which way an eval metric improves: distances (eval/fid, eval/fd_*, eval/kid, eval/mixture_fd, _weight_tv) are
+# better lower; these scores are better higher. Used wherever a run's best value is picked (python -m dmd2.compare).
+HIGHER_IS_BETTER = ("eval/mixture_coverage", "eval/mixture_near", "eval/is", "eval/inception_score",
+                    "eval/precision", "eval/recall")
+
+
+def higher_is_better(key: str) -> bool:
+    """Whether a larger value of the metric ``key`` is better (scores); False for distances and losses."""
+    return key in HIGHER_IS_BETTER
+
 
 def network_stem(path: str) -> str:
     """File name without its model suffixes: 'nets/cifar10-featnet-dev.ts.pt' -> 'cifar10-featnet-dev'."""
