@@ -1,9 +1,13 @@
 """Hydra multirun sweeps: one folder and one W&B run per job, one W&B group per sweep, failures reported."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from tests.conftest import run_cli
+import pytest
+
+from dmd2.naming import run_name
+from tests.conftest import run_cli, wandb_records
 
 
 def test_two_job_sweep_writes_two_runs_in_one_wandb_group(tiny_data, tmp_path):
@@ -12,13 +16,35 @@ def test_two_job_sweep_writes_two_runs_in_one_wandb_group(tiny_data, tmp_path):
                    "max_steps=1", "sample_every=0", "lr=1e-4,2e-4", f"hydra.sweep.dir={sweep}",
                    env={"WANDB_MODE": "offline"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = [next((sweep / str(i) / "wandb").glob("offline-run-*/run-*.wandb")) for i in (0, 1)]
+    runs = [wandb_run(sweep / str(i)) for i in (0, 1)]
     assert all((sweep / str(i) / "teacher_final.pt").is_file() for i in (0, 1))
-    group = b"2026-11-26_12-00-00-000001"
-    for run, lr in zip(runs, (b"lr=0.0001", b"lr=0.0002")):
-        data = Path(run).read_bytes()
-        assert group in data and lr in data  # group and the run name made of the overrides
-    assert runs[0].parent != runs[1].parent
+    for run, lr in zip(runs, ("0.0001", "0.0002")):
+        # named after the swept key only (no data path), grouped by the sweep, every override in the config
+        assert run.display_name == f"lr={lr}"
+        assert run.run_group == "2026-11-26_12-00-00-000001"
+        overrides = json.loads(next(item.value_json for item in run.config.update if item.key == "overrides"))
+        assert f"data.root={tiny_data}" in overrides and f"lr={lr}" in overrides
+    assert runs[0].run_id != runs[1].run_id
+
+
+def wandb_run(folder: Path):
+    """The W&B run record (name, group, config) of the offline run in ``folder``."""
+    return next(r.run for r in wandb_records(folder) if r.WhichOneof("record_type") == "run")
+
+
+@pytest.mark.parametrize("overrides, swept, stage, name", [
+    (["stage=distill", "generator_lr=1e-05", "teacher_checkpoint=runs/teacher/teacher_final.pt", "data=image_folder",
+      "data.root=/data/cifar10-jpeg/train", "seed=1"], ["generator_lr", "seed"], None, "generator_lr=1e-05,seed=1"),
+    (["hparams_search=distill_optuna", "guidance_lr=3.16227766e-05", "generator_lr=2e-06", "max_steps=10"],
+     ["generator_lr", "guidance_lr"], None, "guidance_lr=3.16e-05,generator_lr=2e-06"),
+    (["stage=distill", "experiment=dmd2_cifar10", "teacher_checkpoint=checkpoints/edm_cond_vp.pt",
+      "output_dir=runs/x", "logger.mode=online", "max_steps=2000"], None, None,
+     "distill,dmd2_cifar10,teacher_checkpoint=edm_cond_vp,max_steps=2000"),
+    (["a=1", "b=2", "c=3", "d=4", "e=5", "f=6", "g=7"], None, "teacher", "teacher,a=1,b=2,c=3,d=4,e=5,+2 more"),
+    (["output_dir=x"], None, None, None),
+])
+def test_run_names_are_short(overrides, swept, stage, name):
+    assert run_name(overrides, swept, stage) == name
 
 
 def test_a_failing_job_is_reported_and_the_others_complete(tiny_data, tmp_path):
