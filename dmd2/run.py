@@ -256,7 +256,7 @@ def remove_orphans(folder: str) -> None:
 RESUME_SAFE = ("lr", "generator_lr", "guidance_lr", "weight_decay", "adam_betas", "grad_clip", "warmup_steps",
                "ema_decay", "generator_ema_decay", "max_steps", "num_epochs", "save_every", "log_every",
                "sample_every", "samples_per_class", "sample_steps", "keep_last", "on_nonfinite", "eval_every",
-               "eval.", "logger.", "perf.", "run_name", "device", "data.num_workers", "data_dir", "optimized_metric",
+               "eval.", "logger.", "perf.", "paths.", "run_name", "device", "data.num_workers", "data_dir", "optimized_metric",
                "resume", "resume_allow_changes", "output_dir", "world_size", "global_batch_size")
 
 
