@@ -5,9 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from dmd2.naming import run_name
-from tests.conftest import run_cli, wandb_records
+from dmd2.config import check_settings, eval_metric_keys
+from dmd2.naming import higher_is_better, run_name
+from tests.conftest import ROOT, compose_cfg, run_cli, wandb_records
 
 
 def test_two_job_sweep_writes_two_runs_in_one_wandb_group(tiny_data, tmp_path):
@@ -55,3 +57,31 @@ def test_a_failing_job_is_reported_and_the_others_complete(tiny_data, tmp_path):
     assert "lr=-1" in proc.stderr and "config key 'lr' = -1" in proc.stderr  # ... which job and why
     assert (sweep / "1" / "teacher_final.pt").is_file()  # ... and the other job still ran
     assert not (sweep / "0" / "teacher_final.pt").exists()
+
+
+def sweep_values(spec: dict) -> list:
+    """The values a W&B sweep parameter can take that a test can try: the fixed value, every listed value, or
+    both ends of a range."""
+    if "value" in spec:
+        return [spec["value"]]
+    if "values" in spec:
+        return list(spec["values"])
+    return [spec["min"], spec["max"]]
+
+
+def test_wandb_sweep_drives_train_py_with_valid_keys_and_a_logged_metric():
+    sweep = yaml.safe_load((ROOT / "multirun_examples" / "wandb_sweep.yaml").read_text())
+    assert sweep["program"] == "train.py" and (ROOT / sweep["program"]).is_file()
+    assert sweep["command"] == ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]  # key=value args
+    assert sweep["early_terminate"]["type"] == "hyperband"
+    params = sweep["parameters"]
+    for i in range(max(len(sweep_values(spec)) for spec in params.values())):
+        # the arguments the agent passes (W&B writes key=value): every key composes and passes its checks
+        overrides = [f"{key}={values[min(i, len(values) - 1)]}" for key, values in
+                     ((k, sweep_values(spec)) for k, spec in params.items()) if not key.startswith("hydra.")]
+        cfg = compose_cfg(overrides)
+        check_settings(cfg)
+        assert sweep["metric"]["name"] in eval_metric_keys(cfg)  # the metric it optimises is one the run logs
+    assert sweep["metric"]["goal"] == ("maximize" if higher_is_better(sweep["metric"]["name"]) else "minimize")
+    script = (ROOT / "multirun_examples" / "wandb_sweep.sh").read_text()
+    assert "wandb_sweep.yaml" in script and "wandb agent" in script
