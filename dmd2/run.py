@@ -25,7 +25,7 @@ from dmd2.checkpoint import (
 )
 from dmd2.config import ConfigError, resolve_device, to_container
 from dmd2.errors import FileError
-from dmd2.naming import dataset_label
+from dmd2.naming import dataset_label, run_name
 from dmd2.distributed import Dist, any_rank, broadcast_object, gather_objects, init_distributed, shutdown
 from dmd2.randomness import BatchRNG, derived_seed
 from dmd2.run_logger import RunLogger
@@ -85,15 +85,41 @@ def hydra_output_dir() -> str | None:
         return None
 
 
-def default_run_name() -> str | None:
-    """W&B run name from the command-line overrides, e.g. 'stage=distill,generator_lr=5e-06'."""
+def default_run_name(stage: str | None = None) -> str | None:
+    """W&B run name from the command-line overrides (dmd2.naming.run_name): in a multirun the swept keys only
+    (e.g. 'generator_lr=5e-06,seed=1'), else the stage, experiment and a few overrides, paths as their stem."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        swept = sweep_keys(hc) if hc.mode == RunMode.MULTIRUN else None
+        return run_name(list(hc.overrides.task), swept, stage)
+    except Exception:
+        return None
+
+
+def sweep_keys(hc: Any) -> list[str]:
+    """The keys a multirun varies: its sweeper's ``params`` (an hparams_search space) and the sweep overrides
+    (a,b / choice(...) / range(...)) of the command line, which the sweep stored in <sweep dir>/multirun.yaml."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = [str(k) for k in (OmegaConf.select(hc, "sweeper.params") or {})]
+    stored = os.path.join(hc.sweep.dir, "multirun.yaml")
+    if os.path.isfile(stored):
+        task = OmegaConf.select(OmegaConf.load(stored), "hydra.overrides.task") or []
+        keys += [o.key_or_group for o in OverridesParser.create().parse_overrides(list(task)) if o.is_sweep_override()]
+    return keys
+
+
+def task_overrides() -> list[str]:
+    """This job's command-line overrides (logged in the W&B config as ``overrides``); [] outside Hydra."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        task = [o for o in HydraConfig.get().overrides.task if not o.startswith(("output_dir=", "data_dir="))]
-        return ",".join(task) or None
+        return list(HydraConfig.get().overrides.task)
     except Exception:
-        return None
+        return []
 
 
 def sweep_group() -> str | None:
@@ -230,7 +256,7 @@ def remove_orphans(folder: str) -> None:
 RESUME_SAFE = ("lr", "generator_lr", "guidance_lr", "weight_decay", "adam_betas", "grad_clip", "warmup_steps",
                "ema_decay", "generator_ema_decay", "max_steps", "num_epochs", "save_every", "log_every",
                "sample_every", "samples_per_class", "sample_steps", "keep_last", "on_nonfinite", "eval_every",
-               "eval.", "logger.", "perf.", "run_name", "device", "data.num_workers", "data_dir", "optimized_metric",
+               "eval.", "logger.", "perf.", "paths.", "run_name", "device", "data.num_workers", "data_dir", "optimized_metric",
                "resume", "resume_allow_changes", "output_dir", "world_size", "global_batch_size")
 
 
@@ -318,7 +344,9 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
     torch.manual_seed(cfg.seed + d.rank)  # dropout and other in-network randomness differ between ranks
     # config.yaml, metrics.jsonl and the W&B run appear with the first thing logged: a run refused while the
     # runner builds and checks its networks leaves output_dir as it was
-    logger = RunLogger(output_dir, settings, config, job_type, cfg.run_name or default_run_name(),
+    # W&B also records the command line as typed (the resolved config alone does not say what was chosen)
+    logger = RunLogger(output_dir, settings, {**config, "overrides": task_overrides()}, job_type,
+                       cfg.run_name or default_run_name(cfg.stage),
                        enabled=d.is_main, resume_id=resume.get("wandb_run_id") if resume else None,
                        config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
     ctx = RunContext(output_dir, device, config, logger, d, BatchRNG(cfg.seed, device, d), resume)

@@ -313,6 +313,15 @@ class EvalSettings(FidSettings):
 
 
 @dataclass
+class LocalPaths:
+    """Machine-specific paths, set once per machine in conf/local/default.yaml (git-ignored; copy
+    conf/local/example.yaml) and used by config groups such as eval=featnet."""
+    featnet: Optional[str] = setting(None, "the TorchScript CIFAR-10 feature network file (float images [B,3,H,W] "
+                                     "in [0,255] -> features [B,D]) that eval=featnet measures FD with",
+                                     optional(TEXT))
+
+
+@dataclass
 class Perf:
     """Fast paths; README "Performance" has the measurements behind each default."""
     tf32: bool = setting(True, "TF32 tensor cores for fp32 matmuls and convolutions (Ampere+ GPUs)", BOOL)
@@ -389,6 +398,7 @@ class TrainSettings:
                                               "metric (needs eval_every > 0); or a final metric key the run "
                                               "produces (a loss only when named: train/loss)", optional(METRIC))
     perf: Perf = group(Perf, "fast paths")
+    paths: LocalPaths = group(LocalPaths, "machine-specific paths (conf/local/default.yaml)")
 
 
 @dataclass
@@ -600,7 +610,8 @@ def register() -> None:
     helps = {
         "dmd2_train": help_template("train.py", "train an EDM teacher (stage=teacher) or distill it with DMD2 "
                                     "(stage=distill).", train_sections,
-                                    ["stage", "arch", "data", "logger", "experiment", "debug", "hparams_search"]),
+                                    ["stage", "arch", "data", "logger", "eval", "experiment", "debug", "hparams_search",
+                                     "local"]),
         "dmd2_evaluate": help_template("evaluate.py", "FID / FD of teacher and DMD2 checkpoints.",
                                        [("Keys", EvaluateSettings, ""), ("logger=wandb", WandbLogger, "logger.")],
                                        ["logger", "protocol"]),
