@@ -22,6 +22,9 @@ feature network or resize differs from what is measured, or fewer samples than t
 deviation (uncertainty_resamples) and is named with its sample count (fid@50k).
 
 Writes <output_dir>/results.json (one row per checkpoint) and logs each row to W&B at the checkpoint's step.
+
+Under torchrun (``torchrun --standalone --nproc_per_node N evaluate.py ...``) each process samples its share of
+the samples and rank 0 computes the distance and writes: the same value as one process.
 """
 from __future__ import annotations
 

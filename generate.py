@@ -4,6 +4,7 @@
     python generate.py checkpoint=./exports/dmd2-cifar10 classes=[cat,dog] seeds=0-99
     python generate.py checkpoint=./checkpoints/dmd2/dmd2_final.pt seeds=0-49999 format=npz   # for metric tools
     python generate.py checkpoint=./checkpoints/teacher/teacher_final.pt sampler.steps=18
+    torchrun --standalone --nproc_per_node 8 generate.py checkpoint=... seeds=0-49999   # one process per GPU
 
 Seed s draws its own noise, so it gives the same image in any run (up to the last bit of floating-point
 rounding when the batch size differs), and seed s of all classes is evaluate.py's sample s.
