@@ -54,7 +54,7 @@ from cleanfid.utils import EXTENSIONS
 from dmd2.settings import FEATURE_NETWORKS, GENERATED_DATA
 from dmd2.data import build_dataset
 from dmd2.diffusion import to_uint8
-from dmd2.distributed import Dist, batch_shard, gather_objects
+from dmd2.distributed import Dist, batch_shard, gather_to_main
 from dmd2.errors import EvaluationError
 from dmd2.files import atomic_write, file_sha256
 from dmd2.frechet import frechet_to_reference
@@ -642,8 +642,8 @@ def evaluate_sampler(sampler: CheckpointSampler, net: FeatureNetwork, ref: Refer
     lo, hi = share.start, share.stop
     feats, gen_seconds = sampler_features(sampler, net, hi - lo, seed, batch_size, device, dim,
                                           progress and dist.is_main, start=lo)
-    parts = gather_objects((feats, gen_seconds), dist)
-    if not dist.is_main:
+    parts = gather_to_main((feats, gen_seconds), dist)  # to rank 0 only: the others need no copy
+    if parts is None:
         return None
     assert ref is not None, "rank 0 needs the reference statistics"
     feats, gen_seconds = np.concatenate([f for f, _ in parts]), max(s for _, s in parts)
@@ -759,8 +759,8 @@ def evaluate_mixture(sampler: CheckpointSampler, mix: GaussianMixture, num: int,
     gen_start = time.perf_counter()
     parts = list(generate_uint8(sampler, hi - lo, seed, batch_size, device, lo))
     gen_seconds = time.perf_counter() - gen_start
-    gathered = gather_objects((parts, gen_seconds), dist)
-    if not dist.is_main:
+    gathered = gather_to_main((parts, gen_seconds), dist)
+    if gathered is None:
         return None
     images = torch.cat([x for p, _ in gathered for x, _ in p])
     labels = torch.cat([y for p, _ in gathered for _, y in p])
