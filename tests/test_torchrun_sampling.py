@@ -69,3 +69,27 @@ def test_two_processes_write_the_same_images_and_measure_the_same_fd_as_one(dmd2
     listing = sorted(p.name for p in (tmp_path / "eval2").iterdir())
     assert listing == sorted(p.name for p in (tmp_path / "eval1").iterdir()) == ["metrics.jsonl", "results.json"]
     assert len((tmp_path / "eval2" / "metrics.jsonl").read_text().splitlines()) == 1, "rank 0 alone logs"
+
+
+@pytest.mark.slow
+def test_a_known_answer_model_gets_the_same_exact_scores_from_two_processes(tmp_path):
+    """data=gaussian_mixture: the samples are sharded and gathered to rank 0, which alone scores them and measures
+    the teacher's denoising error."""
+    from train import train
+
+    from tests.conftest import compose_cfg
+
+    quick = ["debug=smoke", "logger=none", "data=gaussian_mixture", "data.num_classes=2",
+             "data.synthetic_per_class=64", "eval_every=0", "max_steps=2"]
+    train(compose_cfg([*quick, f"output_dir={tmp_path / 't'}"]))
+    args = [f"checkpoint={tmp_path / 't' / 'teacher_final.pt'}", "num_samples=40", "batch_size=8",
+            "sampler.steps=2", "device=cpu", "logger=none"]
+    one = run_cli("evaluate.py", *args, f"output_dir={tmp_path / 'e1'}", f"hydra.run.dir={tmp_path / 'h1'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("evaluate.py", *args, f"output_dir={tmp_path / 'e2'}", f"hydra.run.dir={tmp_path / 'h2'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    (r1,) = json.loads((tmp_path / "e1" / "results.json").read_text())
+    (r2,) = json.loads((tmp_path / "e2" / "results.json").read_text())
+    assert (r1["world_size"], r2["world_size"]) == (1, 2)
+    for key in ("value", "mixture_scores", "mixture_floor", "denoising_error"):
+        assert r1[key] == r2[key], key
