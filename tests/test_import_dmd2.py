@@ -9,7 +9,6 @@ DhariwalUNet's (checked against NVlabs/edm's own class outside the test suite), 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
