@@ -4,6 +4,7 @@
     python generate.py checkpoint=./exports/dmd2-cifar10 classes=[cat,dog] seeds=0-99
     python generate.py checkpoint=./checkpoints/dmd2/dmd2_final.pt seeds=0-49999 format=npz   # for metric tools
     python generate.py checkpoint=./checkpoints/teacher/teacher_final.pt sampler.steps=18
+    torchrun --standalone --nproc_per_node 8 generate.py checkpoint=... seeds=0-49999   # one process per GPU
 
 Seed s draws its own noise, so it gives the same image in any run (up to the last bit of floating-point
 rounding when the batch size differs), and seed s of all classes is evaluate.py's sample s.
@@ -22,7 +23,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
-from dmd2.cli import run_script
+from dmd2.cli import quiet_hydra_on_other_ranks, run_script
 from dmd2.config import ConfigError, check_device, check_settings, resolve_device
 from dmd2.errors import FileError, GeneratorError
 from dmd2.seeds import parse_seeds
@@ -73,9 +74,69 @@ def labelled_grid(rows: list[list[torch.Tensor]], names: list[str]) -> Image.Ima
     return grid
 
 
-def generate(cfg: DictConfig) -> dict[str, Any]:
-    from dmd2.generator import load_generator
+def sample_share(cfg: DictConfig, gen: Generator, seeds: list[int], labels: list[int], names: list[str],
+                 progress: bool) -> tuple[dict[int, list[torch.Tensor]], list[np.ndarray]]:
+    """Sample ``seeds`` (this process's share) and write each one's PNG (format=png); return the first
+    GRID_COLUMNS images of each class for the grid and, for format=npz, every image as [R,R,3]."""
+    conditional = gen.num_classes > 0
+    grid_rows: dict[int, list[torch.Tensor]] = {}
+    arrays: list[np.ndarray] = []
+    done = 0
+    with tqdm(total=len(seeds), desc="generate", unit="img", dynamic_ncols=True, disable=not progress) as bar:
+        for images, y in (gen.batches(labels, seeds, batch_size=cfg.batch_size) if seeds else ()):
+            for img, label, seed in zip(images, y.tolist(), seeds[done:done + len(images)]):
+                row = grid_rows.setdefault(label, [])
+                if len(row) < GRID_COLUMNS:
+                    row.append(img)
+                if cfg.format == "npz":
+                    arrays.append(img.permute(1, 2, 0).numpy())
+                    continue
+                folder = os.path.join(cfg.output_dir, folder_name(names[label])) if conditional else cfg.output_dir
+                os.makedirs(folder, exist_ok=True)
+                Image.fromarray(img.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{seed:06d}.png"))
+            done += len(images)
+            bar.update(len(images))
+    return grid_rows, arrays
+
+
+def merge_shares(shares: list[tuple[dict[int, list[torch.Tensor]], list[np.ndarray]]]
+                 ) -> tuple[dict[int, list[torch.Tensor]], list[np.ndarray]]:
+    """The processes' (grid rows, images) in rank order, which is seed order: the first GRID_COLUMNS images of
+    each class, every image."""
+    grid_rows: dict[int, list[torch.Tensor]] = {}
+    arrays: list[np.ndarray] = []
+    for rows, images in shares:
+        for label, imgs in rows.items():
+            row = grid_rows.setdefault(label, [])
+            row.extend(imgs[:GRID_COLUMNS - len(row)])
+        arrays.extend(images)
+    return grid_rows, arrays
+
+
+def write_grid(path: str, gen: Generator, classes: list[int], grid_rows: dict[int, list[torch.Tensor]],
+               names: list[str]) -> None:
+    """grid.png: one row per class shown (at most GRID_MAX_CLASSES, evenly spaced), or rows of 8 images."""
     from dmd2.sampling import GRID_MAX_CLASSES
+
+    shown = [c for c in classes if grid_rows.get(c)]
+    if len(shown) > GRID_MAX_CLASSES:  # evenly spaced rows, as the training grids
+        shown = [shown[round(i * (len(shown) - 1) / (GRID_MAX_CLASSES - 1))] for i in range(GRID_MAX_CLASSES)]
+    if gen.num_classes > 0:
+        grid = labelled_grid([grid_rows[c] for c in shown], [names[c] for c in shown])
+    else:  # unconditional: rows of 8 images, no names
+        flat = grid_rows.get(0, [])
+        grid = labelled_grid([flat[i:i + 8] for i in range(0, len(flat), 8)], [""] * ((len(flat) + 7) // 8))
+    grid.save(path)
+
+
+def generate(cfg: DictConfig) -> dict[str, Any]:
+    """Write the configured images. Under torchrun each process samples a contiguous run of whole batches of the
+    seeds (each image is bitwise the one a single process makes) and writes their PNGs; rank 0 gathers the grid
+    images (and, for format=npz, every image), writes grid.png / samples.npz and logs. Ranks > 0 return the
+    count of their own share."""
+    from dmd2.distributed import batch_shard, gather_to_main, init_distributed, shared_output_dir, shutdown
+    from dmd2.generator import load_generator
+    from dmd2.run import hydra_output_dir
 
     check_settings(cfg)
     check_device(cfg)
@@ -85,55 +146,48 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.checkpoint.startswith("hf://") and not os.path.exists(cfg.checkpoint):
         raise FileError(f"config key 'checkpoint' = {cfg.checkpoint!r}: not found (a checkpoint .pt, an export "
                         "folder or .safetensors file, or hf://owner/repo)")
-    device = resolve_device(cfg.device)
+    d, device = init_distributed(resolve_device(cfg.device))
     try:
-        gen = load_generator(cfg.checkpoint, device, heun_steps=cfg.sampler.steps,
-                             teacher_weights=cfg.teacher_weights, generator_weights=cfg.generator_weights)
-    except GeneratorError as err:
-        raise FileError(f"config key 'checkpoint' = {cfg.checkpoint!r}: {err}") from err
-    names = list(cfg.class_names) if cfg.class_names is not None else gen.class_names
-    if gen.num_classes and len(names) != gen.num_classes:
-        raise ConfigError(f"config key 'class_names' has {len(names)} names; the model has {gen.num_classes} classes")
-    gen.class_names = names
-    classes = chosen_classes(cfg, gen)
-    seeds = parse_seeds(cfg.seeds) if cfg.seeds is not None else list(range(8 * len(classes)))
-    labels = [classes[s % len(classes)] for s in seeds]
-    log.info(f"[generate] {gen.describe()} from {cfg.checkpoint}: {len(seeds)} images to {cfg.output_dir} "
-             f"({cfg.format})")
+        shared_output_dir(cfg.output_dir, hydra_output_dir(), d)  # removes the empty Hydra folders of ranks > 0
+        try:
+            gen = load_generator(cfg.checkpoint, device, heun_steps=cfg.sampler.steps,
+                                 teacher_weights=cfg.teacher_weights, generator_weights=cfg.generator_weights)
+        except GeneratorError as err:
+            raise FileError(f"config key 'checkpoint' = {cfg.checkpoint!r}: {err}") from err
+        names = list(cfg.class_names) if cfg.class_names is not None else gen.class_names
+        if gen.num_classes and len(names) != gen.num_classes:
+            raise ConfigError(f"config key 'class_names' has {len(names)} names; the model has {gen.num_classes} "
+                              "classes")
+        gen.class_names = names
+        classes = chosen_classes(cfg, gen)
+        seeds = parse_seeds(cfg.seeds) if cfg.seeds is not None else list(range(8 * len(classes)))
+        labels = [classes[s % len(classes)] for s in seeds]
+        if d.is_main:
+            log.info(f"[generate] {gen.describe()} from {cfg.checkpoint}: {len(seeds)} images to {cfg.output_dir} "
+                     f"({cfg.format})" + (f", {d.world_size} processes" if d.enabled else ""))
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        share = batch_shard(len(seeds), cfg.batch_size, d)
+        mine = sample_share(cfg, gen, seeds[share.start:share.stop], labels[share.start:share.stop], names,
+                            progress=d.is_main)
+        shares = gather_to_main(mine, d)
+        if shares is None:  # ranks > 0: their PNGs are written
+            return {"kind": gen.sampler.kind, "num_images": len(share), "nfe": gen.nfe, "output_dir": cfg.output_dir}
+        return finish(cfg, gen, seeds, labels, classes, names, merge_shares(shares))
+    finally:
+        shutdown()
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
+
+def finish(cfg: DictConfig, gen: Generator, seeds: list[int], labels: list[int], classes: list[int],
+           names: list[str], merged: tuple[dict[int, list[torch.Tensor]], list[np.ndarray]]) -> dict[str, Any]:
+    """Rank 0: grid.png, samples.npz (format=npz) and the closing log line; the result."""
+    grid_rows, arrays = merged
     conditional = gen.num_classes > 0
-    grid_rows: dict[int, list[torch.Tensor]] = {c: [] for c in classes}
-    all_images: list[np.ndarray] = []
-    done = 0
-    with tqdm(total=len(seeds), desc="generate", unit="img", dynamic_ncols=True) as bar:
-        for images, y in gen.batches(labels, seeds, batch_size=cfg.batch_size):
-            for img, label, seed in zip(images, y.tolist(), seeds[done:done + len(images)]):
-                if len(grid_rows[label]) < GRID_COLUMNS:
-                    grid_rows[label].append(img)
-                if cfg.format == "npz":
-                    all_images.append(img.permute(1, 2, 0).numpy())
-                    continue
-                folder = os.path.join(cfg.output_dir, folder_name(names[label])) if conditional else cfg.output_dir
-                os.makedirs(folder, exist_ok=True)
-                Image.fromarray(img.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{seed:06d}.png"))
-            done += len(images)
-            bar.update(len(images))
-
-    shown = [c for c in classes if grid_rows[c]]
-    if len(shown) > GRID_MAX_CLASSES:  # evenly spaced rows, as the training grids
-        shown = [shown[round(i * (len(shown) - 1) / (GRID_MAX_CLASSES - 1))] for i in range(GRID_MAX_CLASSES)]
-    if conditional:
-        grid = labelled_grid([grid_rows[c] for c in shown], [names[c] for c in shown])
-    else:  # unconditional: rows of 8 images, no names
-        flat = grid_rows[0]
-        grid = labelled_grid([flat[i:i + 8] for i in range(0, len(flat), 8)], [""] * ((len(flat) + 7) // 8))
-    grid.save(os.path.join(cfg.output_dir, "grid.png"))
+    write_grid(os.path.join(cfg.output_dir, "grid.png"), gen, classes, grid_rows, names)
     result: dict[str, Any] = {"kind": gen.sampler.kind, "num_images": len(seeds), "nfe": gen.nfe,
                               "output_dir": cfg.output_dir}
     if cfg.format == "npz":
         path = os.path.join(cfg.output_dir, "samples.npz")
-        np.savez(path, arr_0=np.stack(all_images), arr_1=np.asarray(labels, dtype=np.int64),
+        np.savez(path, arr_0=np.stack(arrays), arr_1=np.asarray(labels, dtype=np.int64),
                  seeds=np.asarray(seeds, dtype=np.int64), class_names=np.asarray(names if conditional else []))
         result["npz"] = path
     log.info(f"[generate] wrote {len(seeds)} images ({gen.nfe} NFE each"
@@ -151,4 +205,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quiet_hydra_on_other_ranks(sys.argv)
     sys.exit(run_script(main))

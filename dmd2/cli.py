@@ -108,3 +108,10 @@ def run_script(main: Callable[[], Any]) -> int:
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
     return 0
+
+
+def quiet_hydra_on_other_ranks(argv: list[str]) -> list[str]:
+    """Under torchrun, ranks > 0 write no Hydra files: they all use rank 0's output folder."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        return [*argv, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return argv
