@@ -263,8 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dmd2.import_edm", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="an EDM network pickle (edm-*.pkl or network-snapshot-*.pkl)")
     parser.add_argument("output", help="the teacher checkpoint to write (.pt)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output file when it exists "
+                        "(refused otherwise)")
     args = parser.parse_args(argv)
     try:
+        if os.path.isdir(args.output):
+            raise EDMImportError(f"{args.output}: a folder is in the way of the output checkpoint")
+        if os.path.lexists(args.output) and not args.overwrite:
+            raise EDMImportError(f"{args.output}: already exists; pass --overwrite to replace it")
         state = import_edm(args.source)
     except EDMImportError as err:
         print(f"error: {err}", file=sys.stderr)
