@@ -33,3 +33,32 @@ def test_import_edm_refuses_to_replace_an_existing_output(tmp_path, capsys):
     assert f"{out}: already exists; pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == b"precious"
     assert import_main([str(pkl), str(out), "--overwrite"]) == 0 and out.stat().st_size > 1000
+
+
+def test_folder_reference_statistics_follow_the_image_bytes_not_sizes_and_times(featnet, tmp_path):
+    """Images replaced by others of the same size, their modification times put back: the cached statistics of
+    the old images must not be reused."""
+    import os
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from dmd2.evaluation import build_feature_network, folder_stats
+
+    folder, cache = tmp_path / "ref", tmp_path / "stats"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    paths = [folder / f"{i}.bmp" for i in range(4)]  # uncompressed: every file has the same size
+    for p in paths:
+        Image.fromarray(rng.integers(0, 64, (32, 32, 3), dtype=np.uint8)).save(p)
+    net = build_feature_network("torchscript", torch.device("cpu"), path=str(featnet), resize="none")
+    first = folder_stats(str(folder), net, str(cache))
+    for p in paths:
+        st = p.stat()
+        Image.fromarray(rng.integers(192, 256, (32, 32, 3), dtype=np.uint8)).save(p)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert p.stat().st_size == st.st_size
+    second = folder_stats(str(folder), net, str(cache))
+    assert second.path != first.path and not np.allclose(second.mu, first.mu)
+    assert np.allclose(folder_stats(str(folder), net, str(cache)).mu, second.mu)  # and that is cached in turn
