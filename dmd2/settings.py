@@ -24,7 +24,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from dmd2.errors import GeneratorError
-from dmd2.seeds import parse_seeds
+from dmd2.seeds import MAX_SEEDS, count_seeds
 
 
 @dataclass(frozen=True)
@@ -482,13 +482,14 @@ class EvaluateSettings(FidSettings):
 
 def _seeds_ok(value: Any) -> bool:
     try:
-        return bool(parse_seeds(value))
+        return count_seeds(value) > 0  # arithmetic: a huge range is refused without building its list
     except GeneratorError:
         return False
 
 
 SEEDS = Rule(lambda v: v is None or _seeds_ok(v),
-             "null, a seed (7), a range (0-63) or a list of seeds and ranges ([0-9,20])")
+             f"null, a seed (7), a range (0-63) or a list of seeds and ranges ([0-9,20]), at most {MAX_SEEDS} "
+             "seeds in all (split more over several runs)")
 CLASSES = Rule(lambda v: v is None or isinstance(v, (int, str)) or (isinstance(v, (list, tuple)) and len(v) > 0),
                "null, a class id or name, or a list of them")
 
