@@ -10,6 +10,7 @@ rounding when the batch size differs), and seed s of all classes is evaluate.py'
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -25,6 +26,7 @@ import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ bui
 from dmd2.cli import run_script
 from dmd2.config import ConfigError, check_device, check_settings, resolve_device
 from dmd2.errors import FileError, GeneratorError
+from dmd2.files import atomic_write
 from dmd2.seeds import parse_seeds
 
 if TYPE_CHECKING:  # torch and the generator are imported in generate(): --help and tab completion stay fast
@@ -51,9 +53,72 @@ def chosen_classes(cfg: DictConfig, gen: Generator) -> list[int]:
         raise ConfigError(f"config key 'classes' = {wanted}: {err}") from err
 
 
+MAX_FOLDER_BYTES = 200  # a class folder's name, in UTF-8 (file systems allow 255)
+GRID_FILE, MANIFEST_FILE = "grid.png", "generate.json"  # written next to the class folders
+
+
 def folder_name(name: str) -> str:
-    """A class name as a folder name (path separators replaced)."""
-    return name.replace("/", "_").replace(os.sep, "_").strip() or "_"
+    """A class name as one safe path component: separators and control characters become '_', a name of dots
+    only (``.``, ``..``) or nothing becomes '_', and it is cut to MAX_FOLDER_BYTES."""
+    safe = "".join("_" if c in "/\\" or ord(c) < 32 or ord(c) == 127 else c for c in str(name)).strip()
+    safe = safe.encode()[:MAX_FOLDER_BYTES].decode(errors="ignore").strip()
+    return "_" if not safe.strip(".") else safe
+
+
+def class_folders(names: list[str]) -> list[str]:
+    """One distinct folder per class (index = class id): ``folder_name`` of each name; names that would share a
+    folder (equal after cleaning, or differing only in case) or a file's name (grid.png, generate.json) get their
+    class id appended, ``<name>-<id>``; should that still collide, every folder becomes ``<id>-<name>``."""
+    bases = [folder_name(n) for n in names]
+    counts: dict[str, int] = {GRID_FILE: 1, MANIFEST_FILE: 1}
+    for b in bases:
+        counts[b.casefold()] = counts.get(b.casefold(), 0) + 1
+    folders = [b if counts[b.casefold()] == 1 else f"{b}-{i}" for i, b in enumerate(bases)]
+    if len({f.casefold() for f in folders} | {GRID_FILE, MANIFEST_FILE}) < len(folders) + 2:
+        folders = [f"{i}-{b}" for i, b in enumerate(bases)]
+    return folders
+
+
+def output_manifest(gen: Generator, folders: list[str], checkpoint: str) -> dict[str, Any]:
+    """What generate.py records in <output_dir>/generate.json: the identity of the images it writes there (the
+    weights' hash, sampler, resolution, class folders) and, for information only, where the model came from."""
+    return {"format": "dmd2-generate", "version": 1,
+            "identity": {"weights_sha256": gen.weights_sha256(), "sampler": gen.sampler.describe(),
+                         "resolution": gen.resolution, "num_classes": gen.num_classes,
+                         "class_folders": folders if gen.num_classes else []},
+            "checkpoint": checkpoint}
+
+
+def check_output_dir(folder: str, manifest: dict[str, Any], overwrite: bool) -> bool:
+    """Whether ``folder`` may take this run's images: it is missing or empty, or its generate.json names the same
+    model and settings (a run continuing), or ``overwrite``. FileError otherwise, naming what is there. Returns
+    whether the folder already holds this model's images."""
+    if not os.path.isdir(folder) or not os.listdir(folder) or overwrite:
+        return False
+    path = os.path.join(folder, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        entries = sorted(os.listdir(folder))
+        shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+        raise FileError(f"config key 'output_dir' = {folder!r} already holds files generate.py did not write there "
+                        f"(no {MANIFEST_FILE}: {shown}); choose another folder or pass overwrite=true")
+    try:
+        with open(path) as f:
+            theirs = json.load(f).get("identity")
+    except (OSError, ValueError, AttributeError) as err:
+        raise FileError(f"config key 'output_dir' = {folder!r}: {MANIFEST_FILE} is unreadable ({err}); choose "
+                        "another folder or pass overwrite=true") from err
+    ours = manifest["identity"]
+    if theirs != ours:
+        differ = [k for k in ours if not isinstance(theirs, dict) or theirs.get(k) != ours[k]]
+        raise FileError(f"config key 'output_dir' = {folder!r} holds images of another model or settings "
+                        f"({MANIFEST_FILE} differs in {', '.join(differ) or 'its layout'}); choose another folder "
+                        "or pass overwrite=true")
+    return True
+
+
+def write_manifest(folder: str, manifest: dict[str, Any]) -> None:
+    text = json.dumps(manifest, indent=2) + "\n"
+    atomic_write(os.path.join(folder, MANIFEST_FILE), lambda f: f.write(text.encode()))
 
 
 def labelled_grid(rows: list[list[torch.Tensor]], names: list[str]) -> Image.Image:
@@ -101,8 +166,13 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     log.info(f"[generate] {gen.describe()} from {cfg.checkpoint}: {len(seeds)} images to {cfg.output_dir} "
              f"({cfg.format})")
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
     conditional = gen.num_classes > 0
+    folders = class_folders(names)
+    manifest = output_manifest(gen, folders, cfg.checkpoint)
+    if check_output_dir(cfg.output_dir, manifest, cfg.overwrite):
+        log.info(f"[generate] {cfg.output_dir} holds images of this model and settings ({MANIFEST_FILE}): adding")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    write_manifest(cfg.output_dir, manifest)
     grid_rows: dict[int, list[torch.Tensor]] = {c: [] for c in classes}
     all_images: list[np.ndarray] = []
     done = 0
@@ -114,7 +184,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
                 if cfg.format == "npz":
                     all_images.append(img.permute(1, 2, 0).numpy())
                     continue
-                folder = os.path.join(cfg.output_dir, folder_name(names[label])) if conditional else cfg.output_dir
+                folder = os.path.join(cfg.output_dir, folders[label]) if conditional else cfg.output_dir
                 os.makedirs(folder, exist_ok=True)
                 Image.fromarray(img.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{seed:06d}.png"))
             done += len(images)
@@ -128,7 +198,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     else:  # unconditional: rows of 8 images, no names
         flat = grid_rows[0]
         grid = labelled_grid([flat[i:i + 8] for i in range(0, len(flat), 8)], [""] * ((len(flat) + 7) // 8))
-    grid.save(os.path.join(cfg.output_dir, "grid.png"))
+    grid.save(os.path.join(cfg.output_dir, GRID_FILE))
     result: dict[str, Any] = {"kind": gen.sampler.kind, "num_images": len(seeds), "nfe": gen.nfe,
                               "output_dir": cfg.output_dir}
     if cfg.format == "npz":

@@ -15,6 +15,7 @@ with labels left out, seed s gets class s mod (number of classes), as in evaluat
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -63,6 +64,15 @@ class Generator:
     def to(self, device: torch.device | str) -> "Generator":
         self.sampler.net.to(device)
         return self
+
+    def weights_sha256(self) -> str:
+        """SHA-256 of the network's state dict (names, dtypes, shapes and bytes): the identity of the weights,
+        whatever file they were loaded from."""
+        digest = hashlib.sha256()
+        for name, t in sorted(self.sampler.net.state_dict().items()):
+            digest.update(f"{name}\t{t.dtype}\t{tuple(t.shape)}\n".encode())
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def describe(self) -> str:
         classes = f"{self.num_classes} classes" if self.num_classes else "unconditional"

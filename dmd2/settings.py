@@ -501,6 +501,8 @@ class GenerateSettings:
                               ".safetensors file (python -m dmd2.export), or hf://owner/repo", TEXT)
     output_dir: str = setting("./generated", "png: <output_dir>/<class>/<seed>.png (unconditional: "
                               "<output_dir>/<seed>.png); npz: <output_dir>/samples.npz; both: grid.png", TEXT)
+    overwrite: bool = setting(False, "write into an output_dir that holds files generate.py did not write there, or "
+                              "another model's (refused otherwise; files of the same names are replaced)", BOOL)
     seeds: Any = setting(None, "image seeds, as EDM's generate.py: 7, 0-63 or [0-9,20,30-32]; seed s draws its own "
                          "noise, so it gives the same image in any run; null = 8 per class (0 .. 8 x classes - 1)",
                          SEEDS)

@@ -62,3 +62,58 @@ def test_folder_reference_statistics_follow_the_image_bytes_not_sizes_and_times(
     second = folder_stats(str(folder), net, str(cache))
     assert second.path != first.path and not np.allclose(second.mu, first.mu)
     assert np.allclose(folder_stats(str(folder), net, str(cache)).mu, second.mu)  # and that is cached in turn
+
+
+def generate(*overrides: str) -> dict:
+    import generate as generate_script
+    from tests.conftest import compose_cfg
+
+    return generate_script.generate(compose_cfg(["device=cpu", "batch_size=8", *overrides], config_name="generate"))
+
+
+def test_class_names_become_safe_distinct_folders_inside_output_dir(teacher_ckpt, tmp_path):
+    import generate as generate_script
+
+    names = ["..", "cat", "Cat", "a/b", ".", "grid.png", "dog", "dog", "", "bird"]
+    assert generate_script.class_folders(names) == [
+        "_-0", "cat-1", "Cat-2", "a_b", "_-4", "grid.png-5", "dog-6", "dog-7", "_-8", "bird"]
+    assert generate_script.class_folders(["a", "a", "a-1"]) == ["0-a", "1-a", "2-a-1"]  # still colliding: ids first
+    out = tmp_path / "out"
+    generate(f"checkpoint={teacher_ckpt}", f"output_dir={out}", "seeds=0-9", "sampler.steps=1",
+             f"class_names=[{','.join(repr(n) for n in names)}]")
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.png"))
+    assert written == sorted(["out/grid.png"] + [f"out/{d}/{s:06d}.png" for s, d in enumerate(
+        ["_-0", "cat-1", "Cat-2", "a_b", "_-4", "grid.png-5", "dog-6", "dog-7", "_-8", "bird"])])
+
+
+def test_generate_refuses_a_folder_of_other_images_or_another_model_and_continues_its_own(
+        teacher_ckpt, dmd2_run, tmp_path):
+    import json
+
+    import pytest
+
+    from dmd2.errors import FileError
+
+    out = tmp_path / "out"
+    teacher = [f"checkpoint={teacher_ckpt}", f"output_dir={out}", "sampler.steps=1"]
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"jpeg")
+    with pytest.raises(FileError, match=r"'output_dir' = .*out' already holds files generate.py did not write "
+                                        r"there \(no generate.json: holiday.jpg\).*overwrite=true"):
+        generate(*teacher, "seeds=0-3")
+    assert sorted(p.name for p in out.iterdir()) == ["holiday.jpg"]
+    generate(*teacher, "seeds=0-3", "overwrite=true")
+    manifest = json.loads((out / "generate.json").read_text())
+    assert manifest["identity"]["sampler"].startswith("teacher checkpoint") and manifest["checkpoint"] == str(
+        teacher_ckpt)
+    generate(*teacher, "seeds=4-5")  # the same model and settings: continuing
+    assert (out / "class04" / "000004.png").is_file() and (out / "class00" / "000000.png").is_file()
+    with pytest.raises(FileError, match=r"holds images of another model or settings \(generate.json differs in "
+                                        r"weights_sha256, sampler\)"):
+        generate(f"checkpoint={dmd2_run / 'dmd2_final.pt'}", f"output_dir={out}", "seeds=6-7")
+    with pytest.raises(FileError, match=r"differs in sampler\)"):  # the same weights, another Heun step count
+        generate(f"checkpoint={teacher_ckpt}", f"output_dir={out}", "sampler.steps=2", "seeds=6-7")
+    assert not (out / "class06").exists()
+    # the export of a checkpoint is the same model: it continues the checkpoint's folder
+    generate(f"checkpoint={dmd2_run / 'dmd2_final.pt'}", f"output_dir={tmp_path / 'g'}", "seeds=0-1")
+    generate(f"checkpoint={dmd2_run / 'generator'}", f"output_dir={tmp_path / 'g'}", "seeds=2-3")
