@@ -284,8 +284,8 @@ def load_generator(source: str, device: torch.device | str = "cpu", *, heun_step
                              ".pt or hf://owner/repo)")
     try:
         state = load_checkpoint(source)
+        sampler = sampler_from_checkpoint(state, device, heun_steps or 18, teacher_weights, generator_weights)
     except CheckpointError as err:
-        raise GeneratorError(str(err)) from err
-    sampler = sampler_from_checkpoint(state, device, heun_steps or 18, teacher_weights, generator_weights)
+        raise GeneratorError(f"{source}: {err}" if source not in str(err) else str(err)) from err
     metadata = export_metadata(state, sampler, source, with_checksum=False)
     return Generator(sampler, metadata["class_names"], metadata)

@@ -179,3 +179,17 @@ def test_a_tiny_hostile_edm_pickle_is_refused_before_allocating(name, tmp_path):
         with pytest.raises(EDMImportError, match=message) as err:
             import_edm(str(pkl))
     assert str(err.value).startswith(str(pkl))
+
+
+def test_a_checkpoint_whose_arch_does_not_fit_its_weights_is_refused_before_building(teacher_ckpt, tmp_path):
+    import torch
+
+    import dmd2
+
+    state = torch.load(teacher_ckpt, map_location="cpu", weights_only=True)
+    state["arch"] = {**state["arch"], "channels": [8192, 16384, 32768, 65536]}
+    crafted = tmp_path / "crafted.pt"
+    torch.save(state, crafted)
+    with pytest.raises(GeneratorError, match=r"crafted\.pt: the checkpoint's 'ema' weights: the weights do not fit "
+                                             r"the simple_unet network"):
+        dmd2.load_generator(str(crafted))
