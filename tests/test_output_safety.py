@@ -117,3 +117,18 @@ def test_generate_refuses_a_folder_of_other_images_or_another_model_and_continue
     # the export of a checkpoint is the same model: it continues the checkpoint's folder
     generate(f"checkpoint={dmd2_run / 'dmd2_final.pt'}", f"output_dir={tmp_path / 'g'}", "seeds=0-1")
     generate(f"checkpoint={dmd2_run / 'generator'}", f"output_dir={tmp_path / 'g'}", "seeds=2-3")
+
+
+def test_a_data_set_file_is_fingerprinted_by_its_bytes(tmp_path):
+    import os
+
+    from dmd2.evaluation import data_fingerprint
+
+    archive = tmp_path / "data.zip"
+    archive.write_bytes(b"A" * 64)
+    data = {"name": "edm_dataset", "root": str(archive), "resolution": 32, "num_classes": 10}
+    before = data_fingerprint(data)
+    st = archive.stat()
+    archive.write_bytes(b"B" * 64)
+    os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert data_fingerprint(data) != before
