@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from dmd2.distributed import Dist, barrier
-from dmd2.errors import CheckpointError
+from dmd2.errors import CheckpointError, GeneratorError
 from dmd2.files import atomic_write
 from dmd2.networks import EDMPrecond, build_denoiser
+from dmd2.networks.bounds import check_weights_fit
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,17 @@ def load_checkpoint(path: str, kind: str | None = None) -> dict[str, Any]:
 
 
 def network_from_checkpoint(state: dict[str, Any], weights: str) -> EDMPrecond:
-    """Rebuild a denoiser with the checkpoint's architecture and load ``state[weights]`` into it."""
+    """Rebuild a denoiser with the checkpoint's architecture and load ``state[weights]`` into it. The recorded
+    architecture must first describe exactly the shapes of those weights (dmd2.networks.bounds: checked on the
+    meta device), so a crafted arch cannot make this allocate more than the weights the file holds."""
+    tensors = state.get(weights)
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise CheckpointError(f"the checkpoint has no '{weights}' weights (a dict of tensors)")
+    try:
+        check_weights_fit(state.get("arch"), state.get("num_classes"), state.get("resolution"),
+                          {k: tuple(t.shape) for k, t in tensors.items()}, state.get("sigma_data", 0.5))
+    except GeneratorError as err:
+        raise CheckpointError(f"the checkpoint's '{weights}' weights: {err}") from None
     net = build_denoiser(state["arch"], state["num_classes"], state["resolution"], state.get("sigma_data", 0.5))
     net.load_state_dict(state[weights])
     return net

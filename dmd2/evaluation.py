@@ -499,11 +499,11 @@ def list_images(folder: str) -> list[str]:
 
 
 def folder_fingerprint(folder: str, files: list[str]) -> str:
-    """Hash of every file's relative path, size and mtime: a changed folder gets new statistics."""
+    """Hash of every file's relative path and bytes (read in 1 MiB blocks): a folder whose images changed gets new
+    statistics, whatever their sizes and modification times (about 2 s per 50,000 CIFAR-size images)."""
     digest = hashlib.sha256()
     for f in files:
-        st = os.stat(f)
-        digest.update(f"{os.path.relpath(f, folder)}\t{st.st_size}\t{int(st.st_mtime)}\n".encode())
+        digest.update(f"{os.path.relpath(f, folder)}\t{file_sha256(f)}\n".encode())
     return digest.hexdigest()
 
 
@@ -780,8 +780,8 @@ def feature_network_from_config(fn: Mapping[str, Any], device: torch.device) -> 
 
 
 def data_fingerprint(data: Mapping[str, Any]) -> str:
-    """Hash of what a ``data`` config reads: its settings and, for files, their paths, sizes and mtimes (a
-    folder's images, an EDM .zip); a changed data set gets new statistics."""
+    """Hash of what a ``data`` config reads: its settings and, for files, their paths and bytes (a folder's
+    images, an EDM .zip); a changed data set gets new statistics."""
     keys = ("name", "resolution", "num_classes", "synthetic_per_class", "mixture_components", "mixture_std",
             "mixture_seed")
     parts = {k: data.get(k) for k in keys}
@@ -790,8 +790,7 @@ def data_fingerprint(data: Mapping[str, Any]) -> str:
     root = str(data.get("root"))
     parts["root"] = os.path.abspath(root)
     if os.path.isfile(root):
-        st = os.stat(root)
-        parts["files"] = f"{st.st_size}\t{int(st.st_mtime)}"
+        parts["files"] = file_sha256(root)
     elif os.path.isdir(root) and data.get("name") != "cifar10":
         parts["files"] = folder_fingerprint(root, list_images(root))
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

@@ -24,7 +24,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from dmd2.errors import GeneratorError
-from dmd2.seeds import parse_seeds
+from dmd2.seeds import MAX_SEEDS, count_seeds
 
 
 @dataclass(frozen=True)
@@ -492,13 +492,14 @@ class EvaluateSettings(FidSettings):
 
 def _seeds_ok(value: Any) -> bool:
     try:
-        return bool(parse_seeds(value))
+        return count_seeds(value) > 0  # arithmetic: a huge range is refused without building its list
     except GeneratorError:
         return False
 
 
 SEEDS = Rule(lambda v: v is None or _seeds_ok(v),
-             "null, a seed (7), a range (0-63) or a list of seeds and ranges ([0-9,20])")
+             f"null, a seed (7), a range (0-63) or a list of seeds and ranges ([0-9,20]), at most {MAX_SEEDS} "
+             "seeds in all (split more over several runs)")
 CLASSES = Rule(lambda v: v is None or isinstance(v, (int, str)) or (isinstance(v, (list, tuple)) and len(v) > 0),
                "null, a class id or name, or a list of them")
 
@@ -510,6 +511,8 @@ class GenerateSettings:
                               ".safetensors file (python -m dmd2.export), or hf://owner/repo", TEXT)
     output_dir: str = setting("./generated", "png: <output_dir>/<class>/<seed>.png (unconditional: "
                               "<output_dir>/<seed>.png); npz: <output_dir>/samples.npz; both: grid.png", TEXT)
+    overwrite: bool = setting(False, "write into an output_dir that holds files generate.py did not write there, or "
+                              "another model's (refused otherwise; files of the same names are replaced)", BOOL)
     seeds: Any = setting(None, "image seeds, as EDM's generate.py: 7, 0-63 or [0-9,20,30-32]; seed s draws its own "
                          "noise, so it gives the same image in any run; null = 8 per class (0 .. 8 x classes - 1)",
                          SEEDS)

@@ -47,7 +47,7 @@ def test_two_processes_write_the_same_images_and_measure_the_same_fd_as_one(dmd2
         a, b = tmp_path / fmt / "one", tmp_path / fmt / "two"
         files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
         assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-        assert len(files) == (22 if fmt == "png" else 2)  # 21 seeds (or samples.npz) and grid.png
+        assert len(files) == (23 if fmt == "png" else 3)  # 21 seeds (or samples.npz), grid.png, generate.json
         for f in files:
             if f.suffix == ".npz":
                 x, y = np.load(a / f), np.load(b / f)

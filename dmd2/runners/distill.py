@@ -236,7 +236,7 @@ def export_final(ctx: RunContext, path: str, steps: int, num_chain: int) -> None
     """Export the generator of the final checkpoint (ready for dmd2.load_generator / generate.py / the Hub) and
     log both as W&B artifacts (rank 0)."""
     export = os.path.join(ctx.output_dir, "generator")
-    meta = export_generator(path, export)
+    meta = export_generator(path, export, overwrite=True)  # the run's own folder (a resumed run re-exports)
     ctx.say(f"[distill] generator exported to {export} ({meta['weights']} weights, {num_chain} NFE)")
     ctx.logger.log_artifact(path, "dmd2", steps)
     ctx.logger.log_artifact(export, "generator", steps, metadata={k: meta[k] for k in ("kind", "sampler",
