@@ -14,6 +14,12 @@ def current_umask() -> int:
     return mask
 
 
+def follow_umask(path: str) -> None:
+    """Give ``path`` the mode of an ordinary new file (0666 less the umask) when a library created it with a
+    narrower one."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def make_temp_file(folder: str, prefix: str = ".tmp-", suffix: str = "") -> tuple[int, str]:
     """``tempfile.mkstemp`` in ``folder``, but with the mode an ordinary new file gets (0666 less the umask, e.g.
     0644) instead of mkstemp's 0600: the file it becomes must be readable like any other the run writes."""

@@ -161,7 +161,8 @@ def acquire_lock(folder: str) -> RunLock:
         lock = RunLock(path, fd)
         try:
             holder = read_holder(path)
-            if holder and holder.get("pid") is not None:
+            ours = holder.get("pid") == os.getpid() and holder.get("host") == me["host"]  # a release that failed
+            if holder and holder.get("pid") is not None and not ours:
                 may_take_over(folder, path, holder)
             write_holder(fd, me)
         except OSError as err:
