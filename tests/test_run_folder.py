@@ -44,31 +44,34 @@ def test_a_full_disk_mid_run_stops_no_side_write(monkeypatch, tiny_data, tmp_pat
     row half-written), yet the run trains to its end and its final checkpoint goes to the rescue folder."""
     out, rescue = tmp_path / "run", tmp_path / "rescue"
     monkeypatch.setenv("DMD2_RESCUE_DIR", str(rescue))
-    disk = {"rows": 0}
+    disk = {"full": False}
     real_write, real_save, real_image = os.write, checkpoint.save_checkpoint, run_logger.save_image
+    real_log = run_logger.RunLogger.log
 
     def full() -> OSError:
         return OSError(errno.ENOSPC, "No space left on device")
 
+    def log(self, metrics, step):
+        disk["full"] = step > 4
+        return real_log(self, metrics, step)
+
     def write(fd, data):
-        if not os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
-            return real_write(fd, data)
-        disk["rows"] += 1
-        if disk["rows"] > 4:
+        if disk["full"] and os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
             real_write(fd, data[: len(data) // 2])
             raise full()
         return real_write(fd, data)
 
     def save(state, path):
-        if disk["rows"] > 4 and str(out) in os.path.abspath(path):
+        if disk["full"] and str(out) in os.path.abspath(path):
             raise full()
         return real_save(state, path)
 
     def image(*args, **kwargs):
-        if disk["rows"] > 4:
+        if disk["full"]:
             raise full()
         return real_image(*args, **kwargs)
 
+    monkeypatch.setattr(run_logger.RunLogger, "log", log)
     monkeypatch.setattr(os, "write", write)
     monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     monkeypatch.setattr(run_logger, "save_image", image)
