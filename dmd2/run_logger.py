@@ -88,9 +88,10 @@ class RunLogger:
 
     def _write_row(self, line: bytes) -> None:
         """Append one line whole: a failed or short write is cut off again (the file keeps whole rows)."""
+        if self._metrics is None:  # opening it failed (e.g. a full disk at the start): try again
+            self._open_metrics()
         fd = self._metrics
-        if fd is None:
-            raise OSError("metrics.jsonl is not open (opening it failed)")
+        assert fd is not None
         size = os.fstat(fd).st_size
         try:
             if os.write(fd, line) != len(line):
