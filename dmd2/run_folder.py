@@ -145,13 +145,21 @@ def acquire_lock(folder: str) -> RunLock:
     path = os.path.join(folder, LOCK_FILE)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.datetime.now().isoformat()}
     for _ in range(10):
+        created = False
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileExistsError:
+            continue
         except OSError as err:
             raise unwritable(folder, path, err) from err
         taken = try_flock(fd)
         if taken is None:
             os.close(fd)
+            if created:
+                os.remove(path)
             return acquire_without_flock(folder, path, me)
         if not taken or not same_file(fd, path):  # held, or removed by its holder between open and flock
             os.close(fd)

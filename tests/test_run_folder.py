@@ -279,3 +279,20 @@ def test_written_files_follow_the_umask(teacher_ckpt, tmp_path):
              if p.is_file()}
     assert modes == {"a.json": 0o644, "c.pt": 0o644, "model.safetensors": 0o644, "config.json": 0o644,
                      "README.md": 0o644, "private.json": 0o600}
+
+
+def test_without_flock_the_lock_is_made_exclusively(monkeypatch, tmp_path, caplog):
+    import dmd2.run_folder as run_folder
+
+    monkeypatch.setattr(run_folder, "try_flock", lambda fd: None)  # a file system without flock
+    caplog.set_level("INFO")
+    lock = acquire_lock(str(tmp_path))
+    with pytest.raises(ConfigError, match=f"pid {os.getpid()}"):
+        acquire_lock(str(tmp_path))
+    lock.release()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    lock = acquire_lock(str(tmp_path))
+    assert "taking over" in caplog.text and json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
