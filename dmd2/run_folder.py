@@ -88,17 +88,18 @@ def in_use(folder: str, path: str, holder: dict[str, Any]) -> ConfigError:
 
 def may_take_over(folder: str, path: str, holder: dict[str, Any]) -> bool:
     """Whether a lock that no process holds (its flock is free, or flock is unsupported) may be taken: its
-    process is gone on this host, or ``$DMD2_TAKE_OVER_LOCK`` names it (a lock of another host, e.g. a SLURM job
-    requeued onto another node: this host cannot see that process). Refuses (ConfigError) otherwise."""
+    process is gone on this host, or, for a lock of another host (e.g. a SLURM job requeued onto another node:
+    this host cannot see that process), ``$DMD2_TAKE_OVER_LOCK`` names it. Refuses (ConfigError) otherwise."""
     pid, host = holder.get("pid"), holder.get("host")
-    named = os.environ.get(TAKE_OVER_ENV, "")
-    if named in ("any", f"{host}:{pid}"):
+    if host == socket.gethostname():
+        if isinstance(pid, int) and not process_alive(pid):
+            log.info(f"[run] {path}: its run (pid {pid}, started {holder.get('started')}) is gone; taking over")
+            return True
+        raise in_use(folder, path, holder)
+    if os.environ.get(TAKE_OVER_ENV, "") in ("any", f"{host}:{pid}"):
         log.warning(f"[run] {path}: taking over the lock of pid {pid} on {host} (named by ${TAKE_OVER_ENV})")
         return True
-    if host == socket.gethostname() and isinstance(pid, int) and not process_alive(pid):
-        log.info(f"[run] {path}: its run (pid {pid}, started {holder.get('started')}) is gone; taking over")
-        return True
-    if host is not None and host != socket.gethostname():
+    if host is not None:
         raise ConfigError(
             f"config key 'output_dir' = {folder!r}: {path} was left by pid {pid} on host {host} (started "
             f"{holder.get('started')}), which cannot be checked from here. If that run is gone (e.g. a job "
