@@ -296,3 +296,19 @@ def test_without_flock_the_lock_is_made_exclusively(monkeypatch, tmp_path, caplo
     assert "taking over" in caplog.text and json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     lock.release()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_failed_export_at_the_end_keeps_the_run(monkeypatch, teacher_ckpt, tiny_data, tmp_path, caplog):
+    import dmd2.runners.distill as distill
+    from train import train
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(distill, "export_generator", full_disk)
+    result = train(compose_cfg([*SMOKE, "stage=distill", "data=image_folder", f"data.root={tiny_data}",
+                                f"teacher_checkpoint={teacher_ckpt}", f"output_dir={tmp_path}", "max_steps=2",
+                                "sample_every=0"]))
+    assert load_checkpoint(result["checkpoint"])["step"] == 2
+    assert "python -m dmd2.export" in caplog.text and not (tmp_path / "generator").exists()
+    assert not (tmp_path / LOCK_FILE).exists()
