@@ -130,6 +130,19 @@ class RunLogger:
             log.warning(f"[logger] W&B {fn} failed ({err}); W&B logging is off for the rest of this run")
             self.run = None
 
+    def _wandb_media(self, make: Callable[[], dict[str, Any]], step: int) -> None:
+        """Log what ``make`` builds (images, tables, histograms: building them writes media files too) to W&B;
+        a failure while building or logging turns W&B off like any failing W&B call."""
+        if self.run is None:
+            return
+        try:
+            payload = make()
+        except Exception as err:  # noqa: BLE001
+            log.warning(f"[logger] W&B media failed ({err}); W&B logging is off for the rest of this run")
+            self.run = None
+            return
+        self._wandb("log", {**payload, STEP_KEY: step}, step=step)
+
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.enabled:
             return
@@ -151,7 +164,7 @@ class RunLogger:
         if self.run is not None and written:
             import wandb
 
-            self._wandb("log", {key: wandb.Image(path, caption=caption), STEP_KEY: step}, step=step)
+            self._wandb_media(lambda: {key: wandb.Image(path, caption=caption)}, step)
         return written
 
     def log_samples(self, key: str, images: torch.Tensor, labels: torch.Tensor, class_names: list[str] | None,
@@ -165,12 +178,15 @@ class RunLogger:
         if self.run is not None:
             import wandb
 
-            uint8 = to_uint8(images.detach().float()).cpu()
-            table = wandb.Table(columns=["step", "label", "class", "image"])
-            for img, label in zip(uint8, labels.tolist()):
-                name = class_names[label] if class_names and label < len(class_names) else str(label)
-                table.add_data(step, label, name, wandb.Image(img.permute(1, 2, 0).numpy()))
-            self._wandb("log", {f"{key}_table": table, STEP_KEY: step}, step=step)
+            def table() -> dict[str, Any]:
+                uint8 = to_uint8(images.detach().float()).cpu()
+                rows = wandb.Table(columns=["step", "label", "class", "image"])
+                for img, label in zip(uint8, labels.tolist()):
+                    name = class_names[label] if class_names and label < len(class_names) else str(label)
+                    rows.add_data(step, label, name, wandb.Image(img.permute(1, 2, 0).numpy()))
+                return {f"{key}_table": rows}
+
+            self._wandb_media(table, step)
         return path
 
     def log_artifact(self, path: str, kind: str, step: int, final: bool = True,
@@ -215,7 +231,7 @@ class RunLogger:
         if self.enabled and self.run is not None:
             import wandb
 
-            self._wandb("log", {key: wandb.Histogram(values.detach().cpu().numpy()), STEP_KEY: step}, step=step)
+            self._wandb_media(lambda: {key: wandb.Histogram(values.detach().cpu().numpy())}, step)
 
     def define_metric(self, key: str, **kwargs: Any) -> None:
         """W&B ``define_metric`` (e.g. ``summary="min"``: the run summary keeps the best value); before the

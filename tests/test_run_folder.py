@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import dmd2.checkpoint as checkpoint
 import dmd2.run as run
@@ -312,3 +313,27 @@ def test_a_failed_export_at_the_end_keeps_the_run(monkeypatch, teacher_ckpt, tin
     assert load_checkpoint(result["checkpoint"])["step"] == 2
     assert "python -m dmd2.export" in caplog.text and not (tmp_path / "generator").exists()
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_failing_wandb_media_write_turns_wandb_off_and_keeps_the_grid(monkeypatch, tmp_path, caplog):
+    import wandb
+
+    class Run:
+        logged: list = []
+
+        def log(self, payload, step):
+            self.logged.append(step)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    logger = run_logger.RunLogger(str(tmp_path), {"name": "none"}, {}, "teacher")
+    logger.start()
+    logger.run = Run()
+    monkeypatch.setattr(wandb, "Image", full_disk)
+    images, labels = torch.zeros(2, 3, 8, 8), torch.tensor([0, 1])
+    for step in (1, 2):
+        assert logger.log_samples("samples/x", images, labels, None, 2, step) is not None
+    assert (tmp_path / "samples" / "samples_x_000002.png").is_file()
+    assert logger.run is None and caplog.text.count("W&B logging is off") == 1
+    logger.finish()
