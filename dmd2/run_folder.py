@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from typing import Any
 
 from dmd2.errors import ConfigError, FileError
@@ -23,6 +24,7 @@ LOCK_FILE = "run.lock"
 TAKE_OVER_ENV = "DMD2_TAKE_OVER_LOCK"  # '<host>:<pid>' of a lock known to be stale, or 'any'
 PREFIXES = {"teacher": "teacher", "distill": "dmd2"}  # stage -> checkpoint file prefix
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "samples", "generator")  # besides the checkpoints
+DEAD_HOLDER_WAIT_S = 30.0  # how long a killed run's surviving children may keep its flock
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
@@ -145,7 +147,8 @@ def acquire_lock(folder: str) -> RunLock:
     written (a full disk) is removed again and refused with FileError."""
     path = os.path.join(folder, LOCK_FILE)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.datetime.now().isoformat()}
-    for _ in range(10):
+    patience = time.monotonic() + DEAD_HOLDER_WAIT_S
+    while True:
         created = False
         try:
             try:
@@ -164,8 +167,9 @@ def acquire_lock(folder: str) -> RunLock:
             return acquire_without_flock(folder, path, me)
         if not taken or not same_file(fd, path):  # held, or removed by its holder between open and flock
             os.close(fd)
-            if not taken:
+            if not taken and not (held_by_the_dead(read_holder(path)) and time.monotonic() < patience):
                 raise in_use(folder, path, read_holder(path))
+            time.sleep(0.0 if taken else 0.5)
             continue
         lock = RunLock(path, fd)
         try:
@@ -182,7 +186,13 @@ def acquire_lock(folder: str) -> RunLock:
             lock.fd = None
             raise
         return lock
-    raise ConfigError(f"config key 'output_dir' = {folder!r}: could not take {path}")
+
+
+def held_by_the_dead(holder: dict[str, Any]) -> bool:
+    """Whether a lock whose flock is still held names a process of this host that is gone: its children (data
+    loader workers forked with the lock open) keep the flock until they notice, within seconds."""
+    pid = holder.get("pid")
+    return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not process_alive(pid)
 
 
 def acquire_without_flock(folder: str, path: str, me: dict[str, Any]) -> RunLock:

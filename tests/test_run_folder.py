@@ -337,3 +337,14 @@ def test_a_failing_wandb_media_write_turns_wandb_off_and_keeps_the_grid(monkeypa
     assert (tmp_path / "samples" / "samples_x_000002.png").is_file()
     assert logger.run is None and caplog.text.count("W&B logging is off") == 1
     logger.finish()
+
+
+def test_a_killed_run_whose_workers_still_hold_the_lock_is_taken_over(tmp_path, caplog):
+    """Data-loader workers forked with the lock open keep its flock for a moment after the run is killed."""
+    code = ("import os, sys, time\nfrom dmd2.run import acquire_lock\nlock = acquire_lock(sys.argv[1])\n"
+            "if os.fork() == 0:\n    time.sleep(2)\n    os._exit(0)\nos._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, check=True)
+    caplog.set_level("INFO")
+    lock = acquire_lock(str(tmp_path))
+    assert "taking over" in caplog.text
+    lock.release()
