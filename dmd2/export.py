@@ -29,7 +29,7 @@ import torch
 from dmd2.checkpoint import load_checkpoint
 from dmd2.errors import CheckpointError, GeneratorError
 from dmd2.export_format import CONFIG_FILE, WEIGHTS_FILE, export_metadata
-from dmd2.files import atomic_write
+from dmd2.files import atomic_write, follow_umask
 from dmd2.sampling import sampler_from_checkpoint
 
 
@@ -107,6 +107,7 @@ def export_generator(checkpoint: str, folder: str, *, teacher_weights: str = "em
     staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
     try:
         save_file(weights, os.path.join(staging, WEIGHTS_FILE), metadata={"dmd2": json.dumps(meta)})
+        follow_umask(os.path.join(staging, WEIGHTS_FILE))  # safetensors creates it 0600
         for name, text in ((CONFIG_FILE, json.dumps(meta, indent=2) + "\n"), ("README.md", model_card(meta, repo_id))):
             atomic_write(os.path.join(staging, name), lambda f, t=text: f.write(t.encode()))
         os.makedirs(folder, exist_ok=True)
