@@ -268,7 +268,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     Under torchrun every rank generates and featurizes its share of the samples (whole batches, so each sample
     is the one a single process makes) and rank 0 gathers the features, computes the distance and writes the
     results and logs; the other ranks return []. ``images=`` and ``write_reference=`` run on rank 0 alone."""
-    from dmd2.distributed import init_distributed, shutdown
+    from dmd2.distributed import barrier, init_distributed, shutdown
 
     validate(cfg)
     d, device = init_distributed(resolve_device(cfg.device))
@@ -278,7 +278,9 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
                 return []
             return write_reference_file(cfg, device) if cfg.write_reference is not None else \
                 measure_images(cfg, device)
-        return evaluate_checkpoints(cfg, device, d)
+        results = evaluate_checkpoints(cfg, device, d)
+        barrier(d)  # the ranks leave together: a rank leaving gloo while rank 0 still scored was aborted
+        return results
     finally:
         shutdown()
 

@@ -247,8 +247,11 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
                             progress=d.is_main)
         shares = gather_to_main(mine, d)
         if shares is None:  # ranks > 0: their PNGs are written
-            return {"kind": gen.sampler.kind, "num_images": len(share), "nfe": gen.nfe, "output_dir": cfg.output_dir}
-        return finish(cfg, gen, seeds, labels, classes, names, merge_shares(shares))
+            result = {"kind": gen.sampler.kind, "num_images": len(share), "nfe": gen.nfe, "output_dir": cfg.output_dir}
+        else:
+            result = finish(cfg, gen, seeds, labels, classes, names, merge_shares(shares))
+        barrier(d)  # the ranks leave together (see evaluate.py)
+        return result
     finally:
         shutdown()
 

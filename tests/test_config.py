@@ -55,6 +55,7 @@ def test_the_smoke_distillation_updates_its_generator_after_step_0():
     assert compose_cfg(["debug=smoke", "stage=distill"]).dfake_gen_update_ratio == 2
     assert compose_cfg(["debug=smoke", "stage=distill", "dfake_gen_update_ratio=3"]).dfake_gen_update_ratio == 3
     assert compose_cfg(["stage=distill"]).dfake_gen_update_ratio == 10
+    assert compose_cfg(["experiment=dmd2_imagenet64"]).dfake_gen_update_ratio == 5  # a preset's own, without smoke
     assert "dfake_gen_update_ratio" not in compose_cfg(["debug=smoke", "stage=teacher"])
 
 
