@@ -74,15 +74,15 @@ def test_every_section_has_positive_numbers(report: dict) -> None:
 def test_fast_paths_script_compares_each_switch_with_its_baseline(tmp_path: Path) -> None:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     # three of the six settings: each switch runs through the same loop (tests/test_speed.py checks that every
-    # switch trains like the plain path)
+    # switch, torch.compile included, trains like the plain path; compiling here would add half a minute)
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "fast_paths.sh"), "--device", "cpu", "--tiny",
-                           "--only", "fp32,bf16,compile", "--out", str(tmp_path)], capture_output=True, text=True,
+                           "--only", "fp32,bf16,channels_last", "--out", str(tmp_path)], capture_output=True, text=True,
                           timeout=HANG_GUARD_S, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (tmp_path / "summary.txt").read_text().splitlines()
-    assert not any(line.startswith(("channels_last ", "fused_adamw ", "no_tf32 ")) for line in lines)
-    for name, base in [("bf16", "fp32"), ("compile", "bf16")]:
+    assert not any(line.startswith(("compile ", "fused_adamw ", "no_tf32 ")) for line in lines)
+    for name, base in [("bf16", "fp32"), ("channels_last", "bf16")]:
         row = next(line for line in lines if line.startswith(name + " "))
         assert row.endswith(f"vs {base}") and "missing" not in row, row
-    compiled = json.loads((tmp_path / "compile.json").read_text())["settings"]
-    assert compiled["compile"] is True and compiled["bf16"] is True
+    switched = json.loads((tmp_path / "channels_last.json").read_text())["settings"]
+    assert switched["channels_last"] is True and switched["bf16"] is True
