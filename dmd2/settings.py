@@ -78,6 +78,10 @@ POSITIVE = number(above=0)
 NONNEG = number(low=0)
 FRACTION = number(0, 1)
 DECAY = number(0, below=1)
+# Seeds become torch generator seeds as seed * 1_000_003 + index (dmd2.randomness.derived_seed), which must fit in
+# 64 bits: 2**40 leaves room for any index.
+SEED_LIMIT = 2 ** 40
+SEED = Rule(lambda v: _is_int(v) and 0 <= v < SEED_LIMIT, "an integer seed in [0, 2**40)")
 INT_LIST = Rule(lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 1 for x in v),
                 "a list of integers >= 1")
 DESCENDING_SIGMAS = Rule(
@@ -218,7 +222,7 @@ class DataSettings:
     mixture_std: float = setting(0.05, "data=gaussian_mixture: per-pixel standard deviation of each component "
                                  "(pixels in [-1, 1])", number(above=0, high=0.2))
     mixture_seed: int = setting(0, "data=gaussian_mixture: seed of the mean images and of the data set's draws",
-                                NONNEG_INT)
+                                SEED)
 
 
 @dataclass
@@ -307,7 +311,7 @@ class EvalSettings(FidSettings):
                                "(fid@10k); published FIDs use 50000 (README \"Which FID\")", int_at_least(2))
     batch_size: int = setting(250, "images generated and featurized at once", POSITIVE_INT)
     seed: int = setting(0, "sample i uses noise seeded by (seed, i): every evaluation sees the same noise",
-                        NONNEG_INT)
+                        SEED)
     sampler_steps: int = setting(18, "teacher: Heun steps (18 = 35 NFE); generators sample their own chain",
                                  POSITIVE_INT)
 
@@ -344,7 +348,7 @@ class TrainSettings:
     data: Any = chosen("dataset: conf/data")
     logger: Any = chosen("wandb (offline by default) | none: conf/logger")
 
-    seed: int = setting(0, "base seed; rank r uses seed + r", NONNEG_INT)
+    seed: int = setting(0, "base seed; rank r uses seed + r", SEED)
     data_dir: str = setting("./data", "where datasets live (torchvision downloads CIFAR-10 here when missing)", TEXT)
     output_dir: Optional[str] = setting(None, "checkpoints, samples, metrics; null = this run's Hydra directory",
                                         optional(TEXT))
@@ -462,7 +466,7 @@ class EvaluateSettings(FidSettings):
     num_samples: int = setting(50000, "generated images per checkpoint, classes round-robin", int_at_least(2))
     batch_size: int = setting(250, "images generated and featurized at once", POSITIVE_INT)
     seed: int = setting(0, "sample i uses noise seeded by (seed, i): every checkpoint sees the same noise",
-                        NONNEG_INT)
+                        SEED)
     device: str = setting("auto", "auto | cpu | cuda | cuda:N", DEVICE)
     teacher_weights: str = setting("ema", "teacher checkpoints: ema | model", one_of("ema", "model"))
     generator_weights: str = setting("ema", "DMD2 checkpoints: ema (when trained with generator_ema_decay, else "
@@ -482,13 +486,14 @@ class EvaluateSettings(FidSettings):
 
 def _seeds_ok(value: Any) -> bool:
     try:
-        return bool(parse_seeds(value))
+        seeds = parse_seeds(value)
+        return bool(seeds) and max(seeds) < SEED_LIMIT
     except GeneratorError:
         return False
 
 
 SEEDS = Rule(lambda v: v is None or _seeds_ok(v),
-             "null, a seed (7), a range (0-63) or a list of seeds and ranges ([0-9,20])")
+             "null, a seed (7), a range (0-63) or a list of seeds and ranges ([0-9,20]), each < 2**40")
 CLASSES = Rule(lambda v: v is None or isinstance(v, (int, str)) or (isinstance(v, (list, tuple)) and len(v) > 0),
                "null, a class id or name, or a list of them")
 

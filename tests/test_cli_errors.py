@@ -70,3 +70,12 @@ def test_an_evaluation_setup_error(tmp_path, checkpoint_info_only, full_error):
     assert proc.returncode == EVALUATION_ERROR, proc.stderr[-3000:]
     assert "feature_network.inception_weights" in proc.stderr and "inception-2015-12-05.pt" in proc.stderr
     assert ("Traceback" in proc.stderr) == full_error, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("override", ["+typo=1", "++typo=1", "lr=inf", "seed=1180591620717411303424"])
+def test_schema_wide_rule_refuses_before_the_run_takes_its_folder(tmp_path, override):
+    out = tmp_path / "out"
+    proc = run_cli("train.py", "debug=smoke", "logger=none", override, f"output_dir={out}",
+                   f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
+    assert_user_error(proc, CONFIG_ERROR, override.lstrip("+").split("=")[0])
+    assert not out.exists()  # refused before the lock, data and models
