@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from dmd2.errors import ConfigError, FileError
-from dmd2.naming import MIXTURE_KEY, metric_key
+from dmd2.naming import MIXTURE_KEY, metric_key, train_metric_keys
 from dmd2.settings import GENERATED_DATA
 
 if TYPE_CHECKING:
@@ -161,6 +161,11 @@ def check_objective(cfg: DictConfig, sweeping: bool) -> None:
                 "(eval_every=N, e.g. eval_every=2000; it minimises the best eval/fid or eval/fd_*), or name "
                 "the objective yourself, e.g. optimized_metric=train/loss (a loss does not rank sample quality)")
         return
+    if metric.startswith("train/"):
+        logged = train_metric_keys(cfg.stage, bool(cfg.get("gan_classifier")))
+        if metric not in logged:
+            raise ConfigError(f"config key 'optimized_metric' = {metric!r}: a stage={cfg.stage} run with these "
+                              f"settings never logs it; it logs {logged}")
     if metric.startswith("eval/") and metric not in produced:
         if not produced:
             raise ConfigError(f"config key 'optimized_metric' = {metric!r}, but 'eval_every' = 0: the run logs no "

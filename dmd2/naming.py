@@ -41,3 +41,18 @@ def dataset_label(data: Mapping[str, Any]) -> str:
     stem = stem[:-4] if stem.lower().endswith(".zip") else stem
     stem = re.sub(r"[-_]?(\d+)x\1$", r"\1", stem)
     return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or data["name"]
+
+
+TRAIN_KEYS = ("train/epoch", "train/global_batch_size", "train/images_per_sec")  # both stages
+TEACHER_KEYS = ("train/loss", "train/lr", "train/grad_norm", "train/skipped_steps")
+DISTILL_KEYS = ("train/loss_dm", "train/dm_grad_norm", "train/loss_fake", "train/generator_grad_norm",
+                "train/guidance_grad_norm", "train/generator_lr", "train/guidance_lr", "train/generator_skipped_steps",
+                "train/guidance_skipped_steps")
+GAN_KEYS = ("train/loss_gen_gan", "train/loss_cls")  # distillation with gan_classifier=true
+
+
+def train_metric_keys(stage: str, gan_classifier: bool = False) -> list[str]:
+    """The train/ scalars a run of ``stage`` logs (dmd2/runners/), known from its config: what optimized_metric
+    may name besides the eval/ metrics."""
+    own = TEACHER_KEYS if stage == "teacher" else DISTILL_KEYS + (GAN_KEYS if gan_classifier else ())
+    return sorted(TRAIN_KEYS + own)

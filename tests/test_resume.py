@@ -1,6 +1,7 @@
 """Reliability: exact resume after SIGKILL, corrupted checkpoints, safe loading, non-finite guards."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -151,3 +152,35 @@ def test_bad_reliability_settings_are_refused_fast(overrides, message, tiny_data
                    f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert time.perf_counter() - start < 30
+
+
+def test_a_finished_run_resumed_returns_its_objective(teacher_ckpt, tiny_data, tmp_path):
+    """A distillation resumed from step 2 with no generator update in its own steps (ratio 4), and resume=auto on
+    the finished folder, still return the run's final train/loss_dm (kept in the checkpoints): a sweeper gets a
+    value and a requeue-on-failure loop ends (before: 'the run has no such final metric', a failed job)."""
+    from train import objective, train
+
+    base = [*SMOKE, "stage=distill", f"teacher_checkpoint={teacher_ckpt}", "data=image_folder",
+            f"data.root={tiny_data}", "dfake_gen_update_ratio=4",
+            "sample_every=0", "optimized_metric=train/loss_dm", f"output_dir={tmp_path}"]
+    first = objective(train(compose_cfg(base)), "train/loss_dm")
+    assert math.isfinite(first)
+    again = train(compose_cfg([*base, f"resume={tmp_path / 'dmd2_000002.pt'}"]))  # steps 2, 3: no generator update
+    assert objective(again, "train/loss_dm") == first
+    finished = train(compose_cfg([*base, "resume=auto"]))  # a finished folder: nothing left to train
+    assert finished["steps"] == 4 and objective(finished, "train/loss_dm") == first
+
+
+def test_an_objective_the_run_never_logs_is_refused_at_start(tmp_path):
+    from dmd2.config import ConfigError, validate
+
+    for stage, metric in (("teacher", "train/loss_dm"), ("distill", "train/loss"), ("distill", "train/loss_cls")):
+        extra = ["teacher_checkpoint=missing.pt"] if stage == "distill" else []
+        with pytest.raises(ConfigError, match=f"'optimized_metric' = '{metric}'.*never logs it"):
+            validate(compose_cfg([*SMOKE, f"stage={stage}", *extra, f"optimized_metric={metric}"]))
+    validate(compose_cfg([*SMOKE, "stage=distill", "gan_classifier=true", "optimized_metric=train/loss_cls",
+                          f"teacher_checkpoint={__file__}"]))
+    proc = run_cli("train.py", *SMOKE, "optimized_metric=train/loss_dm", f"output_dir={tmp_path / 'out'}",
+                   f"hydra.run.dir={tmp_path / 'hydra'}")
+    assert proc.returncode == 2 and "never logs it" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # before the lock, the data and the models

@@ -119,7 +119,7 @@ def build_updaters(model: UnifiedModel, ema: EDMPrecond | None, cfg: DistillSett
 
 def distill_state(cfg: DictConfig, ctx: RunContext, teacher: dict[str, Any], model: UnifiedModel,
                   ema: EDMPrecond | None, upds: dict[str, Updater], evaluator: TrainingEvaluator,
-                  step: int, classes: list[str] | None) -> dict[str, Any]:
+                  step: int, classes: list[str] | None, metrics: dict[str, float]) -> dict[str, Any]:
     state = run_state(
         ctx, step, kind="dmd2", arch=teacher["arch"], num_classes=teacher["num_classes"],
         resolution=teacher["resolution"], sigma_data=teacher.get("sigma_data", 0.5), class_names=classes,
@@ -127,7 +127,7 @@ def distill_state(cfg: DictConfig, ctx: RunContext, teacher: dict[str, Any], mod
         teacher_checkpoint=str(cfg.teacher_checkpoint), generator=model.generator.state_dict(),
         fake_unet=model.guidance.fake_unet.state_dict(),
         generator_updater=upds["generator"].state_dict(), guidance_updater=upds["guidance"].state_dict(),
-        evaluation=evaluator.state_dict(),
+        evaluation=evaluator.state_dict(), metrics=dict(metrics),
     )
     if model.guidance.gan_head is not None:
         state["gan_head"] = model.guidance.gan_head.state_dict()
@@ -328,8 +328,11 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         if ctx.dist.is_main:
             grids.log_generator(ctx, model, ema, step)
 
+    # the last logged value of every scalar, kept in checkpoints: a resumed run returns the whole run's final metrics
+    last: dict[str, float] = dict(ctx.resume.get("metrics") or {}) if ctx.resume is not None else {}
+
     def checkpoint(step: int) -> dict[str, Any]:
-        return distill_state(cfg, ctx, teacher_state, model, ema, upds, evaluator, step, classes)
+        return distill_state(cfg, ctx, teacher_state, model, ema, upds, evaluator, step, classes, last)
 
     if start == 0:
         log_generator_grids(0)
@@ -343,7 +346,6 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     bar = progress(steps, "distill", ctx)
     bar.update(start)
     t_last, images_since = time.perf_counter(), 0
-    last: dict[str, float] = {}  # the last logged value of every scalar
     window = RunningMeans()
     timesteps: list[Tensor] = []
     for step in range(start, steps):

@@ -58,12 +58,13 @@ def teacher_step(s: TeacherState, x: Tensor, y: Tensor, step: int) -> tuple[Tens
 
 
 def teacher_state(cfg: DictConfig, ctx: RunContext, model: EDMPrecond, ema: EDMPrecond, upd: Updater,
-                  evaluator: TrainingEvaluator, step: int, class_names: list[str] | None) -> dict[str, Any]:
+                  evaluator: TrainingEvaluator, step: int, class_names: list[str] | None,
+                  metrics: dict[str, float]) -> dict[str, Any]:
     return run_state(
         ctx, step, kind="teacher", arch=ctx.config["arch"], num_classes=cfg.data.num_classes,
         resolution=cfg.data.resolution, sigma_data=cfg.sigma_data, class_names=class_names,
         model=model.state_dict(), ema=ema.state_dict(),
-        updater=upd.state_dict(), evaluation=evaluator.state_dict(),
+        updater=upd.state_dict(), evaluation=evaluator.state_dict(), metrics=dict(metrics),
     )
 
 
@@ -112,8 +113,12 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     grid_y = grid_labels(cfg.data.num_classes, cfg.samples_per_class, device)
     grid_z = torch.randn(len(grid_y), 3, cfg.data.resolution, cfg.data.resolution, generator=gen).to(device)
 
+    # the last logged value of every scalar, kept in checkpoints: a resumed run (even one resumed after its end)
+    # returns the run's final metrics, not only those of its own steps
+    last: dict[str, float] = dict(ctx.resume.get("metrics") or {}) if ctx.resume is not None else {}
+
     def checkpoint(step: int) -> dict[str, Any]:
-        return teacher_state(cfg, ctx, model, ema, upd, evaluator, step, classes)
+        return teacher_state(cfg, ctx, model, ema, upd, evaluator, step, classes, last)
 
     ctx.logger.start()  # config.yaml, metrics.jsonl, W&B: every check has passed
     restore_rng(ctx)
@@ -121,7 +126,6 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     bar = progress(steps, "teacher", ctx)
     bar.update(start)
     t_last, images_since, window = time.perf_counter(), 0, RunningMeans()
-    last: dict[str, float] = {}  # the last logged value of every scalar
     for step in range(start, steps):
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
