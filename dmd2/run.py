@@ -25,6 +25,7 @@ from dmd2.checkpoint import (
 )
 from dmd2.config import ConfigError, resolve_device, to_container
 from dmd2.errors import FileError
+from dmd2.files import file_sha256
 from dmd2.naming import dataset_label
 from dmd2.distributed import Dist, any_rank, broadcast_object, gather_objects, init_distributed, shutdown
 from dmd2.randomness import BatchRNG, derived_seed
@@ -231,7 +232,8 @@ RESUME_SAFE = ("lr", "generator_lr", "guidance_lr", "weight_decay", "adam_betas"
                "ema_decay", "generator_ema_decay", "max_steps", "num_epochs", "save_every", "log_every",
                "sample_every", "samples_per_class", "sample_steps", "keep_last", "on_nonfinite", "eval_every",
                "eval.", "logger.", "perf.", "run_name", "device", "data.num_workers", "data_dir", "optimized_metric",
-               "resume", "resume_allow_changes", "output_dir", "world_size", "global_batch_size")
+               "resume", "resume_allow_changes", "output_dir", "world_size", "global_batch_size",
+               "teacher_sha256")  # (a different teacher is refused by check_same_inputs; older checkpoints lack it)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -291,15 +293,17 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
         except OSError:
             pass
     kind = prefix if prefix == "teacher" else "dmd2"
-    lock, found, refusal = None, None, None
+    lock, found, refusal, inputs = None, None, None, {}
     if d.is_main:  # rank 0 takes the folder and finds the checkpoint; every rank learns the outcome
         try:
             check_writable(output_dir)
             lock = acquire_lock(output_dir)
             remove_orphans(output_dir)
             found = find_resume(cfg, output_dir, prefix, kind)
+            inputs = input_hashes(cfg)
             if found is not None:
-                check_resume_config(found[1]["config"], {**to_container(cfg), "output_dir": output_dir,
+                check_same_inputs(found, inputs, cfg)
+                check_resume_config(found[1]["config"], {**to_container(cfg), "output_dir": output_dir, **inputs,
                                     "world_size": d.world_size, "global_batch_size": cfg.batch_size * d.world_size})
         except ConfigError as err:
             refusal = err
@@ -312,15 +316,16 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
     resume = found[1] if found else (load_checkpoint(resume_path, kind=kind) if resume_path else None)
     config = to_container(cfg)
     settings = logger_settings(cfg)  # with the sweep's W&B group filled in: evaluate.py joins it
+    inputs = broadcast_object(inputs, d)
     config.update(output_dir=output_dir, world_size=d.world_size, global_batch_size=cfg.batch_size * d.world_size,
-                  logger=settings)
+                  logger=settings, **inputs)
     set_backend_flags(cfg.perf, device)
     torch.manual_seed(cfg.seed + d.rank)  # dropout and other in-network randomness differ between ranks
     # config.yaml, metrics.jsonl and the W&B run appear with the first thing logged: a run refused while the
     # runner builds and checks its networks leaves output_dir as it was
     logger = RunLogger(output_dir, settings, config, job_type, cfg.run_name or default_run_name(),
                        enabled=d.is_main, resume_id=resume.get("wandb_run_id") if resume else None,
-                       config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+                       config_yaml=OmegaConf.to_yaml(cfg, resolve=True) + OmegaConf.to_yaml(inputs) * bool(inputs))
     ctx = RunContext(output_dir, device, config, logger, d, BatchRNG(cfg.seed, device, d), resume)
     if d.enabled:
         ctx.say(f"[{job_type}] {d.world_size} processes (torchrun): batch_size {cfg.batch_size} per process, "
@@ -339,6 +344,31 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
         if lock is not None:
             lock.release()
     logger.finish()
+
+
+def input_hashes(cfg: DictConfig) -> dict[str, str]:
+    """The SHA-256 of the files a run consumes, computed once per start (a distillation: its teacher, as
+    ``teacher_sha256``); stored in the run's config and checkpoints, and compared on resume."""
+    if cfg.stage != "distill":
+        return {}
+    return {"teacher_sha256": file_sha256(cfg.teacher_checkpoint)}
+
+
+def check_same_inputs(found: tuple[str, dict[str, Any]], inputs: dict[str, str], cfg: DictConfig) -> None:
+    """Refuse to resume checkpoint ``found`` (path, state) with another teacher file than it was trained with
+    (``inputs``: this start's ``input_hashes``): a teacher overwritten at the same path would train one generator
+    against two teachers."""
+    path, state = found
+    digest, stored = inputs.get("teacher_sha256"), (state.get("config") or {}).get("teacher_sha256")
+    if digest is None:
+        return
+    if stored is None:
+        log.warning(f"[resume] WARNING: {path} records no teacher_sha256 (an older checkpoint): its teacher cannot be "
+                    f"compared with {cfg.teacher_checkpoint}")
+    elif stored != digest:
+        raise FileError(f"config key 'teacher_checkpoint' = {cfg.teacher_checkpoint!r}: this file (sha256 {digest}) "
+                        f"is not the teacher {path} was trained with (sha256 {stored}); restore that teacher, or "
+                        f"distill this one into a new output_dir")
 
 
 def check_resume_config(old: dict[str, Any], new: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """Reliability: exact resume after SIGKILL, corrupted checkpoints, safe loading, non-finite guards."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -184,3 +185,36 @@ def test_an_objective_the_run_never_logs_is_refused_at_start(tmp_path):
                    f"hydra.run.dir={tmp_path / 'hydra'}")
     assert proc.returncode == 2 and "never logs it" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()  # before the lock, the data and the models
+
+
+def test_a_teacher_overwritten_at_the_same_path_is_refused_on_resume(teacher_ckpt, tiny_data, tmp_path):
+    """The teacher's SHA-256 is recorded in the run (config, checkpoints, export provenance); resuming with
+    another file at the same path is refused, naming the file and both hashes (before: accepted, one generator
+    trained against two teachers)."""
+    import shutil
+
+    import yaml
+
+    from dmd2.errors import FileError
+    from dmd2.files import file_sha256
+    from train import train
+
+    teacher, out = tmp_path / "teacher.pt", tmp_path / "run"
+    shutil.copy(teacher_ckpt, teacher)
+    original = file_sha256(str(teacher))
+    base = [*SMOKE, "stage=distill", f"teacher_checkpoint={teacher}", "data=image_folder", f"data.root={tiny_data}",
+            "sample_every=0", f"output_dir={out}"]
+    train(compose_cfg([*base, "max_steps=2"]))
+    state = load_checkpoint(str(out / "dmd2_final.pt"))
+    assert state["teacher_sha256"] == state["config"]["teacher_sha256"] == original
+    assert yaml.safe_load((out / "config.yaml").read_text())["teacher_sha256"] == original
+    provenance = json.loads((out / "generator" / "config.json").read_text())["provenance"]
+    assert provenance["teacher_sha256"] == original
+
+    other = load_checkpoint(str(teacher))
+    other["ema"] = {k: v + 1 if v.is_floating_point() else v for k, v in other["ema"].items()}
+    torch.save(other, teacher)
+    changed = file_sha256(str(teacher))
+    with pytest.raises(FileError, match=rf"'teacher_checkpoint'.*{changed}.*{original}"):
+        train(compose_cfg([*base, "max_steps=4", "resume=auto"]))
+    assert load_checkpoint(str(out / "dmd2_final.pt"))["step"] == 2  # nothing trained against the other teacher
