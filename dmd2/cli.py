@@ -20,8 +20,8 @@ from typing import Any, Callable
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from dmd2.errors import (CONFIG_ERROR, EVALUATION_ERROR, FILE_ERROR, CheckpointError, ConfigError,
-                         EvaluationError, FileError, GeneratorError)
+from dmd2.errors import (CONFIG_ERROR, EVALUATION_ERROR, FILE_ERROR, TRAINING_FAILED, CheckpointError, ConfigError,
+                         EvaluationError, FileError, GeneratorError, TrainingFailed)
 from dmd2.settings import DistillSettings, TeacherSettings, TrainSettings
 
 
@@ -54,6 +54,8 @@ def exit_status(err: BaseException) -> int | None:
     """The exit status of an error caused by input (README "Exit statuses"), or None for any other exception."""
     if isinstance(err, EvaluationError):
         return EVALUATION_ERROR
+    if isinstance(err, TrainingFailed):
+        return TRAINING_FAILED
     if isinstance(err, (FileError, CheckpointError, GeneratorError)):
         return FILE_ERROR
     if isinstance(err, (ConfigError, HydraException)):

@@ -218,3 +218,36 @@ def test_a_teacher_overwritten_at_the_same_path_is_refused_on_resume(teacher_ckp
     with pytest.raises(FileError, match=rf"'teacher_checkpoint'.*{changed}.*{original}"):
         train(compose_cfg([*base, "max_steps=4", "resume=auto"]))
     assert load_checkpoint(str(out / "dmd2_final.pt"))["step"] == 2  # nothing trained against the other teacher
+
+
+def test_a_run_whose_every_update_was_skipped_fails_without_a_final_checkpoint(tmp_path):
+    """p_mean=1000 makes every noise level infinite, so every loss is NaN: with on_nonfinite=skip the run used to
+    end with status 0 and an untrained teacher_final.pt; now it fails (status 5) and writes no final checkpoint."""
+    from dmd2.errors import TRAINING_FAILED
+
+    out = tmp_path / "out"
+    proc = run_cli("train.py", *SMOKE, "p_mean=1000", "on_nonfinite=skip", f"output_dir={out}",
+                   f"hydra.run.dir={tmp_path / 'hydra'}")
+    assert proc.returncode == TRAINING_FAILED, proc.stderr[-2000:]
+    assert "every one of the 4 teacher updates of this run was skipped" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "teacher_final.pt").exists()
+
+
+def test_non_finite_weights_fail_the_run():
+    from dmd2.errors import TrainingFailed
+    from dmd2.optim import Updater, adamw, check_trained
+
+    net = torch.nn.Linear(2, 2)
+    upd = Updater("loss", list(net.parameters()), adamw(net.parameters(), 1e-3, (0.9, 0.999), 0.0), 1e-3, 0, None,
+                  "skip")
+    upd.update(net(torch.ones(1, 2)).sum(), 0)
+    check_trained({"net": upd}, {"net": net}, "teacher_final.pt")  # trained and finite: passes
+    with torch.no_grad():
+        net.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingFailed, match="the net weights are not finite. teacher_final.pt was not written"):
+        check_trained({"net": upd}, {"net": net}, "out/teacher_final.pt")
+    fresh = Updater("loss", list(net.parameters()), adamw(net.parameters(), 1e-3, (0.9, 0.999), 0.0), 1e-3, 0, None,
+                    "skip")
+    fresh.update(net(torch.ones(1, 2)).sum(), 0)  # NaN weights: a NaN loss, skipped
+    with pytest.raises(TrainingFailed, match="every one of the 1 net updates"):
+        check_trained({"net": fresh}, {}, "teacher_final.pt")

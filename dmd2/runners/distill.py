@@ -33,7 +33,7 @@ from dmd2.data import LabelsOnly, build_batches, build_dataset, random_hflip, to
 from dmd2.diffusion import backward_simulation, heun_nfe
 from dmd2.distributed import mean_across_ranks, wrap
 from dmd2.networks import EDMPrecond, count_parameters
-from dmd2.optim import EMA, Updater, adamw
+from dmd2.optim import EMA, Updater, adamw, check_trained
 from dmd2.randomness import GRID_NOISE_OFFSET, BatchRNG, derived_seed, generator
 from dmd2.run import RunContext, progress, restore_rng, run_context, run_result, run_state
 from dmd2.run_logger import RunningMeans
@@ -276,6 +276,20 @@ def generator_sampler(model: UnifiedModel, ema: EDMPrecond | None, step: int, nu
                              denoising_sigmas=tuple(model.denoising_sigmas), weights="ema" if ema is not None else "raw")
 
 
+def finish(ctx: RunContext, model: UnifiedModel, ema: EDMPrecond | None, upds: dict[str, Updater],
+           state: Callable[[], dict[str, Any]], steps: int) -> str:
+    """The end of a distillation: refuse a failed one (every update skipped, non-finite weights: no final
+    checkpoint), else write dmd2_final.pt (``state()``) and export its generator. Returns the checkpoint's path."""
+    path = os.path.join(ctx.output_dir, "dmd2_final.pt")
+    check_trained(upds, {"generator": model.generator, "fake score network": model.guidance.fake_unet,
+                         **({"generator EMA": ema} if ema is not None else {})}, path)
+    path = save_final(state(), path, ctx.dist)
+    if ctx.dist.is_main:
+        export_final(ctx, path, steps, model.num_steps)
+    ctx.say(f"[distill] done: {path}")
+    return path
+
+
 def make_batch(cfg: DictConfig, rng: BatchRNG, real: Tensor, y: Tensor, step: int, num_chain: int,
                device: torch.device) -> Batch:
     """A step's inputs from the loader's (images, labels): the labels, the images for the GAN classifier (flipped
@@ -379,8 +393,5 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         if ctx.stop_requested() and done != steps:  # SIGTERM / SIGINT / SIGUSR1: save this step, then exit
             ctx.stop(checkpoint(done), "dmd2", done)
     bar.close()
-    path = save_final(checkpoint(steps), os.path.join(ctx.output_dir, "dmd2_final.pt"), ctx.dist)
-    if ctx.dist.is_main:
-        export_final(ctx, path, steps, num_chain)
-    ctx.say(f"[distill] done: {path}")
+    path = finish(ctx, model, ema, upds, lambda: checkpoint(steps), steps)
     return run_result(path, steps, last, evaluator, "train/loss_dm")

@@ -22,7 +22,7 @@ from dmd2.data import build_batches, build_dataset, random_hflip, total_steps
 from dmd2.diffusion import denoising_loss, edm_sigma, heun_nfe, heun_sample, heun_sampler_sigmas
 from dmd2.distributed import mean_across_ranks, wrap
 from dmd2.networks import EDMPrecond, build_denoiser, count_parameters
-from dmd2.optim import EMA, Updater, adamw, ema_decay_at
+from dmd2.optim import EMA, Updater, adamw, check_trained, ema_decay_at
 from dmd2.randomness import GRID_NOISE_OFFSET, BatchRNG, generator
 from dmd2.run import RunContext, progress, restore_rng, run_context, run_result, run_state
 from dmd2.run_logger import RunningMeans
@@ -160,7 +160,9 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         if ctx.stop_requested() and done != steps:  # SIGTERM / SIGINT / SIGUSR1: save this step, then exit
             ctx.stop(checkpoint(done), "teacher", done)
     bar.close()
-    path = save_final(checkpoint(steps), os.path.join(ctx.output_dir, "teacher_final.pt"), ctx.dist)
+    path = os.path.join(ctx.output_dir, "teacher_final.pt")
+    check_trained({"teacher": upd}, {"teacher": model, "teacher EMA": ema}, path)
+    path = save_final(checkpoint(steps), path, ctx.dist)
     if ctx.dist.is_main:
         ctx.logger.log_artifact(path, "teacher", steps)
     ctx.say(f"[teacher] done: {path}")
