@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
+from dmd2.errors import FileError
 from dmd2.mixture import MixtureDataset, mixture_from_config
 from dmd2.naming import dataset_label  # noqa: F401  (part of this module's interface)
 from dmd2.randomness import EPOCH_STRIDE, GLOBAL_RNG, BatchRNG, derived_seed, generator
@@ -122,7 +123,7 @@ class EDMDataset(Dataset):
         if labels is None:
             self.targets = [0] * len(self.files)
         else:
-            by_name = {name: int(label) for name, label in labels}
+            by_name = dict(check_label(entry, i, root) for i, entry in enumerate(labels))
             missing = [f for f in self.files if f not in by_name]
             if missing:
                 raise ValueError(f"data.root = {root!r}: dataset.json has no label for {missing[0]} "
@@ -146,6 +147,18 @@ class EDMDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         with Image.open(io.BytesIO(self._read(self.files[i]))) as img:
             return self.transform(img.convert("RGB")), self.targets[i]
+
+
+def check_label(entry: Any, index: int, root: str) -> tuple[str, int]:
+    """Entry ``index`` of an EDM dataset.json's labels as (file name, class): a [name, integer >= 0] pair, else
+    FileError naming the file and the entry (a -1 would crash training midway, a float would be truncated)."""
+    where = f"data.root = {root!r}: dataset.json labels[{index}] = {entry!r}"
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+        raise FileError(f"{where}: expected [file name, class]")
+    label = entry[1]
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+        raise FileError(f"{where}: expected a class that is an integer >= 0")
+    return entry[0], label
 
 
 class SyntheticShapes(Dataset):
