@@ -50,6 +50,16 @@ def composition_message(err: HydraException, script: str) -> str:
     return str(err) + (f"\n{cause}" if cause is not None else "")
 
 
+def plain_message(err: BaseException) -> str:
+    """The error's message; for an error re-raised from a DataLoader worker (whose message carries the worker's
+    traceback) only the original message, e.g. the file that could not be read."""
+    text = str(err)
+    marker = f"{type(err).__name__}: "
+    if "DataLoader worker process" in text and "Traceback" in text and marker in text:
+        return text.rstrip().rsplit(marker, 1)[1]
+    return text
+
+
 def exit_status(err: BaseException) -> int | None:
     """The exit status of an error caused by input (README "Exit statuses"), or None for any other exception."""
     if isinstance(err, EvaluationError):
@@ -81,7 +91,7 @@ def run_script(main: Callable[[], Any]) -> int:
         if show_traceback:
             traceback.print_exc()
         script = os.path.basename(sys.argv[0])
-        message = composition_message(err, script) if isinstance(err, HydraException) else str(err)
+        message = composition_message(err, script) if isinstance(err, HydraException) else plain_message(err)
         sys.stderr.write(f"Error: {message}\n")
         if not show_traceback:
             sys.stderr.write(f"(exit status {status}; set HYDRA_FULL_ERROR=1 for the traceback)\n")

@@ -39,6 +39,22 @@ def random_hflip(images: Tensor, rng: BatchRNG = GLOBAL_RNG) -> Tensor:
     return torch.where((u < 0.5).to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
 
 
+def decode_rgb(data: bytes | str, name: str) -> Image.Image:
+    """An image file (its bytes, or its path) decoded to RGB; a file PIL cannot decode (truncated, corrupted, not an
+    image) raises FileError naming it (``name``), not PIL's message alone."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise FileError(f"data.root: cannot read the image {name}: {err} (truncated or corrupted? replace or "
+                        f"remove the file)") from err
+
+
+def load_rgb(path: str) -> Image.Image:
+    """ImageFolder's loader: ``decode_rgb`` of the file at ``path``."""
+    return decode_rgb(path, path)
+
+
 def default_class_names(num_classes: int) -> list[str]:
     """Names of classes a dataset does not name: class_000, class_001, ..."""
     return [f"class_{c:03d}" for c in range(num_classes)]
@@ -69,7 +85,7 @@ def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
             ) from err
         classes = ds.classes  # type: ignore[attr-defined]
     elif data["name"] == "image_folder":
-        ds = datasets.ImageFolder(root=data["root"], transform=tf)
+        ds = datasets.ImageFolder(root=data["root"], transform=tf, loader=load_rgb)
         classes = ds.classes
     elif data["name"] == "edm_dataset":
         ds = EDMDataset(data["root"], tf)
@@ -145,8 +161,8 @@ class EDMDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        with Image.open(io.BytesIO(self._read(self.files[i]))) as img:
-            return self.transform(img.convert("RGB")), self.targets[i]
+        name = f"{self.root}/{self.files[i]}" if self.is_zip else os.path.join(self.root, self.files[i])
+        return self.transform(decode_rgb(self._read(self.files[i]), name)), self.targets[i]
 
 
 def check_label(entry: Any, index: int, root: str) -> tuple[str, int]:
