@@ -251,3 +251,23 @@ def test_non_finite_weights_fail_the_run():
     fresh.update(net(torch.ones(1, 2)).sum(), 0)  # NaN weights: a NaN loss, skipped
     with pytest.raises(TrainingFailed, match="every one of the 1 net updates"):
         check_trained({"net": fresh}, {}, "teacher_final.pt")
+
+
+class PickledObject:
+    """Stands for any Python object a foreign .pt file may hold."""
+
+
+def test_a_file_with_pickled_objects_is_refused_without_advising_weights_only_false(tmp_path):
+    """torch's refusal advised retrying with weights_only=False (running code from the file); the message now says
+    what the file holds and what is expected instead, for training checkpoints and for sampling."""
+    from dmd2.generator import load_generator
+    from dmd2.errors import GeneratorError
+
+    path = tmp_path / "foreign.pt"
+    torch.save({"kind": "teacher", "step": 0, "object": PickledObject()}, path)
+    for load, error in ((load_checkpoint, CheckpointError), (load_generator, GeneratorError)):
+        with pytest.raises(error) as err:
+            load(str(path))
+        message = str(err.value)
+        assert "weights_only" not in message and "trust" not in message, message
+        assert "pickled Python objects" in message and "PickledObject" in message and "expected a checkpoint" in message
