@@ -1,7 +1,8 @@
 """Config checks that run before any data loading or model building, plus small config helpers.
 
 Every key is defined once, with its type, allowed values, default and meaning, in ``dmd2/settings.py``. Hydra
-refuses unknown keys and wrong types while composing; ``check_settings`` applies each key's rule; the checks
+refuses unknown keys and wrong types while composing; ``check_settings`` refuses keys added with +key / ++key,
+applies the rule every key shares (finite floats, 64-bit integers) and each key's own rule; the checks
 below are the ones that involve several keys, files or the machine. Each failure names the key and what is
 expected, so a typo costs seconds, not a crashed job hours later.
 """

@@ -5,7 +5,8 @@ The dataclasses below are Hydra structured configs, registered as ``schema/...``
 ``conf/`` start from them and hold only values (a stage's own values, an architecture's widths, presets), so:
 
 - Hydra refuses an unknown key or a value of the wrong type while composing (``batch_size=abc``);
-- ``dmd2.config.validate`` checks every ``check`` rule below (ranges, choices), naming the key;
+- ``dmd2.config.validate`` checks every ``check`` rule below (ranges, choices) and the rule all keys share
+  (no keys added with +key, finite floats, 64-bit integers), naming the key;
 - ``--help`` lists every key with its meaning (``help_template``);
 - library code reads settings from these objects instead of keeping its own defaults.
 
