@@ -36,15 +36,16 @@ def fail_file(key: str, value: Any, expected: str) -> None:
 
 
 INT64 = 2 ** 63  # integers must fit a 64-bit signed integer (tensors, RNG seeds, step counters)
+FLOAT32_MAX = 3.4028234663852886e38  # floats meet float32 tensors: a larger value becomes inf there
 
 
 def out_of_range(value: Any) -> str | None:
     """What is wrong with a number anywhere in ``value`` (lists included) under the rule every key shares: floats
-    finite (no key documents inf or nan as meaningful), integers within 64 bits; None when nothing is."""
+    finite in float32 (no key documents inf or nan as meaningful), integers within 64 bits; None when nothing is."""
     if isinstance(value, (list, tuple)):
         return next((w for w in (out_of_range(v) for v in value) if w is not None), None)
-    if isinstance(value, float) and not math.isfinite(value):
-        return "a finite number (inf and nan are accepted by no key)"
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        return "a finite number within float32's range, |value| <= 3.4e38 (inf and nan are accepted by no key)"
     if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
         return "an integer within 64 bits (|value| < 2**63)"
     return None

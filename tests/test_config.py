@@ -111,7 +111,7 @@ def test_bad_distill_values_name_the_key(override, key, tiny_data, tmp_path):
     ("+data.typo=1", "data.typo", "unknown config key"), ("++eval.reference.typo=1", "eval.reference.typo",
                                                           "unknown config key"),
     ("lr=inf", "lr", "finite"), ("lr=nan", "lr", "finite"), ("p_mean=-inf", "p_mean", "finite"),
-    ("weight_decay=inf", "weight_decay", "finite"), ("adam_betas=[0.9,nan]", "adam_betas", "finite"),
+    ("weight_decay=inf", "weight_decay", "finite"), ("lr=1e300", "lr", "float32"), ("adam_betas=[0.9,nan]", "adam_betas", "finite"),
     ("eval.feature_network.allow_download=true", None, None), ("seed=1180591620717411303424", "seed", "64 bits"),
     ("seed=1099511627776", "seed", "2\\*\\*40"), ("data.mixture_seed=-1", "data.mixture_seed", "seed"),
     ("eval.seed=1180591620717411303424", "eval.seed", "64 bits"),
