@@ -22,6 +22,9 @@ feature network or resize differs from what is measured, or fewer samples than t
 deviation (uncertainty_resamples) and is named with its sample count (fid@50k).
 
 Writes <output_dir>/results.json (one row per checkpoint) and logs each row to W&B at the checkpoint's step.
+
+Under torchrun (``torchrun --standalone --nproc_per_node N evaluate.py ...``) each process samples its share of
+the samples and rank 0 computes the distance and writes: the same value as one process.
 """
 from __future__ import annotations
 
@@ -38,11 +41,12 @@ from omegaconf import DictConfig
 from dmd2.errors import CheckpointError, GeneratorError
 from dmd2.files import atomic_write
 import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
-from dmd2.cli import run_script
+from dmd2.cli import quiet_hydra_on_other_ranks, run_script
 from dmd2.config import (ConfigError, check_device, check_fid, check_settings, fail, fail_file, resolve_device,
                          to_container)
 
 if TYPE_CHECKING:
+    from dmd2.distributed import Dist
     from dmd2.mixture import GaussianMixture
     from dmd2.sampling import CheckpointSampler
 
@@ -167,13 +171,16 @@ def value_text(row: dict[str, Any]) -> str:
     return f"{row['metric']} = {row['value']:.4f}{noise}" + (f" ({row['name']})" if "name" in row else "") + kid
 
 
-def measure_features(sampler: CheckpointSampler, net: Any, ref: Any, cfg: DictConfig, device: Any
-                     ) -> tuple[dict[str, Any], dict[str, float]]:
-    """FID / FD (and KID) of a sampler: the result row's own fields and the scalars to log."""
+def measure_features(sampler: CheckpointSampler, net: Any, ref: Any, cfg: DictConfig, device: Any,
+                     d: Dist | None = None) -> tuple[dict[str, Any] | None, dict[str, float]]:
+    """FID / FD (and KID) of a sampler: the result row's own fields and the scalars to log (every rank calls it
+    under torchrun; (None, {}) on ranks > 0)."""
     from dmd2.evaluation import evaluate_sampler
 
     numbers = evaluate_sampler(sampler, net, ref, cfg.num_samples, cfg.seed, cfg.batch_size, device, cfg.kid,
-                               resamples=cfg.uncertainty_resamples, allow_few_samples=cfg.allow_few_samples)
+                               dist=d, resamples=cfg.uncertainty_resamples, allow_few_samples=cfg.allow_few_samples)
+    if numbers is None:
+        return None, {}
     row, scalars = feature_row(numbers, net, ref)
     row.update(images_per_sec=numbers["images_per_sec"], generation_seconds=numbers["generation_seconds"],
                total_seconds=numbers["total_seconds"])
@@ -225,14 +232,16 @@ def write_reference_file(cfg: DictConfig, device: Any) -> list[dict[str, Any]]:
 
 
 def measure_mixture(sampler: CheckpointSampler, mix: GaussianMixture, floor: dict[str, float], cfg: DictConfig,
-                    device: Any) -> tuple[dict[str, Any], dict[str, float]]:
+                    device: Any, d: Dist | None = None) -> tuple[dict[str, Any] | None, dict[str, float]]:
     """Exact scores of a model of data=gaussian_mixture (and, for a teacher, its denoising error against the exact
-    denoiser per noise level): the result row's own fields and the scalars to log."""
+    denoiser per noise level): the result row's own fields and the scalars to log (every rank calls it under
+    torchrun; (None, {}) on ranks > 0, rank 0 alone measures the denoising error)."""
     from dmd2.evaluation import evaluate_mixture
     from dmd2.mixture import DENOISING_SAMPLES, DENOISING_SIGMAS, MIXTURE_METRIC, denoising_errors
 
-    numbers = evaluate_mixture(sampler, mix, cfg.num_samples, cfg.seed, cfg.batch_size, device)
-    assert numbers is not None  # one process
+    numbers = evaluate_mixture(sampler, mix, cfg.num_samples, cfg.seed, cfg.batch_size, device, dist=d)
+    if numbers is None:
+        return None, {}
     scores = numbers["scores"]
     row = {"metric": MIXTURE_METRIC, "value": scores["fd"], "kid": None, "images_per_sec": numbers["images_per_sec"],
            "mixture_scores": scores, "mixture_floor": floor,
@@ -254,91 +263,144 @@ def measure_mixture(sampler: CheckpointSampler, mix: GaussianMixture, floor: dic
 
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Evaluate the configured checkpoint(s); return the result rows (also in <output_dir>/results.json)."""
-    from dmd2.evaluation import check_measurement, check_reference, feature_network_from_config, metric_name, \
-        reference_from_config
-    from dmd2.generator import is_export, load_generator
-    from dmd2.mixture import MIXTURE_KEY, MIXTURE_METRIC, reference_scores
-    from dmd2.run import default_run_name, hydra_output_dir
-    from dmd2.run_logger import RunLogger
+    """Evaluate the configured checkpoint(s); return the result rows (also in <output_dir>/results.json).
+
+    Under torchrun every rank generates and featurizes its share of the samples (whole batches, so each sample
+    is the one a single process makes) and rank 0 gathers the features, computes the distance and writes the
+    results and logs; the other ranks return []. ``images=`` and ``write_reference=`` run on rank 0 alone."""
+    from dmd2.distributed import init_distributed, shutdown
 
     validate(cfg)
-    device = resolve_device(cfg.device)
-    if cfg.write_reference is not None:
-        return write_reference_file(cfg, device)
-    if cfg.images is not None:
-        return measure_images(cfg, device)
-    checkpoints = checkpoints_to_evaluate(cfg)
-    mixture = checkpoint_mixture(checkpoints)
-    if mixture is None:
-        net = feature_network_from_config(cfg.feature_network, device)
-        data = checkpoints[-1][0].get("data") or None
-        resolution = data.get("resolution") if data else None
-        if resolution is not None:  # refused before the reference is computed: too few samples ...
-            check_measurement(net, None, int(resolution), cfg.num_samples, cfg.allow_few_samples)
+    d, device = init_distributed(resolve_device(cfg.device))
+    try:
+        if cfg.write_reference is not None or cfg.images is not None:
+            if not d.is_main:
+                return []
+            return write_reference_file(cfg, device) if cfg.write_reference is not None else \
+                measure_images(cfg, device)
+        return evaluate_checkpoints(cfg, device, d)
+    finally:
+        shutdown()
+
+
+def measurement_setup(cfg: DictConfig, checkpoints: list[tuple[dict[str, Any], str]], mixture: Any, device: Any,
+                      d: Dist) -> dict[str, Any]:
+    """What every checkpoint is measured with: the feature network and (rank 0) the reference statistics, or the
+    known-answer mixture's reference scores; the metric key and what is compared against. Rank 0 computes the
+    reference (or reads it from its cache) while the other ranks wait."""
+    from dmd2.distributed import barrier
+    from dmd2.evaluation import check_measurement, check_reference, feature_network_from_config, \
+        reference_from_config
+    from dmd2.mixture import MIXTURE_KEY, MIXTURE_METRIC, reference_scores
+
+    if mixture is not None:  # known-answer data: exact scores, no feature network or reference statistics
+        return {"net": None, "ref": None, "floor": reference_scores(mixture, cfg.num_samples, cfg.seed),
+                "key": MIXTURE_KEY, "metric": MIXTURE_METRIC, "against": "the exact mixture"}
+    net = feature_network_from_config(cfg.feature_network, device)
+    data = checkpoints[-1][0].get("data") or None
+    resolution = data.get("resolution") if data else None
+    if resolution is not None:  # refused before the reference is computed: too few samples ...
+        check_measurement(net, None, int(resolution), cfg.num_samples, cfg.allow_few_samples)
+    ref = None
+    if d.is_main:
         ref = reference_from_config(cfg.reference, net, kid=cfg.kid, batch_size=cfg.batch_size,
                                     num_workers=cfg.num_workers, data=data)
         if resolution is not None:  # ... or a reference that does not fit (evaluate_sampler checks again)
             check_reference(ref, net, int(resolution))
-        key, against = net.wandb_key, ref.description
-    else:  # known-answer data: exact scores, no feature network or reference statistics
-        floor = reference_scores(mixture, cfg.num_samples, cfg.seed)
-        key, against = MIXTURE_KEY, "the exact mixture"
+    barrier(d)
+    return {"net": net, "ref": ref, "floor": None, "key": net.wandb_key, "metric": net.metric,
+            "against": ref.description if ref is not None else ""}
 
-    output_dir = cfg.output_dir or hydra_output_dir() or os.path.join("outputs", "evaluate", "run")
-    os.makedirs(output_dir, exist_ok=True)
+
+def measure_checkpoint(cfg: DictConfig, path: str, setup: dict[str, Any], mixture: Any, device: Any, d: Dist
+                       ) -> tuple[CheckpointSampler, dict[str, Any] | None, dict[str, float]]:
+    """Sample and measure one checkpoint (every rank); the sampler, and on rank 0 its result row (None on the
+    other ranks) and the scalars to log."""
+    from dmd2.evaluation import metric_name
+    from dmd2.generator import load_generator
+
+    sampler = load_generator(path, device, heun_steps=cfg.sampler.steps, teacher_weights=cfg.teacher_weights,
+                             generator_weights=cfg.generator_weights).sampler
+    if d.is_main:
+        log.info(f"[evaluate] {sampler.describe()} from {path}: {setup['metric']} of {cfg.num_samples} samples "
+                 f"against {setup['against']}" + (f" ({d.world_size} processes)" if d.enabled else ""))
+    if mixture is None:
+        measured, scalars = measure_features(sampler, setup["net"], setup["ref"], cfg, device, d)
+    else:
+        measured, scalars = measure_mixture(sampler, mixture, setup["floor"], cfg, device, d)
+    if measured is None:
+        return sampler, None, scalars
+    row = {
+        **measured, "name": measured.get("name") or metric_name(setup["key"], cfg.num_samples),
+        "num_samples": cfg.num_samples, "nfe": sampler.nfe, "checkpoint": os.path.abspath(path),
+        "step": sampler.step, "kind": sampler.kind,
+        "sampler_steps": sampler.heun_steps if sampler.kind == "teacher" else sampler.nfe,
+        "weights": sampler.weights, "seed": cfg.seed, "device": str(device), "world_size": d.world_size,
+    }
+    return sampler, row, scalars
+
+
+def best_summary(key: str, results: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The best row (lowest value) and the run summary made of it."""
+    best = min(results, key=lambda r: r["value"])
+    summary = {key: best["value"], "eval/metric": best["metric"], "eval/num_samples": best["num_samples"],
+               "eval/name": best["name"], **({f"{key}_std": best["std"]} if best.get("std") is not None else {}),
+               "eval/nfe": best["nfe"], "eval/images_per_sec": best["images_per_sec"],
+               "eval/checkpoint": best["checkpoint"], "eval/step": best["step"], "eval/kind": best["kind"]}
+    return best, summary
+
+
+def evaluate_checkpoints(cfg: DictConfig, device: Any, d: Dist) -> list[dict[str, Any]]:
+    """Measure every configured checkpoint (all ranks); rank 0 writes results.json and the logs."""
+    from dmd2.distributed import shared_output_dir
+    from dmd2.generator import is_export
+    from dmd2.run import default_run_name, hydra_output_dir
+    from dmd2.run_logger import RunLogger
+
+    checkpoints = checkpoints_to_evaluate(cfg)
+    mixture = checkpoint_mixture(checkpoints)
+    setup = measurement_setup(cfg, checkpoints, mixture, device, d)
+    own_dir = hydra_output_dir()
+    output_dir = shared_output_dir(cfg.output_dir or own_dir or os.path.join("outputs", "evaluate", "run"), own_dir, d)
+    if d.is_main:
+        os.makedirs(output_dir, exist_ok=True)
     results_path = os.path.join(output_dir, "results.json")
     training = checkpoints[-1][0]
     settings = wandb_settings(cfg, training)
     config = {**to_container(cfg), "output_dir": output_dir, "logger": settings,
-              "training_run_id": training["wandb_run_id"]}
-    logger = RunLogger(output_dir, settings, config, "evaluate", cfg.run_name or default_run_name())
-    logger.define_metric(key, summary="min")
+              "training_run_id": training["wandb_run_id"], "world_size": d.world_size}
+    logger = RunLogger(output_dir, settings, config, "evaluate", cfg.run_name or default_run_name(),
+                       enabled=d.is_main)
+    logger.define_metric(setup["key"], summary="min")
     if cfg.kid:
         logger.define_metric("eval/kid", summary="min")
     results: list[dict[str, Any]] = []
     exit_code = 1
     try:
         for info, path in checkpoints:
-            sampler = load_generator(path, device, heun_steps=cfg.sampler.steps, teacher_weights=cfg.teacher_weights,
-                                     generator_weights=cfg.generator_weights).sampler
             # the artifact a distillation logs of its export is generator-<run id>
             kind = "generator" if is_export(path) and info["kind"] == "dmd2" else info["kind"]
             logger.use_checkpoint(path, kind, info["wandb_run_id"],
                                   "checkpoint" if len(checkpoints) == 1 else f"checkpoint_{info['step']:06d}")
-            metric = MIXTURE_METRIC if mixture is not None else net.metric
-            log.info(f"[evaluate] {sampler.describe()} from {path}: {metric} of {cfg.num_samples} samples "
-                     f"against {against}")
-            if mixture is None:
-                measured, scalars = measure_features(sampler, net, ref, cfg, device)
-            else:
-                measured, scalars = measure_mixture(sampler, mixture, floor, cfg, device)
-            row = {
-                **measured, "name": measured.get("name") or metric_name(key, cfg.num_samples),
-                "num_samples": cfg.num_samples, "nfe": sampler.nfe, "checkpoint": os.path.abspath(path),
-                "step": sampler.step, "kind": sampler.kind,
-                "sampler_steps": sampler.heun_steps if sampler.kind == "teacher" else sampler.nfe,
-                "weights": sampler.weights, "seed": cfg.seed, "device": str(device),
-            }
+            sampler, row, scalars = measure_checkpoint(cfg, path, setup, mixture, device, d)
+            if row is None:  # ranks > 0
+                continue
             results.append(row)
             _write_json(results_path, results)
             log.info(f"[evaluate] {value_text(row)} | {sampler.kind} step {sampler.step}, "
                      f"{sampler.nfe} NFE, {cfg.num_samples} samples, {row['images_per_sec']:.1f} images/s")
             logger.log({**scalars, "eval/nfe": row["nfe"], "eval/num_samples": row["num_samples"],
                         "eval/images_per_sec": row["images_per_sec"]}, step=sampler.step)
-        best = min(results, key=lambda r: r["value"])
-        summary = {key: best["value"], "eval/metric": best["metric"], "eval/num_samples": best["num_samples"],
-                   "eval/name": best["name"],
-                   **({f"{key}_std": best["std"]} if best.get("std") is not None else {}),
-                   "eval/nfe": best["nfe"], "eval/images_per_sec": best["images_per_sec"],
-                   "eval/checkpoint": best["checkpoint"], "eval/step": best["step"], "eval/kind": best["kind"]}
-        logger.summary(summary)  # eval/kid keeps its own minimum (define_metric)
+        if d.is_main:
+            best, summary = best_summary(setup["key"], results)
+            logger.summary(summary)  # eval/kid keeps its own minimum (define_metric)
         exit_code = 0
     finally:
         logger.finish(exit_code)
     if len(results) > 1:
         log.info(f"[evaluate] best: {value_text(best)} at step {best['step']} ({best['checkpoint']})")
-    log.info(f"[evaluate] results: {results_path}")
+    if d.is_main:
+        log.info(f"[evaluate] results: {results_path}")
     return results
 
 
@@ -348,4 +410,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quiet_hydra_on_other_ranks(sys.argv)
     sys.exit(run_script(main))

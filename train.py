@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import os
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
 import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
-from dmd2.cli import run_script
+from dmd2.cli import quiet_hydra_on_other_ranks, run_script
 from dmd2.config import ConfigError, validate
 
 # Only torch-free modules are imported above: --help and tab completion compose the config without torch. The
@@ -53,13 +52,6 @@ def objective(result: dict[str, Any], optimized_metric: str | None) -> float | N
 def main(cfg: DictConfig) -> float | None:
     """Returns the run's objective for sweepers (Optuna): see ``objective`` and the ``optimized_metric`` key."""
     return objective(train(cfg), cfg.optimized_metric)
-
-
-def quiet_hydra_on_other_ranks(argv: list[str]) -> list[str]:
-    """Under torchrun, ranks > 0 write no Hydra files: they all use rank 0's output folder."""
-    if int(os.environ.get("RANK", "0")) > 0:
-        return [*argv, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
-    return argv
 
 
 if __name__ == "__main__":

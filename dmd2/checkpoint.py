@@ -17,13 +17,15 @@ from typing import Any
 import torch
 
 from dmd2.distributed import Dist, barrier
-from dmd2.errors import CheckpointError
+from dmd2.errors import CheckpointError, GeneratorError
 from dmd2.files import atomic_write
 from dmd2.networks import EDMPrecond, build_denoiser
+from dmd2.networks.bounds import check_weights_fit
 
 log = logging.getLogger(__name__)
 
 KINDS = ("teacher", "dmd2")
+RESCUE_ENV = "DMD2_RESCUE_DIR"
 
 
 def save_checkpoint(state: dict[str, Any], path: str) -> None:
@@ -63,7 +65,17 @@ def load_failure(err: Exception) -> str:
 
 
 def network_from_checkpoint(state: dict[str, Any], weights: str) -> EDMPrecond:
-    """Rebuild a denoiser with the checkpoint's architecture and load ``state[weights]`` into it."""
+    """Rebuild a denoiser with the checkpoint's architecture and load ``state[weights]`` into it. The recorded
+    architecture must first describe exactly the shapes of those weights (dmd2.networks.bounds: checked on the
+    meta device), so a crafted arch cannot make this allocate more than the weights the file holds."""
+    tensors = state.get(weights)
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise CheckpointError(f"the checkpoint has no '{weights}' weights (a dict of tensors)")
+    try:
+        check_weights_fit(state.get("arch"), state.get("num_classes"), state.get("resolution"),
+                          {k: tuple(t.shape) for k, t in tensors.items()}, state.get("sigma_data", 0.5))
+    except GeneratorError as err:
+        raise CheckpointError(f"the checkpoint's '{weights}' weights: {err}") from None
     net = build_denoiser(state["arch"], state["num_classes"], state["resolution"], state.get("sigma_data", 0.5))
     net.load_state_dict(state[weights])
     return net
@@ -93,11 +105,16 @@ def latest_valid_checkpoint(folder: str, prefix: str, kind: str) -> tuple[str, d
     return None
 
 
-def prune_checkpoints(folder: str, prefix: str, keep_last: int | None) -> list[str]:
-    """Delete all but the newest ``keep_last`` periodic checkpoints (``*_final.pt`` is never touched)."""
+def prune_checkpoints(folder: str, prefix: str, keep_last: int | None, upto: int | None = None) -> list[str]:
+    """Delete all but the newest ``keep_last`` periodic checkpoints (``*_final.pt`` is never touched). With
+    ``upto`` (the step just saved) only checkpoints of earlier steps count: a file of a later step is not the
+    running timeline's and is never deleted in its place."""
     if not keep_last:
         return []
-    stale = periodic_checkpoints(folder, prefix)[keep_last:]
+    found = periodic_checkpoints(folder, prefix)
+    if upto is not None:
+        found = [p for p in found if int(os.path.basename(p)[len(prefix) + 1:-3]) <= upto]
+    stale = found[keep_last:]
     for path in stale:
         os.remove(path)
     return stale
@@ -119,7 +136,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def rescue_dir() -> str:
     """Where a checkpoint goes when its own folder cannot take it: $DMD2_RESCUE_DIR, else <tmp>/dmd2-rescue."""
-    return os.environ.get("DMD2_RESCUE_DIR") or os.path.join(tempfile.gettempdir(), "dmd2-rescue")
+    return os.environ.get(RESCUE_ENV) or os.path.join(tempfile.gettempdir(), "dmd2-rescue")
 
 
 def save_final(state: dict[str, Any], path: str, d: Dist) -> str:
@@ -157,4 +174,4 @@ def save_periodic(state: dict[str, Any], folder: str, prefix: str, step: int, ke
         log.error(f"[checkpoint] ERROR: writing {prefix}_{step:06d}.pt failed ({err}); the previous checkpoints are "
                   "intact, training continues")
         return
-    prune_checkpoints(folder, prefix, keep_last)
+    prune_checkpoints(folder, prefix, keep_last, upto=step)

@@ -101,7 +101,9 @@ def check_fid(cfg: DictConfig, prefix: str = "") -> None:
              f"(set {prefix}feature_network.name=torchscript to use this file)")
     if fn.name == "torchscript" and (fn.path is None or not os.path.isfile(fn.path)):
         fail_file(prefix + "feature_network.path", fn.path,
-                  f"an existing TorchScript file with {prefix}feature_network.name=torchscript")
+                  f"an existing TorchScript file with {prefix}feature_network.name=torchscript"
+                  + (" (eval=featnet reads it from paths.featnet: set that in conf/local/default.yaml, see "
+                     "conf/local/example.yaml)" if fn.path is None and prefix == "eval." else ""))
     if ref.name == "folder" and (ref.folder is None or not os.path.isdir(ref.folder)):
         fail_file(prefix + "reference.folder", ref.folder,
                   f"an existing image folder with {prefix}reference.name=folder")

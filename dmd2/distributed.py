@@ -133,3 +133,36 @@ def any_rank(flag: bool, d: Dist) -> bool:
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()
+
+
+def batch_shard(n: int, batch_size: int, d: Dist) -> range:
+    """This rank's share of items 0..n-1 processed in batches of ``batch_size``: a contiguous run of whole
+    batches, the ranks' shares in rank order. Each batch is then exactly the batch one process would run (same
+    items, same size), so per-item results do not depend on the number of processes, bit for bit."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batches = -(-n // batch_size)
+    lo = batches * d.rank // d.world_size * batch_size
+    hi = batches * (d.rank + 1) // d.world_size * batch_size
+    return range(min(lo, n), min(hi, n))
+
+
+def shared_output_dir(chosen: str, own_dir: str | None, d: Dist) -> str:
+    """Rank 0's ``chosen`` output folder, on every rank. A rank > 0 removes its own (empty) Hydra folder when it
+    is another one: the scripts tell Hydra to write nothing there (``dmd2.cli.quiet_hydra_on_other_ranks``)."""
+    folder = broadcast_object(chosen, d)
+    if not d.is_main and own_dir and os.path.abspath(own_dir) != os.path.abspath(folder):
+        try:
+            os.rmdir(own_dir)
+        except OSError:
+            pass
+    return folder
+
+
+def gather_to_main(obj: Any, d: Dist) -> list[Any] | None:
+    """``[obj of rank 0, obj of rank 1, ...]`` on rank 0, None on the other ranks (nothing is copied to them)."""
+    if not d.enabled:
+        return [obj]
+    out: list[Any] | None = [None] * d.world_size if d.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out

@@ -29,7 +29,7 @@ import torch
 from dmd2.checkpoint import load_checkpoint
 from dmd2.errors import CheckpointError, GeneratorError
 from dmd2.export_format import CONFIG_FILE, WEIGHTS_FILE, export_metadata
-from dmd2.files import atomic_write
+from dmd2.files import atomic_write, follow_umask
 from dmd2.sampling import sampler_from_checkpoint
 
 
@@ -72,15 +72,29 @@ The full training config is in `config.json` (`training_config`).
 """
 
 
-def export_generator(checkpoint: str, folder: str, *, teacher_weights: str = "ema", generator_weights: str = "ema",
-                     heun_steps: int = 18, repo_id: str | None = None) -> dict[str, Any]:
-    """Write ``folder`` (model.safetensors, config.json, README.md) from a training checkpoint; return its
-    metadata. The files are written into a temporary folder first and moved in at the end: an interrupted
-    export never leaves a half-written one under ``folder``."""
-    from safetensors.torch import save_file
+EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, "README.md")
 
+
+def check_export_folder(folder: str, overwrite: bool) -> None:
+    """Refuse to replace a file of ``folder`` that the export would write, unless ``overwrite``."""
     if os.path.isfile(folder):
         raise GeneratorError(f"{folder}: a file is in the way of the export folder")
+    present = [name for name in EXPORT_FILES if os.path.lexists(os.path.join(folder, name))]
+    if present and not overwrite:
+        raise GeneratorError(f"{folder}: {', '.join(present)} already there; the export would replace "
+                             f"{'it' if len(present) == 1 else 'them'} (choose an empty or new folder, or pass "
+                             "--overwrite)")
+
+
+def export_generator(checkpoint: str, folder: str, *, teacher_weights: str = "ema", generator_weights: str = "ema",
+                     heun_steps: int = 18, repo_id: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Write ``folder`` (model.safetensors, config.json, README.md) from a training checkpoint; return its
+    metadata. The files are written into a temporary folder first and moved in at the end: an interrupted
+    export never leaves a half-written one under ``folder``. A file of those names already in ``folder`` is
+    replaced only with ``overwrite`` (GeneratorError naming it otherwise)."""
+    from safetensors.torch import save_file
+
+    check_export_folder(folder, overwrite)
     try:
         state = load_checkpoint(checkpoint)
     except CheckpointError as err:
@@ -93,10 +107,12 @@ def export_generator(checkpoint: str, folder: str, *, teacher_weights: str = "em
     staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
     try:
         save_file(weights, os.path.join(staging, WEIGHTS_FILE), metadata={"dmd2": json.dumps(meta)})
+        follow_umask(os.path.join(staging, WEIGHTS_FILE))  # safetensors creates it 0600
         for name, text in ((CONFIG_FILE, json.dumps(meta, indent=2) + "\n"), ("README.md", model_card(meta, repo_id))):
             atomic_write(os.path.join(staging, name), lambda f, t=text: f.write(t.encode()))
         os.makedirs(folder, exist_ok=True)
-        for name in (WEIGHTS_FILE, CONFIG_FILE, "README.md"):
+        check_export_folder(folder, overwrite)  # again: the folder may have changed while the weights were written
+        for name in EXPORT_FILES:
             os.replace(os.path.join(staging, name), os.path.join(folder, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -111,7 +127,7 @@ def push_to_hub(folder: str, repo_id: str, private: bool = False) -> str:
         raise GeneratorError("--push-to-hub needs huggingface_hub: pip install -e '.[hub]'") from None
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(folder_path=folder, repo_id=repo_id, allow_patterns=[WEIGHTS_FILE, CONFIG_FILE, "README.md"])
+    api.upload_folder(folder_path=folder, repo_id=repo_id, allow_patterns=list(EXPORT_FILES))
     return f"https://huggingface.co/{repo_id}"
 
 
@@ -126,13 +142,15 @@ def main(argv: list[str] | None = None) -> int:
                         "default sampler (18 = 35 network evaluations)")
     parser.add_argument("--push-to-hub", metavar="OWNER/NAME", help="then upload the folder to this Hub repository")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
+    parser.add_argument("--overwrite", action="store_true", help="replace model.safetensors, config.json or "
+                        "README.md already in the folder (refused otherwise)")
     args = parser.parse_args(argv)
     if args.heun_steps < 1:
         parser.error(f"--heun-steps must be >= 1, got {args.heun_steps}")
     try:
         meta = export_generator(args.checkpoint, args.folder, teacher_weights=args.teacher_weights,
                                 generator_weights=args.generator_weights, heun_steps=args.heun_steps,
-                                repo_id=args.push_to_hub)
+                                repo_id=args.push_to_hub, overwrite=args.overwrite)
         size = os.path.getsize(os.path.join(args.folder, WEIGHTS_FILE))
         print(f"[export] {args.checkpoint} (step {meta['provenance']['step']}, {meta['weights']} weights) -> "
               f"{args.folder}: {size / 2**20:.1f} MiB, {meta['sampler']['nfe']} NFE, "

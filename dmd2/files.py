@@ -7,12 +7,39 @@ import tempfile
 from typing import IO, Callable
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str) -> None:
+    """Give ``path`` the mode of an ordinary new file (0666 less the umask) when a library created it with a
+    narrower one."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def make_temp_file(folder: str, prefix: str = ".tmp-", suffix: str = "") -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``folder``, but with the mode an ordinary new file gets (0666 less the umask, e.g.
+    0644) instead of mkstemp's 0600: the file it becomes must be readable like any other the run writes."""
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    except BaseException:
+        os.close(fd)
+        os.remove(path)
+        raise
+    return fd, path
+
+
 def atomic_write(path: str, write: Callable[[IO[bytes]], None], suffix: str = "") -> None:
     """Call ``write`` on a temporary file in ``path``'s folder (``.tmp-*<suffix>``), fsync it, then rename it to
-    ``path``. On any failure the temporary file is removed and ``path`` is left as it was."""
+    ``path``. On any failure the temporary file is removed and ``path`` is left as it was. The file gets the
+    mode of an ordinary new file (it follows the umask)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    fd, tmp = make_temp_file(folder, suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

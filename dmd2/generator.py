@@ -15,6 +15,7 @@ with labels left out, seed s gets class s mod (number of classes), as in evaluat
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from dmd2.data import default_class_names
 from dmd2.errors import CheckpointError, GeneratorError
 from dmd2.export_format import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, export_metadata
 from dmd2.networks import build_denoiser
+from dmd2.networks.bounds import check_weights_fit
 from dmd2.sampling import CheckpointSampler, make_sampler, sample_batches, sampler_from_checkpoint
 from dmd2.seeds import parse_seeds  # noqa: F401  (dmd2.generator.parse_seeds, as before it moved)
 
@@ -63,6 +65,15 @@ class Generator:
     def to(self, device: torch.device | str) -> "Generator":
         self.sampler.net.to(device)
         return self
+
+    def weights_sha256(self) -> str:
+        """SHA-256 of the network's state dict (names, dtypes, shapes and bytes): the identity of the weights,
+        whatever file they were loaded from."""
+        digest = hashlib.sha256()
+        for name, t in sorted(self.sampler.net.state_dict().items()):
+            digest.update(f"{name}\t{t.dtype}\t{tuple(t.shape)}\n".encode())
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def describe(self) -> str:
         classes = f"{self.num_classes} classes" if self.num_classes else "unconditional"
@@ -119,9 +130,45 @@ class Generator:
         return torch.cat([images for images, _ in self.batches(labels, seeds, batch_size=batch_size, dtype=dtype)])
 
 
+MAX_HEUN_STEPS, MAX_CHAIN = 1000, 64  # an export's sampler: Heun steps, one-step-generator chain length
+
+
+def check_export_metadata(meta: Any, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """GeneratorError naming ``source`` unless the metadata of an export is what this project writes, within sane
+    bounds, and its arch is exactly the network of the weights present (``shapes``: name -> shape, from the
+    safetensors header): nothing a crafted config.json says makes the loader allocate beyond the weights."""
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise GeneratorError(f"{source}: metadata format {got!r}, expected {EXPORT_FORMAT!r}")
+    how, sigma_data = meta.get("sampler"), meta.get("sigma_data")
+    steps = how.get("heun_steps", 18) if isinstance(how, dict) else None
+    chain = how.get("denoising_sigmas", []) if isinstance(how, dict) else None
+    problems = {
+        "kind": meta.get("kind") not in ("teacher", "dmd2"),
+        "sigma_data": not isinstance(sigma_data, (int, float)) or not 0 < sigma_data < float("inf"),
+        "sampler.heun_steps": isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_HEUN_STEPS,
+        "sampler.denoising_sigmas": not isinstance(chain, list) or len(chain) > MAX_CHAIN or not all(
+            isinstance(x, (int, float)) and 0 < x < float("inf") for x in chain),
+        "provenance.step": not isinstance((meta.get("provenance") or {}).get("step"), int),
+    }
+    bad = [k for k, wrong in problems.items() if wrong]
+    if bad:
+        raise GeneratorError(f"{source}: metadata field {bad[0]} is missing or out of bounds (at most "
+                             f"{MAX_HEUN_STEPS} Heun steps, {MAX_CHAIN} chain sigmas)")
+    try:
+        check_weights_fit(meta.get("arch"), meta.get("num_classes"), meta.get("resolution"), shapes, sigma_data)
+    except GeneratorError as err:
+        raise GeneratorError(f"{source}: {err}") from None
+    names = meta.get("class_names")
+    if names is not None and meta["num_classes"] and (not isinstance(names, list) or len(names) != meta["num_classes"]
+                                                      or not all(isinstance(n, str) for n in names)):
+        raise GeneratorError(f"{source}: class_names is not a list of {meta['num_classes']} names")
+
+
 def read_export(folder_or_file: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(metadata, state dict) of an export: a folder with config.json + model.safetensors, or the
-    .safetensors file alone (its header carries the metadata)."""
+    .safetensors file alone (its header carries the metadata). The metadata is checked against the weights'
+    shapes (``check_export_metadata``) before any tensor is loaded or network built."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -132,20 +179,28 @@ def read_export(folder_or_file: str) -> tuple[dict[str, Any], dict[str, Tensor]]
     try:
         with safe_open(path, framework="pt") as f:
             header = f.metadata() or {}
-        weights = load_file(path)
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
         raise GeneratorError(f"{path}: not a readable safetensors file ({err})") from err
     config_path = os.path.join(os.path.dirname(path), CONFIG_FILE)
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            metadata = json.load(f)
-    elif "dmd2" in header:
-        metadata = json.loads(header["dmd2"])
-    else:
-        raise GeneratorError(f"{path}: no {CONFIG_FILE} next to it and no dmd2 metadata in its header: not an "
-                             "export of this project")
-    if metadata.get("format") != EXPORT_FORMAT:
-        raise GeneratorError(f"{path}: metadata format {metadata.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    try:
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                metadata, source = json.load(f), config_path
+        elif "dmd2" in header:
+            metadata, source = json.loads(header["dmd2"]), path
+        else:
+            raise GeneratorError(f"{path}: no {CONFIG_FILE} next to it and no dmd2 metadata in its header: not an "
+                                 "export of this project")
+    except (ValueError, UnicodeDecodeError) as err:
+        if isinstance(err, GeneratorError):
+            raise
+        raise GeneratorError(f"{folder_or_file}: its metadata is not readable JSON ({err})") from err
+    check_export_metadata(metadata, shapes, source)
+    try:
+        weights = load_file(path)
+    except Exception as err:  # noqa: BLE001
+        raise GeneratorError(f"{path}: not a readable safetensors file ({err})") from err
     return metadata, weights
 
 
@@ -229,8 +284,8 @@ def load_generator(source: str, device: torch.device | str = "cpu", *, heun_step
                              ".pt or hf://owner/repo)")
     try:
         state = load_checkpoint(source)
+        sampler = sampler_from_checkpoint(state, device, heun_steps or 18, teacher_weights, generator_weights)
     except CheckpointError as err:
-        raise GeneratorError(str(err)) from err
-    sampler = sampler_from_checkpoint(state, device, heun_steps or 18, teacher_weights, generator_weights)
+        raise GeneratorError(f"{source}: {err}" if source not in str(err) else str(err)) from err
     metadata = export_metadata(state, sampler, source, with_checksum=False)
     return Generator(sampler, metadata["class_names"], metadata)

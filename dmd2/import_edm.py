@@ -25,6 +25,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import sys
 from typing import Any
 
@@ -37,8 +38,10 @@ except ImportError:  # NumPy 1
     from numpy.core import multiarray as _np_multiarray  # type: ignore[no-redef]
 
 from dmd2.checkpoint import save_checkpoint
+from dmd2.errors import GeneratorError
 from dmd2.files import file_sha256
 from dmd2.networks import build_denoiser
+from dmd2.networks.bounds import check_weights_fit
 from dmd2.settings import arch_settings
 
 # SongUNet's constructor defaults (NVlabs/edm training/networks.py): a pickle records only the arguments that
@@ -98,9 +101,93 @@ def _persistent_record(meta: Any) -> Record:
     return Record(meta["class_name"], meta.get("state"))
 
 
+class _BoundedReader:
+    """A read-only view of ``f`` up to byte ``end``: a read never asks for more than what is left, so a declared
+    length cannot make the reader allocate beyond the data."""
+
+    def __init__(self, f: Any, end: int) -> None:
+        self.f, self.end = f, end
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.end - self.f.tell())
+        return self.f.read(left if n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self.f.readline(max(0, self.end - self.f.tell()))
+
+
+def check_pickle_lengths(f: Any, end: int) -> None:
+    """Walk one pickle's opcodes from ``f``'s position (pickletools: nothing is built); ValueError when a length
+    it declares (bytes, strings, frames) runs past byte ``end``, which Python's unpickler would allocate before
+    noticing the data is not there. Leaves ``f`` after the pickle's STOP."""
+    reader = _BoundedReader(f, end)
+    for op, arg, _ in pickletools.genops(reader):
+        if op.name == "FRAME" and arg > end - reader.tell():
+            raise ValueError(f"a frame of {arg} bytes, but only {end - reader.tell()} remain")
+
+
+class _StorageSizes(pickle.Unpickler):
+    """Reads the persistent ids of a legacy torch.save stream: the bytes each storage declares."""
+
+    def __init__(self, f: Any) -> None:
+        super().__init__(f)
+        self.nbytes: dict[Any, int] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        kind = getattr(torch, name, None) if module in ("torch", "torch.storage") and name.endswith("Storage") \
+            else None
+        if not isinstance(kind, type):
+            raise ValueError(f"a tensor's bytes name the global '{module}.{name}'")
+        return kind
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage")
+                and isinstance(pid[1], type) and isinstance(pid[4], int) and pid[4] >= 0):
+            raise ValueError(f"unexpected storage record {pid!r:.80}")
+        size = torch._utils._element_size(getattr(pid[1], "dtype", torch.uint8))  # type: ignore[attr-defined]
+        self.nbytes[pid[2]] = pid[4] * size
+        return None
+
+
+def check_storage_bytes(data: bytes) -> None:
+    """ValueError unless ``data`` (a tensor storage as EDM pickles hold it: torch.save's legacy format, four
+    pickles then the raw bytes) holds every byte its storages declare: torch.load allocates the declared size
+    first and reads afterwards."""
+    if data[:2] == b"PK":
+        raise ValueError("a tensor stored as a zip archive (EDM pickles hold torch's legacy format)")
+    f = io.BytesIO(data)
+    for _ in range(3):  # magic number, protocol version, system info
+        check_pickle_lengths(f, len(data))
+    start = f.tell()
+    check_pickle_lengths(f, len(data))
+    f.seek(start)
+    sizes = _StorageSizes(f)
+    sizes.load()
+    check_pickle_lengths(f, len(data))  # the storage keys
+    declared, present = sum(sizes.nbytes.values()), len(data) - f.tell()
+    if declared > present:
+        raise ValueError(f"tensor storages declare {declared} bytes, but only {present} are present")
+
+
 def _storage_from_bytes(data: bytes) -> Any:
-    """Stand-in for torch.storage._load_from_bytes, which calls an unrestricted torch.load on the bytes."""
+    """Stand-in for torch.storage._load_from_bytes, which calls an unrestricted torch.load on the bytes: the
+    sizes the bytes declare are checked against their length first (check_storage_bytes)."""
+    try:
+        check_storage_bytes(data)
+    except (ValueError, pickle.UnpicklingError, EOFError) as err:
+        raise EDMImportError(f"refusing a tensor: {err}") from None
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _numpy_reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
+    """NumPy's ndarray reduction, which always passes shape (0,) (the data comes with the state); any other shape
+    would allocate an array the file does not hold."""
+    if subtype is not np.ndarray or tuple(shape) != (0,):
+        raise EDMImportError(f"refusing a NumPy array record of shape {shape!r:.40} (NumPy pickles use (0,))")
+    return _np_multiarray._reconstruct(subtype, shape, dtype)
 
 
 def _rebuild_parameter(data: torch.Tensor, requires_grad: bool, backward_hooks: Any, *state: Any) -> torch.Tensor:
@@ -126,7 +213,7 @@ SAFE_GLOBALS: dict[tuple[str, str], Any] = {
 # raw bytes by NumPy's own constructors (the same globals torch.load(weights_only=True) allows).
 for _numpy_module in ("numpy.core.multiarray", "numpy._core.multiarray"):
     SAFE_GLOBALS[(_numpy_module, "scalar")] = _np_multiarray.scalar
-    SAFE_GLOBALS[(_numpy_module, "_reconstruct")] = _np_multiarray._reconstruct
+    SAFE_GLOBALS[(_numpy_module, "_reconstruct")] = _numpy_reconstruct
 SAFE_GLOBALS[("numpy", "dtype")] = np.dtype
 SAFE_GLOBALS[("numpy", "ndarray")] = np.ndarray
 # torch.nn containers pickled inside EDM networks (by class, state restored via BUILD): kept as Records.
@@ -154,14 +241,17 @@ class SafeUnpickler(pickle.Unpickler):
 
 
 def read_edm_pickle(path: str) -> Any:
-    """The pickle's content with every EDM object as a Record; refuses anything else (see the module doc)."""
+    """The pickle's content with every EDM object as a Record; refuses anything else (see the module doc). Every
+    length the file declares is checked against its bytes before the unpickler allocates it."""
     if not os.path.isfile(path):
         raise EDMImportError(f"{path}: file not found")
     with open(path, "rb") as f:
         try:
+            check_pickle_lengths(f, os.path.getsize(path))  # declared lengths against the file's bytes
+            f.seek(0)
             return SafeUnpickler(f, path).load()
-        except EDMImportError:
-            raise
+        except EDMImportError as err:
+            raise EDMImportError(str(err) if str(err).startswith(path) else f"{path}: {err}") from None
         except Exception as err:  # truncated or not a pickle at all
             raise EDMImportError(f"{path}: not a readable EDM network pickle (truncated or corrupted?): "
                                  f"{type(err).__name__}: {err}") from err
@@ -175,6 +265,12 @@ def record_tensors(record: Record, prefix: str = "") -> dict[str, torch.Tensor]:
     for group in ("_parameters", "_buffers"):
         for name, tensor in (state.get(group) or {}).items():
             if tensor is not None and name not in skip:
+                if not isinstance(tensor, torch.Tensor):
+                    raise EDMImportError(f"{prefix + name} is a {type(tensor).__name__}, not a tensor")
+                if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+                    raise EDMImportError(f"{prefix + name}: a {list(tensor.shape)} view of a "
+                                         f"{tensor.untyped_storage().nbytes()}-byte storage (repeated elements); "
+                                         "EDM's weights are stored whole")
                 out[prefix + name] = tensor.detach().clone()
     for name, child in (state.get("_modules") or {}).items():
         if child is not None:
@@ -219,12 +315,18 @@ def edm_arch(model: Record, source: str) -> tuple[dict[str, Any], int, int]:
     else:
         raise EDMImportError(f"{source}: unknown architecture {model.class_name} (expected SongUNet or DhariwalUNet)")
     kw = {**defaults, **init_kwargs(model, source)}
-    if kw["in_channels"] != kw["out_channels"]:
-        raise EDMImportError(f"{source}: in_channels {kw['in_channels']} != out_channels {kw['out_channels']}")
+    try:
+        in_channels, out_channels, label_dim, resolution = (
+            int(kw[k]) for k in ("in_channels", "out_channels", "label_dim", "img_resolution"))
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
+        raise EDMImportError(f"{source}: {model.class_name}'s recorded in/out channels, label_dim and img_resolution "
+                             f"must be integers ({type(err).__name__}: {err})") from None
+    if in_channels != out_channels:
+        raise EDMImportError(f"{source}: in_channels {in_channels} != out_channels {out_channels}")
     values = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in kw.items() if k in defaults}
     del values["label_dim"]
-    arch = arch_settings(name, in_channels=int(kw["in_channels"]), **values, **fixed)
-    return arch, int(kw["label_dim"]), int(kw["img_resolution"])
+    arch = arch_settings(name, in_channels=in_channels, **values, **fixed)
+    return arch, label_dim, resolution
 
 
 def import_edm(path: str) -> dict[str, Any]:
@@ -236,14 +338,19 @@ def import_edm(path: str) -> dict[str, Any]:
         raise EDMImportError(f"{path}: EDMPrecond has no 'model' network")
     arch, num_classes, resolution = edm_arch(model, path)
     sigma_data = float(net.state.get("sigma_data", precond.get("sigma_data", 0.5)))
-    weights = {"net." + k: v for k, v in record_tensors(model).items()}
+    try:
+        weights = {"net." + k: v for k, v in record_tensors(model).items()}
+    except EDMImportError as err:
+        raise EDMImportError(f"{path}: {err}") from None
+    total = sum(v.numel() * v.element_size() for v in weights.values())
+    if total > os.path.getsize(path):
+        raise EDMImportError(f"{path}: the weights would take {total} bytes, more than the file's "
+                             f"{os.path.getsize(path)} (tensors sharing their storage)")
+    try:  # the recorded arguments against sane bounds and the weights' shapes, before anything is built
+        check_weights_fit(arch, num_classes, resolution, {k: tuple(v.shape) for k, v in weights.items()}, sigma_data)
+    except GeneratorError as err:
+        raise EDMImportError(f"{path}: {err}") from None
     denoiser = build_denoiser(arch, num_classes, resolution, sigma_data)
-    expected = denoiser.state_dict()
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
-    if missing or unexpected or wrong:
-        raise EDMImportError(f"{path}: the weights do not fit the edm_unet built from the recorded arguments "
-                             f"(missing {missing[:5]}, unexpected {unexpected[:5]}, shape differs {wrong[:5]})")
     denoiser.load_state_dict(weights)
     ema = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in denoiser.state_dict().items()}
     provenance = {"source": os.path.basename(path), "sha256": file_sha256(path), "format": "NVlabs/edm pickle",
@@ -263,8 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dmd2.import_edm", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="an EDM network pickle (edm-*.pkl or network-snapshot-*.pkl)")
     parser.add_argument("output", help="the teacher checkpoint to write (.pt)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output file when it exists "
+                        "(refused otherwise)")
     args = parser.parse_args(argv)
     try:
+        if os.path.isdir(args.output):
+            raise EDMImportError(f"{args.output}: a folder is in the way of the output checkpoint")
+        if os.path.lexists(args.output) and not args.overwrite:
+            raise EDMImportError(f"{args.output}: already exists; pass --overwrite to replace it")
         state = import_edm(args.source)
     except EDMImportError as err:
         print(f"error: {err}", file=sys.stderr)

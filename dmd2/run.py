@@ -4,13 +4,9 @@ W&B run), stop signals, the torchrun process group, and what it returns. Both st
 ``run_context``."""
 from __future__ import annotations
 
-import datetime
-import glob
-import json
 import logging
 import os
 import signal
-import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -21,14 +17,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dmd2.checkpoint import (
-    CheckpointError, latest_valid_checkpoint, load_checkpoint, rng_state, save_final, set_rng_state,
+    RESCUE_ENV, CheckpointError, latest_valid_checkpoint, load_checkpoint, rescue_dir, rng_state, save_final,
+    set_rng_state,
 )
 from dmd2.config import ConfigError, resolve_device, to_container
 from dmd2.errors import FileError
 from dmd2.files import file_sha256
-from dmd2.naming import dataset_label
+from dmd2.naming import dataset_label, run_name
 from dmd2.distributed import Dist, any_rank, broadcast_object, gather_objects, init_distributed, shutdown
 from dmd2.randomness import BatchRNG, derived_seed
+from dmd2.run_folder import (  # noqa: F401  (LOCK_FILE, acquire_lock: the lock's API, also from here)
+    LOCK_FILE, RunLock, acquire_lock, check_branch, check_folder_owner, remove_orphans,
+)
 from dmd2.run_logger import RunLogger
 from dmd2.speed import set_backend_flags
 
@@ -74,7 +74,6 @@ class RunStopped(SystemExit):
 
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None)
-LOCK_FILE = "run.lock"
 
 
 def hydra_output_dir() -> str | None:
@@ -86,15 +85,41 @@ def hydra_output_dir() -> str | None:
         return None
 
 
-def default_run_name() -> str | None:
-    """W&B run name from the command-line overrides, e.g. 'stage=distill,generator_lr=5e-06'."""
+def default_run_name(stage: str | None = None) -> str | None:
+    """W&B run name from the command-line overrides (dmd2.naming.run_name): in a multirun the swept keys only
+    (e.g. 'generator_lr=5e-06,seed=1'), else the stage, experiment and a few overrides, paths as their stem."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        swept = sweep_keys(hc) if hc.mode == RunMode.MULTIRUN else None
+        return run_name(list(hc.overrides.task), swept, stage)
+    except Exception:
+        return None
+
+
+def sweep_keys(hc: Any) -> list[str]:
+    """The keys a multirun varies: its sweeper's ``params`` (an hparams_search space) and the sweep overrides
+    (a,b / choice(...) / range(...)) of the command line, which the sweep stored in <sweep dir>/multirun.yaml."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = [str(k) for k in (OmegaConf.select(hc, "sweeper.params") or {})]
+    stored = os.path.join(hc.sweep.dir, "multirun.yaml")
+    if os.path.isfile(stored):
+        task = OmegaConf.select(OmegaConf.load(stored), "hydra.overrides.task") or []
+        keys += [o.key_or_group for o in OverridesParser.create().parse_overrides(list(task)) if o.is_sweep_override()]
+    return keys
+
+
+def task_overrides() -> list[str]:
+    """This job's command-line overrides (logged in the W&B config as ``overrides``); [] outside Hydra."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        task = [o for o in HydraConfig.get().overrides.task if not o.startswith(("output_dir=", "data_dir="))]
-        return ",".join(task) or None
+        return list(HydraConfig.get().overrides.task)
     except Exception:
-        return None
+        return []
 
 
 def sweep_group() -> str | None:
@@ -166,63 +191,18 @@ def check_writable(folder: str) -> None:
                         "could not be saved there") from err
 
 
-def process_alive(pid: int) -> bool:
+def check_rescue_dir() -> None:
+    """The rescue folder (``$DMD2_RESCUE_DIR``) must take a file: it is found unusable now, at the start, not
+    after a final checkpoint could not be written anywhere."""
+    folder = rescue_dir()
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-class RunLock:
-    """``<folder>/run.lock`` while a run writes into ``folder``: its pid, host and start time."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def release(self) -> None:
-        try:
-            os.remove(self.path)
-        except FileNotFoundError:
-            pass
-
-
-def acquire_lock(folder: str) -> RunLock:
-    """Take ``folder`` for this process, or refuse (ConfigError naming the holder) if another live run has it.
-    A lock whose owner is gone (killed, or the machine rebooted: no such process on this host) is taken over."""
-    path = os.path.join(folder, LOCK_FILE)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.datetime.now().isoformat()}
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    holder = json.load(f)
-            except (OSError, ValueError):
-                holder = {}
-            pid, host = holder.get("pid"), holder.get("host")
-            if host == me["host"] and isinstance(pid, int) and not process_alive(pid):
-                log.info(f"[run] {path}: its run (pid {pid}, started {holder.get('started')}) is gone; taking over")
-                RunLock(path).release()
-                continue
-            raise ConfigError(
-                f"config key 'output_dir' = {folder!r} is in use by another run (pid {pid} on {host}, started "
-                f"{holder.get('started')}): two runs in one folder would overwrite each other's checkpoints. Use "
-                f"another output_dir, or delete {path} if that run is gone") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return RunLock(path)
-    raise ConfigError(f"config key 'output_dir' = {folder!r}: could not take {path}")
-
-
-def remove_orphans(folder: str) -> None:
-    """Temporary files of writes that a killed run left behind (``.tmp-*``, see dmd2.files)."""
-    for path in glob.glob(os.path.join(glob.escape(folder), ".tmp-*")):
-        log.info(f"[run] removing {path}, left by an interrupted write")
-        os.remove(path)
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-write-check-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise FileError(f"${RESCUE_ENV} = {folder!r}: not a writable folder ({err}); a final checkpoint that cannot "
+                        f"be written to output_dir is saved there. Set {RESCUE_ENV} to a writable folder") from err
 
 
 # Settings that may differ when a run is resumed: they take effect from the resumed step (and are announced).
@@ -231,7 +211,7 @@ def remove_orphans(folder: str) -> None:
 RESUME_SAFE = ("lr", "generator_lr", "guidance_lr", "weight_decay", "adam_betas", "grad_clip", "warmup_steps",
                "ema_decay", "generator_ema_decay", "max_steps", "num_epochs", "save_every", "log_every",
                "sample_every", "samples_per_class", "sample_steps", "keep_last", "on_nonfinite", "eval_every",
-               "eval.", "logger.", "perf.", "run_name", "device", "data.num_workers", "data_dir", "optimized_metric",
+               "eval.", "logger.", "perf.", "paths.", "run_name", "device", "data.num_workers", "data_dir", "optimized_metric",
                "resume", "resume_allow_changes", "output_dir", "world_size", "global_batch_size",
                "teacher_sha256")  # (a different teacher is refused by check_same_inputs; older checkpoints lack it)
 
@@ -296,15 +276,7 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
     lock, found, refusal, inputs = None, None, None, {}
     if d.is_main:  # rank 0 takes the folder and finds the checkpoint; every rank learns the outcome
         try:
-            check_writable(output_dir)
-            lock = acquire_lock(output_dir)
-            remove_orphans(output_dir)
-            found = find_resume(cfg, output_dir, prefix, kind)
-            inputs = input_hashes(cfg)
-            if found is not None:
-                check_same_inputs(found, inputs, cfg)
-                check_resume_config(found[1]["config"], {**to_container(cfg), "output_dir": output_dir, **inputs,
-                                    "world_size": d.world_size, "global_batch_size": cfg.batch_size * d.world_size})
+            lock, found, inputs = take_folder(cfg, output_dir, prefix, kind, d)
         except ConfigError as err:
             refusal = err
     if broadcast_object(refusal is not None, d):
@@ -312,6 +284,34 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
             lock.release()
         shutdown()
         raise refusal if refusal is not None else ConfigError("the run was refused on rank 0 (see its message)")
+    try:
+        ctx = open_context(cfg, job_type, output_dir, device, d, found, kind, inputs)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    logger = ctx.logger
+    try:
+        with stop_signals(ctx.signals):
+            yield ctx
+    except RunStopped as stopped:
+        logger.finish(exit_code=int(stopped.code or 1), preempted=True)
+        raise
+    except BaseException:
+        logger.finish(exit_code=1)
+        raise
+    else:
+        logger.finish()
+    finally:
+        shutdown()
+        if lock is not None:
+            lock.release()
+
+
+def open_context(cfg: DictConfig, job_type: str, output_dir: str, device: torch.device, d: Dist,
+                 found: tuple[str, dict[str, Any]] | None, kind: str, inputs: dict[str, str]) -> RunContext:
+    """Every rank's part of the start: the checkpoint to resume, seeds, the stored config (with rank 0's
+    ``inputs``, the hashes of the files the run consumes) and the logger."""
     resume_path = broadcast_object(found[0] if found else None, d)
     resume = found[1] if found else (load_checkpoint(resume_path, kind=kind) if resume_path else None)
     config = to_container(cfg)
@@ -323,27 +323,43 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
     torch.manual_seed(cfg.seed + d.rank)  # dropout and other in-network randomness differ between ranks
     # config.yaml, metrics.jsonl and the W&B run appear with the first thing logged: a run refused while the
     # runner builds and checks its networks leaves output_dir as it was
-    logger = RunLogger(output_dir, settings, config, job_type, cfg.run_name or default_run_name(),
+    # W&B also records the command line as typed (the resolved config alone does not say what was chosen)
+    logger = RunLogger(output_dir, settings, {**config, "overrides": task_overrides()}, job_type,
+                       cfg.run_name or default_run_name(cfg.stage),
                        enabled=d.is_main, resume_id=resume.get("wandb_run_id") if resume else None,
-                       config_yaml=OmegaConf.to_yaml(cfg, resolve=True) + OmegaConf.to_yaml(inputs) * bool(inputs))
+                       config_yaml=OmegaConf.to_yaml(cfg, resolve=True) + OmegaConf.to_yaml(inputs) * bool(inputs),
+                       keep_until=int(resume["step"]) if resume else -1)
     ctx = RunContext(output_dir, device, config, logger, d, BatchRNG(cfg.seed, device, d), resume)
     if d.enabled:
         ctx.say(f"[{job_type}] {d.world_size} processes (torchrun): batch_size {cfg.batch_size} per process, "
                 f"global batch {cfg.batch_size * d.world_size}")
+    return ctx
+
+
+def take_folder(cfg: DictConfig, output_dir: str, prefix: str, kind: str, d: Dist
+                ) -> tuple[RunLock, tuple[str, dict[str, Any]] | None, dict[str, str]]:
+    """Rank 0's checks before anything is loaded: output_dir writable and this run's (locked, not another run's
+    folder, cleared of interrupted writes), the rescue folder usable, and the checkpoint to resume (consistent
+    with this run's settings and input files, not a branch). Any failure releases the lock again. Returns the
+    lock, the checkpoint to resume (or None) and ``input_hashes``."""
+    check_writable(output_dir)
+    check_rescue_dir()
+    lock = acquire_lock(output_dir)
     try:
-        with stop_signals(ctx.signals):
-            yield ctx
-    except RunStopped as stopped:
-        logger.finish(exit_code=int(stopped.code or 1), preempted=True)
-        raise
+        check_folder_owner(output_dir, cfg.stage, cfg.resume)
+        remove_orphans(output_dir)
+        found = find_resume(cfg, output_dir, prefix, kind)
+        inputs = input_hashes(cfg)
+        if found is not None:
+            if cfg.resume != "auto":
+                check_branch(output_dir, prefix, found[0], int(found[1]["step"]))
+            check_same_inputs(found, inputs, cfg)
+            check_resume_config(found[1]["config"], {**to_container(cfg), "output_dir": output_dir, **inputs,
+                                "world_size": d.world_size, "global_batch_size": cfg.batch_size * d.world_size})
     except BaseException:
-        logger.finish(exit_code=1)
+        lock.release()
         raise
-    finally:
-        shutdown()
-        if lock is not None:
-            lock.release()
-    logger.finish()
+    return lock, found, inputs
 
 
 def input_hashes(cfg: DictConfig) -> dict[str, str]:

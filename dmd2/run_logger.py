@@ -1,18 +1,22 @@
 """Run logging: a local metrics.jsonl (always) plus Weights & Biases (when ``logger.name == wandb``), and the
 running means of a logging window.
 
-A failing W&B call is reported once and then ignored: logging never kills a training run.
+Every write here is a side write: a failing one (a full disk, a folder made read-only, W&B) is reported once per
+kind (config, metrics, samples, W&B) and ignored, so training goes on to its checkpoints. A metrics row is
+written whole or not at all.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 from torchvision.utils import save_image
+
+from dmd2.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +31,16 @@ class RunLogger:
     def __init__(
         self, output_dir: str, logger_cfg: Mapping[str, Any], config: dict[str, Any], job_type: str,
         run_name: str | None = None, enabled: bool = True, resume_id: str | None = None,
-        config_yaml: str | None = None,
+        config_yaml: str | None = None, keep_until: int | None = None,
     ) -> None:
+        """``keep_until``: a (re)started run's timeline begins after this step: rows of an existing metrics.jsonl
+        past it are dropped when the file is opened (-1: all of them); None appends to the file as it is."""
         self.output_dir = output_dir
         self.enabled = enabled  # False on non-zero ranks: nothing is written
         self.run: Any = None
-        self._metrics = None
+        self._metrics: int | None = None  # the file descriptor of metrics.jsonl, opened for appending
+        self._failed: set[str] = set()    # the kinds of side write that failed (each reported once)
+        self._keep_until = keep_until
         self._pending = (logger_cfg, config, job_type, run_name, resume_id, config_yaml) if enabled else None
         self._definitions: list[tuple[str, dict[str, Any]]] = []
         self.log_checkpoints = False  # logger.log_checkpoints of a started W&B run
@@ -44,11 +52,10 @@ class RunLogger:
             return
         logger_cfg, config, job_type, run_name, resume_id, config_yaml = self._pending
         self._pending = None
-        os.makedirs(self.output_dir, exist_ok=True)
         if config_yaml is not None:
-            with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
-                f.write(config_yaml)
-        self._metrics = open(os.path.join(self.output_dir, "metrics.jsonl"), "a", buffering=1)
+            path = os.path.join(self.output_dir, "config.yaml")
+            self._side_write("config", path, lambda: atomic_write(path, lambda f: f.write(config_yaml.encode())))
+        self._side_write("metrics", os.path.join(self.output_dir, "metrics.jsonl"), self._open_metrics)
         if logger_cfg.get("name") == "wandb":
             self.run = self._start_wandb(logger_cfg, config, job_type, run_name, resume_id)
             self.log_checkpoints = bool(logger_cfg.get("log_checkpoints", False))
@@ -58,6 +65,40 @@ class RunLogger:
             self._wandb("define_metric", pattern, step_metric=STEP_KEY)
         for key, kwargs in self._definitions:
             self._wandb("define_metric", key, **kwargs)
+
+    def _side_write(self, kind: str, what: str, write: Callable[[], Any]) -> Any:
+        """Run ``write``; on failure report it (the first failure of each ``kind`` only) and return None."""
+        try:
+            return write()
+        except Exception as err:  # noqa: BLE001 - a side write must never stop training
+            if kind not in self._failed:
+                self._failed.add(kind)
+                log.error(f"[logger] ERROR: writing {what} failed ({err}); training continues (later {kind} "
+                          "failures are not reported)")
+            return None
+
+    def _open_metrics(self) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+        path = os.path.join(self.output_dir, "metrics.jsonl")
+        dropped = trim_metrics(path, self._keep_until) if self._keep_until is not None else 0
+        if dropped:
+            log.info(f"[resume] {path}: {dropped} rows past step {max(self._keep_until, 0)} dropped (the "
+                     "interrupted run's, which this run replaces)")
+        self._metrics = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+
+    def _write_row(self, line: bytes) -> None:
+        """Append one line whole: a failed or short write is cut off again (the file keeps whole rows)."""
+        if self._metrics is None:  # opening it failed (e.g. a full disk at the start): try again
+            self._open_metrics()
+        fd = self._metrics
+        assert fd is not None
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError("short write (disk full?)")
+        except BaseException:
+            os.ftruncate(fd, size)
+            raise
 
     @property
     def run_id(self) -> str | None:
@@ -89,12 +130,26 @@ class RunLogger:
             log.warning(f"[logger] W&B {fn} failed ({err}); W&B logging is off for the rest of this run")
             self.run = None
 
+    def _wandb_media(self, make: Callable[[], dict[str, Any]], step: int) -> None:
+        """Log what ``make`` builds (images, tables, histograms: building them writes media files too) to W&B;
+        a failure while building or logging turns W&B off like any failing W&B call."""
+        if self.run is None:
+            return
+        try:
+            payload = make()
+        except Exception as err:  # noqa: BLE001
+            log.warning(f"[logger] W&B media failed ({err}); W&B logging is off for the rest of this run")
+            self.run = None
+            return
+        self._wandb("log", {**payload, STEP_KEY: step}, step=step)
+
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.enabled:
             return
         self.start()
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        self._metrics.write(json.dumps(row) + "\n")  # type: ignore[union-attr]
+        path = os.path.join(self.output_dir, "metrics.jsonl")
+        self._side_write("metrics", path, lambda: self._write_row((json.dumps(row) + "\n").encode()))
         self._wandb("log", {**metrics, STEP_KEY: step}, step=step)
 
     def log_grid(self, key: str, grid: torch.Tensor, step: int, caption: str = "") -> str | None:
@@ -103,14 +158,14 @@ class RunLogger:
             return None
         self.start()
         folder = os.path.join(self.output_dir, "samples")
-        os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{key.replace('/', '_')}_{step:06d}.png")
-        save_image(grid, path)
-        if self.run is not None:
+        written = self._side_write("samples", path, lambda: atomic_write(
+            path, lambda f: save_image(grid, f, format="png"), suffix=".png") or path)
+        if self.run is not None and written:
             import wandb
 
-            self._wandb("log", {key: wandb.Image(path, caption=caption), STEP_KEY: step}, step=step)
-        return path
+            self._wandb_media(lambda: {key: wandb.Image(path, caption=caption)}, step)
+        return written
 
     def log_samples(self, key: str, images: torch.Tensor, labels: torch.Tensor, class_names: list[str] | None,
                     per_row: int, step: int, caption: str = "") -> str | None:
@@ -123,12 +178,15 @@ class RunLogger:
         if self.run is not None:
             import wandb
 
-            uint8 = to_uint8(images.detach().float()).cpu()
-            table = wandb.Table(columns=["step", "label", "class", "image"])
-            for img, label in zip(uint8, labels.tolist()):
-                name = class_names[label] if class_names and label < len(class_names) else str(label)
-                table.add_data(step, label, name, wandb.Image(img.permute(1, 2, 0).numpy()))
-            self._wandb("log", {f"{key}_table": table, STEP_KEY: step}, step=step)
+            def table() -> dict[str, Any]:
+                uint8 = to_uint8(images.detach().float()).cpu()
+                rows = wandb.Table(columns=["step", "label", "class", "image"])
+                for img, label in zip(uint8, labels.tolist()):
+                    name = class_names[label] if class_names and label < len(class_names) else str(label)
+                    rows.add_data(step, label, name, wandb.Image(img.permute(1, 2, 0).numpy()))
+                return {f"{key}_table": rows}
+
+            self._wandb_media(table, step)
         return path
 
     def log_artifact(self, path: str, kind: str, step: int, final: bool = True,
@@ -173,7 +231,7 @@ class RunLogger:
         if self.enabled and self.run is not None:
             import wandb
 
-            self._wandb("log", {key: wandb.Histogram(values.detach().cpu().numpy()), STEP_KEY: step}, step=step)
+            self._wandb_media(lambda: {key: wandb.Histogram(values.detach().cpu().numpy())}, step)
 
     def define_metric(self, key: str, **kwargs: Any) -> None:
         """W&B ``define_metric`` (e.g. ``summary="min"``: the run summary keeps the best value); before the
@@ -200,10 +258,33 @@ class RunLogger:
         if preempted:
             self._wandb("mark_preempting")
         if self._metrics is not None:
-            self._metrics.close()
+            os.close(self._metrics)
             self._metrics = None
         self._wandb("finish", exit_code=exit_code)
         self.run = None
+
+
+def row_step(line: bytes) -> int | None:
+    """The step of a metrics.jsonl row, None for a line that is not a whole row."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def trim_metrics(path: str, keep_until: int) -> int:
+    """Keep the rows of ``path`` (metrics.jsonl) up to step ``keep_until`` and drop the others, and any cut-off
+    or unreadable line, rewriting the file atomically; return how many lines were dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    kept = [line for line in lines if (step := row_step(line)) is not None and step <= keep_until]
+    dropped = sum(1 for line in lines if line.strip()) - len(kept)
+    if dropped or not lines[-1] == b"":
+        atomic_write(path, lambda f: f.write(b"".join(line + b"\n" for line in kept)))
+    return dropped
 
 
 def artifact_name(kind: str, run_id: str) -> str:

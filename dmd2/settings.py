@@ -25,7 +25,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from dmd2.errors import GeneratorError
-from dmd2.seeds import parse_seeds
+from dmd2.seeds import MAX_SEEDS, count_seeds, seed_ranges
 
 
 @dataclass(frozen=True)
@@ -318,6 +318,15 @@ class EvalSettings(FidSettings):
 
 
 @dataclass
+class LocalPaths:
+    """Machine-specific paths, set once per machine in conf/local/default.yaml (git-ignored; copy
+    conf/local/example.yaml) and used by config groups such as eval=featnet."""
+    featnet: Optional[str] = setting(None, "the TorchScript CIFAR-10 feature network file (float images [B,3,H,W] "
+                                     "in [0,255] -> features [B,D]) that eval=featnet measures FD with",
+                                     optional(TEXT))
+
+
+@dataclass
 class Perf:
     """Fast paths; README "Performance" has the measurements behind each default."""
     tf32: bool = setting(True, "TF32 tensor cores for fp32 matmuls and convolutions (Ampere+ GPUs)", BOOL)
@@ -394,6 +403,7 @@ class TrainSettings:
                                               "metric (needs eval_every > 0); or a final metric key the run "
                                               "produces (a loss only when named: train/loss)", optional(METRIC))
     perf: Perf = group(Perf, "fast paths")
+    paths: LocalPaths = group(LocalPaths, "machine-specific paths (conf/local/default.yaml)")
 
 
 @dataclass
@@ -487,14 +497,15 @@ class EvaluateSettings(FidSettings):
 
 def _seeds_ok(value: Any) -> bool:
     try:
-        seeds = parse_seeds(value)
-        return bool(seeds) and max(seeds) < SEED_LIMIT
+        # arithmetic: a huge range is refused without building its list
+        return count_seeds(value) > 0 and max(last for _, last in seed_ranges(value)) < SEED_LIMIT
     except GeneratorError:
         return False
 
 
 SEEDS = Rule(lambda v: v is None or _seeds_ok(v),
-             "null, a seed (7), a range (0-63) or a list of seeds and ranges ([0-9,20]), each < 2**40")
+             f"null, a seed (7), a range (0-63) or a list of seeds and ranges ([0-9,20]), each < 2**40, at most "
+             f"{MAX_SEEDS} seeds in all (split more over several runs)")
 CLASSES = Rule(lambda v: v is None or isinstance(v, (int, str)) or (isinstance(v, (list, tuple)) and len(v) > 0),
                "null, a class id or name, or a list of them")
 
@@ -506,6 +517,8 @@ class GenerateSettings:
                               ".safetensors file (python -m dmd2.export), or hf://owner/repo", TEXT)
     output_dir: str = setting("./generated", "png: <output_dir>/<class>/<seed>.png (unconditional: "
                               "<output_dir>/<seed>.png); npz: <output_dir>/samples.npz; both: grid.png", TEXT)
+    overwrite: bool = setting(False, "write into an output_dir that holds files generate.py did not write there, or "
+                              "another model's (refused otherwise; files of the same names are replaced)", BOOL)
     seeds: Any = setting(None, "image seeds, as EDM's generate.py: 7, 0-63 or [0-9,20,30-32]; seed s draws its own "
                          "noise, so it gives the same image in any run; null = 8 per class (0 .. 8 x classes - 1)",
                          SEEDS)
@@ -606,7 +619,8 @@ def register() -> None:
     helps = {
         "dmd2_train": help_template("train.py", "train an EDM teacher (stage=teacher) or distill it with DMD2 "
                                     "(stage=distill).", train_sections,
-                                    ["stage", "arch", "data", "logger", "experiment", "debug", "hparams_search"]),
+                                    ["stage", "arch", "data", "logger", "eval", "experiment", "debug", "hparams_search",
+                                     "local"]),
         "dmd2_evaluate": help_template("evaluate.py", "FID / FD of teacher and DMD2 checkpoints.",
                                        [("Keys", EvaluateSettings, ""), ("logger=wandb", WandbLogger, "logger.")],
                                        ["logger", "protocol"]),

@@ -3,7 +3,7 @@
 # (README "Known-answer runs"). CPU only, no data, no account. One teacher, then four sweeps of 3 seeds each
 # around the base setting (experiment=mixture_dmd2: ratio 5, no GAN head, both learning rates 1e-3):
 #   update ratio 1 / 5 / 10, the GAN head on, generator_lr 3e-4 / 3e-3, the exact denoiser as teacher.
-# Ends with the table: python -m dmd2.compare runs/mixture/ablation --metric ...
+# Ends with the table and plots: python -m dmd2.compare runs/mixture/ablation --metric ... --out ...
 # Extra overrides go to every distillation, e.g. max_steps=2000.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,4 +17,4 @@ python train.py -m "${common[@]}" gan_classifier=true hydra.sweep.dir="$out/abla
 python train.py -m "${common[@]}" generator_lr=3e-4,3e-3 hydra.sweep.dir="$out/ablation/lr" "$@"
 python train.py -m "${common[@]}" exact_teacher=true hydra.sweep.dir="$out/ablation/exact" "$@"
 python -m dmd2.compare "$out/ablation" --metric eval/mixture_fd --metric eval/mixture_near \
-    --metric eval/mixture_coverage --metric eval/mixture_weight_tv --markdown "$out/ablation/table.md"
+    --metric eval/mixture_coverage --metric eval/mixture_weight_tv --out "$out/ablation/compare"

@@ -4,4 +4,6 @@
 # Needs: pip install -e ".[sweep]"
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python train.py hparams_search=distill_optuna "$@"
+sweep="${SWEEP_DIR:-multirun/optuna/$(date +%Y-%m-%d_%H-%M-%S)}"  # every job below it
+python train.py hparams_search=distill_optuna hydra.sweep.dir="$sweep" "$@"
+echo "Compare the runs: python -m dmd2.compare $sweep --out $sweep/compare"

@@ -184,3 +184,9 @@ def assert_trained_alike(a: dict, b: dict, lr: float, what: str) -> None:
         assert diff.max() <= 0.25 * lr, f"{what}: {key} differs by up to {diff.max():.2e} (lr {lr})"
     mean = torch.cat(diffs).mean()
     assert mean <= 1e-3 * lr, f"{what}: entries differ by {mean:.2e} on average (lr {lr})"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests first (stable otherwise): the parallel workers start the long runs together and fill the end with
+    short tests, instead of one worker finishing a long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

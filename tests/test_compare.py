@@ -1,48 +1,123 @@
-"""python -m dmd2.compare: runs grouped by the settings that differ, mean +- sd over seeds."""
+"""python -m dmd2.compare: runs grouped by the settings that differ, final and best values as mean +- sd over
+seeds, CSV numbers and a plot per eval metric."""
 from __future__ import annotations
 
 import csv
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from dmd2.compare import find_runs, main, table
+from dmd2.errors import FILE_ERROR
+from tests.conftest import HANG_GUARD_S, ROOT, run_cli
+
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(folder: Path, ratio: int, seed: int, fd: float, steps: int = 100) -> None:
+def make_run(folder: Path, ratio: int, seed: int, fds: list[float], near: list[float]) -> None:
+    """A finished run: config.yaml and metrics.jsonl with evaluations at steps 0, 50, 100 (and a cut last line)."""
     folder.mkdir(parents=True)
     config = {"stage": "distill", "seed": seed, "output_dir": str(folder), "dfake_gen_update_ratio": ratio,
-              "data": {"name": "gaussian_mixture", "root": "generated"}, "denoising_sigmas": [80.0]}
+              "data": {"name": "gaussian_mixture", "root": "generated"}, "denoising_sigmas": [80.0],
+              "logger": {"name": "none"}}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    rows = [{"step": 50, "train/loss_fake": 0.5}, {"step": 0, "eval/mixture_fd": 9.0},
-            {"step": steps, "eval/mixture_fd": fd, "eval/mixture_near": 0.5 + seed / 10}]
+    rows = [{"step": 25, "train/loss_fake": 0.5}]
+    rows += [{"step": step, "eval/mixture_fd": fd, "eval/mixture_near": n, "eval/seconds": 1.0}
+             for step, fd, n in zip((0, 50, 100), fds, near)]
     (folder / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n" + '{"step": 10')  # cut line
 
 
-def test_groups_by_the_differing_keys_over_seeds(tmp_path, capsys):
-    fds = {1: [3.0, 4.0, 5.0], 5: [1.0, 1.5, 2.0]}
-    for ratio, values in fds.items():
-        for seed, fd in enumerate(values):
-            make_run(tmp_path / "sweep" / f"r{ratio}s{seed}", ratio, seed, fd)
-    header, rows = table(find_runs([str(tmp_path / "sweep")]))
-    assert header[:2] == ["dfake_gen_update_ratio", "n"]  # seed, output_dir: not settings
+# 2 settings x 3 seeds: (fd at steps 0, 50, 100), (near at steps 0, 50, 100)
+RUNS = {1: [([9.0, 2.0, 3.0], [0.1, 0.5, 0.4]), ([9.0, 3.0, 4.0], [0.1, 0.6, 0.5]), ([9.0, 1.0, 5.0], [0.1, 0.7, 0.3])],
+        5: [([9.0, 1.2, 1.0], [0.1, 0.8, 0.9]), ([9.0, 1.4, 1.5], [0.1, 0.8, 0.85]), ([9.0, 2.5, 2.0], [0.1, 0.9, 0.7])]}
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    for ratio, runs in RUNS.items():
+        for seed, (fds, near) in enumerate(runs):
+            make_run(tmp_path / "sweep" / f"r{ratio}s{seed}", ratio, seed, fds, near)
+    (tmp_path / "sweep" / "r1s0" / ".hydra").mkdir()
+    (tmp_path / "sweep" / "r1s0" / ".hydra" / "config.yaml").write_text("seed: 0\n")  # Hydra's copy: not a run
+    return tmp_path / "sweep"
+
+
+def pm(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def test_final_and_best_values_over_seeds(sweep):
+    header, rows = table(find_runs([str(sweep)]))
+    assert header[:2] == ["dfake_gen_update_ratio", "n"]  # seed, output_dir, logger: not settings
+    assert header[2:] == ["eval/mixture_fd final", "eval/mixture_fd best (min)", "eval/mixture_near final",
+                          "eval/mixture_near best (max)", "steps", "wall s"]  # eval/seconds: a cost, left out
     by_ratio = {row[0]: dict(zip(header, row)) for row in rows}
-    assert by_ratio["5"]["n"] == "3"
-    assert by_ratio["5"]["eval/mixture_fd"] == f"{1.5:.4g} ± {statistics.stdev(fds[5]):.2g}"  # the last value
-    assert by_ratio["1"]["eval/mixture_near"] == f"{0.6:.4g} ± {0.1:.2g}"
-    assert by_ratio["1"]["steps"] == "100 ± 0"
-
-    assert main([str(tmp_path / "sweep" / "r1*"), str(tmp_path / "sweep" / "r5s0"), "--metric",
-                 "eval/mixture_fd", "--csv", str(tmp_path / "t.csv")]) == 0
-    out = capsys.readouterr().out
-    assert out.splitlines()[0] == "| dfake_gen_update_ratio | n | eval/mixture_fd | steps | wall s |"
-    written = list(csv.reader(open(tmp_path / "t.csv")))
-    assert written[0][:3] == ["dfake_gen_update_ratio", "n", "eval/mixture_fd"] and len(written) == 3
+    for ratio, runs in RUNS.items():
+        row = by_ratio[str(ratio)]
+        assert row["n"] == "3"
+        assert row["eval/mixture_fd final"] == pm([fds[-1] for fds, _ in runs])
+        assert row["eval/mixture_fd best (min)"] == pm([min(fds) for fds, _ in runs])     # lower is better
+        assert row["eval/mixture_near final"] == pm([near[-1] for _, near in runs])
+        assert row["eval/mixture_near best (max)"] == pm([max(near) for _, near in runs])  # higher is better
+        assert row["steps"] == "100 ± 0"
 
 
-def test_no_runs_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no runs"):
-        main([str(tmp_path)])
+def test_cli_writes_markdown_csv_and_plots(sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([str(sweep / "r1*"), str(sweep / "r5s0"), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.splitlines()[0].startswith("| dfake_gen_update_ratio | n | eval/mixture_fd final |")
+    assert (out / "compare.md").read_text() == stdout
+    written = list(csv.reader(open(out / "compare.csv")))
+    assert written[0][:4] == ["dfake_gen_update_ratio", "n", "eval/mixture_fd final mean",
+                              "eval/mixture_fd final sd"]
+    row = dict(zip(written[0], written[1]))
+    assert row["n"] == "3" and float(row["eval/mixture_fd best (min) mean"]) == pytest.approx(2.0)
+    assert float(row["eval/mixture_fd best (min) sd"]) == pytest.approx(1.0)
+    assert len(written) == 3
+    for name in ("compare_mixture_fd.png", "compare_mixture_near.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 1000
+
+
+def test_chosen_metric_only(sweep, capsys):
+    assert main([str(sweep), "--metric", "eval/mixture_fd"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == ("| dfake_gen_update_ratio | n | eval/mixture_fd final | "
+                                                       "eval/mixture_fd best (min) | steps | wall s |")
+
+
+def test_clear_errors(sweep, tmp_path, capsys):
+    assert main([str(tmp_path / "empty*")]) == FILE_ERROR
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == FILE_ERROR
+    assert "no runs" in capsys.readouterr().err
+    (tmp_path / "crashed").mkdir()
+    (tmp_path / "crashed" / "config.yaml").write_text("seed: 0\n")
+    assert main([str(tmp_path / "crashed")]) == FILE_ERROR
+    assert "without metrics.jsonl" in capsys.readouterr().err
+    assert main([str(sweep), "--metric", "eval/fid"]) == FILE_ERROR
+    assert "no run logged it" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_real_multirun_end_to_end(tmp_path):
+    """Two settings x two seeds of a tiny known-answer teacher, then the command a sweep script ends with."""
+    sweep = tmp_path / "multirun"
+    proc = run_cli("train.py", "-m", "debug=smoke", "logger=none", "data=gaussian_mixture", "data.num_classes=2",
+                   "data.synthetic_per_class=16", "max_steps=2", "sample_every=0", "save_every=2", "eval_every=1",
+                   "eval.num_samples=20", "eval.batch_size=20", "lr=1e-4,2e-4", "seed=0,1",
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "cmp"
+    proc = subprocess.run([sys.executable, "-m", "dmd2.compare", str(sweep), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header = proc.stdout.splitlines()[0]
+    assert header.startswith("| lr | n | eval/mixture_coverage final |")
+    assert [line.split(" | ")[1] for line in proc.stdout.splitlines()[2:]] == ["2", "2"]
+    assert (out / "compare_mixture_fd.png").read_bytes().startswith(PNG)

@@ -49,6 +49,15 @@ def test_every_debug_option_composes(option):
         assert compose_cfg([f"stage={stage}", f"debug={option}"]).device == "cpu"
 
 
+def test_the_smoke_distillation_updates_its_generator_after_step_0():
+    """debug=smoke runs 4 steps; its distillation updates the generator every 2nd step (conf/debug_stage), so the
+    update at step 2 is a real one (at step 0 the DM gradient is exactly zero). The command line still wins."""
+    assert compose_cfg(["debug=smoke", "stage=distill"]).dfake_gen_update_ratio == 2
+    assert compose_cfg(["debug=smoke", "stage=distill", "dfake_gen_update_ratio=3"]).dfake_gen_update_ratio == 3
+    assert compose_cfg(["stage=distill"]).dfake_gen_update_ratio == 10
+    assert "dfake_gen_update_ratio" not in compose_cfg(["debug=smoke", "stage=teacher"])
+
+
 def test_spec_teacher_keys_and_defaults():
     cfg = compose_cfg(["stage=teacher"])
     assert (cfg.data_dir, cfg.batch_size, cfg.lr, cfg.num_epochs, cfg.save_every) == ("./data", 128, 1e-4, 100, 5000)

@@ -244,7 +244,8 @@ def test_an_imported_teacher_distills_generates_and_evaluates(label_dim, tiny_da
     if label_dim:  # the imported teacher names no classes: the distillation took the dataset's
         assert len(list(gen.glob("*/*.png"))) == 30 and (gen / "class00" / "000010.png").exists()
     else:  # unconditional: a flat folder and one grid
-        assert sorted(p.name for p in gen.iterdir()) == ["000000.png", "000001.png", "000002.png", "grid.png"]
+        assert sorted(p.name for p in gen.iterdir()) == ["000000.png", "000001.png", "000002.png", "generate.json",
+                                                         "grid.png"]
     if label_dim:
         return  # evaluate.py on an imported conditional teacher: as on any teacher (tests/test_evaluate.py)
     proc = run_cli("evaluate.py", f"checkpoint={teacher}", "sampler.steps=1", "logger=none",

@@ -166,7 +166,8 @@ def test_a_finished_run_resumed_returns_its_objective(teacher_ckpt, tiny_data, t
             "sample_every=0", "optimized_metric=train/loss_dm", f"output_dir={tmp_path}"]
     first = objective(train(compose_cfg(base)), "train/loss_dm")
     assert math.isfinite(first)
-    again = train(compose_cfg([*base, f"resume={tmp_path / 'dmd2_000002.pt'}"]))  # steps 2, 3: no generator update
+    again = train(compose_cfg([*base, f"resume={tmp_path / 'dmd2_000002.pt'}",  # steps 2, 3: no generator update
+                               f"output_dir={tmp_path / 'again'}"]))
     assert objective(again, "train/loss_dm") == first
     finished = train(compose_cfg([*base, "resume=auto"]))  # a finished folder: nothing left to train
     assert finished["steps"] == 4 and objective(finished, "train/loss_dm") == first

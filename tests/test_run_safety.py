@@ -174,10 +174,10 @@ def test_a_start_refused_while_building_leaves_the_folder_as_it_was(teacher_ckpt
     """The explicit arch contradicts the teacher: refused after the teacher is loaded, before anything is written."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.yaml").write_text("previous run\n")
+    (out / "notes.txt").write_text("kept\n")
     proc = run_cli("train.py", *SMOKE, "stage=distill", "data=image_folder", f"data.root={tiny_data}",
                    f"teacher_checkpoint={teacher_ckpt}", "arch=simple_unet_small", f"output_dir={out}",
                    f"hydra.run.dir={tmp_path / 'h'}")
     assert proc.returncode != 0 and "contradicts the teacher checkpoint" in proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
-    assert (out / "config.yaml").read_text() == "previous run\n"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "kept\n"

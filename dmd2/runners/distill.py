@@ -17,6 +17,7 @@ Checkpoints: dmd2_NNNNNN.pt every ``save_every`` steps and dmd2_final.pt.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ from dmd2.sampling import CheckpointSampler, grid_labels
 from dmd2.speed import autocast, fused_adamw, prepare_network
 from dmd2.training_eval import TrainingEvaluator
 from dmd2.unified import UnifiedModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -235,9 +238,15 @@ def train_metrics(window: RunningMeans, upds: dict[str, Updater], dist: Any, ste
 
 def export_final(ctx: RunContext, path: str, steps: int, num_chain: int) -> None:
     """Export the generator of the final checkpoint (ready for dmd2.load_generator / generate.py / the Hub) and
-    log both as W&B artifacts (rank 0)."""
+    log both as W&B artifacts (rank 0). The export is a side write: when it fails (a full disk, ...) the error is
+    reported with the command that makes it from the final checkpoint, and the run ends as it would have."""
     export = os.path.join(ctx.output_dir, "generator")
-    meta = export_generator(path, export)
+    try:
+        meta = export_generator(path, export, overwrite=True)  # the run's own folder (a resumed run re-exports)
+    except Exception as err:  # noqa: BLE001 - the final checkpoint is written: the export can be redone
+        log.error(f"[distill] ERROR: exporting the generator to {export} failed ({err}); the final checkpoint is "
+                  f"complete: export it later with python -m dmd2.export {path} {export} --overwrite")
+        return
     ctx.say(f"[distill] generator exported to {export} ({meta['weights']} weights, {num_chain} NFE)")
     ctx.logger.log_artifact(path, "dmd2", steps)
     ctx.logger.log_artifact(export, "generator", steps, metadata={k: meta[k] for k in ("kind", "sampler",

@@ -1,0 +1,137 @@
+"""Importing the official DMD2 generators (python -m dmd2.import_dmd2): a state dict of EDM's EDMPrecond around a
+DhariwalUNet, keys prefixed ``model.`` as DMD2 saves them, becomes an export folder that samples as the official
+code does (x = G(80 z; sigma 80, one-hot class)). CPU, tiny networks.
+
+The tiny state dicts are written with the official key names: our ``adm`` network's module names are
+DhariwalUNet's (checked against NVlabs/edm's own class outside the test suite), so its state dict with EDMPrecond's
+``model.`` prefix in place of our wrapper's ``net.`` is the official layout.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dmd2.diffusion import to_uint8
+from dmd2.errors import GeneratorError
+from dmd2.generator import load_generator
+from dmd2.import_dmd2 import import_dmd2, main as import_main
+from dmd2.networks import build_denoiser
+from dmd2.settings import arch_settings
+from tests.conftest import run_cli
+
+# 16 px, two levels; 32 channels (no attention head fits) then 128 (attention, 2 heads of 64), 2 blocks per level
+TINY_ADM = dict(model_channels=32, channel_mult=[1, 4], channel_mult_emb=2, num_blocks=2, attn_resolutions=[8],
+                dropout=0.0, augment_dim=0)
+CLASSES, RES = 5, 16
+
+
+def official_state_dict(seed: int = 0, **arch: object) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
+    """(state dict with the official key names, our denoiser holding the same weights). Every parameter is
+    random (EDM zero-initialises some layers, which would hide a wrongly placed tensor)."""
+    torch.manual_seed(seed)
+    net = build_denoiser(arch_settings("adm", **{**TINY_ADM, **arch}), CLASSES, RES, 0.5).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    state = {"model." + k[len("net."):]: v.clone() for k, v in net.state_dict().items()}
+    return state, net
+
+
+def official_one_step(net: torch.nn.Module, seeds: list[int], labels: list[int]) -> torch.Tensor:
+    """The official sampler, written out: x = G(80 z; sigma 80, one_hot(c)), z seeded as our seed s draws it."""
+    from dmd2.sampling import per_sample_noise
+
+    z = per_sample_noise(seeds, 0, (3, RES, RES))
+    one_hot = torch.eye(CLASSES)[torch.tensor(labels)]
+    with torch.no_grad():
+        return net(z * 80.0, torch.full((len(seeds),), 80.0), one_hot)
+
+
+def test_the_architecture_is_read_off_the_tensors_and_the_export_samples_as_the_official_code(tmp_path):
+    state, reference = official_state_dict()
+    src = tmp_path / "pytorch_model.bin"
+    torch.save(state, src)
+    out = tmp_path / "exports" / "dmd2-tiny"
+    assert import_main([str(src), str(out)]) == 0
+    meta = json.loads((out / "config.json").read_text())
+    arch = meta["arch"]
+    assert (arch["name"], arch["model_channels"], arch["channel_mult"], arch["channel_mult_emb"],
+            arch["num_blocks"], arch["attn_resolutions"], arch["augment_dim"], arch["in_channels"]) == (
+        "adm", 32, [1, 4], 2, 2, [8], 0, 3)
+    assert (meta["kind"], meta["num_classes"], meta["resolution"], meta["sigma_data"]) == ("dmd2", CLASSES, RES, 0.5)
+    assert meta["sampler"] == {"denoising_sigmas": [80.0], "nfe": 1}
+
+    gen = load_generator(str(out))
+    assert gen.nfe == 1
+    g = torch.Generator().manual_seed(3)
+    x, sigma = torch.randn(4, 3, RES, RES, generator=g) * 5, torch.tensor([80.0, 10.0, 1.0, 0.1])
+    labels = torch.tensor([0, 1, 4, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(gen.sampler.net(x, sigma, labels), reference(x, sigma, labels), rtol=0, atol=0)
+    seeds, classes = [0, 1, 2, 7], [0, 1, 2, 2]
+    expected = to_uint8(official_one_step(reference, seeds, classes))
+    assert torch.equal(gen.sample(labels=classes, seeds=seeds), expected)
+
+
+def test_safetensors_input_unprefixed_keys_and_another_layout(tmp_path):
+    from safetensors.torch import save_file
+
+    state, reference = official_state_dict(seed=1, channel_mult=[2, 2], num_blocks=1, attn_resolutions=[16, 8])
+    src = tmp_path / "gen.safetensors"
+    save_file({k[len("model."):]: v.contiguous() for k, v in state.items()}, str(src))
+    meta, weights = import_dmd2(str(src))
+    assert (meta["arch"]["channel_mult"], meta["arch"]["num_blocks"], meta["arch"]["attn_resolutions"]) == (
+        [2, 2], 1, [16, 8])
+    assert all(torch.equal(weights[k], v) for k, v in reference.state_dict().items())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.__setitem__("model.dec.8x8_in0.qkv.weight", torch.zeros(3 * 128, 64, 1, 1)),
+     r"model\.dec\.8x8_in0\.qkv\.weight has shape \[384, 64, 1, 1\], expected \[384, 128, 1, 1\]"),
+    (lambda s: s.pop("model.out_conv.bias"), r"model\.out_conv\.bias is missing \(expected shape \[3\]"),
+    (lambda s: s.__setitem__("model.extra.weight", torch.zeros(2)), r"unexpected tensor model\.extra\.weight"),
+    (lambda s: s.__setitem__("stray", torch.zeros(2)), r"'stray' lacks the 'model\.' prefix"),
+    (lambda s: s.__setitem__("model.map_layer0.weight", torch.zeros(70, 32)),
+     r"map_layer0 .* is 70 channels, not a multiple of the base width 32"),
+    (lambda s: [s.pop(k) for k in list(s) if k.startswith("model.enc.8x8_block1.")],
+     r"level 8x8 has encoder blocks \[0\], expected block0"),
+])
+def test_what_does_not_fit_is_refused_naming_the_tensor(edit, message, tmp_path):
+    state, _ = official_state_dict()
+    edit(state)
+    src = tmp_path / "pytorch_model.bin"
+    torch.save(state, src)
+    with pytest.raises(GeneratorError, match=message):
+        import_dmd2(str(src))
+
+
+def test_an_existing_folder_is_never_overwritten_and_bad_files_exit_2(tmp_path, capsys):
+    state, _ = official_state_dict()
+    src = tmp_path / "pytorch_model.bin"
+    torch.save(state, src)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert import_main([str(src), str(out)]) == 2
+    assert "already exists; refusing to overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (tmp_path / "junk.bin").write_bytes(b"not a state dict")
+    assert import_main([str(tmp_path / "junk.bin"), str(tmp_path / "new")]) == 2
+    assert "not a readable state dict" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_generate_py_samples_the_imported_generator_with_no_extra_flags(tmp_path):
+    state, reference = official_state_dict()
+    src = tmp_path / "pytorch_model.bin"
+    torch.save(state, src)
+    out = tmp_path / "export"
+    assert import_main([str(src), str(out)]) == 0
+    images = tmp_path / "images"
+    r = run_cli("generate.py", f"checkpoint={out}", "seeds=0-4", f"output_dir={images}", "format=npz")
+    assert r.returncode == 0, r.stderr
+    arr = np.load(images / "samples.npz")["arr_0"]
+    expected = to_uint8(official_one_step(reference, list(range(5)), [s % CLASSES for s in range(5)]))
+    assert np.array_equal(arr, expected.permute(0, 2, 3, 1).numpy())
