@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import tempfile
 import time
 from typing import Any
@@ -39,12 +40,28 @@ def load_checkpoint(path: str, kind: str | None = None) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated, corrupted or not a checkpoint ({err})") from err
+        raise CheckpointError(f"cannot read checkpoint {path}: {load_failure(err)}") from err
     if not isinstance(state, dict) or state.get("kind") not in KINDS:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'kind' in {KINDS})")
     if kind is not None and state["kind"] != kind:
         raise CheckpointError(f"{path} is a {state['kind']!r} checkpoint, expected a {kind!r} checkpoint")
     return state
+
+
+EXPECTED = ("expected a checkpoint of this project: a teacher_*.pt or dmd2_*.pt written by train.py, or a teacher "
+            "imported with python -m dmd2.import_edm (tensors, numbers and strings only)")
+
+
+def load_failure(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in this project's words. A file holding pickled Python objects
+    is named as such and never loaded (torch's advice to retry with weights_only=False, which would run code from
+    the file, is left out)."""
+    text = str(err)
+    if "weights_only" in text or "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"global[: ]+'?([\w.]+)", text)
+        what = f" (e.g. {found.group(1)})" if found else ""
+        return f"it holds pickled Python objects{what}, which are never loaded; {EXPECTED}"
+    return f"truncated, corrupted or not a checkpoint ({text.splitlines()[0] if text else type(err).__name__}); {EXPECTED}"
 
 
 def network_from_checkpoint(state: dict[str, Any], weights: str) -> EDMPrecond:

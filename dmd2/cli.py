@@ -21,8 +21,8 @@ from hydra._internal import hydra as hydra_app
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from dmd2.errors import (CONFIG_ERROR, EVALUATION_ERROR, FILE_ERROR, CheckpointError, ConfigError,
-                         EvaluationError, FileError, GeneratorError)
+from dmd2.errors import (CONFIG_ERROR, EVALUATION_ERROR, FILE_ERROR, TRAINING_FAILED, CheckpointError, ConfigError,
+                         EvaluationError, FileError, GeneratorError, TrainingFailed)
 from dmd2.settings import DistillSettings, TeacherSettings, TrainSettings
 
 
@@ -51,10 +51,22 @@ def composition_message(err: HydraException, script: str) -> str:
     return str(err) + (f"\n{cause}" if cause is not None else "")
 
 
+def plain_message(err: BaseException) -> str:
+    """The error's message; for an error re-raised from a DataLoader worker (whose message carries the worker's
+    traceback) only the original message, e.g. the file that could not be read."""
+    text = str(err)
+    marker = f"{type(err).__name__}: "
+    if "DataLoader worker process" in text and "Traceback" in text and marker in text:
+        return text.rstrip().rsplit(marker, 1)[1]
+    return text
+
+
 def exit_status(err: BaseException) -> int | None:
     """The exit status of an error caused by input (README "Exit statuses"), or None for any other exception."""
     if isinstance(err, EvaluationError):
         return EVALUATION_ERROR
+    if isinstance(err, TrainingFailed):
+        return TRAINING_FAILED
     if isinstance(err, (FileError, CheckpointError, GeneratorError)):
         return FILE_ERROR
     if isinstance(err, (ConfigError, HydraException)):
@@ -97,7 +109,7 @@ def run_script(main: Callable[[], Any]) -> int:
         if show_traceback:
             traceback.print_exc()
         script = os.path.basename(sys.argv[0])
-        message = composition_message(err, script) if isinstance(err, HydraException) else str(err)
+        message = composition_message(err, script) if isinstance(err, HydraException) else plain_message(err)
         sys.stderr.write(f"Error: {message}\n")
         if not show_traceback:
             sys.stderr.write(f"(exit status {status}; set HYDRA_FULL_ERROR=1 for the traceback)\n")

@@ -1,20 +1,22 @@
 """Config checks that run before any data loading or model building, plus small config helpers.
 
 Every key is defined once, with its type, allowed values, default and meaning, in ``dmd2/settings.py``. Hydra
-refuses unknown keys and wrong types while composing; ``check_settings`` applies each key's rule; the checks
+refuses unknown keys and wrong types while composing; ``check_settings`` refuses keys added with +key / ++key,
+applies the rule every key shares (finite floats, 64-bit integers) and each key's own rule; the checks
 below are the ones that involve several keys, files or the machine. Each failure names the key and what is
 expected, so a typo costs seconds, not a crashed job hours later.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from dmd2.errors import ConfigError, FileError
-from dmd2.naming import MIXTURE_KEY, metric_key
+from dmd2.naming import MIXTURE_KEY, metric_key, train_metric_keys
 from dmd2.settings import GENERATED_DATA
 
 if TYPE_CHECKING:
@@ -33,13 +35,37 @@ def fail_file(key: str, value: Any, expected: str) -> None:
     raise FileError(f"config key '{key}' = {value!r}: expected {expected}")
 
 
+INT64 = 2 ** 63  # integers must fit a 64-bit signed integer (tensors, RNG seeds, step counters)
+FLOAT32_MAX = 3.4028234663852886e38  # floats meet float32 tensors: a larger value becomes inf there
+
+
+def out_of_range(value: Any) -> str | None:
+    """What is wrong with a number anywhere in ``value`` (lists included) under the rule every key shares: floats
+    finite in float32 (no key documents inf or nan as meaningful), integers within 64 bits; None when nothing is."""
+    if isinstance(value, (list, tuple)):
+        return next((w for w in (out_of_range(v) for v in value) if w is not None), None)
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        return "a finite number within float32's range, |value| <= 3.4e38 (inf and nan are accepted by no key)"
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+        return "an integer within 64 bits (|value| < 2**63)"
+    return None
+
+
 def check_settings(cfg: DictConfig, prefix: str = "") -> None:
-    """Check every key of ``cfg`` against the rule its schema (dmd2/settings.py) gives it, recursively; raise
-    ConfigError naming the first bad key. Types were already enforced by Hydra while composing."""
+    """Check every key of ``cfg`` against its schema (dmd2/settings.py), recursively; raise ConfigError naming the
+    first bad key: a key the schema does not define (e.g. added with +key=... or ++key=...), a number out of the
+    shared range (``out_of_range``), or a value its rule refuses. Types were already enforced by Hydra while
+    composing. An untyped section (none today) would be free-form and is not checked."""
     schema = OmegaConf.get_type(cfg)
     if not dataclasses.is_dataclass(schema):
         return
-    for f in dataclasses.fields(schema):
+    fields = dataclasses.fields(schema)
+    unknown = sorted(set(cfg.keys()) - {f.name for f in fields})  # type: ignore[operator]
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}': the scripts read only the keys of their "
+                          f"schema, so it would be ignored (the script's --help lists every key; Hydra's own "
+                          f"settings are hydra.*)")
+    for f in fields:
         key = prefix + f.name
         if OmegaConf.is_missing(cfg, f.name):
             if f.metadata.get("check") is not None:
@@ -54,6 +80,9 @@ def check_settings(cfg: DictConfig, prefix: str = "") -> None:
         value = cfg[f.name]
         if OmegaConf.is_config(value):
             value = OmegaConf.to_container(value)
+        problem = out_of_range(value)
+        if problem is not None:
+            fail(key, value, problem + (f"; this key takes {rule.expected}" if rule is not None else ""))
         if rule is not None and not rule(value):
             fail(key, value, rule.expected)
 
@@ -136,6 +165,11 @@ def check_objective(cfg: DictConfig, sweeping: bool) -> None:
                 "(eval_every=N, e.g. eval_every=2000; it minimises the best eval/fid or eval/fd_*), or name "
                 "the objective yourself, e.g. optimized_metric=train/loss (a loss does not rank sample quality)")
         return
+    if metric.startswith("train/"):
+        logged = train_metric_keys(cfg.stage, bool(cfg.get("gan_classifier")))
+        if metric not in logged:
+            raise ConfigError(f"config key 'optimized_metric' = {metric!r}: a stage={cfg.stage} run with these "
+                              f"settings never logs it; it logs {logged}")
     if metric.startswith("eval/") and metric not in produced:
         if not produced:
             raise ConfigError(f"config key 'optimized_metric' = {metric!r}, but 'eval_every' = 0: the run logs no "

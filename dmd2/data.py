@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
+from dmd2.errors import FileError
 from dmd2.mixture import MixtureDataset, mixture_from_config
 from dmd2.naming import dataset_label  # noqa: F401  (part of this module's interface)
 from dmd2.randomness import EPOCH_STRIDE, GLOBAL_RNG, BatchRNG, derived_seed, generator
@@ -36,6 +37,22 @@ def random_hflip(images: Tensor, rng: BatchRNG = GLOBAL_RNG) -> Tensor:
     """Flip each image [B,C,H,W] horizontally with probability 1/2 (draws from ``rng``)."""
     u = rng.rand(images.shape[0])
     return torch.where((u < 0.5).to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+def decode_rgb(data: bytes | str, name: str) -> Image.Image:
+    """An image file (its bytes, or its path) decoded to RGB; a file PIL cannot decode (truncated, corrupted, not an
+    image) raises FileError naming it (``name``), not PIL's message alone."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise FileError(f"data.root: cannot read the image {name}: {err} (truncated or corrupted? replace or "
+                        f"remove the file)") from err
+
+
+def load_rgb(path: str) -> Image.Image:
+    """ImageFolder's loader: ``decode_rgb`` of the file at ``path``."""
+    return decode_rgb(path, path)
 
 
 def default_class_names(num_classes: int) -> list[str]:
@@ -68,7 +85,7 @@ def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
             ) from err
         classes = ds.classes  # type: ignore[attr-defined]
     elif data["name"] == "image_folder":
-        ds = datasets.ImageFolder(root=data["root"], transform=tf)
+        ds = datasets.ImageFolder(root=data["root"], transform=tf, loader=load_rgb)
         classes = ds.classes
     elif data["name"] == "edm_dataset":
         ds = EDMDataset(data["root"], tf)
@@ -122,7 +139,7 @@ class EDMDataset(Dataset):
         if labels is None:
             self.targets = [0] * len(self.files)
         else:
-            by_name = {name: int(label) for name, label in labels}
+            by_name = dict(check_label(entry, i, root) for i, entry in enumerate(labels))
             missing = [f for f in self.files if f not in by_name]
             if missing:
                 raise ValueError(f"data.root = {root!r}: dataset.json has no label for {missing[0]} "
@@ -144,8 +161,20 @@ class EDMDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        with Image.open(io.BytesIO(self._read(self.files[i]))) as img:
-            return self.transform(img.convert("RGB")), self.targets[i]
+        name = f"{self.root}/{self.files[i]}" if self.is_zip else os.path.join(self.root, self.files[i])
+        return self.transform(decode_rgb(self._read(self.files[i]), name)), self.targets[i]
+
+
+def check_label(entry: Any, index: int, root: str) -> tuple[str, int]:
+    """Entry ``index`` of an EDM dataset.json's labels as (file name, class): a [name, integer >= 0] pair, else
+    FileError naming the file and the entry (a -1 would crash training midway, a float would be truncated)."""
+    where = f"data.root = {root!r}: dataset.json labels[{index}] = {entry!r}"
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+        raise FileError(f"{where}: expected [file name, class]")
+    label = entry[1]
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+        raise FileError(f"{where}: expected a class that is an integer >= 0")
+    return entry[0], label
 
 
 class SyntheticShapes(Dataset):

@@ -8,6 +8,7 @@ from __future__ import annotations
 CONFIG_ERROR = 2  # a config value: unknown key, a key of the other stage, wrong type, out of range, contradictions
 FILE_ERROR = 3  # a file or folder a key names is missing or unusable: checkpoint, export, dataset, resume file
 EVALUATION_ERROR = 4  # the FID / FD setup: feature-network weights, reference statistics or images
+TRAINING_FAILED = 5  # training ended without a usable result: every update skipped, or non-finite weights
 
 
 class ConfigError(ValueError):
@@ -29,3 +30,8 @@ class GeneratorError(ValueError):
 class EvaluationError(RuntimeError):
     """A file the evaluation needs is missing or unusable (weights, statistics, feature network), or the evaluation
     does not fit what is measured (resolution, network, resize, sample count)."""
+
+
+class TrainingFailed(RuntimeError):
+    """A run that went through its steps without a usable result (every update skipped, or weights that are no
+    longer finite): no final checkpoint is written."""

@@ -661,8 +661,11 @@ def read_image_file(path: str) -> np.ndarray:
     """One image file -> uint8 [H,W,3] (RGB)."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as err:  # truncated, corrupted: PIL's message names no file
+        raise EvaluationError(f"cannot read the image {path}: {err}") from err
 
 
 def folder_labels(relpaths: list[str]) -> np.ndarray | None:

@@ -37,6 +37,7 @@ def export_metadata(state: dict[str, Any], sampler: CheckpointSampler, checkpoin
         "checkpoint_sha256": file_sha256(checkpoint) if with_checksum else None,
         "step": int(state["step"]),
         "teacher_checkpoint": state.get("teacher_checkpoint"),
+        "teacher_sha256": state.get("teacher_sha256"),
         "imported_from": (state.get("provenance") or {}).get("source"),
         "config_sha256": config_hash(config),
         "wandb_run_id": state.get("wandb_run_id"),

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from dmd2.checkpoint import load_checkpoint
+from dmd2.checkpoint import load_checkpoint, load_failure
 from dmd2.data import default_class_names
 from dmd2.errors import CheckpointError, GeneratorError
 from dmd2.export_format import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, export_metadata
@@ -261,7 +261,7 @@ def source_info(source: str) -> dict[str, Any]:
         return {"step": int(state["step"]), "kind": state["kind"], "wandb_run_id": state.get("wandb_run_id"),
                 "wandb_group": logger.get("group"), "data": (state.get("config") or {}).get("data") or {}}
     except Exception as err:
-        raise GeneratorError(f"{source} is not a readable checkpoint of this project ({err})") from err
+        raise GeneratorError(f"{source} is not a readable checkpoint of this project: {load_failure(err)}") from err
 
 
 def load_generator(source: str, device: torch.device | str = "cpu", *, heun_steps: int | None = None,

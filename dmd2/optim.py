@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from dmd2.distributed import global_mean
+from dmd2.errors import TrainingFailed
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,9 @@ class Updater:
     clip: float | None             # max global gradient norm; None = no clipping
     on_nonfinite: str              # "stop" | "skip"
     ema: EMA | None = None
-    skipped: int = field(default=0)
+    skipped: int = field(default=0)  # skipped updates of the whole run (kept in checkpoints)
+    tried: int = field(default=0)    # updates this process attempted, and applied (not kept: this start only)
+    applied: int = field(default=0)
 
     def lr_at(self, step: int) -> float:
         return warmup_lr(self.lr, step, self.warmup_steps)
@@ -102,6 +106,7 @@ class Updater:
     def update(self, loss: Tensor, step: int) -> Tensor | None:
         """Backward, clip, AdamW step at the learning rate of iteration ``step``, then the EMA. Returns the
         gradient norm, or None when the update was skipped (non-finite loss or gradient, ``on_nonfinite=skip``)."""
+        self.tried += 1
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # always: under DistributedDataParallel every rank must join the gradient all-reduce
         gnorm = grad_norm(self.params, self.clip)
@@ -112,6 +117,7 @@ class Updater:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
         self.optimizer.step()
+        self.applied += 1
         if self.ema is not None:
             ema_update(self.ema.ema, self.ema.model, self.ema.decay(step))
         return gnorm
@@ -129,3 +135,17 @@ class Updater:
         for group, hyper in zip(self.optimizer.param_groups, ours):  # the moments resume; the settings are this
             group.update(hyper)                                      # run's (e.g. a changed weight_decay)
         self.skipped = int(state.get("skipped", 0))
+
+
+def check_trained(updaters: dict[str, Updater], networks: dict[str, nn.Module], final: str) -> None:
+    """Before the final checkpoint ``final`` is written: raise TrainingFailed (exit status 5, no final checkpoint)
+    when an updater skipped every update it attempted in this run (on_nonfinite=skip), or a network's weights are
+    no longer finite (an update that overflowed them: everything after it is skipped, and its samples are NaN)."""
+    problems = [f"every one of the {u.tried} {name} updates of this run was skipped (non-finite loss or gradient)"
+                for name, u in updaters.items() if u.tried and not u.applied]
+    problems += [f"the {name} weights are not finite" for name, net in networks.items()
+                 if not all(bool(torch.isfinite(t).all()) for t in net.state_dict().values() if t.is_floating_point())]
+    if problems:
+        raise TrainingFailed(f"training failed: {'; '.join(problems)}. {os.path.basename(final)} was not written "
+                             "(the periodic checkpoints stay as they are); lower the learning rate, or look for the "
+                             "step where the losses stopped being finite (metrics.jsonl)")

@@ -22,6 +22,7 @@ from dmd2.checkpoint import (
 )
 from dmd2.config import ConfigError, resolve_device, to_container
 from dmd2.errors import FileError
+from dmd2.files import file_sha256
 from dmd2.naming import dataset_label, run_name
 from dmd2.distributed import Dist, any_rank, broadcast_object, gather_objects, init_distributed, shutdown
 from dmd2.randomness import BatchRNG, derived_seed
@@ -211,7 +212,8 @@ RESUME_SAFE = ("lr", "generator_lr", "guidance_lr", "weight_decay", "adam_betas"
                "ema_decay", "generator_ema_decay", "max_steps", "num_epochs", "save_every", "log_every",
                "sample_every", "samples_per_class", "sample_steps", "keep_last", "on_nonfinite", "eval_every",
                "eval.", "logger.", "perf.", "paths.", "run_name", "device", "data.num_workers", "data_dir", "optimized_metric",
-               "resume", "resume_allow_changes", "output_dir", "world_size", "global_batch_size")
+               "resume", "resume_allow_changes", "output_dir", "world_size", "global_batch_size",
+               "teacher_sha256")  # (a different teacher is refused by check_same_inputs; older checkpoints lack it)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -271,10 +273,10 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
         except OSError:
             pass
     kind = prefix if prefix == "teacher" else "dmd2"
-    lock, found, refusal = None, None, None
+    lock, found, refusal, inputs = None, None, None, {}
     if d.is_main:  # rank 0 takes the folder and finds the checkpoint; every rank learns the outcome
         try:
-            lock, found = take_folder(cfg, output_dir, prefix, kind, d)
+            lock, found, inputs = take_folder(cfg, output_dir, prefix, kind, d)
         except ConfigError as err:
             refusal = err
     if broadcast_object(refusal is not None, d):
@@ -283,7 +285,7 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
         shutdown()
         raise refusal if refusal is not None else ConfigError("the run was refused on rank 0 (see its message)")
     try:
-        ctx = open_context(cfg, job_type, output_dir, device, d, found, kind)
+        ctx = open_context(cfg, job_type, output_dir, device, d, found, kind, inputs)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -307,14 +309,16 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
 
 
 def open_context(cfg: DictConfig, job_type: str, output_dir: str, device: torch.device, d: Dist,
-                 found: tuple[str, dict[str, Any]] | None, kind: str) -> RunContext:
-    """Every rank's part of the start: the checkpoint to resume, seeds, the stored config and the logger."""
+                 found: tuple[str, dict[str, Any]] | None, kind: str, inputs: dict[str, str]) -> RunContext:
+    """Every rank's part of the start: the checkpoint to resume, seeds, the stored config (with rank 0's
+    ``inputs``, the hashes of the files the run consumes) and the logger."""
     resume_path = broadcast_object(found[0] if found else None, d)
     resume = found[1] if found else (load_checkpoint(resume_path, kind=kind) if resume_path else None)
     config = to_container(cfg)
     settings = logger_settings(cfg)  # with the sweep's W&B group filled in: evaluate.py joins it
+    inputs = broadcast_object(inputs, d)
     config.update(output_dir=output_dir, world_size=d.world_size, global_batch_size=cfg.batch_size * d.world_size,
-                  logger=settings)
+                  logger=settings, **inputs)
     set_backend_flags(cfg.perf, device)
     torch.manual_seed(cfg.seed + d.rank)  # dropout and other in-network randomness differ between ranks
     # config.yaml, metrics.jsonl and the W&B run appear with the first thing logged: a run refused while the
@@ -323,7 +327,7 @@ def open_context(cfg: DictConfig, job_type: str, output_dir: str, device: torch.
     logger = RunLogger(output_dir, settings, {**config, "overrides": task_overrides()}, job_type,
                        cfg.run_name or default_run_name(cfg.stage),
                        enabled=d.is_main, resume_id=resume.get("wandb_run_id") if resume else None,
-                       config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+                       config_yaml=OmegaConf.to_yaml(cfg, resolve=True) + OmegaConf.to_yaml(inputs) * bool(inputs),
                        keep_until=int(resume["step"]) if resume else -1)
     ctx = RunContext(output_dir, device, config, logger, d, BatchRNG(cfg.seed, device, d), resume)
     if d.enabled:
@@ -333,10 +337,11 @@ def open_context(cfg: DictConfig, job_type: str, output_dir: str, device: torch.
 
 
 def take_folder(cfg: DictConfig, output_dir: str, prefix: str, kind: str, d: Dist
-                ) -> tuple[RunLock, tuple[str, dict[str, Any]] | None]:
+                ) -> tuple[RunLock, tuple[str, dict[str, Any]] | None, dict[str, str]]:
     """Rank 0's checks before anything is loaded: output_dir writable and this run's (locked, not another run's
     folder, cleared of interrupted writes), the rescue folder usable, and the checkpoint to resume (consistent
-    with this run's settings, not a branch). Any failure releases the lock again."""
+    with this run's settings and input files, not a branch). Any failure releases the lock again. Returns the
+    lock, the checkpoint to resume (or None) and ``input_hashes``."""
     check_writable(output_dir)
     check_rescue_dir()
     lock = acquire_lock(output_dir)
@@ -344,15 +349,42 @@ def take_folder(cfg: DictConfig, output_dir: str, prefix: str, kind: str, d: Dis
         check_folder_owner(output_dir, cfg.stage, cfg.resume)
         remove_orphans(output_dir)
         found = find_resume(cfg, output_dir, prefix, kind)
+        inputs = input_hashes(cfg)
         if found is not None:
             if cfg.resume != "auto":
                 check_branch(output_dir, prefix, found[0], int(found[1]["step"]))
-            check_resume_config(found[1]["config"], {**to_container(cfg), "output_dir": output_dir,
+            check_same_inputs(found, inputs, cfg)
+            check_resume_config(found[1]["config"], {**to_container(cfg), "output_dir": output_dir, **inputs,
                                 "world_size": d.world_size, "global_batch_size": cfg.batch_size * d.world_size})
     except BaseException:
         lock.release()
         raise
-    return lock, found
+    return lock, found, inputs
+
+
+def input_hashes(cfg: DictConfig) -> dict[str, str]:
+    """The SHA-256 of the files a run consumes, computed once per start (a distillation: its teacher, as
+    ``teacher_sha256``); stored in the run's config and checkpoints, and compared on resume."""
+    if cfg.stage != "distill":
+        return {}
+    return {"teacher_sha256": file_sha256(cfg.teacher_checkpoint)}
+
+
+def check_same_inputs(found: tuple[str, dict[str, Any]], inputs: dict[str, str], cfg: DictConfig) -> None:
+    """Refuse to resume checkpoint ``found`` (path, state) with another teacher file than it was trained with
+    (``inputs``: this start's ``input_hashes``): a teacher overwritten at the same path would train one generator
+    against two teachers."""
+    path, state = found
+    digest, stored = inputs.get("teacher_sha256"), (state.get("config") or {}).get("teacher_sha256")
+    if digest is None:
+        return
+    if stored is None:
+        log.warning(f"[resume] WARNING: {path} records no teacher_sha256 (an older checkpoint): its teacher cannot be "
+                    f"compared with {cfg.teacher_checkpoint}")
+    elif stored != digest:
+        raise FileError(f"config key 'teacher_checkpoint' = {cfg.teacher_checkpoint!r}: this file (sha256 {digest}) "
+                        f"is not the teacher {path} was trained with (sha256 {stored}); restore that teacher, or "
+                        f"distill this one into a new output_dir")
 
 
 def check_resume_config(old: dict[str, Any], new: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ Both ``generate.py`` and ``evaluate.py`` use it, so a checkpoint is always sampl
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -14,6 +15,7 @@ from torchvision.utils import make_grid
 
 from dmd2.checkpoint import load_checkpoint, network_from_checkpoint
 from dmd2.diffusion import heun_nfe, heun_sample, heun_sampler_sigmas, multistep_sample, to_uint8
+from dmd2.errors import GeneratorError
 from dmd2.networks import EDMPrecond
 from dmd2.randomness import derived_seed, generator
 
@@ -89,6 +91,11 @@ def make_sampler(kind: str, net: EDMPrecond, step: int, num_classes: int, resolu
         return CheckpointSampler("teacher", net, step, num_classes, resolution, heun_nfe(heun_steps), heun_steps,
                                  weights=weights)
     sigmas = tuple(float(s) for s in sigmas)
+    if not sigmas or not all(math.isfinite(s) and s > 0 for s in sigmas) or any(a <= b for a, b in
+                                                                                zip(sigmas, sigmas[1:])):
+        raise GeneratorError(f"the generator's stored noise levels (denoising_sigmas) are {list(sigmas)}: expected "
+                             "positive, finite sigmas in strictly descending order (NaN or negative ones give black "
+                             "images); the checkpoint or export is damaged or was edited")
     return CheckpointSampler("dmd2", net, step, num_classes, resolution, len(sigmas), denoising_sigmas=sigmas,
                              weights=weights)
 

@@ -5,7 +5,8 @@ The dataclasses below are Hydra structured configs, registered as ``schema/...``
 ``conf/`` start from them and hold only values (a stage's own values, an architecture's widths, presets), so:
 
 - Hydra refuses an unknown key or a value of the wrong type while composing (``batch_size=abc``);
-- ``dmd2.config.validate`` checks every ``check`` rule below (ranges, choices), naming the key;
+- ``dmd2.config.validate`` checks every ``check`` rule below (ranges, choices) and the rule all keys share
+  (no keys added with +key, finite floats, 64-bit integers), naming the key;
 - ``--help`` lists every key with its meaning (``help_template``);
 - library code reads settings from these objects instead of keeping its own defaults.
 
@@ -24,7 +25,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from dmd2.errors import GeneratorError
-from dmd2.seeds import MAX_SEEDS, count_seeds
+from dmd2.seeds import MAX_SEEDS, count_seeds, seed_ranges
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ POSITIVE = number(above=0)
 NONNEG = number(low=0)
 FRACTION = number(0, 1)
 DECAY = number(0, below=1)
+# Seeds become torch generator seeds as seed * 1_000_003 + index (dmd2.randomness.derived_seed), which must fit in
+# 64 bits: 2**40 leaves room for any index.
+SEED_LIMIT = 2 ** 40
+SEED = Rule(lambda v: _is_int(v) and 0 <= v < SEED_LIMIT, "an integer seed in [0, 2**40)")
 INT_LIST = Rule(lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 1 for x in v),
                 "a list of integers >= 1")
 DESCENDING_SIGMAS = Rule(
@@ -218,7 +223,7 @@ class DataSettings:
     mixture_std: float = setting(0.05, "data=gaussian_mixture: per-pixel standard deviation of each component "
                                  "(pixels in [-1, 1])", number(above=0, high=0.2))
     mixture_seed: int = setting(0, "data=gaussian_mixture: seed of the mean images and of the data set's draws",
-                                NONNEG_INT)
+                                SEED)
 
 
 @dataclass
@@ -307,7 +312,7 @@ class EvalSettings(FidSettings):
                                "(fid@10k); published FIDs use 50000 (README \"Which FID\")", int_at_least(2))
     batch_size: int = setting(250, "images generated and featurized at once", POSITIVE_INT)
     seed: int = setting(0, "sample i uses noise seeded by (seed, i): every evaluation sees the same noise",
-                        NONNEG_INT)
+                        SEED)
     sampler_steps: int = setting(18, "teacher: Heun steps (18 = 35 NFE); generators sample their own chain",
                                  POSITIVE_INT)
 
@@ -353,7 +358,7 @@ class TrainSettings:
     data: Any = chosen("dataset: conf/data")
     logger: Any = chosen("wandb (offline by default) | none: conf/logger")
 
-    seed: int = setting(0, "base seed; rank r uses seed + r", NONNEG_INT)
+    seed: int = setting(0, "base seed; rank r uses seed + r", SEED)
     data_dir: str = setting("./data", "where datasets live (torchvision downloads CIFAR-10 here when missing)", TEXT)
     output_dir: Optional[str] = setting(None, "checkpoints, samples, metrics; null = this run's Hydra directory",
                                         optional(TEXT))
@@ -472,7 +477,7 @@ class EvaluateSettings(FidSettings):
     num_samples: int = setting(50000, "generated images per checkpoint, classes round-robin", int_at_least(2))
     batch_size: int = setting(250, "images generated and featurized at once", POSITIVE_INT)
     seed: int = setting(0, "sample i uses noise seeded by (seed, i): every checkpoint sees the same noise",
-                        NONNEG_INT)
+                        SEED)
     device: str = setting("auto", "auto | cpu | cuda | cuda:N", DEVICE)
     teacher_weights: str = setting("ema", "teacher checkpoints: ema | model", one_of("ema", "model"))
     generator_weights: str = setting("ema", "DMD2 checkpoints: ema (when trained with generator_ema_decay, else "
@@ -492,14 +497,15 @@ class EvaluateSettings(FidSettings):
 
 def _seeds_ok(value: Any) -> bool:
     try:
-        return count_seeds(value) > 0  # arithmetic: a huge range is refused without building its list
+        # arithmetic: a huge range is refused without building its list
+        return count_seeds(value) > 0 and max(last for _, last in seed_ranges(value)) < SEED_LIMIT
     except GeneratorError:
         return False
 
 
 SEEDS = Rule(lambda v: v is None or _seeds_ok(v),
-             f"null, a seed (7), a range (0-63) or a list of seeds and ranges ([0-9,20]), at most {MAX_SEEDS} "
-             "seeds in all (split more over several runs)")
+             f"null, a seed (7), a range (0-63) or a list of seeds and ranges ([0-9,20]), each < 2**40, at most "
+             f"{MAX_SEEDS} seeds in all (split more over several runs)")
 CLASSES = Rule(lambda v: v is None or isinstance(v, (int, str)) or (isinstance(v, (list, tuple)) and len(v) > 0),
                "null, a class id or name, or a list of them")
 

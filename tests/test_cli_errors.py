@@ -70,3 +70,45 @@ def test_an_evaluation_setup_error(tmp_path, checkpoint_info_only, full_error):
     assert proc.returncode == EVALUATION_ERROR, proc.stderr[-3000:]
     assert "feature_network.inception_weights" in proc.stderr and "inception-2015-12-05.pt" in proc.stderr
     assert ("Traceback" in proc.stderr) == full_error, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("override", ["+typo=1", "++typo=1", "lr=inf", "seed=1180591620717411303424"])
+def test_schema_wide_rule_refuses_before_the_run_takes_its_folder(tmp_path, override):
+    out = tmp_path / "out"
+    proc = run_cli("train.py", "debug=smoke", "logger=none", override, f"output_dir={out}",
+                   f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
+    assert_user_error(proc, CONFIG_ERROR, override.lstrip("+").split("=")[0])
+    assert not out.exists()  # refused before the lock, data and models
+
+
+def truncated_jpeg_folder(root: Path) -> Path:
+    from tests.conftest import make_image_folder
+
+    make_image_folder(root, num_classes=2, per_class=4)
+    bad = root / "class01" / "bad.jpg"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(bad)
+    bad.write_bytes(bad.read_bytes()[:200])  # cut mid-stream
+    (root / "class01" / "000.png").unlink()  # 8 images: every epoch of batch 2 reads them all
+    return bad
+
+
+def test_a_truncated_image_is_named(tmp_path):
+    """PIL's 'image file is truncated' named no file; the data loader (in a worker process too) and the evaluation's
+    image reader now name it, and the script exits with a file error without a traceback."""
+    from dmd2.data import build_dataset
+    from dmd2.errors import EvaluationError, FileError
+    from dmd2.evaluation import read_image_file
+
+    bad = truncated_jpeg_folder(tmp_path / "data")
+    ds = build_dataset({"name": "image_folder", "root": str(tmp_path / "data"), "num_classes": 2, "resolution": 32})
+    index = next(i for i, (path, _) in enumerate(ds.samples) if path.endswith("bad.jpg"))
+    with pytest.raises(FileError, match=f"cannot read the image {bad}"):
+        ds[index]
+    with pytest.raises(EvaluationError, match=f"cannot read the image {bad}"):
+        read_image_file(str(bad))
+    proc = run_cli("train.py", "debug=smoke", "logger=none", "data=image_folder", f"data.root={tmp_path / 'data'}",
+                   "data.num_classes=2", "batch_size=2", "data.num_workers=1", "perf.cache_dataset=false",
+                   "max_steps=8", f"output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'hydra'}")
+    assert_user_error(proc, FILE_ERROR, f"cannot read the image {bad}")

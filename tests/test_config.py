@@ -116,6 +116,40 @@ def test_bad_distill_values_name_the_key(override, key, tiny_data, tmp_path):
         validate(cfg)
 
 
+@pytest.mark.parametrize("override,key,expected", [
+    ("+typo=1", "typo", "unknown config key"), ("++typo=1", "typo", "unknown config key"),
+    ("+data.typo=1", "data.typo", "unknown config key"), ("++eval.reference.typo=1", "eval.reference.typo",
+                                                          "unknown config key"),
+    ("lr=inf", "lr", "finite"), ("lr=nan", "lr", "finite"), ("p_mean=-inf", "p_mean", "finite"),
+    ("weight_decay=inf", "weight_decay", "finite"), ("lr=1e300", "lr", "float32"), ("adam_betas=[0.9,nan]", "adam_betas", "finite"),
+    ("eval.feature_network.allow_download=true", None, None), ("seed=1180591620717411303424", "seed", "64 bits"),
+    ("seed=1099511627776", "seed", "2\\*\\*40"), ("data.mixture_seed=-1", "data.mixture_seed", "seed"),
+    ("eval.seed=1180591620717411303424", "eval.seed", "64 bits"),
+    ("max_steps=1180591620717411303424", "max_steps", "64 bits"),
+])
+def test_one_rule_for_every_key(override, key, expected):
+    """Keys added with +/++ are refused (they would be ignored); floats must be finite, integers fit 64 bits,
+    seeds fit the random generators: at composition, naming the key."""
+    cfg = compose_cfg(["stage=teacher", "debug=smoke", override])
+    if key is None:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}'")) as err:
+        validate(cfg)
+    assert re.search(expected, str(err.value)), str(err.value)
+
+
+def test_the_rule_holds_for_evaluate_and_generate():
+    from dmd2.config import check_settings
+
+    for name, override in (("evaluate", "+typo=1"), ("evaluate", "num_samples=1180591620717411303424"),
+                           ("generate", "++typo=1"), ("generate", "seeds=[0,1099511627776]"),
+                           ("evaluate", "seed=1099511627776")):
+        cfg = compose_cfg(["checkpoint=x.pt", override], config_name=name)
+        with pytest.raises(ConfigError, match=re.escape(override.lstrip("+").split("=")[0])):
+            check_settings(cfg)
+
+
 def test_missing_teacher_checkpoint_and_data_folder(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match="teacher_checkpoint"):
         validate(compose_cfg(["stage=distill", "data=image_folder", f"data.root={tiny_data}"]))

@@ -173,3 +173,22 @@ def test_evaluate_py_measures_an_export_as_its_checkpoint(dmd2_run, featnet, tin
     export, checkpoint = measure(dmd2_run / "generator", "e"), measure(dmd2_run / "dmd2_final.pt", "c")
     assert (export["step"], export["kind"], export["weights"], export["nfe"]) == (5, "dmd2", "ema", 1)
     assert export["value"] == checkpoint["value"] > 0
+
+
+@pytest.mark.parametrize("sigmas", [[80.0, float("nan")], [80.0, -1.0], [2.0, 80.0], []])
+def test_damaged_noise_levels_are_refused_before_sampling(dmd2_run, tmp_path, sigmas):
+    """NaN, negative or unordered denoising_sigmas in a checkpoint or an export gave black images; both are
+    refused when loaded."""
+    import shutil
+
+    state = load_checkpoint(str(dmd2_run / "dmd2_final.pt"))
+    state["denoising_sigmas"] = sigmas
+    torch.save(state, tmp_path / "dmd2_damaged.pt")
+    export = tmp_path / "export"
+    shutil.copytree(dmd2_run / "generator", export)
+    meta = json.loads((export / "config.json").read_text())
+    meta["sampler"]["denoising_sigmas"] = sigmas
+    (export / "config.json").write_text(json.dumps(meta))
+    for source in (tmp_path / "dmd2_damaged.pt", export):
+        with pytest.raises(GeneratorError, match="denoising_sigmas"):
+            dmd2.load_generator(str(source))

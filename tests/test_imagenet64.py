@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import pickle
 import zipfile
 from pathlib import Path
@@ -172,6 +173,21 @@ def test_edm_dataset_checks_labels_and_class_count(tmp_path):
     labelled = make_edm_dataset(tmp_path / "l.zip")
     with pytest.raises(ValueError, match="labels up to 970; set data.num_classes=971"):
         build_dataset({"name": "edm_dataset", "root": str(labelled), "num_classes": 10, "resolution": 32})
+
+
+@pytest.mark.parametrize("bad, what", [(-1, "integer >= 0"), (3.7, "integer >= 0"), (2.0, "integer >= 0"),
+                                       ("3", "integer >= 0"), (None, "integer >= 0")])
+def test_edm_dataset_refuses_negative_and_non_integer_labels(bad, what, tmp_path):
+    """A -1 label passed the class-count check and crashed training midway; a float label was truncated. Both are
+    refused when the dataset is built, naming the file and the entry (FileError: exit status 3)."""
+    from dmd2.errors import FileError
+
+    root = make_edm_dataset(tmp_path / "d", n=4, num_classes=10, as_zip=False)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"][2][1] = bad
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(FileError, match=rf"'{re.escape(str(root))}': dataset.json labels\[2\] = .*{what}"):
+        build_dataset({"name": "edm_dataset", "root": str(root), "num_classes": 10, "resolution": 32})
 
 
 def test_edm_dataset_resumes_at_the_exact_batch_and_works_in_loader_workers(tmp_path):

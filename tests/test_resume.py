@@ -1,6 +1,8 @@
 """Reliability: exact resume after SIGKILL, corrupted checkpoints, safe loading, non-finite guards."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -151,3 +153,122 @@ def test_bad_reliability_settings_are_refused_fast(overrides, message, tiny_data
                    f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert time.perf_counter() - start < 30
+
+
+def test_a_finished_run_resumed_returns_its_objective(teacher_ckpt, tiny_data, tmp_path):
+    """A distillation resumed from step 2 with no generator update in its own steps (ratio 4), and resume=auto on
+    the finished folder, still return the run's final train/loss_dm (kept in the checkpoints): a sweeper gets a
+    value and a requeue-on-failure loop ends (before: 'the run has no such final metric', a failed job)."""
+    from train import objective, train
+
+    base = [*SMOKE, "stage=distill", f"teacher_checkpoint={teacher_ckpt}", "data=image_folder",
+            f"data.root={tiny_data}", "dfake_gen_update_ratio=4",
+            "sample_every=0", "optimized_metric=train/loss_dm", f"output_dir={tmp_path}"]
+    first = objective(train(compose_cfg(base)), "train/loss_dm")
+    assert math.isfinite(first)
+    again = train(compose_cfg([*base, f"resume={tmp_path / 'dmd2_000002.pt'}",  # steps 2, 3: no generator update
+                               f"output_dir={tmp_path / 'again'}"]))
+    assert objective(again, "train/loss_dm") == first
+    finished = train(compose_cfg([*base, "resume=auto"]))  # a finished folder: nothing left to train
+    assert finished["steps"] == 4 and objective(finished, "train/loss_dm") == first
+
+
+def test_an_objective_the_run_never_logs_is_refused_at_start(tmp_path):
+    from dmd2.config import ConfigError, validate
+
+    for stage, metric in (("teacher", "train/loss_dm"), ("distill", "train/loss"), ("distill", "train/loss_cls")):
+        extra = ["teacher_checkpoint=missing.pt"] if stage == "distill" else []
+        with pytest.raises(ConfigError, match=f"'optimized_metric' = '{metric}'.*never logs it"):
+            validate(compose_cfg([*SMOKE, f"stage={stage}", *extra, f"optimized_metric={metric}"]))
+    validate(compose_cfg([*SMOKE, "stage=distill", "gan_classifier=true", "optimized_metric=train/loss_cls",
+                          f"teacher_checkpoint={__file__}"]))
+    proc = run_cli("train.py", *SMOKE, "optimized_metric=train/loss_dm", f"output_dir={tmp_path / 'out'}",
+                   f"hydra.run.dir={tmp_path / 'hydra'}")
+    assert proc.returncode == 2 and "never logs it" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # before the lock, the data and the models
+
+
+def test_a_teacher_overwritten_at_the_same_path_is_refused_on_resume(teacher_ckpt, tiny_data, tmp_path):
+    """The teacher's SHA-256 is recorded in the run (config, checkpoints, export provenance); resuming with
+    another file at the same path is refused, naming the file and both hashes (before: accepted, one generator
+    trained against two teachers)."""
+    import shutil
+
+    import yaml
+
+    from dmd2.errors import FileError
+    from dmd2.files import file_sha256
+    from train import train
+
+    teacher, out = tmp_path / "teacher.pt", tmp_path / "run"
+    shutil.copy(teacher_ckpt, teacher)
+    original = file_sha256(str(teacher))
+    base = [*SMOKE, "stage=distill", f"teacher_checkpoint={teacher}", "data=image_folder", f"data.root={tiny_data}",
+            "sample_every=0", f"output_dir={out}"]
+    train(compose_cfg([*base, "max_steps=2"]))
+    state = load_checkpoint(str(out / "dmd2_final.pt"))
+    assert state["teacher_sha256"] == state["config"]["teacher_sha256"] == original
+    assert yaml.safe_load((out / "config.yaml").read_text())["teacher_sha256"] == original
+    provenance = json.loads((out / "generator" / "config.json").read_text())["provenance"]
+    assert provenance["teacher_sha256"] == original
+
+    other = load_checkpoint(str(teacher))
+    other["ema"] = {k: v + 1 if v.is_floating_point() else v for k, v in other["ema"].items()}
+    torch.save(other, teacher)
+    changed = file_sha256(str(teacher))
+    with pytest.raises(FileError, match=rf"'teacher_checkpoint'.*{changed}.*{original}"):
+        train(compose_cfg([*base, "max_steps=4", "resume=auto"]))
+    assert load_checkpoint(str(out / "dmd2_final.pt"))["step"] == 2  # nothing trained against the other teacher
+
+
+def test_a_run_whose_every_update_was_skipped_fails_without_a_final_checkpoint(tmp_path):
+    """p_mean=1000 makes every noise level infinite, so every loss is NaN: with on_nonfinite=skip the run used to
+    end with status 0 and an untrained teacher_final.pt; now it fails (status 5) and writes no final checkpoint."""
+    from dmd2.errors import TRAINING_FAILED
+
+    out = tmp_path / "out"
+    proc = run_cli("train.py", *SMOKE, "p_mean=1000", "on_nonfinite=skip", f"output_dir={out}",
+                   f"hydra.run.dir={tmp_path / 'hydra'}")
+    assert proc.returncode == TRAINING_FAILED, proc.stderr[-2000:]
+    assert "every one of the 4 teacher updates of this run was skipped" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "teacher_final.pt").exists()
+
+
+def test_non_finite_weights_fail_the_run():
+    from dmd2.errors import TrainingFailed
+    from dmd2.optim import Updater, adamw, check_trained
+
+    net = torch.nn.Linear(2, 2)
+    upd = Updater("loss", list(net.parameters()), adamw(net.parameters(), 1e-3, (0.9, 0.999), 0.0), 1e-3, 0, None,
+                  "skip")
+    upd.update(net(torch.ones(1, 2)).sum(), 0)
+    check_trained({"net": upd}, {"net": net}, "teacher_final.pt")  # trained and finite: passes
+    with torch.no_grad():
+        net.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingFailed, match="the net weights are not finite. teacher_final.pt was not written"):
+        check_trained({"net": upd}, {"net": net}, "out/teacher_final.pt")
+    fresh = Updater("loss", list(net.parameters()), adamw(net.parameters(), 1e-3, (0.9, 0.999), 0.0), 1e-3, 0, None,
+                    "skip")
+    fresh.update(net(torch.ones(1, 2)).sum(), 0)  # NaN weights: a NaN loss, skipped
+    with pytest.raises(TrainingFailed, match="every one of the 1 net updates"):
+        check_trained({"net": fresh}, {}, "teacher_final.pt")
+
+
+class PickledObject:
+    """Stands for any Python object a foreign .pt file may hold."""
+
+
+def test_a_file_with_pickled_objects_is_refused_without_advising_weights_only_false(tmp_path):
+    """torch's refusal advised retrying with weights_only=False (running code from the file); the message now says
+    what the file holds and what is expected instead, for training checkpoints and for sampling."""
+    from dmd2.generator import load_generator
+    from dmd2.errors import GeneratorError
+
+    path = tmp_path / "foreign.pt"
+    torch.save({"kind": "teacher", "step": 0, "object": PickledObject()}, path)
+    for load, error in ((load_checkpoint, CheckpointError), (load_generator, GeneratorError)):
+        with pytest.raises(error) as err:
+            load(str(path))
+        message = str(err.value)
+        assert "weights_only" not in message and "trust" not in message, message
+        assert "pickled Python objects" in message and "PickledObject" in message and "expected a checkpoint" in message

@@ -34,7 +34,7 @@ from dmd2.data import LabelsOnly, build_batches, build_dataset, random_hflip, to
 from dmd2.diffusion import backward_simulation, heun_nfe
 from dmd2.distributed import mean_across_ranks, wrap
 from dmd2.networks import EDMPrecond, count_parameters
-from dmd2.optim import EMA, Updater, adamw
+from dmd2.optim import EMA, Updater, adamw, check_trained
 from dmd2.randomness import GRID_NOISE_OFFSET, BatchRNG, derived_seed, generator
 from dmd2.run import RunContext, progress, restore_rng, run_context, run_result, run_state
 from dmd2.run_logger import RunningMeans
@@ -122,15 +122,16 @@ def build_updaters(model: UnifiedModel, ema: EDMPrecond | None, cfg: DistillSett
 
 def distill_state(cfg: DictConfig, ctx: RunContext, teacher: dict[str, Any], model: UnifiedModel,
                   ema: EDMPrecond | None, upds: dict[str, Updater], evaluator: TrainingEvaluator,
-                  step: int, classes: list[str] | None) -> dict[str, Any]:
+                  step: int, classes: list[str] | None, metrics: dict[str, float]) -> dict[str, Any]:
     state = run_state(
         ctx, step, kind="dmd2", arch=teacher["arch"], num_classes=teacher["num_classes"],
         resolution=teacher["resolution"], sigma_data=teacher.get("sigma_data", 0.5), class_names=classes,
         conditioning_sigma=float(cfg.conditioning_sigma), denoising_sigmas=list(model.denoising_sigmas),
-        teacher_checkpoint=str(cfg.teacher_checkpoint), generator=model.generator.state_dict(),
+        teacher_checkpoint=str(cfg.teacher_checkpoint), teacher_sha256=ctx.config.get("teacher_sha256"),
+        generator=model.generator.state_dict(),
         fake_unet=model.guidance.fake_unet.state_dict(),
         generator_updater=upds["generator"].state_dict(), guidance_updater=upds["guidance"].state_dict(),
-        evaluation=evaluator.state_dict(),
+        evaluation=evaluator.state_dict(), metrics=dict(metrics),
     )
     if model.guidance.gan_head is not None:
         state["gan_head"] = model.guidance.gan_head.state_dict()
@@ -284,6 +285,20 @@ def generator_sampler(model: UnifiedModel, ema: EDMPrecond | None, step: int, nu
                              denoising_sigmas=tuple(model.denoising_sigmas), weights="ema" if ema is not None else "raw")
 
 
+def finish(ctx: RunContext, model: UnifiedModel, ema: EDMPrecond | None, upds: dict[str, Updater],
+           state: Callable[[], dict[str, Any]], steps: int) -> str:
+    """The end of a distillation: refuse a failed one (every update skipped, non-finite weights: no final
+    checkpoint), else write dmd2_final.pt (``state()``) and export its generator. Returns the checkpoint's path."""
+    path = os.path.join(ctx.output_dir, "dmd2_final.pt")
+    check_trained(upds, {"generator": model.generator, "fake score network": model.guidance.fake_unet,
+                         **({"generator EMA": ema} if ema is not None else {})}, path)
+    path = save_final(state(), path, ctx.dist)
+    if ctx.dist.is_main:
+        export_final(ctx, path, steps, model.num_steps)
+    ctx.say(f"[distill] done: {path}")
+    return path
+
+
 def make_batch(cfg: DictConfig, rng: BatchRNG, real: Tensor, y: Tensor, step: int, num_chain: int,
                device: torch.device) -> Batch:
     """A step's inputs from the loader's (images, labels): the labels, the images for the GAN classifier (flipped
@@ -337,8 +352,11 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         if ctx.dist.is_main:
             grids.log_generator(ctx, model, ema, step)
 
+    # the last logged value of every scalar, kept in checkpoints: a resumed run returns the whole run's final metrics
+    last: dict[str, float] = dict(ctx.resume.get("metrics") or {}) if ctx.resume is not None else {}
+
     def checkpoint(step: int) -> dict[str, Any]:
-        return distill_state(cfg, ctx, teacher_state, model, ema, upds, evaluator, step, classes)
+        return distill_state(cfg, ctx, teacher_state, model, ema, upds, evaluator, step, classes, last)
 
     if start == 0:
         log_generator_grids(0)
@@ -352,7 +370,6 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     bar = progress(steps, "distill", ctx)
     bar.update(start)
     t_last, images_since = time.perf_counter(), 0
-    last: dict[str, float] = {}  # the last logged value of every scalar
     window = RunningMeans()
     timesteps: list[Tensor] = []
     for step in range(start, steps):
@@ -385,8 +402,5 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         if ctx.stop_requested() and done != steps:  # SIGTERM / SIGINT / SIGUSR1: save this step, then exit
             ctx.stop(checkpoint(done), "dmd2", done)
     bar.close()
-    path = save_final(checkpoint(steps), os.path.join(ctx.output_dir, "dmd2_final.pt"), ctx.dist)
-    if ctx.dist.is_main:
-        export_final(ctx, path, steps, num_chain)
-    ctx.say(f"[distill] done: {path}")
+    path = finish(ctx, model, ema, upds, lambda: checkpoint(steps), steps)
     return run_result(path, steps, last, evaluator, "train/loss_dm")

@@ -22,7 +22,7 @@ from dmd2.data import build_batches, build_dataset, random_hflip, total_steps
 from dmd2.diffusion import denoising_loss, edm_sigma, heun_nfe, heun_sample, heun_sampler_sigmas
 from dmd2.distributed import mean_across_ranks, wrap
 from dmd2.networks import EDMPrecond, build_denoiser, count_parameters
-from dmd2.optim import EMA, Updater, adamw, ema_decay_at
+from dmd2.optim import EMA, Updater, adamw, check_trained, ema_decay_at
 from dmd2.randomness import GRID_NOISE_OFFSET, BatchRNG, generator
 from dmd2.run import RunContext, progress, restore_rng, run_context, run_result, run_state
 from dmd2.run_logger import RunningMeans
@@ -58,12 +58,13 @@ def teacher_step(s: TeacherState, x: Tensor, y: Tensor, step: int) -> tuple[Tens
 
 
 def teacher_state(cfg: DictConfig, ctx: RunContext, model: EDMPrecond, ema: EDMPrecond, upd: Updater,
-                  evaluator: TrainingEvaluator, step: int, class_names: list[str] | None) -> dict[str, Any]:
+                  evaluator: TrainingEvaluator, step: int, class_names: list[str] | None,
+                  metrics: dict[str, float]) -> dict[str, Any]:
     return run_state(
         ctx, step, kind="teacher", arch=ctx.config["arch"], num_classes=cfg.data.num_classes,
         resolution=cfg.data.resolution, sigma_data=cfg.sigma_data, class_names=class_names,
         model=model.state_dict(), ema=ema.state_dict(),
-        updater=upd.state_dict(), evaluation=evaluator.state_dict(),
+        updater=upd.state_dict(), evaluation=evaluator.state_dict(), metrics=dict(metrics),
     )
 
 
@@ -112,8 +113,12 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     grid_y = grid_labels(cfg.data.num_classes, cfg.samples_per_class, device)
     grid_z = torch.randn(len(grid_y), 3, cfg.data.resolution, cfg.data.resolution, generator=gen).to(device)
 
+    # the last logged value of every scalar, kept in checkpoints: a resumed run (even one resumed after its end)
+    # returns the run's final metrics, not only those of its own steps
+    last: dict[str, float] = dict(ctx.resume.get("metrics") or {}) if ctx.resume is not None else {}
+
     def checkpoint(step: int) -> dict[str, Any]:
-        return teacher_state(cfg, ctx, model, ema, upd, evaluator, step, classes)
+        return teacher_state(cfg, ctx, model, ema, upd, evaluator, step, classes, last)
 
     ctx.logger.start()  # config.yaml, metrics.jsonl, W&B: every check has passed
     restore_rng(ctx)
@@ -121,7 +126,6 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     bar = progress(steps, "teacher", ctx)
     bar.update(start)
     t_last, images_since, window = time.perf_counter(), 0, RunningMeans()
-    last: dict[str, float] = {}  # the last logged value of every scalar
     for step in range(start, steps):
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -156,7 +160,9 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         if ctx.stop_requested() and done != steps:  # SIGTERM / SIGINT / SIGUSR1: save this step, then exit
             ctx.stop(checkpoint(done), "teacher", done)
     bar.close()
-    path = save_final(checkpoint(steps), os.path.join(ctx.output_dir, "teacher_final.pt"), ctx.dist)
+    path = os.path.join(ctx.output_dir, "teacher_final.pt")
+    check_trained({"teacher": upd}, {"teacher": model, "teacher EMA": ema}, path)
+    path = save_final(checkpoint(steps), path, ctx.dist)
     if ctx.dist.is_main:
         ctx.logger.log_artifact(path, "teacher", steps)
     ctx.say(f"[teacher] done: {path}")
