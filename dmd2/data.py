@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
-from dmd2.errors import FileError
+from dmd2.errors import ConfigError, FileError
 from dmd2.mixture import MixtureDataset, mixture_from_config
 from dmd2.naming import dataset_label  # noqa: F401  (part of this module's interface)
 from dmd2.randomness import EPOCH_STRIDE, GLOBAL_RNG, BatchRNG, derived_seed, generator
@@ -79,31 +79,35 @@ def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
         try:
             ds: Dataset = datasets.CIFAR10(root=data["root"], train=train, download=True, transform=tf)
         except Exception as err:  # network errors surface as many types; say what to do instead
-            raise RuntimeError(
+            raise FileError(
                 f"could not load or download CIFAR-10 into data.root={data['root']!r} ({err}). "
                 "Offline? Put a class-folder copy somewhere and use data=image_folder data.root=<folder>."
             ) from err
         classes = ds.classes  # type: ignore[attr-defined]
     elif data["name"] == "image_folder":
-        ds = datasets.ImageFolder(root=data["root"], transform=tf, loader=load_rgb)
+        try:
+            ds = datasets.ImageFolder(root=data["root"], transform=tf, loader=load_rgb)
+        except (FileNotFoundError, NotADirectoryError) as err:  # missing, or no class folder holds an image
+            raise FileError(f"data.root = {data['root']!r}: not a class-folder tree of images "
+                            f"(<root>/<class>/<image>): {err}") from err
         classes = ds.classes
     elif data["name"] == "edm_dataset":
         ds = EDMDataset(data["root"], tf)
         if data["num_classes"] and not ds.labelled:
-            raise ValueError(f"data.root = {data['root']!r}: its dataset.json has no labels; set data.num_classes=0 "
+            raise ConfigError(f"data.root = {data['root']!r}: its dataset.json has no labels; set data.num_classes=0 "
                              f"(unconditional) or use a labelled dataset")
         if data["num_classes"] and ds.targets and max(ds.targets) >= data["num_classes"]:
-            raise ValueError(f"data.num_classes = {data['num_classes']} but {data['root']!r} has labels up to "
+            raise ConfigError(f"data.num_classes = {data['num_classes']} but {data['root']!r} has labels up to "
                              f"{max(ds.targets)}; set data.num_classes={max(ds.targets) + 1}")
         classes, named = default_class_names(data["num_classes"]), False
     else:
-        raise ValueError(f"data.name: unknown dataset {data['name']!r}; expected one of {DATA_KINDS}")
+        raise ConfigError(f"data.name: unknown dataset {data['name']!r}; expected one of {DATA_KINDS}")
     ds.class_names = (list(classes) if named else None) if data["num_classes"] else []  # type: ignore[attr-defined]
     if data["num_classes"] == 0:  # unconditional: every image gets label 0, which the networks ignore
         ds.targets = [0] * len(ds)  # type: ignore[attr-defined]
         ds.target_transform = no_label  # type: ignore[attr-defined]  # (ImageFolder reads it; the others targets)
     elif len(classes) != data["num_classes"]:
-        raise ValueError(
+        raise ConfigError(
             f"data.num_classes = {data['num_classes']} but {data['root']!r} has {len(classes)} classes "
             f"({', '.join(classes[:12])}); set data.num_classes={len(classes)}"
         )
@@ -130,10 +134,10 @@ class EDMDataset(Dataset):
             names = [os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
                      for d, _, files in os.walk(root) for f in files]
         else:
-            raise ValueError(f"data.root = {root!r}: neither a .zip nor a folder (EDM's dataset_tool.py output)")
+            raise FileError(f"data.root = {root!r}: neither a .zip nor a folder (EDM's dataset_tool.py output)")
         self.files = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
         if not self.files:
-            raise ValueError(f"data.root = {root!r}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise FileError(f"data.root = {root!r}: no images ({', '.join(IMAGE_EXTENSIONS)})")
         labels = json.loads(self._read("dataset.json")).get("labels") if "dataset.json" in names else None
         self.labelled = labels is not None
         if labels is None:
@@ -142,7 +146,7 @@ class EDMDataset(Dataset):
             by_name = dict(check_label(entry, i, root) for i, entry in enumerate(labels))
             missing = [f for f in self.files if f not in by_name]
             if missing:
-                raise ValueError(f"data.root = {root!r}: dataset.json has no label for {missing[0]} "
+                raise FileError(f"data.root = {root!r}: dataset.json has no label for {missing[0]} "
                                  f"({len(missing)} images without one)")
             self.targets = [by_name[f] for f in self.files]
 
@@ -240,7 +244,7 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __init__(self, num_items: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
                  world_size: int = 1) -> None:
         if num_items < batch_size * world_size:
-            raise ValueError(f"batch_size = {batch_size} x {world_size} processes is larger than the dataset "
+            raise ConfigError(f"batch_size = {batch_size} x {world_size} processes is larger than the dataset "
                              f"({num_items} images)")
         self.num_items, self.batch_size, self.seed, self.start = num_items, batch_size, seed, start
         self.rank, self.global_batch = rank, batch_size * world_size

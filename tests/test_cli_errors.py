@@ -51,6 +51,11 @@ def test_a_missing_or_unreadable_file_is_a_file_error(tmp_path):
     proc = run_cli("generate.py", f"checkpoint={corrupt}", "device=cpu", f"output_dir={tmp_path / 'gen'}",
                    f"hydra.run.dir={tmp_path / 'hydra2'}", cwd=tmp_path)
     assert_user_error(proc, FILE_ERROR, "config key 'checkpoint'", "corrupt.pt")
+    empty = tmp_path / "empty_data"  # a data root without class folders of images
+    empty.mkdir()
+    proc = run_cli("train.py", "debug=smoke", "logger=none", "data=image_folder", f"data.root={empty}",
+                   f"output_dir={tmp_path / 'out2'}", f"hydra.run.dir={tmp_path / 'hydra3'}", cwd=tmp_path)
+    assert_user_error(proc, FILE_ERROR, "data.root", "empty_data")
 
 
 @pytest.fixture()
