@@ -41,6 +41,7 @@ def test_unknown_keys_and_bad_values_are_config_errors(tmp_path):
     assert_user_error(proc, CONFIG_ERROR, "config key 'lr' = -1")
 
 
+@pytest.mark.slow
 def test_a_missing_or_unreadable_file_is_a_file_error(tmp_path):
     missing = tmp_path / "missing.pt"
     proc = run_cli("train.py", "debug=smoke", "logger=none", "stage=distill", f"teacher_checkpoint={missing}",

@@ -134,6 +134,7 @@ def eval_args(ckpt_or_dir: str, featnet: Path, tiny_data: Path, tmp_path: Path, 
             "num_workers=0", "logger=none", f"output_dir={tmp_path / out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
 
 
+@pytest.mark.slow
 def test_cli_checkpoint_and_checkpoint_dir(teacher_ckpt, tiny_data, featnet, tmp_path):
     proc = run_cli("evaluate.py", *eval_args(f"checkpoint={teacher_ckpt}", featnet, tiny_data, tmp_path, "one"))
     assert proc.returncode == 0, proc.stderr[-3000:]

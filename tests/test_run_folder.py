@@ -218,6 +218,7 @@ def hold_lock(folder: str, start, tried, results) -> None:
         lock.release()
 
 
+@pytest.mark.slow
 def test_one_holder_when_several_processes_take_over_a_stale_lock(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "started": "earlier"})
@@ -339,6 +340,7 @@ def test_a_failing_wandb_media_write_turns_wandb_off_and_keeps_the_grid(monkeypa
     logger.finish()
 
 
+@pytest.mark.slow
 def test_a_killed_run_whose_workers_still_hold_the_lock_is_taken_over(tmp_path, caplog):
     """Data-loader workers forked with the lock open keep its flock for a moment after the run is killed."""
     code = ("import os, sys, time\nfrom dmd2.run import acquire_lock\nlock = acquire_lock(sys.argv[1])\n"

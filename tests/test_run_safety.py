@@ -62,6 +62,7 @@ def test_a_failing_final_write_keeps_the_weights(monkeypatch, tiny_data, tmp_pat
     assert load_checkpoint(str(saved))["step"] == 4
 
 
+@pytest.mark.slow
 def test_an_unwritable_output_dir_is_refused_before_any_work(tiny_data, tmp_path):
     target = tmp_path / "ro"
     target.mkdir()
@@ -95,6 +96,7 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_owner_is_taken_ov
     lock.release()
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_in_one_folder_do_not_mix(tiny_data, tmp_path):
     common = [sys.executable, str(ROOT / "train.py"), *SMOKE, "data=image_folder", f"data.root={tiny_data}",
               f"output_dir={tmp_path / 'shared'}", "max_steps=6"]

@@ -60,6 +60,7 @@ def train_teacher(tiny_data: Path, out: Path, *switches: str) -> dict:
     return load_checkpoint(str(out / "teacher_final.pt"))
 
 
+@pytest.mark.slow
 def test_cpu_fast_paths_train_like_the_plain_path(tiny_data, tmp_path):
     plain = train_teacher(tiny_data, tmp_path / "plain", "perf.cache_dataset=false", "perf.fused_adamw=false")
     fast = train_teacher(tiny_data, tmp_path / "fast", "perf.cache_dataset=true", "perf.fused_adamw=true",

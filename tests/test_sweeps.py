@@ -12,6 +12,7 @@ from dmd2.naming import higher_is_better, run_name
 from tests.conftest import ROOT, compose_cfg, run_cli, wandb_records
 
 
+@pytest.mark.slow
 def test_two_job_sweep_writes_two_runs_in_one_wandb_group(tiny_data, tmp_path):
     sweep = tmp_path / "multirun" / "2026-11-26" / "12-00-00-000001"
     proc = run_cli("train.py", "-m", "debug=smoke", "logger=wandb", "data=image_folder", f"data.root={tiny_data}",

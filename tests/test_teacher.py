@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import torch
 
 from dmd2.checkpoint import load_checkpoint, network_from_checkpoint
@@ -14,6 +15,7 @@ from dmd2.run_logger import RunningMeans
 from tests.conftest import SMOKE, run_cli, wandb_artifacts, wandb_records
 
 
+@pytest.mark.slow
 def test_teacher_cli_writes_checkpoints_samples_and_offline_wandb(tiny_data, tmp_path):
     out = tmp_path / "teacher"
     proc = run_cli("train.py", "debug=smoke", "logger=wandb", "logger.log_checkpoints=true", "stage=teacher",
@@ -46,6 +48,7 @@ def test_teacher_cli_writes_checkpoints_samples_and_offline_wandb(tiny_data, tmp
     assert any(not torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])
 
 
+@pytest.mark.slow
 def test_the_smoke_command_runs_in_a_fresh_folder_without_data(tmp_path):
     """README's first command, as a new user types it, in an empty folder on a machine with no data."""
     proc = run_cli("train.py", "debug=smoke", cwd=tmp_path)
@@ -55,6 +58,7 @@ def test_the_smoke_command_runs_in_a_fresh_folder_without_data(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]  # nothing downloaded, nothing else written
 
 
+@pytest.mark.slow
 def test_two_runs_in_the_same_second_get_their_own_directories(tiny_data, tmp_path):
     dirs = set()
     for _ in range(2):

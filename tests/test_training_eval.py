@@ -68,6 +68,7 @@ def test_edm_unet_dropout_is_switched_off_the_same_way():
     assert torch.equal(dm_gradient(model), torch.zeros(4))
 
 
+@pytest.mark.slow
 def test_warmup_counts_training_iterations_for_both_networks(teacher_ckpt, tiny_data, tmp_path):
     """Generator every 2nd iteration, warm-up 4 iterations: the generator's last update (iteration 4) runs at the
     full learning rate, like the fake score network's; counted in generator updates it would be at 3/4."""
@@ -122,6 +123,7 @@ def distill_with_eval(teacher_ckpt: Path, tiny_data: Path, featnet: Path, out: P
                    f"hydra.run.dir={out / 'h'}", *extra)
 
 
+@pytest.mark.slow
 def test_distill_logs_the_fd_curve_equal_to_evaluate_py(teacher_ckpt, tiny_data, featnet, tmp_path):
     out = tmp_path / "run"
     proc = distill_with_eval(teacher_ckpt, tiny_data, featnet, out)
@@ -145,6 +147,7 @@ def test_distill_logs_the_fd_curve_equal_to_evaluate_py(teacher_ckpt, tiny_data,
     assert row["weights"] == "ema" and row["value"] == pytest.approx(curve[4], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluation_does_not_change_training(teacher_ckpt, tiny_data, featnet, tmp_path):
     """The random streams are left as they were: with or without evaluation, the same weights."""
     for name, extra in (("with", []), ("without", ["eval_every=0"])):
@@ -189,6 +192,7 @@ def test_an_evaluation_that_does_not_fit_stops_the_run_before_its_first_step(ove
     assert not (tmp_path / "teacher_000002.pt").exists()
 
 
+@pytest.mark.slow
 def test_optuna_search_minimises_the_eval_metric(teacher_ckpt, tiny_data, featnet, tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("train.py", "hparams_search=distill_optuna", "hydra.sweeper.n_trials=2",
