@@ -103,3 +103,15 @@ def test_the_config_path_does_not_import_torch():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "none", f"the config path imported {proc.stdout.strip()}"
+
+
+def test_functions_and_benchmark_files_stay_short():
+    """No function over 90 lines in the package and the scripts, no benchmark file over 600 lines: a newcomer
+    reads each in one sitting."""
+    sources = [*PACKAGE.rglob("*.py"), *(ROOT / name for name in ("train.py", "evaluate.py", "generate.py"))]
+    long = [f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sources for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 90]
+    assert long == []
+    big = [p.name for p in (ROOT / "benchmarks").glob("*.py") if len(p.read_text().splitlines()) > 600]
+    assert big == []
