@@ -179,13 +179,18 @@ def find_resume(cfg: DictConfig, output_dir: str, prefix: str, kind: str) -> tup
     return cfg.resume, state
 
 
+def probe_write(folder: str) -> None:
+    """Create ``folder`` if needed and write (then remove) a file there; OSError when that fails."""
+    os.makedirs(folder, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".tmp-write-check-", dir=folder)
+    os.close(fd)
+    os.remove(probe)
+
+
 def check_writable(folder: str) -> None:
     """Create ``folder`` if needed and write a file there, before any data or model is loaded."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".tmp-write-check-", dir=folder)
-        os.close(fd)
-        os.remove(probe)
+        probe_write(folder)
     except OSError as err:
         raise FileError(f"config key 'output_dir' = {folder!r}: not a writable folder ({err}); checkpoints "
                         "could not be saved there") from err
@@ -196,10 +201,7 @@ def check_rescue_dir() -> None:
     after a final checkpoint could not be written anywhere."""
     folder = rescue_dir()
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".tmp-write-check-", dir=folder)
-        os.close(fd)
-        os.remove(probe)
+        probe_write(folder)
     except OSError as err:
         raise FileError(f"${RESCUE_ENV} = {folder!r}: not a writable folder ({err}); a final checkpoint that cannot "
                         f"be written to output_dir is saved there. Set {RESCUE_ENV} to a writable folder") from err
