@@ -25,6 +25,7 @@ import tempfile
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from dmd2.checkpoint import load_checkpoint
 from dmd2.errors import CheckpointError, GeneratorError
@@ -92,8 +93,6 @@ def export_generator(checkpoint: str, folder: str, *, teacher_weights: str = "em
     metadata. The files are written into a temporary folder first and moved in at the end: an interrupted
     export never leaves a half-written one under ``folder``. A file of those names already in ``folder`` is
     replaced only with ``overwrite`` (GeneratorError naming it otherwise)."""
-    from safetensors.torch import save_file
-
     check_export_folder(folder, overwrite)
     try:
         state = load_checkpoint(checkpoint)
@@ -102,6 +101,17 @@ def export_generator(checkpoint: str, folder: str, *, teacher_weights: str = "em
     sampler = sampler_from_checkpoint(state, "cpu", heun_steps, teacher_weights, generator_weights)
     meta = export_metadata(state, sampler, checkpoint)
     weights = {k: v.detach().contiguous() for k, v in sampler.net.state_dict().items()}
+    write_export(folder, meta, weights, repo_id, overwrite)
+    return meta
+
+
+def write_export(folder: str, meta: dict[str, Any], weights: dict[str, Tensor], repo_id: str | None = None,
+                 overwrite: bool = False) -> None:
+    """Write the export files (model.safetensors with ``meta``, config.json, README.md) into ``folder``: staged in
+    a temporary folder next to it and moved in at the end, so an interruption never leaves a half-written export.
+    A file of those names already in ``folder`` is replaced only with ``overwrite``."""
+    from safetensors.torch import save_file
+
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
@@ -116,7 +126,6 @@ def export_generator(checkpoint: str, folder: str, *, teacher_weights: str = "em
             os.replace(os.path.join(staging, name), os.path.join(folder, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return meta
 
 
 def push_to_hub(folder: str, repo_id: str, private: bool = False) -> str:

@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from typing import Any, Mapping
 
 import torch
@@ -29,8 +26,8 @@ from torch import Tensor
 
 from dmd2.data import default_class_names
 from dmd2.errors import GeneratorError
-from dmd2.export import model_card
-from dmd2.export_format import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, config_hash
+from dmd2.export import write_export
+from dmd2.export_format import EXPORT_FORMAT, config_hash
 from dmd2.files import file_sha256
 from dmd2.networks import build_denoiser
 from dmd2.settings import arch_settings
@@ -167,25 +164,10 @@ def import_dmd2(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
 
 def write_new_export(folder: str, meta: dict[str, Any], weights: dict[str, Tensor]) -> None:
-    """Write an export folder that does not exist yet: staged next to it, renamed into place at the end."""
-    from safetensors.torch import save_file
-
+    """Write an export folder that does not exist yet (``dmd2.export.write_export``: staged, moved in at the end)."""
     if os.path.lexists(folder):
         raise GeneratorError(f"{folder}: already exists; refusing to overwrite it (name a new folder)")
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tmp-import-", dir=parent)
-    try:
-        save_file(weights, os.path.join(staging, WEIGHTS_FILE), metadata={"dmd2": json.dumps(meta)})
-        with open(os.path.join(staging, CONFIG_FILE), "w") as f:
-            f.write(json.dumps(meta, indent=2) + "\n")
-        with open(os.path.join(staging, "README.md"), "w") as f:
-            f.write(model_card(meta, None))
-        if os.path.lexists(folder):  # made meanwhile
-            raise GeneratorError(f"{folder}: already exists; refusing to overwrite it (name a new folder)")
-        os.rename(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    write_export(folder, meta, weights)
 
 
 def main(argv: list[str] | None = None) -> int:
