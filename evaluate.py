@@ -3,7 +3,7 @@
     python evaluate.py checkpoint=./checkpoints/dmd2/dmd2_final.pt            # one-step generator
     python evaluate.py checkpoint=./checkpoints/teacher/teacher_final.pt sampler.steps=18
     python evaluate.py checkpoint_dir=./checkpoints/dmd2                      # every checkpoint, by step
-    python evaluate.py checkpoint=hf://owner/dmd2-cifar10                     # an export (dmd2.export)
+    python evaluate.py checkpoint=hf://owner/dmd2-cifar10                     # an export (dmd2.io.export)
 
 A checkpoint trained on data=gaussian_mixture gets the mixture's exact scores instead (no feature network): pixel FD
 to the true moments, mode coverage, the fraction of samples on a mode and, for a teacher, its denoising error
@@ -38,17 +38,17 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig
 
-from dmd2.errors import CheckpointError, GeneratorError
-from dmd2.files import atomic_write
-import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
-from dmd2.cli import quiet_hydra_on_other_ranks, run_script
-from dmd2.config import (ConfigError, check_device, check_fid, check_settings, fail, fail_file, resolve_device,
-                         to_container)
+import dmd2.config.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
+from dmd2.config.cli import quiet_hydra_on_other_ranks, run_script
+from dmd2.config.errors import CheckpointError, ConfigError, GeneratorError
+from dmd2.config.validate import check_fid, check_settings, fail, fail_file, to_container
+from dmd2.io.files import atomic_write
+from dmd2.runtime.devices import check_device, resolve_device
 
 if TYPE_CHECKING:
-    from dmd2.distributed import Dist
-    from dmd2.mixture import GaussianMixture
-    from dmd2.sampling import CheckpointSampler
+    from dmd2.io.sampler import CheckpointSampler
+    from dmd2.method.mixture import GaussianMixture
+    from dmd2.runtime.distributed import Dist
 
 # Only torch-free modules are imported above: --help and tab completion compose the config without torch. The
 # functions below import what they need (torch, clean-fid, the generator) when they run.
@@ -84,7 +84,7 @@ def validate(cfg: DictConfig) -> None:
 
 def checkpoint_info(path: str) -> dict[str, Any]:
     """A checkpoint's or export's step, kind and W&B run (id and group), read without loading its weights."""
-    from dmd2.generator import source_info
+    from dmd2.io.loaded import source_info
 
     try:
         return source_info(path)
@@ -96,7 +96,7 @@ def wandb_settings(cfg: DictConfig, training: dict[str, Any]) -> dict[str, Any]:
     """The logger settings, with ``logger.group`` null meaning the training run's group (or, when it had none,
     its run id): a training run's evaluations sit next to it in W&B; ``logger.project`` null: the training
     data's project (dmd2-cifar10, dmd2-imagenet64, ...)."""
-    from dmd2.run import logger_settings
+    from dmd2.train.context import logger_settings
 
     settings = logger_settings(cfg, data=training.get("data") or None)
     if settings.get("name") == "wandb" and settings.get("group") is None:
@@ -130,7 +130,7 @@ def _write_json(path: str, data: Any) -> None:
 def checkpoint_mixture(checkpoints: list[tuple[dict[str, Any], str]]) -> GaussianMixture | None:
     """The known-answer mixture the checkpoints were trained on (data=gaussian_mixture; scored exactly, with no
     feature network), or None. Checkpoints of other data, or of another mixture, in the same call are refused."""
-    from dmd2.mixture import mixture_from_config
+    from dmd2.data.mixture import mixture_from_config
 
     datas = [info.get("data") or {} for info, _ in checkpoints]
     if all(d.get("name") != "gaussian_mixture" for d in datas):
@@ -146,7 +146,7 @@ def checkpoint_mixture(checkpoints: list[tuple[dict[str, Any], str]]) -> Gaussia
 def feature_row(numbers: dict[str, Any], net: Any, ref: Any) -> tuple[dict[str, Any], dict[str, float]]:
     """A result row's feature-network fields (the value named with its sample count, e.g. fid@50k, and its
     bootstrap standard deviation) and the scalars to log."""
-    from dmd2.evaluation import metric_name
+    from dmd2.eval.evaluation import metric_name
 
     row = {"metric": net.metric, "name": metric_name(net.wandb_key, numbers["num_samples"]),
            "value": numbers["value"], "std": numbers["std"], "kid": numbers["kid"], "kid_std": numbers["kid_std"],
@@ -175,7 +175,7 @@ def measure_features(sampler: CheckpointSampler, net: Any, ref: Any, cfg: DictCo
                      d: Dist | None = None) -> tuple[dict[str, Any] | None, dict[str, float]]:
     """FID / FD (and KID) of a sampler: the result row's own fields and the scalars to log (every rank calls it
     under torchrun; (None, {}) on ranks > 0)."""
-    from dmd2.evaluation import evaluate_sampler
+    from dmd2.eval.evaluation import evaluate_sampler
 
     numbers = evaluate_sampler(sampler, net, ref, cfg.num_samples, cfg.seed, cfg.batch_size, device, cfg.kid,
                                dist=d, resamples=cfg.uncertainty_resamples, allow_few_samples=cfg.allow_few_samples)
@@ -190,9 +190,9 @@ def measure_features(sampler: CheckpointSampler, net: Any, ref: Any, cfg: DictCo
 def measure_images(cfg: DictConfig, device: Any) -> list[dict[str, Any]]:
     """FID / FD (and KID) of the images in ``cfg.images`` (folder, .zip or .npz) against the configured
     reference: one result row (in <output_dir>/results.json), with the checks and numbers of a checkpoint's."""
-    from dmd2.evaluation import (check_measurement, evaluate_images, feature_network_from_config, load_image_set,
-                                 reference_from_config)
-    from dmd2.run import hydra_output_dir
+    from dmd2.eval.evaluation import (check_measurement, evaluate_images, feature_network_from_config, load_image_set,
+                                      reference_from_config)
+    from dmd2.train.context import hydra_output_dir
 
     net = feature_network_from_config(cfg.feature_network, device)
     images, labels = load_image_set(cfg.images)
@@ -217,7 +217,7 @@ def measure_images(cfg: DictConfig, device: Any) -> list[dict[str, Any]]:
 def write_reference_file(cfg: DictConfig, device: Any) -> list[dict[str, Any]]:
     """Write the configured reference statistics (a folder's, a checkpoint's training data, ...) to
     ``cfg.write_reference``: mu, sigma (what EDM's fid.py reads) and their metadata."""
-    from dmd2.evaluation import feature_network_from_config, reference_from_config, write_reference
+    from dmd2.eval.evaluation import feature_network_from_config, reference_from_config, write_reference
 
     net = feature_network_from_config(cfg.feature_network, device)
     data = checkpoint_info(cfg.checkpoint)["data"] if cfg.checkpoint else None
@@ -236,8 +236,9 @@ def measure_mixture(sampler: CheckpointSampler, mix: GaussianMixture, floor: dic
     """Exact scores of a model of data=gaussian_mixture (and, for a teacher, its denoising error against the exact
     denoiser per noise level): the result row's own fields and the scalars to log (every rank calls it under
     torchrun; (None, {}) on ranks > 0, rank 0 alone measures the denoising error)."""
-    from dmd2.evaluation import evaluate_mixture
-    from dmd2.mixture import DENOISING_SAMPLES, DENOISING_SIGMAS, MIXTURE_METRIC, denoising_errors
+    from dmd2.config.names import MIXTURE_METRIC
+    from dmd2.eval.evaluation import evaluate_mixture
+    from dmd2.method.mixture import DENOISING_SAMPLES, DENOISING_SIGMAS, denoising_errors
 
     numbers = evaluate_mixture(sampler, mix, cfg.num_samples, cfg.seed, cfg.batch_size, device, dist=d)
     if numbers is None:
@@ -268,7 +269,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     Under torchrun every rank generates and featurizes its share of the samples (whole batches, so each sample
     is the one a single process makes) and rank 0 gathers the features, computes the distance and writes the
     results and logs; the other ranks return []. ``images=`` and ``write_reference=`` run on rank 0 alone."""
-    from dmd2.distributed import barrier, init_distributed, shutdown
+    from dmd2.runtime.distributed import barrier, init_distributed, shutdown
 
     validate(cfg)
     d, device = init_distributed(resolve_device(cfg.device))
@@ -290,10 +291,11 @@ def measurement_setup(cfg: DictConfig, checkpoints: list[tuple[dict[str, Any], s
     """What every checkpoint is measured with: the feature network and (rank 0) the reference statistics, or the
     known-answer mixture's reference scores; the metric key and what is compared against. Rank 0 computes the
     reference (or reads it from its cache) while the other ranks wait."""
-    from dmd2.distributed import barrier
-    from dmd2.evaluation import check_measurement, check_reference, feature_network_from_config, \
-        reference_from_config
-    from dmd2.mixture import MIXTURE_KEY, MIXTURE_METRIC, reference_scores
+    from dmd2.config.names import MIXTURE_KEY, MIXTURE_METRIC
+    from dmd2.eval.evaluation import (check_measurement, check_reference, feature_network_from_config,
+                                      reference_from_config)
+    from dmd2.method.mixture import reference_scores
+    from dmd2.runtime.distributed import barrier
 
     if mixture is not None:  # known-answer data: exact scores, no feature network or reference statistics
         return {"net": None, "ref": None, "floor": reference_scores(mixture, cfg.num_samples, cfg.seed),
@@ -318,8 +320,8 @@ def measure_checkpoint(cfg: DictConfig, path: str, setup: dict[str, Any], mixtur
                        ) -> tuple[CheckpointSampler, dict[str, Any] | None, dict[str, float]]:
     """Sample and measure one checkpoint (every rank); the sampler, and on rank 0 its result row (None on the
     other ranks) and the scalars to log."""
-    from dmd2.evaluation import metric_name
-    from dmd2.generator import load_generator
+    from dmd2.eval.evaluation import metric_name
+    from dmd2.io.loaded import load_generator
 
     sampler = load_generator(path, device, heun_steps=cfg.sampler.steps, teacher_weights=cfg.teacher_weights,
                              generator_weights=cfg.generator_weights).sampler
@@ -354,10 +356,10 @@ def best_summary(key: str, results: list[dict[str, Any]]) -> tuple[dict[str, Any
 
 def evaluate_checkpoints(cfg: DictConfig, device: Any, d: Dist) -> list[dict[str, Any]]:
     """Measure every configured checkpoint (all ranks); rank 0 writes results.json and the logs."""
-    from dmd2.distributed import shared_output_dir
-    from dmd2.generator import is_export
-    from dmd2.run import default_run_name, hydra_output_dir
-    from dmd2.run_logger import RunLogger
+    from dmd2.io.loaded import is_export
+    from dmd2.runtime.distributed import shared_output_dir
+    from dmd2.train.context import default_run_name, hydra_output_dir
+    from dmd2.train.logger import RunLogger
 
     checkpoints = checkpoints_to_evaluate(cfg)
     mixture = checkpoint_mixture(checkpoints)

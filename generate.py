@@ -23,17 +23,18 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
-from dmd2.cli import quiet_hydra_on_other_ranks, run_script
-from dmd2.config import ConfigError, check_device, check_settings, resolve_device
-from dmd2.errors import FileError, GeneratorError
-from dmd2.files import atomic_write
-from dmd2.seeds import parse_seeds
+import dmd2.config.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
+from dmd2.config.cli import quiet_hydra_on_other_ranks, run_script
+from dmd2.config.errors import ConfigError, FileError, GeneratorError
+from dmd2.config.seeds import parse_seeds
+from dmd2.config.validate import check_settings
+from dmd2.io.files import atomic_write
+from dmd2.runtime.devices import check_device, resolve_device
 
 if TYPE_CHECKING:  # torch and the generator are imported in generate(): --help and tab completion stay fast
     import torch
 
-    from dmd2.generator import Generator
+    from dmd2.io.loaded import Generator
 
 log = logging.getLogger("generate")
 GRID_COLUMNS = 16  # images per grid row
@@ -182,7 +183,7 @@ def merge_shares(shares: list[tuple[dict[int, list[torch.Tensor]], list[np.ndarr
 def write_grid(path: str, gen: Generator, classes: list[int], grid_rows: dict[int, list[torch.Tensor]],
                names: list[str]) -> None:
     """grid.png: one row per class shown (at most GRID_MAX_CLASSES, evenly spaced), or rows of 8 images."""
-    from dmd2.sampling import GRID_MAX_CLASSES
+    from dmd2.io.sampler import GRID_MAX_CLASSES
 
     shown = [c for c in classes if grid_rows.get(c)]
     if len(shown) > GRID_MAX_CLASSES:  # evenly spaced rows, as the training grids
@@ -200,9 +201,10 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     seeds (each image is bitwise the one a single process makes) and writes their PNGs; rank 0 gathers the grid
     images (and, for format=npz, every image), writes grid.png / samples.npz and logs. Ranks > 0 return the
     count of their own share."""
-    from dmd2.distributed import barrier, batch_shard, gather_to_main, init_distributed, shared_output_dir, shutdown
-    from dmd2.generator import load_generator
-    from dmd2.run import hydra_output_dir
+    from dmd2.io.loaded import load_generator
+    from dmd2.runtime.distributed import (barrier, batch_shard, gather_to_main, init_distributed, shared_output_dir,
+                                          shutdown)
+    from dmd2.train.context import hydra_output_dir
 
     check_settings(cfg)
     check_device(cfg)

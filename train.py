@@ -6,16 +6,17 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import sys
+from typing import Any, Callable
 
 import hydra
 from omegaconf import DictConfig
 
-import dmd2.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
-from dmd2.cli import quiet_hydra_on_other_ranks, run_script
-from dmd2.config import ConfigError, validate
+import dmd2.config.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
+from dmd2.config.cli import quiet_hydra_on_other_ranks, run_script
+from dmd2.config.errors import ConfigError
+from dmd2.config.validate import validate
+from dmd2.runtime.devices import check_device
 
 # Only torch-free modules are imported above: --help and tab completion compose the config without torch. The
 # stage runners (torch, data, networks) are imported when a run starts (runner_for).
@@ -23,22 +24,23 @@ from dmd2.config import ConfigError, validate
 
 def runner_for(stage: str) -> Callable[[DictConfig], dict[str, Any]]:
     if stage == "teacher":
-        from dmd2.runners.teacher import run
+        from dmd2.train.teacher import run
     else:
-        from dmd2.runners.distill import run
+        from dmd2.train.distill import run
     return run
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Validate the composed config (fast, before any data or model), then run its stage."""
     validate(cfg)
+    check_device(cfg)
     return runner_for(cfg.stage)(cfg)
 
 
 def objective(result: dict[str, Any], optimized_metric: str | None) -> float | None:
     """The value a sweeper minimises: ``optimized_metric`` of the run's final metrics, or by default the best
     eval/fid (eval/fd_*) when the run evaluated (eval_every > 0); None when the run has no objective (no
-    evaluation and none named: a sweep is refused at start then, see dmd2.config.check_objective)."""
+    evaluation and none named: a sweep is refused at start then, see dmd2.config.validate.check_objective)."""
     key = optimized_metric or result["objective_key"]
     if key is None:
         return None

@@ -12,8 +12,8 @@ device it measures, with a randomly initialised network at one batch size:
 
   teacher_step   EDM denoising loss, backward, grad clip, AdamW step, EMA update (what dmd2/runners/teacher.py
                  does per step, without data loading and logging)
-  dmd2           dmd2.runners.distill.generator_step + fake_score_step (a generator-update step) and no-grad
-                 generate + fake_score_step (a fake-score-only step) on a dmd2.unified.UnifiedModel; the average
+  dmd2           dmd2.train.distill.generator_step + fake_score_step (a generator-update step) and no-grad
+                 generate + fake_score_step (a fake-score-only step) on a dmd2.method.unified.UnifiedModel; the average
                  step at dfake_gen_update_ratio r is (t_gen + (r - 1) t_fake_only) / r, for r = 10 and 5
   sampling       one-step generator (multistep_sample over [80]), 4-step generator ([80, 2.5, 0.6, 0.1]) and
                  the teacher's Heun sampler at 35 evaluations (heun_sample, heun_sampler_sigmas(18))
@@ -29,7 +29,6 @@ records the machine, the settings and the command line.
 from __future__ import annotations
 
 import argparse
-from functools import partial
 import copy
 import datetime as _dt
 import json
@@ -38,6 +37,7 @@ import shlex
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,29 +46,23 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from bench_features import bench_data, bench_features  # noqa: E402
+from bench_report import data_table, table  # noqa: E402
+from bench_tools import (DEFAULT_ARCHS, FOUR_STEP_SIGMAS, HEUN_STEPS, RESOLUTION, TINY_ARCHS, TINY_WIDTHS,  # noqa: E402
+                         Memory, Timer, build, images, labels, load_arch, load_average, machine_info, perf_settings,
+                         prepare, stage_settings)
 from omegaconf import DictConfig  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dmd2.diffusion import (  # noqa: E402
-    heun_nfe, heun_sample, heun_sampler_sigmas, multistep_sample,
-)
+from dmd2.method.randomness import BatchRNG  # noqa: E402
+from dmd2.method.samplers import heun_nfe, heun_sample, heun_sampler_sigmas, multistep_sample
+from dmd2.method.unified import UnifiedModel  # noqa: E402
 from dmd2.networks import count_parameters  # noqa: E402
-from dmd2.optim import EMA, Updater, adamw, ema_decay_at, grad_norm  # noqa: E402
-from dmd2.speed import autocast  # noqa: E402
-from dmd2.randomness import BatchRNG  # noqa: E402
-from dmd2.runners.distill import (  # noqa: E402
-    Batch, DistillState, build_updaters, fake_score_step, generator_step,
-)
-from dmd2.runners.teacher import TeacherState, teacher_step  # noqa: E402
-from dmd2.speed import set_backend_flags  # noqa: E402
-from dmd2.unified import UnifiedModel  # noqa: E402
-
-from bench_features import bench_data, bench_features  # noqa: E402
-from bench_report import data_table, table  # noqa: E402
-from bench_tools import (  # noqa: E402
-    DEFAULT_ARCHS, FOUR_STEP_SIGMAS, HEUN_STEPS, RESOLUTION, TINY_ARCHS, TINY_WIDTHS, Memory, Timer, build, images,
-    labels, load_arch, load_average, machine_info, perf_settings, prepare, stage_settings,
-)
+from dmd2.runtime.perf import autocast  # noqa: E402
+from dmd2.runtime.perf import set_backend_flags  # noqa: E402
+from dmd2.train.distill import Batch, DistillState, build_updaters, distill_model, fake_score_step, generator_step
+from dmd2.train.optim import EMA, Updater, adamw, ema_decay_at, grad_norm  # noqa: E402
+from dmd2.train.teacher import TeacherState, teacher_step  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -104,7 +98,7 @@ def build_unified(arch: dict[str, Any], device: torch.device, args: argparse.Nam
                   sigmas: tuple[float, ...] = (80.0,), gan: bool = False) -> tuple[UnifiedModel, DictConfig]:
     hp = stage_settings("distill")
     hp.denoising_sigmas, hp.gan_classifier = list(sigmas), gan
-    model = UnifiedModel(build(arch, device), hp).to(device)
+    model = distill_model(build(arch, device), hp).to(device)
     for net in (model.generator, model.guidance.real_unet, model.guidance.fake_unet):
         prepare(net, args)
     return model, hp

@@ -13,11 +13,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from bench_tools import FEATNET, INCEPTION, RESOLUTION, Memory, Timer  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dmd2.data import CachedBatches, EDMDataset, build_dataset, build_loader  # noqa: E402
-
-from bench_tools import FEATNET, INCEPTION, Memory, RESOLUTION, Timer  # noqa: E402
+from dmd2.data.batches import CachedBatches, build_loader  # noqa: E402
+from dmd2.data.datasets import EDMDataset, build_dataset
 
 
 def small_feature_net() -> nn.Module:

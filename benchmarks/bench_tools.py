@@ -19,10 +19,9 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dmd2.networks import build_denoiser  # noqa: E402
-from dmd2.settings import TeacherSettings  # noqa: E402
-from dmd2.speed import prepare_network  # noqa: E402
-
+from dmd2.config.settings import TeacherSettings  # noqa: E402
+from dmd2.io.weights import build_denoiser  # noqa: E402
+from dmd2.runtime.perf import prepare_network  # noqa: E402
 
 CONF = ROOT / "conf"
 FEATNET = Path("/work/shared/models/cifar10-featnet-dev.ts.pt")
@@ -185,7 +184,7 @@ def perf_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def prepare(net: nn.Module, args: argparse.Namespace) -> nn.Module:
-    """--channels-last / --compile, in place, as the runners apply them (dmd2.speed.prepare_network)."""
+    """--channels-last / --compile, in place, as the runners apply them (dmd2.runtime.perf.prepare_network)."""
     return prepare_network(net, perf_settings(args))
 
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 from dmd2.version import __version__
+
 __all__ = ["Generator", "load_generator", "export_generator", "__version__"]
 
 
 def __getattr__(name: str) -> Any:  # the API loads torch and the networks only when first used
     if name in ("Generator", "load_generator"):
-        from dmd2 import generator
+        from dmd2.io import loaded
 
-        return getattr(generator, name)
+        return getattr(loaded, name)
     if name == "export_generator":
-        from dmd2.export import export_generator
+        from dmd2.io.export import export_generator
 
         return export_generator
     raise AttributeError(f"module 'dmd2' has no attribute {name!r}")

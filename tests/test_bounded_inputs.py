@@ -4,15 +4,15 @@ against the weights' bytes). Each refusal must come at once and without a big al
 from __future__ import annotations
 
 import tracemalloc
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from dmd2.config import ConfigError, check_settings
-from dmd2.errors import GeneratorError
-from dmd2.seeds import MAX_SEEDS, count_seeds, parse_seeds
+from dmd2.config.errors import ConfigError, GeneratorError
+from dmd2.config.seeds import MAX_SEEDS, count_seeds, parse_seeds
+from dmd2.config.validate import check_settings
 from tests.conftest import compose_cfg
 
 
@@ -169,7 +169,7 @@ def hostile_pickles() -> dict:
 
 @pytest.mark.parametrize("name", ["bytes8", "frame", "unicode8", "storage", "view", "numpy", "width", "arch"])
 def test_a_tiny_hostile_edm_pickle_is_refused_before_allocating(name, tmp_path):
-    from dmd2.import_edm import EDMImportError, import_edm
+    from dmd2.io.import_edm import EDMImportError, import_edm
 
     data, message = hostile_pickles()[name]
     pkl = tmp_path / f"{name}.pkl"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmd2.cli import stage_of_key
-from dmd2.errors import CONFIG_ERROR, EVALUATION_ERROR, FILE_ERROR
+from dmd2.config.cli import stage_of_key
+from dmd2.config.errors import CONFIG_ERROR, EVALUATION_ERROR, FILE_ERROR
 from tests.conftest import run_cli
 
 
@@ -103,9 +103,9 @@ def truncated_jpeg_folder(root: Path) -> Path:
 def test_a_truncated_image_is_named(tmp_path):
     """PIL's 'image file is truncated' named no file; the data loader (in a worker process too) and the evaluation's
     image reader now name it, and the script exits with a file error without a traceback."""
-    from dmd2.data import build_dataset
-    from dmd2.errors import EvaluationError, FileError
-    from dmd2.evaluation import read_image_file
+    from dmd2.config.errors import EvaluationError, FileError
+    from dmd2.data.datasets import build_dataset
+    from dmd2.eval.evaluation import read_image_file
 
     bad = truncated_jpeg_folder(tmp_path / "data")
     ds = build_dataset({"name": "image_folder", "root": str(tmp_path / "data"), "num_classes": 2, "resolution": 32})

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dmd2.compare import find_runs, main, table
-from dmd2.errors import FILE_ERROR
+from dmd2.config.errors import FILE_ERROR
+from dmd2.eval.compare import find_runs, main, table
 from tests.conftest import HANG_GUARD_S, ROOT, run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"

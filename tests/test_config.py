@@ -11,11 +11,13 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from dmd2.config import ConfigError, validate
-from dmd2.guidance import GuidanceModel
-from dmd2.networks import build_denoiser
-from dmd2.settings import SCHEMAS, DistillSettings, TeacherSettings, describe
-from dmd2.unified import UnifiedModel
+from dmd2.config.errors import ConfigError
+from dmd2.config.settings import SCHEMAS, DistillSettings, TeacherSettings, describe
+from dmd2.config.validate import validate
+from dmd2.io.weights import build_denoiser
+from dmd2.method.guidance import GuidanceModel
+from dmd2.method.unified import UnifiedModel
+from dmd2.train.distill import distill_model
 from tests.conftest import CONF, compose_cfg, run_cli
 
 
@@ -140,7 +142,7 @@ def test_one_rule_for_every_key(override, key, expected):
 
 
 def test_the_rule_holds_for_evaluate_and_generate():
-    from dmd2.config import check_settings
+    from dmd2.config.validate import check_settings
 
     for name, override in (("evaluate", "+typo=1"), ("evaluate", "num_samples=1180591620717411303424"),
                            ("generate", "++typo=1"), ("generate", "seeds=[0,1099511627776]"),
@@ -209,7 +211,8 @@ def test_help_lists_every_key_with_its_meaning():
 
 
 def test_models_read_the_stage_settings_and_keep_no_defaults():
-    """UnifiedModel / GuidanceModel take the distill settings object; nothing else carries a default."""
+    """UnifiedModel / GuidanceModel take plain arguments without defaults; distill_model builds them from the
+    stage settings (a composed config or the DistillSettings object), where every default lives."""
     for cls in (UnifiedModel, GuidanceModel):
         params = inspect.signature(cls.__init__).parameters
         assert all(p.default is inspect.Parameter.empty for n, p in params.items() if n != "self"), cls
@@ -217,9 +220,9 @@ def test_models_read_the_stage_settings_and_keep_no_defaults():
                               "groups": 4}, 10, 8, 0.5)
     cfg = compose_cfg(["stage=distill", "min_step_percent=0.1", "max_step_percent=0.5", "num_train_timesteps=100",
                        "denoising_sigmas=[80.0,1.0]", "gan_classifier=true"])
-    model = UnifiedModel(teacher, cfg)
+    model = distill_model(teacher, cfg)
     assert (model.guidance.min_step, model.guidance.max_step, len(model.guidance.sigmas)) == (10, 50, 100)
     assert model.denoising_sigmas == [80.0, 1.0] and model.guidance.gan_head is not None
-    same = UnifiedModel(teacher, DistillSettings(min_step_percent=0.1, max_step_percent=0.5, num_train_timesteps=100,
+    same = distill_model(teacher, DistillSettings(min_step_percent=0.1, max_step_percent=0.5, num_train_timesteps=100,
                                                  denoising_sigmas=[80.0, 1.0], gan_classifier=True))
     assert (same.guidance.min_step, same.guidance.max_step, same.denoising_sigmas) == (10, 50, [80.0, 1.0])

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from dmd2.diffusion import (
-    dmd_timestep_sigmas, edm_loss_weight, edm_scalings, gaussian_optimal_denoiser, heun_nfe, heun_sample,
-    heun_sampler_sigmas, karras_sigmas, multistep_sample, sample_edm_sigma, to_uint8,
-)
-from dmd2.networks import EDMPrecond
+from dmd2.data.images import to_uint8
+from dmd2.method.edm import dmd_timestep_sigmas, edm_loss_weight, edm_scalings, edm_sigma, karras_sigmas
+from dmd2.method.mixture import gaussian_optimal_denoiser
+from dmd2.method.samplers import heun_nfe, heun_sample, heun_sampler_sigmas, multistep_sample
+from dmd2.networks.precond import EDMPrecond
 
 
 def test_karras_sigmas_endpoints_and_order():
@@ -51,9 +51,9 @@ def test_edm_scalings_identities():
     assert torch.allclose(w, 1 / c_out**2) and torch.allclose(w, 1 / sigma**2 + 1 / sd**2)
 
 
-def test_sample_edm_sigma_is_lognormal():
+def test_edm_sigma_is_lognormal():
     gen = torch.Generator().manual_seed(0)
-    log_s = sample_edm_sigma(200_000, -1.2, 1.2, generator=gen).log()
+    log_s = edm_sigma(torch.randn(200_000, generator=gen), -1.2, 1.2).log()
     assert log_s.mean().item() == pytest.approx(-1.2, abs=0.01)
     assert log_s.std().item() == pytest.approx(1.2, abs=0.01)
 

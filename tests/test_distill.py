@@ -1,24 +1,23 @@
 """DMD2: the DM gradient's properties, a toy problem with a known answer, the update schedule, and the CLIs."""
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import json
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
 from torch import nn
 
-from dmd2.checkpoint import load_checkpoint
-from dmd2.diffusion import denoising_loss, dmd_timestep_sigmas, gaussian_optimal_denoiser
-from dmd2.losses import distribution_matching_loss, dm_gradient
-from dmd2.networks import build_denoiser
-from dmd2.optim import Updater, adamw
-from dmd2.randomness import BatchRNG
-from dmd2.runners.distill import Batch, DistillState, distill_step
-from dmd2.unified import UnifiedModel
-from dmd2.settings import DistillSettings
+from dmd2.config.settings import DistillSettings
+from dmd2.io.checkpoint import load_checkpoint
+from dmd2.io.weights import build_denoiser
+from dmd2.method.edm import dmd_timestep_sigmas
+from dmd2.method.losses import denoising_loss, distribution_matching_loss, dm_gradient
+from dmd2.method.mixture import gaussian_optimal_denoiser
+from dmd2.method.randomness import BatchRNG
+from dmd2.train.distill import Batch, DistillState, distill_model, distill_step
+from dmd2.train.optim import Updater, adamw
 from tests.conftest import SMOKE, compose_cfg, run_cli
 
 TINY_ARCH = {"name": "simple_unet", "channels": [8, 16], "emb_dim": 16, "noise_emb_dim": 8, "groups": 4,
@@ -104,7 +103,7 @@ def test_update_schedule_and_frozen_teacher():
     torch.manual_seed(0)
     teacher = build_denoiser(TINY_ARCH, 10, 8, 0.5)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    model = UnifiedModel(teacher, DistillSettings())
+    model = distill_model(teacher, DistillSettings())
     gen_before = [p.detach().clone() for p in model.generator.parameters()]
     opts = {"generator": adamw(model.generator.parameters(), 1e-3, (0.9, 0.999), 0.01),
             "guidance": adamw(model.guidance.fake_unet.parameters(), 1e-3, (0.9, 0.999), 0.01)}
@@ -127,7 +126,7 @@ def test_update_schedule_and_frozen_teacher():
 
 def test_generator_and_fake_start_as_copies_of_the_teacher():
     teacher = build_denoiser(TINY_ARCH, 10, 8, 0.5)
-    model = UnifiedModel(teacher, DistillSettings())
+    model = distill_model(teacher, DistillSettings())
     ref = teacher.state_dict()
     for net in (model.generator, model.guidance.fake_unet):
         assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items())
@@ -166,7 +165,7 @@ def test_teacher_distill_generate_end_to_end(dmd2_run, teacher_ckpt, tmp_path):
 
 
 def test_generate_is_reproducible(teacher_ckpt, tmp_path):
-    from dmd2.sampling import generate_uint8, load_sampler
+    from dmd2.io.sampler import generate_uint8, load_sampler
 
     sampler = load_sampler(str(teacher_ckpt), "cpu", heun_steps=1)
     a = torch.cat([im for im, _ in generate_uint8(sampler, 12, seed=3, batch_size=5)])

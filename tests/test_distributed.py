@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmd2.checkpoint import load_checkpoint
-from dmd2.data import EpochBatchSampler
-from dmd2.distributed import Dist
-from dmd2.randomness import BatchRNG
+from dmd2.data.batches import EpochBatchSampler
+from dmd2.io.checkpoint import load_checkpoint
+from dmd2.method.randomness import BatchRNG
 from tests.conftest import HANG_GUARD_S, ROOT, assert_trained_alike, run_cli, train_eval_args
 
 # the torchrun runs (two processes each) run one at a time, on one test worker
@@ -113,9 +112,9 @@ def test_batch_sampler_shards_each_global_batch_between_ranks():
 
 def test_batch_rng_gives_each_rank_its_slice_of_the_global_draw():
     full = BatchRNG(7).randn(2, 6, 3, dim=1)
-    parts = [BatchRNG(7, d=Dist(rank=r, world_size=3)).randn(2, 2, 3, dim=1) for r in range(3)]
+    parts = [BatchRNG(7, rank=r, world_size=3).randn(2, 2, 3, dim=1) for r in range(3)]
     assert torch.equal(torch.cat(parts, dim=1), full)
-    ints = [BatchRNG(7, d=Dist(rank=r, world_size=2)).randint(0, 100, 5) for r in range(2)]
+    ints = [BatchRNG(7, rank=r, world_size=2).randint(0, 100, 5) for r in range(2)]
     assert torch.equal(torch.cat(ints), BatchRNG(7).randint(0, 100, 10))
 
 

@@ -10,19 +10,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hydra.errors import ConfigCompositionException
 import torch
 import torch.nn.functional as F
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from torch import nn
 
 import evaluate as evaluate_script
-from dmd2.config import ConfigError
-from dmd2.evaluation import (INCEPTION_FILE, INCEPTION_URL, EvaluationError, FeatureNetwork, batch_features,
-                             build_feature_network, feature_statistics, folder_stats, frechet_distance, network_input,
-                             precomputed_cifar10_stats)
-from dmd2.run_logger import RunLogger
-from dmd2.errors import EVALUATION_ERROR
+from dmd2.config.errors import EVALUATION_ERROR, ConfigError, EvaluationError
+from dmd2.eval.evaluation import (INCEPTION_FILE, INCEPTION_URL, FeatureNetwork, batch_features, build_feature_network,
+                                  feature_statistics, folder_stats, frechet_distance, network_input,
+                                  precomputed_cifar10_stats)
+from dmd2.train.logger import RunLogger
 from tests.conftest import compose_cfg, run_cli
 
 RESULT_FIELDS = {"metric", "name", "value", "std", "kid", "kid_std", "reference_meta", "num_samples", "nfe", "images_per_sec", "checkpoint", "step", "kind",
@@ -113,7 +112,7 @@ def test_inception_with_local_weights_and_precomputed_stats_is_named_fid(teacher
     stats.mkdir()
     np.savez(stats / "cifar10_clean_train_32.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     # scipy's 2048x2048 matrix square root takes minutes on two busy cores; the wiring is what is tested here
-    monkeypatch.setattr("dmd2.evaluation.cleanfid_frechet_distance",
+    monkeypatch.setattr("dmd2.eval.evaluation.cleanfid_frechet_distance",
                         lambda mu1, s1, mu2, s2: float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2)))
     cfg = compose_cfg([f"checkpoint={teacher_ckpt}", f"feature_network.inception_weights={weights}",
                        f"reference.cache_dir={stats}", "num_samples=6", "batch_size=3", "sampler.steps=1",

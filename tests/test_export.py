@@ -14,12 +14,12 @@ from PIL import Image
 
 import dmd2
 import generate as generate_script
-from dmd2.checkpoint import load_checkpoint
-from dmd2.config import ConfigError
-from dmd2.files import file_sha256
-from dmd2.generator import GeneratorError, parse_seeds
-from dmd2.runners.distill import class_names
-from dmd2.sampling import per_sample_noise
+from dmd2.config.errors import ConfigError, GeneratorError
+from dmd2.config.seeds import parse_seeds
+from dmd2.io.checkpoint import load_checkpoint
+from dmd2.io.files import file_sha256
+from dmd2.io.sampler import per_sample_noise
+from dmd2.train.distill import class_names
 from tests.conftest import compose_cfg, wandb_artifacts, wandb_records
 
 TINY_CLASSES = [f"class{c:02d}" for c in range(10)]  # tests/conftest.py make_image_folder

@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmd2.checkpoint import load_checkpoint
-from dmd2.diffusion import backward_simulation, multistep_sample
-from dmd2.losses import gan_discriminator_loss, gan_generator_loss
-from dmd2.networks import build_denoiser
+from dmd2.config.settings import DistillSettings
+from dmd2.io.checkpoint import load_checkpoint
+from dmd2.io.weights import build_denoiser
+from dmd2.method.losses import gan_discriminator_loss, gan_generator_loss
+from dmd2.method.samplers import backward_simulation, multistep_sample
+from dmd2.method.unified import UnifiedModel
 from dmd2.networks.gan_head import GANHead
-from dmd2.runners.distill import chain_step
-from dmd2.unified import UnifiedModel
-from dmd2.settings import DistillSettings
+from dmd2.train.distill import chain_step, distill_model
 from tests.conftest import run_cli
 
 TINY_ARCH = {"name": "simple_unet", "channels": [8, 16, 16], "emb_dim": 16, "noise_emb_dim": 8, "groups": 4,
@@ -41,7 +41,7 @@ def test_gan_classifier_learns_to_separate_real_from_fake():
 def make_model(**kwargs) -> UnifiedModel:
     torch.manual_seed(0)
     teacher = build_denoiser(TINY_ARCH, 10, 16, 0.5)
-    return UnifiedModel(teacher, DistillSettings(gan_classifier=True, cls_loss_weight=1.0, gen_cls_loss_weight=1.0,
+    return distill_model(teacher, DistillSettings(gan_classifier=True, cls_loss_weight=1.0, gen_cls_loss_weight=1.0,
                                                  **kwargs))
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -15,12 +15,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dmd2.checkpoint import load_checkpoint, network_from_checkpoint
-from dmd2.data import EDMDataset, build_dataset, build_loader, image_transform
-from dmd2.import_edm import import_edm, main as import_main
-from dmd2.networks import EDMPrecond, build_denoiser, count_parameters
+from dmd2.config.settings import arch_settings
+from dmd2.data.batches import build_loader
+from dmd2.data.datasets import EDMDataset, build_dataset, image_transform
+from dmd2.io.checkpoint import load_checkpoint, network_from_checkpoint
+from dmd2.io.import_edm import import_edm
+from dmd2.io.import_edm import main as import_main
+from dmd2.io.weights import build_denoiser
+from dmd2.networks import count_parameters
 from dmd2.networks.gan_head import GANHead
-from dmd2.settings import arch_settings
+from dmd2.networks.precond import EDMPrecond
 from tests.conftest import SMOKE, run_cli
 from tests.test_import_edm import EDMPrecondStandIn, make_persistent, persistence_module
 
@@ -180,7 +184,7 @@ def test_edm_dataset_checks_labels_and_class_count(tmp_path):
 def test_edm_dataset_refuses_negative_and_non_integer_labels(bad, what, tmp_path):
     """A -1 label passed the class-count check and crashed training midway; a float label was truncated. Both are
     refused when the dataset is built, naming the file and the entry (FileError: exit status 3)."""
-    from dmd2.errors import FileError
+    from dmd2.config.errors import FileError
 
     root = make_edm_dataset(tmp_path / "d", n=4, num_classes=10, as_zip=False)
     meta = json.loads((root / "dataset.json").read_text())

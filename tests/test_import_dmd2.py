@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from dmd2.diffusion import to_uint8
-from dmd2.errors import GeneratorError
-from dmd2.generator import load_generator
-from dmd2.import_dmd2 import import_dmd2, main as import_main
-from dmd2.networks import build_denoiser
-from dmd2.settings import arch_settings
+from dmd2.config.errors import GeneratorError
+from dmd2.config.settings import arch_settings
+from dmd2.data.images import to_uint8
+from dmd2.io.import_dmd2 import import_dmd2
+from dmd2.io.import_dmd2 import main as import_main
+from dmd2.io.loaded import load_generator
+from dmd2.io.weights import build_denoiser
 from tests.conftest import run_cli
 
 # 16 px, two levels; 32 channels (no attention head fits) then 128 (attention, 2 heads of 64), 2 blocks per level
@@ -42,7 +43,7 @@ def official_state_dict(seed: int = 0, **arch: object) -> tuple[dict[str, torch.
 
 def official_one_step(net: torch.nn.Module, seeds: list[int], labels: list[int]) -> torch.Tensor:
     """The official sampler, written out: x = G(80 z; sigma 80, one_hot(c)), z seeded as our seed s draws it."""
-    from dmd2.sampling import per_sample_noise
+    from dmd2.io.sampler import per_sample_noise
 
     z = per_sample_noise(seeds, 0, (3, RES, RES))
     one_hot = torch.eye(CLASSES)[torch.tensor(labels)]

@@ -22,13 +22,16 @@ import pytest
 import torch
 from torch import nn
 
-from dmd2.checkpoint import load_checkpoint, network_from_checkpoint
 import evaluate as evaluate_script
-from dmd2.evaluation import EvaluationError, batch_features, build_feature_network, npz_stats
-from dmd2.files import file_sha256
-from dmd2.import_edm import EDMImportError, import_edm, main as import_main
-from dmd2.networks import EDMPrecond, build_denoiser
-from dmd2.settings import arch_settings
+from dmd2.config.errors import EvaluationError
+from dmd2.config.settings import arch_settings
+from dmd2.eval.evaluation import batch_features, build_feature_network, npz_stats
+from dmd2.io.checkpoint import load_checkpoint, network_from_checkpoint
+from dmd2.io.files import file_sha256
+from dmd2.io.import_edm import EDMImportError, import_edm
+from dmd2.io.import_edm import main as import_main
+from dmd2.io.weights import build_denoiser
+from dmd2.networks.precond import EDMPrecond
 from tests.conftest import HANG_GUARD_S, ROOT, SMOKE, compose_cfg, run_cli, train_eval_args
 
 # SongUNet's constructor defaults in NVlabs/edm (training/networks.py); a pickle records only passed arguments.
@@ -298,7 +301,7 @@ def test_edm_protocol_feeds_inception_the_images_at_their_own_size_and_reads_a_r
         expected = torch.jit.load(str(weights))(images.float(), return_features=True).view(2, 2048)
     np.testing.assert_allclose(batch_features(images, net), expected.numpy(), rtol=1e-6)  # no resize outside
     np.savez(tmp_path / "cifar10-32x32.npz", mu=np.zeros(2048), sigma=np.eye(2048))
-    monkeypatch.setattr("dmd2.evaluation.cleanfid_frechet_distance",  # a 2048-d sqrtm takes minutes on 2 cores
+    monkeypatch.setattr("dmd2.eval.evaluation.cleanfid_frechet_distance",  # a 2048-d sqrtm takes minutes on 2 cores
                         lambda mu1, s1, mu2, s2: float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2)))
     cfg = compose_cfg([f"checkpoint={teacher_ckpt}", "protocol=edm", f"reference.path={tmp_path / 'cifar10-32x32.npz'}",
                        f"feature_network.inception_weights={weights}", "num_samples=4", "batch_size=2",

@@ -1,4 +1,5 @@
-"""The import structure of dmd2/: no import cycle (top-level or inside functions), and a config path without torch."""
+"""The import structure of dmd2/: its sub-packages depend on each other in one direction only (the layering), no
+import cycle (top-level or inside functions), and a config path without torch."""
 from __future__ import annotations
 
 import ast
@@ -82,7 +83,58 @@ def test_the_graph_sees_top_level_function_level_and_relative_imports():
     assert imported_modules(ast.parse(source), "dmd2.sub.v", False, known) == {"dmd2.x", "dmd2.y", "dmd2.z",
                                                                                  "dmd2.sub.w"}
     graph = import_graph()
-    assert "dmd2.sampling" in graph["dmd2.generator"] and "dmd2.settings" in graph["dmd2.networks"]
+    assert "dmd2.io.sampler" in graph["dmd2.io.loaded"] and "dmd2.config.settings" in graph["dmd2.io.weights"]
+
+
+# What each sub-package may import (besides itself): dependencies point down, from train (which may import
+# anything) to config and method at the bottom. The method's mathematics and the networks know nothing of runs,
+# files, measurements or configs; the configuration knows nothing of torch.
+LAYERS = {
+    "config": set(),
+    "method": set(),
+    "networks": {"method"},
+    "runtime": {"config"},
+    "data": {"config", "method", "runtime"},
+    "io": {"config", "method", "networks", "runtime", "data"},
+    "eval": {"config", "method", "networks", "runtime", "data", "io"},
+    "train": {"config", "method", "networks", "runtime", "data", "io", "eval"},
+}
+
+
+def sub_package(module: str) -> str | None:
+    """dmd2.method.losses -> method; dmd2.networks -> networks; dmd2.export (an entry point) -> None."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{module} -> {dep}" for module, deps in graph.items() if (room := sub_package(module))
+                  for dep in deps if (other := sub_package(dep)) not in (room, None) and other not in LAYERS[room])
+
+
+def test_layering_finds_an_upward_import():
+    graph = {"dmd2.method.losses": {"dmd2.config.settings", "dmd2.method.edm"}, "dmd2.train.loop": {"dmd2.io.files"},
+             "dmd2.config.cli": {"dmd2.config.errors"}}
+    assert layering_violations(graph) == ["dmd2.method.losses -> dmd2.config.settings"]
+
+
+def test_sub_packages_import_only_the_layers_below_them():
+    graph = import_graph()
+    assert set(LAYERS) == {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}, "a sub-package lacks a layer"
+    assert layering_violations(graph) == []
+    entry_points = {m for m in graph if m.count(".") == 1 and sub_package(m) is None} - {"dmd2.version"}
+    assert entry_points == {"dmd2.export", "dmd2.import_edm", "dmd2.import_dmd2", "dmd2.compare"}, entry_points
+
+
+def test_the_config_package_imports_no_torch_even_inside_functions():
+    heavy = ("torch", "torchvision", "cleanfid", "wandb", "numpy")
+    found = []
+    for path in (PACKAGE / "config").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in heavy]
+    assert found == []
 
 
 def test_dmd2_has_no_import_cycle():
@@ -95,7 +147,7 @@ def test_the_config_path_does_not_import_torch():
     modules) must not import torch: it takes seconds."""
     code = ("import sys\n"
             "sys.path.insert(0, sys.argv[1])\n"
-            "import dmd2.settings, dmd2.config, dmd2.cli, dmd2.errors, dmd2.seeds, dmd2.schedule\n"
+            "import dmd2.config.settings, dmd2.config.validate, dmd2.config.cli, dmd2.config.errors, dmd2.config.seeds, dmd2.train.plan\n"
             "import train, evaluate, generate\n"
             "heavy = sorted(m for m in ('torch', 'torchvision', 'cleanfid', 'wandb') if m in sys.modules)\n"
             "print(','.join(heavy) or 'none')\n")

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-import dmd2.losses
+import dmd2.method.losses
 from tests.conftest import build_once, compose_cfg
 
 # not in the default run (pyproject.toml): python -m pytest -m convergence
@@ -61,9 +61,9 @@ def teacher_faults(metrics: dict[str, float]) -> list[str]:
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float]]:
     """The preset teacher (trained once per test run, shared by the xdist workers), its last evaluation and
     ``one_nfe``: the pixel FD of its own one-step (1 NFE) samples, the blur a student starts from."""
-    from dmd2.evaluation import evaluate_mixture
-    from dmd2.generator import load_generator
-    from dmd2.mixture import mixture_from_config
+    from dmd2.data.mixture import mixture_from_config
+    from dmd2.eval.evaluation import evaluate_mixture
+    from dmd2.io.loaded import load_generator
 
     def build(out: Path) -> None:
         _, last = run(TEACHER, out)
@@ -109,7 +109,7 @@ def test_student_check_rejects_a_flipped_dm_gradient(teacher, variant, tmp_path,
     """Negative control: the generator climbs the KL instead of descending it. Two steps only: that generator
     starts near the modes (its step-0 control would pass), so only this control shows its checks need the DM
     gradient; a one-step generator cannot leave the blur without it, which its step-0 control already shows."""
-    right = dmd2.losses.dm_gradient
-    monkeypatch.setattr(dmd2.losses, "dm_gradient", lambda x, real, fake: -right(x, real, fake))
+    right = dmd2.method.losses.dm_gradient
+    monkeypatch.setattr(dmd2.method.losses, "dm_gradient", lambda x, real, fake: -right(x, real, fake))
     _, last = run([*DISTILL, f"teacher_checkpoint={teacher[0]}", *VARIANTS[variant]], tmp_path)
     assert student_faults(last, teacher[1]["one_nfe"]) != []

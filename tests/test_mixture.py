@@ -6,14 +6,16 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import compose_cfg
-from dmd2.config import ConfigError, validate
-from dmd2.data import build_dataset
-from dmd2.diffusion import gaussian_optimal_denoiser, heun_sample, heun_sampler_sigmas, to_uint8
-from dmd2.frechet import frechet_to_reference
-from dmd2.mixture import (ExactDenoiser, class_moments, exact_denoise, make_mixture,
-                          mixture_scores, quantize, reference_scores, sample_mixture)
+
+from dmd2.config.errors import ConfigError
+from dmd2.config.validate import validate
+from dmd2.data.datasets import build_dataset
+from dmd2.data.images import to_uint8
+from dmd2.method.frechet import frechet_to_reference
+from dmd2.method.mixture import (ExactDenoiser, class_moments, exact_denoise, gaussian_optimal_denoiser, make_mixture,
+                                 mixture_scores, quantize, reference_scores, sample_mixture)
+from dmd2.method.samplers import heun_sample, heun_sampler_sigmas
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +174,7 @@ def test_teacher_and_student_are_scored_exactly_in_training_and_by_evaluate(tmp_
 
 
 def test_exact_denoiser_has_no_denoising_error(mix):
-    from dmd2.mixture import DENOISING_SIGMAS, denoising_errors
+    from dmd2.method.mixture import DENOISING_SIGMAS, denoising_errors
 
     rows = denoising_errors(ExactDenoiser(mix), mix, DENOISING_SIGMAS, num=200)
     assert all(r["mse"] < 1e-10 for r in rows)

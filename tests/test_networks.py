@@ -11,12 +11,14 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from tests.conftest import compose_cfg
-from dmd2.diffusion import denoising_loss
-from dmd2.networks import ARCHITECTURES, EDMPrecond, arch_kwargs, build_denoiser, count_parameters
+from dmd2.config.settings import ARCH_SETTINGS
+from dmd2.io.weights import arch_kwargs, build_denoiser
+from dmd2.method.losses import denoising_loss
+from dmd2.networks import ARCHITECTURES, count_parameters
 from dmd2.networks.edm_unet import EDMUNet, PositionalEmbedding
+from dmd2.networks.precond import EDMPrecond
 from dmd2.networks.simple_unet import SimpleUNet
-from dmd2.settings import ARCH_SETTINGS
+from tests.conftest import compose_cfg
 
 # EDM's CIFAR-10 DDPM++ (Karras et al. 2022; NVlabs/edm `--arch=ddpmpp --cond=1`), 10 classes, 32x32.
 EDM_CIFAR10 = dict(model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4, num_blocks=4,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dmd2.export import main as export_main
-from dmd2.import_edm import main as import_main
+from dmd2.io.export import main as export_main
+from dmd2.io.import_edm import main as import_main
 from tests.test_import_edm import edm_snapshot
 
 
@@ -44,7 +44,7 @@ def test_folder_reference_statistics_follow_the_image_bytes_not_sizes_and_times(
     import torch
     from PIL import Image
 
-    from dmd2.evaluation import build_feature_network, folder_stats
+    from dmd2.eval.evaluation import build_feature_network, folder_stats
 
     folder, cache = tmp_path / "ref", tmp_path / "stats"
     folder.mkdir()
@@ -92,7 +92,7 @@ def test_generate_refuses_a_folder_of_other_images_or_another_model_and_continue
 
     import pytest
 
-    from dmd2.errors import FileError
+    from dmd2.config.errors import FileError
 
     out = tmp_path / "out"
     teacher = [f"checkpoint={teacher_ckpt}", f"output_dir={out}", "sampler.steps=1"]
@@ -122,7 +122,7 @@ def test_generate_refuses_a_folder_of_other_images_or_another_model_and_continue
 def test_a_data_set_file_is_fingerprinted_by_its_bytes(tmp_path):
     import os
 
-    from dmd2.evaluation import data_fingerprint
+    from dmd2.eval.evaluation import data_fingerprint
 
     archive = tmp_path / "data.zip"
     archive.write_bytes(b"A" * 64)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmd2.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint, prune_checkpoints
-from dmd2.optim import NonFiniteError
+from dmd2.config.errors import CheckpointError
+from dmd2.io.checkpoint import latest_valid_checkpoint, load_checkpoint, prune_checkpoints
+from dmd2.train.optim import NonFiniteError
 from tests.conftest import ROOT, SMOKE, compose_cfg, run_cli
 
 
@@ -102,7 +103,7 @@ def test_keep_last_prunes_only_periodic_checkpoints(tmp_path):
 
 
 def poison_third_loss(monkeypatch):
-    import dmd2.runners.teacher as teacher
+    import dmd2.train.teacher as teacher
 
     calls = {"n": 0}
     real_loss = teacher.denoising_loss
@@ -174,7 +175,8 @@ def test_a_finished_run_resumed_returns_its_objective(teacher_ckpt, tiny_data, t
 
 
 def test_an_objective_the_run_never_logs_is_refused_at_start(tmp_path):
-    from dmd2.config import ConfigError, validate
+    from dmd2.config.errors import ConfigError
+    from dmd2.config.validate import validate
 
     for stage, metric in (("teacher", "train/loss_dm"), ("distill", "train/loss"), ("distill", "train/loss_cls")):
         extra = ["teacher_checkpoint=missing.pt"] if stage == "distill" else []
@@ -196,8 +198,8 @@ def test_a_teacher_overwritten_at_the_same_path_is_refused_on_resume(teacher_ckp
 
     import yaml
 
-    from dmd2.errors import FileError
-    from dmd2.files import file_sha256
+    from dmd2.config.errors import FileError
+    from dmd2.io.files import file_sha256
     from train import train
 
     teacher, out = tmp_path / "teacher.pt", tmp_path / "run"
@@ -224,7 +226,7 @@ def test_a_teacher_overwritten_at_the_same_path_is_refused_on_resume(teacher_ckp
 def test_a_run_whose_every_update_was_skipped_fails_without_a_final_checkpoint(tmp_path):
     """p_mean=1000 makes every noise level infinite, so every loss is NaN: with on_nonfinite=skip the run used to
     end with status 0 and an untrained teacher_final.pt; now it fails (status 5) and writes no final checkpoint."""
-    from dmd2.errors import TRAINING_FAILED
+    from dmd2.config.errors import TRAINING_FAILED
 
     out = tmp_path / "out"
     proc = run_cli("train.py", *SMOKE, "p_mean=1000", "on_nonfinite=skip", f"output_dir={out}",
@@ -235,8 +237,8 @@ def test_a_run_whose_every_update_was_skipped_fails_without_a_final_checkpoint(t
 
 
 def test_non_finite_weights_fail_the_run():
-    from dmd2.errors import TrainingFailed
-    from dmd2.optim import Updater, adamw, check_trained
+    from dmd2.config.errors import TrainingFailed
+    from dmd2.train.optim import Updater, adamw, check_trained
 
     net = torch.nn.Linear(2, 2)
     upd = Updater("loss", list(net.parameters()), adamw(net.parameters(), 1e-3, (0.9, 0.999), 0.0), 1e-3, 0, None,
@@ -261,8 +263,8 @@ class PickledObject:
 def test_a_file_with_pickled_objects_is_refused_without_advising_weights_only_false(tmp_path):
     """torch's refusal advised retrying with weights_only=False (running code from the file); the message now says
     what the file holds and what is expected instead, for training checkpoints and for sampling."""
-    from dmd2.generator import load_generator
-    from dmd2.errors import GeneratorError
+    from dmd2.config.errors import GeneratorError
+    from dmd2.io.loaded import load_generator
 
     path = tmp_path / "foreign.pt"
     torch.save({"kind": "teacher", "step": 0, "object": PickledObject()}, path)

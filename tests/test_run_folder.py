@@ -16,16 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import dmd2.checkpoint as checkpoint
-import dmd2.run as run
-import dmd2.run_logger as run_logger
-from dmd2.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
-from dmd2.config import ConfigError
-from dmd2.errors import CheckpointError, FileError
-from dmd2.files import atomic_write
-from dmd2.run import LOCK_FILE, acquire_lock
+import dmd2.io.checkpoint as checkpoint
+import dmd2.train.context as run
+import dmd2.train.logger as run_logger
+from dmd2.config.errors import CheckpointError, ConfigError, FileError
+from dmd2.io.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from dmd2.io.files import atomic_write
+from dmd2.train.folder import LOCK_FILE, acquire_lock
 from tests.conftest import ROOT, SMOKE, compose_cfg
-
 
 TAKE_OVER_ENV = "DMD2_TAKE_OVER_LOCK"
 
@@ -119,7 +117,7 @@ def test_a_full_disk_at_start_leaves_no_lock(tmp_path):
     code = ("import resource, signal, sys\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))\n"
-            "from dmd2.run import acquire_lock\n"
+            "from dmd2.train.folder import acquire_lock\n"
             "try:\n    acquire_lock(sys.argv[1])\nexcept Exception as err:\n    print(type(err).__name__, err)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert "FileError" in proc.stdout and "run.lock" in proc.stdout, proc.stdout + proc.stderr
@@ -266,7 +264,7 @@ def test_a_killed_export_is_cleaned_up_and_a_crash_at_start_leaves_no_lock(monke
 
 
 def test_written_files_follow_the_umask(teacher_ckpt, tmp_path):
-    from dmd2.export import export_generator
+    from dmd2.io.export import export_generator
 
     previous = os.umask(0o022)
     try:
@@ -284,7 +282,7 @@ def test_written_files_follow_the_umask(teacher_ckpt, tmp_path):
 
 
 def test_without_flock_the_lock_is_made_exclusively(monkeypatch, tmp_path, caplog):
-    import dmd2.run_folder as run_folder
+    import dmd2.train.folder as run_folder
 
     monkeypatch.setattr(run_folder, "try_flock", lambda fd: None)  # a file system without flock
     caplog.set_level("INFO")
@@ -301,7 +299,7 @@ def test_without_flock_the_lock_is_made_exclusively(monkeypatch, tmp_path, caplo
 
 
 def test_a_failed_export_at_the_end_keeps_the_run(monkeypatch, teacher_ckpt, tiny_data, tmp_path, caplog):
-    import dmd2.runners.distill as distill
+    import dmd2.train.distill as distill
     from train import train
 
     def full_disk(*args, **kwargs):
@@ -343,7 +341,7 @@ def test_a_failing_wandb_media_write_turns_wandb_off_and_keeps_the_grid(monkeypa
 @pytest.mark.slow
 def test_a_killed_run_whose_workers_still_hold_the_lock_is_taken_over(tmp_path, caplog):
     """Data-loader workers forked with the lock open keep its flock for a moment after the run is killed."""
-    code = ("import os, sys, time\nfrom dmd2.run import acquire_lock\nlock = acquire_lock(sys.argv[1])\n"
+    code = ("import os, sys, time\nfrom dmd2.train.folder import acquire_lock\nlock = acquire_lock(sys.argv[1])\n"
             "if os.fork() == 0:\n    time.sleep(2)\n    os._exit(0)\nos._exit(0)\n")
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, check=True)
     caplog.set_level("INFO")

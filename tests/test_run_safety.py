@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import dmd2.checkpoint as checkpoint
-from dmd2.checkpoint import load_checkpoint
-from dmd2.config import ConfigError
-from dmd2.run import LOCK_FILE, acquire_lock
+import dmd2.io.checkpoint as checkpoint
+from dmd2.config.errors import ConfigError
+from dmd2.io.checkpoint import load_checkpoint
+from dmd2.train.folder import LOCK_FILE, acquire_lock
 from tests.conftest import HANG_GUARD_S, ROOT, SMOKE, compose_cfg, run_cli
 
 

@@ -1,4 +1,4 @@
-"""The schedule a run prints at its start (dmd2.schedule) agrees with the rules the runners apply."""
+"""The schedule a run prints at its start (dmd2.train.plan) agrees with the rules the runners apply."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dmd2.schedule import describe_schedule, log_schedule
+from dmd2.train.plan import describe_schedule, log_schedule
 
 
 def runner_events(steps: int, every: int, final_is_separate: bool, at_zero: bool = False) -> int:
@@ -52,7 +52,7 @@ def test_a_warmup_longer_than_the_run_is_a_warning():
 
 def test_log_schedule_logs_on_rank_0_only(caplog):
     cfg = SimpleNamespace(stage="teacher", warmup_steps=50, eval_every=0, save_every=10, sample_every=0)
-    with caplog.at_level(logging.INFO, logger="dmd2.schedule"):
+    with caplog.at_level(logging.INFO, logger="dmd2.train.plan"):
         log_schedule(cfg, 20, 5, 0, is_main=False)
         assert caplog.records == []
         log_schedule(cfg, 20, 5, 0, is_main=True)

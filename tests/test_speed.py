@@ -4,13 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra.errors import ConfigCompositionException
 import torch
+from hydra.errors import ConfigCompositionException
 
-from dmd2.checkpoint import load_checkpoint
-from dmd2.config import ConfigError, validate
-from dmd2.data import CachedBatches, LabelsOnly, build_batches, build_dataset, build_loader
-from dmd2.speed import cache_fits, fused_adamw
+from dmd2.config.errors import ConfigError
+from dmd2.config.validate import validate
+from dmd2.data.batches import CachedBatches, build_batches, build_loader
+from dmd2.data.datasets import LabelsOnly, build_dataset
+from dmd2.io.checkpoint import load_checkpoint
+from dmd2.runtime.perf import cache_fits, fused_adamw
 from tests.conftest import SMOKE, assert_trained_alike, compose_cfg, run_cli
 
 

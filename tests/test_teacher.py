@@ -7,11 +7,11 @@ import time
 import pytest
 import torch
 
-from dmd2.checkpoint import load_checkpoint, network_from_checkpoint
-from dmd2.networks import build_denoiser
-from dmd2.optim import ema_decay_at, ema_update
-from dmd2.data import total_steps
-from dmd2.run_logger import RunningMeans
+from dmd2.data.batches import total_steps
+from dmd2.io.checkpoint import load_checkpoint, network_from_checkpoint
+from dmd2.io.weights import build_denoiser
+from dmd2.train.logger import RunningMeans
+from dmd2.train.optim import ema_decay_at, ema_update
 from tests.conftest import SMOKE, run_cli, wandb_artifacts, wandb_records
 
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from dmd2.distributed import Dist, batch_shard
+from dmd2.runtime.distributed import Dist, batch_shard
 from tests.conftest import HANG_GUARD_S, ROOT, run_cli, train_eval_args
 
 # the torchrun runs (two processes each) run one at a time, on one test worker
@@ -74,9 +74,8 @@ def test_two_processes_write_the_same_images_and_measure_the_same_fd_as_one(dmd2
 def test_a_known_answer_model_gets_the_same_exact_scores_from_two_processes(tmp_path):
     """data=gaussian_mixture: the samples are sharded and gathered to rank 0, which alone scores them and measures
     the teacher's denoising error."""
-    from train import train
-
     from tests.conftest import compose_cfg
+    from train import train
 
     quick = ["debug=smoke", "logger=none", "data=gaussian_mixture", "data.num_classes=2",
              "data.synthetic_per_class=64", "eval_every=0", "max_steps=2"]

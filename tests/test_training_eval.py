@@ -12,14 +12,14 @@ import torch
 import yaml
 
 import train as train_script
-from dmd2.checkpoint import load_checkpoint
-from dmd2.config import ConfigError, validate
-from dmd2.guidance import GuidanceModel
-from dmd2.networks import build_denoiser
-from dmd2.optim import EMA, Updater, adamw, warmup_lr
-from dmd2.unified import UnifiedModel
-from dmd2.settings import DistillSettings
-from dmd2.errors import EVALUATION_ERROR
+from dmd2.config.errors import EVALUATION_ERROR, ConfigError
+from dmd2.config.settings import DistillSettings
+from dmd2.config.validate import validate
+from dmd2.io.checkpoint import load_checkpoint
+from dmd2.io.weights import build_denoiser
+from dmd2.method.unified import UnifiedModel
+from dmd2.train.distill import distill_model
+from dmd2.train.optim import EMA, Updater, adamw, warmup_lr
 from tests.conftest import SMOKE, compose_cfg, run_cli, train_eval_args
 
 TINY_ARCH = {"name": "simple_unet", "channels": [8, 16], "num_res_blocks": 1, "attn_resolutions": [],
@@ -51,20 +51,20 @@ def dm_gradient(model: UnifiedModel) -> torch.Tensor:
 def test_distillation_dropout_is_zero_so_the_dm_gradient_starts_at_exactly_zero():
     torch.manual_seed(0)
     teacher = build_denoiser(TINY_ARCH, 10, 8, 0.5)  # trained with dropout 0.1
-    model = UnifiedModel(teacher, DistillSettings())  # the default: dropout 0 for generator and fake score network
+    model = distill_model(teacher, DistillSettings())  # the default: dropout 0 for generator and fake score network
     assert model.generator.training and model.guidance.fake_unet.training and not model.guidance.real_unet.training
     assert torch.equal(dm_gradient(model), torch.zeros(4))
     # the teacher's own architecture is untouched (its dropout layers keep p = 0.1)
     assert {m.p for m in teacher.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
     # keeping the teacher's dropout (dropout=None) pushes pure dropout noise into the generator
-    noisy = UnifiedModel(build_denoiser(TINY_ARCH, 10, 8, 0.5), DistillSettings(dropout=None))
+    noisy = distill_model(build_denoiser(TINY_ARCH, 10, 8, 0.5), DistillSettings(dropout=None))
     assert dm_gradient(noisy).min() > 0
 
 
 def test_edm_unet_dropout_is_switched_off_the_same_way():
     arch = {"name": "edm_unet", "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
             "attn_resolutions": [4], "dropout": 0.13}
-    model = UnifiedModel(build_denoiser(arch, 10, 8, 0.5), DistillSettings())
+    model = distill_model(build_denoiser(arch, 10, 8, 0.5), DistillSettings())
     assert torch.equal(dm_gradient(model), torch.zeros(4))
 
 
@@ -86,11 +86,11 @@ def test_warmup_counts_training_iterations_for_both_networks(teacher_ckpt, tiny_
 
 
 def test_without_diffusion_gan_the_classifier_sees_clean_images_at_sigma_min():
-    guidance = GuidanceModel(build_denoiser(TINY_ARCH, 10, 8, 0.5), DistillSettings(gan_classifier=True, diffusion_gan=False))
+    guidance = distill_model(build_denoiser(TINY_ARCH, 10, 8, 0.5), DistillSettings(gan_classifier=True, diffusion_gan=False)).guidance
     x = torch.randn(3, 3, 8, 8)
     seen, sigma = guidance.gan_noise(x)
     assert torch.equal(seen, x) and torch.equal(sigma, torch.full((3,), guidance.sigmas[0].item()))
-    noisy, sigma = GuidanceModel(build_denoiser(TINY_ARCH, 10, 8, 0.5), DistillSettings(gan_classifier=True)).gan_noise(x)
+    noisy, sigma = distill_model(build_denoiser(TINY_ARCH, 10, 8, 0.5), DistillSettings(gan_classifier=True)).guidance.gan_noise(x)
     assert not torch.equal(noisy, x) and sigma.shape == (3,)
 
 

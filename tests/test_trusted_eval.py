@@ -14,12 +14,14 @@ import torch
 
 import evaluate as evaluate_script
 import generate as generate_script
-from dmd2.config import ConfigError, check_objective, validate
-from dmd2.evaluation import (EvaluationError, ReferenceStats, build_feature_network, count_label, evaluate_sampler,
-                             feature_statistics, folder_stats, frechet_distance, frechet_to_reference, metric_name,
-                             npz_stats, reference_from_config, resample_statistics, score_features)
-from dmd2.generator import load_generator
-from dmd2.run import logger_settings, wandb_project
+from dmd2.config.errors import ConfigError, EvaluationError
+from dmd2.config.validate import check_objective, validate
+from dmd2.eval.evaluation import (ReferenceStats, build_feature_network, count_label, evaluate_sampler,
+                                  feature_statistics, folder_stats, frechet_distance, metric_name, npz_stats,
+                                  reference_from_config, resample_statistics, score_features)
+from dmd2.io.loaded import load_generator
+from dmd2.method.frechet import frechet_to_reference
+from dmd2.train.context import logger_settings, wandb_project
 from tests.conftest import SMOKE, compose_cfg, run_cli, train_eval_args
 
 

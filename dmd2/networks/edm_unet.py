@@ -28,7 +28,7 @@ Structure (R = resolution, L = len(channel_mult), C_l = model_channels * channel
 Parameter and buffer names (``map_label``, ``enc['16x16_block0'].conv0.weight``, ...) and the qkv
 channel layout follow the structure of NVlabs/edm's SongUNet, so that a state dict of that network maps
 onto this one by name (``model.`` -> ``net.`` under EDMPrecond). This is the raw network F of the EDM
-denoiser; preconditioning lives in ``dmd2.networks.EDMPrecond``.
+denoiser; preconditioning lives in ``dmd2.networks.precond.EDMPrecond``.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ GroupNorm + SiLU everywhere, dropout inside ResBlocks. The noise embedding is si
 ``c_noise``; a learned class embedding is added to it. With channels [64, 128, 256, 512] it has
 about 19M parameters.
 
-This is the raw network F of the EDM denoiser; preconditioning lives in ``dmd2.networks.EDMPrecond``.
+This is the raw network F of the EDM denoiser; preconditioning lives in ``dmd2.networks.precond.EDMPrecond``.
 """
 from __future__ import annotations
 

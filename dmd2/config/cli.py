@@ -1,0 +1,129 @@
+"""The scripts' entry point: errors caused by input end the run with a message and a documented exit status.
+
+    if __name__ == "__main__":
+        sys.exit(run_script(main))      # main: the script's @hydra.main function
+
+An error caused by the config, a file, a checkpoint or the evaluation setup is printed as one message, without a
+Python traceback, and gives its own exit status (``dmd2.config.errors``; README "Exit statuses"). HYDRA_FULL_ERROR=1
+prints the traceback as well. Any other exception is a bug and propagates with its full traceback (status 1).
+
+This module imports no torch: the scripts' --help and tab completion stay fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import traceback
+from typing import Any, Callable
+
+from hydra._internal import hydra as hydra_app
+from hydra.errors import ConfigCompositionException, HydraException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+from dmd2.config.errors import (CONFIG_ERROR, EVALUATION_ERROR, FILE_ERROR, TRAINING_FAILED, CheckpointError,
+                                ConfigError, EvaluationError, FileError, GeneratorError, TrainingFailed)
+from dmd2.config.settings import DistillSettings, TeacherSettings, TrainSettings
+
+
+def stage_of_key(key: str) -> str | None:
+    """The stage ("teacher" or "distill") whose settings alone have the top-level ``key``, else None."""
+    shared = {f.name for f in dataclasses.fields(TrainSettings)}
+    for stage, schema in (("teacher", TeacherSettings), ("distill", DistillSettings)):
+        if key in {f.name for f in dataclasses.fields(schema)} - shared:
+            return stage
+    return None
+
+
+def composition_message(err: HydraException, script: str) -> str:
+    """Hydra's message for a config it could not compose, with a hint that fits this project: an unknown key is
+    named as a key of the other stage when it is one, and Hydra's advice to append it with +key is left out
+    (the scripts read only the keys of their schemas: an appended key would be ignored)."""
+    cause = err.__cause__
+    unknown_key = isinstance(err, ConfigCompositionException) and isinstance(cause, (ConfigAttributeError,
+                                                                                     ConfigKeyError))
+    if unknown_key and cause.full_key:
+        key = cause.full_key
+        stage = stage_of_key(key)
+        if stage is not None:
+            return f"`{key}` is a `stage={stage}` key: add stage={stage}"
+        return f"unknown config key '{key}' (python {script} --help lists every key)"
+    return str(err) + (f"\n{cause}" if cause is not None else "")
+
+
+def plain_message(err: BaseException) -> str:
+    """The error's message; for an error re-raised from a DataLoader worker (whose message carries the worker's
+    traceback) only the original message, e.g. the file that could not be read."""
+    text = str(err)
+    marker = f"{type(err).__name__}: "
+    if "DataLoader worker process" in text and "Traceback" in text and marker in text:
+        return text.rstrip().rsplit(marker, 1)[1]
+    return text
+
+
+def exit_status(err: BaseException) -> int | None:
+    """The exit status of an error caused by input (README "Exit statuses"), or None for any other exception."""
+    if isinstance(err, EvaluationError):
+        return EVALUATION_ERROR
+    if isinstance(err, TrainingFailed):
+        return TRAINING_FAILED
+    if isinstance(err, (FileError, CheckpointError, GeneratorError)):
+        return FILE_ERROR
+    if isinstance(err, (ConfigError, HydraException)):
+        return CONFIG_ERROR
+    return None
+
+
+def skip_hydra_group_listing() -> None:
+    """Make ``--help`` cheap: Hydra builds its own config-group listing ($APP_CONFIG_GROUPS) for every help text,
+    recomposing the config once per group option (about 120 copies of the ConfigStore, 75 % of --help's CPU
+    time). This project's help templates list their groups themselves (``dmd2.config.settings.help_template``) and use
+    only $CONFIG, so that listing is never shown and is skipped. (Hydra 1.3's ``Hydra.format_config_groups``; a
+    Hydra without it is left alone.)"""
+    if hasattr(hydra_app.Hydra, "format_config_groups"):
+        hydra_app.Hydra.format_config_groups = lambda self, predicate, compact=True: ""
+
+
+def run_script(main: Callable[[], Any]) -> int:
+    """Run a script's Hydra ``main``; return 0, or the exit status of an input error after printing its message.
+
+    Hydra prints errors itself (exit status 1) unless HYDRA_FULL_ERROR=1, when it raises them: it is set while
+    ``main`` runs so that the errors reach this function, which then prints the traceback only if the user had set
+    HYDRA_FULL_ERROR=1."""
+    asks_help = "--help" in sys.argv[1:] or "-h" in sys.argv[1:]
+    if asks_help:
+        skip_hydra_group_listing()
+    show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except BrokenPipeError:
+        if not asks_help:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # `--help | head`: the reader left
+    except Exception as err:
+        status = exit_status(err)
+        if status is None:
+            raise
+        if show_traceback:
+            traceback.print_exc()
+        script = os.path.basename(sys.argv[0])
+        message = composition_message(err, script) if isinstance(err, HydraException) else plain_message(err)
+        sys.stderr.write(f"Error: {message}\n")
+        if not show_traceback:
+            sys.stderr.write(f"(exit status {status}; set HYDRA_FULL_ERROR=1 for the traceback)\n")
+        return status
+    finally:
+        if previous is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+    return 0
+
+
+def quiet_hydra_on_other_ranks(argv: list[str]) -> list[str]:
+    """Under torchrun, ranks > 0 write no Hydra files: they all use rank 0's output folder."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        return [*argv, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return argv

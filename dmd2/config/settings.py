@@ -1,0 +1,635 @@
+"""Every setting of train.py, evaluate.py and generate.py, defined once: its type, allowed values, default and
+one-line meaning.
+
+The dataclasses below are Hydra structured configs, registered as ``schema/...`` nodes. The YAML files under
+``conf/`` start from them and hold only values (a stage's own values, an architecture's widths, presets), so:
+
+- Hydra refuses an unknown key or a value of the wrong type while composing (``batch_size=abc``);
+- ``dmd2.config.validate`` checks every ``check`` rule below (ranges, choices) and the rule all keys share
+  (no keys added with +key, finite floats, 64-bit integers), naming the key;
+- ``--help`` lists every key with its meaning (``help_template``);
+- library code reads settings from these objects instead of keeping its own defaults.
+
+A setting is declared as ``name: type = setting(default, "meaning", rule)``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import Any, Callable, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from dmd2.config.errors import GeneratorError
+from dmd2.config.seeds import MAX_SEEDS, count_seeds, seed_ranges
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A check of one value and the words that describe what it accepts (used in error messages)."""
+    test: Callable[[Any], bool]
+    expected: str
+
+    def __call__(self, value: Any) -> bool:
+        return bool(self.test(value))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
+def int_at_least(low: int) -> Rule:
+    return Rule(lambda v: _is_int(v) and v >= low, f"an integer >= {low}")
+
+
+def number(low: float | None = None, high: float | None = None, *, above: float | None = None,
+           below: float | None = None) -> Rule:
+    """A number in [low, high] (``above`` / ``below``: strict bounds)."""
+    def test(v: Any) -> bool:
+        return (_is_num(v) and (low is None or v >= low) and (high is None or v <= high)
+                and (above is None or v > above) and (below is None or v < below))
+    lo = f"[{low}" if low is not None else (f"({above}" if above is not None else "(-inf")
+    hi = f"{high}]" if high is not None else (f"{below})" if below is not None else "inf)")
+    words = {("(0", "inf)"): "a number > 0", ("[0", "inf)"): "a number >= 0", ("(-inf", "inf)"): "a number"}
+    return Rule(test, words.get((lo, hi), f"a number in {lo}, {hi}"))
+
+
+def one_of(*options: Any) -> Rule:
+    return Rule(lambda v: v in options, "one of " + ", ".join(repr(o) for o in options))
+
+
+def optional(rule: Rule, none_means: str = "") -> Rule:
+    null = f"null ({none_means})" if none_means else "null"
+    return Rule(lambda v: v is None or rule(v), f"{null} or {rule.expected}")
+
+
+BOOL = Rule(lambda v: isinstance(v, bool), "true or false")
+TEXT = Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string")
+POSITIVE_INT = int_at_least(1)
+NONNEG_INT = int_at_least(0)
+POSITIVE = number(above=0)
+NONNEG = number(low=0)
+FRACTION = number(0, 1)
+DECAY = number(0, below=1)
+# Seeds become torch generator seeds as seed * 1_000_003 + index (dmd2.method.randomness.derived_seed), which must fit in
+# 64 bits: 2**40 leaves room for any index.
+SEED_LIMIT = 2 ** 40
+SEED = Rule(lambda v: _is_int(v) and 0 <= v < SEED_LIMIT, "an integer seed in [0, 2**40)")
+INT_LIST = Rule(lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 1 for x in v),
+                "a list of integers >= 1")
+DESCENDING_SIGMAS = Rule(
+    lambda v: isinstance(v, (list, tuple)) and len(v) >= 1 and all(_is_num(s) and s > 0 for s in v)
+    and all(a > b for a, b in zip(v, v[1:])),
+    "a non-empty list of positive sigmas in strictly descending order, e.g. [80.0, 2.5, 0.6, 0.1]")
+
+
+def setting(default: Any, help: str, check: Rule | None = None) -> Any:
+    """A dataclass field carrying its meaning and its rule (``MISSING`` = required, ``???`` in YAML)."""
+    metadata = {"help": help, "check": check}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def group(node: type, help: str) -> Any:
+    """A nested section whose keys are defined by ``node``."""
+    return field(default_factory=node, metadata={"help": help, "check": None})
+
+
+def chosen(help: str) -> Any:
+    """A section filled by a config group (arch, data, logger, ...): its schema is the chosen option's."""
+    return field(default=MISSING, metadata={"help": help, "check": None})
+
+
+# ---------------------------------------------------------------------------------------------- architectures
+
+
+@dataclass
+class SimpleUNetArch:
+    """The spec's SimpleUNet for 32x32 RGB images (about 21M parameters at these widths)."""
+    name: str = setting("simple_unet", "architecture", one_of("simple_unet"))
+    channels: List[int] = setting([64, 128, 256, 512], "stem width, then one entry per 2x-downsampling stage",
+                                  INT_LIST)
+    num_res_blocks: int = setting(1, "ResBlocks per stage", POSITIVE_INT)
+    attn_resolutions: List[int] = setting([], "extra self-attention at these resolutions (the middle always has one)",
+                                          INT_LIST)
+    noise_emb_dim: int = setting(128, "sinusoidal noise-embedding width", POSITIVE_INT)
+    emb_dim: int = setting(512, "conditioning (noise + class) embedding width", POSITIVE_INT)
+    dropout: float = setting(0.1, "dropout in the residual blocks", FRACTION)
+    groups: int = setting(8, "GroupNorm groups", POSITIVE_INT)
+
+
+@dataclass
+class EDMUNetArch:
+    """EDM's DDPM++ / NCSN++ UNet ("SongUNet"); defaults: the class-conditional CIFAR-10 DDPM++ of EDM."""
+    name: str = setting("edm_unet", "architecture", one_of("edm_unet"))
+    in_channels: int = setting(3, "image channels (in = out)", POSITIVE_INT)
+    model_channels: int = setting(128, "base width", POSITIVE_INT)
+    channel_mult: List[int] = setting([2, 2, 2], "width multiplier per level; level l runs at resolution R / 2^l",
+                                      INT_LIST)
+    channel_mult_emb: int = setting(4, "conditioning-embedding width = channel_mult_emb * model_channels",
+                                    POSITIVE_INT)
+    channel_mult_noise: int = setting(1, "noise-embedding width = channel_mult_noise * model_channels (NCSN++: 2)",
+                                      POSITIVE_INT)
+    num_blocks: int = setting(4, "residual blocks per level (encoder; the decoder has num_blocks + 1)",
+                              POSITIVE_INT)
+    attn_resolutions: List[int] = setting([16], "self-attention at these resolutions", INT_LIST)
+    num_heads: int = setting(1, "attention heads", POSITIVE_INT)
+    dropout: float = setting(0.13, "dropout in the residual blocks (EDM's CIFAR-10 value)", FRACTION)
+    label_dropout: float = setting(0.0, "class-label dropout in training (classifier-free guidance); EDM: 0",
+                                   FRACTION)
+    augment_dim: int = setting(0, "augmentation-label input (EDM: 9 with its augment pipe); 0 = none", NONNEG_INT)
+    embedding_type: str = setting("positional", "noise embedding: positional (DDPM++) | fourier (NCSN++)",
+                                  one_of("positional", "fourier"))
+    max_positions: int = setting(10000, "positional embedding: frequencies 1 .. 1/max_positions", POSITIVE_INT)
+    encoder_type: str = setting("standard", "standard (DDPM++) | skip | residual (NCSN++)",
+                                one_of("standard", "skip", "residual"))
+    decoder_type: str = setting("standard", "standard | skip", one_of("standard", "skip"))
+    resample_filter: List[int] = setting([1, 1], "2x resampling filter taps: [1, 1] box (DDPM++), [1, 3, 3, 1] "
+                                         "(NCSN++)", INT_LIST)
+    skip_scale: float = setting(0.7071067811865476, "residual sums are scaled by this (1/sqrt(2))", POSITIVE)
+    norm_eps: float = setting(1e-6, "GroupNorm epsilon", POSITIVE)
+    norm_max_groups: int = setting(32, "GroupNorm groups: min(norm_max_groups, channels / 4)", POSITIVE_INT)
+
+
+@dataclass
+class ADMArch:
+    """ADM (Dhariwal & Nichol 2021) as EDM re-implemented it ("DhariwalUNet"); defaults: EDM's class-conditional
+    ImageNet 64x64 network (edm-imagenet-64x64-cond-adm, 296M parameters), the official DMD2 teacher."""
+    name: str = setting("adm", "architecture", one_of("adm"))
+    in_channels: int = setting(3, "image channels (in = out)", POSITIVE_INT)
+    model_channels: int = setting(192, "base width", POSITIVE_INT)
+    channel_mult: List[int] = setting([1, 2, 3, 4], "width multiplier per level; level l runs at resolution R / 2^l",
+                                      INT_LIST)
+    channel_mult_emb: int = setting(4, "conditioning-embedding width = channel_mult_emb * model_channels",
+                                    POSITIVE_INT)
+    num_blocks: int = setting(3, "residual blocks per level (encoder; the decoder has num_blocks + 1)",
+                              POSITIVE_INT)
+    attn_resolutions: List[int] = setting([32, 16, 8], "self-attention at these resolutions", INT_LIST)
+    dropout: float = setting(0.10, "dropout in the residual blocks", FRACTION)
+    label_dropout: float = setting(0.0, "class-label dropout in training (classifier-free guidance)", FRACTION)
+    augment_dim: int = setting(0, "augmentation-label input; 0 = none", NONNEG_INT)
+    channels_per_head: int = setting(64, "attention heads = block width / channels_per_head", POSITIVE_INT)
+
+
+@dataclass
+class FromTeacherArch:
+    """Distillation: rebuild the networks with the architecture stored in the teacher checkpoint."""
+    name: str = setting("from_teacher", "the teacher checkpoint's architecture", one_of("from_teacher"))
+
+
+ARCH_SETTINGS: dict[str, type] = {"simple_unet": SimpleUNetArch, "edm_unet": EDMUNetArch, "adm": ADMArch}
+
+
+def arch_settings(name: str, **values: Any) -> dict[str, Any]:
+    """The full arch dict of architecture ``name``: its defaults, updated with ``values``."""
+    if name not in ARCH_SETTINGS:
+        raise ValueError(f"arch.name: unknown architecture {name!r}; expected one of {sorted(ARCH_SETTINGS)}")
+    return {**dataclasses.asdict(ARCH_SETTINGS[name]()), **values, "name": name}
+
+
+# ---------------------------------------------------------------------------------------------- data, logger
+
+
+DATA_KINDS = ("cifar10", "image_folder", "edm_dataset", "synthetic", "gaussian_mixture")
+GENERATED_DATA = ("synthetic", "gaussian_mixture")  # made on the fly: data.root is a placeholder
+
+
+@dataclass
+class DataSettings:
+    name: str = setting("cifar10", "cifar10 (torchvision) | image_folder (any class-folder tree) | edm_dataset (EDM's "
+                        "dataset_tool.py output: a .zip or folder with dataset.json) | synthetic (generated coloured "
+                        "squares: smoke runs with no data) | gaussian_mixture (a known-answer mixture of Gaussians, "
+                        "scored exactly: dmd2/mixture.py)",
+                        one_of(*DATA_KINDS))
+    root: str = setting("${data_dir}", "dataset folder (image_folder: root/<class>/<image>) or edm_dataset's .zip",
+                        TEXT)
+    num_classes: int = setting(10, "number of classes (labels 0 .. num_classes - 1); 0 = unconditional (labels "
+                                "ignored, e.g. EDM's -uncond- models)", NONNEG_INT)
+    resolution: int = setting(32, "image side in pixels (image_folder: resized and center-cropped)", POSITIVE_INT)
+    hflip: bool = setting(True, "random horizontal flips (teacher training augmentation)", BOOL)
+    num_workers: int = setting(2, "DataLoader worker processes", NONNEG_INT)
+    synthetic_per_class: int = setting(64, "data=synthetic / gaussian_mixture: images per class", POSITIVE_INT)
+    mixture_components: int = setting(3, "data=gaussian_mixture: Gaussian components (modes) per class, equally "
+                                      "weighted", POSITIVE_INT)
+    mixture_std: float = setting(0.05, "data=gaussian_mixture: per-pixel standard deviation of each component "
+                                 "(pixels in [-1, 1])", number(above=0, high=0.2))
+    mixture_seed: int = setting(0, "data=gaussian_mixture: seed of the mean images and of the data set's draws",
+                                SEED)
+
+
+@dataclass
+class WandbLogger:
+    """Weights & Biases; offline by default (no account needed; `wandb sync` uploads later)."""
+    name: str = setting("wandb", "logger", one_of("wandb"))
+    project: Optional[str] = setting(None, "W&B project; null = dmd2-<data set> (dmd2-cifar10, dmd2-imagenet64, "
+                                     "...: train.py from data.*, evaluate.py from the checkpoint's training data)",
+                                     optional(TEXT))
+    entity: Optional[str] = setting(None, "W&B entity (user or team); null = your default", optional(TEXT))
+    mode: str = setting("offline", "offline | online | disabled", one_of("offline", "online", "disabled"))
+    group: Optional[str] = setting(None, "W&B group; null = none for single runs, the sweep folder in sweeps; "
+                                   "evaluate.py: the training run's group (or its run id)", optional(TEXT))
+    tags: List[str] = setting([], "W&B tags")
+    log_checkpoints: bool = setting(False, "log final checkpoints (and a distillation's generator export) as W&B "
+                                    "artifacts, and link the teacher / checkpoint a run consumed (offline: copies "
+                                    "the files into W&B's staging area until `wandb sync`)", BOOL)
+
+
+@dataclass
+class NoLogger:
+    """No W&B: scalars still go to <output_dir>/metrics.jsonl, sample grids to <output_dir>/samples/."""
+    name: str = setting("none", "logger", one_of("none"))
+
+
+# ---------------------------------------------------------------------------------------------- FID / FD
+
+
+FEATURE_NETWORKS = ("inception", "torchscript")
+RESIZE_MODES = ("clean", "legacy_tensorflow", "none")
+REFERENCES = ("auto", "cifar10_train", "folder", "npz")
+
+
+@dataclass
+class FeatureNetwork:
+    name: str = setting("inception", "inception (clean-fid's; reported as FID) | torchscript (a file; reported as "
+                        "FD (<name>))", one_of(*FEATURE_NETWORKS))
+    path: Optional[str] = setting(None, "torchscript: the .pt file, float images [B,3,H,W] in [0,255] -> "
+                                  "features [B,D]", optional(TEXT))
+    resize: str = setting("clean", "clean: clean-fid's 299x299 resize (its published-comparable protocol) | "
+                          "legacy_tensorflow: Inception resizes inside, as TensorFlow did (EDM's and DMD2's FIDs) | "
+                          "none: native resolution (TorchScript networks)", one_of(*RESIZE_MODES))
+    inception_weights: Optional[str] = setting(None, "path of inception-2015-12-05.pt; null = "
+                                               "/tmp/inception-2015-12-05.pt (clean-fid's place)", optional(TEXT))
+    allow_download: bool = setting(False, "true: clean-fid may download missing weights (else a missing file "
+                                   "fails at once)", BOOL)
+
+
+@dataclass
+class Reference:
+    name: str = setting("auto", "auto: the model's own training data (train.py: data.*; evaluate.py: the "
+                        "checkpoint's), statistics computed once and cached; clean-fid's precomputed ones for 32x32 "
+                        "CIFAR-10 under Inception's clean resize | cifar10_train: clean-fid's precomputed CIFAR-10 "
+                        "train statistics (Inception, clean, 32x32) | folder: an image folder's | npz: a statistics "
+                        "file (mu, sigma)", one_of(*REFERENCES))
+    folder: Optional[str] = setting(None, "reference.name=folder: an image folder tree, e.g. "
+                                    "data/cifar10-jpeg/train", optional(TEXT))
+    path: Optional[str] = setting(None, "reference.name=npz: a file with mu [D] and sigma [D,D], e.g. EDM's "
+                                  "cifar10-32x32.npz (TF-Inception features: use resize=legacy_tensorflow)",
+                                  optional(TEXT))
+    resolution: Optional[int] = setting(None, "reference.name=npz, a file without metadata (EDM's): the side of the "
+                                        "images it was made from; null = read from the file name (cifar10-32x32.npz "
+                                        "-> 32)", optional(POSITIVE_INT, "from the file's metadata or name"))
+    cache_dir: str = setting("./fid_stats", "folder statistics are computed once and cached here", TEXT)
+    allow_download: bool = setting("${..feature_network.allow_download}", "true: clean-fid may download its "
+                                   "precomputed statistics", BOOL)
+
+
+@dataclass
+class FidSettings:
+    """How FID / FD is measured: the feature network and the reference statistics (evaluate.py and eval_every)."""
+    feature_network: FeatureNetwork = group(FeatureNetwork, "the network whose features are compared")
+    reference: Reference = group(Reference, "the reference statistics")
+    allow_few_samples: bool = setting(False, "true: compute FID / FD even with fewer samples than the feature "
+                                      "dimension (2048 for Inception; a singular covariance, a number comparable "
+                                      "with nothing); false: refused before sampling", BOOL)
+    uncertainty_resamples: int = setting(20, "bootstrap resamples of the generated samples' features behind each "
+                                         "value's standard deviation (eval/fid_std, eval/kid_std; the spread a "
+                                         "rerun with other seeds shows); 0 = none", NONNEG_INT)
+
+
+@dataclass
+class EvalSettings(FidSettings):
+    """What eval_every measures: feature_network.* and reference.* as in evaluate.py, and these."""
+    num_samples: int = setting(10000, "samples per evaluation, classes round-robin; the values are named with it "
+                               "(fid@10k); published FIDs use 50000 (README \"Which FID\")", int_at_least(2))
+    batch_size: int = setting(250, "images generated and featurized at once", POSITIVE_INT)
+    seed: int = setting(0, "sample i uses noise seeded by (seed, i): every evaluation sees the same noise",
+                        SEED)
+    sampler_steps: int = setting(18, "teacher: Heun steps (18 = 35 NFE); generators sample their own chain",
+                                 POSITIVE_INT)
+
+
+@dataclass
+class LocalPaths:
+    """Machine-specific paths, set once per machine in conf/local/default.yaml (git-ignored; copy
+    conf/local/example.yaml) and used by config groups such as eval=featnet."""
+    featnet: Optional[str] = setting(None, "the TorchScript CIFAR-10 feature network file (float images [B,3,H,W] "
+                                     "in [0,255] -> features [B,D]) that eval=featnet measures FD with",
+                                     optional(TEXT))
+
+
+@dataclass
+class Perf:
+    """Fast paths; README "Performance" has the measurements behind each default."""
+    tf32: bool = setting(True, "TF32 tensor cores for fp32 matmuls and convolutions (Ampere+ GPUs)", BOOL)
+    cudnn_benchmark: bool = setting(True, "cuDNN autotunes its convolution algorithms (CUDA)", BOOL)
+    channels_last: bool = setting(False, "networks in channels-last (NHWC) memory format", BOOL)
+    compile: bool = setting(False, "torch.compile the networks (compiles during the first steps)", BOOL)
+    fused_adamw: Any = setting("auto", "AdamW's fused kernel: auto (on CUDA) | true | false (foreach)",
+                               Rule(lambda v: v == "auto" or isinstance(v, bool), "'auto', true or false"))
+    cache_dataset: Any = setting("auto", "decode the dataset once into memory on the training device: auto (when "
+                                 "its uint8 images fit in cache_max_gb) | true | false (DataLoader workers)",
+                                 Rule(lambda v: v == "auto" or isinstance(v, bool), "'auto', true or false"))
+    cache_max_gb: float = setting(2.0, "memory budget of the dataset cache (GB)", NONNEG)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+DEVICE = Rule(lambda v: v in ("auto", "cpu") or (isinstance(v, str) and v.split(":")[0] == "cuda"),
+              "'auto', 'cpu', 'cuda' or 'cuda:N'")
+METRIC = Rule(lambda v: isinstance(v, str) and v.startswith(("train/", "eval/")),
+              "a metric key such as eval/fid or train/loss_fake")
+
+
+@dataclass
+class TrainSettings:
+    """Keys of both stages. A stage's YAML (conf/stage/) sets the values it uses for them."""
+    stage: str = setting(MISSING, "teacher | distill: the runner and its hyperparameters",
+                         one_of("teacher", "distill"))
+    arch: Any = chosen("network (teacher, fake score and generator share it): conf/arch")
+    data: Any = chosen("dataset: conf/data")
+    logger: Any = chosen("wandb (offline by default) | none: conf/logger")
+
+    seed: int = setting(0, "base seed; rank r uses seed + r", SEED)
+    data_dir: str = setting("./data", "where datasets live (torchvision downloads CIFAR-10 here when missing)", TEXT)
+    output_dir: Optional[str] = setting(None, "checkpoints, samples, metrics; null = this run's Hydra directory",
+                                        optional(TEXT))
+    device: str = setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N", DEVICE)
+    run_name: Optional[str] = setting(None, "W&B run name; null = built from the command-line overrides",
+                                      optional(TEXT))
+    resume: Optional[str] = setting(None, "null | auto (newest valid checkpoint in output_dir) | a checkpoint path",
+                                    optional(TEXT))
+    resume_allow_changes: bool = setting(False, "resume even when settings that shape the run (arch, data, batch "
+                                         "size, ratio, seed) differ from the checkpoint's", BOOL)
+    keep_last: Optional[int] = setting(None, "keep only the newest N periodic checkpoints (*_final.pt is always "
+                                       "kept)", optional(POSITIVE_INT, "keep all"))
+    on_nonfinite: str = setting("stop", "a NaN/inf loss or gradient: stop (the last checkpoint stays intact) | "
+                                "skip the update (counted as skipped_steps)", one_of("stop", "skip"))
+
+    batch_size: int = setting(128, "samples per step (per process under torchrun)", POSITIVE_INT)
+    num_epochs: int = setting(100, "passes over the dataset", POSITIVE_INT)
+    max_steps: Optional[int] = setting(None, "step limit; training stops at max_steps or num_epochs, whichever "
+                                       "comes first", optional(POSITIVE_INT))
+    save_every: int = setting(5000, "periodic checkpoint every N steps (<stage>_NNNNNN.pt); *_final.pt at the end",
+                              POSITIVE_INT)
+    weight_decay: float = setting(0.0, "AdamW weight decay", NONNEG)
+    adam_betas: List[float] = setting([0.9, 0.999], "AdamW betas",
+                                      Rule(lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+                                           and all(FRACTION(b) for b in v), "two numbers in [0, 1]"))
+    warmup_steps: int = setting(1000, "linear learning-rate warm-up over N training iterations, then constant",
+                                NONNEG_INT)
+    grad_clip: Optional[float] = setting(1.0, "max global gradient norm; null disables clipping", optional(POSITIVE))
+    precision: str = setting("fp32", "fp32 | bf16 (autocast on CUDA; ignored on CPU)", one_of("fp32", "bf16"))
+
+    log_every: int = setting(50, "scalar logging interval (steps)", POSITIVE_INT)
+    sample_every: int = setting(5000, "sample grid interval (steps); 0 = only at the end", NONNEG_INT)
+    samples_per_class: int = setting(8, "columns of the sample grid (one row per class; at most 16 classes, "
+                                     "evenly spaced)", POSITIVE_INT)
+    sample_steps: int = setting(18, "Heun steps of teacher sample grids (18 steps = 35 network evaluations)",
+                                POSITIVE_INT)
+
+    eval_every: int = setting(0, "FID / FD of the EMA network every N steps and at the end (distill: also at step "
+                              "0), logged as eval/fid or eval/fd_<network>; 0 = off", NONNEG_INT)
+    eval: EvalSettings = group(EvalSettings, "what eval_every measures")
+    optimized_metric: Optional[str] = setting(None, "what train.py returns to a sweeper: null = the best eval "
+                                              "metric (needs eval_every > 0); or a final metric key the run "
+                                              "produces (a loss only when named: train/loss)", optional(METRIC))
+    perf: Perf = group(Perf, "fast paths")
+    paths: LocalPaths = group(LocalPaths, "machine-specific paths (conf/local/default.yaml)")
+
+
+@dataclass
+class TeacherSettings(TrainSettings):
+    """Stage 1: train the EDM teacher."""
+    stage: str = setting("teacher", "teacher | distill", one_of("teacher"))
+    lr: float = setting(1e-4, "AdamW learning rate", POSITIVE)
+    ema_decay: float = setting(0.9999, "EMA of the weights (what distillation loads); warmed up as "
+                               "min(decay, (1+n)/(10+n))", DECAY)
+    sigma_data: float = setting(0.5, "EDM data standard deviation", POSITIVE)
+    p_mean: float = setting(-1.2, "EDM training noise: ln(sigma) ~ N(p_mean, p_std^2)", number())
+    p_std: float = setting(1.2, "EDM training noise spread", POSITIVE)
+
+
+@dataclass
+class DistillSettings(TrainSettings):
+    """Stage 2: DMD2 distillation of a teacher checkpoint into a one-step (or few-step) generator."""
+    stage: str = setting("distill", "teacher | distill", one_of("distill"))
+    teacher_checkpoint: str = setting(MISSING, "a teacher checkpoint (teacher_final.pt); its EMA weights are used",
+                                      TEXT)
+    generator_lr: float = setting(2e-6, "AdamW learning rate of the generator", POSITIVE)
+    guidance_lr: float = setting(2e-6, "AdamW learning rate of the fake score network (and GAN head)", POSITIVE)
+    dfake_gen_update_ratio: int = setting(10, "the fake score network updates every step, the generator every "
+                                          "N-th step (two time-scale update rule)", POSITIVE_INT)
+    dropout: Optional[float] = setting(0.0, "dropout of the generator and the fake score network (the teacher "
+                                       "always runs without); 0 as in the official DMD2",
+                                       optional(FRACTION, "keep the teacher's"))
+    conditioning_sigma: float = setting(80.0, "generator input z * sigma at this noise level (sigma_max)", POSITIVE)
+    denoising_sigmas: Optional[List[float]] = setting(None, "multi-step generator: descending sigmas starting at "
+                                                      "conditioning_sigma; trained with backward simulation",
+                                                      optional(DESCENDING_SIGMAS, "one step"))
+    min_step_percent: float = setting(0.02, "DM loss timesteps t ~ U{min, max} of num_train_timesteps Karras "
+                                      "steps: the lower end", FRACTION)
+    max_step_percent: float = setting(0.98, "... the upper end", FRACTION)
+    num_train_timesteps: int = setting(1000, "size of the Karras timestep table (index 0 = sigma_min)",
+                                       int_at_least(2))
+    gan_classifier: bool = setting(False, "DMD2's GAN head on the fake score network's bottleneck", BOOL)
+    cls_loss_weight: float = setting(1e-2, "weight of the classifier's loss in the guidance update", NONNEG)
+    gen_cls_loss_weight: float = setting(3e-3, "weight of the generator's non-saturating GAN loss", NONNEG)
+    diffusion_gan: bool = setting(True, "noise real and fake images before the classifier sees them (false: "
+                                  "clean images at sigma_min)", BOOL)
+    diffusion_gan_max_timestep: int = setting(1000, "diffusion-GAN noise at sigmas[t], t ~ U{0 .. max-1}",
+                                              POSITIVE_INT)
+    generator_ema_decay: Optional[float] = setting(None, "EMA of the generator weights (e.g. 0.999), saved next "
+                                                   "to the raw weights", optional(DECAY, "off"))
+    exact_teacher: bool = setting(False, "data=gaussian_mixture only: the real score is the mixture's exact "
+                                  "denoiser (closed form, zero teacher error); teacher_checkpoint then only "
+                                  "initialises the generator and the fake score network", BOOL)
+
+
+# ---------------------------------------------------------------------------------------------- evaluate, generate
+
+
+@dataclass
+class SamplerSettings:
+    steps: int = setting(18, "Heun steps of teacher checkpoints (18 = 35 network evaluations, 1 = one Euler "
+                         "step); generators sample their own chain", POSITIVE_INT)
+
+
+@dataclass
+class EvaluateSettings(FidSettings):
+    """evaluate.py: FID of teacher and DMD2 checkpoints with clean-fid (or an FD with another feature network)."""
+    logger: Any = chosen("wandb (offline by default) | none: conf/logger")
+    checkpoint: Optional[str] = setting(None, "one teacher_*.pt or dmd2_*.pt, an export folder or .safetensors "
+                                        "file, or hf://owner/repo; set this or checkpoint_dir", optional(TEXT))
+    checkpoint_dir: Optional[str] = setting(None, "every *.pt in this folder, in order of training step; set one "
+                                            "of checkpoint, checkpoint_dir, images, write_reference",
+                                            optional(TEXT))
+    output_dir: Optional[str] = setting(None, "results.json, metrics.jsonl and wandb/; null = this run's Hydra "
+                                        "directory", optional(TEXT))
+    num_samples: int = setting(50000, "generated images per checkpoint, classes round-robin", int_at_least(2))
+    batch_size: int = setting(250, "images generated and featurized at once", POSITIVE_INT)
+    seed: int = setting(0, "sample i uses noise seeded by (seed, i): every checkpoint sees the same noise",
+                        SEED)
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N", DEVICE)
+    teacher_weights: str = setting("ema", "teacher checkpoints: ema | model", one_of("ema", "model"))
+    generator_weights: str = setting("ema", "DMD2 checkpoints: ema (when trained with generator_ema_decay, else "
+                                     "raw) | raw", one_of("ema", "raw"))
+    sampler: SamplerSettings = group(SamplerSettings, "how teacher checkpoints sample")
+    images: Optional[str] = setting(None, "measure these images instead of a checkpoint: a folder or .zip of image "
+                                    "files (generate.py's PNGs, EDM's output) or an .npz with arr_0 uint8 [N,H,W,3] "
+                                    "(generate.py format=npz, ADM's layout); needs a named reference",
+                                    optional(TEXT))
+    write_reference: Optional[str] = setting(None, "write the reference statistics (reference.*) to this .npz: mu, "
+                                             "sigma (EDM's format) and their metadata, then stop", optional(TEXT))
+    kid: bool = setting(False, "also compute KID (clean-fid's kernel distance)", BOOL)
+    num_workers: int = setting(4, "data-loader workers reading the reference folder", NONNEG_INT)
+    run_name: Optional[str] = setting(None, "W&B run name; null = built from the command-line overrides",
+                                      optional(TEXT))
+
+
+def _seeds_ok(value: Any) -> bool:
+    try:
+        # arithmetic: a huge range is refused without building its list
+        return count_seeds(value) > 0 and max(last for _, last in seed_ranges(value)) < SEED_LIMIT
+    except GeneratorError:
+        return False
+
+
+SEEDS = Rule(lambda v: v is None or _seeds_ok(v),
+             f"null, a seed (7), a range (0-63) or a list of seeds and ranges ([0-9,20]), each < 2**40, at most "
+             f"{MAX_SEEDS} seeds in all (split more over several runs)")
+CLASSES = Rule(lambda v: v is None or isinstance(v, (int, str)) or (isinstance(v, (list, tuple)) and len(v) > 0),
+               "null, a class id or name, or a list of them")
+
+
+@dataclass
+class GenerateSettings:
+    """images from a checkpoint or an export, one per seed."""
+    checkpoint: str = setting(MISSING, "a teacher_*.pt (Heun sampler) or dmd2_*.pt checkpoint, an export folder or "
+                              ".safetensors file (python -m dmd2.export), or hf://owner/repo", TEXT)
+    output_dir: str = setting("./generated", "png: <output_dir>/<class>/<seed>.png (unconditional: "
+                              "<output_dir>/<seed>.png); npz: <output_dir>/samples.npz; both: grid.png", TEXT)
+    overwrite: bool = setting(False, "write into an output_dir that holds files generate.py did not write there, or "
+                              "another model's (refused otherwise; files of the same names are replaced)", BOOL)
+    seeds: Any = setting(None, "image seeds, as EDM's generate.py: 7, 0-63 or [0-9,20,30-32]; seed s draws its own "
+                         "noise, so it gives the same image in any run; null = 8 per class (0 .. 8 x classes - 1)",
+                         SEEDS)
+    classes: Any = setting(None, "class ids or names, e.g. 3 or [cat,dog]; seed s gets classes[s mod len(classes)]; "
+                           "null = every class", CLASSES)
+    format: str = setting("png", "png (one file per image) | npz (samples.npz: arr_0 uint8 [N,H,W,3], arr_1 labels "
+                          "[N], seeds [N], class_names; the layout of ADM's evaluator)", one_of("png", "npz"))
+    batch_size: int = setting(256, "images generated at once", POSITIVE_INT)
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N", DEVICE)
+    teacher_weights: str = setting("ema", "teacher checkpoints: ema | model", one_of("ema", "model"))
+    generator_weights: str = setting("ema", "DMD2 checkpoints: ema | raw", one_of("ema", "raw"))
+    sampler: SamplerSettings = group(SamplerSettings, "how teacher checkpoints sample")
+    class_names: Optional[List[str]] = setting(None, "names for folders and grids; null = the model's (stored in "
+                                               "checkpoints and exports; class_000 ... when unknown)")
+
+
+# ---------------------------------------------------------------------------------------------- registration
+
+SCHEMAS: dict[str, type] = {
+    "schema/stage/teacher": TeacherSettings, "schema/stage/distill": DistillSettings,
+    "schema/arch/simple_unet": SimpleUNetArch, "schema/arch/edm_unet": EDMUNetArch,
+    "schema/arch/adm": ADMArch, "schema/arch/from_teacher": FromTeacherArch, "schema/data": DataSettings,
+    "schema/logger/wandb": WandbLogger, "schema/logger/none": NoLogger,
+    "schema/evaluate": EvaluateSettings, "schema/generate": GenerateSettings,
+}
+
+
+def describe(node: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, what it accepts, meaning) of every setting of ``node``, nested sections flattened."""
+    rows = []
+    for f in dataclasses.fields(node):
+        if dataclasses.is_dataclass(f.type) or (f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+                                                and dataclasses.is_dataclass(f.default_factory)):
+            rows += describe(f.default_factory, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        elif f.default is MISSING and f.metadata.get("check") is None:
+            continue  # a section filled by a config group: described by that group's schema
+        else:
+            check = f.metadata.get("check")
+            rows.append((prefix + f.name, check.expected if check else "", f.metadata.get("help", "")))
+    return rows
+
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
+
+
+def group_options(groups: list[str]) -> str:
+    """'group: option, option' lines for the config groups a script uses, read from conf/."""
+    lines = []
+    for name in groups:
+        folder = os.path.join(CONF_DIR, name)
+        options = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
+        lines.append(f"{name}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+def help_template(script: str, title: str, sections: list[tuple[str, type, str]], groups: list[str]) -> str:
+    """Hydra's --help text: the config ``groups`` the script uses with their options, then ``sections``
+    ((heading, schema, key prefix) of its keys); Hydra fills in the composed $CONFIG."""
+    lines = [f"{script}: {title}", "", "Override any key on the command line (key=value)"
+             + (", choose config groups (group=option)" if groups else "") + ", sweep with -m.", ""]
+    if groups:
+        lines += ["== Config groups ==", group_options(groups), ""]
+    keys = []
+    for heading, node, prefix in sections:
+        keys.append(f"== {heading} ==")
+        for key, expected, meaning in describe(node, prefix):
+            keys.append(f"  {key}: {meaning}" + (f"  [{expected}]" if expected else ""))
+        keys.append("")
+    keys += ["== This run's config (with your overrides) =="]
+    tail = ["", "Hydra's own flags: --hydra-help. Tab completion (bash): "
+            f"eval \"$(python {script} -sc install=bash)\"."]
+    literal = lambda part: "\n".join(part).replace("$", "$$")  # string.Template escapes; no OmegaConf ${...}
+    return "\n".join([literal(lines + keys), "$CONFIG", literal(tail)])
+
+
+TRAIN_HELP = [("Keys of both stages", TrainSettings, ""), ("stage=teacher", TeacherSettings, ""),
+              ("stage=distill", DistillSettings, ""), ("arch=simple_unet*", SimpleUNetArch, "arch."),
+              ("arch=edm_unet*", EDMUNetArch, "arch."), ("arch=adm", ADMArch, "arch."),
+              ("data", DataSettings, "data."),
+              ("logger=wandb", WandbLogger, "logger.")]
+
+
+def _only_own(node: type, base: type) -> type:
+    """A view of ``node`` listing only the fields ``base`` lacks (for the per-stage help sections)."""
+    names = {f.name for f in dataclasses.fields(base)}
+    own = [(f.name, f.type, f) for f in dataclasses.fields(node) if f.name not in names]
+    return dataclasses.make_dataclass(node.__name__, own)
+
+
+def register() -> None:
+    """Put the schemas and the --help texts into Hydra's ConfigStore (idempotent; done on import)."""
+    cs = ConfigStore.instance()
+    for path, node in SCHEMAS.items():
+        group_name, _, name = path.rpartition("/")
+        cs.store(group=group_name, name=name, node=node)
+    train_sections = [(h, _only_own(n, TrainSettings) if n in (TeacherSettings, DistillSettings) else n, p)
+                      for h, n, p in TRAIN_HELP]
+    helps = {
+        "dmd2_train": help_template("train.py", "train an EDM teacher (stage=teacher) or distill it with DMD2 "
+                                    "(stage=distill).", train_sections,
+                                    ["stage", "arch", "data", "logger", "eval", "experiment", "debug", "hparams_search",
+                                     "local"]),
+        "dmd2_evaluate": help_template("evaluate.py", "FID / FD of teacher and DMD2 checkpoints.",
+                                       [("Keys", EvaluateSettings, ""), ("logger=wandb", WandbLogger, "logger.")],
+                                       ["logger", "protocol"]),
+        "dmd2_generate": help_template("generate.py", "images from a checkpoint or an export, one per seed.",
+                                       [("Keys", GenerateSettings, "")], []),
+    }
+    for name, template in helps.items():
+        cs.store(group="hydra/help", name=name, node={"app_name": name, "header": "", "footer": "",
+                                                      "template": template})
+
+
+register()

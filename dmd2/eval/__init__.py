@@ -1,0 +1,1 @@
+"""Measuring generators: feature networks, statistics, references, one measurement, and comparing runs."""

@@ -1,0 +1,300 @@
+"""Compare finished runs: one table row per setting, mean +- sd over its seeds, and a plot per eval metric.
+
+    python -m dmd2.compare multirun/2026-11-29/18-30-00                   # every run under a sweep folder
+    python -m dmd2.compare 'multirun/2026-11-29/*' runs/teacher --out compare/
+
+A run is a folder holding the ``config.yaml`` and ``metrics.jsonl`` every training run writes. The settings that
+differ between the runs (any config key except the seed, paths and names) define the groups; within a group the
+runs are repetitions. For every ``eval/*`` metric the table shows, as mean +- sd over the group's runs, its last
+logged value (final) and its best value over the run (min for distances such as FID / FD, max for scores such as
+coverage: ``dmd2.config.names.higher_is_better``), with n; also the steps and the wall time (from the first to the last
+write of the run). The Markdown table goes to stdout; ``--out DIR`` writes compare.md, compare.csv (means and
+sds as numbers) and compare_<metric>.png (each metric against the step, one line per group, a band of +- sd over
+its runs).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from dmd2.config.errors import FILE_ERROR, FileError
+from dmd2.config.names import higher_is_better
+
+# keys that name or place a run rather than shape it (a key, or a section ending in ".")
+IGNORED = ("seed", "output_dir", "run_name", "resume", "data_dir", "logger.", "data.root", "data.num_workers",
+           "teacher_checkpoint", "device", "paths.")
+# eval/* values that describe the cost or the bookkeeping of an evaluation, not the model
+NOT_METRICS = ("eval/seconds", "eval/images_per_sec", "eval/nfe", "eval/best_step", "eval/num_samples")
+
+
+@dataclass
+class Run:
+    path: str
+    config: dict[str, Any]        # flattened: "data.num_classes" -> 2
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> (step, value), file order
+    steps: int = 0
+    seconds: float = 0.0
+
+    def final(self, key: str) -> float:
+        """The last logged value of ``key`` (nan when never logged)."""
+        return self.series[key][-1][1] if key in self.series else math.nan
+
+    def best(self, key: str) -> float:
+        """The best logged value of ``key``: its max for scores, its min otherwise (nan when never logged)."""
+        values = [v for _, v in self.series.get(key, []) if not math.isnan(v)]
+        if not values:
+            return math.nan
+        return max(values) if higher_is_better(key) else min(values)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: json.dumps(node) if isinstance(node, list) else node}
+
+
+def read_run(folder: str) -> Run:
+    config_path, metrics = os.path.join(folder, "config.yaml"), os.path.join(folder, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        raise FileError(f"{folder}: a run folder without metrics.jsonl (the run logged nothing, or this is not the "
+                        "folder the run wrote: its output_dir)")
+    if not os.path.isfile(config_path):
+        raise FileError(f"{folder}: metrics.jsonl without the run's config.yaml")
+    with open(config_path) as f:
+        run = Run(folder, flatten(yaml.safe_load(f) or {}))
+    with open(metrics) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut off by a crash: the rest still counts
+                continue
+            step = int(row.get("step", 0))
+            run.steps = max(run.steps, step)
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    run.series.setdefault(key, []).append((step, float(value)))
+    run.seconds = os.path.getmtime(metrics) - os.path.getmtime(config_path)
+    return run
+
+
+def run_folders(top: str) -> list[str]:
+    """The run folders at or below ``top``: those with a metrics.jsonl (Hydra's own .hydra/ folders skipped)."""
+    found = []
+    for folder, subfolders, files in os.walk(top):
+        subfolders[:] = sorted(d for d in subfolders if d != ".hydra")
+        if "metrics.jsonl" in files:
+            found.append(folder)
+    if not found and os.path.isfile(os.path.join(top, "config.yaml")):
+        read_run(top)  # a run folder without metrics: say so
+    return found
+
+
+def find_runs(patterns: list[str]) -> list[Run]:
+    """Every run folder at or below the given paths (globs allowed), in path order."""
+    folders: set[str] = set()
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) or [pattern]
+        for top in matches:
+            if not os.path.isdir(top):
+                raise FileError(f"{top!r} is not a folder (expected run folders, sweep folders or globs)")
+            folders.update(run_folders(top))
+    if not folders:
+        raise FileError(f"no runs (folders with config.yaml and metrics.jsonl) under {' '.join(patterns)}")
+    return [read_run(f) for f in sorted(folders)]
+
+
+def ignored(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in IGNORED)
+
+
+def differing_keys(runs: list[Run]) -> list[str]:
+    keys = sorted({k for r in runs for k in r.config})
+    return [k for k in keys if not ignored(k) and len({json.dumps(r.config.get(k)) for r in runs}) > 1]
+
+
+def eval_metrics(runs: list[Run]) -> list[str]:
+    """The eval/* metrics any run logged, without costs, bookkeeping and standard deviations."""
+    keys = {k for r in runs for k in r.series if k.startswith("eval/")}
+    return sorted(k for k in keys if k not in NOT_METRICS and not k.endswith(("_std", "_best")))
+
+
+def group_runs(runs: list[Run]) -> tuple[list[str], dict[tuple[str, ...], list[Run]]]:
+    """(the differing keys, their values -> the runs with them), groups in the order of their first run."""
+    keys = differing_keys(runs)
+    groups: dict[tuple[str, ...], list[Run]] = {}
+    for r in runs:
+        groups.setdefault(tuple(str(r.config.get(k)) for k in keys), []).append(r)
+    return keys, groups
+
+
+def best_label(metric: str) -> str:
+    return f"{metric} best ({'max' if higher_is_better(metric) else 'min'})"
+
+
+def columns(members: list[Run], metrics: list[str]) -> dict[str, list[float]]:
+    """Column name -> the value of every run of a group: final and best of each metric, steps, wall seconds."""
+    cols: dict[str, list[float]] = {}
+    for m in metrics:
+        cols[f"{m} final"] = [r.final(m) for r in members]
+        cols[best_label(m)] = [r.best(m) for r in members]
+    cols["steps"] = [float(r.steps) for r in members]
+    cols["wall s"] = [r.seconds for r in members]
+    return cols
+
+
+def stats(values: list[float]) -> tuple[float, float]:
+    """(mean, sd) of the values that are not nan; sd is 0 for one value, both nan for none."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def mean_sd(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    mean, sd = stats(values)
+    return f"{mean:.4g} ± {sd:.2g}"
+
+
+def table(runs: list[Run], metrics: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the Markdown table: one row per group of runs with equal settings in the keys that
+    differ; cells are mean ± sd over the group's runs."""
+    metrics = metrics or eval_metrics(runs)
+    keys, groups = group_runs(runs)
+    header: list[str] = []
+    rows = []
+    for setting, members in groups.items():
+        cols = columns(members, metrics)
+        header = [*keys, "n", *cols]
+        rows.append([*setting, str(len(members)), *(mean_sd(v) for v in cols.values())])
+    return header, rows
+
+
+def csv_table(runs: list[Run], metrics: list[str] | None = None) -> list[list[Any]]:
+    """The table as numbers: the settings, n, then a mean and an sd column for every Markdown column."""
+    metrics = metrics or eval_metrics(runs)
+    keys, groups = group_runs(runs)
+    out: list[list[Any]] = []
+    for setting, members in groups.items():
+        cols = columns(members, metrics)
+        if not out:
+            out.append([*keys, "n", *(f"{name} {part}" for name in cols for part in ("mean", "sd"))])
+        cells = [f"{x:.6g}" if not math.isnan(x) else "" for v in cols.values() for x in stats(v)]
+        out.append([*setting, len(members), *cells])
+    return out
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def curve(members: list[Run], metric: str) -> tuple[list[int], list[float], list[float]]:
+    """(steps, mean, sd) of ``metric`` over the runs of a group, at every step any of them logged it."""
+    by_step: dict[int, list[float]] = {}
+    for r in members:
+        for step, value in r.series.get(metric, []):
+            by_step.setdefault(step, []).append(value)
+    steps = sorted(by_step)
+    means, sds = zip(*(stats(by_step[s]) for s in steps)) if steps else ((), ())
+    return steps, list(means), list(sds)
+
+
+def plot_file(metric: str) -> str:
+    """compare_<metric>.png: eval/fd_featnet -> compare_fd_featnet.png."""
+    name = metric[len("eval/"):] if metric.startswith("eval/") else metric
+    return "compare_" + re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".png"
+
+
+def plot(runs: list[Run], metrics: list[str], folder: str) -> list[str]:
+    """One PNG per metric in ``folder``: the metric against the step, a line per group (mean over its runs) with a
+    band of +- sd; returns the paths. matplotlib is imported here only (Agg: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys, groups = group_runs(runs)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for metric in metrics:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for setting, members in groups.items():
+            steps, mean, sd = curve(members, metric)
+            if not steps:
+                continue
+            label = ", ".join(f"{k}={v}" for k, v in zip(keys, setting)) or "all runs"
+            line, = ax.plot(steps, mean, marker="o", markersize=3, label=f"{label} (n={len(members)})")
+            ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
+                            color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{metric} ({'higher' if higher_is_better(metric) else 'lower'} is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = os.path.join(folder, plot_file(metric))
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_outputs(runs: list[Run], metrics: list[str] | None, args: argparse.Namespace) -> None:
+    metrics = metrics or eval_metrics(runs)
+    text = markdown(*table(runs, metrics))
+    sys.stdout.write(text)
+    markdown_path = args.markdown or (os.path.join(args.out, "compare.md") if args.out else None)
+    csv_path = args.csv or (os.path.join(args.out, "compare.csv") if args.out else None)
+    for path in (markdown_path, csv_path):
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(text)
+    if csv_path:
+        with open(csv_path, "w", newline="") as f:
+            csv.writer(f).writerows(csv_table(runs, metrics))
+    if args.out or args.plot:
+        for path in plot(runs, metrics, args.out or "."):
+            print(f"[compare] plot: {path}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dmd2.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("paths", nargs="+", help="run folders, sweep folders or globs")
+    parser.add_argument("--metric", action="append", help="eval metric to show (repeatable); default: every eval/*")
+    parser.add_argument("--out", metavar="DIR", help="write compare.md, compare.csv and compare_<metric>.png here")
+    parser.add_argument("--plot", action="store_true", help="write the PNG plots (into --out, else here)")
+    parser.add_argument("--markdown", metavar="FILE", help="write the Markdown table here")
+    parser.add_argument("--csv", metavar="FILE", help="write the table as CSV (means and sds) here")
+    args = parser.parse_args(argv)
+    try:
+        runs = find_runs(args.paths)
+        metrics = args.metric
+        missing = [m for m in metrics or [] if not any(m in r.series for r in runs)]
+        if missing:
+            raise FileError(f"--metric {', '.join(missing)}: no run logged it; they logged "
+                            f"{', '.join(eval_metrics(runs)) or 'no eval/* metric'}")
+        write_outputs(runs, metrics, args)
+    except FileError as err:
+        print(f"python -m dmd2.compare: error: {err}", file=sys.stderr)
+        return FILE_ERROR
+    return 0

@@ -1,0 +1,171 @@
+"""Export the sampling weights of a checkpoint as a small folder laid out like a Hugging Face Hub repository.
+
+    python -m dmd2.export checkpoints/dmd2/dmd2_final.pt exports/dmd2-cifar10
+    python -m dmd2.export checkpoints/dmd2/dmd2_final.pt exports/dmd2-cifar10 --push-to-hub you/dmd2-cifar10
+
+The folder holds:
+- ``model.safetensors``: the weights ``generate.py`` samples (a DMD2 checkpoint's generator EMA, else its raw
+  generator; a teacher's EMA), and nothing else (no fake score network, no optimizer state). Its header repeats
+  the metadata, so the file alone is loadable too.
+- ``config.json``: what is needed to sample (architecture, resolution, sigma_data, the generator's noise levels
+  or the teacher's Heun steps, network evaluations per image, class names) and provenance (checkpoint and its
+  SHA-256, training step, teacher, hash of the training config, W&B run id, when it was exported).
+- ``README.md``: a model card with the commands to use it.
+
+``dmd2.load_generator(folder)`` (or ``hf://owner/repo``) loads it back; see dmd2.io.loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+from torch import Tensor
+
+from dmd2.config.errors import CheckpointError, GeneratorError
+from dmd2.io.checkpoint import load_checkpoint
+from dmd2.io.export_format import CONFIG_FILE, WEIGHTS_FILE, export_metadata
+from dmd2.io.files import atomic_write, follow_umask
+from dmd2.io.sampler import sampler_from_checkpoint
+
+
+def model_card(meta: dict[str, Any], repo_id: str | None) -> str:
+    """README.md of an export (a Hugging Face Hub model card with its YAML header)."""
+    what = ("a one-step" if meta["sampler"]["nfe"] == 1 else f"a {meta['sampler']['nfe']}-step") + " DMD2 generator" \
+        if meta["kind"] == "dmd2" else f"an EDM teacher (Heun sampler, {meta['sampler']['nfe']} network evaluations)"
+    classes = (f"{meta['num_classes']} classes: {', '.join(meta['class_names'][:20])}"
+               + (", ..." if meta["num_classes"] > 20 else "")) if meta["num_classes"] else "unconditional"
+    source = f"hf://{repo_id}" if repo_id else "<this folder>"
+    p = meta["provenance"]
+    return f"""---
+library_name: dmd2
+tags: [diffusion, distillation, dmd2, image-generation]
+---
+# {repo_id or 'DMD2 export'}
+
+{what[0].upper() + what[1:]}, {meta['resolution']}x{meta['resolution']} images, {classes}.
+
+```python
+import dmd2
+gen = dmd2.load_generator("{source}")
+images = gen.sample(labels={'[0, 1]' if meta['num_classes'] else 'None'}, seeds=[0, 1])  # uint8 [N, 3, H, W]
+```
+
+or `python generate.py checkpoint={source} seeds=0-63`.
+
+| | |
+|---|---|
+| architecture | {meta['arch']['name']} |
+| sampler | {json.dumps(meta['sampler'])} |
+| weights | {meta['weights']} |
+| training step | {p['step']} |
+| checkpoint | {p['checkpoint']} (sha256 {str(p['checkpoint_sha256'])[:16]}) |
+| teacher | {p['teacher_checkpoint'] or p['imported_from'] or '-'} |
+| training config hash | {p['config_sha256']} |
+| W&B run | {p['wandb_run_id'] or '-'} |
+
+The full training config is in `config.json` (`training_config`).
+"""
+
+
+EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, "README.md")
+
+
+def check_export_folder(folder: str, overwrite: bool) -> None:
+    """Refuse to replace a file of ``folder`` that the export would write, unless ``overwrite``."""
+    if os.path.isfile(folder):
+        raise GeneratorError(f"{folder}: a file is in the way of the export folder")
+    present = [name for name in EXPORT_FILES if os.path.lexists(os.path.join(folder, name))]
+    if present and not overwrite:
+        raise GeneratorError(f"{folder}: {', '.join(present)} already there; the export would replace "
+                             f"{'it' if len(present) == 1 else 'them'} (choose an empty or new folder, or pass "
+                             "--overwrite)")
+
+
+def export_generator(checkpoint: str, folder: str, *, teacher_weights: str = "ema", generator_weights: str = "ema",
+                     heun_steps: int = 18, repo_id: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Write ``folder`` (model.safetensors, config.json, README.md) from a training checkpoint; return its
+    metadata. The files are written into a temporary folder first and moved in at the end: an interrupted
+    export never leaves a half-written one under ``folder``. A file of those names already in ``folder`` is
+    replaced only with ``overwrite`` (GeneratorError naming it otherwise)."""
+    check_export_folder(folder, overwrite)
+    try:
+        state = load_checkpoint(checkpoint)
+    except CheckpointError as err:
+        raise GeneratorError(str(err)) from err
+    sampler = sampler_from_checkpoint(state, "cpu", heun_steps, teacher_weights, generator_weights)
+    meta = export_metadata(state, sampler, checkpoint)
+    weights = {k: v.detach().contiguous() for k, v in sampler.net.state_dict().items()}
+    write_export(folder, meta, weights, repo_id, overwrite)
+    return meta
+
+
+def write_export(folder: str, meta: dict[str, Any], weights: dict[str, Tensor], repo_id: str | None = None,
+                 overwrite: bool = False) -> None:
+    """Write the export files (model.safetensors with ``meta``, config.json, README.md) into ``folder``: staged in
+    a temporary folder next to it and moved in at the end, so an interruption never leaves a half-written export.
+    A file of those names already in ``folder`` is replaced only with ``overwrite``."""
+    from safetensors.torch import save_file
+
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    try:
+        save_file(weights, os.path.join(staging, WEIGHTS_FILE), metadata={"dmd2": json.dumps(meta)})
+        follow_umask(os.path.join(staging, WEIGHTS_FILE))  # safetensors creates it 0600
+        for name, text in ((CONFIG_FILE, json.dumps(meta, indent=2) + "\n"), ("README.md", model_card(meta, repo_id))):
+            atomic_write(os.path.join(staging, name), lambda f, t=text: f.write(t.encode()))
+        os.makedirs(folder, exist_ok=True)
+        check_export_folder(folder, overwrite)  # again: the folder may have changed while the weights were written
+        for name in EXPORT_FILES:
+            os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def push_to_hub(folder: str, repo_id: str, private: bool = False) -> str:
+    """Upload an export folder to the Hugging Face Hub (needs huggingface_hub and a login); return its URL."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise GeneratorError("--push-to-hub needs huggingface_hub: pip install -e '.[hub]'") from None
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=folder, repo_id=repo_id, allow_patterns=list(EXPORT_FILES))
+    return f"https://huggingface.co/{repo_id}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dmd2.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a dmd2_*.pt or teacher_*.pt training checkpoint")
+    parser.add_argument("folder", help="the export folder to write (model.safetensors, config.json, README.md)")
+    parser.add_argument("--generator-weights", choices=("ema", "raw"), default="ema",
+                        help="DMD2 checkpoints: the generator EMA (when trained with one) or the raw weights")
+    parser.add_argument("--teacher-weights", choices=("ema", "model"), default="ema", help="teacher checkpoints")
+    parser.add_argument("--heun-steps", type=int, default=18, help="teacher checkpoints: Heun steps stored as the "
+                        "default sampler (18 = 35 network evaluations)")
+    parser.add_argument("--push-to-hub", metavar="OWNER/NAME", help="then upload the folder to this Hub repository")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
+    parser.add_argument("--overwrite", action="store_true", help="replace model.safetensors, config.json or "
+                        "README.md already in the folder (refused otherwise)")
+    args = parser.parse_args(argv)
+    if args.heun_steps < 1:
+        parser.error(f"--heun-steps must be >= 1, got {args.heun_steps}")
+    try:
+        meta = export_generator(args.checkpoint, args.folder, teacher_weights=args.teacher_weights,
+                                generator_weights=args.generator_weights, heun_steps=args.heun_steps,
+                                repo_id=args.push_to_hub, overwrite=args.overwrite)
+        size = os.path.getsize(os.path.join(args.folder, WEIGHTS_FILE))
+        print(f"[export] {args.checkpoint} (step {meta['provenance']['step']}, {meta['weights']} weights) -> "
+              f"{args.folder}: {size / 2**20:.1f} MiB, {meta['sampler']['nfe']} NFE, "
+              f"{meta['num_classes'] or 'no'} classes")
+        if args.push_to_hub:
+            print(f"[export] uploaded: {push_to_hub(args.folder, args.push_to_hub, args.private)}")
+    except GeneratorError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

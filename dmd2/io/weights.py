@@ -1,0 +1,103 @@
+"""Networks from arch dicts (a config's ``arch``, a checkpoint's or an export's), with each architecture's
+defaults from the schema (dmd2/config/settings.py).
+
+An architecture written down by someone else (an export's config.json, an EDM pickle's recorded arguments),
+checked before it is built: its fields against sane limits, then the shapes of its parameters (the network built
+on PyTorch's meta device, which allocates nothing) against the weights actually present. A crafted file thus
+cannot make the loader allocate more than the weights it holds."""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from dmd2.config.errors import GeneratorError
+from dmd2.config.settings import ARCH_SETTINGS, arch_settings
+from dmd2.networks import ARCHITECTURES
+from dmd2.networks.precond import EDMPrecond
+
+assert ARCHITECTURES.keys() == ARCH_SETTINGS.keys(), "every architecture needs its settings in dmd2/config/settings.py"
+
+
+def arch_kwargs(arch: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of an arch dict: its architecture's defaults (dmd2/config/settings.py) updated with the
+    dict's values, without ``name``; lists become tuples. Checkpoints written before a key existed load with
+    that key's default."""
+    full = arch_settings(arch.get("name"), **{k: v for k, v in arch.items() if k != "name"})
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in full.items() if k != "name"}
+
+
+def build_denoiser(arch: Mapping[str, Any], num_classes: int, resolution: int, sigma_data: float) -> EDMPrecond:
+    """Build an EDM denoiser from an arch dict ({"name": ..., **settings}; missing settings take their defaults)."""
+    net = ARCHITECTURES[arch["name"]](num_classes=num_classes, resolution=resolution, **arch_kwargs(arch))
+    return EDMPrecond(net, sigma_data)
+
+
+MAX_RESOLUTION = 1024  # image side in pixels
+MAX_CLASSES = 100_000
+MAX_WIDTH = 1 << 16  # any integer field of an arch (widths, heads, positions, filter taps)
+MAX_BLOCKS = 64  # residual blocks per level (num_blocks, num_res_blocks)
+MAX_LIST = 16  # entries of a list field (channel multipliers, attention resolutions, filter taps)
+BLOCK_FIELDS = ("num_blocks", "num_res_blocks")
+
+
+def _field_problem(key: str, value: Any) -> str | None:
+    """What is wrong with one arch field (None: within bounds)."""
+    if isinstance(value, bool) or key == "name":
+        return None
+    if isinstance(value, int):
+        limit = MAX_BLOCKS if key in BLOCK_FIELDS else MAX_WIDTH
+        return None if 0 <= value <= limit else f"{key} = {value} (expected 0 .. {limit})"
+    if isinstance(value, float):
+        return None if math.isfinite(value) and abs(value) <= MAX_WIDTH else f"{key} = {value} (not a sane number)"
+    if isinstance(value, str):
+        return None if len(value) <= 64 else f"{key}: a {len(value)}-character string"
+    if isinstance(value, (list, tuple)):
+        if len(value) > MAX_LIST:
+            return f"{key} has {len(value)} entries (at most {MAX_LIST})"
+        bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_WIDTH]
+        return f"{key} = {list(value)[:8]} (expected integers 0 .. {MAX_WIDTH})" if bad else None
+    return f"{key} is a {type(value).__name__}"
+
+
+def check_arch_bounds(arch: Any, num_classes: Any, resolution: Any) -> None:
+    """GeneratorError naming the first field of ``arch`` / ``num_classes`` / ``resolution`` out of bounds."""
+    if not isinstance(arch, Mapping) or arch.get("name") not in ARCHITECTURES:
+        name = arch.get("name") if isinstance(arch, Mapping) else arch
+        raise GeneratorError(f"arch: unknown architecture {name!r} (expected one of {sorted(ARCHITECTURES)})")
+    for what, value, limit in (("resolution", resolution, MAX_RESOLUTION), ("num_classes", num_classes, MAX_CLASSES)):
+        if isinstance(value, bool) or not isinstance(value, int) or not (what == "num_classes" or value > 0) \
+                or not 0 <= value <= limit:
+            raise GeneratorError(f"{what} = {value!r}: expected an integer {int(what == 'resolution')} .. {limit}")
+    problems = [p for p in (_field_problem(str(k), v) for k, v in arch.items()) if p]
+    if problems:
+        raise GeneratorError(f"arch ({arch['name']}): {'; '.join(problems[:3])}")
+
+
+def expected_shapes(arch: Mapping[str, Any], num_classes: int, resolution: int,
+                    sigma_data: float = 0.5) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every state-dict entry of the denoiser ``arch`` builds, from a build on the meta device
+    (no memory); the bounds are checked first."""
+    check_arch_bounds(arch, num_classes, resolution)
+    try:
+        with torch.device("meta"):
+            net = build_denoiser(arch, num_classes, resolution, sigma_data)
+    except (TypeError, ValueError, RuntimeError, KeyError, AssertionError, ZeroDivisionError) as err:
+        raise GeneratorError(f"arch ({arch['name']}) does not build: {type(err).__name__}: {err}") from err
+    return {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
+
+
+def check_weights_fit(arch: Mapping[str, Any], num_classes: int, resolution: int,
+                      shapes: Mapping[str, tuple[int, ...]], sigma_data: float = 0.5) -> None:
+    """GeneratorError unless ``shapes`` (the weights present: name -> shape) are exactly the state dict of the
+    network ``arch`` describes; only then may it be built for real (its size is then the weights' size)."""
+    expected = expected_shapes(arch, num_classes, resolution, sigma_data)
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(shapes) if tuple(expected[k][0]) != tuple(shapes[k]))
+    if missing or unexpected or wrong:
+        first = f"; {wrong[0]}: {list(shapes[wrong[0]])} in the weights, {list(expected[wrong[0]][0])} in the " \
+                f"arch" if wrong else ""
+        raise GeneratorError(f"the weights do not fit the {arch['name']} network of the recorded arch "
+                             f"({len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
+                             f"{len(wrong)} of another shape{first})")

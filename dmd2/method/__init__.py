@@ -1,0 +1,1 @@
+"""The mathematics of the method, pure and torch-only: the EDM noise schedule and scalings, samplers, the losses of both stages, the guidance and unified models of DMD2, the known-answer mixture and the Frechet distance. Imports nothing from the rest of the package but ``networks``-free plain tensors and modules."""

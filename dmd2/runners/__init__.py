@@ -1,1 +1,0 @@
-"""Stage runners: each builds its objects from the config, runs the loop, logs and checkpoints."""

@@ -1,0 +1,1 @@
+"""Where a run executes: the device, the torchrun process group and the speed settings (``perf``)."""

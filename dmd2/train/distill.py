@@ -1,0 +1,435 @@
+"""Stage 2: DMD2 distillation of a teacher checkpoint into a one- or few-step generator.
+
+Each step the generator makes images x for a batch of dataset labels (one step: x = G(z * 80; 80, c);
+with ``denoising_sigmas`` of length S it runs k ~ U{0..S-1} steps of its own chain first, backward simulation).
+- ``generator_step`` (every ``dfake_gen_update_ratio``-th step, counting from step 0): the DM loss on x through
+  the frozen teacher and the fake score network (both without gradient), plus the GAN loss when enabled,
+  updates the generator.
+- ``fake_score_step`` (every step): the fake score network's denoising loss on detached x (plus the GAN
+  classifier's loss on x against dataset images) updates the fake score network and the head.
+On the other steps x is made without autograd. The teacher never receives gradients or updates and runs in
+eval mode; the generator and the fake score network train with their own ``dropout`` (0 by default, as the
+official DMD2), so at initialisation (fake = teacher) the DM gradient is exactly zero. Both learning-rate
+warm-ups count training iterations. With ``eval_every`` > 0 the generator's FID / FD is measured at step 0,
+every ``eval_every`` steps and at the end (dmd2.train.evaluator).
+Checkpoints: dmd2_NNNNNN.pt every ``save_every`` steps and dmd2_final.pt.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from dmd2.config.errors import ConfigError
+from dmd2.config.settings import DistillSettings
+from dmd2.data.batches import build_batches, random_hflip, total_steps
+from dmd2.data.datasets import LabelsOnly, build_dataset
+from dmd2.data.mixture import mixture_from_config
+from dmd2.io.checkpoint import load_checkpoint, network_from_checkpoint, save_final, save_periodic
+from dmd2.io.export import export_generator
+from dmd2.io.sampler import CheckpointSampler, grid_labels
+from dmd2.method.edm import SIGMA_MAX, SIGMA_MIN, dmd_timestep_sigmas
+from dmd2.method.guidance import GuidanceModel
+from dmd2.method.mixture import ExactDenoiser
+from dmd2.method.randomness import GRID_NOISE_OFFSET, BatchRNG, derived_seed, generator
+from dmd2.method.samplers import backward_simulation, heun_nfe
+from dmd2.method.unified import UnifiedModel
+from dmd2.networks import count_parameters, set_dropout
+from dmd2.networks.gan_head import GANHead
+from dmd2.networks.precond import EDMPrecond
+from dmd2.runtime.distributed import mean_across_ranks, wrap
+from dmd2.runtime.perf import autocast, fused_adamw, prepare_network
+from dmd2.train.context import RunContext, progress, restore_rng, run_context, run_result, run_state
+from dmd2.train.evaluator import TrainingEvaluator
+from dmd2.train.logger import RunningMeans
+from dmd2.train.optim import EMA, Updater, adamw, check_trained
+from dmd2.train.plan import log_schedule
+from dmd2.train.teacher import teacher_samples
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillState:
+    """Everything a distillation step reads or updates."""
+
+    model: UnifiedModel            # the generator and the guidance model (teacher, fake score network, GAN head)
+    generator: nn.Module           # model.generator as called for its update (inside DDP under torchrun)
+    guidance: nn.Module            # model.guidance as called for its update (inside DDP under torchrun)
+    updaters: dict[str, Updater]   # "generator" (with the generator EMA, if any) and "guidance"
+    rng: BatchRNG                  # every random draw of the batch
+    amp: Callable[[], Any]         # a fresh autocast context (bf16 on CUDA) or a null one
+    ratio: int                     # the generator updates every ratio-th step (TTUR)
+
+
+@dataclass
+class Batch:
+    """One step's inputs."""
+
+    y: Tensor                      # class labels [B] (from the dataset)
+    z: Tensor                      # noise [S,B,C,H,W], one draw per generator step (S = len(denoising_sigmas))
+    k: int                         # backward-simulation depth: the generator's output at chain step k is trained
+    real: Tensor | None = None     # dataset images [B,C,H,W] for the GAN classifier (None without it)
+
+
+def load_teacher(cfg: DictConfig) -> tuple[dict[str, Any], EDMPrecond]:
+    """The teacher's EMA denoiser, rebuilt with the architecture stored in its checkpoint.
+
+    ``arch=from_teacher`` (the distill default) takes that architecture; an explicit arch must match it."""
+    state = load_checkpoint(cfg.teacher_checkpoint, kind="teacher")
+    stored = state["arch"]
+    if cfg.arch.name != "from_teacher":
+        requested = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.arch.items()}
+        if requested != stored:
+            diff = sorted(k for k in set(stored) | set(requested) if stored.get(k) != requested.get(k))
+            raise ConfigError(
+                f"config key 'arch' contradicts the teacher checkpoint {cfg.teacher_checkpoint} on {diff} "
+                f"(checkpoint: { {k: stored.get(k) for k in diff} }); drop the arch override to use the teacher's"
+            )
+    for key in ("num_classes", "resolution"):
+        if state[key] != cfg.data[key]:
+            raise ConfigError(f"config key 'data.{key}' = {cfg.data[key]} but the teacher was trained with {state[key]}")
+    return state, network_from_checkpoint(state, "ema")
+
+
+def class_names(teacher: dict[str, Any], dataset_names: list[str] | None, data_name: str) -> list[str] | None:
+    """The class names the generator is trained with: the teacher's (stored in its checkpoint), else the
+    dataset's. Both known and different means label c is another class in the data than for the teacher:
+    refused."""
+    names = teacher.get("class_names")
+    if names is not None and dataset_names is not None and list(names) != list(dataset_names):
+        raise ConfigError(
+            f"config key 'data' ({data_name}): its classes {list(dataset_names)[:10]} are not the teacher's "
+            f"{list(names)[:10]} (same order expected): labels would mean other classes than the teacher learned")
+    return list(names) if names is not None else dataset_names
+
+
+def build_updaters(model: UnifiedModel, ema: EDMPrecond | None, cfg: DistillSettings, fused: bool
+                   ) -> dict[str, Updater]:
+    """The generator's updater (with its EMA, if any) and the guidance model's (fake score network + GAN head)."""
+    def updater(name: str, params: list[Tensor], lr: float, ema_of: EMA | None) -> Updater:
+        opt = adamw(params, lr, cfg.adam_betas, cfg.weight_decay, fused)
+        return Updater(f"{name} loss", params, opt, lr, cfg.warmup_steps, cfg.grad_clip, cfg.on_nonfinite,
+                       ema_of)
+
+    decay = cfg.generator_ema_decay
+    return {"generator": updater("generator", list(model.generator.parameters()), cfg.generator_lr,
+                                 EMA(ema, model.generator, lambda _: decay) if ema is not None else None),
+            "guidance": updater("guidance", model.guidance.trainable(), cfg.guidance_lr, None)}
+
+
+def distill_state(cfg: DictConfig, ctx: RunContext, teacher: dict[str, Any], model: UnifiedModel,
+                  ema: EDMPrecond | None, upds: dict[str, Updater], evaluator: TrainingEvaluator,
+                  step: int, classes: list[str] | None, metrics: dict[str, float]) -> dict[str, Any]:
+    state = run_state(
+        ctx, step, kind="dmd2", arch=teacher["arch"], num_classes=teacher["num_classes"],
+        resolution=teacher["resolution"], sigma_data=teacher.get("sigma_data", 0.5), class_names=classes,
+        conditioning_sigma=float(cfg.conditioning_sigma), denoising_sigmas=list(model.denoising_sigmas),
+        teacher_checkpoint=str(cfg.teacher_checkpoint), teacher_sha256=ctx.config.get("teacher_sha256"),
+        generator=model.generator.state_dict(),
+        fake_unet=model.guidance.fake_unet.state_dict(),
+        generator_updater=upds["generator"].state_dict(), guidance_updater=upds["guidance"].state_dict(),
+        evaluation=evaluator.state_dict(), metrics=dict(metrics),
+    )
+    if model.guidance.gan_head is not None:
+        state["gan_head"] = model.guidance.gan_head.state_dict()
+    if ema is not None:
+        state["generator_ema"] = ema.state_dict()
+    return state
+
+
+def restore_distill(state: dict[str, Any], model: UnifiedModel, ema: EDMPrecond | None, upds: dict[str, Updater],
+                    evaluator: TrainingEvaluator) -> int:
+    """Load a dmd2 checkpoint into the freshly built objects; return its step."""
+    model.generator.load_state_dict(state["generator"])
+    model.guidance.fake_unet.load_state_dict(state["fake_unet"])
+    if model.guidance.gan_head is not None:
+        if "gan_head" not in state:
+            raise ConfigError("config key 'gan_classifier' = true, but the checkpoint to resume has no GAN head")
+        model.guidance.gan_head.load_state_dict(state["gan_head"])
+    if ema is not None:
+        ema.load_state_dict(state.get("generator_ema", state["generator"]))
+    for name, upd in upds.items():
+        upd.load_state_dict(state.get(f"{name}_updater") or state[f"{name}_optimizer"])
+    evaluator.load_state_dict(state.get("evaluation"))
+    return int(state["step"])
+
+
+def chain_step(seed: int, step: int, num_steps: int) -> int:
+    """Backward-simulation depth k ~ U{0..num_steps-1}, a function of (seed, step) only: every rank and a
+    resumed run draw the same k."""
+    if num_steps == 1:
+        return 0
+    return int(torch.randint(0, num_steps, (1,), generator=generator(derived_seed(seed, step))))
+
+
+def generator_step(s: DistillState, b: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Update the generator with the DM (+ GAN) loss; return its (detached) samples x [B,C,H,W] and the logs."""
+    with s.amp():
+        x = backward_simulation(s.generator, b.z, b.y, s.model.denoising_sigmas, b.k)
+        loss, logs = s.model.generator_loss(x.float(), b.y, s.rng)
+    gnorm = s.updaters["generator"].update(loss, step)
+    if gnorm is not None:
+        logs["generator_grad_norm"] = gnorm
+    return x.detach().float(), logs
+
+
+def fake_score_step(s: DistillState, b: Batch, x: Tensor, step: int) -> dict[str, Tensor]:
+    """Update the fake score network (and GAN head) on detached generator samples x (and the real images)."""
+    with s.amp():
+        loss, logs = s.guidance(x, b.y, b.real, b.y if b.real is not None else None, s.rng)
+    gnorm = s.updaters["guidance"].update(loss, step)
+    if gnorm is not None:
+        logs["guidance_grad_norm"] = gnorm
+    return logs
+
+
+def distill_step(s: DistillState, b: Batch, step: int) -> dict[str, Tensor]:
+    """One iteration: the generator's update on every ratio-th step (on the others its samples are made without
+    autograd), then the fake score network's update on those samples. Returns the logs."""
+    if step % s.ratio == 0:
+        x, logs = generator_step(s, b, step)
+    else:
+        logs = {}
+        with torch.no_grad(), s.amp():
+            x = s.model.generate(b.z, b.y, b.k).float()
+    logs.update(fake_score_step(s, b, x, step))
+    return logs
+
+
+def trainable_copy(teacher: EDMPrecond, dropout: float | None) -> EDMPrecond:
+    """A trainable copy of the teacher with its own dropout (None keeps the teacher's)."""
+    net = copy.deepcopy(teacher).train().requires_grad_(True)
+    return set_dropout(net, dropout) if dropout is not None else net
+
+
+def distill_model(teacher: EDMPrecond, s: DistillSettings | DictConfig) -> UnifiedModel:
+    """The generator and the guidance model of a distillation, from the distill stage's settings ``s`` (a
+    composed config or a ``DistillSettings``): both trainable networks start as copies of the teacher; the GAN
+    head reads the fake score network's bottleneck; the DM loss draws timesteps from [min_step_percent,
+    max_step_percent] of the ``num_train_timesteps``-entry Karras table."""
+    generator = trainable_copy(teacher, s.dropout)
+    fake = trainable_copy(teacher, s.dropout)
+    net = teacher.net
+    head = GANHead(net.bottleneck_channels, net.bottleneck_resolution) if s.gan_classifier else None
+    n = s.num_train_timesteps
+    dm_steps = (int(s.min_step_percent * n), min(int(s.max_step_percent * n), n - 1))
+    guidance = GuidanceModel(teacher, fake, head, dmd_timestep_sigmas(n, SIGMA_MIN, SIGMA_MAX), dm_steps,
+                             s.diffusion_gan_max_timestep if s.diffusion_gan else None, s.cls_loss_weight,
+                             teacher.sigma_data)
+    return UnifiedModel(generator, guidance, s.denoising_sigmas or [s.conditioning_sigma], s.gen_cls_loss_weight)
+
+
+def build_networks(cfg: DictConfig, teacher: EDMPrecond, device: torch.device
+                   ) -> tuple[UnifiedModel, EDMPrecond | None, dict[str, Updater]]:
+    """The generator and the guidance model (copies of the teacher; with ``exact_teacher`` the real score is the
+    mixture's exact denoiser), the generator's EMA (or None) and both updaters."""
+    model = distill_model(teacher, cfg).to(device)
+    if cfg.exact_teacher:  # known-answer data: the real score is exact; the checkpoint only initialises G and fake
+        model.guidance.real_unet = ExactDenoiser(mixture_from_config(cfg.data), teacher.sigma_data)
+    ema = copy.deepcopy(model.generator).eval().requires_grad_(False) if cfg.generator_ema_decay is not None else None
+    networks = [model.generator, model.guidance.fake_unet] + ([] if cfg.exact_teacher else [model.guidance.real_unet])
+    for net in networks:
+        prepare_network(net, cfg.perf)  # channels-last / torch.compile (after the EMA copy: it stays eager)
+    fused = fused_adamw(cfg.perf.fused_adamw, device)
+    return model, ema, build_updaters(model, ema, cfg, fused)
+
+
+def describe_run(cfg: DictConfig, ctx: RunContext, teacher_state: dict[str, Any], model: UnifiedModel, steps: int,
+                 start: int) -> str:
+    """The line a distillation starts with: its teacher, networks, method and length."""
+    teacher_text = f"teacher {cfg.teacher_checkpoint} (step {teacher_state['step']})"
+    if cfg.exact_teacher:
+        teacher_text = f"the exact mixture denoiser as teacher (networks initialised from {teacher_text})"
+    return (f"[distill] {teacher_text}, {count_parameters(model.generator) / 1e6:.2f}M parameters per network, "
+            f"{model.num_steps}-step generator, GAN {'on' if cfg.gan_classifier else 'off'}, {steps} steps of global "
+            f"batch {cfg.batch_size * ctx.dist.world_size} on {ctx.device}, generator every "
+            f"{cfg.dfake_gen_update_ratio} steps, from step {start}; writing to {ctx.output_dir}")
+
+
+def train_metrics(window: RunningMeans, upds: dict[str, Updater], dist: Any, step: int,
+                  extra: dict[str, float]) -> dict[str, float]:
+    """The logged scalars of a log interval: the window's means over ranks, each updater's learning rate and
+    skipped steps at ``step``, and ``extra``."""
+    metrics = mean_across_ranks(window.pop(), dist)
+    metrics.update({f"train/{name}_{what}": value for name, upd in upds.items()
+                    for what, value in (("lr", upd.lr_at(step)), ("skipped_steps", upd.skipped))})
+    return {**metrics, **extra}
+
+
+def export_final(ctx: RunContext, path: str, steps: int, num_chain: int) -> None:
+    """Export the generator of the final checkpoint (ready for dmd2.load_generator / generate.py / the Hub) and
+    log both as W&B artifacts (rank 0). The export is a side write: when it fails (a full disk, ...) the error is
+    reported with the command that makes it from the final checkpoint, and the run ends as it would have."""
+    export = os.path.join(ctx.output_dir, "generator")
+    try:
+        meta = export_generator(path, export, overwrite=True)  # the run's own folder (a resumed run re-exports)
+    except Exception as err:  # noqa: BLE001 - the final checkpoint is written: the export can be redone
+        log.error(f"[distill] ERROR: exporting the generator to {export} failed ({err}); the final checkpoint is "
+                  f"complete: export it later with python -m dmd2.export {path} {export} --overwrite")
+        return
+    ctx.say(f"[distill] generator exported to {export} ({meta['weights']} weights, {num_chain} NFE)")
+    ctx.logger.log_artifact(path, "dmd2", steps)
+    ctx.logger.log_artifact(export, "generator", steps, metadata={k: meta[k] for k in ("kind", "sampler",
+                            "num_classes", "resolution", "provenance")})
+
+
+class SampleGrids:
+    """The fixed noise [S,N,3,R,R] and labels [N] of the sample grids (one row per class) and how they are logged."""
+
+    def __init__(self, cfg: DictConfig, num_chain: int, classes: list[str] | None, device: torch.device) -> None:
+        res, self.per_class, self.classes, self.sample_steps = (cfg.data.resolution, cfg.samples_per_class, classes,
+                                                                cfg.sample_steps)
+        self.y = grid_labels(cfg.data.num_classes, cfg.samples_per_class, device)
+        z = torch.randn(num_chain, len(self.y), 3, res, res, generator=generator(cfg.seed + GRID_NOISE_OFFSET))
+        self.z = z.to(device)
+
+    def log_teacher(self, ctx: RunContext, teacher: nn.Module) -> None:
+        images = teacher_samples(teacher, self.z[0], self.y, self.sample_steps)
+        ctx.logger.log_samples("samples/teacher", images, self.y, self.classes, self.per_class, 0,
+                               f"teacher EMA, Heun {heun_nfe(self.sample_steps)} NFE")
+
+    def log_generator(self, ctx: RunContext, model: UnifiedModel, ema: EDMPrecond | None, step: int) -> None:
+        caption = f"generator, {model.num_steps} NFE"
+        ctx.logger.log_samples("samples/generator", model.sample(self.z, self.y), self.y, self.classes,
+                               self.per_class, step, caption)
+        if ema is not None:
+            ctx.logger.log_samples("samples/generator_ema", model.sample(self.z, self.y, ema), self.y, self.classes,
+                                   self.per_class, step, f"EMA {caption}")
+
+
+def generator_sampler(model: UnifiedModel, ema: EDMPrecond | None, step: int, num_classes: int,
+                      resolution: int) -> CheckpointSampler:
+    """What evaluations measure: the weights generate.py / evaluate.py sample (the EMA when there is one)."""
+    net = ema if ema is not None else model.generator
+    return CheckpointSampler("dmd2", net, step, num_classes, resolution, model.num_steps,
+                             denoising_sigmas=tuple(model.denoising_sigmas), weights="ema" if ema is not None else "raw")
+
+
+def finish(ctx: RunContext, model: UnifiedModel, ema: EDMPrecond | None, upds: dict[str, Updater],
+           state: Callable[[], dict[str, Any]], steps: int) -> str:
+    """The end of a distillation: refuse a failed one (every update skipped, non-finite weights: no final
+    checkpoint), else write dmd2_final.pt (``state()``) and export its generator. Returns the checkpoint's path."""
+    path = os.path.join(ctx.output_dir, "dmd2_final.pt")
+    check_trained(upds, {"generator": model.generator, "fake score network": model.guidance.fake_unet,
+                         **({"generator EMA": ema} if ema is not None else {})}, path)
+    path = save_final(state(), path, ctx.dist)
+    if ctx.dist.is_main:
+        export_final(ctx, path, steps, model.num_steps)
+    ctx.say(f"[distill] done: {path}")
+    return path
+
+
+def make_batch(cfg: DictConfig, rng: BatchRNG, real: Tensor, y: Tensor, step: int, num_chain: int,
+               device: torch.device) -> Batch:
+    """A step's inputs from the loader's (images, labels): the labels, the images for the GAN classifier (flipped
+    when data.hflip; None without the classifier), fresh noise for every chain step and the chain depth. Draws from
+    ``rng`` in this order: flips, then noise."""
+    y = y.to(device, non_blocking=True)
+    real = real.to(device, non_blocking=True) if cfg.gan_classifier else None
+    if real is not None and cfg.data.hflip:
+        real = random_hflip(real, rng)
+    res = cfg.data.resolution
+    return Batch(y, rng.randn(num_chain, y.shape[0], 3, res, res, dim=1), chain_step(cfg.seed, step, num_chain), real)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    with run_context(cfg, job_type="distill", prefix="dmd2") as ctx:
+        return train_distill(cfg, ctx)
+
+
+def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
+    device = ctx.device
+    evaluator = TrainingEvaluator(cfg, device, ctx.dist, ctx.logger)  # a missing feature network fails here
+    teacher_state, teacher = load_teacher(cfg)
+    dataset = build_dataset(cfg.data)  # labels condition the generator; images feed the GAN classifier
+    classes = class_names(teacher_state, dataset.class_names, cfg.data.name)
+    if not cfg.gan_classifier:
+        dataset = LabelsOnly(dataset)  # no image decoding when only the labels are used
+    model, ema, upds = build_networks(cfg, teacher, device)
+    start = 0
+    if ctx.resume is not None:
+        start = restore_distill(ctx.resume, model, ema, upds, evaluator)
+    # under torchrun the updated networks run inside DistributedDataParallel (gradients averaged over ranks)
+    s = DistillState(model, wrap(model.generator, ctx.dist, device), wrap(model.guidance, ctx.dist, device), upds,
+                     ctx.rng, partial(autocast, device, cfg.precision), cfg.dfake_gen_update_ratio)
+    world = ctx.dist.world_size
+    loader = build_batches(dataset, cfg.batch_size, cfg.seed, device, cfg.perf, cfg.data.num_workers, start,
+                           ctx.dist.rank, world)
+    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
+    steps = total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps)
+    log_schedule(cfg, steps, steps_per_epoch, start, ctx.dist.is_main)
+    num_chain, res = model.num_steps, cfg.data.resolution
+    ctx.say(describe_run(cfg, ctx, teacher_state, model, steps, start))
+
+    grids = SampleGrids(cfg, num_chain, classes, device)
+    if ctx.dist.is_main:
+        grids.log_teacher(ctx, model.guidance.real_unet)
+
+    def evaluate(step: int) -> None:  # the weights generate.py / evaluate.py sample: the EMA when there is one
+        evaluator(generator_sampler(model, ema, step, cfg.data.num_classes, res), step)
+
+    def log_generator_grids(step: int) -> None:
+        if ctx.dist.is_main:
+            grids.log_generator(ctx, model, ema, step)
+
+    # the last logged value of every scalar, kept in checkpoints: a resumed run returns the whole run's final metrics
+    last: dict[str, float] = dict(ctx.resume.get("metrics") or {}) if ctx.resume is not None else {}
+
+    def checkpoint(step: int) -> dict[str, Any]:
+        return distill_state(cfg, ctx, teacher_state, model, ema, upds, evaluator, step, classes, last)
+
+    if start == 0:
+        log_generator_grids(0)
+        if evaluator.enabled:
+            evaluate(0)  # the starting point: the teacher's one-step output
+    ctx.logger.start()  # config.yaml, metrics.jsonl, W&B: every check has passed
+    if ctx.dist.is_main:
+        ctx.logger.use_checkpoint(cfg.teacher_checkpoint, "teacher", teacher_state.get("wandb_run_id"), "teacher")
+    restore_rng(ctx)
+    batches = iter(loader)
+    bar = progress(steps, "distill", ctx)
+    bar.update(start)
+    t_last, images_since = time.perf_counter(), 0
+    window = RunningMeans()
+    timesteps: list[Tensor] = []
+    for step in range(start, steps):
+        batch = make_batch(cfg, s.rng, *next(batches), step, num_chain, device)
+        logs = distill_step(s, batch, step)
+        if "dm_timesteps" in logs:
+            timesteps.append(logs.pop("dm_timesteps"))
+        window.add({f"train/{key}": v for key, v in logs.items()})
+
+        done = step + 1
+        images_since += batch.y.shape[0] * world
+        bar.update(1)
+        if done % cfg.log_every == 0 or done == steps:
+            now = time.perf_counter()
+            metrics = train_metrics(window, upds, ctx.dist, step, {
+                "train/images_per_sec": images_since / (now - t_last), "train/epoch": step // steps_per_epoch,
+                "train/global_batch_size": cfg.batch_size * world})
+            ctx.logger.log(metrics, step=done)
+            last.update(metrics)
+            if timesteps:
+                ctx.logger.log_histogram("train/dm_timesteps", torch.cat(timesteps).cpu(), step=done)
+            bar.set_postfix(loss_fake=f"{metrics.get('train/loss_fake', float('nan')):.4f}")
+            t_last, images_since, timesteps = now, 0, []
+        if (cfg.sample_every and done % cfg.sample_every == 0) or done == steps:
+            log_generator_grids(done)
+        if evaluator.due(done, steps):
+            evaluate(done)
+        if done % cfg.save_every == 0 and done != steps:
+            save_periodic(checkpoint(done), ctx.output_dir, "dmd2", done, cfg.keep_last, ctx.dist)
+        if ctx.stop_requested() and done != steps:  # SIGTERM / SIGINT / SIGUSR1: save this step, then exit
+            ctx.stop(checkpoint(done), "dmd2", done)
+    bar.close()
+    path = finish(ctx, model, ema, upds, lambda: checkpoint(steps), steps)
+    return run_result(path, steps, last, evaluator, "train/loss_dm")

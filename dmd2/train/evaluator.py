@@ -1,0 +1,168 @@
+"""Image quality measured inside training: FID / FD of the live networks every ``eval_every`` steps.
+
+It runs evaluate.py's code (``dmd2.eval.evaluation.evaluate_sampler``) with the keys under ``eval.``: the same
+feature network, cached reference statistics, per-sample seeded noise and round-robin classes, so the value
+logged at step N equals ``evaluate.py`` on the checkpoint of step N with the same ``num_samples`` and ``seed``.
+Under torchrun every rank generates its slice of the samples and rank 0 computes the distance.
+
+Before the first step it refuses a reference whose resolution, feature network or resize differs from the run's
+(the default reference, ``eval.reference.name=auto``, is the run's own training data) and a sample count below the
+feature dimension (``eval.allow_few_samples``).
+
+Logged as ``eval/fid`` (Inception) or ``eval/fd_<network>`` with its bootstrap standard deviation
+(``eval/fid_std``; README "Which FID") and the sample count in the summary (``eval/num_samples``, ``eval/name``
+= fid@10k) against the training step (``data=gaussian_mixture``:
+its exact scores instead, ``eval/mixture_fd`` with ``eval/mixture_coverage``, ``_near`` and ``_weight_tv``), with the cost of each
+evaluation (``eval/seconds``, ``eval/images_per_sec``); the W&B summary keeps the minimum.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from dmd2.config.errors import EvaluationError
+from dmd2.config.names import MIXTURE_KEY, MIXTURE_METRIC
+from dmd2.config.validate import to_container
+from dmd2.data.mixture import mixture_from_config
+from dmd2.eval.evaluation import (check_measurement, check_reference, evaluate_mixture, evaluate_sampler,
+                                  feature_network_from_config, metric_name, reference_from_config)
+from dmd2.io.sampler import CheckpointSampler
+from dmd2.method.mixture import reference_scores
+from dmd2.runtime.distributed import Dist, barrier
+from dmd2.train.logger import RunLogger
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def untouched_rng(device: torch.device) -> Iterator[None]:
+    """Run a block without changing the global random streams (CPU and ``device``): evaluating (e.g. clean-fid's
+    DataLoader drawing its base seed) never changes what training draws next, so a run with evaluation trains
+    exactly as one without, and resumes exactly."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        yield
+
+
+@contextmanager
+def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` in eval mode (no dropout) for the duration, then back to the mode it was in."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+
+
+class TrainingEvaluator:
+    """Built at the start of a run (a missing feature network or reference fails before any training);
+    called with a sampler of the live network at the steps ``due`` says."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, dist: Dist, logger: RunLogger) -> None:
+        self.every: int = cfg.eval_every
+        self.enabled = self.every > 0
+        self.best, self.best_step, self.last = math.inf, -1, math.nan
+        self.last_scores: dict[str, float] = {}  # data=gaussian_mixture: the last evaluation's exact scores
+        self.last_std: float | None = None  # the last value's bootstrap standard deviation (feature networks)
+        if not self.enabled:
+            return
+        ev = cfg.eval
+        self.num, self.seed, self.batch_size = ev.num_samples, ev.seed, ev.batch_size
+        self.device, self.dist, self.logger = device, dist, logger
+        self.mixture = mixture_from_config(cfg.data) if cfg.data.name == "gaussian_mixture" else None
+        if self.mixture is not None:  # known-answer data: exact scores, no feature network or reference
+            self.key, self.metric = MIXTURE_KEY, MIXTURE_METRIC
+            self.name = metric_name(self.key, self.num)
+            logger.define_metric(self.key, summary="min")
+            if dist.is_main:
+                floor = reference_scores(self.mixture, self.num, self.seed)
+                logger.summary({f"{self.key}_floor": floor["fd"]})
+                log.info(f"[eval] {self.metric} of {self.num} true samples (the floor): {floor['fd']:.4f}")
+            return
+        self.allow_few, self.resamples = ev.allow_few_samples, ev.uncertainty_resamples
+        try:
+            self.net = feature_network_from_config(ev.feature_network, device)
+            # refused before any reference is computed or any step trained: too few samples ...
+            check_measurement(self.net, None, cfg.data.resolution, self.num, self.allow_few, "eval.")
+            self.ref = None
+            if dist.is_main:  # rank 0 computes (or reads the cached) reference statistics; the others wait
+                with untouched_rng(device):
+                    self.ref = reference_from_config(ev.reference, self.net, batch_size=self.batch_size,
+                                                     num_workers=cfg.data.num_workers,
+                                                     data=to_container(cfg.data))
+                # ... or a reference of another resolution, feature network or resize
+                check_reference(self.ref, self.net, cfg.data.resolution, "eval.")
+        except EvaluationError as err:
+            raise EvaluationError(
+                f"eval_every={self.every}: the FID / FD evaluation inside training cannot start.\n{err}\n"
+                "During training these keys live under 'eval.' (e.g. eval.feature_network.allow_download=true, "
+                "eval.feature_network.name=torchscript eval.feature_network.path=...); eval_every=0 trains "
+                "without evaluation.") from err
+        barrier(dist)
+        self.key, self.metric = self.net.wandb_key, self.net.metric
+        self.name = metric_name(self.key, self.num)  # e.g. fid@10k: the value with its sample count
+        logger.define_metric(self.key, summary="min")
+        logger.summary({"eval/num_samples": self.num, "eval/name": self.name})
+        if dist.is_main:
+            log.info(f"[eval] {self.metric} of {self.num} samples ({self.name}) against {self.ref.description}")
+
+    def due(self, done: int, total: int) -> bool:
+        """Every ``eval_every`` steps and at the end."""
+        return self.enabled and (done % self.every == 0 or done == total)
+
+    def __call__(self, sampler: CheckpointSampler, step: int) -> float | None:
+        """Measure ``sampler`` (every rank must call it), log the value at ``step``; return it (rank 0)."""
+        start = time.perf_counter()
+        with eval_mode(sampler.net), untouched_rng(self.device):
+            if self.mixture is not None:
+                numbers = evaluate_mixture(sampler, self.mixture, self.num, self.seed, self.batch_size, self.device,
+                                           self.dist)
+            else:
+                numbers = evaluate_sampler(sampler, self.net, self.ref, self.num, self.seed, self.batch_size,
+                                           self.device, dist=self.dist, progress=False, resamples=self.resamples,
+                                           allow_few_samples=self.allow_few)
+        if numbers is None:  # ranks > 0
+            return None
+        seconds = time.perf_counter() - start
+        value = self.last = numbers["value"]
+        self.last_scores = numbers.get("scores", {})
+        if value < self.best:
+            self.best, self.best_step = value, step
+        extra = {f"eval/mixture_{k}": v for k, v in numbers.get("scores", {}).items() if k != "fd"}
+        self.last_std = numbers.get("std")
+        if self.last_std is not None:
+            extra[f"{self.key}_std"] = self.last_std
+        self.logger.log({self.key: value, **extra, "eval/seconds": seconds, "eval/images_per_sec": self.num / seconds,
+                         "eval/nfe": sampler.nfe}, step=step)
+        self.logger.summary({f"{self.key}_best": self.best, "eval/best_step": self.best_step})
+        scores = "".join(f", {k} {v:.3f}" for k, v in numbers.get("scores", {}).items() if k != "fd")
+        noise = f" ± {self.last_std:.4f}" if self.last_std is not None else ""
+        log.info(f"[eval] step {step}: {self.metric} = {value:.4f}{noise}{scores} ({self.name}: {self.num} samples, "
+                 f"{sampler.nfe} NFE, {seconds:.1f} s, {self.num / seconds:.1f} images/s; best {self.best:.4f} at "
+                 f"step {self.best_step})")
+        return value
+
+    def results(self) -> dict[str, Any]:
+        """Final metrics for the sweeper: the last and best values (empty when evaluation is off)."""
+        if not self.enabled or self.best_step < 0:
+            return {}
+        extra = {f"eval/mixture_{k}": v for k, v in self.last_scores.items() if k != "fd"}
+        if self.last_std is not None:
+            extra[f"{self.key}_std"] = self.last_std
+        return {self.key: self.last, f"{self.key}_best": self.best, "eval/best_step": self.best_step, **extra}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stored in checkpoints, so a resumed run keeps its best value."""
+        return {"best": self.best, "best_step": self.best_step, "last": self.last}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.best, self.best_step, self.last = state["best"], state["best_step"], state["last"]

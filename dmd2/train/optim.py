@@ -1,0 +1,151 @@
+"""Optimisation of one trained network, the same for both stages: AdamW, a learning-rate warm-up counted in
+training iterations, gradient clipping, the non-finite policy and an optional EMA of the weights.
+
+``Updater.update(loss, step)`` is the one optimizer step of this project. A skipped update (``on_nonfinite=skip``)
+leaves the weights, the optimizer state and the EMA untouched and is counted in ``Updater.skipped``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from dmd2.config.errors import TrainingFailed
+from dmd2.runtime.distributed import global_mean
+
+log = logging.getLogger(__name__)
+
+
+def adamw(params: Any, lr: float, betas: Any, weight_decay: float, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW, with its fused kernel when ``fused`` (else the multi-tensor one)."""
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                             **({"fused": True} if fused else {}))
+
+
+def warmup_lr(base_lr: float, step: int, warmup_steps: int) -> float:
+    """Learning rate of training iteration ``step`` (0-based): a linear ramp from base_lr / warmup_steps over
+    ``warmup_steps`` iterations, then constant. A function of the iteration, not of the number of updates, so
+    a generator updated every N-th iteration ends its warm-up at the same iteration as the fake score network
+    (as the official DMD2 schedulers, which step every iteration)."""
+    return base_lr * min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter-wise; buffers are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay warmed up as min(decay, (1 + n) / (10 + n)) so short runs do not keep the initial weights."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def grad_norm(parameters: Any, clip: float | None) -> Tensor:
+    """Global gradient norm before clipping (clipped to ``clip`` when it is set)."""
+    params = [p for p in parameters if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient norm became NaN or infinite."""
+
+
+def is_finite(step: int, policy: str, **values: Tensor) -> bool:
+    """True if every named (scalar) value is finite; one host read for all of them. Otherwise ``policy`` "stop"
+    raises NonFiniteError naming the step and the term (the last checkpoint stays as it was); "skip" warns and
+    returns False (skip this update)."""
+    if bool(torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in values.values()])).all()):
+        return True
+    for name, value in values.items():
+        if not torch.isfinite(value).all():
+            message = f"non-finite {name} ({value.item()}) at step {step}"
+            if policy == "skip":
+                log.warning(f"[train] WARNING: {message}; skipping this update (on_nonfinite=skip)")
+                return False
+            raise NonFiniteError(f"{message}; stopping. The last checkpoint is intact; try a lower learning rate, "
+                                 "a smaller grad_clip, or on_nonfinite=skip")
+    return True
+
+
+@dataclass
+class EMA:
+    """An EMA copy ``ema`` of ``model``, updated with ``decay(step)`` after every applied update."""
+
+    ema: nn.Module
+    model: nn.Module
+    decay: Callable[[int], float]
+
+
+@dataclass
+class Updater:
+    """One network's optimisation: what ``update`` steps and how (see the module docstring)."""
+
+    name: str                      # names the loss in errors and warnings, e.g. "generator loss"
+    params: list[Tensor]
+    optimizer: torch.optim.Optimizer
+    lr: float                      # base learning rate (after warm-up)
+    warmup_steps: int
+    clip: float | None             # max global gradient norm; None = no clipping
+    on_nonfinite: str              # "stop" | "skip"
+    ema: EMA | None = None
+    skipped: int = field(default=0)  # skipped updates of the whole run (kept in checkpoints)
+    tried: int = field(default=0)    # updates this process attempted, and applied (not kept: this start only)
+    applied: int = field(default=0)
+
+    def lr_at(self, step: int) -> float:
+        return warmup_lr(self.lr, step, self.warmup_steps)
+
+    def update(self, loss: Tensor, step: int) -> Tensor | None:
+        """Backward, clip, AdamW step at the learning rate of iteration ``step``, then the EMA. Returns the
+        gradient norm, or None when the update was skipped (non-finite loss or gradient, ``on_nonfinite=skip``)."""
+        self.tried += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # always: under DistributedDataParallel every rank must join the gradient all-reduce
+        gnorm = grad_norm(self.params, self.clip)
+        # the loss averaged over ranks and the (already all-reduced) gradient norm: every rank decides alike
+        if not is_finite(step, self.on_nonfinite, **{self.name: global_mean(loss), f"{self.name} gradient norm": gnorm}):
+            self.skipped += 1
+            return None
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(step)
+        self.optimizer.step()
+        self.applied += 1
+        if self.ema is not None:
+            ema_update(self.ema.ema, self.ema.model, self.ema.decay(step))
+        return gnorm
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state and the skipped-update count (the EMA weights are saved by the runner)."""
+        return {"optimizer": self.optimizer.state_dict(), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """``state_dict()``'s output, or a bare optimizer state (checkpoints written before the Updater)."""
+        if "param_groups" in state:
+            state = {"optimizer": state}
+        ours = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, hyper in zip(self.optimizer.param_groups, ours):  # the moments resume; the settings are this
+            group.update(hyper)                                      # run's (e.g. a changed weight_decay)
+        self.skipped = int(state.get("skipped", 0))
+
+
+def check_trained(updaters: dict[str, Updater], networks: dict[str, nn.Module], final: str) -> None:
+    """Before the final checkpoint ``final`` is written: raise TrainingFailed (exit status 5, no final checkpoint)
+    when an updater skipped every update it attempted in this run (on_nonfinite=skip), or a network's weights are
+    no longer finite (an update that overflowed them: everything after it is skipped, and its samples are NaN)."""
+    problems = [f"every one of the {u.tried} {name} updates of this run was skipped (non-finite loss or gradient)"
+                for name, u in updaters.items() if u.tried and not u.applied]
+    problems += [f"the {name} weights are not finite" for name, net in networks.items()
+                 if not all(bool(torch.isfinite(t).all()) for t in net.state_dict().values() if t.is_floating_point())]
+    if problems:
+        raise TrainingFailed(f"training failed: {'; '.join(problems)}. {os.path.basename(final)} was not written "
+                             "(the periodic checkpoints stay as they are); lower the learning rate, or look for the "
+                             "step where the losses stopped being finite (metrics.jsonl)")
