@@ -422,23 +422,3 @@ def restore_rng(ctx: RunContext) -> None:
     if not ctx.rng.set_state(ctx.resume.get("batch_rng")):
         ctx.say("[resume] the checkpoint's batch random stream does not fit this device: it starts afresh from "
                 "the seed (the run stays valid, but is not a bitwise continuation)")
-
-
-def progress(total: int, desc: str, ctx: RunContext) -> Any:
-    """A progress bar on rank 0 (disabled on the others)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
-                disable=not ctx.dist.is_main)
-
-
-def run_result(checkpoint: str, steps: int, metrics: dict[str, float], evaluator: Any, loss_key: str
-               ) -> dict[str, Any]:
-    """What a stage returns: the final checkpoint, the last logged metrics with the evaluation's last and best
-    values, and ``objective_key``, the metric a sweeper minimises by default: the best FID / FD when
-    ``eval_every`` > 0, else None (a loss, e.g. ``loss_key``, is an objective only when optimized_metric names
-    it)."""
-    evaluated = evaluator.results()
-    key = f"{evaluator.key}_best" if evaluated else None  # no evaluation, no default objective (train.objective)
-    metrics = {**metrics, **evaluated}
-    return {"checkpoint": checkpoint, "steps": steps, "metrics": metrics, "objective_key": key}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
@@ -30,29 +29,28 @@ from torch import Tensor, nn
 
 from dmd2.config.errors import ConfigError
 from dmd2.config.settings import DistillSettings
-from dmd2.data.batches import build_batches, random_hflip, total_steps
+from dmd2.data.batches import random_hflip
 from dmd2.data.datasets import LabelsOnly, build_dataset
 from dmd2.data.mixture import mixture_from_config
-from dmd2.io.checkpoint import load_checkpoint, network_from_checkpoint, save_final, save_periodic
+from dmd2.io.checkpoint import load_checkpoint, network_from_checkpoint
 from dmd2.io.export import export_generator
-from dmd2.io.sampler import CheckpointSampler, grid_labels
+from dmd2.io.sampler import CheckpointSampler
 from dmd2.method.edm import SIGMA_MAX, SIGMA_MIN, dmd_timestep_sigmas
 from dmd2.method.guidance import GuidanceModel
 from dmd2.method.mixture import ExactDenoiser
-from dmd2.method.randomness import GRID_NOISE_OFFSET, BatchRNG, derived_seed, generator
-from dmd2.method.samplers import backward_simulation, heun_nfe
+from dmd2.method.randomness import BatchRNG, derived_seed, generator
+from dmd2.method.samplers import backward_simulation
 from dmd2.method.unified import UnifiedModel
 from dmd2.networks import count_parameters, set_dropout
 from dmd2.networks.gan_head import GANHead
 from dmd2.networks.precond import EDMPrecond
-from dmd2.runtime.distributed import mean_across_ranks, wrap
+from dmd2.runtime.distributed import wrap
 from dmd2.runtime.perf import autocast, fused_adamw, prepare_network
-from dmd2.train.context import RunContext, progress, restore_rng, run_context, run_result, run_state
+from dmd2.train.context import RunContext, run_context
 from dmd2.train.evaluator import TrainingEvaluator
-from dmd2.train.logger import RunningMeans
-from dmd2.train.optim import EMA, Updater, adamw, check_trained
-from dmd2.train.plan import log_schedule
-from dmd2.train.teacher import teacher_samples
+from dmd2.train.grids import SampleGrids
+from dmd2.train.loop import plan_batches, train_loop
+from dmd2.train.optim import EMA, Updater, adamw
 
 log = logging.getLogger(__name__)
 
@@ -126,26 +124,6 @@ def build_updaters(model: UnifiedModel, ema: EDMPrecond | None, cfg: DistillSett
             "guidance": updater("guidance", model.guidance.trainable(), cfg.guidance_lr, None)}
 
 
-def distill_state(cfg: DictConfig, ctx: RunContext, teacher: dict[str, Any], model: UnifiedModel,
-                  ema: EDMPrecond | None, upds: dict[str, Updater], evaluator: TrainingEvaluator,
-                  step: int, classes: list[str] | None, metrics: dict[str, float]) -> dict[str, Any]:
-    state = run_state(
-        ctx, step, kind="dmd2", arch=teacher["arch"], num_classes=teacher["num_classes"],
-        resolution=teacher["resolution"], sigma_data=teacher.get("sigma_data", 0.5), class_names=classes,
-        conditioning_sigma=float(cfg.conditioning_sigma), denoising_sigmas=list(model.denoising_sigmas),
-        teacher_checkpoint=str(cfg.teacher_checkpoint), teacher_sha256=ctx.config.get("teacher_sha256"),
-        generator=model.generator.state_dict(),
-        fake_unet=model.guidance.fake_unet.state_dict(),
-        generator_updater=upds["generator"].state_dict(), guidance_updater=upds["guidance"].state_dict(),
-        evaluation=evaluator.state_dict(), metrics=dict(metrics),
-    )
-    if model.guidance.gan_head is not None:
-        state["gan_head"] = model.guidance.gan_head.state_dict()
-    if ema is not None:
-        state["generator_ema"] = ema.state_dict()
-    return state
-
-
 def restore_distill(state: dict[str, Any], model: UnifiedModel, ema: EDMPrecond | None, upds: dict[str, Updater],
                     evaluator: TrainingEvaluator) -> int:
     """Load a dmd2 checkpoint into the freshly built objects; return its step."""
@@ -156,9 +134,9 @@ def restore_distill(state: dict[str, Any], model: UnifiedModel, ema: EDMPrecond 
             raise ConfigError("config key 'gan_classifier' = true, but the checkpoint to resume has no GAN head")
         model.guidance.gan_head.load_state_dict(state["gan_head"])
     if ema is not None:
-        ema.load_state_dict(state.get("generator_ema", state["generator"]))
+        ema.load_state_dict(state["generator_ema"])
     for name, upd in upds.items():
-        upd.load_state_dict(state.get(f"{name}_updater") or state[f"{name}_optimizer"])
+        upd.load_state_dict(state[f"{name}_updater"])
     evaluator.load_state_dict(state.get("evaluation"))
     return int(state["step"])
 
@@ -255,16 +233,6 @@ def describe_run(cfg: DictConfig, ctx: RunContext, teacher_state: dict[str, Any]
             f"{cfg.dfake_gen_update_ratio} steps, from step {start}; writing to {ctx.output_dir}")
 
 
-def train_metrics(window: RunningMeans, upds: dict[str, Updater], dist: Any, step: int,
-                  extra: dict[str, float]) -> dict[str, float]:
-    """The logged scalars of a log interval: the window's means over ranks, each updater's learning rate and
-    skipped steps at ``step``, and ``extra``."""
-    metrics = mean_across_ranks(window.pop(), dist)
-    metrics.update({f"train/{name}_{what}": value for name, upd in upds.items()
-                    for what, value in (("lr", upd.lr_at(step)), ("skipped_steps", upd.skipped))})
-    return {**metrics, **extra}
-
-
 def export_final(ctx: RunContext, path: str, steps: int, num_chain: int) -> None:
     """Export the generator of the final checkpoint (ready for dmd2.load_generator / generate.py / the Hub) and
     log both as W&B artifacts (rank 0). The export is a side write: when it fails (a full disk, ...) the error is
@@ -282,50 +250,12 @@ def export_final(ctx: RunContext, path: str, steps: int, num_chain: int) -> None
                             "num_classes", "resolution", "provenance")})
 
 
-class SampleGrids:
-    """The fixed noise [S,N,3,R,R] and labels [N] of the sample grids (one row per class) and how they are logged."""
-
-    def __init__(self, cfg: DictConfig, num_chain: int, classes: list[str] | None, device: torch.device) -> None:
-        res, self.per_class, self.classes, self.sample_steps = (cfg.data.resolution, cfg.samples_per_class, classes,
-                                                                cfg.sample_steps)
-        self.y = grid_labels(cfg.data.num_classes, cfg.samples_per_class, device)
-        z = torch.randn(num_chain, len(self.y), 3, res, res, generator=generator(cfg.seed + GRID_NOISE_OFFSET))
-        self.z = z.to(device)
-
-    def log_teacher(self, ctx: RunContext, teacher: nn.Module) -> None:
-        images = teacher_samples(teacher, self.z[0], self.y, self.sample_steps)
-        ctx.logger.log_samples("samples/teacher", images, self.y, self.classes, self.per_class, 0,
-                               f"teacher EMA, Heun {heun_nfe(self.sample_steps)} NFE")
-
-    def log_generator(self, ctx: RunContext, model: UnifiedModel, ema: EDMPrecond | None, step: int) -> None:
-        caption = f"generator, {model.num_steps} NFE"
-        ctx.logger.log_samples("samples/generator", model.sample(self.z, self.y), self.y, self.classes,
-                               self.per_class, step, caption)
-        if ema is not None:
-            ctx.logger.log_samples("samples/generator_ema", model.sample(self.z, self.y, ema), self.y, self.classes,
-                                   self.per_class, step, f"EMA {caption}")
-
-
 def generator_sampler(model: UnifiedModel, ema: EDMPrecond | None, step: int, num_classes: int,
                       resolution: int) -> CheckpointSampler:
     """What evaluations measure: the weights generate.py / evaluate.py sample (the EMA when there is one)."""
     net = ema if ema is not None else model.generator
     return CheckpointSampler("dmd2", net, step, num_classes, resolution, model.num_steps,
                              denoising_sigmas=tuple(model.denoising_sigmas), weights="ema" if ema is not None else "raw")
-
-
-def finish(ctx: RunContext, model: UnifiedModel, ema: EDMPrecond | None, upds: dict[str, Updater],
-           state: Callable[[], dict[str, Any]], steps: int) -> str:
-    """The end of a distillation: refuse a failed one (every update skipped, non-finite weights: no final
-    checkpoint), else write dmd2_final.pt (``state()``) and export its generator. Returns the checkpoint's path."""
-    path = os.path.join(ctx.output_dir, "dmd2_final.pt")
-    check_trained(upds, {"generator": model.generator, "fake score network": model.guidance.fake_unet,
-                         **({"generator EMA": ema} if ema is not None else {})}, path)
-    path = save_final(state(), path, ctx.dist)
-    if ctx.dist.is_main:
-        export_final(ctx, path, steps, model.num_steps)
-    ctx.say(f"[distill] done: {path}")
-    return path
 
 
 def make_batch(cfg: DictConfig, rng: BatchRNG, real: Tensor, y: Tensor, step: int, num_chain: int,
@@ -339,6 +269,69 @@ def make_batch(cfg: DictConfig, rng: BatchRNG, real: Tensor, y: Tensor, step: in
         real = random_hflip(real, rng)
     res = cfg.data.resolution
     return Batch(y, rng.randn(num_chain, y.shape[0], 3, res, res, dim=1), chain_step(cfg.seed, step, num_chain), real)
+
+
+@dataclass
+class DistillStage:
+    """The distillation stage for the training loop (dmd2/train/loop.py)."""
+
+    s: DistillState
+    ema: EDMPrecond | None         # the generator's EMA (what generate.py and evaluations use), if any
+    teacher: dict[str, Any]        # the teacher's checkpoint (its arch, classes, ...)
+    grids: SampleGrids
+    ctx: RunContext
+    cfg: DictConfig
+    name: str = "distill"
+    prefix: str = "dmd2"
+    progress_key: str = "train/loss_fake"
+    evaluate_first: bool = True    # the starting point: the teacher's one-step output
+
+    @property
+    def updaters(self) -> dict[str, Updater]:
+        return self.s.updaters
+
+    @property
+    def networks(self) -> dict[str, nn.Module]:
+        model = self.s.model
+        return {"generator": model.generator, "fake score network": model.guidance.fake_unet,
+                **({"generator EMA": self.ema} if self.ema is not None else {})}
+
+    def step(self, batch: tuple[Tensor, Tensor], step: int) -> dict[str, Tensor]:
+        real, y = batch
+        return distill_step(self.s, make_batch(self.cfg, self.s.rng, real, y, step, self.s.model.num_steps,
+                                                self.ctx.device), step)
+
+    def scalars(self, step: int) -> dict[str, float]:
+        return {f"train/{name}_{what}": value for name, upd in self.s.updaters.items()
+                for what, value in (("lr", upd.lr_at(step)), ("skipped_steps", upd.skipped))}
+
+    def state(self) -> dict[str, Any]:
+        model, cfg, teacher = self.s.model, self.cfg, self.teacher
+        state = dict(
+            kind="dmd2", arch=teacher["arch"], num_classes=teacher["num_classes"], resolution=teacher["resolution"],
+            sigma_data=teacher["sigma_data"], class_names=self.grids.classes,
+            conditioning_sigma=float(cfg.conditioning_sigma), denoising_sigmas=list(model.denoising_sigmas),
+            teacher_checkpoint=str(cfg.teacher_checkpoint), teacher_sha256=self.ctx.config.get("teacher_sha256"),
+            generator=model.generator.state_dict(), fake_unet=model.guidance.fake_unet.state_dict(),
+            **{f"{name}_updater": upd.state_dict() for name, upd in self.s.updaters.items()})
+        if model.guidance.gan_head is not None:
+            state["gan_head"] = model.guidance.gan_head.state_dict()
+        if self.ema is not None:
+            state["generator_ema"] = self.ema.state_dict()
+        return state
+
+    def log_grids(self, step: int) -> None:
+        model, caption = self.s.model, f"generator, {self.s.model.num_steps} NFE"
+        self.grids.log(self.ctx.logger, "samples/generator", model.sample(self.grids.z, self.grids.y), step, caption)
+        if self.ema is not None:
+            self.grids.log(self.ctx.logger, "samples/generator_ema", model.sample(self.grids.z, self.grids.y, self.ema),
+                           step, f"EMA {caption}")
+
+    def sampler(self, step: int) -> CheckpointSampler:
+        return generator_sampler(self.s.model, self.ema, step, self.cfg.data.num_classes, self.cfg.data.resolution)
+
+    def publish(self, path: str, steps: int) -> None:
+        export_final(self.ctx, path, steps, self.s.model.num_steps)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -361,75 +354,11 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     # under torchrun the updated networks run inside DistributedDataParallel (gradients averaged over ranks)
     s = DistillState(model, wrap(model.generator, ctx.dist, device), wrap(model.guidance, ctx.dist, device), upds,
                      ctx.rng, partial(autocast, device, cfg.precision), cfg.dfake_gen_update_ratio)
-    world = ctx.dist.world_size
-    loader = build_batches(dataset, cfg.batch_size, cfg.seed, device, cfg.perf, cfg.data.num_workers, start,
-                           ctx.dist.rank, world)
-    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
-    steps = total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps)
-    log_schedule(cfg, steps, steps_per_epoch, start, ctx.dist.is_main)
-    num_chain, res = model.num_steps, cfg.data.resolution
-    ctx.say(describe_run(cfg, ctx, teacher_state, model, steps, start))
-
-    grids = SampleGrids(cfg, num_chain, classes, device)
+    loader, plan = plan_batches(cfg, ctx, dataset, start)
+    ctx.say(describe_run(cfg, ctx, teacher_state, model, plan.steps, start))
+    grids = SampleGrids(cfg.seed, cfg.data.num_classes, cfg.data.resolution, cfg.samples_per_class, model.num_steps,
+                        classes, device)
     if ctx.dist.is_main:
-        grids.log_teacher(ctx, model.guidance.real_unet)
-
-    def evaluate(step: int) -> None:  # the weights generate.py / evaluate.py sample: the EMA when there is one
-        evaluator(generator_sampler(model, ema, step, cfg.data.num_classes, res), step)
-
-    def log_generator_grids(step: int) -> None:
-        if ctx.dist.is_main:
-            grids.log_generator(ctx, model, ema, step)
-
-    # the last logged value of every scalar, kept in checkpoints: a resumed run returns the whole run's final metrics
-    last: dict[str, float] = dict(ctx.resume.get("metrics") or {}) if ctx.resume is not None else {}
-
-    def checkpoint(step: int) -> dict[str, Any]:
-        return distill_state(cfg, ctx, teacher_state, model, ema, upds, evaluator, step, classes, last)
-
-    if start == 0:
-        log_generator_grids(0)
-        if evaluator.enabled:
-            evaluate(0)  # the starting point: the teacher's one-step output
-    ctx.logger.start()  # config.yaml, metrics.jsonl, W&B: every check has passed
-    if ctx.dist.is_main:
+        grids.log_teacher(ctx.logger, "samples/teacher", model.guidance.real_unet, cfg.sample_steps, 0, "teacher EMA")
         ctx.logger.use_checkpoint(cfg.teacher_checkpoint, "teacher", teacher_state.get("wandb_run_id"), "teacher")
-    restore_rng(ctx)
-    batches = iter(loader)
-    bar = progress(steps, "distill", ctx)
-    bar.update(start)
-    t_last, images_since = time.perf_counter(), 0
-    window = RunningMeans()
-    timesteps: list[Tensor] = []
-    for step in range(start, steps):
-        batch = make_batch(cfg, s.rng, *next(batches), step, num_chain, device)
-        logs = distill_step(s, batch, step)
-        if "dm_timesteps" in logs:
-            timesteps.append(logs.pop("dm_timesteps"))
-        window.add({f"train/{key}": v for key, v in logs.items()})
-
-        done = step + 1
-        images_since += batch.y.shape[0] * world
-        bar.update(1)
-        if done % cfg.log_every == 0 or done == steps:
-            now = time.perf_counter()
-            metrics = train_metrics(window, upds, ctx.dist, step, {
-                "train/images_per_sec": images_since / (now - t_last), "train/epoch": step // steps_per_epoch,
-                "train/global_batch_size": cfg.batch_size * world})
-            ctx.logger.log(metrics, step=done)
-            last.update(metrics)
-            if timesteps:
-                ctx.logger.log_histogram("train/dm_timesteps", torch.cat(timesteps).cpu(), step=done)
-            bar.set_postfix(loss_fake=f"{metrics.get('train/loss_fake', float('nan')):.4f}")
-            t_last, images_since, timesteps = now, 0, []
-        if (cfg.sample_every and done % cfg.sample_every == 0) or done == steps:
-            log_generator_grids(done)
-        if evaluator.due(done, steps):
-            evaluate(done)
-        if done % cfg.save_every == 0 and done != steps:
-            save_periodic(checkpoint(done), ctx.output_dir, "dmd2", done, cfg.keep_last, ctx.dist)
-        if ctx.stop_requested() and done != steps:  # SIGTERM / SIGINT / SIGUSR1: save this step, then exit
-            ctx.stop(checkpoint(done), "dmd2", done)
-    bar.close()
-    path = finish(ctx, model, ema, upds, lambda: checkpoint(steps), steps)
-    return run_result(path, steps, last, evaluator, "train/loss_dm")
+    return train_loop(cfg, ctx, DistillStage(s, ema, teacher_state, grids, ctx, cfg), loader, plan, evaluator)

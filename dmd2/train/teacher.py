@@ -7,34 +7,30 @@ distillation loads. Checkpoints: teacher_NNNNNN.pt every ``save_every`` steps an
 from __future__ import annotations
 
 import copy
-import os
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
-import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from dmd2.data.batches import build_batches, random_hflip, total_steps
+from dmd2.data.batches import random_hflip
 from dmd2.data.datasets import build_dataset
-from dmd2.io.checkpoint import save_final, save_periodic
-from dmd2.io.sampler import CheckpointSampler, grid_labels
+from dmd2.io.sampler import CheckpointSampler
 from dmd2.io.weights import build_denoiser
 from dmd2.method.edm import edm_sigma
 from dmd2.method.losses import denoising_loss
-from dmd2.method.randomness import GRID_NOISE_OFFSET, BatchRNG, generator
-from dmd2.method.samplers import heun_nfe, heun_sample, heun_sampler_sigmas
+from dmd2.method.randomness import BatchRNG
+from dmd2.method.samplers import heun_nfe
 from dmd2.networks import count_parameters
 from dmd2.networks.precond import EDMPrecond
-from dmd2.runtime.distributed import mean_across_ranks, wrap
+from dmd2.runtime.distributed import wrap
 from dmd2.runtime.perf import autocast, fused_adamw, prepare_network
-from dmd2.train.context import RunContext, progress, restore_rng, run_context, run_result, run_state
+from dmd2.train.context import RunContext, run_context
 from dmd2.train.evaluator import TrainingEvaluator
-from dmd2.train.logger import RunningMeans
-from dmd2.train.optim import EMA, Updater, adamw, check_trained, ema_decay_at
-from dmd2.train.plan import log_schedule
+from dmd2.train.grids import SampleGrids
+from dmd2.train.loop import plan_batches, train_loop
+from dmd2.train.optim import EMA, Updater, adamw, ema_decay_at
 
 
 @dataclass
@@ -62,21 +58,52 @@ def teacher_step(s: TeacherState, x: Tensor, y: Tensor, step: int) -> tuple[Tens
     return loss, s.updater.update(loss, step)
 
 
-def teacher_state(cfg: DictConfig, ctx: RunContext, model: EDMPrecond, ema: EDMPrecond, upd: Updater,
-                  evaluator: TrainingEvaluator, step: int, class_names: list[str] | None,
-                  metrics: dict[str, float]) -> dict[str, Any]:
-    return run_state(
-        ctx, step, kind="teacher", arch=ctx.config["arch"], num_classes=cfg.data.num_classes,
-        resolution=cfg.data.resolution, sigma_data=cfg.sigma_data, class_names=class_names,
-        model=model.state_dict(), ema=ema.state_dict(),
-        updater=upd.state_dict(), evaluation=evaluator.state_dict(), metrics=dict(metrics),
-    )
+@dataclass
+class TeacherStage:
+    """The teacher stage for the training loop (dmd2/train/loop.py)."""
 
+    s: TeacherState
+    model: EDMPrecond              # the trained denoiser (unwrapped)
+    ema: EDMPrecond                # its EMA: what distillation, generate.py and evaluations use
+    grids: SampleGrids
+    ctx: RunContext
+    cfg: DictConfig
+    name: str = "teacher"
+    prefix: str = "teacher"
+    progress_key: str = "train/loss"
+    evaluate_first: bool = False   # a teacher at step 0 is noise
 
-@torch.no_grad()
-def teacher_samples(ema: EDMPrecond, noise: torch.Tensor, labels: torch.Tensor, steps: int) -> torch.Tensor:
-    """Heun samples [B,3,R,R] in [-1, 1] of the EMA teacher from fixed noise [B,3,R,R] and labels [B]."""
-    return heun_sample(ema, noise, labels, heun_sampler_sigmas(steps).to(noise.device))
+    @property
+    def updaters(self) -> dict[str, Updater]:
+        return {"teacher": self.s.updater}
+
+    @property
+    def networks(self) -> dict[str, nn.Module]:
+        return {"teacher": self.model, "teacher EMA": self.ema}
+
+    def step(self, batch: tuple[Tensor, Tensor], step: int) -> dict[str, Tensor]:
+        x, y = (t.to(self.ctx.device, non_blocking=True) for t in batch)
+        loss, gnorm = teacher_step(self.s, x, y, step)
+        return {"loss": loss} if gnorm is None else {"loss": loss, "grad_norm": gnorm}  # None: a skipped update
+
+    def scalars(self, step: int) -> dict[str, float]:
+        return {"train/lr": self.s.updater.lr_at(step), "train/skipped_steps": self.s.updater.skipped}
+
+    def state(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return dict(kind="teacher", arch=self.ctx.config["arch"], num_classes=cfg.data.num_classes,
+                    resolution=cfg.data.resolution, sigma_data=cfg.sigma_data, class_names=self.grids.classes,
+                    model=self.model.state_dict(), ema=self.ema.state_dict(), updater=self.s.updater.state_dict())
+
+    def log_grids(self, step: int) -> None:
+        self.grids.log_teacher(self.ctx.logger, "samples/teacher_ema", self.ema, self.cfg.sample_steps, step, "EMA")
+
+    def sampler(self, step: int) -> CheckpointSampler:
+        data, steps = self.cfg.data, self.cfg.eval.sampler_steps
+        return CheckpointSampler("teacher", self.ema, step, data.num_classes, data.resolution, heun_nfe(steps), steps)
+
+    def publish(self, path: str, steps: int) -> None:
+        self.ctx.logger.log_artifact(path, "teacher", steps)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -88,7 +115,6 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     device = ctx.device
     evaluator = TrainingEvaluator(cfg, device, ctx.dist, ctx.logger)  # a missing feature network fails here
     dataset = build_dataset(cfg.data)
-    classes = dataset.class_names  # stored in checkpoints: generate.py and exports name their classes
     model = build_denoiser(cfg.arch, cfg.data.num_classes, cfg.data.resolution, cfg.sigma_data).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     prepare_network(model, cfg.perf)  # channels-last / torch.compile (after the EMA copy: it stays eager)
@@ -99,76 +125,16 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     if ctx.resume is not None:
         model.load_state_dict(ctx.resume["model"])
         ema.load_state_dict(ctx.resume["ema"])
-        upd.load_state_dict(ctx.resume.get("updater") or ctx.resume["optimizer"])
-        evaluator.load_state_dict(ctx.resume.get("evaluation"))
+        upd.load_state_dict(ctx.resume["updater"])
+        evaluator.load_state_dict(ctx.resume["evaluation"])
         start = int(ctx.resume["step"])
     # under torchrun the denoiser runs inside DistributedDataParallel (gradients averaged over ranks)
     s = TeacherState(wrap(model, ctx.dist, device), upd, ctx.rng, partial(autocast, device, cfg.precision),
                      cfg.p_mean, cfg.p_std, cfg.sigma_data, cfg.data.hflip)
-    world = ctx.dist.world_size
-    loader = build_batches(dataset, cfg.batch_size, cfg.seed, device, cfg.perf, cfg.data.num_workers, start,
-                           ctx.dist.rank, world)
-    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
-    steps = total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps)
-    log_schedule(cfg, steps, steps_per_epoch, start, ctx.dist.is_main)
-    ctx.say(f"[teacher] {count_parameters(model) / 1e6:.2f}M parameters, {len(dataset)} images, {steps} steps of "
-            f"global batch {cfg.batch_size * world} on {device} (from step {start}); writing to {ctx.output_dir}")
-
-    gen = generator(cfg.seed + GRID_NOISE_OFFSET)  # fixed grid noise, independent of training
-    grid_y = grid_labels(cfg.data.num_classes, cfg.samples_per_class, device)
-    grid_z = torch.randn(len(grid_y), 3, cfg.data.resolution, cfg.data.resolution, generator=gen).to(device)
-
-    # the last logged value of every scalar, kept in checkpoints: a resumed run (even one resumed after its end)
-    # returns the run's final metrics, not only those of its own steps
-    last: dict[str, float] = dict(ctx.resume.get("metrics") or {}) if ctx.resume is not None else {}
-
-    def checkpoint(step: int) -> dict[str, Any]:
-        return teacher_state(cfg, ctx, model, ema, upd, evaluator, step, classes, last)
-
-    ctx.logger.start()  # config.yaml, metrics.jsonl, W&B: every check has passed
-    restore_rng(ctx)
-    batches = iter(loader)
-    bar = progress(steps, "teacher", ctx)
-    bar.update(start)
-    t_last, images_since, window = time.perf_counter(), 0, RunningMeans()
-    for step in range(start, steps):
-        x, y = next(batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss, gnorm = teacher_step(s, x, y, step)
-        if gnorm is None:  # a skipped update (on_nonfinite=skip)
-            gnorm = torch.tensor(float("nan"))
-
-        done = step + 1
-        images_since += x.shape[0] * world
-        window.add({"train/loss": loss})
-        bar.update(1)
-        if done % cfg.log_every == 0 or done == steps:
-            now = time.perf_counter()
-            metrics = mean_across_ranks(window.pop(), ctx.dist)
-            metrics.update({"train/lr": upd.lr_at(step), "train/grad_norm": gnorm.item(),
-                            "train/images_per_sec": images_since / (now - t_last),
-                            "train/epoch": step // steps_per_epoch, "train/skipped_steps": upd.skipped,
-                            "train/global_batch_size": cfg.batch_size * world})
-            ctx.logger.log(metrics, step=done)
-            last.update(metrics)
-            bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}")
-            t_last, images_since = now, 0
-        if ctx.dist.is_main and ((cfg.sample_every and done % cfg.sample_every == 0) or done == steps):
-            ctx.logger.log_samples("samples/teacher_ema", teacher_samples(ema, grid_z, grid_y, cfg.sample_steps),
-                                   grid_y, classes, cfg.samples_per_class, done,
-                                   f"EMA, Heun {heun_nfe(cfg.sample_steps)} NFE")
-        if evaluator.due(done, steps):
-            evaluator(CheckpointSampler("teacher", ema, done, cfg.data.num_classes, cfg.data.resolution,
-                                        heun_nfe(cfg.eval.sampler_steps), cfg.eval.sampler_steps), done)
-        if done % cfg.save_every == 0 and done != steps:
-            save_periodic(checkpoint(done), ctx.output_dir, "teacher", done, cfg.keep_last, ctx.dist)
-        if ctx.stop_requested() and done != steps:  # SIGTERM / SIGINT / SIGUSR1: save this step, then exit
-            ctx.stop(checkpoint(done), "teacher", done)
-    bar.close()
-    path = os.path.join(ctx.output_dir, "teacher_final.pt")
-    check_trained({"teacher": upd}, {"teacher": model, "teacher EMA": ema}, path)
-    path = save_final(checkpoint(steps), path, ctx.dist)
-    if ctx.dist.is_main:
-        ctx.logger.log_artifact(path, "teacher", steps)
-    ctx.say(f"[teacher] done: {path}")
-    return run_result(path, steps, last, evaluator, "train/loss")
+    loader, plan = plan_batches(cfg, ctx, dataset, start)
+    ctx.say(f"[teacher] {count_parameters(model) / 1e6:.2f}M parameters, {len(dataset)} images, {plan.steps} steps "
+            f"of global batch {plan.global_batch} on {device} (from step {start}); writing to {ctx.output_dir}")
+    # class names are stored in checkpoints: generate.py and exports name their classes
+    grids = SampleGrids(cfg.seed, cfg.data.num_classes, cfg.data.resolution, cfg.samples_per_class, 1,
+                        dataset.class_names, device)
+    return train_loop(cfg, ctx, TeacherStage(s, model, ema, grids, ctx, cfg), loader, plan, evaluator)

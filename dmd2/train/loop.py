@@ -1,0 +1,175 @@
+"""One training loop for both stages, read top to bottom.
+
+A stage (``TeacherStage`` in dmd2/train/teacher.py, ``DistillStage`` in dmd2/train/distill.py) is a small object
+that knows how to take one step, what its checkpoint holds, how to draw its sample grids and what an evaluation
+measures. The loop owns the cadence every stage shares: log every ``log_every`` steps (the window's mean of each
+scalar the step returned, a histogram of each vector), sample grids every ``sample_every`` steps, evaluations when
+the evaluator says so, periodic checkpoints, stop signals, and the final checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from dmd2.data.batches import build_batches, total_steps
+from dmd2.io.checkpoint import save_final, save_periodic
+from dmd2.io.sampler import CheckpointSampler
+from dmd2.runtime.distributed import mean_across_ranks
+from dmd2.train.context import RunContext, restore_rng, run_state
+from dmd2.train.evaluator import TrainingEvaluator
+from dmd2.train.logger import RunningMeans
+from dmd2.train.optim import Updater, check_trained
+from dmd2.train.plan import log_schedule
+
+
+class Stage(Protocol):
+    """What the loop needs of a stage."""
+
+    name: str                      # "teacher" | "distill": messages and the progress bar
+    prefix: str                    # checkpoint files: <prefix>_NNNNNN.pt and <prefix>_final.pt
+    progress_key: str              # the logged scalar the progress bar shows
+    evaluate_first: bool           # draw grids and evaluate at step 0, before any update
+    updaters: dict[str, Updater]   # checked for "every update skipped" at the end
+    networks: dict[str, nn.Module]  # checked for non-finite weights at the end
+
+    def step(self, batch: tuple[Tensor, Tensor], step: int) -> dict[str, Tensor]:
+        """One iteration on the loader's (images, labels); the logs: scalars (averaged over the log window) and
+        vectors (one histogram per window)."""
+
+    def scalars(self, step: int) -> dict[str, float]:
+        """Scalars logged as they are at ``step`` (learning rates, skipped updates)."""
+
+    def state(self) -> dict[str, Any]:
+        """The stage's part of a checkpoint (networks, optimizers, what they were built from)."""
+
+    def log_grids(self, step: int) -> None:
+        """Log the sample grids (rank 0 only)."""
+
+    def sampler(self, step: int) -> CheckpointSampler:
+        """What an evaluation measures: the weights generate.py and evaluate.py would sample."""
+
+    def publish(self, path: str, steps: int) -> None:
+        """After the final checkpoint ``path`` is written (rank 0 only): artifacts, exports."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long a run is and how much it sees."""
+
+    start: int                     # the first step (a resumed run's checkpoint step)
+    steps: int                     # the last step
+    steps_per_epoch: int           # global batches per pass over the data
+    global_batch: int              # images per step, over every process
+
+
+def plan_batches(cfg: Any, ctx: RunContext, dataset: Any, start: int) -> tuple[Iterable[Any], Plan]:
+    """This rank's batches from step ``start`` on and the run's plan (printed at the start)."""
+    world = ctx.dist.world_size
+    loader = build_batches(dataset, cfg.batch_size, cfg.seed, ctx.device, cfg.perf, cfg.data.num_workers, start,
+                           ctx.dist.rank, world)
+    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
+    plan = Plan(start, total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps), steps_per_epoch,
+                cfg.batch_size * world)
+    log_schedule(cfg, plan.steps, steps_per_epoch, start, ctx.dist.is_main)
+    return loader, plan
+
+
+class LogWindow:
+    """What the steps of one log interval returned: means of the scalars, the values of the vectors."""
+
+    def __init__(self) -> None:
+        self.means = RunningMeans()
+        self.vectors: dict[str, list[Tensor]] = {}
+        self.t0, self.images = time.perf_counter(), 0
+
+    def add(self, logs: dict[str, Tensor], images: int) -> None:
+        self.means.add({f"train/{k}": v for k, v in logs.items() if v.numel() == 1})
+        for k, v in logs.items():
+            if v.numel() != 1:
+                self.vectors.setdefault(f"train/{k}", []).append(v.detach().flatten())
+        self.images += images
+
+    def close(self, ctx: RunContext) -> tuple[dict[str, float], dict[str, Tensor], float]:
+        """(the scalars' means over ranks, the vectors, images per second); starts the next window."""
+        now = time.perf_counter()
+        means = mean_across_ranks(self.means.pop(), ctx.dist)
+        vectors = {k: torch.cat(v).cpu() for k, v in self.vectors.items()}
+        rate = self.images / (now - self.t0)
+        self.vectors, self.t0, self.images = {}, now, 0
+        return means, vectors, rate
+
+
+def progress(total: int, desc: str, ctx: RunContext) -> Any:
+    """A progress bar on rank 0 (disabled on the others)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
+                disable=not ctx.dist.is_main)
+
+
+def train_loop(cfg: Any, ctx: RunContext, stage: Stage, loader: Iterable[Any], plan: Plan,
+               evaluator: TrainingEvaluator) -> dict[str, Any]:
+    """Run ``stage`` from ``plan.start`` to ``plan.steps`` and write its final checkpoint. Returns the run's result
+    (``run_result``)."""
+    # the last logged value of every scalar, kept in checkpoints: a resumed run (even one resumed after its end)
+    # returns the run's final metrics, not only those of its own steps
+    last: dict[str, float] = dict(ctx.resume.get("metrics") or {}) if ctx.resume is not None else {}
+
+    def checkpoint(step: int) -> dict[str, Any]:
+        return run_state(ctx, step, **stage.state(), evaluation=evaluator.state_dict(), metrics=dict(last))
+
+    if plan.start == 0 and stage.evaluate_first:  # the starting point (a distillation: the teacher's one step)
+        if ctx.dist.is_main:
+            stage.log_grids(0)
+        if evaluator.enabled:
+            evaluator(stage.sampler(0), 0)
+    ctx.logger.start()  # config.yaml, metrics.jsonl, W&B: every check has passed
+    restore_rng(ctx)
+    batches, steps, window = iter(loader), plan.steps, LogWindow()
+    bar = progress(steps, stage.name, ctx)
+    bar.update(plan.start)
+    for step in range(plan.start, steps):
+        window.add(stage.step(next(batches), step), plan.global_batch)
+        done = step + 1
+        bar.update(1)
+        if done % cfg.log_every == 0 or done == steps:
+            means, vectors, rate = window.close(ctx)
+            metrics = {**means, **stage.scalars(step), "train/images_per_sec": rate,
+                       "train/epoch": step // plan.steps_per_epoch, "train/global_batch_size": plan.global_batch}
+            ctx.logger.log(metrics, step=done)
+            last.update(metrics)
+            for key, values in vectors.items():
+                ctx.logger.log_histogram(key, values, step=done)
+            bar.set_postfix({stage.progress_key.split("/")[-1]: f"{metrics.get(stage.progress_key, float('nan')):.4f}"})
+        if ctx.dist.is_main and ((cfg.sample_every and done % cfg.sample_every == 0) or done == steps):
+            stage.log_grids(done)
+        if evaluator.due(done, steps):
+            evaluator(stage.sampler(done), done)
+        if done % cfg.save_every == 0 and done != steps:
+            save_periodic(checkpoint(done), ctx.output_dir, stage.prefix, done, cfg.keep_last, ctx.dist)
+        if ctx.stop_requested() and done != steps:  # SIGTERM / SIGINT / SIGUSR1: save this step, then exit
+            ctx.stop(checkpoint(done), stage.prefix, done)
+    bar.close()
+    path = os.path.join(ctx.output_dir, f"{stage.prefix}_final.pt")
+    check_trained(stage.updaters, stage.networks, path)  # every update skipped, or non-finite weights: no final
+    path = save_final(checkpoint(steps), path, ctx.dist)
+    if ctx.dist.is_main:
+        stage.publish(path, steps)
+    ctx.say(f"[{stage.name}] done: {path}")
+    return run_result(path, steps, last, evaluator)
+
+
+def run_result(checkpoint: str, steps: int, metrics: dict[str, float], evaluator: TrainingEvaluator
+               ) -> dict[str, Any]:
+    """What a stage returns: the final checkpoint, the last logged metrics with the evaluation's last and best
+    values, and ``objective_key``, the metric a sweeper minimises by default: the best FID / FD when
+    ``eval_every`` > 0, else None (a loss is an objective only when optimized_metric names it)."""
+    evaluated = evaluator.results()
+    key = f"{evaluator.key}_best" if evaluated else None  # no evaluation, no default objective (train.objective)
+    return {"checkpoint": checkpoint, "steps": steps, "metrics": {**metrics, **evaluated}, "objective_key": key}
