@@ -24,7 +24,8 @@ from dmd2.io.checkpoint import (RESCUE_ENV, latest_valid_checkpoint, load_checkp
 from dmd2.io.files import file_sha256
 from dmd2.method.randomness import BatchRNG, derived_seed
 from dmd2.runtime.devices import resolve_device
-from dmd2.runtime.distributed import Dist, any_rank, broadcast_object, gather_objects, init_distributed, shutdown
+from dmd2.runtime.distributed import (Dist, any_rank, broadcast_object, gather_objects, init_distributed,
+                                      shared_output_dir, shutdown)
 from dmd2.runtime.perf import set_backend_flags
 from dmd2.train.folder import RunLock, acquire_lock, check_branch, check_folder_owner, remove_orphans
 from dmd2.train.logger import RunLogger
@@ -265,12 +266,7 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
     logger (and W&B run) is finished, with a failure code if the run raised, and the process group closed."""
     d, device = init_distributed(resolve_device(cfg.device))
     own_dir = hydra_output_dir()
-    output_dir = broadcast_object(cfg.output_dir or own_dir or os.path.join("outputs", "run"), d)
-    if not d.is_main and own_dir and os.path.abspath(own_dir) != os.path.abspath(output_dir):
-        try:  # the empty Hydra folder of a rank > 0 (train.py tells Hydra to write nothing there)
-            os.rmdir(own_dir)
-        except OSError:
-            pass
+    output_dir = shared_output_dir(cfg.output_dir or own_dir or os.path.join("outputs", "run"), own_dir, d)
     kind = prefix if prefix == "teacher" else "dmd2"
     lock, found, refusal, inputs = None, None, None, {}
     if d.is_main:  # rank 0 takes the folder and finds the checkpoint; every rank learns the outcome

@@ -108,7 +108,7 @@ class RunLogger:
 
     def _start_wandb(self, cfg: Mapping[str, Any], config: dict[str, Any], job_type: str, run_name: str | None,
                      resume_id: str | None) -> Any:
-        try:
+        def init() -> Any:
             import wandb
 
             return wandb.init(
@@ -117,31 +117,34 @@ class RunLogger:
                 config=config, dir=self.output_dir, reinit="finish_previous",
                 id=resume_id, resume="allow" if resume_id else None,
             )
-        except Exception as err:  # noqa: BLE001 - W&B must never stop training
-            log.warning(f"[logger] W&B could not start ({err}); continuing with metrics.jsonl only")
+
+        return self._guarded(init, "could not start", "continuing with metrics.jsonl only")
+
+    def _guarded(self, call: Callable[[], Any], what: str, then: str = "", off: bool = False) -> Any:
+        """Run a W&B ``call``: W&B never stops a run. A failure is reported (``what`` failed, ``then``) and, with
+        ``off``, W&B is switched off for the rest of the run. Returns the call's result, None on failure."""
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - W&B must never stop a run
+            if off:
+                self.run, then = None, "W&B logging is off for the rest of this run"
+            log.warning(f"[logger] W&B {what} ({err})" + (f"; {then}" if then else ""))
             return None
 
     def _wandb(self, fn: str, *args: Any, **kwargs: Any) -> None:
         if self.run is None:
             return
-        try:
-            getattr(self.run, fn)(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001
-            log.warning(f"[logger] W&B {fn} failed ({err}); W&B logging is off for the rest of this run")
-            self.run = None
+        run = self.run
+        self._guarded(lambda: getattr(run, fn)(*args, **kwargs), f"{fn} failed", off=True)
 
     def _wandb_media(self, make: Callable[[], dict[str, Any]], step: int) -> None:
         """Log what ``make`` builds (images, tables, histograms: building them writes media files too) to W&B;
         a failure while building or logging turns W&B off like any failing W&B call."""
         if self.run is None:
             return
-        try:
-            payload = make()
-        except Exception as err:  # noqa: BLE001
-            log.warning(f"[logger] W&B media failed ({err}); W&B logging is off for the rest of this run")
-            self.run = None
-            return
-        self._wandb("log", {**payload, STEP_KEY: step}, step=step)
+        payload = self._guarded(make, "media failed", off=True)
+        if payload is not None:
+            self._wandb("log", {**payload, STEP_KEY: step}, step=step)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.enabled:
@@ -195,14 +198,16 @@ class RunLogger:
         ``<kind>-<run id>`` (type model), aliases latest, step-N (and final)."""
         if self.run is None or not self.log_checkpoints:
             return
-        try:
+        run = self.run
+
+        def log_it() -> None:
             import wandb
 
-            artifact = wandb.Artifact(artifact_name(kind, self.run.id), type="model", metadata=dict(metadata or {}))
+            artifact = wandb.Artifact(artifact_name(kind, run.id), type="model", metadata=dict(metadata or {}))
             artifact.add_dir(path) if os.path.isdir(path) else artifact.add_file(path)
-            self.run.log_artifact(artifact, aliases=["latest", f"step-{step}"] + (["final"] if final else []))
-        except Exception as err:  # noqa: BLE001 - W&B must never stop a run
-            log.warning(f"[logger] W&B artifact of {path} failed ({err})")
+            run.log_artifact(artifact, aliases=["latest", f"step-{step}"] + (["final"] if final else []))
+
+        self._guarded(log_it, f"artifact of {path} failed")
 
     def use_checkpoint(self, path: str, kind: str, run_id: str | None, role: str) -> None:
         """Record that this run consumed the checkpoint ``path`` (its ``role``: teacher, checkpoint), written by
@@ -214,18 +219,19 @@ class RunLogger:
         self.start()
         if self.run is None:
             return
-        name = artifact_name(kind, run_id) if run_id else None
-        try:
-            self.run.config.update({"inputs": {role: {"path": os.path.abspath(path), "artifact": name}}},
-                                   allow_val_change=True)
-            if self.log_checkpoints and name and not self.run.offline:
+        name, run = (artifact_name(kind, run_id) if run_id else None), self.run
+
+        def link() -> None:
+            run.config.update({"inputs": {role: {"path": os.path.abspath(path), "artifact": name}}},
+                              allow_val_change=True)
+            if self.log_checkpoints and name and not run.offline:
                 import wandb
 
                 artifact = wandb.Artifact(name, type="model")
                 artifact.add_dir(path) if os.path.isdir(path) else artifact.add_file(path)
-                self.run.use_artifact(artifact)
-        except Exception as err:  # noqa: BLE001
-            log.warning(f"[logger] W&B could not link the {role} {path} ({err})")
+                run.use_artifact(artifact)
+
+        self._guarded(link, f"could not link the {role} {path}")
 
     def log_histogram(self, key: str, values: torch.Tensor, step: int) -> None:
         if self.enabled and self.run is not None:
@@ -248,10 +254,8 @@ class RunLogger:
     def summary(self, values: Mapping[str, Any]) -> None:
         self.start()
         if self.enabled and self.run is not None:
-            try:
-                self.run.summary.update(dict(values))
-            except Exception as err:  # noqa: BLE001
-                log.warning(f"[logger] W&B summary failed ({err})")
+            run = self.run
+            self._guarded(lambda: run.summary.update(dict(values)), "summary failed")
 
     def finish(self, exit_code: int = 0, preempted: bool = False) -> None:
         """Close metrics.jsonl and finish the W&B run (``preempted``: stopped by a signal, to be resumed)."""
