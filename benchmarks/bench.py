@@ -10,7 +10,7 @@ report: bench_report.py.)
 For every architecture preset (conf/arch/<name>.yaml, ``defaults:`` inheritance resolved) and the chosen
 device it measures, with a randomly initialised network at one batch size:
 
-  teacher_step   EDM denoising loss, backward, grad clip, AdamW step, EMA update (what dmd2/runners/teacher.py
+  teacher_step   EDM denoising loss, backward, grad clip, AdamW step, EMA update (what dmd2/train/teacher.py
                  does per step, without data loading and logging)
   dmd2           dmd2.train.distill.generator_step + fake_score_step (a generator-update step) and no-grad
                  generate + fake_score_step (a fake-score-only step) on a dmd2.method.unified.UnifiedModel; the average
@@ -68,7 +68,7 @@ from dmd2.train.teacher import TeacherState, teacher_step  # noqa: E402
 # ----------------------------------------------------------------------------------------------- sections
 def bench_teacher(arch: dict[str, Any], device: torch.device, args: argparse.Namespace, timer: Timer,
                   mem: Memory) -> dict[str, Any]:
-    """One teacher training step as in dmd2/runners/teacher.py (data loading and logging excluded)."""
+    """One teacher training step as in dmd2/train/teacher.py (data loading and logging excluded)."""
     hp = stage_settings("teacher")
     model = prepare(build(arch, device).train(), args)
     ema = copy.deepcopy(model).eval().requires_grad_(False)

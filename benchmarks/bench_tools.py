@@ -43,7 +43,7 @@ TINY_WIDTHS = {
 
 def stage_settings(stage: str, arch: str | None = None) -> DictConfig:
     """The settings a ``python train.py stage=<stage> [arch=<arch>]`` run would use, composed by Hydra from conf/
-    and the schemas of dmd2/settings.py (the one place they are defined)."""
+    and the schemas of dmd2/config/settings.py (the one place they are defined)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import MissingConfigException
 

@@ -172,7 +172,7 @@ def test_valid_configs_pass(tiny_data):
 
 
 def test_every_setting_has_one_definition_with_a_meaning():
-    """dmd2/settings.py is the one place a setting is defined: each field carries a one-line meaning, and each
+    """dmd2/config/settings.py is the one place a setting is defined: each field carries a one-line meaning, and each
     leaf setting a rule (except free-form lists such as tags and class names)."""
     for node in SCHEMAS.values():
         for key, expected, meaning in describe(node):

@@ -185,7 +185,7 @@ def test_edm_arch_configs_hold_every_constructor_key(arch, expected_params):
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_constructors_take_exactly_the_settings_of_their_schema(name):
     """One definition: a network's constructor has no defaults of its own, and its arguments are the fields of
-    its settings schema (dmd2/settings.py) plus the data's num_classes and resolution."""
+    its settings schema (dmd2/config/settings.py) plus the data's num_classes and resolution."""
     params = inspect.signature(ARCHITECTURES[name].__init__).parameters
     assert all(p.default is inspect.Parameter.empty for n, p in params.items() if n != "self")
     fields = {f.name for f in dataclasses.fields(ARCH_SETTINGS[name])} - {"name"}

@@ -208,7 +208,7 @@ class DataSettings:
     name: str = setting("cifar10", "cifar10 (torchvision) | image_folder (any class-folder tree) | edm_dataset (EDM's "
                         "dataset_tool.py output: a .zip or folder with dataset.json) | synthetic (generated coloured "
                         "squares: smoke runs with no data) | gaussian_mixture (a known-answer mixture of Gaussians, "
-                        "scored exactly: dmd2/mixture.py)",
+                        "scored exactly: dmd2/method/mixture.py)",
                         one_of(*DATA_KINDS))
     root: str = setting("${data_dir}", "dataset folder (image_folder: root/<class>/<image>) or edm_dataset's .zip",
                         TEXT)

@@ -1,6 +1,6 @@
 """Config checks that run before any data loading or model building, plus small config helpers.
 
-Every key is defined once, with its type, allowed values, default and meaning, in ``dmd2/settings.py``. Hydra
+Every key is defined once, with its type, allowed values, default and meaning, in ``dmd2/config/settings.py``. Hydra
 refuses unknown keys and wrong types while composing; ``check_settings`` refuses keys added with +key / ++key,
 applies the rule every key shares (finite floats, 64-bit integers) and each key's own rule; the checks
 below are the ones that involve several keys, files or the machine. Each failure names the key and what is
@@ -49,7 +49,7 @@ def out_of_range(value: Any) -> str | None:
 
 
 def check_settings(cfg: DictConfig, prefix: str = "") -> None:
-    """Check every key of ``cfg`` against its schema (dmd2/settings.py), recursively; raise ConfigError naming the
+    """Check every key of ``cfg`` against its schema (dmd2/config/settings.py), recursively; raise ConfigError naming the
     first bad key: a key the schema does not define (e.g. added with +key=... or ++key=...), a number out of the
     shared range (``out_of_range``), or a value its rule refuses. Types were already enforced by Hydra while
     composing. An untyped section (none today) would be free-form and is not checked."""

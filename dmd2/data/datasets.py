@@ -1,6 +1,6 @@
 """Datasets: CIFAR-10 through torchvision, any class-folder tree through ImageFolder, EDM's dataset format, or
 a small generated one (``synthetic``: coloured squares, for smoke runs on a machine with no data), or a
-known-answer mixture of Gaussians (``gaussian_mixture``, dmd2/mixture.py).
+known-answer mixture of Gaussians (``gaussian_mixture``, dmd2/method/mixture.py).
 
 Images come out as float tensors [3, R, R] in [-1, 1] with integer class labels. The batch order is a
 function of (seed, epoch) only, and random flips are drawn in the training process (``random_hflip``), so a

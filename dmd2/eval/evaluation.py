@@ -776,7 +776,7 @@ def evaluate_mixture(sampler: CheckpointSampler, mix: GaussianMixture, num: int,
 
 
 def feature_network_from_config(fn: Mapping[str, Any], device: torch.device) -> FeatureNetwork:
-    """The ``feature_network`` config node (FeatureNetwork in dmd2/settings.py) -> its FeatureNetwork."""
+    """The ``feature_network`` config node (FeatureNetwork in dmd2/config/settings.py) -> its FeatureNetwork."""
     return build_feature_network(fn["name"], device, path=fn["path"], resize=fn["resize"],
                                  inception_weights=fn["inception_weights"], allow_download=fn["allow_download"])
 
@@ -834,7 +834,7 @@ def dataset_stats(data: Mapping[str, Any], net: FeatureNetwork, cache_dir: str, 
 
 def reference_from_config(ref: Mapping[str, Any], net: FeatureNetwork, kid: bool = False, batch_size: int = 128,
                           num_workers: int = 0, data: Mapping[str, Any] | None = None) -> ReferenceStats:
-    """The ``reference`` config node (Reference in dmd2/settings.py) -> statistics: ``auto``, the training data
+    """The ``reference`` config node (Reference in dmd2/config/settings.py) -> statistics: ``auto``, the training data
     ``data`` (clean-fid's precomputed statistics for 32x32 CIFAR-10 under Inception's clean resize, else computed
     once and cached in ``reference.cache_dir``), an image folder's (computed once, cached), a statistics file, or
     clean-fid's precomputed CIFAR-10 train statistics."""

@@ -1,6 +1,6 @@
 """UnifiedModel: the generator and the guidance model, side by side, and the two DMD2 losses.
 
-The runner's steps (dmd2/runners/distill.py) call the generator, then ``generator_loss`` (on generator-update
+The runner's steps (dmd2/train/distill.py) call the generator, then ``generator_loss`` (on generator-update
 steps) and the guidance model's loss (every step); they own the optimizers and the update schedule.
 """
 from __future__ import annotations

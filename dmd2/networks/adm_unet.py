@@ -40,7 +40,7 @@ class ADMUNet(nn.Module):
         channel_mult: Sequence[int], channel_mult_emb: int, num_blocks: int, attn_resolutions: Sequence[int],
         dropout: float, label_dropout: float, augment_dim: int, channels_per_head: int,
     ) -> None:
-        """Keyword arguments only, all required: their defaults and meanings are ADMArch (dmd2/settings.py)."""
+        """Keyword arguments only, all required: their defaults and meanings are ADMArch (dmd2/config/settings.py)."""
         super().__init__()
         levels = len(channel_mult)
         if levels < 1 or resolution % 2 ** (levels - 1) != 0:

@@ -240,7 +240,7 @@ class EDMUNet(nn.Module):
         embedding_type: str, max_positions: int, encoder_type: str, decoder_type: str,
         resample_filter: Sequence[float], skip_scale: float, norm_eps: float, norm_max_groups: int,
     ) -> None:
-        """Keyword arguments only, all required: their defaults and meanings are EDMUNetArch (dmd2/settings.py)."""
+        """Keyword arguments only, all required: their defaults and meanings are EDMUNetArch (dmd2/config/settings.py)."""
         super().__init__()
         if embedding_type not in ("positional", "fourier"):
             raise ValueError(f"embedding_type must be 'positional' or 'fourier', got {embedding_type!r}")

@@ -75,7 +75,7 @@ class SimpleUNet(nn.Module):
         self, *, num_classes: int, resolution: int, channels: Sequence[int], num_res_blocks: int,
         attn_resolutions: Sequence[int], noise_emb_dim: int, emb_dim: int, dropout: float, groups: int,
     ) -> None:
-        """Keyword arguments only, all required: their defaults and meanings are SimpleUNetArch (dmd2/settings.py)."""
+        """Keyword arguments only, all required: their defaults and meanings are SimpleUNetArch (dmd2/config/settings.py)."""
         super().__init__()
         if resolution % 2 ** (len(channels) - 1) != 0:
             raise ValueError(f"resolution {resolution} is not divisible by 2^{len(channels) - 1}")

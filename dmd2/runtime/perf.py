@@ -1,4 +1,4 @@
-"""Fast paths, each switched by a key of the ``perf`` config node (Perf in dmd2/settings.py).
+"""Fast paths, each switched by a key of the ``perf`` config node (Perf in dmd2/config/settings.py).
 
 - ``tf32``: TF32 tensor cores for fp32 matrix multiplications and convolutions (Ampere and newer GPUs).
 - ``cudnn_benchmark``: cuDNN times its convolution algorithms once for the (fixed) input shapes.

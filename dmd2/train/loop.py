@@ -86,7 +86,8 @@ class LogWindow:
     def __init__(self) -> None:
         self.means = RunningMeans()
         self.vectors: dict[str, list[Tensor]] = {}
-        self.t0, self.images = time.perf_counter(), 0
+        self.t0 = time.perf_counter()
+        self.images = 0
 
     def add(self, logs: dict[str, Tensor], images: int) -> None:
         self.means.add({f"train/{k}": v for k, v in logs.items() if v.numel() == 1})
@@ -101,7 +102,9 @@ class LogWindow:
         means = mean_across_ranks(self.means.pop(), ctx.dist)
         vectors = {k: torch.cat(v).cpu() for k, v in self.vectors.items()}
         rate = self.images / (now - self.t0)
-        self.vectors, self.t0, self.images = {}, now, 0
+        self.vectors = {}
+        self.t0 = now
+        self.images = 0
         return means, vectors, rate
 
 
@@ -131,7 +134,9 @@ def train_loop(cfg: Any, ctx: RunContext, stage: Stage, loader: Iterable[Any], p
             evaluator(stage.sampler(0), 0)
     ctx.logger.start()  # config.yaml, metrics.jsonl, W&B: every check has passed
     restore_rng(ctx)
-    batches, steps, window = iter(loader), plan.steps, LogWindow()
+    batches = iter(loader)
+    steps = plan.steps
+    window = LogWindow()
     bar = progress(steps, stage.name, ctx)
     bar.update(plan.start)
     for step in range(plan.start, steps):
