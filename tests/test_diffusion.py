@@ -66,7 +66,7 @@ class AnalyticRawNet(nn.Module):
         self.optimal = gaussian_optimal_denoiser(mean, std)
         self.sd = sd
 
-    def forward(self, x_in, c_noise, class_labels, return_bottleneck=False):
+    def forward(self, x_in, c_noise, class_labels):
         sigma = (4 * c_noise).exp()
         c_skip, c_out, c_in, _ = (c.view(-1, 1, 1, 1) for c in edm_scalings(sigma, self.sd))
         x = x_in / c_in

@@ -85,8 +85,8 @@ def test_adm_shapes_bottleneck_gan_head_and_unconditional():
     den = build_denoiser(arch_settings("adm", **TINY_ADM), 1000, 32, 0.5).eval()
     x, sigma, y = torch.randn(3, 3, 32, 32), torch.tensor([0.1, 1.0, 10.0]), torch.tensor([0, 500, 999])
     with torch.no_grad():
-        out, bottleneck = den(x, sigma, y, return_bottleneck=True)
-        part, _ = den(x, sigma, y, return_bottleneck=True, decode_first=1)
+        out, bottleneck = den(x, sigma, y), den.denoise_first(x, sigma, y, len(x))[1]
+        part, _ = den.denoise_first(x, sigma, y, 1)
     assert out.shape == x.shape and bottleneck.shape == (3, 64, 16, 16)
     torch.testing.assert_close(part, out[:1])
     assert GANHead(den.net.bottleneck_channels, den.net.bottleneck_resolution)(bottleneck).shape == (3,)

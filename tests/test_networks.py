@@ -76,7 +76,7 @@ def test_edm_unet_published_width_shapes_and_bottleneck(edm_cifar10):
     assert (net.bottleneck_channels, net.bottleneck_resolution) == (256, 8)
     x, c_noise, y = _inputs(1)
     with torch.no_grad():
-        out, bottleneck = net(x, c_noise, y, return_bottleneck=True)
+        out, bottleneck = net(x, c_noise, y), net.encode(x, c_noise, y).h
     assert out.shape == (1, 3, 32, 32) and bottleneck.shape == (1, 256, 8, 8)
     assert torch.isfinite(out).all() and torch.isfinite(bottleneck).all()
 
@@ -85,7 +85,7 @@ def test_simple_unet_default_shapes_and_bottleneck():
     net = SimpleUNet(num_classes=10, resolution=32, **arch_kwargs({"name": "simple_unet"})).eval()
     x, c_noise, y = _inputs(2)
     with torch.no_grad():
-        out, bottleneck = net(x, c_noise, y, return_bottleneck=True)
+        out, bottleneck = net(x, c_noise, y), net.encode(x, c_noise, y).h
         plain = net(x, c_noise, y)
     assert out.shape == (2, 3, 32, 32) and bottleneck.shape == (2, net.bottleneck_channels, 4, 4)
     assert net.bottleneck_channels == 512 and torch.equal(plain, out)
@@ -111,7 +111,7 @@ def test_class_conditioning_changes_the_output(name, kwargs):
 def test_edm_unet_tiny_shapes_at_other_resolution():
     net = EDMUNet(num_classes=10, resolution=16, **edm_kwargs(**{**TINY_EDM, "attn_resolutions": (8,)})).eval()
     x, c_noise, y = _inputs(3, res=16)
-    out, bottleneck = net(x, c_noise, y, return_bottleneck=True)
+    out, bottleneck = net(x, c_noise, y), net.encode(x, c_noise, y).h
     assert out.shape == (3, 3, 16, 16)
     assert bottleneck.shape == (3, net.bottleneck_channels, net.bottleneck_resolution, net.bottleneck_resolution)
     assert (net.bottleneck_channels, net.bottleneck_resolution) == (32, 4)
@@ -125,7 +125,7 @@ def test_edm_unet_tiny_shapes_at_other_resolution():
 def test_edm_unet_variants_run(variant):
     net = EDMUNet(num_classes=10, resolution=32, **edm_kwargs(**{**TINY_EDM, **variant}))
     x, c_noise, y = _inputs(2)
-    out, bottleneck = net(x, c_noise, y, return_bottleneck=True, augment_labels=torch.zeros(2, 9))
+    out, bottleneck = net(x, c_noise, y, torch.zeros(2, 9)), net.encode(x, c_noise, y, torch.zeros(2, 9)).h
     assert out.shape == x.shape and bottleneck.shape == (2, 32, 8, 8)
 
 
@@ -203,15 +203,15 @@ def test_old_arch_dicts_load_with_schema_defaults():
     ("simple_unet", dict(channels=(16, 32), noise_emb_dim=16, emb_dim=32, groups=4, dropout=0.0)),
     ("edm_unet", TINY_EDM),
 ])
-def test_decode_first_denoises_a_prefix_and_keeps_every_bottleneck(name, kwargs):
+def test_denoise_first_denoises_a_prefix_and_keeps_every_bottleneck(name, kwargs):
     """The GAN classifier's fast path: only the first n samples go through the decoder."""
     torch.manual_seed(0)
     denoiser = build_denoiser({"name": name, **kwargs}, 10, 32, 0.5).eval()
     x, sigma, y = torch.randn(6, 3, 32, 32), torch.rand(6) * 5 + 0.1, torch.randint(0, 10, (6,))
     with torch.no_grad():
-        full, full_features = denoiser(x, sigma, y, return_bottleneck=True)
-        part, features = denoiser(x, sigma, y, return_bottleneck=True, decode_first=2)
-        none, only_features = denoiser(x, sigma, y, return_bottleneck=True, decode_first=0)
+        full, full_features = denoiser(x, sigma, y), denoiser.denoise_first(x, sigma, y, len(x))[1]
+        part, features = denoiser.denoise_first(x, sigma, y, 2)
+        none, only_features = denoiser.denoise_first(x, sigma, y, 0)
     assert part.shape == (2, 3, 32, 32) and none.shape == (0, 3, 32, 32)
     torch.testing.assert_close(part, full[:2], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(features, full_features)

@@ -93,7 +93,7 @@ class GuidanceModel(nn.Module):
         assert self.gan_head is not None, "the generator GAN loss needs gan_classifier=true"
         x_t, sigma = self.gan_noise(x, rng)
         with frozen(self.fake_unet, self.gan_head):
-            _, features = self.fake_unet(x_t, sigma, class_labels, return_bottleneck=True, decode_first=0)
+            _, features = self.fake_unet.denoise_first(x_t, sigma, class_labels, 0)
             return gan_generator_loss(self.gan_head(features))
 
     def forward(self, x: Tensor, class_labels: Tensor, real: Tensor | None = None, real_labels: Tensor | None = None,
@@ -114,8 +114,7 @@ class GuidanceModel(nn.Module):
                 images_t, s = self.gan_noise(images, rng)
                 noisy.append(images_t), sigmas.append(s), labels.append(y)
         # the classifier needs only bottleneck features: the decoder runs on the first n (denoising) samples
-        denoised, features = self.fake_unet(torch.cat(noisy), torch.cat(sigmas), torch.cat(labels),
-                                            return_bottleneck=True, decode_first=n)
+        denoised, features = self.fake_unet.denoise_first(torch.cat(noisy), torch.cat(sigmas), torch.cat(labels), n)
         loss = fake_score_loss(denoised[:n], x, sigma, self.sigma_data)
         logs = {"loss_fake": loss.detach()}
         if self.gan_head is not None:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -114,7 +112,7 @@ class ExactDenoiser(nn.Module):
         super().__init__()
         self.mixture, self.sigma_data = mix, sigma_data
 
-    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor, **_: Any) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor) -> Tensor:
         labels = class_labels.long() if self.mixture.num_classes > 1 else torch.zeros_like(class_labels).long()
         return exact_denoise(self.mixture, x.float(), sigma.float().reshape(-1).expand(x.shape[0]), labels)
 

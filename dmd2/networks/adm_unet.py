@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmd2.networks.encoding import Encoding
 from dmd2.networks.edm_unet import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, class_onehot
 
 ADM_EPS = 1e-5  # GroupNorm epsilon of every ADM layer
@@ -105,26 +106,26 @@ class ADMUNet(nn.Module):
             emb = emb + self.map_label(onehot)
         return F.silu(emb).to(x.dtype)
 
-    def forward(
-        self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None, return_bottleneck: bool = False,
-        augment_labels: Tensor | None = None, decode_first: int | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """x [B,C,H,W] -> [B,C,H,W] (and the bottleneck). ``decode_first=n``: the decoder runs on the first n
-        samples only (output [n,C,H,W]); the others are only encoded (their bottleneck is kept)."""
+    def encode(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None,
+               augment_labels: Tensor | None = None) -> Encoding:
+        """x [B,C,H,W], c_noise [B], labels [B] -> the encoder's outputs (bottleneck [B,C',H',W'])."""
         emb = self._embedding(x, c_noise, class_labels, augment_labels)
-        no_output = x[:0]
         skips: list[Tensor] = []
         for block in self.enc.values():
             x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
-        bottleneck = x
-        if decode_first is not None:
-            if decode_first == 0:
-                return (no_output, bottleneck) if return_bottleneck else no_output
-            x, emb, skips = x[:decode_first], emb[:decode_first], [s[:decode_first] for s in skips]
+        return Encoding(x, emb, skips)
+
+    def decode(self, enc: Encoding) -> Tensor:
+        """The output [B,C,H,W] of an encoding of B samples."""
+        x, emb, skips = enc.h, enc.emb, list(enc.skips)
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
-        out = self.out_conv(F.silu(self.out_norm(x)))
-        return (out, bottleneck) if return_bottleneck else out
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None,
+                augment_labels: Tensor | None = None) -> Tensor:
+        """x [B,C,H,W], c_noise [B], labels [B] -> [B,C,H,W]."""
+        return self.decode(self.encode(x, c_noise, class_labels, augment_labels))

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmd2.networks.encoding import Encoding
+
 
 def _xavier_uniform(shape: Sequence[int], fan_in: int, fan_out: int, gain: float) -> Tensor:
     bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
@@ -225,7 +227,7 @@ class EDMUNet(nn.Module):
     ``model_channels * channel_mult[l]`` is the width of level l (resolution R / 2^l); ``num_blocks``
     residual blocks per level in the encoder (num_blocks + 1 in the decoder); self-attention at
     ``attn_resolutions``. ``bottleneck_channels`` / ``bottleneck_resolution`` describe the encoder's
-    last feature map, returned as the second output when ``return_bottleneck`` is set.
+    last feature map (``encode(...).h``).
 
     ``class_labels`` may also be float [B, num_classes] (e.g. all zeros for "no class"). ``augment_dim``
     > 0 adds EDM's augmentation-label input (bias-free linear map, only used when ``augment_labels`` is
@@ -339,15 +341,10 @@ class EDMUNet(nn.Module):
         emb = F.silu(self.map_layer0(emb))
         return F.silu(self.map_layer1(emb)).to(x.dtype)
 
-    def forward(
-        self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None, return_bottleneck: bool = False,
-        augment_labels: Tensor | None = None, decode_first: int | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """x [B,C,H,W] -> [B,C,H,W] (and the bottleneck). ``decode_first=n``: the decoder runs on the first n
-        samples only (output [n,C,H,W]); the others are only encoded (their bottleneck is kept)."""
+    def encode(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None,
+               augment_labels: Tensor | None = None) -> Encoding:
+        """x [B,C,H,W], c_noise [B], labels [B] -> the encoder's outputs (bottleneck [B,C',H',W'])."""
         emb = self._embedding(x, c_noise, class_labels, augment_labels)
-        no_output = x[:0]  # what decode_first=0 returns: [0,C,H,W]
-
         skips: list[Tensor] = []
         aux = x
         for name, block in self.enc.items():
@@ -360,12 +357,11 @@ class EDMUNet(nn.Module):
             else:
                 x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
-        bottleneck = x
-        if decode_first is not None:
-            if decode_first == 0:
-                return (no_output, bottleneck) if return_bottleneck else no_output
-            x, emb, skips = x[:decode_first], emb[:decode_first], [s[:decode_first] for s in skips]
+        return Encoding(x, emb, skips)
 
+    def decode(self, enc: Encoding) -> Tensor:
+        """The output [B,C,H,W] of an encoding of B samples."""
+        x, emb, skips = enc.h, enc.emb, list(enc.skips)
         out: Tensor | None = None
         normed: Tensor | None = None
         for name, block in self.dec.items():
@@ -381,4 +377,9 @@ class EDMUNet(nn.Module):
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = block(x, emb)
         assert out is not None and not skips
-        return (out, bottleneck) if return_bottleneck else out
+        return out
+
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None,
+                augment_labels: Tensor | None = None) -> Tensor:
+        """x [B,C,H,W], c_noise [B], labels [B] -> [B,C,H,W]."""
+        return self.decode(self.encode(x, c_noise, class_labels, augment_labels))

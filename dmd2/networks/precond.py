@@ -18,17 +18,20 @@ class EDMPrecond(nn.Module):
         self.net = net
         self.sigma_data = sigma_data
 
-    def forward(
-        self, x: Tensor, sigma: Tensor, class_labels: Tensor, return_bottleneck: bool = False,
-        decode_first: int | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """``decode_first=n``: denoise only the first n samples ([n,C,H,W]); the rest are only encoded, for
-        their bottleneck features (the GAN classifier's input), which saves the decoder's work on them."""
+    def _scalings(self, sigma: Tensor) -> tuple[Tensor, ...]:
         sigma = sigma.to(torch.float32).reshape(-1)
-        c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in edm_scalings(sigma, self.sigma_data))
-        prefix = {} if decode_first is None else {"decode_first": decode_first}  # only networks with a GAN path need it
-        out = self.net(c_in * x, c_noise.flatten(), class_labels, return_bottleneck=return_bottleneck, **prefix)
-        f, bottleneck = out if return_bottleneck else (out, None)
-        n = f.shape[0]
-        denoised = c_skip[:n] * x[:n] + c_out[:n] * f.to(torch.float32)
-        return (denoised, bottleneck) if return_bottleneck else denoised
+        return tuple(c.view(-1, 1, 1, 1) for c in edm_scalings(sigma, self.sigma_data))
+
+    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor) -> Tensor:
+        """x [B,C,H,W], sigma [B], labels [B] -> the x0 estimate [B,C,H,W]."""
+        c_skip, c_out, c_in, c_noise = self._scalings(sigma)
+        f = self.net(c_in * x, c_noise.flatten(), class_labels)
+        return c_skip * x + c_out * f.to(torch.float32)
+
+    def denoise_first(self, x: Tensor, sigma: Tensor, class_labels: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """One encoder pass over all B samples, the decoder over the first n only: (the x0 estimate of the first
+        n [n,C,H,W], the bottleneck of all B [B,C',H',W'], the GAN classifier's input). n = 0 only encodes."""
+        c_skip, c_out, c_in, c_noise = self._scalings(sigma)
+        enc = self.net.encode(c_in * x, c_noise.flatten(), class_labels)
+        f = self.net.decode(enc.first(n)) if n > 0 else x[:0]
+        return c_skip[:n] * x[:n] + c_out[:n] * f.to(torch.float32), enc.h

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmd2.networks.encoding import Encoding
+
 
 def sinusoidal_embedding(values: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Transformer-style embedding of scalars ``values`` [B] -> [B, dim] (dim even)."""
@@ -117,12 +119,8 @@ class SimpleUNet(nn.Module):
         self.out_norm = nn.GroupNorm(groups, cur)
         self.out_conv = nn.Conv2d(cur, 3, 3, padding=1)
 
-    def forward(
-        self, x: Tensor, c_noise: Tensor, class_labels: Tensor, return_bottleneck: bool = False,
-        decode_first: int | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """x [B,C,H,W] -> [B,C,H,W] (and the bottleneck [B,C',H',W']). ``decode_first=n``: the decoder runs on
-        the first n samples only (output [n,C,H,W]); the others are only encoded (their bottleneck is kept)."""
+    def encode(self, x: Tensor, c_noise: Tensor, class_labels: Tensor) -> Encoding:
+        """x [B,C,H,W], c_noise [B], labels [B] -> the encoder's outputs (bottleneck [B,C',H',W'])."""
         emb = self.noise_mlp(sinusoidal_embedding(c_noise, self.noise_emb_dim))
         if self.label_emb is not None:
             emb = emb + self.label_emb(class_labels)
@@ -134,14 +132,17 @@ class SimpleUNet(nn.Module):
             if (i + 1) % self.num_res_blocks == 0:
                 h = F.avg_pool2d(h, 2)
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
-        bottleneck = h
-        if decode_first is not None:
-            if decode_first == 0:
-                return (x[:0], bottleneck) if return_bottleneck else x[:0]
-            h, emb, skips = h[:decode_first], emb[:decode_first], [s[:decode_first] for s in skips]
+        return Encoding(h, emb, skips)
+
+    def decode(self, enc: Encoding) -> Tensor:
+        """The output [B,C,H,W] of an encoding of B samples."""
+        h, emb, skips = enc.h, enc.emb, list(enc.skips)
         for i, (block, attn) in enumerate(zip(self.up, self.up_attn)):
             if i % self.num_res_blocks == 0:
                 h = F.interpolate(h, scale_factor=2, mode="nearest")
             h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
-        out = self.out_conv(F.silu(self.out_norm(h)))
-        return (out, bottleneck) if return_bottleneck else out
+        return self.out_conv(F.silu(self.out_norm(h)))
+
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor) -> Tensor:
+        """x [B,C,H,W], c_noise [B], labels [B] -> [B,C,H,W]."""
+        return self.decode(self.encode(x, c_noise, class_labels))

@@ -1,0 +1,20 @@
+"""What a UNet's encoder hands its decoder: the networks split ``forward`` into ``encode`` and ``decode``, so a
+caller can take the encoder's features (the GAN classifier reads the bottleneck) and decode only some samples."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class Encoding:
+    """The encoder's outputs for a batch of B samples."""
+
+    h: Tensor                      # the bottleneck, the encoder's last output [B,C',H',W']
+    emb: Tensor                    # the conditioning vector (noise level, class) [B,E]
+    skips: list[Tensor]            # the encoder outputs the decoder concatenates, in encoder order
+
+    def first(self, n: int) -> "Encoding":
+        """The encoding of the first n samples."""
+        return Encoding(self.h[:n], self.emb[:n], [s[:n] for s in self.skips])
