@@ -27,30 +27,35 @@ def denoising_loss(
     return fake_score_loss(denoised, x0, sigma, sigma_data)
 
 
-def fake_score_loss(denoised: Tensor, x0: Tensor, sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
-    """EDM-weighted denoising error mean_b( lambda(sigma_b) * mean_chw (denoised - x0)^2 ) for denoised, x0
-    [B,C,H,W], sigma [B]: the fake score network's loss on generator samples x0 (and, through
-    ``denoising_loss``, the teacher's on data)."""
+def fake_score_loss(denoised: Tensor, x0: Tensor, sigma: Tensor, sigma_data: float = 0.5,
+                    weighting: str = "edm") -> Tensor:
+    """Denoising error of ``denoised`` against x0, both [B,C,H,W], at noise levels sigma [B]: the fake score
+    network's loss on generator samples x0 (and, through ``denoising_loss``, the teacher's on data).
+
+    weighting ``edm``: mean_b( lambda(sigma_b) * mean_chw (denoised - x0)^2 ), lambda = 1/sigma^2 + 1/sigma_data^2
+    (EDM; the official DMD2). ``none``: the plain mean of (denoised - x0)^2 (FastGen's DMD2)."""
     per_sample = ((denoised - x0) ** 2).flatten(1).mean(1)
+    if weighting == "none":
+        return per_sample.mean()
     return (edm_loss_weight(sigma, sigma_data) * per_sample).mean()
 
 
-def dm_gradient(x: Tensor, real_denoised: Tensor, fake_denoised: Tensor) -> Tensor:
+def dm_gradient(x: Tensor, real_denoised: Tensor, fake_denoised: Tensor, eps: float = 0.0) -> Tensor:
     """DMD's distribution matching direction for generator samples x [B,C,H,W].
 
     With p_real = x - D_real(x_t) and p_fake = x - D_fake(x_t) (the denoisers' views of the noised
-    sample x_t), the direction is (p_real - p_fake) / w, w = mean_chw |p_real| per sample (DMD eq. 8's
-    normaliser). Non-finite entries become 0. Moving x against it pulls x toward D_real, away from D_fake.
-    Returns [B,C,H,W].
+    sample x_t), the direction is (p_real - p_fake) / w, w = mean_chw |p_real| + eps per sample (DMD eq. 8's
+    normaliser; the official DMD2 has eps = 0, FastGen 1e-6). Non-finite entries become 0. Moving x against it
+    pulls x toward D_real, away from D_fake. Returns [B,C,H,W].
     """
     p_real = x - real_denoised
     p_fake = x - fake_denoised
-    weight = p_real.abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)
+    weight = p_real.abs().mean(dim=tuple(range(1, x.dim())), keepdim=True) + eps
     return torch.nan_to_num((p_real - p_fake) / weight)
 
 
 def distribution_matching_loss(
-    x: Tensor, real: Denoiser, fake: Denoiser, sigma: Tensor, class_labels: Tensor, noise: Tensor
+    x: Tensor, real: Denoiser, fake: Denoiser, sigma: Tensor, class_labels: Tensor, noise: Tensor, eps: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """DMD2 generator loss. x [B,C,H,W] generator samples (with grad), sigma [B], noise like x.
 
@@ -60,16 +65,23 @@ def distribution_matching_loss(
     """
     with torch.no_grad():
         x_t = x + sigma.view(-1, *([1] * (x.dim() - 1))) * noise
-        grad = dm_gradient(x, real(x_t, sigma, class_labels), fake(x_t, sigma, class_labels))
+        grad = dm_gradient(x, real(x_t, sigma, class_labels), fake(x_t, sigma, class_labels), eps)
     loss = 0.5 * F.mse_loss(x, (x - grad).detach(), reduction="mean")
     return loss, grad
 
 
 def gan_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
-    """Non-saturating GAN loss of the classifier: softplus(l_fake) + softplus(-l_real), averaged. Logits [B]."""
+    """Non-saturating GAN loss of the classifier: softplus(l_fake) + softplus(-l_real), each averaged over all its
+    logits ([B], or [B,K] for K heads)."""
     return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
 
 
 def gan_generator_loss(logits_fake: Tensor) -> Tensor:
-    """Non-saturating GAN loss of the generator: softplus(-l_fake), averaged. Logits [B]."""
+    """Non-saturating GAN loss of the generator: softplus(-l_fake), averaged. Logits [B] or [B,K]."""
     return F.softplus(-logits_fake).mean()
+
+
+def r1_penalty(logits: Tensor, logits_perturbed: Tensor) -> Tensor:
+    """Approximate R1 regulariser of a discriminator (FastGen's): the mean squared change of its logits on real
+    images when the images are perturbed by alpha * noise; logits [B] or [B,K]."""
+    return F.mse_loss(logits, logits_perturbed)

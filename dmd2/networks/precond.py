@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from dmd2.method.edm import edm_scalings
+from dmd2.networks.encoding import encoder_features
 
 
 class EDMPrecond(nn.Module):
@@ -35,3 +36,9 @@ class EDMPrecond(nn.Module):
         enc = self.net.encode(c_in * x, c_noise.flatten(), class_labels)
         f = self.net.decode(enc.first(n)) if n > 0 else x[:0]
         return c_skip[:n] * x[:n] + c_out[:n] * f.to(torch.float32), enc.h
+
+    def features(self, x: Tensor, sigma: Tensor, class_labels: Tensor, resolutions: list[int]) -> list[Tensor]:
+        """The encoder's last output at each of ``resolutions`` for noisy images x [B,C,H,W] at sigma [B] (a
+        discriminator's input; gradients reach x)."""
+        _, _, c_in, c_noise = self._scalings(sigma)
+        return encoder_features(self.net.encode(c_in * x, c_noise.flatten(), class_labels), resolutions)
