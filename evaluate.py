@@ -146,7 +146,7 @@ def checkpoint_mixture(checkpoints: list[tuple[dict[str, Any], str]]) -> Gaussia
 def feature_row(numbers: dict[str, Any], net: Any, ref: Any) -> tuple[dict[str, Any], dict[str, float]]:
     """A result row's feature-network fields (the value named with its sample count, e.g. fid@50k, and its
     bootstrap standard deviation) and the scalars to log."""
-    from dmd2.eval.evaluation import metric_name
+    from dmd2.eval.measure import metric_name
 
     row = {"metric": net.metric, "name": metric_name(net.wandb_key, numbers["num_samples"]),
            "value": numbers["value"], "std": numbers["std"], "kid": numbers["kid"], "kid_std": numbers["kid_std"],
@@ -175,7 +175,7 @@ def measure_features(sampler: CheckpointSampler, net: Any, ref: Any, cfg: DictCo
                      d: Dist | None = None) -> tuple[dict[str, Any] | None, dict[str, float]]:
     """FID / FD (and KID) of a sampler: the result row's own fields and the scalars to log (every rank calls it
     under torchrun; (None, {}) on ranks > 0)."""
-    from dmd2.eval.evaluation import evaluate_sampler
+    from dmd2.eval.measure import evaluate_sampler
 
     numbers = evaluate_sampler(sampler, net, ref, cfg.num_samples, cfg.seed, cfg.batch_size, device, cfg.kid,
                                dist=d, resamples=cfg.uncertainty_resamples, allow_few_samples=cfg.allow_few_samples)
@@ -190,9 +190,10 @@ def measure_features(sampler: CheckpointSampler, net: Any, ref: Any, cfg: DictCo
 def measure_images(cfg: DictConfig, device: Any) -> list[dict[str, Any]]:
     """FID / FD (and KID) of the images in ``cfg.images`` (folder, .zip or .npz) against the configured
     reference: one result row (in <output_dir>/results.json), with the checks and numbers of a checkpoint's."""
-    from dmd2.eval.evaluation import (check_measurement, evaluate_images, feature_network_from_config, load_image_set,
-                                      reference_from_config)
+    from dmd2.eval.images import load_image_set
+    from dmd2.eval.measure import check_measurement, evaluate_images
     from dmd2.train.context import hydra_output_dir
+    from dmd2.train.evaluator import feature_network_from_config, reference_from_config
 
     net = feature_network_from_config(cfg.feature_network, device)
     images, labels = load_image_set(cfg.images)
@@ -217,7 +218,8 @@ def measure_images(cfg: DictConfig, device: Any) -> list[dict[str, Any]]:
 def write_reference_file(cfg: DictConfig, device: Any) -> list[dict[str, Any]]:
     """Write the configured reference statistics (a folder's, a checkpoint's training data, ...) to
     ``cfg.write_reference``: mu, sigma (what EDM's fid.py reads) and their metadata."""
-    from dmd2.eval.evaluation import feature_network_from_config, reference_from_config, write_reference
+    from dmd2.eval.references import write_reference
+    from dmd2.train.evaluator import feature_network_from_config, reference_from_config
 
     net = feature_network_from_config(cfg.feature_network, device)
     data = checkpoint_info(cfg.checkpoint)["data"] if cfg.checkpoint else None
@@ -237,7 +239,7 @@ def measure_mixture(sampler: CheckpointSampler, mix: GaussianMixture, floor: dic
     denoiser per noise level): the result row's own fields and the scalars to log (every rank calls it under
     torchrun; (None, {}) on ranks > 0, rank 0 alone measures the denoising error)."""
     from dmd2.config.names import MIXTURE_METRIC
-    from dmd2.eval.evaluation import evaluate_mixture
+    from dmd2.eval.measure import evaluate_mixture
     from dmd2.method.mixture import DENOISING_SAMPLES, DENOISING_SIGMAS, denoising_errors
 
     numbers = evaluate_mixture(sampler, mix, cfg.num_samples, cfg.seed, cfg.batch_size, device, dist=d)
@@ -292,8 +294,8 @@ def measurement_setup(cfg: DictConfig, checkpoints: list[tuple[dict[str, Any], s
     known-answer mixture's reference scores; the metric key and what is compared against. Rank 0 computes the
     reference (or reads it from its cache) while the other ranks wait."""
     from dmd2.config.names import MIXTURE_KEY, MIXTURE_METRIC
-    from dmd2.eval.evaluation import (check_measurement, check_reference, feature_network_from_config,
-                                      reference_from_config)
+    from dmd2.eval.measure import check_measurement, check_reference
+    from dmd2.train.evaluator import feature_network_from_config, reference_from_config
     from dmd2.method.mixture import reference_scores
     from dmd2.runtime.distributed import barrier
 
@@ -320,7 +322,7 @@ def measure_checkpoint(cfg: DictConfig, path: str, setup: dict[str, Any], mixtur
                        ) -> tuple[CheckpointSampler, dict[str, Any] | None, dict[str, float]]:
     """Sample and measure one checkpoint (every rank); the sampler, and on rank 0 its result row (None on the
     other ranks) and the scalars to log."""
-    from dmd2.eval.evaluation import metric_name
+    from dmd2.eval.measure import metric_name
     from dmd2.io.loaded import load_generator
 
     sampler = load_generator(path, device, heun_steps=cfg.sampler.steps, teacher_weights=cfg.teacher_weights,

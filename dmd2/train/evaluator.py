@@ -1,6 +1,6 @@
 """Image quality measured inside training: FID / FD of the live networks every ``eval_every`` steps.
 
-It runs evaluate.py's code (``dmd2.eval.evaluation.evaluate_sampler``) with the keys under ``eval.``: the same
+It runs evaluate.py's code (``dmd2.eval.measure.evaluate_sampler``) with the keys under ``eval.``: the same
 feature network, cached reference statistics, per-sample seeded noise and round-robin classes, so the value
 logged at step N equals ``evaluate.py`` on the checkpoint of step N with the same ``num_samples`` and ``seed``.
 Under torchrun every rank generates its slice of the samples and rank 0 computes the distance.
@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from omegaconf import DictConfig
@@ -31,8 +31,9 @@ from dmd2.config.errors import EvaluationError
 from dmd2.config.names import MIXTURE_KEY, MIXTURE_METRIC
 from dmd2.config.validate import to_container
 from dmd2.data.mixture import mixture_from_config
-from dmd2.eval.evaluation import (check_measurement, check_reference, evaluate_mixture, evaluate_sampler,
-                                  feature_network_from_config, metric_name, reference_from_config)
+from dmd2.eval.features import FeatureNetwork, build_feature_network
+from dmd2.eval.measure import check_measurement, check_reference, evaluate_mixture, evaluate_sampler, metric_name
+from dmd2.eval.references import ReferenceStats, reference_statistics
 from dmd2.io.sampler import CheckpointSampler
 from dmd2.method.mixture import reference_scores
 from dmd2.runtime.distributed import Dist, barrier
@@ -60,6 +61,24 @@ def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
         yield net
     finally:
         net.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------- from the config
+
+
+def feature_network_from_config(fn: Mapping[str, Any], device: torch.device) -> FeatureNetwork:
+    """The ``feature_network`` config node (FeatureNetwork in dmd2/config/settings.py) -> its FeatureNetwork."""
+    return build_feature_network(fn["name"], device, path=fn["path"], resize=fn["resize"],
+                                 inception_weights=fn["inception_weights"], allow_download=fn["allow_download"])
+
+
+def reference_from_config(ref: Mapping[str, Any], net: FeatureNetwork, kid: bool = False, batch_size: int = 128,
+                          num_workers: int = 0, data: Mapping[str, Any] | None = None) -> ReferenceStats:
+    """The ``reference`` config node (Reference in dmd2/config/settings.py) -> its statistics
+    (dmd2.eval.references.reference_statistics); ``data``: the training data reference.name=auto names."""
+    return reference_statistics(ref["name"], net, ref["cache_dir"], folder=ref.get("folder"), path=ref.get("path"),
+                                resolution=ref.get("resolution"), data=data, kid=kid,
+                                allow_download=ref["allow_download"], batch_size=batch_size, num_workers=num_workers)
 
 
 class TrainingEvaluator:
