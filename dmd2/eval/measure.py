@@ -1,5 +1,6 @@
-"""Measuring: the checks before anything is generated or read, then the numbers of a sampler's samples, of an
-image set, or of a known-answer mixture model's samples.
+"""One measurement: set up once (a feature network, reference statistics, every check), then measure samplers or
+image sets with it. evaluate.py and the evaluation inside training (dmd2.train.evaluator) both go through
+``set_up_measurement`` (or ``mixture_measurement``) and ``Measurement.measure``.
 
 Protocol: ``num`` samples from a sampler (dmd2.io.sampler: per-sample seeded noise, round-robin classes), uint8
 images in [0, 255], featurized batch by batch (dmd2.eval.features), so only the features [N, D] are ever held. The
@@ -17,18 +18,20 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from dmd2.config.errors import EvaluationError
+from dmd2.config.names import MIXTURE_KEY, MIXTURE_METRIC
 from dmd2.eval.features import FeatureNetwork, batch_features, feature_dim, image_features
 from dmd2.eval.references import ReferenceStats
 from dmd2.eval.statistics import bootstrap_std, feature_statistics, frechet_distance, kernel_inception_distance
 from dmd2.io.sampler import CheckpointSampler, generate_uint8, round_robin_labels
-from dmd2.method.mixture import GaussianMixture, mixture_scores
-from dmd2.runtime.distributed import Dist, batch_shard, gather_to_main
+from dmd2.method.mixture import GaussianMixture, mixture_scores, reference_scores
+from dmd2.runtime.distributed import Dist, barrier, batch_shard, gather_to_main
 
 log = logging.getLogger(__name__)
 
@@ -199,3 +202,95 @@ def evaluate_mixture(sampler: CheckpointSampler, mix: GaussianMixture, num: int,
     gen_seconds = max(s for _, s in gathered)
     return dict(value=scores["fd"], scores=scores, images_per_sec=num / max(gen_seconds, 1e-9),
                 generation_seconds=gen_seconds, total_seconds=time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------- one measurement
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How many samples are measured and how: ``num`` samples, sample i from noise seeded by (``seed``, i),
+    ``batch_size`` at a time; KID too (``kid``); ``resamples`` bootstrap resamples behind each standard deviation;
+    ``allow_few_samples``: measure even when ``num`` does not exceed the feature dimension."""
+
+    num: int
+    seed: int
+    batch_size: int
+    kid: bool = False
+    resamples: int = 0
+    allow_few_samples: bool = False
+
+
+@dataclass
+class Measurement:
+    """What every sampler or image set is measured with: a feature network and reference statistics (``ref``:
+    rank 0 only), or a known-answer mixture (``floor``: its scores of ``num`` true samples, rank 0 only)."""
+
+    settings: MeasureSettings
+    net: FeatureNetwork | None = None
+    ref: ReferenceStats | None = None
+    mixture: GaussianMixture | None = None
+    floor: dict[str, float] | None = None
+
+    @property
+    def key(self) -> str:
+        """The key the value is logged under: eval/fid, eval/fd_<network> or eval/mixture_fd."""
+        return MIXTURE_KEY if self.mixture is not None else self.net.wandb_key
+
+    @property
+    def metric(self) -> str:
+        return MIXTURE_METRIC if self.mixture is not None else self.net.metric
+
+    @property
+    def name(self) -> str:
+        """The value with its sample count, e.g. fid@10k."""
+        return metric_name(self.key, self.settings.num)
+
+    @property
+    def against(self) -> str:
+        if self.mixture is not None:
+            return "the exact mixture"
+        return self.ref.description if self.ref is not None else ""
+
+    def measure(self, sampler: CheckpointSampler, device: torch.device | str, dist: Dist | None = None,
+                progress: bool = True) -> dict[str, Any] | None:
+        """The numbers of samples 0..num-1 of ``sampler`` (every rank calls it; None on ranks > 0):
+        ``evaluate_sampler`` or, for a mixture, ``evaluate_mixture``."""
+        s = self.settings
+        if self.mixture is not None:
+            return evaluate_mixture(sampler, self.mixture, s.num, s.seed, s.batch_size, device, dist)
+        return evaluate_sampler(sampler, self.net, self.ref, s.num, s.seed, s.batch_size, device, s.kid, dist=dist,
+                                progress=progress, resamples=s.resamples, allow_few_samples=s.allow_few_samples)
+
+    def measure_images(self, images: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
+        """The numbers of uint8 images [N,H,W,3] (classes ``labels`` [N] when known): ``evaluate_images``."""
+        s = self.settings
+        return evaluate_images(images, self.net, self.ref, s.batch_size, s.seed, s.kid, s.resamples,
+                               s.allow_few_samples, labels)
+
+
+def set_up_measurement(net: FeatureNetwork, reference: Callable[[], ReferenceStats], resolution: int | None,
+                       settings: MeasureSettings, dist: Dist | None = None, prefix: str = "") -> Measurement:
+    """A measurement with ``net`` against the statistics ``reference()`` makes, of images of side ``resolution``
+    (None: not known yet, checked when measuring). Refused before the reference is computed when ``settings.num``
+    samples are too few, and then when the reference does not fit; ``prefix`` ("eval." in training) goes before
+    the config keys the messages name. Every rank calls it: rank 0 computes (or reads the cached) reference while
+    the others wait."""
+    dist = dist or Dist()
+    if resolution is not None:  # too few samples: refused before anything is computed
+        check_measurement(net, None, resolution, settings.num, settings.allow_few_samples, prefix)
+    ref = None
+    if dist.is_main:
+        ref = reference()
+        if resolution is not None:  # ... or a reference that does not fit (measuring checks again)
+            check_reference(ref, net, resolution, prefix)
+    barrier(dist)
+    return Measurement(settings, net=net, ref=ref)
+
+
+def mixture_measurement(mixture: GaussianMixture, settings: MeasureSettings, dist: Dist | None = None) -> Measurement:
+    """The exact scores of a model of ``data=gaussian_mixture``, with no feature network or reference statistics;
+    rank 0 computes the floor (the scores of ``settings.num`` true samples)."""
+    dist = dist or Dist()
+    floor = reference_scores(mixture, settings.num, settings.seed) if dist.is_main else None
+    return Measurement(settings, mixture=mixture, floor=floor)
