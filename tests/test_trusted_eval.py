@@ -92,6 +92,28 @@ def test_the_default_reference_is_the_training_data_and_equals_its_folder_statis
         reference_from_config(spec, net, data=None)
 
 
+def test_a_folder_and_the_training_data_read_back_from_their_cache_as_they_were_computed(featnet, tiny_data,
+                                                                                          tmp_path):
+    """Both are statistics of a set of images (dmd2.eval.references.image_set_stats): a cached file gives back
+    what was computed (statistics, features, metadata, description), and a cached file whose metadata names
+    another feature network is refused, whichever the source."""
+    import dataclasses
+
+    from dmd2.eval.references import write_reference
+
+    net = tiny_net(featnet)
+    data = {"name": "image_folder", "root": str(tiny_data), "resolution": 32, "num_classes": 10}
+    for name, source in (("folder", {"folder": str(tiny_data)}), ("auto", {"data": data})):
+        fresh = reference_statistics(name, net, str(tmp_path / "stats"), kid=True, **source)
+        cached = reference_statistics(name, net, str(tmp_path / "stats"), kid=True, **source)
+        assert (cached.path, cached.description, cached.meta()) == (fresh.path, fresh.description, fresh.meta())
+        for a, b in ((cached.mu, fresh.mu), (cached.sigma, fresh.sigma), (cached.feats, fresh.feats)):
+            np.testing.assert_array_equal(a, b)
+        write_reference(cached.path, dataclasses.replace(cached, network="inception_v3"))
+        with pytest.raises(EvaluationError, match="were made with inception_v3/none"):
+            reference_statistics(name, net, str(tmp_path / "stats"), **source)
+
+
 def test_an_edm_dataset_is_its_own_default_reference(featnet, tmp_path, caplog):
     from tests.test_imagenet64 import make_edm_dataset
 
