@@ -46,6 +46,7 @@ from dmd2.io.files import atomic_write
 from dmd2.runtime.devices import check_device, resolve_device
 
 if TYPE_CHECKING:
+    from dmd2.eval.measure import Measurement
     from dmd2.io.sampler import CheckpointSampler
     from dmd2.method.mixture import GaussianMixture
     from dmd2.runtime.distributed import Dist
@@ -146,7 +147,7 @@ def checkpoint_mixture(checkpoints: list[tuple[dict[str, Any], str]]) -> Gaussia
 def feature_row(numbers: dict[str, Any], net: Any, ref: Any) -> tuple[dict[str, Any], dict[str, float]]:
     """A result row's feature-network fields (the value named with its sample count, e.g. fid@50k, and its
     bootstrap standard deviation) and the scalars to log."""
-    from dmd2.eval.evaluation import metric_name
+    from dmd2.eval.measure import metric_name
 
     row = {"metric": net.metric, "name": metric_name(net.wandb_key, numbers["num_samples"]),
            "value": numbers["value"], "std": numbers["std"], "kid": numbers["kid"], "kid_std": numbers["kid_std"],
@@ -171,17 +172,14 @@ def value_text(row: dict[str, Any]) -> str:
     return f"{row['metric']} = {row['value']:.4f}{noise}" + (f" ({row['name']})" if "name" in row else "") + kid
 
 
-def measure_features(sampler: CheckpointSampler, net: Any, ref: Any, cfg: DictConfig, device: Any,
-                     d: Dist | None = None) -> tuple[dict[str, Any] | None, dict[str, float]]:
+def measure_features(sampler: CheckpointSampler, measurement: Measurement, device: Any, d: Dist | None = None
+                     ) -> tuple[dict[str, Any] | None, dict[str, float]]:
     """FID / FD (and KID) of a sampler: the result row's own fields and the scalars to log (every rank calls it
     under torchrun; (None, {}) on ranks > 0)."""
-    from dmd2.eval.evaluation import evaluate_sampler
-
-    numbers = evaluate_sampler(sampler, net, ref, cfg.num_samples, cfg.seed, cfg.batch_size, device, cfg.kid,
-                               dist=d, resamples=cfg.uncertainty_resamples, allow_few_samples=cfg.allow_few_samples)
+    numbers = measurement.measure(sampler, device, d)
     if numbers is None:
         return None, {}
-    row, scalars = feature_row(numbers, net, ref)
+    row, scalars = feature_row(numbers, measurement.net, measurement.ref)
     row.update(images_per_sec=numbers["images_per_sec"], generation_seconds=numbers["generation_seconds"],
                total_seconds=numbers["total_seconds"])
     return row, scalars
@@ -190,20 +188,18 @@ def measure_features(sampler: CheckpointSampler, net: Any, ref: Any, cfg: DictCo
 def measure_images(cfg: DictConfig, device: Any) -> list[dict[str, Any]]:
     """FID / FD (and KID) of the images in ``cfg.images`` (folder, .zip or .npz) against the configured
     reference: one result row (in <output_dir>/results.json), with the checks and numbers of a checkpoint's."""
-    from dmd2.eval.evaluation import (check_measurement, evaluate_images, feature_network_from_config, load_image_set,
-                                      reference_from_config)
+    from dmd2.eval.images import load_image_set
     from dmd2.train.context import hydra_output_dir
+    from dmd2.train.evaluator import feature_network_from_config, measurement_from_config
 
-    net = feature_network_from_config(cfg.feature_network, device)
+    net = feature_network_from_config(cfg.feature_network, device)  # a missing file fails before images are read
     images, labels = load_image_set(cfg.images)
-    check_measurement(net, None, images.shape[1], len(images), cfg.allow_few_samples)  # before the reference
-    ref = reference_from_config(cfg.reference, net, kid=cfg.kid, batch_size=cfg.batch_size,
-                                num_workers=cfg.num_workers)
+    measurement = measurement_from_config(cfg, device, None, resolution=images.shape[1], data=None, num=len(images),
+                                          kid=cfg.kid, num_workers=cfg.num_workers, net=net)
     log.info(f"[evaluate] {len(images)} images ({images.shape[1]}x{images.shape[2]}) from {cfg.images}: "
-             f"{net.metric} against {ref.description}")
-    numbers = evaluate_images(images, net, ref, cfg.batch_size, cfg.seed, cfg.kid, cfg.uncertainty_resamples,
-                              cfg.allow_few_samples, labels)
-    row, _ = feature_row(numbers, net, ref)
+             f"{measurement.metric} against {measurement.against}")
+    numbers = measurement.measure_images(images, labels)
+    row, _ = feature_row(numbers, measurement.net, measurement.ref)
     row.update(images=os.path.abspath(cfg.images), num_samples=numbers["num_samples"],
                total_seconds=numbers["total_seconds"], device=str(device))
     output_dir = cfg.output_dir or hydra_output_dir() or os.path.join("outputs", "evaluate", "run")
@@ -217,7 +213,8 @@ def measure_images(cfg: DictConfig, device: Any) -> list[dict[str, Any]]:
 def write_reference_file(cfg: DictConfig, device: Any) -> list[dict[str, Any]]:
     """Write the configured reference statistics (a folder's, a checkpoint's training data, ...) to
     ``cfg.write_reference``: mu, sigma (what EDM's fid.py reads) and their metadata."""
-    from dmd2.eval.evaluation import feature_network_from_config, reference_from_config, write_reference
+    from dmd2.eval.references import write_reference
+    from dmd2.train.evaluator import feature_network_from_config, reference_from_config
 
     net = feature_network_from_config(cfg.feature_network, device)
     data = checkpoint_info(cfg.checkpoint)["data"] if cfg.checkpoint else None
@@ -231,18 +228,18 @@ def write_reference_file(cfg: DictConfig, device: Any) -> list[dict[str, Any]]:
     return [{"reference": cfg.write_reference, **ref.meta()}]
 
 
-def measure_mixture(sampler: CheckpointSampler, mix: GaussianMixture, floor: dict[str, float], cfg: DictConfig,
-                    device: Any, d: Dist | None = None) -> tuple[dict[str, Any] | None, dict[str, float]]:
+def measure_mixture(sampler: CheckpointSampler, measurement: Measurement, cfg: DictConfig, device: Any,
+                    d: Dist | None = None) -> tuple[dict[str, Any] | None, dict[str, float]]:
     """Exact scores of a model of data=gaussian_mixture (and, for a teacher, its denoising error against the exact
     denoiser per noise level): the result row's own fields and the scalars to log (every rank calls it under
     torchrun; (None, {}) on ranks > 0, rank 0 alone measures the denoising error)."""
     from dmd2.config.names import MIXTURE_METRIC
-    from dmd2.eval.evaluation import evaluate_mixture
     from dmd2.method.mixture import DENOISING_SAMPLES, DENOISING_SIGMAS, denoising_errors
 
-    numbers = evaluate_mixture(sampler, mix, cfg.num_samples, cfg.seed, cfg.batch_size, device, dist=d)
+    numbers = measurement.measure(sampler, device, d)
     if numbers is None:
         return None, {}
+    mix, floor = measurement.mixture, measurement.floor
     scores = numbers["scores"]
     row = {"metric": MIXTURE_METRIC, "value": scores["fd"], "kid": None, "images_per_sec": numbers["images_per_sec"],
            "mixture_scores": scores, "mixture_floor": floor,
@@ -287,55 +284,41 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 def measurement_setup(cfg: DictConfig, checkpoints: list[tuple[dict[str, Any], str]], mixture: Any, device: Any,
-                      d: Dist) -> dict[str, Any]:
-    """What every checkpoint is measured with: the feature network and (rank 0) the reference statistics, or the
-    known-answer mixture's reference scores; the metric key and what is compared against. Rank 0 computes the
-    reference (or reads it from its cache) while the other ranks wait."""
-    from dmd2.config.names import MIXTURE_KEY, MIXTURE_METRIC
-    from dmd2.eval.evaluation import (check_measurement, check_reference, feature_network_from_config,
-                                      reference_from_config)
-    from dmd2.method.mixture import reference_scores
-    from dmd2.runtime.distributed import barrier
+                      d: Dist) -> Measurement:
+    """What every checkpoint is measured with (the evaluation inside training sets up the same): the feature
+    network and (rank 0) the reference statistics of the configured reference (reference.name=auto: the
+    checkpoints' training data), or the known-answer mixture's exact scores. Rank 0 computes the reference (or
+    reads it from its cache) while the other ranks wait."""
+    from dmd2.eval.measure import MeasureSettings, mixture_measurement
+    from dmd2.train.evaluator import measurement_from_config
 
     if mixture is not None:  # known-answer data: exact scores, no feature network or reference statistics
-        return {"net": None, "ref": None, "floor": reference_scores(mixture, cfg.num_samples, cfg.seed),
-                "key": MIXTURE_KEY, "metric": MIXTURE_METRIC, "against": "the exact mixture"}
-    net = feature_network_from_config(cfg.feature_network, device)
+        return mixture_measurement(mixture, MeasureSettings(cfg.num_samples, cfg.seed, cfg.batch_size), d)
     data = checkpoints[-1][0].get("data") or None
     resolution = data.get("resolution") if data else None
-    if resolution is not None:  # refused before the reference is computed: too few samples ...
-        check_measurement(net, None, int(resolution), cfg.num_samples, cfg.allow_few_samples)
-    ref = None
-    if d.is_main:
-        ref = reference_from_config(cfg.reference, net, kid=cfg.kid, batch_size=cfg.batch_size,
-                                    num_workers=cfg.num_workers, data=data)
-        if resolution is not None:  # ... or a reference that does not fit (evaluate_sampler checks again)
-            check_reference(ref, net, int(resolution))
-    barrier(d)
-    return {"net": net, "ref": ref, "floor": None, "key": net.wandb_key, "metric": net.metric,
-            "against": ref.description if ref is not None else ""}
+    return measurement_from_config(cfg, device, d, resolution=None if resolution is None else int(resolution),
+                                   data=data, kid=cfg.kid, num_workers=cfg.num_workers)
 
 
-def measure_checkpoint(cfg: DictConfig, path: str, setup: dict[str, Any], mixture: Any, device: Any, d: Dist
+def measure_checkpoint(cfg: DictConfig, path: str, measurement: Measurement, device: Any, d: Dist
                        ) -> tuple[CheckpointSampler, dict[str, Any] | None, dict[str, float]]:
     """Sample and measure one checkpoint (every rank); the sampler, and on rank 0 its result row (None on the
     other ranks) and the scalars to log."""
-    from dmd2.eval.evaluation import metric_name
     from dmd2.io.loaded import load_generator
 
     sampler = load_generator(path, device, heun_steps=cfg.sampler.steps, teacher_weights=cfg.teacher_weights,
                              generator_weights=cfg.generator_weights).sampler
     if d.is_main:
-        log.info(f"[evaluate] {sampler.describe()} from {path}: {setup['metric']} of {cfg.num_samples} samples "
-                 f"against {setup['against']}" + (f" ({d.world_size} processes)" if d.enabled else ""))
-    if mixture is None:
-        measured, scalars = measure_features(sampler, setup["net"], setup["ref"], cfg, device, d)
+        log.info(f"[evaluate] {sampler.describe()} from {path}: {measurement.metric} of {cfg.num_samples} samples "
+                 f"against {measurement.against}" + (f" ({d.world_size} processes)" if d.enabled else ""))
+    if measurement.mixture is None:
+        measured, scalars = measure_features(sampler, measurement, device, d)
     else:
-        measured, scalars = measure_mixture(sampler, mixture, setup["floor"], cfg, device, d)
+        measured, scalars = measure_mixture(sampler, measurement, cfg, device, d)
     if measured is None:
         return sampler, None, scalars
     row = {
-        **measured, "name": measured.get("name") or metric_name(setup["key"], cfg.num_samples),
+        **measured, "name": measured.get("name") or measurement.name,
         "num_samples": cfg.num_samples, "nfe": sampler.nfe, "checkpoint": os.path.abspath(path),
         "step": sampler.step, "kind": sampler.kind,
         "sampler_steps": sampler.heun_steps if sampler.kind == "teacher" else sampler.nfe,
@@ -363,7 +346,7 @@ def evaluate_checkpoints(cfg: DictConfig, device: Any, d: Dist) -> list[dict[str
 
     checkpoints = checkpoints_to_evaluate(cfg)
     mixture = checkpoint_mixture(checkpoints)
-    setup = measurement_setup(cfg, checkpoints, mixture, device, d)
+    measurement = measurement_setup(cfg, checkpoints, mixture, device, d)
     own_dir = hydra_output_dir()
     output_dir = shared_output_dir(cfg.output_dir or own_dir or os.path.join("outputs", "evaluate", "run"), own_dir, d)
     if d.is_main:
@@ -375,7 +358,7 @@ def evaluate_checkpoints(cfg: DictConfig, device: Any, d: Dist) -> list[dict[str
               "training_run_id": training["wandb_run_id"], "world_size": d.world_size}
     logger = RunLogger(output_dir, settings, config, "evaluate", cfg.run_name or default_run_name(),
                        enabled=d.is_main)
-    logger.define_metric(setup["key"], summary="min")
+    logger.define_metric(measurement.key, summary="min")
     if cfg.kid:
         logger.define_metric("eval/kid", summary="min")
     results: list[dict[str, Any]] = []
@@ -386,7 +369,7 @@ def evaluate_checkpoints(cfg: DictConfig, device: Any, d: Dist) -> list[dict[str
             kind = "generator" if is_export(path) and info["kind"] == "dmd2" else info["kind"]
             logger.use_checkpoint(path, kind, info["wandb_run_id"],
                                   "checkpoint" if len(checkpoints) == 1 else f"checkpoint_{info['step']:06d}")
-            sampler, row, scalars = measure_checkpoint(cfg, path, setup, mixture, device, d)
+            sampler, row, scalars = measure_checkpoint(cfg, path, measurement, device, d)
             if row is None:  # ranks > 0
                 continue
             results.append(row)
@@ -396,7 +379,7 @@ def evaluate_checkpoints(cfg: DictConfig, device: Any, d: Dist) -> list[dict[str
             logger.log({**scalars, "eval/nfe": row["nfe"], "eval/num_samples": row["num_samples"],
                         "eval/images_per_sec": row["images_per_sec"]}, step=sampler.step)
         if d.is_main:
-            best, summary = best_summary(setup["key"], results)
+            best, summary = best_summary(measurement.key, results)
             logger.summary(summary)  # eval/kid keeps its own minimum (define_metric)
         exit_code = 0
     finally:

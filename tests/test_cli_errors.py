@@ -105,7 +105,7 @@ def test_a_truncated_image_is_named(tmp_path):
     image reader now name it, and the script exits with a file error without a traceback."""
     from dmd2.config.errors import EvaluationError, FileError
     from dmd2.data.datasets import build_dataset
-    from dmd2.eval.evaluation import read_image_file
+    from dmd2.eval.images import read_image_file
 
     bad = truncated_jpeg_folder(tmp_path / "data")
     ds = build_dataset({"name": "image_folder", "root": str(tmp_path / "data"), "num_classes": 2, "resolution": 32})

@@ -1,4 +1,4 @@
-"""evaluate.py and dmd2/evaluation.py: distances, cached reference statistics, the CLI, W&B, offline failures.
+"""evaluate.py and dmd2/eval/: distances, cached reference statistics, the CLI, W&B, offline failures.
 
 A tiny random TorchScript network stands in for Inception (no weights download on a test machine).
 """
@@ -18,9 +18,10 @@ from torch import nn
 
 import evaluate as evaluate_script
 from dmd2.config.errors import EVALUATION_ERROR, ConfigError, EvaluationError
-from dmd2.eval.evaluation import (INCEPTION_FILE, INCEPTION_URL, FeatureNetwork, batch_features, build_feature_network,
-                                  feature_statistics, folder_stats, frechet_distance, network_input,
-                                  precomputed_cifar10_stats)
+from dmd2.eval.features import (INCEPTION_FILE, INCEPTION_URL, FeatureNetwork, batch_features, build_feature_network,
+                                network_input)
+from dmd2.eval.references import precomputed_cifar10_stats, reference_statistics
+from dmd2.eval.statistics import feature_statistics, frechet_distance
 from dmd2.train.logger import RunLogger
 from tests.conftest import compose_cfg, run_cli
 
@@ -65,16 +66,16 @@ def test_folder_stats_are_cached_per_network_and_resize(featnet, tiny_data, tmp_
     caplog.set_level("INFO")
     cache = tmp_path / "stats"
     net = build_feature_network("torchscript", torch.device("cpu"), path=str(featnet), resize="none")
-    first = folder_stats(str(tiny_data), net, str(cache))
+    first = reference_statistics("folder", net, str(cache), folder=str(tiny_data))
     assert first.num_images == 20 and first.image_size == 32 and Path(first.path).parent == cache
     mtime = Path(first.path).stat().st_mtime_ns
-    again = folder_stats(str(tiny_data), net, str(cache))
+    again = reference_statistics("folder", net, str(cache), folder=str(tiny_data))
     assert again.path == first.path and Path(first.path).stat().st_mtime_ns == mtime
     assert "reusing cached reference statistics" in caplog.text
     np.testing.assert_array_equal(again.mu, first.mu)
     # another resize mode (clean-fid's 299 resize) never reuses the native-resolution statistics
-    clean = folder_stats(str(tiny_data), build_feature_network("torchscript", torch.device("cpu"), path=str(featnet),
-                                                               resize="clean"), str(cache))
+    clean = reference_statistics("folder", build_feature_network("torchscript", torch.device("cpu"), path=str(featnet),
+                                                                 resize="clean"), str(cache), folder=str(tiny_data))
     assert clean.path != first.path and not np.allclose(clean.mu, first.mu)
     assert "tiny-featnet" in Path(clean.path).name and "_clean" in Path(clean.path).name
 
@@ -112,7 +113,7 @@ def test_inception_with_local_weights_and_precomputed_stats_is_named_fid(teacher
     stats.mkdir()
     np.savez(stats / "cifar10_clean_train_32.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     # scipy's 2048x2048 matrix square root takes minutes on two busy cores; the wiring is what is tested here
-    monkeypatch.setattr("dmd2.eval.evaluation.cleanfid_frechet_distance",
+    monkeypatch.setattr("dmd2.eval.statistics.cleanfid_frechet_distance",
                         lambda mu1, s1, mu2, s2: float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2)))
     cfg = compose_cfg([f"checkpoint={teacher_ckpt}", f"feature_network.inception_weights={weights}",
                        f"reference.cache_dir={stats}", "num_samples=6", "batch_size=3", "sampler.steps=1",

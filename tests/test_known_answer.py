@@ -62,7 +62,7 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, f
     """The preset teacher (trained once per test run, shared by the xdist workers), its last evaluation and
     ``one_nfe``: the pixel FD of its own one-step (1 NFE) samples, the blur a student starts from."""
     from dmd2.data.mixture import mixture_from_config
-    from dmd2.eval.evaluation import evaluate_mixture
+    from dmd2.eval.measure import evaluate_mixture
     from dmd2.io.loaded import load_generator
 
     def build(out: Path) -> None:

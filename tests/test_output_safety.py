@@ -44,7 +44,8 @@ def test_folder_reference_statistics_follow_the_image_bytes_not_sizes_and_times(
     import torch
     from PIL import Image
 
-    from dmd2.eval.evaluation import build_feature_network, folder_stats
+    from dmd2.eval.features import build_feature_network
+    from dmd2.eval.references import reference_statistics
 
     folder, cache = tmp_path / "ref", tmp_path / "stats"
     folder.mkdir()
@@ -53,15 +54,15 @@ def test_folder_reference_statistics_follow_the_image_bytes_not_sizes_and_times(
     for p in paths:
         Image.fromarray(rng.integers(0, 64, (32, 32, 3), dtype=np.uint8)).save(p)
     net = build_feature_network("torchscript", torch.device("cpu"), path=str(featnet), resize="none")
-    first = folder_stats(str(folder), net, str(cache))
+    first = reference_statistics("folder", net, str(cache), folder=str(folder))
     for p in paths:
         st = p.stat()
         Image.fromarray(rng.integers(192, 256, (32, 32, 3), dtype=np.uint8)).save(p)
         os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
         assert p.stat().st_size == st.st_size
-    second = folder_stats(str(folder), net, str(cache))
+    second = reference_statistics("folder", net, str(cache), folder=str(folder))
     assert second.path != first.path and not np.allclose(second.mu, first.mu)
-    assert np.allclose(folder_stats(str(folder), net, str(cache)).mu, second.mu)  # and that is cached in turn
+    assert np.allclose(reference_statistics("folder", net, str(cache), folder=str(folder)).mu, second.mu)  # and that is cached in turn
 
 
 def generate(*overrides: str) -> dict:
@@ -122,7 +123,7 @@ def test_generate_refuses_a_folder_of_other_images_or_another_model_and_continue
 def test_a_data_set_file_is_fingerprinted_by_its_bytes(tmp_path):
     import os
 
-    from dmd2.eval.evaluation import data_fingerprint
+    from dmd2.eval.images import data_fingerprint
 
     archive = tmp_path / "data.zip"
     archive.write_bytes(b"A" * 64)

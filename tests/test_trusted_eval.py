@@ -16,12 +16,14 @@ import evaluate as evaluate_script
 import generate as generate_script
 from dmd2.config.errors import ConfigError, EvaluationError
 from dmd2.config.validate import check_objective, validate
-from dmd2.eval.evaluation import (ReferenceStats, build_feature_network, count_label, evaluate_sampler,
-                                  feature_statistics, folder_stats, frechet_distance, metric_name, npz_stats,
-                                  reference_from_config, resample_statistics, score_features)
+from dmd2.eval.features import build_feature_network
+from dmd2.eval.measure import count_label, evaluate_sampler, metric_name, score_features
+from dmd2.eval.references import ReferenceStats, npz_stats, reference_statistics
+from dmd2.eval.statistics import feature_statistics, frechet_distance, resample_statistics
 from dmd2.io.loaded import load_generator
 from dmd2.method.frechet import frechet_to_reference
 from dmd2.train.context import logger_settings, wandb_project
+from dmd2.train.evaluator import reference_from_config
 from tests.conftest import SMOKE, compose_cfg, run_cli, train_eval_args
 
 
@@ -45,7 +47,7 @@ class NeverSampled:
 
 def test_a_reference_of_another_resolution_network_or_resize_is_refused_before_sampling(featnet, tiny_data, tmp_path):
     net = tiny_net(featnet)
-    ref = folder_stats(str(tiny_data), net, str(tmp_path / "stats"))  # 32x32 images
+    ref = reference_statistics("folder", net, str(tmp_path / "stats"), folder=str(tiny_data))  # 32x32 images
     assert (ref.image_size, ref.num_images, ref.network, ref.resize) == (32, 20, net.identity, "none")
     assert ref.dataset == "tiny" and str(tiny_data) in ref.source
     sampler = NeverSampled(64)
@@ -81,13 +83,35 @@ def test_the_default_reference_is_the_training_data_and_equals_its_folder_statis
     data = {"name": "image_folder", "root": str(tiny_data), "resolution": 32, "num_classes": 10}
     spec = {"name": "auto", "cache_dir": str(tmp_path / "stats"), "allow_download": False}
     auto = reference_from_config(spec, net, data=data)
-    folder = folder_stats(str(tiny_data), net, str(tmp_path / "stats"))
+    folder = reference_statistics("folder", net, str(tmp_path / "stats"), folder=str(tiny_data))
     np.testing.assert_allclose(auto.mu, folder.mu, rtol=1e-6)
     np.testing.assert_allclose(auto.sigma, folder.sigma, rtol=1e-5, atol=1e-8)
     assert (auto.dataset, auto.image_size, auto.num_images) == ("tiny", 32, 20)
     assert reference_from_config(spec, net, data=data).path == auto.path  # computed once, then read from the cache
     with pytest.raises(EvaluationError, match="reference.name=auto"):
         reference_from_config(spec, net, data=None)
+
+
+def test_a_folder_and_the_training_data_read_back_from_their_cache_as_they_were_computed(featnet, tiny_data,
+                                                                                          tmp_path):
+    """Both are statistics of a set of images (dmd2.eval.references.image_set_stats): a cached file gives back
+    what was computed (statistics, features, metadata, description), and a cached file whose metadata names
+    another feature network is refused, whichever the source."""
+    import dataclasses
+
+    from dmd2.eval.references import write_reference
+
+    net = tiny_net(featnet)
+    data = {"name": "image_folder", "root": str(tiny_data), "resolution": 32, "num_classes": 10}
+    for name, source in (("folder", {"folder": str(tiny_data)}), ("auto", {"data": data})):
+        fresh = reference_statistics(name, net, str(tmp_path / "stats"), kid=True, **source)
+        cached = reference_statistics(name, net, str(tmp_path / "stats"), kid=True, **source)
+        assert (cached.path, cached.description, cached.meta()) == (fresh.path, fresh.description, fresh.meta())
+        for a, b in ((cached.mu, fresh.mu), (cached.sigma, fresh.sigma), (cached.feats, fresh.feats)):
+            np.testing.assert_array_equal(a, b)
+        write_reference(cached.path, dataclasses.replace(cached, network="inception_v3"))
+        with pytest.raises(EvaluationError, match="were made with inception_v3/none"):
+            reference_statistics(name, net, str(tmp_path / "stats"), **source)
 
 
 def test_an_edm_dataset_is_its_own_default_reference(featnet, tmp_path, caplog):
@@ -136,7 +160,7 @@ def test_wandb_project_and_reference_follow_the_dataset():
 def test_fewer_samples_than_the_feature_dimension_are_refused_unless_allowed(featnet, teacher_ckpt, tiny_data,
                                                                              tmp_path):
     net = tiny_net(featnet)
-    ref = folder_stats(str(tiny_data), net, str(tmp_path / "stats"))
+    ref = reference_statistics("folder", net, str(tmp_path / "stats"), folder=str(tiny_data))
     with pytest.raises(EvaluationError, match=r"'num_samples' = 8: fewer samples than the feature dimension \(8\)"):
         evaluate_sampler(NeverSampled(32), net, ref, 8, 0, 4, "cpu")
     sampler = load_generator(str(teacher_ckpt), "cpu", heun_steps=1).sampler
@@ -175,7 +199,7 @@ def test_the_bootstrap_std_matches_the_spread_over_seeds(featnet, teacher_ckpt, 
     """The standard deviation each evaluation reports (bootstrap over its generated samples) against the spread
     of the value over 12 evaluations of the same checkpoint with different seeds."""
     net = tiny_net(featnet)
-    ref = folder_stats(str(tiny_data), net, str(tmp_path / "stats"))
+    ref = reference_statistics("folder", net, str(tmp_path / "stats"), folder=str(tiny_data))
     sampler = load_generator(str(teacher_ckpt), "cpu", heun_steps=1).sampler
     runs = [evaluate_sampler(sampler, net, ref, 100, seed, 100, "cpu", resamples=50, progress=False)
             for seed in range(12)]
@@ -189,7 +213,7 @@ def test_the_bootstrap_std_matches_the_spread_over_seeds(featnet, teacher_ckpt, 
 
 def test_kid_comes_with_its_std(featnet, tiny_data, tmp_path):
     net = tiny_net(featnet)
-    ref = folder_stats(str(tiny_data), net, str(tmp_path / "stats"), kid=True)
+    ref = reference_statistics("folder", net, str(tmp_path / "stats"), folder=str(tiny_data), kid=True)
     feats = ref.feats + np.random.default_rng(0).normal(0, 0.1, ref.feats.shape).astype(np.float32)
     numbers = score_features(feats, ref, kid=True, resamples=5)
     assert numbers["kid"] is not None and numbers["kid_std"] > 0 and numbers["std"] > 0

@@ -1,6 +1,6 @@
 """The Frechet distance between Gaussians, written with symmetric eigendecompositions: fast for many
 distributions against one reference, and exact when their covariances are singular. Used by the bootstrap of
-FID / FD (dmd2.eval.evaluation; the reported value itself is clean-fid's) and by the exact scores of
+FID / FD (dmd2.eval.statistics; the reported value itself is clean-fid's) and by the exact scores of
 data=gaussian_mixture (dmd2.method.mixture)."""
 from __future__ import annotations
 

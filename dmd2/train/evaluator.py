@@ -1,9 +1,11 @@
-"""Image quality measured inside training: FID / FD of the live networks every ``eval_every`` steps.
+"""Image quality measured inside training: FID / FD of the live networks every ``eval_every`` steps; and the
+config's evaluation keys turned into a measurement, for the evaluation inside training and for evaluate.py.
 
-It runs evaluate.py's code (``dmd2.eval.evaluation.evaluate_sampler``) with the keys under ``eval.``: the same
-feature network, cached reference statistics, per-sample seeded noise and round-robin classes, so the value
-logged at step N equals ``evaluate.py`` on the checkpoint of step N with the same ``num_samples`` and ``seed``.
-Under torchrun every rank generates its slice of the samples and rank 0 computes the distance.
+It is evaluate.py's measurement (``measurement_from_config`` -> ``dmd2.eval.measure.set_up_measurement``, then
+``Measurement.measure``) with the keys under ``eval.``: the same feature network, cached reference statistics,
+per-sample seeded noise and round-robin classes, so the value logged at step N equals ``evaluate.py`` on the
+checkpoint of step N with the same ``num_samples`` and ``seed``. Under torchrun every rank generates its slice of
+the samples and rank 0 computes the distance.
 
 Before the first step it refuses a reference whose resolution, feature network or resize differs from the run's
 (the default reference, ``eval.reference.name=auto``, is the run's own training data) and a sample count below the
@@ -20,22 +22,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from dmd2.config.errors import EvaluationError
-from dmd2.config.names import MIXTURE_KEY, MIXTURE_METRIC
 from dmd2.config.validate import to_container
 from dmd2.data.mixture import mixture_from_config
-from dmd2.eval.evaluation import (check_measurement, check_reference, evaluate_mixture, evaluate_sampler,
-                                  feature_network_from_config, metric_name, reference_from_config)
+from dmd2.eval.features import FeatureNetwork, build_feature_network
+from dmd2.eval.measure import MeasureSettings, Measurement, mixture_measurement, set_up_measurement
+from dmd2.eval.references import ReferenceStats, reference_statistics
 from dmd2.io.sampler import CheckpointSampler
-from dmd2.method.mixture import reference_scores
-from dmd2.runtime.distributed import Dist, barrier
+from dmd2.runtime.distributed import Dist
 from dmd2.train.logger import RunLogger
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,48 @@ def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
         net.train(was_training)
 
 
+# --------------------------------------------------------------------------------------------- from the config
+
+
+def feature_network_from_config(fn: Mapping[str, Any], device: torch.device) -> FeatureNetwork:
+    """The ``feature_network`` config node (FeatureNetwork in dmd2/config/settings.py) -> its FeatureNetwork."""
+    return build_feature_network(fn["name"], device, path=fn["path"], resize=fn["resize"],
+                                 inception_weights=fn["inception_weights"], allow_download=fn["allow_download"])
+
+
+def reference_from_config(ref: Mapping[str, Any], net: FeatureNetwork, kid: bool = False, batch_size: int = 128,
+                          num_workers: int = 0, data: Mapping[str, Any] | None = None) -> ReferenceStats:
+    """The ``reference`` config node (Reference in dmd2/config/settings.py) -> its statistics
+    (dmd2.eval.references.reference_statistics); ``data``: the training data reference.name=auto names."""
+    return reference_statistics(ref["name"], net, ref["cache_dir"], folder=ref.get("folder"), path=ref.get("path"),
+                                resolution=ref.get("resolution"), data=data, kid=kid,
+                                allow_download=ref["allow_download"], batch_size=batch_size, num_workers=num_workers)
+
+
+def measurement_from_config(fid: Any, device: torch.device, dist: Dist | None, *, resolution: int | None,
+                            data: Mapping[str, Any] | None, num: int | None = None, kid: bool = False,
+                            num_workers: int = 0, prefix: str = "", net: FeatureNetwork | None = None,
+                            guard: Callable[[], ContextManager[Any]] = nullcontext) -> Measurement:
+    """The measurement a config's evaluation keys describe (evaluate.py's, or ``eval.*`` in training:
+    feature_network.*, reference.*, num_samples, seed, batch_size, uncertainty_resamples, allow_few_samples),
+    set up and checked by ``dmd2.eval.measure.set_up_measurement`` (every rank calls it). ``num``: instead of
+    num_samples (images from files: their count); ``data``: the training data (reference.name=auto); ``net``:
+    the feature network when already built; ``guard``: the context the reference statistics are computed in."""
+    net = net if net is not None else feature_network_from_config(fid.feature_network, device)
+
+    def reference() -> ReferenceStats:
+        with guard():
+            return reference_from_config(fid.reference, net, kid=kid, batch_size=fid.batch_size,
+                                         num_workers=num_workers, data=data)
+
+    settings = MeasureSettings(fid.num_samples if num is None else num, fid.seed, fid.batch_size, kid,
+                               fid.uncertainty_resamples, fid.allow_few_samples)
+    return set_up_measurement(net, reference, resolution, settings, dist, prefix)
+
+
+# --------------------------------------------------------------------------------------------- inside training
+
+
 class TrainingEvaluator:
     """Built at the start of a run (a missing feature network or reference fails before any training);
     called with a sampler of the live network at the steps ``due`` says."""
@@ -74,45 +117,39 @@ class TrainingEvaluator:
         self.last_std: float | None = None  # the last value's bootstrap standard deviation (feature networks)
         if not self.enabled:
             return
-        ev = cfg.eval
-        self.num, self.seed, self.batch_size = ev.num_samples, ev.seed, ev.batch_size
+        self.num = cfg.eval.num_samples
         self.device, self.dist, self.logger = device, dist, logger
-        self.mixture = mixture_from_config(cfg.data) if cfg.data.name == "gaussian_mixture" else None
-        if self.mixture is not None:  # known-answer data: exact scores, no feature network or reference
-            self.key, self.metric = MIXTURE_KEY, MIXTURE_METRIC
-            self.name = metric_name(self.key, self.num)
-            logger.define_metric(self.key, summary="min")
+        if cfg.data.name == "gaussian_mixture":  # known-answer data: exact scores, no feature network or reference
+            settings = MeasureSettings(self.num, cfg.eval.seed, cfg.eval.batch_size)
+            self.measurement = mixture_measurement(mixture_from_config(cfg.data), settings, dist)
+        else:
+            self.measurement = self.feature_measurement(cfg)
+        m = self.measurement
+        self.key, self.metric, self.name = m.key, m.metric, m.name  # name: the value with its count, fid@10k
+        logger.define_metric(self.key, summary="min")
+        if m.mixture is not None:
             if dist.is_main:
-                floor = reference_scores(self.mixture, self.num, self.seed)
-                logger.summary({f"{self.key}_floor": floor["fd"]})
-                log.info(f"[eval] {self.metric} of {self.num} true samples (the floor): {floor['fd']:.4f}")
+                logger.summary({f"{self.key}_floor": m.floor["fd"]})
+                log.info(f"[eval] {self.metric} of {self.num} true samples (the floor): {m.floor['fd']:.4f}")
             return
-        self.allow_few, self.resamples = ev.allow_few_samples, ev.uncertainty_resamples
+        logger.summary({"eval/num_samples": self.num, "eval/name": self.name})
+        if dist.is_main:
+            log.info(f"[eval] {self.metric} of {self.num} samples ({self.name}) against {m.against}")
+
+    def feature_measurement(self, cfg: DictConfig) -> Measurement:
+        """The FID / FD measurement of ``eval.*``, refused before any step is trained when it cannot start: a
+        missing feature network, too few samples, a reference of another resolution, feature network or resize.
+        The reference statistics are computed without touching the random streams training draws from."""
         try:
-            self.net = feature_network_from_config(ev.feature_network, device)
-            # refused before any reference is computed or any step trained: too few samples ...
-            check_measurement(self.net, None, cfg.data.resolution, self.num, self.allow_few, "eval.")
-            self.ref = None
-            if dist.is_main:  # rank 0 computes (or reads the cached) reference statistics; the others wait
-                with untouched_rng(device):
-                    self.ref = reference_from_config(ev.reference, self.net, batch_size=self.batch_size,
-                                                     num_workers=cfg.data.num_workers,
-                                                     data=to_container(cfg.data))
-                # ... or a reference of another resolution, feature network or resize
-                check_reference(self.ref, self.net, cfg.data.resolution, "eval.")
+            return measurement_from_config(cfg.eval, self.device, self.dist, resolution=cfg.data.resolution,
+                                           data=to_container(cfg.data), num_workers=cfg.data.num_workers,
+                                           prefix="eval.", guard=lambda: untouched_rng(self.device))
         except EvaluationError as err:
             raise EvaluationError(
                 f"eval_every={self.every}: the FID / FD evaluation inside training cannot start.\n{err}\n"
                 "During training these keys live under 'eval.' (e.g. eval.feature_network.allow_download=true, "
                 "eval.feature_network.name=torchscript eval.feature_network.path=...); eval_every=0 trains "
                 "without evaluation.") from err
-        barrier(dist)
-        self.key, self.metric = self.net.wandb_key, self.net.metric
-        self.name = metric_name(self.key, self.num)  # e.g. fid@10k: the value with its sample count
-        logger.define_metric(self.key, summary="min")
-        logger.summary({"eval/num_samples": self.num, "eval/name": self.name})
-        if dist.is_main:
-            log.info(f"[eval] {self.metric} of {self.num} samples ({self.name}) against {self.ref.description}")
 
     def due(self, done: int, total: int) -> bool:
         """Every ``eval_every`` steps and at the end."""
@@ -122,13 +159,7 @@ class TrainingEvaluator:
         """Measure ``sampler`` (every rank must call it), log the value at ``step``; return it (rank 0)."""
         start = time.perf_counter()
         with eval_mode(sampler.net), untouched_rng(self.device):
-            if self.mixture is not None:
-                numbers = evaluate_mixture(sampler, self.mixture, self.num, self.seed, self.batch_size, self.device,
-                                           self.dist)
-            else:
-                numbers = evaluate_sampler(sampler, self.net, self.ref, self.num, self.seed, self.batch_size,
-                                           self.device, dist=self.dist, progress=False, resamples=self.resamples,
-                                           allow_few_samples=self.allow_few)
+            numbers = self.measurement.measure(sampler, self.device, self.dist, progress=False)
         if numbers is None:  # ranks > 0
             return None
         seconds = time.perf_counter() - start

@@ -1,0 +1,216 @@
+"""Sets of images: the images to measure (a folder, a .zip, an .npz; read whole, with their classes when the files
+say) and the sources of reference images (an image folder, a model's training data; known by a fingerprint of
+what they hold before any image is read, featurized when their statistics are not cached yet)."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from cleanfid.fid import get_files_features
+from cleanfid.utils import EXTENSIONS
+from torch.utils.data import DataLoader
+
+from dmd2.config.errors import EvaluationError
+from dmd2.config.names import dataset_label
+from dmd2.config.settings import GENERATED_DATA
+from dmd2.data.datasets import build_dataset
+from dmd2.data.images import to_uint8
+from dmd2.eval.features import FeatureNetwork, batch_features
+from dmd2.io.files import file_sha256
+
+GENERATE_GRID = "grid.png"  # generate.py's overview grid in its output folder
+IMAGE_SUFFIXES = tuple("." + e for e in EXTENSIONS)
+
+
+def list_images(folder: str) -> list[str]:
+    """Image files under ``folder`` (recursive, clean-fid's extensions), sorted."""
+    root = os.path.join(glob.escape(folder), "**")
+    files = {f for ext in EXTENSIONS for f in glob.glob(os.path.join(root, "*." + ext), recursive=True)}
+    return sorted(files)
+
+
+def read_image_file(path: str) -> np.ndarray:
+    """One image file -> uint8 [H,W,3] (RGB)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as err:  # truncated, corrupted: PIL's message names no file
+        raise EvaluationError(f"cannot read the image {path}: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------- images to measure
+
+
+def folder_labels(relpaths: list[str]) -> np.ndarray | None:
+    """Class labels [N] of image files from their sub-folders (generate.py's <class>/<seed>.png; sorted folder
+    names -> 0, 1, ...), or None when some image sits at the top level."""
+    folders = [os.path.dirname(p) for p in relpaths]
+    if not folders or not all(folders):
+        return None
+    names = sorted(set(folders))
+    return np.array([names.index(d) for d in folders])
+
+
+def npz_images(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """An .npz whose ``arr_0`` is uint8 [N,H,W,3] or [N,3,H,W] -> (images [N,H,W,3], its ``arr_1`` [N] or None)."""
+    labels = None
+    with np.load(path) as data:
+        if "arr_0" not in data.files:
+            raise EvaluationError(f"images = {path!r}: expected the array 'arr_0' (uint8 [N,H,W,3]), found "
+                                  f"{sorted(data.files)}")
+        images = data["arr_0"]
+        if "arr_1" in data.files and data["arr_1"].shape == (len(images),):
+            labels = np.asarray(data["arr_1"])
+    if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
+        images = images.transpose(0, 2, 3, 1)  # [N,3,H,W] -> [N,H,W,3]
+    return images, labels
+
+
+def zip_images(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A .zip of image files (sorted by name, generate.py's grid left out) -> (uint8 [N,H,W,3], labels [N] from
+    their folders, or None)."""
+    from PIL import Image
+
+    with zipfile.ZipFile(path) as zf:
+        names = sorted(n for n in zf.namelist() if n.lower().endswith(IMAGE_SUFFIXES) and n != GENERATE_GRID)
+        images = np.stack([np.asarray(Image.open(io.BytesIO(zf.read(n))).convert("RGB"), dtype=np.uint8)
+                           for n in names]) if names else np.zeros((0, 0, 0, 3), np.uint8)
+    return images, folder_labels(names)
+
+
+def folder_images(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A folder of image files, read recursively in sorted order (generate.py's overview grid <folder>/grid.png
+    is not a sample) -> (uint8 [N,H,W,3], labels [N] from their sub-folders, or None)."""
+    files = [f for f in list_images(path) if os.path.relpath(f, path) != GENERATE_GRID]
+    arrays = [read_image_file(f) for f in files]
+    odd = [f for f, a in zip(files, arrays) if a.shape != arrays[0].shape]
+    if odd:
+        raise EvaluationError(f"images = {path!r}: images of different sizes, e.g. {files[0]} "
+                              f"{arrays[0].shape[:2]} and {odd[0]} {arrays[files.index(odd[0])].shape[:2]}")
+    images = np.stack(arrays) if arrays else np.zeros((0, 0, 0, 3), np.uint8)
+    return images, folder_labels([os.path.relpath(f, path) for f in files])
+
+
+def load_image_set(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images to measure -> (uint8 [N,H,W,3], class labels [N] or None when the files do not say), from the
+    layouts of generate.py, ADM and EDM:
+
+    - an .npz whose ``arr_0`` is uint8 [N,H,W,3] (generate.py format=npz, ADM's sample batches) or [N,3,H,W];
+      labels: its ``arr_1`` [N] when present (generate.py writes them);
+    - a .zip or a folder of image files (EDM's generate.py output and dataset format, generate.py's PNGs), read
+      recursively in sorted order; labels: the sub-folder of each image (generate.py's <class>/<seed>.png), when
+      every image sits in one."""
+    if os.path.isfile(path) and path.endswith(".npz"):
+        images, labels = npz_images(path)
+    elif os.path.isfile(path) and path.endswith(".zip"):
+        images, labels = zip_images(path)
+    elif os.path.isdir(path):
+        images, labels = folder_images(path)
+    else:
+        raise EvaluationError(f"images = {path!r}: expected an image folder, a .zip of images or an .npz with "
+                              f"arr_0 [N,H,W,3]")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+        raise EvaluationError(f"images = {path!r}: expected square RGB uint8 images [N,H,W,3], got "
+                              f"{images.dtype} {tuple(images.shape)}")
+    if len(images) < 2:
+        raise EvaluationError(f"images = {path!r}: found {len(images)} images (need at least 2)")
+    return images, labels
+
+
+# --------------------------------------------------------------------------------------------- reference images
+
+# (net, batch_size, num_workers) -> (features [N,D], side of the images)
+Featurize = Callable[[FeatureNetwork, int, int], tuple[np.ndarray, int]]
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """A set of reference images, known by a fingerprint of what it holds before any image is read."""
+
+    name: str             # first part of its statistics' file name: the folder's name, or "<data set>-<R>px"
+    fingerprint: str      # sha256 of its files' paths and bytes, or of the settings its images are generated from
+    what: str             # for descriptions and logs: the folder's path, or "the training data <data set>"
+    dataset: str          # ReferenceStats.dataset
+    source: str           # ReferenceStats.source: where the images come from, with the fingerprint
+    featurize: Featurize  # reads the images and runs them through a feature network
+
+
+def folder_fingerprint(folder: str, files: list[str]) -> str:
+    """Hash of every file's relative path and bytes (read in 1 MiB blocks): a folder whose images changed gets new
+    statistics, whatever their sizes and modification times (about 2 s per 50,000 CIFAR-size images)."""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{os.path.relpath(f, folder)}\t{file_sha256(f)}\n".encode())
+    return digest.hexdigest()
+
+
+def data_fingerprint(data: Mapping[str, Any]) -> str:
+    """Hash of what a ``data`` config reads: its settings and, for files, their paths and bytes (a folder's
+    images, an EDM .zip); a changed data set gets new statistics."""
+    keys = ("name", "resolution", "num_classes", "synthetic_per_class", "mixture_components", "mixture_std",
+            "mixture_seed")
+    parts = {k: data.get(k) for k in keys}
+    if data.get("name") in GENERATED_DATA:  # made from its settings; data.root is a placeholder
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    root = str(data.get("root"))
+    parts["root"] = os.path.abspath(root)
+    if os.path.isfile(root):
+        parts["files"] = file_sha256(root)
+    elif os.path.isdir(root) and data.get("name") != "cifar10":
+        parts["files"] = folder_fingerprint(root, list_images(root))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _no_resize(image: np.ndarray) -> np.ndarray:
+    return image  # uint8 [H,W,3]; clean-fid's loader turns it into float [3,H,W] in [0,255]
+
+
+def folder_source(folder: str) -> ImageSource:
+    """The images in ``folder`` (recursive), featurized with clean-fid's folder loader."""
+    files = list_images(folder)
+    if len(files) < 2:
+        raise EvaluationError(f"reference.folder = {folder!r}: found {len(files)} images (need at least 2; "
+                              f"extensions {sorted(EXTENSIONS)})")
+    fingerprint = folder_fingerprint(folder, files)
+    label = os.path.basename(os.path.normpath(folder))
+
+    def featurize(net: FeatureNetwork, batch_size: int, num_workers: int) -> tuple[np.ndarray, int]:
+        from PIL import Image
+
+        with Image.open(files[0]) as first:
+            image_size = int(first.size[0])
+        feats = get_files_features(files, net.model, num_workers=num_workers, batch_size=batch_size,
+                                   device=net.device, mode="clean",
+                                   custom_fn_resize=None if net.resize == "clean" else _no_resize,
+                                   description=f"reference {label}: ")
+        return feats, image_size
+
+    return ImageSource(re.sub(r"[^A-Za-z0-9_.-]", "_", label) or "folder", fingerprint, os.path.abspath(folder),
+                       os.path.basename(os.path.normpath(os.path.abspath(folder))),
+                       f"{os.path.abspath(folder)} (files sha256 {fingerprint[:12]})", featurize)
+
+
+def training_data_source(data: Mapping[str, Any]) -> ImageSource:
+    """The images a ``data`` config reads (any kind: dmd2.data.datasets.build_dataset), as the model sees them:
+    resized and center-cropped to data.resolution, then uint8."""
+    label, res = dataset_label(data), int(data["resolution"])
+    fingerprint = data_fingerprint(data)
+    origin = (f"data={data['name']}, generated from its settings" if data["name"] in GENERATED_DATA
+              else f"data={data['name']} data.root={os.path.abspath(str(data['root']))}")
+
+    def featurize(net: FeatureNetwork, batch_size: int, num_workers: int) -> tuple[np.ndarray, int]:
+        loader = DataLoader(build_dataset(dict(data)), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        return np.concatenate([batch_features(to_uint8(x), net) for x, _ in loader]), res
+
+    return ImageSource(f"{label}-{res}px", fingerprint, f"the training data {label}", label,
+                       f"{origin} (sha256 {fingerprint[:12]})", featurize)
