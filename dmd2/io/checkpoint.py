@@ -18,7 +18,7 @@ import torch
 
 from dmd2.config.errors import CheckpointError, GeneratorError
 from dmd2.io.files import atomic_write
-from dmd2.io.weights import build_denoiser, check_weights_fit
+from dmd2.io.weights import load_denoiser
 from dmd2.networks.precond import EDMPrecond
 from dmd2.runtime.distributed import Dist, barrier
 
@@ -65,20 +65,18 @@ def load_failure(err: Exception) -> str:
 
 
 def network_from_checkpoint(state: dict[str, Any], weights: str) -> EDMPrecond:
-    """Rebuild a denoiser with the checkpoint's architecture and load ``state[weights]`` into it. The recorded
-    architecture must first describe exactly the shapes of those weights (dmd2.io.weights: checked on the
-    meta device), so a crafted arch cannot make this allocate more than the weights the file holds."""
+    """Rebuild a denoiser with the checkpoint's architecture and load ``state[weights]`` into it, through
+    ``dmd2.io.weights.load_denoiser``: the recorded architecture must first describe exactly the shapes of
+    those weights (checked on the meta device), so a crafted arch cannot make this allocate more than the
+    weights the file holds."""
     tensors = state.get(weights)
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise CheckpointError(f"the checkpoint has no '{weights}' weights (a dict of tensors)")
     try:
-        check_weights_fit(state.get("arch"), state.get("num_classes"), state.get("resolution"),
-                          {k: tuple(t.shape) for k, t in tensors.items()}, state.get("sigma_data", 0.5))
+        return load_denoiser(state.get("arch"), state.get("num_classes"), state.get("resolution"),
+                             state.get("sigma_data", 0.5), tensors)
     except GeneratorError as err:
         raise CheckpointError(f"the checkpoint's '{weights}' weights: {err}") from None
-    net = build_denoiser(state["arch"], state["num_classes"], state["resolution"], state.get("sigma_data", 0.5))
-    net.load_state_dict(state[weights])
-    return net
 
 
 def periodic_checkpoints(folder: str, prefix: str) -> list[str]:
