@@ -2,7 +2,8 @@
 
 Every checkpoint holds ``kind`` ("teacher" or "dmd2"), ``step``, ``config`` (the resolved run config)
 and ``arch`` / ``num_classes`` / ``resolution``, so its networks can be rebuilt from the file alone.
-Loading uses ``torch.load(weights_only=True)``: nothing stored in a file is ever executed.
+Loading uses ``torch.load(weights_only=True)``: nothing stored in a file is ever executed. Files are named
+``<prefix>_NNNNNN.pt`` (periodic, by step) and ``<prefix>_final.pt`` (``checkpoint_name``, ``checkpoint_step``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,22 @@ log = logging.getLogger(__name__)
 
 KINDS = ("teacher", "dmd2")
 RESCUE_ENV = "DMD2_RESCUE_DIR"
+FINAL = "final"
+_NAME = re.compile(r"(.+)_([0-9]+|final)\.pt")
+
+
+def checkpoint_name(prefix: str, step: int | str) -> str:
+    """The file name of a checkpoint: ``<prefix>_NNNNNN.pt`` for a step, ``<prefix>_final.pt`` for "final"."""
+    return f"{prefix}_{FINAL}.pt" if step == FINAL else f"{prefix}_{int(step):06d}.pt"
+
+
+def checkpoint_step(name: str, prefix: str) -> int | str | None:
+    """What a file name says of a checkpoint of ``prefix``: its step (``<prefix>_NNNNNN.pt``), "final"
+    (``<prefix>_final.pt``), or None (another file)."""
+    match = _NAME.fullmatch(name)
+    if match is None or match.group(1) != prefix:
+        return None
+    return FINAL if match.group(2) == FINAL else int(match.group(2))
 
 
 def save_checkpoint(state: dict[str, Any], path: str) -> None:
@@ -83,9 +100,9 @@ def periodic_checkpoints(folder: str, prefix: str) -> list[str]:
     """Paths of ``<prefix>_NNNNNN.pt`` in ``folder``, newest (highest step) first."""
     if not os.path.isdir(folder):
         return []
-    names = [n for n in os.listdir(folder) if n.startswith(prefix + "_") and n.endswith(".pt")
-             and n[len(prefix) + 1:-3].isdigit()]
-    return [os.path.join(folder, n) for n in sorted(names, key=lambda n: int(n[len(prefix) + 1:-3]), reverse=True)]
+    steps = {n: checkpoint_step(n, prefix) for n in os.listdir(folder)}
+    periodic = [n for n, step in steps.items() if isinstance(step, int)]
+    return [os.path.join(folder, n) for n in sorted(periodic, key=lambda n: steps[n], reverse=True)]
 
 
 def latest_valid_checkpoint(folder: str, prefix: str, kind: str) -> tuple[str, dict[str, Any]] | None:
@@ -93,7 +110,7 @@ def latest_valid_checkpoint(folder: str, prefix: str, kind: str) -> tuple[str, d
 
     A truncated or corrupted file is skipped with a warning naming it. Returns (path, state) or None.
     """
-    final = os.path.join(folder, f"{prefix}_final.pt")
+    final = os.path.join(folder, checkpoint_name(prefix, FINAL))
     candidates = ([final] if os.path.isfile(final) else []) + periodic_checkpoints(folder, prefix)
     for path in candidates:
         try:
@@ -111,7 +128,7 @@ def prune_checkpoints(folder: str, prefix: str, keep_last: int | None, upto: int
         return []
     found = periodic_checkpoints(folder, prefix)
     if upto is not None:
-        found = [p for p in found if int(os.path.basename(p)[len(prefix) + 1:-3]) <= upto]
+        found = [p for p in found if checkpoint_step(os.path.basename(p), prefix) <= upto]
     stale = found[keep_last:]
     for path in stale:
         os.remove(path)
@@ -166,10 +183,11 @@ def save_periodic(state: dict[str, Any], folder: str, prefix: str, step: int, ke
     reported and training goes on: the previous checkpoints are untouched, and the next save tries again."""
     if not d.is_main:
         return
+    name = checkpoint_name(prefix, step)
     try:
-        save_checkpoint(state, os.path.join(folder, f"{prefix}_{step:06d}.pt"))
+        save_checkpoint(state, os.path.join(folder, name))
     except Exception as err:  # noqa: BLE001 - a full disk raises OSError, or RuntimeError from torch.save
-        log.error(f"[checkpoint] ERROR: writing {prefix}_{step:06d}.pt failed ({err}); the previous checkpoints are "
+        log.error(f"[checkpoint] ERROR: writing {name} failed ({err}); the previous checkpoints are "
                   "intact, training continues")
         return
     prune_checkpoints(folder, prefix, keep_last, upto=step)
