@@ -28,7 +28,7 @@ from dmd2.config.errors import CheckpointError, GeneratorError
 from dmd2.data.datasets import default_class_names
 from dmd2.io.checkpoint import load_checkpoint, load_failure
 from dmd2.io.export_format import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, export_metadata
-from dmd2.io.sampler import CheckpointSampler, make_sampler, sample_batches, sampler_from_checkpoint
+from dmd2.io.sampler import CheckpointSampler, is_sigma, make_sampler, sample_batches, sampler_from_checkpoint
 from dmd2.io.weights import build_denoiser, check_weights_fit
 
 Labels = int | str | Sequence[int | str] | Tensor | None
@@ -146,7 +146,7 @@ def check_export_metadata(meta: Any, shapes: dict[str, tuple[int, ...]], source:
         "sigma_data": not isinstance(sigma_data, (int, float)) or not 0 < sigma_data < float("inf"),
         "sampler.heun_steps": isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_HEUN_STEPS,
         "sampler.denoising_sigmas": not isinstance(chain, list) or len(chain) > MAX_CHAIN or not all(
-            isinstance(x, (int, float)) and 0 < x < float("inf") for x in chain),
+            is_sigma(x) for x in chain),
         "provenance.step": not isinstance((meta.get("provenance") or {}).get("step"), int),
     }
     bad = [k for k, wrong in problems.items() if wrong]
