@@ -1,7 +1,8 @@
 """Checkpoints: plain dicts of tensors, numbers and strings, written atomically, loaded safely.
 
-Every checkpoint holds ``kind`` ("teacher" or "dmd2"), ``step``, ``config`` (the resolved run config)
-and ``arch`` / ``num_classes`` / ``resolution``, so its networks can be rebuilt from the file alone.
+Every checkpoint holds ``format`` (its layout's version), ``kind`` ("teacher" or "dmd2"), ``step``, ``config``
+(the resolved run config) and ``arch`` / ``num_classes`` / ``resolution`` / ``sigma_data``, so its networks can be
+rebuilt from the file alone; dmd2/io/checkpoint_format.py lists every key and upgrades older layouts on loading.
 Loading uses ``torch.load(weights_only=True)``: nothing stored in a file is ever executed. Files are named
 ``<prefix>_NNNNNN.pt`` (periodic, by step) and ``<prefix>_final.pt`` (``checkpoint_name``, ``checkpoint_step``).
 """
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from dmd2.config.errors import CheckpointError, GeneratorError
+from dmd2.io.checkpoint_format import CHECKPOINT_FORMAT, current_layout
 from dmd2.io.files import atomic_write
 from dmd2.io.weights import load_denoiser
 from dmd2.networks.precond import EDMPrecond
@@ -46,23 +48,27 @@ def checkpoint_step(name: str, prefix: str) -> int | str | None:
 
 
 def save_checkpoint(state: dict[str, Any], path: str) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
+    """Write ``state`` to ``path`` atomically (a temporary file in the same folder, fsync, rename), tagged with
+    the current layout's ``format``."""
+    state = {**state, "format": CHECKPOINT_FORMAT}
     atomic_write(path, lambda f: torch.save(state, f), suffix=".pt")
 
 
-def load_checkpoint(path: str, kind: str | None = None) -> dict[str, Any]:
-    """Load a checkpoint on the CPU; with ``kind``, refuse a file of another kind."""
+def load_checkpoint(path: str, kind: str | None = None, mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint on the CPU in the current layout (an older one is upgraded: dmd2.io.checkpoint_format);
+    with ``kind``, refuse a file of another kind. ``mmap``: map the tensors' bytes instead of reading them (for
+    reading a checkpoint's fields only)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {load_failure(err)}") from err
     if not isinstance(state, dict) or state.get("kind") not in KINDS:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'kind' in {KINDS})")
     if kind is not None and state["kind"] != kind:
         raise CheckpointError(f"{path} is a {state['kind']!r} checkpoint, expected a {kind!r} checkpoint")
-    return state
+    return current_layout(state, path)
 
 
 EXPECTED = ("expected a checkpoint of this project: a teacher_*.pt or dmd2_*.pt written by train.py, or a teacher "
@@ -91,7 +97,7 @@ def network_from_checkpoint(state: dict[str, Any], weights: str) -> EDMPrecond:
         raise CheckpointError(f"the checkpoint has no '{weights}' weights (a dict of tensors)")
     try:
         return load_denoiser(state.get("arch"), state.get("num_classes"), state.get("resolution"),
-                             state.get("sigma_data", 0.5), tensors)
+                             state["sigma_data"], tensors)
     except GeneratorError as err:
         raise CheckpointError(f"the checkpoint's '{weights}' weights: {err}") from None
 

@@ -357,6 +357,7 @@ def import_edm(path: str) -> dict[str, Any]:
         "kind": "teacher", "step": 0, "arch": arch, "num_classes": num_classes, "resolution": resolution,
         "sigma_data": sigma_data, "sigma_min": float(precond.get("sigma_min", 0.0)),
         "sigma_max": float(precond.get("sigma_max", float("inf"))), "ema": ema, "model": ema,
+        "class_names": None, "wandb_run_id": None,
         "config": {"stage": "teacher", "arch": arch, "data": {"num_classes": num_classes, "resolution": resolution},
                    "sigma_data": sigma_data, "imported_from": provenance["source"]},
         "provenance": provenance,

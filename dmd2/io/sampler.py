@@ -107,8 +107,8 @@ def is_sigma_chain(sigmas: Any) -> bool:
 
 
 def generator_sigmas(state: dict[str, Any]) -> tuple[float, ...]:
-    """A dmd2 checkpoint's chain of noise levels (one step at ``conditioning_sigma`` in older checkpoints)."""
-    return tuple(float(s) for s in state.get("denoising_sigmas", [state["conditioning_sigma"]]))
+    """A dmd2 checkpoint's chain of noise levels."""
+    return tuple(float(s) for s in state["denoising_sigmas"])
 
 
 def per_sample_noise(indices: Iterable[int], seed: int, shape: tuple[int, ...]) -> Tensor:
