@@ -1,19 +1,26 @@
-"""Checkpoint layouts: a checkpoint carries its format version; one of an older layout (no ``format``) is
-upgraded when loaded, and then resumes as a current one; checkpoint file names are written and read by one pair
-of functions."""
+"""Checkpoint and export layouts: a checkpoint carries its format version; one of an older layout (no ``format``)
+is upgraded when loaded, and then samples, exports and resumes as a current one; exports written before the
+current metadata fields still load; checkpoint file names are written and read by one pair of functions."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+import dmd2
 from dmd2.config.errors import CheckpointError
 from dmd2.config.settings import arch_settings
 from dmd2.io.checkpoint import checkpoint_name, checkpoint_step, load_checkpoint, save_checkpoint
 from dmd2.io.checkpoint_format import CHECKPOINT_FORMAT
+from dmd2.io.export import export_generator
 from tests.conftest import SMOKE, compose_cfg
+
+SEEDS = list(range(12))
+
 
 def same(a: Any, b: Any) -> bool:
     """Equal nested dicts / lists of tensors, numbers and strings."""
@@ -82,6 +89,20 @@ def test_an_old_checkpoint_is_upgraded_to_the_current_layout(dmd2_run, old_check
                                                              "guidance_updater")})
 
 
+def test_an_old_checkpoint_samples_and_exports_as_the_current_one(dmd2_run, old_checkpoint, tmp_path):
+    expected = dmd2.load_generator(str(dmd2_run / "dmd2_final.pt"), generator_weights="raw").sample(seeds=SEEDS)
+    old = dmd2.load_generator(str(old_checkpoint))
+    assert old.metadata["weights"] == "ema"  # the EMA slot, filled from the weights
+    assert torch.equal(old.sample(seeds=SEEDS), expected)
+    meta = export_generator(str(old_checkpoint), str(tmp_path / "export"))
+    assert meta["provenance"]["teacher_sha256"] is None and "teacher_sha256" in meta["provenance"]["unknown"]
+    assert meta["arch"] == load_checkpoint(str(dmd2_run / "dmd2_final.pt"))["arch"]
+    assert torch.equal(dmd2.load_generator(str(tmp_path / "export")).sample(seeds=SEEDS), expected)
+    from dmd2.io.loaded import source_info
+
+    assert source_info(str(old_checkpoint))["step"] == 5
+
+
 @pytest.mark.slow
 def test_an_old_checkpoint_resumes_as_the_current_one(dmd2_run, old_checkpoint, teacher_ckpt, tiny_data, tmp_path):
     """train.py resumes from the upgraded checkpoint: one more step lands on the same weights as the resume
@@ -99,6 +120,30 @@ def test_an_old_checkpoint_resumes_as_the_current_one(dmd2_run, old_checkpoint, 
     assert old["step"] == current["step"] == 6
     for key in ("generator", "fake_unet", "generator_updater", "guidance_updater"):
         assert same(old[key], current[key]), key
+
+
+def test_an_export_written_before_the_current_fields_still_loads(dmd2_run, tmp_path):
+    """Exports written before ``provenance.unknown`` and ``provenance.teacher_sha256`` existed, with an arch
+    that lacks settings at their defaults, load (folder and .safetensors file alone) and sample as before."""
+    from safetensors.torch import load_file, save_file
+
+    expected = dmd2.load_generator(str(dmd2_run / "generator")).sample(seeds=SEEDS)
+    folder = tmp_path / "older"
+    shutil.copytree(dmd2_run / "generator", folder)
+    meta = json.loads((folder / "config.json").read_text())
+    for key in ("unknown", "teacher_sha256"):
+        del meta["provenance"][key]
+    defaults = arch_settings(meta["arch"]["name"])
+    meta["arch"] = {k: v for k, v in meta["arch"].items() if k == "name" or v != defaults[k]}
+    (folder / "config.json").write_text(json.dumps(meta))
+    alone = tmp_path / "alone.safetensors"
+    save_file(load_file(str(folder / "model.safetensors")), str(alone), metadata={"dmd2": json.dumps(meta)})
+    for source in (folder, alone):
+        gen = dmd2.load_generator(str(source))
+        assert torch.equal(gen.sample(seeds=SEEDS), expected), source
+        p = gen.metadata["provenance"]
+        assert p["teacher_sha256"] is None and p["unknown"] == ["teacher_sha256"]
+        assert gen.metadata["arch"] == {**defaults, **meta["arch"]}
 
 
 def test_checkpoint_file_names_are_written_and_read_by_one_pair_of_functions():

@@ -165,3 +165,18 @@ def test_a_huge_declared_architecture_is_refused_before_any_network_is_built(tmp
         import_dmd2(str(src))
     assert devices == ["meta"]
 
+
+def test_the_imported_export_carries_the_fields_of_every_export(dmd2_run, tmp_path):
+    """import_dmd2 writes its metadata through the one writer dmd2.export uses: the same fields, the teacher's
+    SHA-256 null (unknown: the official file does not record it) and said to be unknown."""
+    state, _ = official_state_dict()
+    src = tmp_path / "pytorch_model.bin"
+    torch.save(state, src)
+    assert import_main([str(src), str(tmp_path / "out")]) == 0
+    ours = json.loads((tmp_path / "out" / "config.json").read_text())
+    exported = json.loads((dmd2_run / "generator" / "config.json").read_text())
+    assert ours.keys() == exported.keys() and ours["provenance"].keys() == exported["provenance"].keys()
+    p = ours["provenance"]
+    assert p["teacher_sha256"] is None and p["teacher_checkpoint"] is None
+    assert set(p["unknown"]) == {"teacher_checkpoint", "teacher_sha256", "wandb_run_id"}
+    assert exported["provenance"]["unknown"] == [] and exported["provenance"]["teacher_sha256"]

@@ -16,7 +16,6 @@ to be given to sample it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import re
 import sys
@@ -27,12 +26,11 @@ from torch import Tensor
 
 from dmd2.config.errors import GeneratorError
 from dmd2.config.settings import arch_settings
-from dmd2.data.datasets import default_class_names
 from dmd2.io.export import write_export
-from dmd2.io.export_format import EXPORT_FORMAT, config_hash
+from dmd2.io.export_format import export_metadata
 from dmd2.io.files import file_sha256
+from dmd2.io.sampler import make_sampler
 from dmd2.io.weights import WeightsMismatch, load_denoiser
-from dmd2.version import __version__
 
 CONDITIONING_SIGMA = 80.0  # the official generators' one step: x = G(80 z; sigma 80, one-hot class)
 SIGMA_DATA = 0.5  # EDMPrecond's sigma_data in the official ImageNet config
@@ -142,7 +140,7 @@ def official_names(err: WeightsMismatch, source: str) -> GeneratorError:
 def import_dmd2(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """An official DMD2 generator file -> (export metadata, export weights). The architecture read off the tensors
     is checked like any weights from a file (dmd2.io.weights.load_denoiser: its bounds, then its shapes on the meta
-    device) before the network is built."""
+    device) before the network is built; the metadata is the one every export carries (export_metadata)."""
     unet = strip_prefix(read_state_dict(path), path)
     arch, num_classes, resolution = derive_arch(unet, path)
     weights = {"net." + k: v for k, v in unet.items()}
@@ -154,19 +152,11 @@ def import_dmd2(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise GeneratorError(f"{path}: {err}") from None
     out = {k: (v.to(torch.float32) if v.is_floating_point() else v).detach().contiguous()
            for k, v in denoiser.state_dict().items()}
+    sampler = make_sampler("dmd2", denoiser, 0, num_classes, resolution, "raw", 0, [CONDITIONING_SIGMA])
     name = os.path.basename(path)
-    provenance = {
-        "checkpoint": name, "checkpoint_sha256": file_sha256(path), "step": 0, "teacher_checkpoint": None,
-        "imported_from": f"{name} (official DMD2 generator, tianweiy/DMD2)", "config_sha256": config_hash({}),
-        "wandb_run_id": None, "dmd2_version": __version__,
-        "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    meta = {
-        "format": EXPORT_FORMAT, "format_version": 1, "kind": "dmd2", "weights": "raw", "arch": arch,
-        "num_classes": num_classes, "resolution": resolution, "sigma_data": SIGMA_DATA,
-        "sampler": {"denoising_sigmas": [CONDITIONING_SIGMA], "nfe": 1},
-        "class_names": default_class_names(num_classes), "provenance": provenance, "training_config": {},
-    }
+    meta = export_metadata(sampler, arch=arch, sigma_data=SIGMA_DATA, class_names=None, checkpoint=path,
+                           checkpoint_sha256=file_sha256(path),
+                           imported_from=f"{name} (official DMD2 generator, tianweiy/DMD2)")
     return meta, out
 
 
