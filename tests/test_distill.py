@@ -165,9 +165,10 @@ def test_teacher_distill_generate_end_to_end(dmd2_run, teacher_ckpt, tmp_path):
 
 
 def test_generate_is_reproducible(teacher_ckpt, tmp_path):
-    from dmd2.io.sampler import generate_uint8, load_sampler
+    from dmd2.io.checkpoint import load_checkpoint
+    from dmd2.io.sampler import generate_uint8, sampler_from_checkpoint
 
-    sampler = load_sampler(str(teacher_ckpt), "cpu", heun_steps=1)
+    sampler = sampler_from_checkpoint(load_checkpoint(str(teacher_ckpt)), "cpu", heun_steps=1)
     a = torch.cat([im for im, _ in generate_uint8(sampler, 12, seed=3, batch_size=5)])
     b = torch.cat([im for im, _ in generate_uint8(sampler, 12, seed=3, batch_size=12)])
     labels = torch.cat([lab for _, lab in generate_uint8(sampler, 12, seed=3, batch_size=12)])

@@ -136,3 +136,47 @@ def test_generate_py_samples_the_imported_generator_with_no_extra_flags(tmp_path
     arr = np.load(images / "samples.npz")["arr_0"]
     expected = to_uint8(official_one_step(reference, list(range(5)), [s % CLASSES for s in range(5)]))
     assert np.array_equal(arr, expected.permute(0, 2, 3, 1).numpy())
+
+
+def test_a_huge_declared_architecture_is_refused_before_any_network_is_built(tmp_path, monkeypatch):
+    """The arch read off the tensors is checked like any weights from a file (bounds, then its shapes on the meta
+    device) before a network exists: a file whose few tensors declare 8192-channel levels (stride-0 views: a few
+    bytes on disk, a network of tens of GB) is refused without building anything off the meta device (before:
+    the network was built first, then compared)."""
+    from dmd2.networks import ARCHITECTURES
+
+    real_adm, devices = ARCHITECTURES["adm"], []
+
+    def meta_only(*args, **kwargs):
+        devices.append(torch.empty(0).device.type)  # the default device: "meta" inside torch.device("meta")
+        assert devices[-1] == "meta", "a network was built for real before its weights were checked"
+        return real_adm(*args, **kwargs)
+
+    state, _ = official_state_dict()
+    width = 8192
+    state["model.map_layer0.weight"] = torch.zeros(1).expand(2 * width, width)
+    state["model.enc.16x16_block0.conv1.weight"] = torch.zeros(1).expand(width, 3, 3, 3)
+    state["model.enc.8x8_block0.conv1.weight"] = torch.zeros(1).expand(4 * width, width, 3, 3)
+    src = tmp_path / "pytorch_model.bin"
+    torch.save(state, src)
+    assert src.stat().st_size < 2 ** 25  # the tiny network's other tensors: 13 MB
+    monkeypatch.setitem(ARCHITECTURES, "adm", meta_only)
+    with pytest.raises(GeneratorError, match=r"tensor model\.\S+ (has shape|is missing)"):
+        import_dmd2(str(src))
+    assert devices == ["meta"]
+
+
+def test_the_imported_export_carries_the_fields_of_every_export(dmd2_run, tmp_path):
+    """import_dmd2 writes its metadata through the one writer dmd2.export uses: the same fields, the teacher's
+    SHA-256 null (unknown: the official file does not record it) and said to be unknown."""
+    state, _ = official_state_dict()
+    src = tmp_path / "pytorch_model.bin"
+    torch.save(state, src)
+    assert import_main([str(src), str(tmp_path / "out")]) == 0
+    ours = json.loads((tmp_path / "out" / "config.json").read_text())
+    exported = json.loads((dmd2_run / "generator" / "config.json").read_text())
+    assert ours.keys() == exported.keys() and ours["provenance"].keys() == exported["provenance"].keys()
+    p = ours["provenance"]
+    assert p["teacher_sha256"] is None and p["teacher_checkpoint"] is None
+    assert set(p["unknown"]) == {"teacher_checkpoint", "teacher_sha256", "wandb_run_id"}
+    assert exported["provenance"]["unknown"] == [] and exported["provenance"]["teacher_sha256"]

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dmd2.config.errors import ConfigError
 from dmd2.data.datasets import LabelsOnly
+from dmd2.data.images import from_uint8, to_uint8
 from dmd2.method.randomness import EPOCH_STRIDE, GLOBAL_RNG, BatchRNG, derived_seed, generator
 from dmd2.runtime.perf import cache_fits
 
@@ -59,7 +60,7 @@ class CachedBatches:
 
     Images are kept as uint8 [N,3,R,R] on ``device`` (CIFAR-10's training set: 154 MB) and labels [N]; batches
     follow the same ``EpochBatchSampler`` order as ``build_loader`` (resumable, sharded by rank) and come out as
-    float [B,3,R,R] in [-1, 1] (uint8 / 127.5 - 1, the loader's normalisation) with labels [B].
+    float [B,3,R,R] in [-1, 1] (``from_uint8``, the loader's normalisation) with labels [B].
     ``LabelsOnly`` datasets keep only their labels (images are empty tensors)."""
 
     def __init__(self, ds: Dataset, batch_size: int, seed: int, device: torch.device, start_step: int = 0,
@@ -72,7 +73,7 @@ class CachedBatches:
             return
         chunks, labels = [], []
         for x, y in DataLoader(ds, batch_size=500, num_workers=num_workers):  # [-1, 1] floats -> exact uint8
-            chunks.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+            chunks.append(to_uint8(x))
             labels.append(y)
         self.images = torch.cat(chunks).to(device)
         self.labels = torch.cat(labels).to(device)
@@ -80,7 +81,7 @@ class CachedBatches:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for indices in self.sampler:
             i = torch.tensor(indices, device=self.device)
-            images = self.images[i].float() / 127.5 - 1 if self.images is not None else torch.empty(0)
+            images = from_uint8(self.images[i]) if self.images is not None else torch.empty(0)
             yield images, self.labels[i]
 
 

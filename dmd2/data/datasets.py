@@ -22,6 +22,7 @@ from torchvision import datasets, transforms
 
 from dmd2.config.errors import ConfigError, FileError
 from dmd2.config.settings import DATA_KINDS
+from dmd2.data.images import from_uint8
 from dmd2.data.mixture import MixtureDataset, mixture_from_config
 from dmd2.method.randomness import derived_seed, generator
 
@@ -203,7 +204,7 @@ class SyntheticShapes(Dataset):
         side = int(torch.randint(r // 4, r // 2 + 1, (1,), generator=g))
         top, left = (int(v) for v in torch.randint(0, r - side + 1, (2,), generator=g))
         image[:, top:top + side, left:left + side] = self.rgb[c].view(3, 1, 1)
-        return (image.clamp(0, 255).round() / 127.5 - 1), c
+        return from_uint8(image.clamp(0, 255).round()), c
 
 
 def no_label(_: int) -> int:

@@ -1,8 +1,10 @@
 """Checkpoints: plain dicts of tensors, numbers and strings, written atomically, loaded safely.
 
-Every checkpoint holds ``kind`` ("teacher" or "dmd2"), ``step``, ``config`` (the resolved run config)
-and ``arch`` / ``num_classes`` / ``resolution``, so its networks can be rebuilt from the file alone.
-Loading uses ``torch.load(weights_only=True)``: nothing stored in a file is ever executed.
+Every checkpoint holds ``format`` (its layout's version), ``kind`` ("teacher" or "dmd2"), ``step``, ``config``
+(the resolved run config) and ``arch`` / ``num_classes`` / ``resolution`` / ``sigma_data``, so its networks can be
+rebuilt from the file alone; dmd2/io/checkpoint_format.py lists every key and upgrades older layouts on loading.
+Loading uses ``torch.load(weights_only=True)``: nothing stored in a file is ever executed. Files are named
+``<prefix>_NNNNNN.pt`` (periodic, by step) and ``<prefix>_final.pt`` (``checkpoint_name``, ``checkpoint_step``).
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from typing import Any
 import torch
 
 from dmd2.config.errors import CheckpointError, GeneratorError
+from dmd2.io.checkpoint_format import CHECKPOINT_FORMAT, current_layout
 from dmd2.io.files import atomic_write
-from dmd2.io.weights import build_denoiser, check_weights_fit
+from dmd2.io.weights import load_denoiser
 from dmd2.networks.precond import EDMPrecond
 from dmd2.runtime.distributed import Dist, barrier
 
@@ -26,26 +29,46 @@ log = logging.getLogger(__name__)
 
 KINDS = ("teacher", "dmd2")
 RESCUE_ENV = "DMD2_RESCUE_DIR"
+FINAL = "final"
+_NAME = re.compile(r"(.+)_([0-9]+|final)\.pt")
+
+
+def checkpoint_name(prefix: str, step: int | str) -> str:
+    """The file name of a checkpoint: ``<prefix>_NNNNNN.pt`` for a step, ``<prefix>_final.pt`` for "final"."""
+    return f"{prefix}_{FINAL}.pt" if step == FINAL else f"{prefix}_{int(step):06d}.pt"
+
+
+def checkpoint_step(name: str, prefix: str) -> int | str | None:
+    """What a file name says of a checkpoint of ``prefix``: its step (``<prefix>_NNNNNN.pt``), "final"
+    (``<prefix>_final.pt``), or None (another file)."""
+    match = _NAME.fullmatch(name)
+    if match is None or match.group(1) != prefix:
+        return None
+    return FINAL if match.group(2) == FINAL else int(match.group(2))
 
 
 def save_checkpoint(state: dict[str, Any], path: str) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
+    """Write ``state`` to ``path`` atomically (a temporary file in the same folder, fsync, rename), tagged with
+    the current layout's ``format``."""
+    state = {**state, "format": CHECKPOINT_FORMAT}
     atomic_write(path, lambda f: torch.save(state, f), suffix=".pt")
 
 
-def load_checkpoint(path: str, kind: str | None = None) -> dict[str, Any]:
-    """Load a checkpoint on the CPU; with ``kind``, refuse a file of another kind."""
+def load_checkpoint(path: str, kind: str | None = None, mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint on the CPU in the current layout (an older one is upgraded: dmd2.io.checkpoint_format);
+    with ``kind``, refuse a file of another kind. ``mmap``: map the tensors' bytes instead of reading them (for
+    reading a checkpoint's fields only)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {load_failure(err)}") from err
     if not isinstance(state, dict) or state.get("kind") not in KINDS:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'kind' in {KINDS})")
     if kind is not None and state["kind"] != kind:
         raise CheckpointError(f"{path} is a {state['kind']!r} checkpoint, expected a {kind!r} checkpoint")
-    return state
+    return current_layout(state, path)
 
 
 EXPECTED = ("expected a checkpoint of this project: a teacher_*.pt or dmd2_*.pt written by train.py, or a teacher "
@@ -65,29 +88,27 @@ def load_failure(err: Exception) -> str:
 
 
 def network_from_checkpoint(state: dict[str, Any], weights: str) -> EDMPrecond:
-    """Rebuild a denoiser with the checkpoint's architecture and load ``state[weights]`` into it. The recorded
-    architecture must first describe exactly the shapes of those weights (dmd2.io.weights: checked on the
-    meta device), so a crafted arch cannot make this allocate more than the weights the file holds."""
+    """Rebuild a denoiser with the checkpoint's architecture and load ``state[weights]`` into it, through
+    ``dmd2.io.weights.load_denoiser``: the recorded architecture must first describe exactly the shapes of
+    those weights (checked on the meta device), so a crafted arch cannot make this allocate more than the
+    weights the file holds."""
     tensors = state.get(weights)
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise CheckpointError(f"the checkpoint has no '{weights}' weights (a dict of tensors)")
     try:
-        check_weights_fit(state.get("arch"), state.get("num_classes"), state.get("resolution"),
-                          {k: tuple(t.shape) for k, t in tensors.items()}, state.get("sigma_data", 0.5))
+        return load_denoiser(state.get("arch"), state.get("num_classes"), state.get("resolution"),
+                             state["sigma_data"], tensors)
     except GeneratorError as err:
         raise CheckpointError(f"the checkpoint's '{weights}' weights: {err}") from None
-    net = build_denoiser(state["arch"], state["num_classes"], state["resolution"], state.get("sigma_data", 0.5))
-    net.load_state_dict(state[weights])
-    return net
 
 
 def periodic_checkpoints(folder: str, prefix: str) -> list[str]:
     """Paths of ``<prefix>_NNNNNN.pt`` in ``folder``, newest (highest step) first."""
     if not os.path.isdir(folder):
         return []
-    names = [n for n in os.listdir(folder) if n.startswith(prefix + "_") and n.endswith(".pt")
-             and n[len(prefix) + 1:-3].isdigit()]
-    return [os.path.join(folder, n) for n in sorted(names, key=lambda n: int(n[len(prefix) + 1:-3]), reverse=True)]
+    steps = {n: checkpoint_step(n, prefix) for n in os.listdir(folder)}
+    periodic = [n for n, step in steps.items() if isinstance(step, int)]
+    return [os.path.join(folder, n) for n in sorted(periodic, key=lambda n: steps[n], reverse=True)]
 
 
 def latest_valid_checkpoint(folder: str, prefix: str, kind: str) -> tuple[str, dict[str, Any]] | None:
@@ -95,7 +116,7 @@ def latest_valid_checkpoint(folder: str, prefix: str, kind: str) -> tuple[str, d
 
     A truncated or corrupted file is skipped with a warning naming it. Returns (path, state) or None.
     """
-    final = os.path.join(folder, f"{prefix}_final.pt")
+    final = os.path.join(folder, checkpoint_name(prefix, FINAL))
     candidates = ([final] if os.path.isfile(final) else []) + periodic_checkpoints(folder, prefix)
     for path in candidates:
         try:
@@ -113,7 +134,7 @@ def prune_checkpoints(folder: str, prefix: str, keep_last: int | None, upto: int
         return []
     found = periodic_checkpoints(folder, prefix)
     if upto is not None:
-        found = [p for p in found if int(os.path.basename(p)[len(prefix) + 1:-3]) <= upto]
+        found = [p for p in found if checkpoint_step(os.path.basename(p), prefix) <= upto]
     stale = found[keep_last:]
     for path in stale:
         os.remove(path)
@@ -168,10 +189,11 @@ def save_periodic(state: dict[str, Any], folder: str, prefix: str, step: int, ke
     reported and training goes on: the previous checkpoints are untouched, and the next save tries again."""
     if not d.is_main:
         return
+    name = checkpoint_name(prefix, step)
     try:
-        save_checkpoint(state, os.path.join(folder, f"{prefix}_{step:06d}.pt"))
+        save_checkpoint(state, os.path.join(folder, name))
     except Exception as err:  # noqa: BLE001 - a full disk raises OSError, or RuntimeError from torch.save
-        log.error(f"[checkpoint] ERROR: writing {prefix}_{step:06d}.pt failed ({err}); the previous checkpoints are "
+        log.error(f"[checkpoint] ERROR: writing {name} failed ({err}); the previous checkpoints are "
                   "intact, training continues")
         return
     prune_checkpoints(folder, prefix, keep_last, upto=step)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from dmd2.config.errors import CheckpointError, GeneratorError
 from dmd2.io.checkpoint import load_checkpoint
-from dmd2.io.export_format import CONFIG_FILE, WEIGHTS_FILE, export_metadata
+from dmd2.io.export_format import CONFIG_FILE, WEIGHTS_FILE, checkpoint_export_metadata
 from dmd2.io.files import atomic_write, follow_umask
 from dmd2.io.sampler import sampler_from_checkpoint
 
@@ -98,7 +98,7 @@ def export_generator(checkpoint: str, folder: str, *, teacher_weights: str = "em
     except CheckpointError as err:
         raise GeneratorError(str(err)) from err
     sampler = sampler_from_checkpoint(state, "cpu", heun_steps, teacher_weights, generator_weights)
-    meta = export_metadata(state, sampler, checkpoint)
+    meta = checkpoint_export_metadata(state, sampler, checkpoint)
     weights = {k: v.detach().contiguous() for k, v in sampler.net.state_dict().items()}
     write_export(folder, meta, weights, repo_id, overwrite)
     return meta
@@ -106,7 +106,8 @@ def export_generator(checkpoint: str, folder: str, *, teacher_weights: str = "em
 
 def write_export(folder: str, meta: dict[str, Any], weights: dict[str, Tensor], repo_id: str | None = None,
                  overwrite: bool = False) -> None:
-    """Write the export files (model.safetensors with ``meta``, config.json, README.md) into ``folder``: staged in
+    """Write the export files (model.safetensors with ``meta``, config.json, README.md) into ``folder`` (``meta``
+    from dmd2.io.export_format.export_metadata, the one writer of export metadata): staged in
     a temporary folder next to it and moved in at the end, so an interruption never leaves a half-written export.
     A file of those names already in ``folder`` is replaced only with ``overwrite``."""
     from safetensors.torch import save_file

@@ -6,8 +6,9 @@ The official generators are state dicts (``pytorch_model.bin``, or a ``.safetens
 ``EDMPrecond`` around a ``DhariwalUNet`` (ADM) with the augmentation input removed; their keys carry EDMPrecond's
 ``model.`` prefix. The file is read with ``torch.load(weights_only=True)`` (or safetensors): nothing in it runs.
 The architecture (base width, width per level, blocks per level, attention resolutions, classes, resolution,
-augmentation input) is read off the tensor names and shapes, checked tensor by tensor against our ``adm`` network
-built from it, and written as an export folder (model.safetensors, config.json, README.md: the layout
+augmentation input) is read off the tensor names and shapes and checked like any weights from a file (its bounds,
+then tensor by tensor against our ``adm`` network built on PyTorch's meta device, before anything is allocated),
+then written as an export folder (model.safetensors, config.json, README.md: the layout
 ``python -m dmd2.export`` writes), which ``generate.py``, ``evaluate.py`` and ``dmd2.load_generator`` load like any
 other. The export records the official one-step sampler: x = G(80 z; sigma = 80, class), so nothing else needs
 to be given to sample it.
@@ -15,7 +16,6 @@ to be given to sample it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import re
 import sys
@@ -26,12 +26,11 @@ from torch import Tensor
 
 from dmd2.config.errors import GeneratorError
 from dmd2.config.settings import arch_settings
-from dmd2.data.datasets import default_class_names
 from dmd2.io.export import write_export
-from dmd2.io.export_format import EXPORT_FORMAT, config_hash
+from dmd2.io.export_format import export_metadata
 from dmd2.io.files import file_sha256
-from dmd2.io.weights import build_denoiser
-from dmd2.version import __version__
+from dmd2.io.sampler import make_sampler
+from dmd2.io.weights import WeightsMismatch, load_denoiser
 
 CONDITIONING_SIGMA = 80.0  # the official generators' one step: x = G(80 z; sigma 80, one-hot class)
 SIGMA_DATA = 0.5  # EDMPrecond's sigma_data in the official ImageNet config
@@ -122,44 +121,42 @@ def derive_arch(state: Mapping[str, Tensor], source: str) -> tuple[dict[str, Any
     return arch, label_dim, resolution
 
 
-def check_fit(expected: Mapping[str, Tensor], weights: Mapping[str, Tensor], source: str) -> None:
-    """Every tensor of the network built from the derived arch is in the file with its shape, and nothing else."""
-    for key, tensor in expected.items():
-        if key not in weights:
-            raise GeneratorError(f"{source}: tensor {MODEL_PREFIX}{key[len('net.'):]} is missing (expected shape "
-                                 f"{list(tensor.shape)} for the architecture read off the file)")
-        if tuple(weights[key].shape) != tuple(tensor.shape):
-            raise GeneratorError(f"{source}: tensor {MODEL_PREFIX}{key[len('net.'):]} has shape "
-                                 f"{list(weights[key].shape)}, expected {list(tensor.shape)}")
-    extra = sorted(set(weights) - set(expected))
-    if extra:
-        raise GeneratorError(f"{source}: unexpected tensor {MODEL_PREFIX}{extra[0][len('net.'):]} (and "
-                             f"{len(extra) - 1} more) for the architecture read off the file")
+def official_names(err: WeightsMismatch, source: str) -> GeneratorError:
+    """A mismatch between the file's tensors and the network of the arch read off them, in the file's own names
+    (``model.`` + the UNet's): the first tensor of the network that is missing or of another shape, else the
+    first unexpected one."""
+    for key, shape in err.expected.items():
+        name = MODEL_PREFIX + key[len("net."):]
+        if key not in err.shapes:
+            return GeneratorError(f"{source}: tensor {name} is missing (expected shape {list(shape)} for the "
+                                  "architecture read off the file)")
+        if tuple(err.shapes[key]) != tuple(shape):
+            return GeneratorError(f"{source}: tensor {name} has shape {list(err.shapes[key])}, expected {list(shape)}")
+    extra = err.unexpected
+    return GeneratorError(f"{source}: unexpected tensor {MODEL_PREFIX}{extra[0][len('net.'):]} (and "
+                          f"{len(extra) - 1} more) for the architecture read off the file")
 
 
 def import_dmd2(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """An official DMD2 generator file -> (export metadata, export weights), checked against our network."""
+    """An official DMD2 generator file -> (export metadata, export weights). The architecture read off the tensors
+    is checked like any weights from a file (dmd2.io.weights.load_denoiser: its bounds, then its shapes on the meta
+    device) before the network is built; the metadata is the one every export carries (export_metadata)."""
     unet = strip_prefix(read_state_dict(path), path)
     arch, num_classes, resolution = derive_arch(unet, path)
-    denoiser = build_denoiser(arch, num_classes, resolution, SIGMA_DATA)
     weights = {"net." + k: v for k, v in unet.items()}
-    check_fit(denoiser.state_dict(), weights, path)
-    denoiser.load_state_dict(weights)
+    try:
+        denoiser = load_denoiser(arch, num_classes, resolution, SIGMA_DATA, weights)
+    except WeightsMismatch as err:
+        raise official_names(err, path) from None
+    except GeneratorError as err:
+        raise GeneratorError(f"{path}: {err}") from None
     out = {k: (v.to(torch.float32) if v.is_floating_point() else v).detach().contiguous()
            for k, v in denoiser.state_dict().items()}
+    sampler = make_sampler("dmd2", denoiser, 0, num_classes, resolution, "raw", 0, [CONDITIONING_SIGMA])
     name = os.path.basename(path)
-    provenance = {
-        "checkpoint": name, "checkpoint_sha256": file_sha256(path), "step": 0, "teacher_checkpoint": None,
-        "imported_from": f"{name} (official DMD2 generator, tianweiy/DMD2)", "config_sha256": config_hash({}),
-        "wandb_run_id": None, "dmd2_version": __version__,
-        "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    meta = {
-        "format": EXPORT_FORMAT, "format_version": 1, "kind": "dmd2", "weights": "raw", "arch": arch,
-        "num_classes": num_classes, "resolution": resolution, "sigma_data": SIGMA_DATA,
-        "sampler": {"denoising_sigmas": [CONDITIONING_SIGMA], "nfe": 1},
-        "class_names": default_class_names(num_classes), "provenance": provenance, "training_config": {},
-    }
+    meta = export_metadata(sampler, arch=arch, sigma_data=SIGMA_DATA, class_names=None, checkpoint=path,
+                           checkpoint_sha256=file_sha256(path),
+                           imported_from=f"{name} (official DMD2 generator, tianweiy/DMD2)")
     return meta, out
 
 

@@ -41,7 +41,7 @@ from dmd2.config.errors import GeneratorError
 from dmd2.config.settings import arch_settings
 from dmd2.io.checkpoint import save_checkpoint
 from dmd2.io.files import file_sha256
-from dmd2.io.weights import build_denoiser, check_weights_fit
+from dmd2.io.weights import load_denoiser
 
 # SongUNet's constructor defaults (NVlabs/edm training/networks.py): a pickle records only the arguments that
 # were passed, so the rest take these values.
@@ -346,11 +346,9 @@ def import_edm(path: str) -> dict[str, Any]:
         raise EDMImportError(f"{path}: the weights would take {total} bytes, more than the file's "
                              f"{os.path.getsize(path)} (tensors sharing their storage)")
     try:  # the recorded arguments against sane bounds and the weights' shapes, before anything is built
-        check_weights_fit(arch, num_classes, resolution, {k: tuple(v.shape) for k, v in weights.items()}, sigma_data)
+        denoiser = load_denoiser(arch, num_classes, resolution, sigma_data, weights)
     except GeneratorError as err:
         raise EDMImportError(f"{path}: {err}") from None
-    denoiser = build_denoiser(arch, num_classes, resolution, sigma_data)
-    denoiser.load_state_dict(weights)
     ema = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in denoiser.state_dict().items()}
     provenance = {"source": os.path.basename(path), "sha256": file_sha256(path), "format": "NVlabs/edm pickle",
                   "edm_class": f"EDMPrecond/{model.class_name}", "edm_kwargs": repr(precond),
@@ -359,6 +357,7 @@ def import_edm(path: str) -> dict[str, Any]:
         "kind": "teacher", "step": 0, "arch": arch, "num_classes": num_classes, "resolution": resolution,
         "sigma_data": sigma_data, "sigma_min": float(precond.get("sigma_min", 0.0)),
         "sigma_max": float(precond.get("sigma_max", float("inf"))), "ema": ema, "model": ema,
+        "class_names": None, "wandb_run_id": None,
         "config": {"stage": "teacher", "arch": arch, "data": {"num_classes": num_classes, "resolution": resolution},
                    "sigma_data": sigma_data, "imported_from": provenance["source"]},
         "provenance": provenance,

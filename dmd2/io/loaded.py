@@ -16,7 +16,6 @@ with labels left out, seed s gets class s mod (number of classes), as in evaluat
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -25,11 +24,10 @@ import torch
 from torch import Tensor
 
 from dmd2.config.errors import CheckpointError, GeneratorError
-from dmd2.data.datasets import default_class_names
 from dmd2.io.checkpoint import load_checkpoint, load_failure
-from dmd2.io.export_format import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, export_metadata
+from dmd2.io.export_format import CONFIG_FILE, WEIGHTS_FILE, checkpoint_export_metadata, read_export_metadata
 from dmd2.io.sampler import CheckpointSampler, make_sampler, sample_batches, sampler_from_checkpoint
-from dmd2.io.weights import build_denoiser, check_weights_fit
+from dmd2.io.weights import load_denoiser
 
 Labels = int | str | Sequence[int | str] | Tensor | None
 
@@ -128,73 +126,13 @@ class Generator:
         return torch.cat([images for images, _ in self.batches(labels, seeds, batch_size=batch_size, dtype=dtype)])
 
 
-MAX_HEUN_STEPS, MAX_CHAIN = 1000, 64  # an export's sampler: Heun steps, one-step-generator chain length
-
-
-def check_export_metadata(meta: Any, shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    """GeneratorError naming ``source`` unless the metadata of an export is what this project writes, within sane
-    bounds, and its arch is exactly the network of the weights present (``shapes``: name -> shape, from the
-    safetensors header): nothing a crafted config.json says makes the loader allocate beyond the weights."""
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise GeneratorError(f"{source}: metadata format {got!r}, expected {EXPORT_FORMAT!r}")
-    how, sigma_data = meta.get("sampler"), meta.get("sigma_data")
-    steps = how.get("heun_steps", 18) if isinstance(how, dict) else None
-    chain = how.get("denoising_sigmas", []) if isinstance(how, dict) else None
-    problems = {
-        "kind": meta.get("kind") not in ("teacher", "dmd2"),
-        "sigma_data": not isinstance(sigma_data, (int, float)) or not 0 < sigma_data < float("inf"),
-        "sampler.heun_steps": isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_HEUN_STEPS,
-        "sampler.denoising_sigmas": not isinstance(chain, list) or len(chain) > MAX_CHAIN or not all(
-            isinstance(x, (int, float)) and 0 < x < float("inf") for x in chain),
-        "provenance.step": not isinstance((meta.get("provenance") or {}).get("step"), int),
-    }
-    bad = [k for k, wrong in problems.items() if wrong]
-    if bad:
-        raise GeneratorError(f"{source}: metadata field {bad[0]} is missing or out of bounds (at most "
-                             f"{MAX_HEUN_STEPS} Heun steps, {MAX_CHAIN} chain sigmas)")
-    try:
-        check_weights_fit(meta.get("arch"), meta.get("num_classes"), meta.get("resolution"), shapes, sigma_data)
-    except GeneratorError as err:
-        raise GeneratorError(f"{source}: {err}") from None
-    names = meta.get("class_names")
-    if names is not None and meta["num_classes"] and (not isinstance(names, list) or len(names) != meta["num_classes"]
-                                                      or not all(isinstance(n, str) for n in names)):
-        raise GeneratorError(f"{source}: class_names is not a list of {meta['num_classes']} names")
-
-
 def read_export(folder_or_file: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(metadata, state dict) of an export: a folder with config.json + model.safetensors, or the
-    .safetensors file alone (its header carries the metadata). The metadata is checked against the weights'
-    shapes (``check_export_metadata``) before any tensor is loaded or network built."""
-    from safetensors import safe_open
+    .safetensors file alone. The metadata (dmd2.io.export_format.read_export_metadata, the one reader) is checked
+    against the weights' shapes before any tensor is loaded or network built."""
     from safetensors.torch import load_file
 
-    path = os.path.join(folder_or_file, WEIGHTS_FILE) if os.path.isdir(folder_or_file) else folder_or_file
-    if not os.path.isfile(path):
-        raise GeneratorError(f"{folder_or_file}: no {WEIGHTS_FILE} (an export folder holds {CONFIG_FILE} and "
-                             f"{WEIGHTS_FILE}; write one with python -m dmd2.export)")
-    try:
-        with safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-        raise GeneratorError(f"{path}: not a readable safetensors file ({err})") from err
-    config_path = os.path.join(os.path.dirname(path), CONFIG_FILE)
-    try:
-        if os.path.isfile(config_path):
-            with open(config_path) as f:
-                metadata, source = json.load(f), config_path
-        elif "dmd2" in header:
-            metadata, source = json.loads(header["dmd2"]), path
-        else:
-            raise GeneratorError(f"{path}: no {CONFIG_FILE} next to it and no dmd2 metadata in its header: not an "
-                                 "export of this project")
-    except (ValueError, UnicodeDecodeError) as err:
-        if isinstance(err, GeneratorError):
-            raise
-        raise GeneratorError(f"{folder_or_file}: its metadata is not readable JSON ({err})") from err
-    check_export_metadata(metadata, shapes, source)
+    metadata, path, _ = read_export_metadata(folder_or_file)
     try:
         weights = load_file(path)
     except Exception as err:  # noqa: BLE001
@@ -204,15 +142,16 @@ def read_export(folder_or_file: str) -> tuple[dict[str, Any], dict[str, Tensor]]
 
 def sampler_from_export(metadata: dict[str, Any], weights: dict[str, Tensor], device: torch.device | str,
                         heun_steps: int | None) -> CheckpointSampler:
-    """The sampler of an export: its network with ``weights``, a teacher with ``heun_steps`` Heun steps (None:
-    the export's), a generator over its stored chain."""
-    net = build_denoiser(metadata["arch"], metadata["num_classes"], metadata["resolution"], metadata["sigma_data"])
-    net.load_state_dict(weights)
+    """The sampler of an export (``read_export``): its network with ``weights`` (dmd2.io.weights.load_denoiser),
+    a teacher with ``heun_steps`` Heun steps (None: the export's), a generator over its stored chain."""
+    net = load_denoiser(metadata["arch"], metadata["num_classes"], metadata["resolution"], metadata["sigma_data"],
+                        weights)
     net = net.to(device).eval().requires_grad_(False)
-    how = metadata["sampler"]
-    return make_sampler(metadata["kind"], net, int(metadata["provenance"]["step"]), int(metadata["num_classes"]),
-                        int(metadata["resolution"]), metadata["weights"], heun_steps or int(how.get("heun_steps", 18)),
-                        how.get("denoising_sigmas", ()))
+    how, kind = metadata["sampler"], metadata["kind"]
+    return make_sampler(kind, net, int(metadata["provenance"]["step"]), int(metadata["num_classes"]),
+                        int(metadata["resolution"]), metadata["weights"],
+                        (heun_steps or int(how["heun_steps"])) if kind == "teacher" else 0,
+                        how["denoising_sigmas"] if kind == "dmd2" else ())
 
 
 def hub_snapshot(repo_id: str) -> str:
@@ -232,34 +171,23 @@ def is_export(source: str) -> bool:
 
 def source_info(source: str) -> dict[str, Any]:
     """Step, kind, W&B run (id, group) and training ``data`` config of a checkpoint or an export, read without
-    loading its weights."""
+    loading its weights (an export's metadata through read_export_metadata, a checkpoint memory-mapped through
+    load_checkpoint)."""
     source = hub_snapshot(source[len("hf://"):]) if source.startswith("hf://") else source
     if is_export(source):
-        from safetensors import safe_open
-
-        config = os.path.join(source, CONFIG_FILE) if os.path.isdir(source) else None
-        if config is not None and os.path.isfile(config):
-            with open(config) as f:
-                meta = json.load(f)
-        else:
-            path = os.path.join(source, WEIGHTS_FILE) if os.path.isdir(source) else source
-            try:
-                with safe_open(path, framework="pt") as f:
-                    meta = json.loads((f.metadata() or {})["dmd2"])
-            except Exception as err:  # noqa: BLE001 - a missing file, a foreign file, no metadata
-                raise GeneratorError(f"{source}: not an export of this project ({err})") from err
-        training = meta.get("training_config") or {}
-        logger = training.get("logger") or {}
-        return {"step": int(meta["provenance"]["step"]), "kind": meta["kind"],
-                "wandb_run_id": meta["provenance"].get("wandb_run_id"), "wandb_group": logger.get("group"),
-                "data": training.get("data") or {}}
-    try:
-        state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-        logger = (state.get("config") or {}).get("logger") or {}
-        return {"step": int(state["step"]), "kind": state["kind"], "wandb_run_id": state.get("wandb_run_id"),
-                "wandb_group": logger.get("group"), "data": (state.get("config") or {}).get("data") or {}}
-    except Exception as err:
-        raise GeneratorError(f"{source} is not a readable checkpoint of this project: {load_failure(err)}") from err
+        meta = read_export_metadata(source)[0]
+        step, kind, run_id, training = (meta["provenance"]["step"], meta["kind"], meta["provenance"]["wandb_run_id"],
+                                        meta["training_config"])
+    else:
+        try:
+            state = load_checkpoint(source, mmap=True)
+        except CheckpointError as err:
+            why = load_failure(err.__cause__) if err.__cause__ is not None else str(err)
+            raise GeneratorError(f"{source} is not a readable checkpoint of this project: {why}") from err
+        step, kind, run_id, training = state["step"], state["kind"], state["wandb_run_id"], state["config"]
+    logger = training.get("logger") or {}
+    return {"step": int(step), "kind": kind, "wandb_run_id": run_id, "wandb_group": logger.get("group"),
+            "data": training.get("data") or {}}
 
 
 def load_generator(source: str, device: torch.device | str = "cpu", *, heun_steps: int | None = None,
@@ -274,9 +202,7 @@ def load_generator(source: str, device: torch.device | str = "cpu", *, heun_step
         source = hub_snapshot(source[len("hf://"):])
     if is_export(source):
         metadata, weights = read_export(source)
-        sampler = sampler_from_export(metadata, weights, device, heun_steps)
-        names = list(metadata.get("class_names") or default_class_names(sampler.num_classes))
-        return Generator(sampler, names, metadata)
+        return Generator(sampler_from_export(metadata, weights, device, heun_steps), metadata["class_names"], metadata)
     if not os.path.exists(source):
         raise GeneratorError(f"{source}: not found (expected an export folder, a .safetensors file, a checkpoint "
                              ".pt or hf://owner/repo)")
@@ -285,5 +211,5 @@ def load_generator(source: str, device: torch.device | str = "cpu", *, heun_step
         sampler = sampler_from_checkpoint(state, device, heun_steps or 18, teacher_weights, generator_weights)
     except CheckpointError as err:
         raise GeneratorError(f"{source}: {err}" if source not in str(err) else str(err)) from err
-    metadata = export_metadata(state, sampler, source, with_checksum=False)
+    metadata = checkpoint_export_metadata(state, sampler, source, with_checksum=False)
     return Generator(sampler, metadata["class_names"], metadata)

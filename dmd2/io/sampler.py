@@ -14,8 +14,9 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from dmd2.config.errors import GeneratorError
+from dmd2.config.settings import DESCENDING_SIGMAS
 from dmd2.data.images import to_uint8
-from dmd2.io.checkpoint import load_checkpoint, network_from_checkpoint
+from dmd2.io.checkpoint import network_from_checkpoint
 from dmd2.method.randomness import derived_seed, generator
 from dmd2.method.samplers import heun_nfe, heun_sample, heun_sampler_sigmas, multistep_sample
 from dmd2.networks.precond import EDMPrecond
@@ -58,12 +59,6 @@ class CheckpointSampler:
         return multistep_sample(self.net, noise, labels, self.denoising_sigmas)
 
 
-def load_sampler(path: str, device: torch.device | str = "cpu", heun_steps: int = 18,
-                 teacher_weights: str = "ema", generator_weights: str = "ema") -> CheckpointSampler:
-    """The sampler of the checkpoint file at ``path`` (see ``sampler_from_checkpoint``)."""
-    return sampler_from_checkpoint(load_checkpoint(path), device, heun_steps, teacher_weights, generator_weights)
-
-
 def sampler_from_checkpoint(state: dict[str, Any], device: torch.device | str = "cpu", heun_steps: int = 18,
                             teacher_weights: str = "ema", generator_weights: str = "ema") -> CheckpointSampler:
     """Teacher checkpoints sample their ``teacher_weights`` ("ema" or "model") with ``heun_steps`` Heun steps.
@@ -92,8 +87,7 @@ def make_sampler(kind: str, net: EDMPrecond, step: int, num_classes: int, resolu
         return CheckpointSampler("teacher", net, step, num_classes, resolution, heun_nfe(heun_steps), heun_steps,
                                  weights=weights)
     sigmas = tuple(float(s) for s in sigmas)
-    if not sigmas or not all(math.isfinite(s) and s > 0 for s in sigmas) or any(a <= b for a, b in
-                                                                                zip(sigmas, sigmas[1:])):
+    if not is_sigma_chain(sigmas):
         raise GeneratorError(f"the generator's stored noise levels (denoising_sigmas) are {list(sigmas)}: expected "
                              "positive, finite sigmas in strictly descending order (NaN or negative ones give black "
                              "images); the checkpoint or export is damaged or was edited")
@@ -101,9 +95,20 @@ def make_sampler(kind: str, net: EDMPrecond, step: int, num_classes: int, resolu
                              weights=weights)
 
 
+def is_sigma(value: Any) -> bool:
+    """Whether ``value`` can be a noise level: a finite number > 0."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def is_sigma_chain(sigmas: Any) -> bool:
+    """Whether ``sigmas`` is a generator's chain of noise levels: the config's rule (a non-empty list of positive
+    sigmas in strictly descending order: dmd2.config.settings.DESCENDING_SIGMAS), every one finite."""
+    return DESCENDING_SIGMAS(sigmas) and all(is_sigma(s) for s in sigmas)
+
+
 def generator_sigmas(state: dict[str, Any]) -> tuple[float, ...]:
-    """A dmd2 checkpoint's chain of noise levels (one step at ``conditioning_sigma`` in older checkpoints)."""
-    return tuple(float(s) for s in state.get("denoising_sigmas", [state["conditioning_sigma"]]))
+    """A dmd2 checkpoint's chain of noise levels."""
+    return tuple(float(s) for s in state["denoising_sigmas"])
 
 
 def per_sample_noise(indices: Iterable[int], seed: int, shape: tuple[int, ...]) -> Tensor:

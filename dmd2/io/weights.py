@@ -1,10 +1,11 @@
 """Networks from arch dicts (a config's ``arch``, a checkpoint's or an export's), with each architecture's
 defaults from the schema (dmd2/config/settings.py).
 
-An architecture written down by someone else (an export's config.json, an EDM pickle's recorded arguments),
-checked before it is built: its fields against sane limits, then the shapes of its parameters (the network built
-on PyTorch's meta device, which allocates nothing) against the weights actually present. A crafted file thus
-cannot make the loader allocate more than the weights it holds."""
+Weights from a file (a checkpoint, an export, an EDM pickle, an official DMD2 generator) become a network one way
+only, ``load_denoiser``: the architecture written down with them is checked against sane limits, then the shapes
+of its parameters (the network built on PyTorch's meta device, which allocates nothing) against the weights
+actually present, and only then is the network built and the weights loaded. A crafted file thus cannot make the
+loader allocate more than the weights it holds."""
 from __future__ import annotations
 
 import math
@@ -20,12 +21,14 @@ from dmd2.networks.precond import EDMPrecond
 assert ARCHITECTURES.keys() == ARCH_SETTINGS.keys(), "every architecture needs its settings in dmd2/config/settings.py"
 
 
+def complete_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
+    """The full arch dict: its architecture's defaults (dmd2/config/settings.py) updated with ``arch``'s values."""
+    return arch_settings(arch.get("name"), **{k: v for k, v in arch.items() if k != "name"})
+
+
 def arch_kwargs(arch: Mapping[str, Any]) -> dict[str, Any]:
-    """Constructor arguments of an arch dict: its architecture's defaults (dmd2/config/settings.py) updated with the
-    dict's values, without ``name``; lists become tuples. Checkpoints written before a key existed load with
-    that key's default."""
-    full = arch_settings(arch.get("name"), **{k: v for k, v in arch.items() if k != "name"})
-    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in full.items() if k != "name"}
+    """Constructor arguments of an arch dict (``complete_arch``), without ``name``; lists become tuples."""
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in complete_arch(arch).items() if k != "name"}
 
 
 def build_denoiser(arch: Mapping[str, Any], num_classes: int, resolution: int, sigma_data: float) -> EDMPrecond:
@@ -76,7 +79,7 @@ def check_arch_bounds(arch: Any, num_classes: Any, resolution: Any) -> None:
 
 
 def expected_shapes(arch: Mapping[str, Any], num_classes: int, resolution: int,
-                    sigma_data: float = 0.5) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+                    sigma_data: float) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """(shape, dtype) of every state-dict entry of the denoiser ``arch`` builds, from a build on the meta device
     (no memory); the bounds are checked first."""
     check_arch_bounds(arch, num_classes, resolution)
@@ -88,16 +91,42 @@ def expected_shapes(arch: Mapping[str, Any], num_classes: int, resolution: int,
     return {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
 
 
+class WeightsMismatch(GeneratorError):
+    """The weights present are not the state dict of the network the arch describes: ``missing``, ``unexpected``
+    and ``wrong`` (of another shape) name the entries; ``expected`` holds every entry's shape in the network's
+    order, ``shapes`` those of the weights present. Importers re-word it in their file's own tensor names."""
+
+    def __init__(self, arch_name: str, expected: Mapping[str, tuple[int, ...]],
+                 shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.expected, self.shapes = dict(expected), dict(shapes)
+        self.missing = sorted(set(expected) - set(shapes))
+        self.unexpected = sorted(set(shapes) - set(expected))
+        self.wrong = sorted(k for k in set(expected) & set(shapes) if tuple(expected[k]) != tuple(shapes[k]))
+        first = f"; {self.wrong[0]}: {list(shapes[self.wrong[0]])} in the weights, " \
+                f"{list(expected[self.wrong[0]])} in the arch" if self.wrong else ""
+        super().__init__(f"the weights do not fit the {arch_name} network of the recorded arch ({len(self.missing)} "
+                         f"missing {self.missing[:3]}, {len(self.unexpected)} unexpected {self.unexpected[:3]}, "
+                         f"{len(self.wrong)} of another shape{first})")
+
+
 def check_weights_fit(arch: Mapping[str, Any], num_classes: int, resolution: int,
-                      shapes: Mapping[str, tuple[int, ...]], sigma_data: float = 0.5) -> None:
+                      shapes: Mapping[str, tuple[int, ...]], sigma_data: float) -> None:
     """GeneratorError unless ``shapes`` (the weights present: name -> shape) are exactly the state dict of the
-    network ``arch`` describes; only then may it be built for real (its size is then the weights' size)."""
-    expected = expected_shapes(arch, num_classes, resolution, sigma_data)
-    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(shapes) if tuple(expected[k][0]) != tuple(shapes[k]))
-    if missing or unexpected or wrong:
-        first = f"; {wrong[0]}: {list(shapes[wrong[0]])} in the weights, {list(expected[wrong[0]][0])} in the " \
-                f"arch" if wrong else ""
-        raise GeneratorError(f"the weights do not fit the {arch['name']} network of the recorded arch "
-                             f"({len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
-                             f"{len(wrong)} of another shape{first})")
+    network ``arch`` describes (WeightsMismatch when the arch is sane but the shapes differ); only then may it be
+    built for real (its size is then the weights' size)."""
+    expected = {k: shape for k, (shape, _) in expected_shapes(arch, num_classes, resolution, sigma_data).items()}
+    if expected.keys() != shapes.keys() or any(tuple(expected[k]) != tuple(shapes[k]) for k in expected):
+        raise WeightsMismatch(arch["name"], expected, shapes)
+
+
+def load_denoiser(arch: Any, num_classes: Any, resolution: Any, sigma_data: float,
+                  weights: Any) -> EDMPrecond:
+    """The one way weights from a file become a network: ``weights`` (name -> tensor) must be a dict of tensors,
+    the arch within bounds and its parameter shapes (on the meta device) exactly those of ``weights``
+    (``check_weights_fit``: GeneratorError otherwise, nothing built); then the denoiser is built and loaded."""
+    if not isinstance(weights, Mapping) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise GeneratorError("the weights are not a dict of tensors")
+    check_weights_fit(arch, num_classes, resolution, {k: tuple(t.shape) for k, t in weights.items()}, sigma_data)
+    net = build_denoiser(arch, num_classes, resolution, sigma_data)
+    net.load_state_dict(weights)
+    return net
