@@ -239,6 +239,7 @@ class Measurement:
 
     @property
     def metric(self) -> str:
+        """What the value is called in logs and result rows: FID, FD (<network>) or the mixture's."""
         return MIXTURE_METRIC if self.mixture is not None else self.net.metric
 
     @property
@@ -248,6 +249,7 @@ class Measurement:
 
     @property
     def against(self) -> str:
+        """What the samples are compared with, for the log (rank 0; "" on the others)."""
         if self.mixture is not None:
             return "the exact mixture"
         return self.ref.description if self.ref is not None else ""
