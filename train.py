@@ -34,13 +34,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Validate the composed config (fast, before any data or model), then run its stage."""
     validate(cfg)
     check_device(cfg)
+    from dmd2.train.objective import check_objective, optimizing_sweep  # torch: after the config's checks
+
+    check_objective(cfg, optimizing_sweep())
     return runner_for(cfg.stage)(cfg)
 
 
 def objective(result: dict[str, Any], optimized_metric: str | None) -> float | None:
     """The value a sweeper minimises: ``optimized_metric`` of the run's final metrics, or by default the best
     eval/fid (eval/fd_*) when the run evaluated (eval_every > 0); None when the run has no objective (no
-    evaluation and none named: a sweep is refused at start then, see dmd2.config.validate.check_objective)."""
+    evaluation and none named: a sweep is refused at start then, see dmd2.train.objective.check_objective)."""
     key = optimized_metric or result["objective_key"]
     if key is None:
         return None

@@ -9,7 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from dmd2.config.errors import FileError
-from dmd2.config.validate import eval_metric_keys, validate
+from dmd2.config.validate import validate
+from dmd2.train.objective import eval_metric_keys
 from tests.conftest import CONF, ROOT, SMOKE, compose_cfg
 
 FEATNET = [*SMOKE, "stage=teacher", "eval=featnet", "eval_every=2"]

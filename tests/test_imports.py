@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dmd2"
 
@@ -167,3 +169,26 @@ def test_functions_and_benchmark_files_stay_short():
     assert long == []
     big = [p.name for p in (ROOT / "benchmarks").glob("*.py") if len(p.read_text().splitlines()) > 600]
     assert big == []
+
+
+@pytest.mark.slow
+def test_the_declared_train_metrics_are_what_the_stages_log(tmp_path):
+    """The train/ names the objective check accepts (dmd2.train.objective.train_metric_keys, from the stages and
+    the loop that emit them) are exactly the scalars a teacher and a full-method distillation write to
+    metrics.jsonl; a name the code stops logging, or starts logging, fails here."""
+    import json
+    import os
+
+    from dmd2.train.objective import train_metric_keys
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    common = ["debug=smoke", "max_steps=2", "logger=none", "sample_every=0"]
+    runs = {"teacher": [], "distill": ["experiment=cpu_smoke", f"teacher_checkpoint={tmp_path / 'teacher' / 'teacher_final.pt'}"]}
+    for stage, extra in runs.items():
+        proc = subprocess.run([sys.executable, "train.py", *common, *extra, f"output_dir={tmp_path / stage}",
+                               f"hydra.run.dir={tmp_path / ('h-' + stage)}"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
+        logged = sorted({k for row in rows for k in row if k.startswith("train/")})
+        assert logged == train_metric_keys(stage, gan_classifier=stage == "distill"), stage

@@ -176,14 +176,14 @@ def test_a_finished_run_resumed_returns_its_objective(teacher_ckpt, tiny_data, t
 
 def test_an_objective_the_run_never_logs_is_refused_at_start(tmp_path):
     from dmd2.config.errors import ConfigError
-    from dmd2.config.validate import validate
+    from dmd2.train.objective import check_objective
 
     for stage, metric in (("teacher", "train/loss_dm"), ("distill", "train/loss"), ("distill", "train/loss_cls")):
         extra = ["teacher_checkpoint=missing.pt"] if stage == "distill" else []
         with pytest.raises(ConfigError, match=f"'optimized_metric' = '{metric}'.*never logs it"):
-            validate(compose_cfg([*SMOKE, f"stage={stage}", *extra, f"optimized_metric={metric}"]))
-    validate(compose_cfg([*SMOKE, "stage=distill", "gan_classifier=true", "optimized_metric=train/loss_cls",
-                          f"teacher_checkpoint={__file__}"]))
+            check_objective(compose_cfg([*SMOKE, f"stage={stage}", *extra, f"optimized_metric={metric}"]), False)
+    check_objective(compose_cfg([*SMOKE, "stage=distill", "gan_classifier=true", "optimized_metric=train/loss_cls",
+                                 f"teacher_checkpoint={__file__}"]), False)
     proc = run_cli("train.py", *SMOKE, "optimized_metric=train/loss_dm", f"output_dir={tmp_path / 'out'}",
                    f"hydra.run.dir={tmp_path / 'hydra'}")
     assert proc.returncode == 2 and "never logs it" in proc.stderr, proc.stderr[-2000:]

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from dmd2.config.names import higher_is_better, run_name
-from dmd2.config.validate import check_settings, eval_metric_keys
+from dmd2.config.validate import check_settings
+from dmd2.train.objective import eval_metric_keys
 from tests.conftest import ROOT, compose_cfg, run_cli, wandb_records
 
 

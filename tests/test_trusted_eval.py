@@ -15,7 +15,7 @@ import torch
 import evaluate as evaluate_script
 import generate as generate_script
 from dmd2.config.errors import ConfigError, EvaluationError
-from dmd2.config.validate import check_objective, validate
+from dmd2.config.validate import validate
 from dmd2.eval.features import build_feature_network
 from dmd2.eval.measure import count_label, evaluate_sampler, metric_name, score_features
 from dmd2.eval.references import ReferenceStats, npz_stats, reference_statistics
@@ -24,6 +24,7 @@ from dmd2.io.loaded import load_generator
 from dmd2.method.frechet import frechet_to_reference
 from dmd2.train.context import logger_settings, wandb_project
 from dmd2.train.evaluator import reference_from_config
+from dmd2.train.objective import check_objective
 from tests.conftest import SMOKE, compose_cfg, run_cli, train_eval_args
 
 

@@ -7,7 +7,15 @@ import os
 import re
 from typing import Any, Mapping
 
-MIXTURE_KEY = "eval/mixture_fd"  # data=gaussian_mixture; eval/mixture_coverage, _near, _weight_tv beside it
+BEST_STEP = "eval/best_step"  # the step of a run's best evaluation
+
+
+def mixture_key(score: str) -> str:
+    """The key of one of the known-answer mixture's exact scores (dmd2.method.mixture.SCORES): eval/mixture_<score>."""
+    return f"eval/mixture_{score}"
+
+
+MIXTURE_KEY = mixture_key("fd")  # data=gaussian_mixture's distance; eval/mixture_coverage, _near, _weight_tv beside it
 MIXTURE_METRIC = "pixel FD to the exact mixture"
 
 # Which way an eval metric improves: distances (eval/fid, eval/fd_*, eval/kid, eval/mixture_fd, _weight_tv) are
@@ -96,18 +104,3 @@ def run_name(overrides: list[str], swept: list[str] | None = None, stage: str | 
     rest = [f"{k}={short_value(v)}" for k, v in pairs if k not in ("stage", "experiment") and names_a_run(k)]
     items = head + rest[:NAME_ITEMS] + ([f"+{len(rest) - NAME_ITEMS} more"] if len(rest) > NAME_ITEMS else [])
     return ",".join(items) or None
-
-
-TRAIN_KEYS = ("train/epoch", "train/global_batch_size", "train/images_per_sec")  # both stages
-TEACHER_KEYS = ("train/loss", "train/lr", "train/grad_norm", "train/skipped_steps")
-DISTILL_KEYS = ("train/loss_dm", "train/dm_grad_norm", "train/loss_fake", "train/generator_grad_norm",
-                "train/guidance_grad_norm", "train/generator_lr", "train/guidance_lr", "train/generator_skipped_steps",
-                "train/guidance_skipped_steps")
-GAN_KEYS = ("train/loss_gen_gan", "train/loss_cls")  # distillation with gan_classifier=true
-
-
-def train_metric_keys(stage: str, gan_classifier: bool = False) -> list[str]:
-    """The train/ scalars a run of ``stage`` logs (dmd2/runners/), known from its config: what optimized_metric
-    may name besides the eval/ metrics."""
-    own = TEACHER_KEYS if stage == "teacher" else DISTILL_KEYS + (GAN_KEYS if gan_classifier else ())
-    return sorted(TRAIN_KEYS + own)

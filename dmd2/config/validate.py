@@ -16,7 +16,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dmd2.config.errors import ConfigError, FileError
-from dmd2.config.names import MIXTURE_KEY, metric_key, train_metric_keys
 from dmd2.config.settings import GENERATED_DATA
 
 # This module is on the config-composition path of the scripts (--help, tab completion): it imports torch only
@@ -123,58 +122,6 @@ def check_fid(cfg: DictConfig, prefix: str = "") -> None:
              f"precomputed statistics are Inception features); add {prefix}reference.folder=<image folder>")
 
 
-def optimizing_sweep() -> bool:
-    """Whether this job belongs to a sweep that minimises what train.py returns (a sweeper other than Hydra's
-    basic one, e.g. hparams_search=... with Optuna); False outside a Hydra app."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        choices = HydraConfig.get().runtime.choices
-    except Exception:
-        return False
-    return choices.get("hparams_search") not in (None, "null") or choices.get("hydra/sweeper") not in (None, "basic")
-
-
-def eval_metric_keys(cfg: DictConfig) -> list[str]:
-    """The final eval/ metrics a training run with this config produces (TrainingEvaluator.results); none when
-    eval_every = 0."""
-    if cfg.eval_every == 0:
-        return []
-    if cfg.data.name == "gaussian_mixture":
-        return [MIXTURE_KEY, f"{MIXTURE_KEY}_best", "eval/best_step", "eval/mixture_coverage", "eval/mixture_near",
-                "eval/mixture_weight_tv"]
-    fn = cfg.eval.feature_network
-    key = metric_key(fn.name, fn.resize, fn.path)
-    return [key, f"{key}_best", f"{key}_std", "eval/best_step"]
-
-
-def check_objective(cfg: DictConfig, sweeping: bool) -> None:
-    """No silent objective: a sweep (``sweeping``) or a named ``optimized_metric`` must rank runs by a metric the
-    run produces. The default objective is the best evaluation metric, so it needs eval_every > 0; a loss is
-    an objective only when named (optimized_metric=train/...)."""
-    metric = cfg.optimized_metric
-    produced = eval_metric_keys(cfg)
-    if metric is None:
-        if sweeping and not produced:
-            raise ConfigError(
-                "config keys 'eval_every' = 0 and 'optimized_metric' = null in a sweep (hparams_search / "
-                "hydra/sweeper): the sweep would rank trials by nothing it measures. Turn the evaluation on "
-                "(eval_every=N, e.g. eval_every=2000; it minimises the best eval/fid or eval/fd_*), or name "
-                "the objective yourself, e.g. optimized_metric=train/loss (a loss does not rank sample quality)")
-        return
-    if metric.startswith("train/"):
-        logged = train_metric_keys(cfg.stage, bool(cfg.get("gan_classifier")))
-        if metric not in logged:
-            raise ConfigError(f"config key 'optimized_metric' = {metric!r}: a stage={cfg.stage} run with these "
-                              f"settings never logs it; it logs {logged}")
-    if metric.startswith("eval/") and metric not in produced:
-        if not produced:
-            raise ConfigError(f"config key 'optimized_metric' = {metric!r}, but 'eval_every' = 0: the run logs no "
-                              f"eval/ metric; set eval_every=N")
-        raise ConfigError(f"config key 'optimized_metric' = {metric!r}: the run does not produce it; with these "
-                          f"eval.feature_network settings it produces {produced}")
-
-
 def check_file(cfg: DictConfig, key: str, what: str) -> None:
     if OmegaConf.is_missing(cfg, key):
         raise ConfigError(f"config key '{key}' is required: pass {key}=path/to/{what}")
@@ -219,7 +166,6 @@ def validate(cfg: DictConfig) -> None:
                 f"the reference is CIFAR-10 train at 32x32, the run's images are "
                 f"{cfg.data.resolution}x{cfg.data.resolution}; measure against the training data "
                 f"(eval.reference.name=auto) or a reference of that resolution")
-    check_objective(cfg, optimizing_sweep())
     check_data(cfg)
     if cfg.resume not in (None, "auto") and not os.path.isfile(cfg.resume):
         raise FileError(f"config key 'resume' = {cfg.resume!r}: file not found (expected null, auto or a checkpoint)")

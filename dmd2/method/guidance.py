@@ -13,6 +13,18 @@ from torch import Tensor, nn
 from dmd2.method.losses import distribution_matching_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss
 from dmd2.method.randomness import GLOBAL_RNG, BatchRNG
 
+# The names of what the losses below log (the training loop logs each as train/<name>): scalars are averaged over a
+# log interval, the timesteps (a vector) become a histogram.
+LOSS_FAKE = "loss_fake"            # the fake score network's denoising loss (forward)
+LOSS_CLS = "loss_cls"              # the GAN classifier's loss (forward, with the GAN head)
+DM_GRAD_NORM = "dm_grad_norm"      # the mean per-sample norm of the DM gradient (dm_loss)
+DM_TIMESTEPS = "dm_timesteps"      # the DM loss's timesteps (dm_loss; a histogram)
+
+
+def guidance_logs(gan: bool) -> tuple[str, ...]:
+    """The scalars the guidance loss (``GuidanceModel.forward``) logs."""
+    return (LOSS_FAKE, LOSS_CLS) if gan else (LOSS_FAKE,)
+
 
 @contextmanager
 def frozen(*modules: nn.Module) -> Iterator[None]:
@@ -77,7 +89,7 @@ class GuidanceModel(nn.Module):
         loss, grad = distribution_matching_loss(
             x, self.real_unet, self.fake_unet, self.sigmas[t], class_labels, rng.randn_like(x)
         )
-        return loss, {"dm_timesteps": t, "dm_grad_norm": grad.flatten(1).norm(dim=1).mean()}
+        return loss, {DM_TIMESTEPS: t, DM_GRAD_NORM: grad.flatten(1).norm(dim=1).mean()}
 
     def gan_noise(self, x: Tensor, rng: BatchRNG = GLOBAL_RNG) -> tuple[Tensor, Tensor]:
         """The classifier's view of images x [B,C,H,W] and the noise level it is told, sigma [B]. Diffusion-GAN:
@@ -116,10 +128,10 @@ class GuidanceModel(nn.Module):
         # the classifier needs only bottleneck features: the decoder runs on the first n (denoising) samples
         denoised, features = self.fake_unet.denoise_first(torch.cat(noisy), torch.cat(sigmas), torch.cat(labels), n)
         loss = fake_score_loss(denoised[:n], x, sigma, self.sigma_data)
-        logs = {"loss_fake": loss.detach()}
+        logs = {LOSS_FAKE: loss.detach()}
         if self.gan_head is not None:
             logits = self.gan_head(features[n:])
             cls = gan_discriminator_loss(logits[: real.shape[0]], logits[real.shape[0]:])  # type: ignore[union-attr]
-            logs["loss_cls"] = cls.detach()
+            logs[LOSS_CLS] = cls.detach()
             loss = loss + self.cls_loss_weight * cls
         return loss, logs

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from dmd2.method.randomness import derived_seed, generator
 
 MEAN_AMPLITUDE = 0.75  # mean images lie in [-0.75, 0.75]: with std <= 0.05 a sample is clipped with p < 1e-6
 NEAR_RADIUS = 2.0      # "on a mode": ||x - mu|| <= NEAR_RADIUS * std * sqrt(D) (a true sample has ratio 1 +- 0.05)
+SCORES = ("fd", "near", "coverage", "weight_tv")  # the names of mixture_scores' scores, in its order
 DATA_STREAM = 7        # the samples' random stream, apart from the means' (derived_seed(seed, DATA_STREAM))
 
 
@@ -158,8 +160,8 @@ def mixture_scores(mix: GaussianMixture, images: Tensor, labels: Tensor) -> dict
         covered += int((on_mode >= 0.5 * n / k).sum())
         freq = torch.bincount(nearest[sel], minlength=k).double() / n
         tvs.append(0.5 * float((freq - 1 / k).abs().sum()))
-    return {"fd": float(np.mean(fds)), "near": float(near.double().mean()),
-            "coverage": covered / (mix.num_classes * k), "weight_tv": float(np.mean(tvs))}
+    return dict(zip(SCORES, (float(np.mean(fds)), float(near.double().mean()), covered / (mix.num_classes * k),
+                             float(np.mean(tvs)))))
 
 
 def reference_scores(mix: GaussianMixture, num: int, seed: int = 0) -> dict[str, float]:

@@ -10,9 +10,17 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from dmd2.method.guidance import GuidanceModel
+from dmd2.method.guidance import DM_GRAD_NORM, GuidanceModel
 from dmd2.method.randomness import GLOBAL_RNG, BatchRNG
 from dmd2.method.samplers import backward_simulation, multistep_sample
+
+LOSS_DM = "loss_dm"                # the distribution matching loss (generator_loss)
+LOSS_GEN_GAN = "loss_gen_gan"      # the generator's GAN loss (generator_loss, with the GAN head)
+
+
+def generator_logs(gan: bool) -> tuple[str, ...]:
+    """The scalars the generator's loss (``UnifiedModel.generator_loss``) logs."""
+    return (LOSS_DM, DM_GRAD_NORM, LOSS_GEN_GAN) if gan else (LOSS_DM, DM_GRAD_NORM)
 
 
 class UnifiedModel(nn.Module):
@@ -42,10 +50,10 @@ class UnifiedModel(nn.Module):
                        ) -> tuple[Tensor, dict[str, Tensor]]:
         """DM loss (+ weighted generator GAN loss when the GAN head exists). Returns (loss, logs)."""
         loss, logs = self.guidance.dm_loss(x, class_labels, rng)
-        logs["loss_dm"] = loss.detach()
+        logs[LOSS_DM] = loss.detach()
         if self.guidance.gan_head is not None:
             gan = self.guidance.generator_gan_loss(x, class_labels, rng)
-            logs["loss_gen_gan"] = gan.detach()
+            logs[LOSS_GEN_GAN] = gan.detach()
             loss = loss + self.gen_cls_loss_weight * gan
         return loss, logs
 

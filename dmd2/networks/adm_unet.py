@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmd2.networks.encoding import Encoding
 from dmd2.networks.edm_unet import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, class_onehot
+from dmd2.networks.encoding import Encoding
 
 ADM_EPS = 1e-5  # GroupNorm epsilon of every ADM layer
 ADM_SKIP_SCALE = 1.0  # residual sums are not rescaled

@@ -36,11 +36,11 @@ from dmd2.io.checkpoint import load_checkpoint, network_from_checkpoint
 from dmd2.io.export import export_generator
 from dmd2.io.sampler import CheckpointSampler
 from dmd2.method.edm import SIGMA_MAX, SIGMA_MIN, dmd_timestep_sigmas
-from dmd2.method.guidance import GuidanceModel
+from dmd2.method.guidance import GuidanceModel, guidance_logs
 from dmd2.method.mixture import ExactDenoiser
 from dmd2.method.randomness import BatchRNG, derived_seed, generator
 from dmd2.method.samplers import backward_simulation
-from dmd2.method.unified import UnifiedModel
+from dmd2.method.unified import UnifiedModel, generator_logs
 from dmd2.networks import count_parameters, set_dropout
 from dmd2.networks.gan_head import GANHead
 from dmd2.networks.precond import EDMPrecond
@@ -141,6 +141,14 @@ def restore_distill(state: dict[str, Any], model: UnifiedModel, ema: EDMPrecond 
     return int(state["step"])
 
 
+UPDATERS = ("generator", "guidance")  # the distillation's two updaters (build_updaters)
+
+
+def grad_norm_key(updater: str) -> str:
+    """The logged gradient norm of an updater's applied updates."""
+    return f"{updater}_grad_norm"
+
+
 def chain_step(seed: int, step: int, num_steps: int) -> int:
     """Backward-simulation depth k ~ U{0..num_steps-1}, a function of (seed, step) only: every rank and a
     resumed run draw the same k."""
@@ -156,7 +164,7 @@ def generator_step(s: DistillState, b: Batch, step: int) -> tuple[Tensor, dict[s
         loss, logs = s.model.generator_loss(x.float(), b.y, s.rng)
     gnorm = s.updaters["generator"].update(loss, step)
     if gnorm is not None:
-        logs["generator_grad_norm"] = gnorm
+        logs[grad_norm_key("generator")] = gnorm
     return x.detach().float(), logs
 
 
@@ -166,7 +174,7 @@ def fake_score_step(s: DistillState, b: Batch, x: Tensor, step: int) -> dict[str
         loss, logs = s.guidance(x, b.y, b.real, b.y if b.real is not None else None, s.rng)
     gnorm = s.updaters["guidance"].update(loss, step)
     if gnorm is not None:
-        logs["guidance_grad_norm"] = gnorm
+        logs[grad_norm_key("guidance")] = gnorm
     return logs
 
 
@@ -304,6 +312,12 @@ class DistillStage:
     def scalars(self, step: int) -> dict[str, float]:
         return {f"train/{name}_{what}": value for name, upd in self.s.updaters.items()
                 for what, value in (("lr", upd.lr_at(step)), ("skipped_steps", upd.skipped))}
+
+    @staticmethod
+    def metric_keys(gan: bool) -> list[str]:
+        """The train/ scalars a distillation logs: its steps' logs and ``scalars``."""
+        own = generator_logs(gan) + guidance_logs(gan) + tuple(grad_norm_key(u) for u in UPDATERS)
+        return [f"train/{k}" for k in own] + [f"train/{u}_{what}" for u in UPDATERS for what in ("lr", "skipped_steps")]
 
     def state(self) -> dict[str, Any]:
         model, cfg, teacher = self.s.model, self.cfg, self.teacher

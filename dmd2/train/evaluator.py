@@ -30,10 +30,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dmd2.config.errors import EvaluationError
+from dmd2.config.names import BEST_STEP, mixture_key
 from dmd2.config.validate import to_container
 from dmd2.data.mixture import mixture_from_config
 from dmd2.eval.features import FeatureNetwork, build_feature_network
-from dmd2.eval.measure import MeasureSettings, Measurement, mixture_measurement, set_up_measurement
+from dmd2.eval.measure import Measurement, MeasureSettings, mixture_measurement, set_up_measurement
 from dmd2.eval.references import ReferenceStats, reference_statistics
 from dmd2.io.sampler import CheckpointSampler
 from dmd2.runtime.distributed import Dist
@@ -167,13 +168,13 @@ class TrainingEvaluator:
         self.last_scores = numbers.get("scores", {})
         if value < self.best:
             self.best, self.best_step = value, step
-        extra = {f"eval/mixture_{k}": v for k, v in numbers.get("scores", {}).items() if k != "fd"}
+        extra = {mixture_key(k): v for k, v in numbers.get("scores", {}).items() if k != "fd"}
         self.last_std = numbers.get("std")
         if self.last_std is not None:
             extra[f"{self.key}_std"] = self.last_std
         self.logger.log({self.key: value, **extra, "eval/seconds": seconds, "eval/images_per_sec": self.num / seconds,
                          "eval/nfe": sampler.nfe}, step=step)
-        self.logger.summary({f"{self.key}_best": self.best, "eval/best_step": self.best_step})
+        self.logger.summary({f"{self.key}_best": self.best, BEST_STEP: self.best_step})
         scores = "".join(f", {k} {v:.3f}" for k, v in numbers.get("scores", {}).items() if k != "fd")
         noise = f" ± {self.last_std:.4f}" if self.last_std is not None else ""
         log.info(f"[eval] step {step}: {self.metric} = {value:.4f}{noise}{scores} ({self.name}: {self.num} samples, "
@@ -185,10 +186,10 @@ class TrainingEvaluator:
         """Final metrics for the sweeper: the last and best values (empty when evaluation is off)."""
         if not self.enabled or self.best_step < 0:
             return {}
-        extra = {f"eval/mixture_{k}": v for k, v in self.last_scores.items() if k != "fd"}
+        extra = {mixture_key(k): v for k, v in self.last_scores.items() if k != "fd"}
         if self.last_std is not None:
             extra[f"{self.key}_std"] = self.last_std
-        return {self.key: self.last, f"{self.key}_best": self.best, "eval/best_step": self.best_step, **extra}
+        return {self.key: self.last, f"{self.key}_best": self.best, BEST_STEP: self.best_step, **extra}
 
     def state_dict(self) -> dict[str, Any]:
         """Stored in checkpoints, so a resumed run keeps its best value."""

@@ -27,6 +27,8 @@ from dmd2.train.logger import RunningMeans
 from dmd2.train.optim import Updater, check_trained
 from dmd2.train.plan import log_schedule
 
+LOOP_KEYS = ("train/images_per_sec", "train/epoch", "train/global_batch_size")  # what the loop logs for every stage
+
 
 class Stage(Protocol):
     """What the loop needs of a stage."""
@@ -145,8 +147,8 @@ def train_loop(cfg: Any, ctx: RunContext, stage: Stage, loader: Iterable[Any], p
         bar.update(1)
         if done % cfg.log_every == 0 or done == steps:
             means, vectors, rate = window.close(ctx)
-            metrics = {**means, **stage.scalars(step), "train/images_per_sec": rate,
-                       "train/epoch": step // plan.steps_per_epoch, "train/global_batch_size": plan.global_batch}
+            own = dict(zip(LOOP_KEYS, (rate, step // plan.steps_per_epoch, plan.global_batch)))
+            metrics = {**means, **stage.scalars(step), **own}
             ctx.logger.log(metrics, step=done)
             last.update(metrics)
             for key, values in vectors.items():

@@ -89,6 +89,11 @@ class TeacherStage:
     def scalars(self, step: int) -> dict[str, float]:
         return {"train/lr": self.s.updater.lr_at(step), "train/skipped_steps": self.s.updater.skipped}
 
+    @staticmethod
+    def metric_keys() -> list[str]:
+        """The train/ scalars a teacher run logs: its steps' logs and ``scalars``."""
+        return ["train/loss", "train/grad_norm", "train/lr", "train/skipped_steps"]
+
     def state(self) -> dict[str, Any]:
         cfg = self.cfg
         return dict(kind="teacher", arch=self.ctx.config["arch"], num_classes=cfg.data.num_classes,
