@@ -24,7 +24,7 @@ from typing import Any, Callable, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from dmd2.config.errors import GeneratorError
+from dmd2.config.errors import ConfigError
 from dmd2.config.seeds import MAX_SEEDS, count_seeds, seed_ranges
 
 
@@ -527,7 +527,7 @@ def _seeds_ok(value: Any) -> bool:
     try:
         # arithmetic: a huge range is refused without building its list
         return count_seeds(value) > 0 and max(last for _, last in seed_ranges(value)) < SEED_LIMIT
-    except GeneratorError:
+    except ConfigError:
         return False
 
 

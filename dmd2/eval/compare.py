@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from dmd2.config.errors import FILE_ERROR, FileError
+from dmd2.config.errors import FileError, run_tool
 from dmd2.config.names import higher_is_better
 from dmd2.config.policy import splits_groups
 
@@ -282,15 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", metavar="FILE", help="write the Markdown table here")
     parser.add_argument("--csv", metavar="FILE", help="write the table as CSV (means and sds) here")
     args = parser.parse_args(argv)
-    try:
-        runs = find_runs(args.paths)
-        metrics = args.metric
-        missing = [m for m in metrics or [] if not any(m in r.series for r in runs)]
-        if missing:
-            raise FileError(f"--metric {', '.join(missing)}: no run logged it; they logged "
-                            f"{', '.join(eval_metrics(runs)) or 'no eval/* metric'}")
-        write_outputs(runs, metrics, args)
-    except FileError as err:
-        print(f"python -m dmd2.compare: error: {err}", file=sys.stderr)
-        return FILE_ERROR
-    return 0
+    return run_tool(parser.prog, lambda: compare_command(args))
+
+
+def compare_command(args: argparse.Namespace) -> None:
+    """``python -m dmd2.compare`` with its parsed arguments: find the runs, write the table and plots."""
+    runs = find_runs(args.paths)
+    metrics = args.metric
+    missing = [m for m in metrics or [] if not any(m in r.series for r in runs)]
+    if missing:
+        raise FileError(f"--metric {', '.join(missing)}: no run logged it; they logged "
+                        f"{', '.join(eval_metrics(runs)) or 'no eval/* metric'}")
+    write_outputs(runs, metrics, args)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dmd2.config.errors import CheckpointError, GeneratorError
+from dmd2.config.errors import FileError, FormatError
 from dmd2.io.files import atomic_write
 from dmd2.io.weights import build_denoiser, check_weights_fit
 from dmd2.networks.precond import EDMPrecond
@@ -36,15 +36,15 @@ def save_checkpoint(state: dict[str, Any], path: str) -> None:
 def load_checkpoint(path: str, kind: str | None = None) -> dict[str, Any]:
     """Load a checkpoint on the CPU; with ``kind``, refuse a file of another kind."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise FileError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {load_failure(err)}") from err
+        raise FormatError(f"cannot read checkpoint {path}: {load_failure(err)}") from err
     if not isinstance(state, dict) or state.get("kind") not in KINDS:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (no 'kind' in {KINDS})")
+        raise FormatError(f"{path} is not a checkpoint of this project (no 'kind' in {KINDS})")
     if kind is not None and state["kind"] != kind:
-        raise CheckpointError(f"{path} is a {state['kind']!r} checkpoint, expected a {kind!r} checkpoint")
+        raise FileError(f"{path} is a {state['kind']!r} checkpoint, expected a {kind!r} checkpoint")
     return state
 
 
@@ -70,12 +70,12 @@ def network_from_checkpoint(state: dict[str, Any], weights: str) -> EDMPrecond:
     meta device), so a crafted arch cannot make this allocate more than the weights the file holds."""
     tensors = state.get(weights)
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-        raise CheckpointError(f"the checkpoint has no '{weights}' weights (a dict of tensors)")
+        raise FormatError(f"the checkpoint has no '{weights}' weights (a dict of tensors)")
     try:
         check_weights_fit(state.get("arch"), state.get("num_classes"), state.get("resolution"),
                           {k: tuple(t.shape) for k, t in tensors.items()}, state.get("sigma_data", 0.5))
-    except GeneratorError as err:
-        raise CheckpointError(f"the checkpoint's '{weights}' weights: {err}") from None
+    except FormatError as err:
+        raise FormatError(f"the checkpoint's '{weights}' weights: {err}") from None
     net = build_denoiser(state["arch"], state["num_classes"], state["resolution"], state.get("sigma_data", 0.5))
     net.load_state_dict(state[weights])
     return net
@@ -100,7 +100,7 @@ def latest_valid_checkpoint(folder: str, prefix: str, kind: str) -> tuple[str, d
     for path in candidates:
         try:
             return path, load_checkpoint(path, kind=kind)
-        except CheckpointError as err:
+        except (FileError, FormatError) as err:
             log.warning(f"[resume] WARNING: skipping {path}: {err}; falling back to the previous checkpoint")
     return None
 
@@ -142,7 +142,7 @@ def rescue_dir() -> str:
 def save_final(state: dict[str, Any], path: str, d: Dist) -> str:
     """Write a checkpoint that must not be lost (the final one, or one on a stop signal): rank 0 writes, the
     others wait. A failed write is tried once more; if that fails too the weights go to ``rescue_dir()`` and
-    CheckpointError names both paths (the run ends with an error, its weights kept). Returns the path."""
+    FileError names both paths (the run ends with an error, its weights kept). Returns the path."""
     if d.is_main:
         error: Exception | None = None
         for attempt in range(2):
@@ -157,8 +157,8 @@ def save_final(state: dict[str, Any], path: str, d: Dist) -> str:
             rescue = os.path.join(rescue_dir(), f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}-"
                                                 f"{os.path.basename(path)}")
             save_checkpoint(state, rescue)
-            raise CheckpointError(f"could not write {path} ({error}); the checkpoint (step {state.get('step')}) "
-                                  f"was saved to the rescue path {rescue} instead: copy it back to continue")
+            raise FileError(f"could not write {path} ({error}); the checkpoint (step {state.get('step')}) "
+                            f"was saved to the rescue path {rescue} instead: copy it back to continue")
     barrier(d)
     return path
 

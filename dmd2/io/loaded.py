@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from dmd2.config.errors import CheckpointError, GeneratorError
+from dmd2.config.errors import ConfigError, FileError, FormatError
 from dmd2.data.datasets import default_class_names
 from dmd2.io.checkpoint import load_checkpoint, load_failure
 from dmd2.io.export_format import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, export_metadata
@@ -89,22 +89,22 @@ class Generator:
             labels = [labels] * len(seeds)
         labels = list(labels)
         if len(labels) != len(seeds):
-            raise GeneratorError(f"{len(labels)} labels for {len(seeds)} seeds: give one label, or one per seed")
+            raise ConfigError(f"{len(labels)} labels for {len(seeds)} seeds: give one label, or one per seed")
         return torch.tensor([self.class_id(c) for c in labels], dtype=torch.long)
 
     def class_id(self, c: int | str) -> int:
-        """A class given by id or name -> its id (GeneratorError naming the valid choices)."""
+        """A class given by id or name -> its id (ConfigError naming the valid choices)."""
         if self.num_classes == 0:
             if c in (0, "0"):
                 return 0
-            raise GeneratorError(f"the model is unconditional: it takes no class (got {c!r})")
+            raise ConfigError(f"the model is unconditional: it takes no class (got {c!r})")
         if isinstance(c, str) and not c.lstrip("-").isdigit():
             if c not in self.class_names:
-                raise GeneratorError(f"unknown class {c!r}; the model's classes are {self.class_names[:20]}"
-                                     + (" ..." if self.num_classes > 20 else ""))
+                raise ConfigError(f"unknown class {c!r}; the model's classes are {self.class_names[:20]}"
+                                  + (" ..." if self.num_classes > 20 else ""))
             return self.class_names.index(c)
         if not 0 <= int(c) < self.num_classes:
-            raise GeneratorError(f"class {c} is out of range: the model has classes 0 .. {self.num_classes - 1}")
+            raise ConfigError(f"class {c} is out of range: the model has classes 0 .. {self.num_classes - 1}")
         return int(c)
 
     def batches(self, labels: Labels = None, seeds: Sequence[int] | int | None = None, *, batch_size: int = 256,
@@ -114,7 +114,7 @@ class Generator:
             seeds = range(len(labels) if isinstance(labels, (list, tuple, Tensor)) else 1)
         seeds = [seeds] if isinstance(seeds, int) else [int(s) for s in seeds]
         if not seeds:
-            raise GeneratorError("no seeds: give at least one")
+            raise ConfigError("no seeds: give at least one")
         yield from sample_batches(self.sampler, seeds, self.label_ids(labels, seeds), batch_size, self.device,
                                   dtype=dtype)
 
@@ -132,12 +132,12 @@ MAX_HEUN_STEPS, MAX_CHAIN = 1000, 64  # an export's sampler: Heun steps, one-ste
 
 
 def check_export_metadata(meta: Any, shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    """GeneratorError naming ``source`` unless the metadata of an export is what this project writes, within sane
+    """FormatError naming ``source`` unless the metadata of an export is what this project writes, within sane
     bounds, and its arch is exactly the network of the weights present (``shapes``: name -> shape, from the
     safetensors header): nothing a crafted config.json says makes the loader allocate beyond the weights."""
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise GeneratorError(f"{source}: metadata format {got!r}, expected {EXPORT_FORMAT!r}")
+        raise FormatError(f"{source}: metadata format {got!r}, expected {EXPORT_FORMAT!r}")
     how, sigma_data = meta.get("sampler"), meta.get("sigma_data")
     steps = how.get("heun_steps", 18) if isinstance(how, dict) else None
     chain = how.get("denoising_sigmas", []) if isinstance(how, dict) else None
@@ -151,16 +151,16 @@ def check_export_metadata(meta: Any, shapes: dict[str, tuple[int, ...]], source:
     }
     bad = [k for k, wrong in problems.items() if wrong]
     if bad:
-        raise GeneratorError(f"{source}: metadata field {bad[0]} is missing or out of bounds (at most "
-                             f"{MAX_HEUN_STEPS} Heun steps, {MAX_CHAIN} chain sigmas)")
+        raise FormatError(f"{source}: metadata field {bad[0]} is missing or out of bounds (at most "
+                          f"{MAX_HEUN_STEPS} Heun steps, {MAX_CHAIN} chain sigmas)")
     try:
         check_weights_fit(meta.get("arch"), meta.get("num_classes"), meta.get("resolution"), shapes, sigma_data)
-    except GeneratorError as err:
-        raise GeneratorError(f"{source}: {err}") from None
+    except FormatError as err:
+        raise FormatError(f"{source}: {err}") from None
     names = meta.get("class_names")
     if names is not None and meta["num_classes"] and (not isinstance(names, list) or len(names) != meta["num_classes"]
                                                       or not all(isinstance(n, str) for n in names)):
-        raise GeneratorError(f"{source}: class_names is not a list of {meta['num_classes']} names")
+        raise FormatError(f"{source}: class_names is not a list of {meta['num_classes']} names")
 
 
 def read_export(folder_or_file: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -172,14 +172,14 @@ def read_export(folder_or_file: str) -> tuple[dict[str, Any], dict[str, Tensor]]
 
     path = os.path.join(folder_or_file, WEIGHTS_FILE) if os.path.isdir(folder_or_file) else folder_or_file
     if not os.path.isfile(path):
-        raise GeneratorError(f"{folder_or_file}: no {WEIGHTS_FILE} (an export folder holds {CONFIG_FILE} and "
-                             f"{WEIGHTS_FILE}; write one with python -m dmd2.export)")
+        raise FileError(f"{folder_or_file}: no {WEIGHTS_FILE} (an export folder holds {CONFIG_FILE} and "
+                        f"{WEIGHTS_FILE}; write one with python -m dmd2.export)")
     try:
         with safe_open(path, framework="pt") as f:
             header = f.metadata() or {}
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-        raise GeneratorError(f"{path}: not a readable safetensors file ({err})") from err
+        raise FormatError(f"{path}: not a readable safetensors file ({err})") from err
     config_path = os.path.join(os.path.dirname(path), CONFIG_FILE)
     try:
         if os.path.isfile(config_path):
@@ -188,17 +188,17 @@ def read_export(folder_or_file: str) -> tuple[dict[str, Any], dict[str, Tensor]]
         elif "dmd2" in header:
             metadata, source = json.loads(header["dmd2"]), path
         else:
-            raise GeneratorError(f"{path}: no {CONFIG_FILE} next to it and no dmd2 metadata in its header: not an "
-                                 "export of this project")
+            raise FormatError(f"{path}: no {CONFIG_FILE} next to it and no dmd2 metadata in its header: not an "
+                              "export of this project")
     except (ValueError, UnicodeDecodeError) as err:
-        if isinstance(err, GeneratorError):
+        if isinstance(err, FormatError):
             raise
-        raise GeneratorError(f"{folder_or_file}: its metadata is not readable JSON ({err})") from err
+        raise FormatError(f"{folder_or_file}: its metadata is not readable JSON ({err})") from err
     check_export_metadata(metadata, shapes, source)
     try:
         weights = load_file(path)
     except Exception as err:  # noqa: BLE001
-        raise GeneratorError(f"{path}: not a readable safetensors file ({err})") from err
+        raise FormatError(f"{path}: not a readable safetensors file ({err})") from err
     return metadata, weights
 
 
@@ -220,8 +220,8 @@ def hub_snapshot(repo_id: str) -> str:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise GeneratorError(f"hf://{repo_id}: loading from the Hugging Face Hub needs huggingface_hub "
-                             "(pip install -e '.[hub]')") from None
+        raise ConfigError(f"hf://{repo_id}: loading from the Hugging Face Hub needs huggingface_hub "
+                          "(pip install -e '.[hub]')") from None
     return snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, "README.md"])
 
 
@@ -247,7 +247,7 @@ def source_info(source: str) -> dict[str, Any]:
                 with safe_open(path, framework="pt") as f:
                     meta = json.loads((f.metadata() or {})["dmd2"])
             except Exception as err:  # noqa: BLE001 - a missing file, a foreign file, no metadata
-                raise GeneratorError(f"{source}: not an export of this project ({err})") from err
+                raise FormatError(f"{source}: not an export of this project ({err})") from err
         training = meta.get("training_config") or {}
         logger = training.get("logger") or {}
         return {"step": int(meta["provenance"]["step"]), "kind": meta["kind"],
@@ -259,7 +259,7 @@ def source_info(source: str) -> dict[str, Any]:
         return {"step": int(state["step"]), "kind": state["kind"], "wandb_run_id": state.get("wandb_run_id"),
                 "wandb_group": logger.get("group"), "data": (state.get("config") or {}).get("data") or {}}
     except Exception as err:
-        raise GeneratorError(f"{source} is not a readable checkpoint of this project: {load_failure(err)}") from err
+        raise FormatError(f"{source} is not a readable checkpoint of this project: {load_failure(err)}") from err
 
 
 def load_generator(source: str, device: torch.device | str = "cpu", *, heun_steps: int | None = None,
@@ -278,12 +278,12 @@ def load_generator(source: str, device: torch.device | str = "cpu", *, heun_step
         names = list(metadata.get("class_names") or default_class_names(sampler.num_classes))
         return Generator(sampler, names, metadata)
     if not os.path.exists(source):
-        raise GeneratorError(f"{source}: not found (expected an export folder, a .safetensors file, a checkpoint "
-                             ".pt or hf://owner/repo)")
+        raise FileError(f"{source}: not found (expected an export folder, a .safetensors file, a checkpoint "
+                        ".pt or hf://owner/repo)")
     try:
         state = load_checkpoint(source)
         sampler = sampler_from_checkpoint(state, device, heun_steps or 18, teacher_weights, generator_weights)
-    except CheckpointError as err:
-        raise GeneratorError(f"{source}: {err}" if source not in str(err) else str(err)) from err
+    except (FileError, FormatError) as err:  # the message names the source
+        raise type(err)(f"{source}: {err}" if source not in str(err) else str(err)) from err
     metadata = export_metadata(state, sampler, source, with_checksum=False)
     return Generator(sampler, metadata["class_names"], metadata)

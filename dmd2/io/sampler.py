@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from dmd2.config.errors import GeneratorError
+from dmd2.config.errors import FormatError
 from dmd2.data.images import to_uint8
 from dmd2.io.checkpoint import load_checkpoint, network_from_checkpoint
 from dmd2.method.randomness import derived_seed, generator
@@ -94,9 +94,9 @@ def make_sampler(kind: str, net: EDMPrecond, step: int, num_classes: int, resolu
     sigmas = tuple(float(s) for s in sigmas)
     if not sigmas or not all(math.isfinite(s) and s > 0 for s in sigmas) or any(a <= b for a, b in
                                                                                 zip(sigmas, sigmas[1:])):
-        raise GeneratorError(f"the generator's stored noise levels (denoising_sigmas) are {list(sigmas)}: expected "
-                             "positive, finite sigmas in strictly descending order (NaN or negative ones give black "
-                             "images); the checkpoint or export is damaged or was edited")
+        raise FormatError(f"the generator's stored noise levels (denoising_sigmas) are {list(sigmas)}: expected "
+                          "positive, finite sigmas in strictly descending order (NaN or negative ones give black "
+                          "images); the checkpoint or export is damaged or was edited")
     return CheckpointSampler("dmd2", net, step, num_classes, resolution, len(sigmas), denoising_sigmas=sigmas,
                              weights=weights)
 

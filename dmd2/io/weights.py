@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
-from dmd2.config.errors import GeneratorError
+from dmd2.config.errors import FormatError
 from dmd2.config.settings import ARCH_SETTINGS, arch_settings
 from dmd2.networks import ARCHITECTURES
 from dmd2.networks.precond import EDMPrecond
@@ -62,17 +62,17 @@ def _field_problem(key: str, value: Any) -> str | None:
 
 
 def check_arch_bounds(arch: Any, num_classes: Any, resolution: Any) -> None:
-    """GeneratorError naming the first field of ``arch`` / ``num_classes`` / ``resolution`` out of bounds."""
+    """FormatError naming the first field of ``arch`` / ``num_classes`` / ``resolution`` out of bounds."""
     if not isinstance(arch, Mapping) or arch.get("name") not in ARCHITECTURES:
         name = arch.get("name") if isinstance(arch, Mapping) else arch
-        raise GeneratorError(f"arch: unknown architecture {name!r} (expected one of {sorted(ARCHITECTURES)})")
+        raise FormatError(f"arch: unknown architecture {name!r} (expected one of {sorted(ARCHITECTURES)})")
     for what, value, limit in (("resolution", resolution, MAX_RESOLUTION), ("num_classes", num_classes, MAX_CLASSES)):
         if isinstance(value, bool) or not isinstance(value, int) or not (what == "num_classes" or value > 0) \
                 or not 0 <= value <= limit:
-            raise GeneratorError(f"{what} = {value!r}: expected an integer {int(what == 'resolution')} .. {limit}")
+            raise FormatError(f"{what} = {value!r}: expected an integer {int(what == 'resolution')} .. {limit}")
     problems = [p for p in (_field_problem(str(k), v) for k, v in arch.items()) if p]
     if problems:
-        raise GeneratorError(f"arch ({arch['name']}): {'; '.join(problems[:3])}")
+        raise FormatError(f"arch ({arch['name']}): {'; '.join(problems[:3])}")
 
 
 def expected_shapes(arch: Mapping[str, Any], num_classes: int, resolution: int,
@@ -84,13 +84,13 @@ def expected_shapes(arch: Mapping[str, Any], num_classes: int, resolution: int,
         with torch.device("meta"):
             net = build_denoiser(arch, num_classes, resolution, sigma_data)
     except (TypeError, ValueError, RuntimeError, KeyError, AssertionError, ZeroDivisionError) as err:
-        raise GeneratorError(f"arch ({arch['name']}) does not build: {type(err).__name__}: {err}") from err
+        raise FormatError(f"arch ({arch['name']}) does not build: {type(err).__name__}: {err}") from err
     return {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
 
 
 def check_weights_fit(arch: Mapping[str, Any], num_classes: int, resolution: int,
                       shapes: Mapping[str, tuple[int, ...]], sigma_data: float = 0.5) -> None:
-    """GeneratorError unless ``shapes`` (the weights present: name -> shape) are exactly the state dict of the
+    """FormatError unless ``shapes`` (the weights present: name -> shape) are exactly the state dict of the
     network ``arch`` describes; only then may it be built for real (its size is then the weights' size)."""
     expected = expected_shapes(arch, num_classes, resolution, sigma_data)
     missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
@@ -98,6 +98,6 @@ def check_weights_fit(arch: Mapping[str, Any], num_classes: int, resolution: int
     if missing or unexpected or wrong:
         first = f"; {wrong[0]}: {list(shapes[wrong[0]])} in the weights, {list(expected[wrong[0]][0])} in the " \
                 f"arch" if wrong else ""
-        raise GeneratorError(f"the weights do not fit the {arch['name']} network of the recorded arch "
-                             f"({len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
-                             f"{len(wrong)} of another shape{first})")
+        raise FormatError(f"the weights do not fit the {arch['name']} network of the recorded arch "
+                          f"({len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
+                          f"{len(wrong)} of another shape{first})")
