@@ -40,7 +40,7 @@ from omegaconf import DictConfig
 
 import dmd2.config.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
 from dmd2.config.cli import quiet_hydra_on_other_ranks, run_script
-from dmd2.config.errors import CheckpointError, ConfigError, GeneratorError
+from dmd2.config.errors import ConfigError
 from dmd2.config.validate import check_fid, check_settings, fail, fail_file, to_container
 from dmd2.io.files import atomic_write
 from dmd2.runtime.devices import check_device, resolve_device
@@ -87,10 +87,7 @@ def checkpoint_info(path: str) -> dict[str, Any]:
     """A checkpoint's or export's step, kind and W&B run (id and group), read without loading its weights."""
     from dmd2.io.loaded import source_info
 
-    try:
-        return source_info(path)
-    except GeneratorError as err:
-        raise CheckpointError(str(err)) from err
+    return source_info(path)
 
 
 def wandb_settings(cfg: DictConfig, training: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import dmd2.config.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
 from dmd2.config.cli import quiet_hydra_on_other_ranks, run_script
-from dmd2.config.errors import ConfigError, FileError, GeneratorError
+from dmd2.config.errors import ConfigError, FileError, FormatError
 from dmd2.config.seeds import parse_seeds
 from dmd2.config.validate import check_settings
 from dmd2.io.files import atomic_write
@@ -51,7 +51,7 @@ def chosen_classes(cfg: DictConfig, gen: Generator) -> list[int]:
     wanted = OmegaConf.to_container(cfg.classes) if OmegaConf.is_list(cfg.classes) else [cfg.classes]
     try:
         return [gen.class_id(c) for c in wanted]  # type: ignore[union-attr]
-    except GeneratorError as err:
+    except ConfigError as err:
         raise ConfigError(f"config key 'classes' = {wanted}: {err}") from err
 
 
@@ -220,8 +220,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         try:
             gen = load_generator(cfg.checkpoint, device, heun_steps=cfg.sampler.steps,
                                  teacher_weights=cfg.teacher_weights, generator_weights=cfg.generator_weights)
-        except GeneratorError as err:
-            raise FileError(f"config key 'checkpoint' = {cfg.checkpoint!r}: {err}") from err
+        except (ConfigError, FileError, FormatError) as err:  # the same error, naming the key
+            raise type(err)(f"config key 'checkpoint' = {cfg.checkpoint!r}: {err}") from err
         names = list(cfg.class_names) if cfg.class_names is not None else gen.class_names
         if gen.num_classes and len(names) != gen.num_classes:
             raise ConfigError(f"config key 'class_names' has {len(names)} names; the model has {gen.num_classes} "

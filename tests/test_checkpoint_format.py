@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dmd2
-from dmd2.config.errors import CheckpointError
+from dmd2.config.errors import FormatError
 from dmd2.config.settings import arch_settings
 from dmd2.io.checkpoint import checkpoint_name, checkpoint_step, load_checkpoint, save_checkpoint
 from dmd2.io.checkpoint_format import CHECKPOINT_FORMAT
@@ -64,7 +64,7 @@ def test_checkpoints_carry_their_format_and_a_newer_one_is_refused(tmp_path):
     save_checkpoint({"kind": "teacher", "step": 3}, str(tmp_path / "a.pt"))
     assert torch.load(tmp_path / "a.pt", weights_only=True)["format"] == CHECKPOINT_FORMAT
     torch.save({"kind": "teacher", "step": 3, "format": CHECKPOINT_FORMAT + 1}, tmp_path / "b.pt")
-    with pytest.raises(CheckpointError, match=r"b\.pt: checkpoint format 2; this version of dmd2 reads format 1"):
+    with pytest.raises(FormatError, match=r"b\.pt: checkpoint format 2; this version of dmd2 reads format 1"):
         load_checkpoint(str(tmp_path / "b.pt"))
 
 

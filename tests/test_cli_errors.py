@@ -1,15 +1,58 @@
 """Errors caused by input end the scripts with their message and a documented exit status, without a Python
-traceback (README "Exit statuses"); HYDRA_FULL_ERROR=1 adds the traceback."""
+traceback (README "Exit statuses"); HYDRA_FULL_ERROR=1 adds the traceback. One table of statuses, by error class,
+serves every entry point, and README's table is that one."""
 from __future__ import annotations
 
+import itertools
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 
+from dmd2.config import cli, errors
 from dmd2.config.cli import stage_of_key
-from dmd2.config.errors import CONFIG_ERROR, EVALUATION_ERROR, FILE_ERROR
-from tests.conftest import run_cli
+from dmd2.config.errors import CONFIG_ERROR, EVALUATION_ERROR, EXIT_STATUSES, FILE_ERROR, run_tool
+from tests.conftest import ROOT, run_cli
+
+
+def readme_exit_table() -> dict[str, int]:
+    """error class -> status, from the rows of README's "Exit statuses" table that name a class."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Exit statuses"):]
+    section = section[:section.index("\n#", 1)]
+    rows = re.findall(r"^\| (\d+) \| `(\w+)` \|", section, re.M)
+    assert len(rows) == len({name for _, name in rows}), rows
+    return {name: int(status) for status, name in rows}
+
+
+def test_the_readme_table_is_the_code_table():
+    assert readme_exit_table() == {cls.__name__: status for cls, status in EXIT_STATUSES.items()}
+
+
+def test_no_cause_is_a_kind_of_another():
+    """An error has one cause, so its status never depends on the order of except clauses."""
+    for a, b in itertools.permutations(EXIT_STATUSES, 2):
+        assert not issubclass(a, b), (a, b)
+    for cls in EXIT_STATUSES:
+        assert issubclass(cls, errors.UserError) and errors.exit_status(cls("x")) == EXIT_STATUSES[cls]
+    assert errors.exit_status(ValueError("a bug")) is None and errors.exit_status(errors.UserError()) is None
+
+
+def test_scripts_and_tools_use_the_table(capsys):
+    assert cli.exit_status(ConfigCompositionException("no such option")) == CONFIG_ERROR
+    assert cli.exit_status(KeyError("a bug")) is None
+    for cls, status in EXIT_STATUSES.items():
+        assert cli.exit_status(cls("x")) == status
+
+        def work(cls=cls) -> None:
+            raise cls("what went wrong")
+        assert run_tool("python -m dmd2.tool", work) == status
+        assert capsys.readouterr().err == "python -m dmd2.tool: error: what went wrong\n"
+    assert run_tool("t", lambda: None) == 0
+    with pytest.raises(KeyError):
+        run_tool("t", lambda: {}["a bug"])  # a bug keeps its traceback
 
 
 def assert_user_error(proc, status: int, *words: str) -> None:

@@ -11,7 +11,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from dmd2.config.errors import ConfigError
+from dmd2.config.errors import ConfigError, FileError
 from dmd2.config.settings import SCHEMAS, DistillSettings, TeacherSettings, describe
 from dmd2.config.validate import validate
 from dmd2.io.weights import build_denoiser
@@ -155,10 +155,10 @@ def test_the_rule_holds_for_evaluate_and_generate():
 def test_missing_teacher_checkpoint_and_data_folder(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match="teacher_checkpoint"):
         validate(compose_cfg(["stage=distill", "data=image_folder", f"data.root={tiny_data}"]))
-    with pytest.raises(ConfigError, match="teacher_checkpoint.*not found"):
+    with pytest.raises(FileError, match="teacher_checkpoint.*not found"):  # no ConfigError: a cause of its own
         validate(compose_cfg(["stage=distill", "data=image_folder", f"data.root={tiny_data}",
                               f"teacher_checkpoint={tmp_path / 'nope.pt'}"]))
-    with pytest.raises(ConfigError, match="data.root.*not found"):
+    with pytest.raises(FileError, match="data.root.*not found"):
         validate(compose_cfg(["stage=teacher", "data=image_folder", f"data.root={tmp_path / 'missing'}"]))
 
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import evaluate as evaluate_script
-from dmd2.config.errors import EVALUATION_ERROR, ConfigError, EvaluationError
+from dmd2.config.errors import EVALUATION_ERROR, ConfigError, EvaluationError, FileError
 from dmd2.eval.features import (INCEPTION_FILE, INCEPTION_URL, FeatureNetwork, batch_features, build_feature_network,
                                 network_input)
 from dmd2.eval.references import precomputed_cifar10_stats, reference_statistics
@@ -242,7 +242,8 @@ def test_missing_precomputed_stats_fail_offline(tmp_path, monkeypatch):
 def test_bad_config_values_name_the_key(overrides, message, tmp_path):
     ckpt = tmp_path / "x.pt"
     ckpt.touch()
-    with pytest.raises((ConfigError, ConfigCompositionException), match=message):
+    # a path key without its file is a FileError (no longer a kind of ConfigError)
+    with pytest.raises((ConfigError, FileError, ConfigCompositionException), match=message):
         evaluate_script.validate(compose_cfg([o.replace("CKPT", str(ckpt)) for o in overrides] + ["logger=none"],
                                              config_name="evaluate"))
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 import dmd2
 import generate as generate_script
-from dmd2.config.errors import ConfigError, GeneratorError
+from dmd2.config.errors import ConfigError, FormatError
 from dmd2.config.seeds import parse_seeds
 from dmd2.io.checkpoint import load_checkpoint
 from dmd2.io.files import file_sha256
@@ -84,7 +84,7 @@ def test_export_load_and_sample_gives_bitwise_the_images_generate_py_writes(dmd2
 def test_a_seed_gives_its_own_image_whatever_the_other_seeds_and_the_batch_size(dmd2_run):
     assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7] and parse_seeds(5) == [5] and parse_seeds(["0-1", 9]) == [0, 1, 9]
     for bad in ("3-1", "a", "-2", True):
-        with pytest.raises(GeneratorError, match="seeds"):
+        with pytest.raises(ConfigError, match="seeds"):
             parse_seeds(bad)
     shape = (1, 3, 32, 32)
     assert torch.equal(per_sample_noise([3, 7], 0, shape), per_sample_noise(range(10), 0, shape)[[3, 7]])
@@ -94,7 +94,7 @@ def test_a_seed_gives_its_own_image_whatever_the_other_seeds_and_the_batch_size(
     # the same noise; the network's float rounding may differ with the batch size in the last bit (<= 1 level)
     assert (alone.int() - among.int()).abs().max() <= 1
     assert torch.equal(gen.sample(seeds=[7, 3], batch_size=1), alone)  # and a rerun is bitwise
-    with pytest.raises(GeneratorError, match="no seeds"):
+    with pytest.raises(ConfigError, match="no seeds"):
         gen.sample(seeds=[])
 
 
@@ -105,7 +105,7 @@ def test_class_names_travel_from_the_data_to_checkpoints_exports_and_outputs(tea
     assert gen.class_names == TINY_CLASSES
     by_name = gen.sample(labels=["class03", "class07"], seeds=[3, 7], batch_size=2)
     assert torch.equal(by_name, gen.sample(seeds=[3, 7], batch_size=2))  # seed s of all classes is class s mod 10
-    with pytest.raises(GeneratorError, match="unknown class 'cat'.*class00"):
+    with pytest.raises(ConfigError, match="unknown class 'cat'.*class00"):
         gen.sample(labels="cat", seeds=[0])
     generate(tmp_path, f"checkpoint={dmd2_run / 'generator'}", f"output_dir={tmp_path / 'two'}",
              "classes=[class02,5]", "seeds=0-3")
@@ -134,7 +134,7 @@ def test_hub_layout_loads_through_hf_urls(dmd2_run, monkeypatch):
     """The export folder is what a Hub repository holds: hf://owner/name downloads it (huggingface_hub's
     snapshot_download, replaced here: no network) and loads it like the local folder."""
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
-    with pytest.raises(GeneratorError, match=r"pip install -e '\.\[hub\]'"):
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[hub\]'"):
         dmd2.load_generator("hf://someone/dmd2-tiny")
     asked = []
     hub = types.SimpleNamespace(snapshot_download=lambda repo_id, allow_patterns: asked.append(
@@ -190,5 +190,5 @@ def test_damaged_noise_levels_are_refused_before_sampling(dmd2_run, tmp_path, si
     meta["sampler"]["denoising_sigmas"] = sigmas
     (export / "config.json").write_text(json.dumps(meta))
     for source in (tmp_path / "dmd2_damaged.pt", export):
-        with pytest.raises(GeneratorError, match="denoising_sigmas"):
+        with pytest.raises(FormatError, match="denoising_sigmas"):
             dmd2.load_generator(str(source))

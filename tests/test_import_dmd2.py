@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmd2.config.errors import GeneratorError
+from dmd2.config.errors import FILE_ERROR, FormatError
 from dmd2.config.settings import arch_settings
 from dmd2.data.images import to_uint8
 from dmd2.io.import_dmd2 import import_dmd2
@@ -105,22 +105,23 @@ def test_what_does_not_fit_is_refused_naming_the_tensor(edit, message, tmp_path)
     edit(state)
     src = tmp_path / "pytorch_model.bin"
     torch.save(state, src)
-    with pytest.raises(GeneratorError, match=message):
+    with pytest.raises(FormatError, match=message):
         import_dmd2(str(src))
 
 
-def test_an_existing_folder_is_never_overwritten_and_bad_files_exit_2(tmp_path, capsys):
+def test_an_existing_folder_is_never_overwritten_and_bad_files_exit_3(tmp_path, capsys):
     state, _ = official_state_dict()
     src = tmp_path / "pytorch_model.bin"
     torch.save(state, src)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert import_main([str(src), str(out)]) == 2
+    # 2 before: the tools exit with the status of the error's class, as the scripts do (FileError, FormatError: 3)
+    assert import_main([str(src), str(out)]) == FILE_ERROR
     assert "already exists; refusing to overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     (tmp_path / "junk.bin").write_bytes(b"not a state dict")
-    assert import_main([str(tmp_path / "junk.bin"), str(tmp_path / "new")]) == 2
+    assert import_main([str(tmp_path / "junk.bin"), str(tmp_path / "new")]) == FILE_ERROR
     assert "not a readable state dict" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
@@ -161,7 +162,7 @@ def test_a_huge_declared_architecture_is_refused_before_any_network_is_built(tmp
     torch.save(state, src)
     assert src.stat().st_size < 2 ** 25  # the tiny network's other tensors: 13 MB
     monkeypatch.setitem(ARCHITECTURES, "adm", meta_only)
-    with pytest.raises(GeneratorError, match=r"tensor model\.\S+ (has shape|is missing)"):
+    with pytest.raises(FormatError, match=r"tensor model\.\S+ (has shape|is missing)"):
         import_dmd2(str(src))
     assert devices == ["meta"]
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import evaluate as evaluate_script
-from dmd2.config.errors import EvaluationError
+from dmd2.config.errors import EvaluationError, FileError
 from dmd2.config.settings import arch_settings
 from dmd2.eval.features import batch_features, build_feature_network
 from dmd2.eval.references import npz_stats
@@ -208,7 +208,7 @@ def test_truncated_and_wrong_files_are_refused_naming_the_file(tmp_path):
     torch.save({"kind": "teacher"}, tmp_path / "ours.pt")
     with pytest.raises(EDMImportError, match=r"ours\.pt"):
         import_edm(str(tmp_path / "ours.pt"))
-    with pytest.raises(EDMImportError, match="file not found"):
+    with pytest.raises(FileError, match="file not found"):
         import_edm(str(tmp_path / "missing.pkl"))
 
 

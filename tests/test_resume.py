@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmd2.config.errors import CheckpointError
+from dmd2.config.errors import FormatError
 from dmd2.io.checkpoint import latest_valid_checkpoint, load_checkpoint, prune_checkpoints
 from dmd2.train.optim import NonFiniteError
 from tests.conftest import ROOT, SMOKE, compose_cfg, run_cli
@@ -83,14 +83,14 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog)
     path, state = latest_valid_checkpoint(str(tmp_path), "teacher", "teacher")
     assert path.endswith("teacher_000004.pt") and state["step"] == 4
     assert "teacher_000006.pt" in caplog.text and caplog.records[-1].levelname == "WARNING"
-    with pytest.raises(CheckpointError, match="teacher_000006.pt.*truncated"):
+    with pytest.raises(FormatError, match="teacher_000006.pt.*truncated"):
         load_checkpoint(str(newest))
 
 
 def test_a_pickled_object_in_a_checkpoint_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"kind": "teacher", "step": 1, "payload": Path("/etc/passwd")}, path)  # arbitrary class
-    with pytest.raises(CheckpointError, match="evil.pt"):
+    with pytest.raises(FormatError, match="evil.pt"):
         load_checkpoint(str(path))
 
 
@@ -263,12 +263,11 @@ class PickledObject:
 def test_a_file_with_pickled_objects_is_refused_without_advising_weights_only_false(tmp_path):
     """torch's refusal advised retrying with weights_only=False (running code from the file); the message now says
     what the file holds and what is expected instead, for training checkpoints and for sampling."""
-    from dmd2.config.errors import GeneratorError
     from dmd2.io.loaded import load_generator
 
     path = tmp_path / "foreign.pt"
     torch.save({"kind": "teacher", "step": 0, "object": PickledObject()}, path)
-    for load, error in ((load_checkpoint, CheckpointError), (load_generator, GeneratorError)):
+    for load, error in ((load_checkpoint, FormatError), (load_generator, FormatError)):
         with pytest.raises(error) as err:
             load(str(path))
         message = str(err.value)

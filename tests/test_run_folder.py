@@ -19,7 +19,7 @@ import torch
 import dmd2.io.checkpoint as checkpoint
 import dmd2.train.context as run
 import dmd2.train.logger as run_logger
-from dmd2.config.errors import CheckpointError, ConfigError, FileError
+from dmd2.config.errors import ConfigError, FileError
 from dmd2.io.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from dmd2.io.files import atomic_write
 from dmd2.train.folder import LOCK_FILE, acquire_lock
@@ -77,7 +77,7 @@ def test_a_full_disk_mid_run_stops_no_side_write(monkeypatch, tiny_data, tmp_pat
     caplog.set_level("INFO")
     from train import train
 
-    with pytest.raises(CheckpointError, match="rescue"):
+    with pytest.raises(FileError, match="rescue"):
         train(teacher_cfg(tiny_data, out, "max_steps=8", "log_every=1", "save_every=3", "sample_every=2"))
     monkeypatch.undo()
     (saved,) = rescue.glob("*teacher_final.pt")
@@ -156,7 +156,7 @@ def test_a_folder_made_read_only_mid_run_still_rescues_the_weights(monkeypatch, 
 
     monkeypatch.setattr(run_logger.RunLogger, "log", log_then_lock_folder)
     try:
-        with pytest.raises(CheckpointError, match="rescue"):
+        with pytest.raises(FileError, match="rescue"):
             train(teacher_cfg(tiny_data, out, "max_steps=6", "log_every=1", "save_every=100", "sample_every=1"))
     finally:
         out.chmod(0o700)

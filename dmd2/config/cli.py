@@ -3,8 +3,9 @@
     if __name__ == "__main__":
         sys.exit(run_script(main))      # main: the script's @hydra.main function
 
-An error caused by the config, a file, a checkpoint or the evaluation setup is printed as one message, without a
-Python traceback, and gives its own exit status (``dmd2.config.errors``; README "Exit statuses"). HYDRA_FULL_ERROR=1
+An error caused by the config, a file, a checkpoint's format, the evaluation setup, or a training without a result
+is printed as one message, without a Python traceback, and gives the exit status of its class
+(``dmd2.config.errors.EXIT_STATUSES``, the table every entry point uses; README "Exit statuses"). HYDRA_FULL_ERROR=1
 prints the traceback as well. Any other exception is a bug and propagates with its full traceback (status 1).
 
 This module imports no torch: the scripts' --help and tab completion stay fast.
@@ -21,8 +22,8 @@ from hydra._internal import hydra as hydra_app
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from dmd2.config.errors import (CONFIG_ERROR, EVALUATION_ERROR, FILE_ERROR, TRAINING_FAILED, CheckpointError,
-                                ConfigError, EvaluationError, FileError, GeneratorError, TrainingFailed)
+from dmd2.config import errors
+from dmd2.config.errors import ConfigError
 from dmd2.config.settings import DistillSettings, TeacherSettings, TrainSettings
 
 
@@ -62,16 +63,11 @@ def plain_message(err: BaseException) -> str:
 
 
 def exit_status(err: BaseException) -> int | None:
-    """The exit status of an error caused by input (README "Exit statuses"), or None for any other exception."""
-    if isinstance(err, EvaluationError):
-        return EVALUATION_ERROR
-    if isinstance(err, TrainingFailed):
-        return TRAINING_FAILED
-    if isinstance(err, (FileError, CheckpointError, GeneratorError)):
-        return FILE_ERROR
-    if isinstance(err, (ConfigError, HydraException)):
-        return CONFIG_ERROR
-    return None
+    """The exit status of an error caused by input (``dmd2.config.errors.EXIT_STATUSES``, README "Exit
+    statuses"), or None for any other exception. A config Hydra could not compose is a ConfigError."""
+    if isinstance(err, HydraException):
+        return errors.EXIT_STATUSES[ConfigError]
+    return errors.exit_status(err)
 
 
 def skip_hydra_group_listing() -> None:

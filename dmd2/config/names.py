@@ -7,6 +7,8 @@ import os
 import re
 from typing import Any, Mapping
 
+from dmd2.config.policy import names_a_run  # overrides that only place or name a run are left out
+
 BEST_STEP = "eval/best_step"  # the step of a run's best evaluation
 
 
@@ -61,20 +63,12 @@ def dataset_label(data: Mapping[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or data["name"]
 
 
-# overrides that place a run or name its outputs rather than shape it: left out of run names
-UNNAMED = ("output_dir", "data_dir", "run_name", "resume", "device", "data.num_workers", "hydra", "logger", "paths",
-           "local")
 NAME_ITEMS = 5  # overrides shown in a single run's name (after stage and experiment)
 
 
 def override_key(override: str) -> str:
     """The key of a command-line override: '+data.root=x' -> 'data.root', 'lr=1e-4' -> 'lr'."""
     return override.split("=", 1)[0].lstrip("+~")
-
-
-def names_a_run(key: str) -> bool:
-    """Whether an override of ``key`` belongs in a run name (not one of UNNAMED or a key inside one)."""
-    return not any(key == u or key.startswith(u + ".") or key.startswith(u + "/") for u in UNNAMED)
 
 
 def short_value(value: str) -> str:

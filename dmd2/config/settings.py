@@ -24,7 +24,7 @@ from typing import Any, Callable, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from dmd2.config.errors import GeneratorError
+from dmd2.config.errors import ConfigError
 from dmd2.config.seeds import MAX_SEEDS, count_seeds, seed_ranges
 
 
@@ -91,22 +91,45 @@ DESCENDING_SIGMAS = Rule(
     "a non-empty list of positive sigmas in strictly descending order, e.g. [80.0, 2.5, 0.6, 0.1]")
 
 
-def setting(default: Any, help: str, check: Rule | None = None) -> Any:
-    """A dataclass field carrying its meaning and its rule (``MISSING`` = required, ``???`` in YAML)."""
-    metadata = {"help": help, "check": check}
+@dataclass(frozen=True)
+class Policy:
+    """How the code that compares, names and resumes runs treats a key (read by ``dmd2.config.policy``). A flag
+    left None is the enclosing section's (a section's flags hold for every key inside it); at the top level the
+    default, ``DEFAULT_POLICY``, holds."""
+    resume_safe: bool | None = None  # may differ when a run is resumed: takes effect from the resumed step
+    names_run: bool | None = None  # a command-line override of it goes into the run's name (W&B)
+    splits_compare: bool | None = None  # runs that differ in it are different groups in python -m dmd2.compare
+
+
+DEFAULT_POLICY = Policy(resume_safe=False, names_run=True, splits_compare=True)  # a key that shapes the run
+# where a run reads, writes, runs and logs, and what it is called: never what it computes
+PLACEMENT = Policy(resume_safe=True, names_run=False, splits_compare=False)
+# how long, how often, how fast or at which learning rate a run goes on: a resumed run may change it
+ADJUSTABLE = Policy(resume_safe=True)
+# runs that differ only in it repeat one setting (a seed; a path, whose file may be the same: the teacher's
+# content is compared by teacher_sha256)
+REPEATS = Policy(splits_compare=False)
+
+
+def setting(default: Any, help: str, check: Rule | None = None, policy: Policy = Policy()) -> Any:
+    """A dataclass field carrying its meaning, its rule and its policy (``MISSING`` = required, ``???`` in
+    YAML)."""
+    metadata = {"help": help, "check": check, "policy": policy}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
-def group(node: type, help: str) -> Any:
-    """A nested section whose keys are defined by ``node``."""
-    return field(default_factory=node, metadata={"help": help, "check": None})
+def group(node: type, help: str, policy: Policy = Policy()) -> Any:
+    """A nested section whose keys are defined by ``node``; ``policy`` holds for all of them (unless a key sets
+    its own)."""
+    return field(default_factory=node, metadata={"help": help, "check": None, "policy": policy})
 
 
-def chosen(help: str) -> Any:
-    """A section filled by a config group (arch, data, logger, ...): its schema is the chosen option's."""
-    return field(default=MISSING, metadata={"help": help, "check": None})
+def chosen(help: str, policy: Policy = Policy()) -> Any:
+    """A section filled by a config group (arch, data, logger, ...): its schema is the chosen option's (the
+    ``SCHEMAS`` of the group named like the field); ``policy`` holds for all its keys."""
+    return field(default=MISSING, metadata={"help": help, "check": None, "policy": policy, "chosen": True})
 
 
 # ---------------------------------------------------------------------------------------------- architectures
@@ -211,12 +234,12 @@ class DataSettings:
                         "scored exactly: dmd2/method/mixture.py)",
                         one_of(*DATA_KINDS))
     root: str = setting("${data_dir}", "dataset folder (image_folder: root/<class>/<image>) or edm_dataset's .zip",
-                        TEXT)
+                        TEXT, policy=REPEATS)
     num_classes: int = setting(10, "number of classes (labels 0 .. num_classes - 1); 0 = unconditional (labels "
                                 "ignored, e.g. EDM's -uncond- models)", NONNEG_INT)
     resolution: int = setting(32, "image side in pixels (image_folder: resized and center-cropped)", POSITIVE_INT)
     hflip: bool = setting(True, "random horizontal flips (teacher training augmentation)", BOOL)
-    num_workers: int = setting(2, "DataLoader worker processes", NONNEG_INT)
+    num_workers: int = setting(2, "DataLoader worker processes", NONNEG_INT, policy=PLACEMENT)
     synthetic_per_class: int = setting(64, "data=synthetic / gaussian_mixture: images per class", POSITIVE_INT)
     mixture_components: int = setting(3, "data=gaussian_mixture: Gaussian components (modes) per class, equally "
                                       "weighted", POSITIVE_INT)
@@ -356,63 +379,67 @@ class TrainSettings:
                          one_of("teacher", "distill"))
     arch: Any = chosen("network (teacher, fake score and generator share it): conf/arch")
     data: Any = chosen("dataset: conf/data")
-    logger: Any = chosen("wandb (offline by default) | none: conf/logger")
+    logger: Any = chosen("wandb (offline by default) | none: conf/logger", policy=PLACEMENT)
 
-    seed: int = setting(0, "base seed; rank r uses seed + r", SEED)
-    data_dir: str = setting("./data", "where datasets live (torchvision downloads CIFAR-10 here when missing)", TEXT)
+    seed: int = setting(0, "base seed; rank r uses seed + r", SEED, policy=REPEATS)
+    data_dir: str = setting("./data", "where datasets live (torchvision downloads CIFAR-10 here when missing)", TEXT,
+                            policy=PLACEMENT)
     output_dir: Optional[str] = setting(None, "checkpoints, samples, metrics; null = this run's Hydra directory",
-                                        optional(TEXT))
-    device: str = setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N", DEVICE)
+                                        optional(TEXT), policy=PLACEMENT)
+    device: str = setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N", DEVICE, policy=PLACEMENT)
     run_name: Optional[str] = setting(None, "W&B run name; null = built from the command-line overrides",
-                                      optional(TEXT))
+                                      optional(TEXT), policy=PLACEMENT)
     resume: Optional[str] = setting(None, "null | auto (newest valid checkpoint in output_dir) | a checkpoint path",
-                                    optional(TEXT))
+                                    optional(TEXT), policy=PLACEMENT)
     resume_allow_changes: bool = setting(False, "resume even when settings that shape the run (arch, data, batch "
-                                         "size, ratio, seed) differ from the checkpoint's", BOOL)
+                                         "size, ratio, seed) differ from the checkpoint's", BOOL, policy=ADJUSTABLE)
     keep_last: Optional[int] = setting(None, "keep only the newest N periodic checkpoints (*_final.pt is always "
-                                       "kept)", optional(POSITIVE_INT, "keep all"))
+                                       "kept)", optional(POSITIVE_INT, "keep all"), policy=ADJUSTABLE)
     on_nonfinite: str = setting("stop", "a NaN/inf loss or gradient: stop (the last checkpoint stays intact) | "
-                                "skip the update (counted as skipped_steps)", one_of("stop", "skip"))
+                                "skip the update (counted as skipped_steps)", one_of("stop", "skip"), policy=ADJUSTABLE)
 
     batch_size: int = setting(128, "samples per step (per process under torchrun)", POSITIVE_INT)
-    num_epochs: int = setting(100, "passes over the dataset", POSITIVE_INT)
+    num_epochs: int = setting(100, "passes over the dataset", POSITIVE_INT, policy=ADJUSTABLE)
     max_steps: Optional[int] = setting(None, "step limit; training stops at max_steps or num_epochs, whichever "
-                                       "comes first", optional(POSITIVE_INT))
+                                       "comes first", optional(POSITIVE_INT), policy=ADJUSTABLE)
     save_every: int = setting(5000, "periodic checkpoint every N steps (<stage>_NNNNNN.pt); *_final.pt at the end",
-                              POSITIVE_INT)
-    weight_decay: float = setting(0.0, "AdamW weight decay", NONNEG)
+                              POSITIVE_INT, policy=ADJUSTABLE)
+    weight_decay: float = setting(0.0, "AdamW weight decay", NONNEG, policy=ADJUSTABLE)
     adam_betas: List[float] = setting([0.9, 0.999], "AdamW betas",
                                       Rule(lambda v: isinstance(v, (list, tuple)) and len(v) == 2
-                                           and all(FRACTION(b) for b in v), "two numbers in [0, 1]"))
+                                           and all(FRACTION(b) for b in v), "two numbers in [0, 1]"), policy=ADJUSTABLE)
     warmup_steps: int = setting(1000, "linear learning-rate warm-up over N training iterations, then constant",
-                                NONNEG_INT)
-    grad_clip: Optional[float] = setting(1.0, "max global gradient norm; null disables clipping", optional(POSITIVE))
+                                NONNEG_INT, policy=ADJUSTABLE)
+    grad_clip: Optional[float] = setting(1.0, "max global gradient norm; null disables clipping", optional(POSITIVE),
+                                         policy=ADJUSTABLE)
     precision: str = setting("fp32", "fp32 | bf16 (autocast on CUDA; ignored on CPU)", one_of("fp32", "bf16"))
 
-    log_every: int = setting(50, "scalar logging interval (steps)", POSITIVE_INT)
-    sample_every: int = setting(5000, "sample grid interval (steps); 0 = only at the end", NONNEG_INT)
+    log_every: int = setting(50, "scalar logging interval (steps)", POSITIVE_INT, policy=ADJUSTABLE)
+    sample_every: int = setting(5000, "sample grid interval (steps); 0 = only at the end", NONNEG_INT,
+                                policy=ADJUSTABLE)
     samples_per_class: int = setting(8, "columns of the sample grid (one row per class; at most 16 classes, "
-                                     "evenly spaced)", POSITIVE_INT)
+                                     "evenly spaced)", POSITIVE_INT, policy=ADJUSTABLE)
     sample_steps: int = setting(18, "Heun steps of teacher sample grids (18 steps = 35 network evaluations)",
-                                POSITIVE_INT)
+                                POSITIVE_INT, policy=ADJUSTABLE)
 
     eval_every: int = setting(0, "FID / FD of the EMA network every N steps and at the end (distill: also at step "
-                              "0), logged as eval/fid or eval/fd_<network>; 0 = off", NONNEG_INT)
-    eval: EvalSettings = group(EvalSettings, "what eval_every measures")
+                              "0), logged as eval/fid or eval/fd_<network>; 0 = off", NONNEG_INT, policy=ADJUSTABLE)
+    eval: EvalSettings = group(EvalSettings, "what eval_every measures", policy=ADJUSTABLE)
     optimized_metric: Optional[str] = setting(None, "what train.py returns to a sweeper: null = the best eval "
                                               "metric (needs eval_every > 0); or a final metric key the run "
-                                              "produces (a loss only when named: train/loss)", optional(METRIC))
-    perf: Perf = group(Perf, "fast paths")
-    paths: LocalPaths = group(LocalPaths, "machine-specific paths (conf/local/default.yaml)")
+                                              "produces (a loss only when named: train/loss)", optional(METRIC),
+                                              policy=ADJUSTABLE)
+    perf: Perf = group(Perf, "fast paths", policy=ADJUSTABLE)
+    paths: LocalPaths = group(LocalPaths, "machine-specific paths (conf/local/default.yaml)", policy=PLACEMENT)
 
 
 @dataclass
 class TeacherSettings(TrainSettings):
     """Stage 1: train the EDM teacher."""
     stage: str = setting("teacher", "teacher | distill", one_of("teacher"))
-    lr: float = setting(1e-4, "AdamW learning rate", POSITIVE)
+    lr: float = setting(1e-4, "AdamW learning rate", POSITIVE, policy=ADJUSTABLE)
     ema_decay: float = setting(0.9999, "EMA of the weights (what distillation loads); warmed up as "
-                               "min(decay, (1+n)/(10+n))", DECAY)
+                               "min(decay, (1+n)/(10+n))", DECAY, policy=ADJUSTABLE)
     sigma_data: float = setting(0.5, "EDM data standard deviation", POSITIVE)
     p_mean: float = setting(-1.2, "EDM training noise: ln(sigma) ~ N(p_mean, p_std^2)", number())
     p_std: float = setting(1.2, "EDM training noise spread", POSITIVE)
@@ -423,9 +450,10 @@ class DistillSettings(TrainSettings):
     """Stage 2: DMD2 distillation of a teacher checkpoint into a one-step (or few-step) generator."""
     stage: str = setting("distill", "teacher | distill", one_of("distill"))
     teacher_checkpoint: str = setting(MISSING, "a teacher checkpoint (teacher_final.pt); its EMA weights are used",
-                                      TEXT)
-    generator_lr: float = setting(2e-6, "AdamW learning rate of the generator", POSITIVE)
-    guidance_lr: float = setting(2e-6, "AdamW learning rate of the fake score network (and GAN head)", POSITIVE)
+                                      TEXT, policy=REPEATS)
+    generator_lr: float = setting(2e-6, "AdamW learning rate of the generator", POSITIVE, policy=ADJUSTABLE)
+    guidance_lr: float = setting(2e-6, "AdamW learning rate of the fake score network (and GAN head)", POSITIVE,
+                                 policy=ADJUSTABLE)
     dfake_gen_update_ratio: int = setting(10, "the fake score network updates every step, the generator every "
                                           "N-th step (two time-scale update rule)", POSITIVE_INT)
     dropout: Optional[float] = setting(0.0, "dropout of the generator and the fake score network (the teacher "
@@ -448,7 +476,7 @@ class DistillSettings(TrainSettings):
     diffusion_gan_max_timestep: int = setting(1000, "diffusion-GAN noise at sigmas[t], t ~ U{0 .. max-1}",
                                               POSITIVE_INT)
     generator_ema_decay: Optional[float] = setting(None, "EMA of the generator weights (e.g. 0.999), saved next "
-                                                   "to the raw weights", optional(DECAY, "off"))
+                                                   "to the raw weights", optional(DECAY, "off"), policy=ADJUSTABLE)
     exact_teacher: bool = setting(False, "data=gaussian_mixture only: the real score is the mixture's exact "
                                   "denoiser (closed form, zero teacher error); teacher_checkpoint then only "
                                   "initialises the generator and the fake score network", BOOL)
@@ -466,19 +494,19 @@ class SamplerSettings:
 @dataclass
 class EvaluateSettings(FidSettings):
     """evaluate.py: FID of teacher and DMD2 checkpoints with clean-fid (or an FD with another feature network)."""
-    logger: Any = chosen("wandb (offline by default) | none: conf/logger")
+    logger: Any = chosen("wandb (offline by default) | none: conf/logger", policy=PLACEMENT)
     checkpoint: Optional[str] = setting(None, "one teacher_*.pt or dmd2_*.pt, an export folder or .safetensors "
                                         "file, or hf://owner/repo; set this or checkpoint_dir", optional(TEXT))
     checkpoint_dir: Optional[str] = setting(None, "every *.pt in this folder, in order of training step; set one "
                                             "of checkpoint, checkpoint_dir, images, write_reference",
                                             optional(TEXT))
     output_dir: Optional[str] = setting(None, "results.json, metrics.jsonl and wandb/; null = this run's Hydra "
-                                        "directory", optional(TEXT))
+                                        "directory", optional(TEXT), policy=PLACEMENT)
     num_samples: int = setting(50000, "generated images per checkpoint, classes round-robin", int_at_least(2))
     batch_size: int = setting(250, "images generated and featurized at once", POSITIVE_INT)
     seed: int = setting(0, "sample i uses noise seeded by (seed, i): every checkpoint sees the same noise",
                         SEED)
-    device: str = setting("auto", "auto | cpu | cuda | cuda:N", DEVICE)
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N", DEVICE, policy=PLACEMENT)
     teacher_weights: str = setting("ema", "teacher checkpoints: ema | model", one_of("ema", "model"))
     generator_weights: str = setting("ema", "DMD2 checkpoints: ema (when trained with generator_ema_decay, else "
                                      "raw) | raw", one_of("ema", "raw"))
@@ -492,14 +520,14 @@ class EvaluateSettings(FidSettings):
     kid: bool = setting(False, "also compute KID (clean-fid's kernel distance)", BOOL)
     num_workers: int = setting(4, "data-loader workers reading the reference folder", NONNEG_INT)
     run_name: Optional[str] = setting(None, "W&B run name; null = built from the command-line overrides",
-                                      optional(TEXT))
+                                      optional(TEXT), policy=PLACEMENT)
 
 
 def _seeds_ok(value: Any) -> bool:
     try:
         # arithmetic: a huge range is refused without building its list
         return count_seeds(value) > 0 and max(last for _, last in seed_ranges(value)) < SEED_LIMIT
-    except GeneratorError:
+    except ConfigError:
         return False
 
 
@@ -516,7 +544,8 @@ class GenerateSettings:
     checkpoint: str = setting(MISSING, "a teacher_*.pt (Heun sampler) or dmd2_*.pt checkpoint, an export folder or "
                               ".safetensors file (python -m dmd2.export), or hf://owner/repo", TEXT)
     output_dir: str = setting("./generated", "png: <output_dir>/<class>/<seed>.png (unconditional: "
-                              "<output_dir>/<seed>.png); npz: <output_dir>/samples.npz; both: grid.png", TEXT)
+                              "<output_dir>/<seed>.png); npz: <output_dir>/samples.npz; both: grid.png", TEXT,
+                              policy=PLACEMENT)
     overwrite: bool = setting(False, "write into an output_dir that holds files generate.py did not write there, or "
                               "another model's (refused otherwise; files of the same names are replaced)", BOOL)
     seeds: Any = setting(None, "image seeds, as EDM's generate.py: 7, 0-63 or [0-9,20,30-32]; seed s draws its own "
@@ -527,7 +556,7 @@ class GenerateSettings:
     format: str = setting("png", "png (one file per image) | npz (samples.npz: arr_0 uint8 [N,H,W,3], arr_1 labels "
                           "[N], seeds [N], class_names; the layout of ADM's evaluator)", one_of("png", "npz"))
     batch_size: int = setting(256, "images generated at once", POSITIVE_INT)
-    device: str = setting("auto", "auto | cpu | cuda | cuda:N", DEVICE)
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N", DEVICE, policy=PLACEMENT)
     teacher_weights: str = setting("ema", "teacher checkpoints: ema | model", one_of("ema", "model"))
     generator_weights: str = setting("ema", "DMD2 checkpoints: ema | raw", one_of("ema", "raw"))
     sampler: SamplerSettings = group(SamplerSettings, "how teacher checkpoints sample")
@@ -543,6 +572,26 @@ SCHEMAS: dict[str, type] = {
     "schema/arch/adm": ADMArch, "schema/arch/from_teacher": FromTeacherArch, "schema/data": DataSettings,
     "schema/logger/wandb": WandbLogger, "schema/logger/none": NoLogger,
     "schema/evaluate": EvaluateSettings, "schema/generate": GenerateSettings,
+}
+
+# The policy of the top-level keys that are no setting of any schema above (every flag given; a key inside one,
+# such as hydra.run.dir or hydra/launcher, has its policy). The only such answers: dmd2.config.policy reads them.
+OTHER_KEYS: dict[str, Policy] = {
+    # stored beside the settings in a training run's config (its checkpoints; config.yaml holds teacher_sha256)
+    "world_size": Policy(resume_safe=True, names_run=False, splits_compare=True),  # processes: another number
+    "global_batch_size": Policy(resume_safe=True, names_run=False, splits_compare=True),  # may resume the run
+    # the teacher file's hash: a different teacher is refused on resume by its own check (older checkpoints lack
+    # it); runs of different teachers are different groups, whatever the teacher_checkpoint path
+    "teacher_sha256": Policy(resume_safe=True, names_run=False, splits_compare=True),
+    # command-line overrides only (never stored): Hydra's own settings and the machine's conf/local file
+    "hydra": PLACEMENT,
+    "local": PLACEMENT,
+    # choices of the config groups that are no key of a schema: presets, named by their choice
+    "experiment": DEFAULT_POLICY,
+    "debug": DEFAULT_POLICY,
+    "debug_stage": DEFAULT_POLICY,
+    "hparams_search": DEFAULT_POLICY,
+    "protocol": DEFAULT_POLICY,
 }
 
 

@@ -28,12 +28,10 @@ from typing import Any
 
 import yaml
 
-from dmd2.config.errors import FILE_ERROR, FileError
+from dmd2.config.errors import FileError, run_tool
 from dmd2.config.names import higher_is_better
+from dmd2.config.policy import splits_groups
 
-# keys that name or place a run rather than shape it (a key, or a section ending in ".")
-IGNORED = ("seed", "output_dir", "run_name", "resume", "data_dir", "logger.", "data.root", "data.num_workers",
-           "teacher_checkpoint", "device", "paths.")
 # eval/* values that describe the cost or the bookkeeping of an evaluation, not the model
 NOT_METRICS = ("eval/seconds", "eval/images_per_sec", "eval/nfe", "eval/best_step", "eval/num_samples")
 
@@ -117,13 +115,11 @@ def find_runs(patterns: list[str]) -> list[Run]:
     return [read_run(f) for f in sorted(folders)]
 
 
-def ignored(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in IGNORED)
-
-
 def differing_keys(runs: list[Run]) -> list[str]:
+    """The config keys whose values differ between the runs, among those that split groups (each key's policy,
+    dmd2.config.policy.splits_groups: not the seed, paths and names)."""
     keys = sorted({k for r in runs for k in r.config})
-    return [k for k in keys if not ignored(k) and len({json.dumps(r.config.get(k)) for r in runs}) > 1]
+    return [k for k in keys if splits_groups(k) and len({json.dumps(r.config.get(k)) for r in runs}) > 1]
 
 
 def eval_metrics(runs: list[Run]) -> list[str]:
@@ -286,15 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", metavar="FILE", help="write the Markdown table here")
     parser.add_argument("--csv", metavar="FILE", help="write the table as CSV (means and sds) here")
     args = parser.parse_args(argv)
-    try:
-        runs = find_runs(args.paths)
-        metrics = args.metric
-        missing = [m for m in metrics or [] if not any(m in r.series for r in runs)]
-        if missing:
-            raise FileError(f"--metric {', '.join(missing)}: no run logged it; they logged "
-                            f"{', '.join(eval_metrics(runs)) or 'no eval/* metric'}")
-        write_outputs(runs, metrics, args)
-    except FileError as err:
-        print(f"python -m dmd2.compare: error: {err}", file=sys.stderr)
-        return FILE_ERROR
-    return 0
+    return run_tool(parser.prog, lambda: compare_command(args))
+
+
+def compare_command(args: argparse.Namespace) -> None:
+    """``python -m dmd2.compare`` with its parsed arguments: find the runs, write the table and plots."""
+    runs = find_runs(args.paths)
+    metrics = args.metric
+    missing = [m for m in metrics or [] if not any(m in r.series for r in runs)]
+    if missing:
+        raise FileError(f"--metric {', '.join(missing)}: no run logged it; they logged "
+                        f"{', '.join(eval_metrics(runs)) or 'no eval/* metric'}")
+    write_outputs(runs, metrics, args)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from dmd2.config.errors import CheckpointError, GeneratorError
+from dmd2.config.errors import FileError, FormatError
 from dmd2.io.checkpoint_format import CHECKPOINT_FORMAT, current_layout
 from dmd2.io.files import atomic_write
 from dmd2.io.weights import load_denoiser
@@ -59,15 +59,15 @@ def load_checkpoint(path: str, kind: str | None = None, mmap: bool = False) -> d
     with ``kind``, refuse a file of another kind. ``mmap``: map the tensors' bytes instead of reading them (for
     reading a checkpoint's fields only)."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise FileError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {load_failure(err)}") from err
+        raise FormatError(f"cannot read checkpoint {path}: {load_failure(err)}") from err
     if not isinstance(state, dict) or state.get("kind") not in KINDS:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (no 'kind' in {KINDS})")
+        raise FormatError(f"{path} is not a checkpoint of this project (no 'kind' in {KINDS})")
     if kind is not None and state["kind"] != kind:
-        raise CheckpointError(f"{path} is a {state['kind']!r} checkpoint, expected a {kind!r} checkpoint")
+        raise FileError(f"{path} is a {state['kind']!r} checkpoint, expected a {kind!r} checkpoint")
     return current_layout(state, path)
 
 
@@ -94,12 +94,12 @@ def network_from_checkpoint(state: dict[str, Any], weights: str) -> EDMPrecond:
     weights the file holds."""
     tensors = state.get(weights)
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-        raise CheckpointError(f"the checkpoint has no '{weights}' weights (a dict of tensors)")
+        raise FormatError(f"the checkpoint has no '{weights}' weights (a dict of tensors)")
     try:
         return load_denoiser(state.get("arch"), state.get("num_classes"), state.get("resolution"),
                              state["sigma_data"], tensors)
-    except GeneratorError as err:
-        raise CheckpointError(f"the checkpoint's '{weights}' weights: {err}") from None
+    except FormatError as err:
+        raise FormatError(f"the checkpoint's '{weights}' weights: {err}") from None
 
 
 def periodic_checkpoints(folder: str, prefix: str) -> list[str]:
@@ -121,7 +121,7 @@ def latest_valid_checkpoint(folder: str, prefix: str, kind: str) -> tuple[str, d
     for path in candidates:
         try:
             return path, load_checkpoint(path, kind=kind)
-        except CheckpointError as err:
+        except (FileError, FormatError) as err:
             log.warning(f"[resume] WARNING: skipping {path}: {err}; falling back to the previous checkpoint")
     return None
 
@@ -163,7 +163,7 @@ def rescue_dir() -> str:
 def save_final(state: dict[str, Any], path: str, d: Dist) -> str:
     """Write a checkpoint that must not be lost (the final one, or one on a stop signal): rank 0 writes, the
     others wait. A failed write is tried once more; if that fails too the weights go to ``rescue_dir()`` and
-    CheckpointError names both paths (the run ends with an error, its weights kept). Returns the path."""
+    FileError names both paths (the run ends with an error, its weights kept). Returns the path."""
     if d.is_main:
         error: Exception | None = None
         for attempt in range(2):
@@ -178,8 +178,8 @@ def save_final(state: dict[str, Any], path: str, d: Dist) -> str:
             rescue = os.path.join(rescue_dir(), f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}-"
                                                 f"{os.path.basename(path)}")
             save_checkpoint(state, rescue)
-            raise CheckpointError(f"could not write {path} ({error}); the checkpoint (step {state.get('step')}) "
-                                  f"was saved to the rescue path {rescue} instead: copy it back to continue")
+            raise FileError(f"could not write {path} ({error}); the checkpoint (step {state.get('step')}) "
+                            f"was saved to the rescue path {rescue} instead: copy it back to continue")
     barrier(d)
     return path
 

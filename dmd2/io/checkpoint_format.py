@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dmd2.config.errors import CheckpointError
+from dmd2.config.errors import FormatError
 from dmd2.config.settings import ARCH_SETTINGS
 from dmd2.io.weights import complete_arch
 
@@ -72,6 +72,6 @@ def current_layout(state: dict[str, Any], path: str) -> dict[str, Any]:
     if version is None:
         return upgrade_checkpoint(state)
     if version != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {version!r}; this version of dmd2 reads format "
+        raise FormatError(f"{path}: checkpoint format {version!r}; this version of dmd2 reads format "
                               f"{CHECKPOINT_FORMAT} and upgrades older ones (a newer dmd2 wrote it?)")
     return state

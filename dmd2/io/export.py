@@ -20,13 +20,12 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import Any
 
 from torch import Tensor
 
-from dmd2.config.errors import CheckpointError, GeneratorError
+from dmd2.config.errors import ConfigError, FileError, run_tool
 from dmd2.io.checkpoint import load_checkpoint
 from dmd2.io.export_format import CONFIG_FILE, WEIGHTS_FILE, checkpoint_export_metadata
 from dmd2.io.files import atomic_write, follow_umask
@@ -78,12 +77,12 @@ EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, "README.md")
 def check_export_folder(folder: str, overwrite: bool) -> None:
     """Refuse to replace a file of ``folder`` that the export would write, unless ``overwrite``."""
     if os.path.isfile(folder):
-        raise GeneratorError(f"{folder}: a file is in the way of the export folder")
+        raise FileError(f"{folder}: a file is in the way of the export folder")
     present = [name for name in EXPORT_FILES if os.path.lexists(os.path.join(folder, name))]
     if present and not overwrite:
-        raise GeneratorError(f"{folder}: {', '.join(present)} already there; the export would replace "
-                             f"{'it' if len(present) == 1 else 'them'} (choose an empty or new folder, or pass "
-                             "--overwrite)")
+        raise FileError(f"{folder}: {', '.join(present)} already there; the export would replace "
+                        f"{'it' if len(present) == 1 else 'them'} (choose an empty or new folder, or pass "
+                        "--overwrite)")
 
 
 def export_generator(checkpoint: str, folder: str, *, teacher_weights: str = "ema", generator_weights: str = "ema",
@@ -91,12 +90,9 @@ def export_generator(checkpoint: str, folder: str, *, teacher_weights: str = "em
     """Write ``folder`` (model.safetensors, config.json, README.md) from a training checkpoint; return its
     metadata. The files are written into a temporary folder first and moved in at the end: an interrupted
     export never leaves a half-written one under ``folder``. A file of those names already in ``folder`` is
-    replaced only with ``overwrite`` (GeneratorError naming it otherwise)."""
+    replaced only with ``overwrite`` (FileError naming it otherwise)."""
     check_export_folder(folder, overwrite)
-    try:
-        state = load_checkpoint(checkpoint)
-    except CheckpointError as err:
-        raise GeneratorError(str(err)) from err
+    state = load_checkpoint(checkpoint)
     sampler = sampler_from_checkpoint(state, "cpu", heun_steps, teacher_weights, generator_weights)
     meta = checkpoint_export_metadata(state, sampler, checkpoint)
     weights = {k: v.detach().contiguous() for k, v in sampler.net.state_dict().items()}
@@ -133,7 +129,7 @@ def push_to_hub(folder: str, repo_id: str, private: bool = False) -> str:
     try:
         from huggingface_hub import HfApi
     except ImportError:
-        raise GeneratorError("--push-to-hub needs huggingface_hub: pip install -e '.[hub]'") from None
+        raise ConfigError("--push-to-hub needs huggingface_hub: pip install -e '.[hub]'") from None
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
     api.upload_folder(folder_path=folder, repo_id=repo_id, allow_patterns=list(EXPORT_FILES))
@@ -156,17 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.heun_steps < 1:
         parser.error(f"--heun-steps must be >= 1, got {args.heun_steps}")
-    try:
-        meta = export_generator(args.checkpoint, args.folder, teacher_weights=args.teacher_weights,
-                                generator_weights=args.generator_weights, heun_steps=args.heun_steps,
-                                repo_id=args.push_to_hub, overwrite=args.overwrite)
-        size = os.path.getsize(os.path.join(args.folder, WEIGHTS_FILE))
-        print(f"[export] {args.checkpoint} (step {meta['provenance']['step']}, {meta['weights']} weights) -> "
-              f"{args.folder}: {size / 2**20:.1f} MiB, {meta['sampler']['nfe']} NFE, "
-              f"{meta['num_classes'] or 'no'} classes")
-        if args.push_to_hub:
-            print(f"[export] uploaded: {push_to_hub(args.folder, args.push_to_hub, args.private)}")
-    except GeneratorError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool(parser.prog, lambda: export_command(args))
+
+
+def export_command(args: argparse.Namespace) -> None:
+    """``python -m dmd2.export`` with its parsed arguments: export, report, upload."""
+    meta = export_generator(args.checkpoint, args.folder, teacher_weights=args.teacher_weights,
+                            generator_weights=args.generator_weights, heun_steps=args.heun_steps,
+                            repo_id=args.push_to_hub, overwrite=args.overwrite)
+    size = os.path.getsize(os.path.join(args.folder, WEIGHTS_FILE))
+    print(f"[export] {args.checkpoint} (step {meta['provenance']['step']}, {meta['weights']} weights) -> "
+          f"{args.folder}: {size / 2**20:.1f} MiB, {meta['sampler']['nfe']} NFE, "
+          f"{meta['num_classes'] or 'no'} classes")
+    if args.push_to_hub:
+        print(f"[export] uploaded: {push_to_hub(args.folder, args.push_to_hub, args.private)}")

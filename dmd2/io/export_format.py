@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any, Sequence
 
-from dmd2.config.errors import GeneratorError
+from dmd2.config.errors import FileError, FormatError
 from dmd2.data.datasets import default_class_names
 from dmd2.io.files import file_sha256
 from dmd2.io.sampler import CheckpointSampler, is_sigma
@@ -96,12 +96,12 @@ def checkpoint_export_metadata(state: dict[str, Any], sampler: CheckpointSampler
 
 
 def check_export_metadata(meta: Any, shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    """GeneratorError naming ``source`` unless the metadata of an export is what this project writes, within sane
+    """FormatError naming ``source`` unless the metadata of an export is what this project writes, within sane
     bounds, and its arch is exactly the network of the weights present (``shapes``: name -> shape, from the
     safetensors header): nothing a crafted config.json says makes the loader allocate beyond the weights."""
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise GeneratorError(f"{source}: metadata format {got!r}, expected {EXPORT_FORMAT!r}")
+        raise FormatError(f"{source}: metadata format {got!r}, expected {EXPORT_FORMAT!r}")
     how, sigma_data, provenance = meta.get("sampler"), meta.get("sigma_data"), meta.get("provenance")
     steps = how.get("heun_steps", DEFAULT_HEUN_STEPS) if isinstance(how, dict) else None
     chain = how.get("denoising_sigmas", []) if isinstance(how, dict) else None
@@ -116,16 +116,16 @@ def check_export_metadata(meta: Any, shapes: dict[str, tuple[int, ...]], source:
     }
     bad = [k for k, wrong in problems.items() if wrong]
     if bad:
-        raise GeneratorError(f"{source}: metadata field {bad[0]} is missing or out of bounds (at most "
+        raise FormatError(f"{source}: metadata field {bad[0]} is missing or out of bounds (at most "
                              f"{MAX_HEUN_STEPS} Heun steps, {MAX_CHAIN} chain sigmas)")
     try:
         check_weights_fit(meta.get("arch"), meta.get("num_classes"), meta.get("resolution"), shapes, sigma_data)
-    except GeneratorError as err:
-        raise GeneratorError(f"{source}: {err}") from None
+    except FormatError as err:
+        raise FormatError(f"{source}: {err}") from None
     names = meta.get("class_names")
     if names is not None and meta["num_classes"] and (not isinstance(names, list) or len(names) != meta["num_classes"]
                                                       or not all(isinstance(n, str) for n in names)):
-        raise GeneratorError(f"{source}: class_names is not a list of {meta['num_classes']} names")
+        raise FormatError(f"{source}: class_names is not a list of {meta['num_classes']} names")
 
 
 def current_export_layout(meta: dict[str, Any]) -> dict[str, Any]:
@@ -147,10 +147,10 @@ def current_export_layout(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_weights_file(folder_or_file: str) -> str:
-    """The model.safetensors of an export folder, or the .safetensors file named; GeneratorError when absent."""
+    """The model.safetensors of an export folder, or the .safetensors file named; FileError when absent."""
     path = os.path.join(folder_or_file, WEIGHTS_FILE) if os.path.isdir(folder_or_file) else folder_or_file
     if not os.path.isfile(path):
-        raise GeneratorError(f"{folder_or_file}: no {WEIGHTS_FILE} (an export folder holds {CONFIG_FILE} and "
+        raise FileError(f"{folder_or_file}: no {WEIGHTS_FILE} (an export folder holds {CONFIG_FILE} and "
                              f"{WEIGHTS_FILE}; write one with python -m dmd2.export)")
     return path
 
@@ -167,7 +167,7 @@ def read_export_metadata(folder_or_file: str) -> tuple[dict[str, Any], str, dict
             header = f.metadata() or {}
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-        raise GeneratorError(f"{path}: not a readable safetensors file ({err})") from err
+        raise FormatError(f"{path}: not a readable safetensors file ({err})") from err
     config_path = os.path.join(os.path.dirname(path), CONFIG_FILE)
     try:
         if os.path.isfile(config_path):
@@ -176,11 +176,11 @@ def read_export_metadata(folder_or_file: str) -> tuple[dict[str, Any], str, dict
         elif "dmd2" in header:
             metadata, source = json.loads(header["dmd2"]), path
         else:
-            raise GeneratorError(f"{path}: no {CONFIG_FILE} next to it and no dmd2 metadata in its header: not an "
+            raise FormatError(f"{path}: no {CONFIG_FILE} next to it and no dmd2 metadata in its header: not an "
                                  "export of this project")
     except (ValueError, UnicodeDecodeError) as err:
-        if isinstance(err, GeneratorError):
+        if isinstance(err, FormatError):
             raise
-        raise GeneratorError(f"{folder_or_file}: its metadata is not readable JSON ({err})") from err
+        raise FormatError(f"{folder_or_file}: its metadata is not readable JSON ({err})") from err
     check_export_metadata(metadata, shapes, source)
     return current_export_layout(metadata), path, shapes

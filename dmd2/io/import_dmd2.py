@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from dmd2.config.errors import GeneratorError
+from dmd2.config.errors import FileError, FormatError, run_tool
 from dmd2.config.settings import arch_settings
 from dmd2.io.export import write_export
 from dmd2.io.export_format import export_metadata
@@ -42,7 +41,7 @@ _ENC_KEY = re.compile(r"^enc\.(\d+)x(\d+)_(conv|down|block(\d+))\.")
 def read_state_dict(path: str) -> dict[str, Tensor]:
     """The tensors of a ``torch.save``-d state dict (weights only: no code is run) or a .safetensors file."""
     if not os.path.isfile(path):
-        raise GeneratorError(f"{path}: file not found (expected the official pytorch_model.bin or a .safetensors)")
+        raise FileError(f"{path}: file not found (expected the official pytorch_model.bin or a .safetensors)")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -51,9 +50,9 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated files, pickles with code, foreign formats
-        raise GeneratorError(f"{path}: not a readable state dict ({type(err).__name__}: {err})") from err
+        raise FormatError(f"{path}: not a readable state dict ({type(err).__name__}: {err})") from err
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise GeneratorError(f"{path}: expected a state dict of tensors (name -> tensor), got {type(state).__name__}")
+        raise FormatError(f"{path}: expected a state dict of tensors (name -> tensor), got {type(state).__name__}")
     return dict(state)
 
 
@@ -64,23 +63,23 @@ def strip_prefix(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
         return {k[len(MODEL_PREFIX):]: v for k, v in state.items()}
     if any(prefixed):
         odd = next(k for k, p in zip(state, prefixed) if not p)
-        raise GeneratorError(f"{source}: tensor {odd!r} lacks the '{MODEL_PREFIX}' prefix the other tensors have "
-                             "(expected the state dict of one EDMPrecond)")
+        raise FormatError(f"{source}: tensor {odd!r} lacks the '{MODEL_PREFIX}' prefix the other tensors have "
+                          "(expected the state dict of one EDMPrecond)")
     return dict(state)
 
 
 def _shape(state: Mapping[str, Tensor], key: str, source: str, dims: int) -> tuple[int, ...]:
     if key not in state:
-        raise GeneratorError(f"{source}: no tensor {MODEL_PREFIX}{key} (expected EDM's DhariwalUNet layout)")
+        raise FormatError(f"{source}: no tensor {MODEL_PREFIX}{key} (expected EDM's DhariwalUNet layout)")
     shape = tuple(state[key].shape)
     if len(shape) != dims:
-        raise GeneratorError(f"{source}: tensor {MODEL_PREFIX}{key} has shape {list(shape)}, expected {dims} dims")
+        raise FormatError(f"{source}: tensor {MODEL_PREFIX}{key} has shape {list(shape)}, expected {dims} dims")
     return shape
 
 
 def _multiple(value: int, base: int, what: str, source: str) -> int:
     if value % base:
-        raise GeneratorError(f"{source}: {what} is {value} channels, not a multiple of the base width {base}")
+        raise FormatError(f"{source}: {what} is {value} channels, not a multiple of the base width {base}")
     return value // base
 
 
@@ -99,17 +98,17 @@ def derive_arch(state: Mapping[str, Tensor], source: str) -> tuple[dict[str, Any
             if m.group(4) is not None:
                 blocks[int(m.group(1))].add(int(m.group(4)))
     if not blocks:
-        raise GeneratorError(f"{source}: no encoder tensors ({MODEL_PREFIX}enc.<R>x<R>_...): not a DhariwalUNet")
+        raise FormatError(f"{source}: no encoder tensors ({MODEL_PREFIX}enc.<R>x<R>_...): not a DhariwalUNet")
     resolutions = sorted(blocks, reverse=True)
     resolution = resolutions[0]
     expected = [resolution >> level for level in range(len(resolutions))]
     if resolutions != expected:
-        raise GeneratorError(f"{source}: encoder levels at {resolutions} px, expected halving levels {expected}")
+        raise FormatError(f"{source}: encoder levels at {resolutions} px, expected halving levels {expected}")
     num_blocks = len(blocks[resolution])
     for res, idx in blocks.items():
         if idx != set(range(num_blocks)):
-            raise GeneratorError(f"{source}: level {res}x{res} has encoder blocks {sorted(idx)}, expected "
-                                 f"block0 .. block{num_blocks - 1} as at {resolution}x{resolution}")
+            raise FormatError(f"{source}: level {res}x{res} has encoder blocks {sorted(idx)}, expected "
+                              f"block0 .. block{num_blocks - 1} as at {resolution}x{resolution}")
     in_channels = _shape(state, f"enc.{resolution}x{resolution}_conv.weight", source, 4)[1]
     channel_mult = [_multiple(_shape(state, f"enc.{r}x{r}_block0.conv1.weight", source, 4)[0], model_channels,
                               f"enc.{r}x{r}_block0", source) for r in resolutions]
@@ -121,19 +120,19 @@ def derive_arch(state: Mapping[str, Tensor], source: str) -> tuple[dict[str, Any
     return arch, label_dim, resolution
 
 
-def official_names(err: WeightsMismatch, source: str) -> GeneratorError:
+def official_names(err: WeightsMismatch, source: str) -> FormatError:
     """A mismatch between the file's tensors and the network of the arch read off them, in the file's own names
     (``model.`` + the UNet's): the first tensor of the network that is missing or of another shape, else the
     first unexpected one."""
     for key, shape in err.expected.items():
         name = MODEL_PREFIX + key[len("net."):]
         if key not in err.shapes:
-            return GeneratorError(f"{source}: tensor {name} is missing (expected shape {list(shape)} for the "
+            return FormatError(f"{source}: tensor {name} is missing (expected shape {list(shape)} for the "
                                   "architecture read off the file)")
         if tuple(err.shapes[key]) != tuple(shape):
-            return GeneratorError(f"{source}: tensor {name} has shape {list(err.shapes[key])}, expected {list(shape)}")
+            return FormatError(f"{source}: tensor {name} has shape {list(err.shapes[key])}, expected {list(shape)}")
     extra = err.unexpected
-    return GeneratorError(f"{source}: unexpected tensor {MODEL_PREFIX}{extra[0][len('net.'):]} (and "
+    return FormatError(f"{source}: unexpected tensor {MODEL_PREFIX}{extra[0][len('net.'):]} (and "
                           f"{len(extra) - 1} more) for the architecture read off the file")
 
 
@@ -148,8 +147,8 @@ def import_dmd2(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
         denoiser = load_denoiser(arch, num_classes, resolution, SIGMA_DATA, weights)
     except WeightsMismatch as err:
         raise official_names(err, path) from None
-    except GeneratorError as err:
-        raise GeneratorError(f"{path}: {err}") from None
+    except FormatError as err:
+        raise FormatError(f"{path}: {err}") from None
     out = {k: (v.to(torch.float32) if v.is_floating_point() else v).detach().contiguous()
            for k, v in denoiser.state_dict().items()}
     sampler = make_sampler("dmd2", denoiser, 0, num_classes, resolution, "raw", 0, [CONDITIONING_SIGMA])
@@ -163,7 +162,7 @@ def import_dmd2(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
 def write_new_export(folder: str, meta: dict[str, Any], weights: dict[str, Tensor]) -> None:
     """Write an export folder that does not exist yet (``dmd2.io.export.write_export``: staged, moved in at the end)."""
     if os.path.lexists(folder):
-        raise GeneratorError(f"{folder}: already exists; refusing to overwrite it (name a new folder)")
+        raise FileError(f"{folder}: already exists; refusing to overwrite it (name a new folder)")
     write_export(folder, meta, weights)
 
 
@@ -172,17 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="the official generator: pytorch_model.bin (or a .safetensors file)")
     parser.add_argument("folder", help="the export folder to write; must not exist")
     args = parser.parse_args(argv)
-    try:
-        if os.path.lexists(args.folder):
-            raise GeneratorError(f"{args.folder}: already exists; refusing to overwrite it (name a new folder)")
-        meta, weights = import_dmd2(args.source)
-        write_new_export(args.folder, meta, weights)
-    except GeneratorError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_tool(parser.prog, lambda: import_command(args.source, args.folder))
+
+
+def import_command(source: str, folder: str) -> None:
+    """``python -m dmd2.import_dmd2 source folder``: import, write, report."""
+    if os.path.lexists(folder):
+        raise FileError(f"{folder}: already exists; refusing to overwrite it (name a new folder)")
+    meta, weights = import_dmd2(source)
+    write_new_export(folder, meta, weights)
     arch = meta["arch"]
-    print(f"[import_dmd2] {args.source} -> {args.folder}: ADM ({arch['model_channels']} channels, mult "
+    print(f"[import_dmd2] {source} -> {folder}: ADM ({arch['model_channels']} channels, mult "
           f"{arch['channel_mult']}, {arch['num_blocks']} blocks, attention at {arch['attn_resolutions']}), "
           f"{meta['num_classes'] or 'no'} classes, {meta['resolution']}x{meta['resolution']}, one step at sigma "
           f"{CONDITIONING_SIGMA:g}, sha256 {meta['provenance']['checkpoint_sha256'][:12]}")
-    return 0

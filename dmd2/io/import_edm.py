@@ -26,7 +26,6 @@ import math
 import os
 import pickle
 import pickletools
-import sys
 from typing import Any
 
 import numpy as np
@@ -37,7 +36,7 @@ try:
 except ImportError:  # NumPy 1
     from numpy.core import multiarray as _np_multiarray  # type: ignore[no-redef]
 
-from dmd2.config.errors import GeneratorError
+from dmd2.config.errors import FileError, FormatError, run_tool
 from dmd2.config.settings import arch_settings
 from dmd2.io.checkpoint import save_checkpoint
 from dmd2.io.files import file_sha256
@@ -67,7 +66,7 @@ OTHER_PRECONDITIONINGS = {
 }
 
 
-class EDMImportError(ValueError):
+class EDMImportError(FormatError):
     """The file is not an EDM network pickle this importer can read, or it holds something it refuses."""
 
 
@@ -243,7 +242,7 @@ def read_edm_pickle(path: str) -> Any:
     """The pickle's content with every EDM object as a Record; refuses anything else (see the module doc). Every
     length the file declares is checked against its bytes before the unpickler allocates it."""
     if not os.path.isfile(path):
-        raise EDMImportError(f"{path}: file not found")
+        raise FileError(f"{path}: file not found")
     with open(path, "rb") as f:
         try:
             check_pickle_lengths(f, os.path.getsize(path))  # declared lengths against the file's bytes
@@ -347,7 +346,7 @@ def import_edm(path: str) -> dict[str, Any]:
                              f"{os.path.getsize(path)} (tensors sharing their storage)")
     try:  # the recorded arguments against sane bounds and the weights' shapes, before anything is built
         denoiser = load_denoiser(arch, num_classes, resolution, sigma_data, weights)
-    except GeneratorError as err:
+    except FormatError as err:
         raise EDMImportError(f"{path}: {err}") from None
     ema = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in denoiser.state_dict().items()}
     provenance = {"source": os.path.basename(path), "sha256": file_sha256(path), "format": "NVlabs/edm pickle",
@@ -371,21 +370,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace the output file when it exists "
                         "(refused otherwise)")
     args = parser.parse_args(argv)
-    try:
-        if os.path.isdir(args.output):
-            raise EDMImportError(f"{args.output}: a folder is in the way of the output checkpoint")
-        if os.path.lexists(args.output) and not args.overwrite:
-            raise EDMImportError(f"{args.output}: already exists; pass --overwrite to replace it")
-        state = import_edm(args.source)
-    except EDMImportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    save_checkpoint(state, args.output)
+    return run_tool(parser.prog, lambda: import_command(args.source, args.output, args.overwrite))
+
+
+def import_command(source: str, output: str, overwrite: bool) -> None:
+    """``python -m dmd2.import_edm source output``: import, write, report."""
+    if os.path.isdir(output):
+        raise FileError(f"{output}: a folder is in the way of the output checkpoint")
+    if os.path.lexists(output) and not overwrite:
+        raise FileError(f"{output}: already exists; pass --overwrite to replace it")
+    state = import_edm(source)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    save_checkpoint(state, output)
     arch = state["arch"]
     kind = "ADM" if arch["name"] == "adm" else "NCSN++" if arch["embedding_type"] == "fourier" else "DDPM++"
     classes = f"{state['num_classes']} classes" if state["num_classes"] else "unconditional"
-    print(f"[import_edm] {args.source} -> {args.output}: {kind} ({arch['model_channels']} channels, "
+    print(f"[import_edm] {source} -> {output}: {kind} ({arch['model_channels']} channels, "
           f"mult {arch['channel_mult']}), {classes}, {state['resolution']}x{state['resolution']}, "
           f"sha256 {state['provenance']['sha256'][:12]}")
-    return 0

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from dmd2.config.errors import CheckpointError, GeneratorError
+from dmd2.config.errors import ConfigError, FileError, FormatError
 from dmd2.io.checkpoint import load_checkpoint, load_failure
 from dmd2.io.export_format import CONFIG_FILE, WEIGHTS_FILE, checkpoint_export_metadata, read_export_metadata
 from dmd2.io.sampler import CheckpointSampler, make_sampler, sample_batches, sampler_from_checkpoint
@@ -87,22 +87,22 @@ class Generator:
             labels = [labels] * len(seeds)
         labels = list(labels)
         if len(labels) != len(seeds):
-            raise GeneratorError(f"{len(labels)} labels for {len(seeds)} seeds: give one label, or one per seed")
+            raise ConfigError(f"{len(labels)} labels for {len(seeds)} seeds: give one label, or one per seed")
         return torch.tensor([self.class_id(c) for c in labels], dtype=torch.long)
 
     def class_id(self, c: int | str) -> int:
-        """A class given by id or name -> its id (GeneratorError naming the valid choices)."""
+        """A class given by id or name -> its id (ConfigError naming the valid choices)."""
         if self.num_classes == 0:
             if c in (0, "0"):
                 return 0
-            raise GeneratorError(f"the model is unconditional: it takes no class (got {c!r})")
+            raise ConfigError(f"the model is unconditional: it takes no class (got {c!r})")
         if isinstance(c, str) and not c.lstrip("-").isdigit():
             if c not in self.class_names:
-                raise GeneratorError(f"unknown class {c!r}; the model's classes are {self.class_names[:20]}"
-                                     + (" ..." if self.num_classes > 20 else ""))
+                raise ConfigError(f"unknown class {c!r}; the model's classes are {self.class_names[:20]}"
+                                  + (" ..." if self.num_classes > 20 else ""))
             return self.class_names.index(c)
         if not 0 <= int(c) < self.num_classes:
-            raise GeneratorError(f"class {c} is out of range: the model has classes 0 .. {self.num_classes - 1}")
+            raise ConfigError(f"class {c} is out of range: the model has classes 0 .. {self.num_classes - 1}")
         return int(c)
 
     def batches(self, labels: Labels = None, seeds: Sequence[int] | int | None = None, *, batch_size: int = 256,
@@ -112,7 +112,7 @@ class Generator:
             seeds = range(len(labels) if isinstance(labels, (list, tuple, Tensor)) else 1)
         seeds = [seeds] if isinstance(seeds, int) else [int(s) for s in seeds]
         if not seeds:
-            raise GeneratorError("no seeds: give at least one")
+            raise ConfigError("no seeds: give at least one")
         yield from sample_batches(self.sampler, seeds, self.label_ids(labels, seeds), batch_size, self.device,
                                   dtype=dtype)
 
@@ -136,7 +136,7 @@ def read_export(folder_or_file: str) -> tuple[dict[str, Any], dict[str, Tensor]]
     try:
         weights = load_file(path)
     except Exception as err:  # noqa: BLE001
-        raise GeneratorError(f"{path}: not a readable safetensors file ({err})") from err
+        raise FormatError(f"{path}: not a readable safetensors file ({err})") from err
     return metadata, weights
 
 
@@ -159,8 +159,8 @@ def hub_snapshot(repo_id: str) -> str:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise GeneratorError(f"hf://{repo_id}: loading from the Hugging Face Hub needs huggingface_hub "
-                             "(pip install -e '.[hub]')") from None
+        raise ConfigError(f"hf://{repo_id}: loading from the Hugging Face Hub needs huggingface_hub "
+                          "(pip install -e '.[hub]')") from None
     return snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, "README.md"])
 
 
@@ -181,9 +181,9 @@ def source_info(source: str) -> dict[str, Any]:
     else:
         try:
             state = load_checkpoint(source, mmap=True)
-        except CheckpointError as err:
+        except FormatError as err:
             why = load_failure(err.__cause__) if err.__cause__ is not None else str(err)
-            raise GeneratorError(f"{source} is not a readable checkpoint of this project: {why}") from err
+            raise FormatError(f"{source} is not a readable checkpoint of this project: {why}") from err
         step, kind, run_id, training = state["step"], state["kind"], state["wandb_run_id"], state["config"]
     logger = training.get("logger") or {}
     return {"step": int(step), "kind": kind, "wandb_run_id": run_id, "wandb_group": logger.get("group"),
@@ -204,12 +204,12 @@ def load_generator(source: str, device: torch.device | str = "cpu", *, heun_step
         metadata, weights = read_export(source)
         return Generator(sampler_from_export(metadata, weights, device, heun_steps), metadata["class_names"], metadata)
     if not os.path.exists(source):
-        raise GeneratorError(f"{source}: not found (expected an export folder, a .safetensors file, a checkpoint "
-                             ".pt or hf://owner/repo)")
+        raise FileError(f"{source}: not found (expected an export folder, a .safetensors file, a checkpoint "
+                        ".pt or hf://owner/repo)")
     try:
         state = load_checkpoint(source)
         sampler = sampler_from_checkpoint(state, device, heun_steps or 18, teacher_weights, generator_weights)
-    except CheckpointError as err:
-        raise GeneratorError(f"{source}: {err}" if source not in str(err) else str(err)) from err
+    except (FileError, FormatError) as err:  # the message names the source
+        raise type(err)(f"{source}: {err}" if source not in str(err) else str(err)) from err
     metadata = checkpoint_export_metadata(state, sampler, source, with_checksum=False)
     return Generator(sampler, metadata["class_names"], metadata)

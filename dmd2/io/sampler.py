@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from dmd2.config.errors import GeneratorError
+from dmd2.config.errors import FormatError
 from dmd2.config.settings import DESCENDING_SIGMAS
 from dmd2.data.images import to_uint8
 from dmd2.io.checkpoint import network_from_checkpoint
@@ -88,7 +88,7 @@ def make_sampler(kind: str, net: EDMPrecond, step: int, num_classes: int, resolu
                                  weights=weights)
     sigmas = tuple(float(s) for s in sigmas)
     if not is_sigma_chain(sigmas):
-        raise GeneratorError(f"the generator's stored noise levels (denoising_sigmas) are {list(sigmas)}: expected "
+        raise FormatError(f"the generator's stored noise levels (denoising_sigmas) are {list(sigmas)}: expected "
                              "positive, finite sigmas in strictly descending order (NaN or negative ones give black "
                              "images); the checkpoint or export is damaged or was edited")
     return CheckpointSampler("dmd2", net, step, num_classes, resolution, len(sigmas), denoising_sigmas=sigmas,

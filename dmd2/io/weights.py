@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-from dmd2.config.errors import GeneratorError
+from dmd2.config.errors import FormatError
 from dmd2.config.settings import ARCH_SETTINGS, arch_settings
 from dmd2.networks import ARCHITECTURES
 from dmd2.networks.precond import EDMPrecond
@@ -65,17 +65,17 @@ def _field_problem(key: str, value: Any) -> str | None:
 
 
 def check_arch_bounds(arch: Any, num_classes: Any, resolution: Any) -> None:
-    """GeneratorError naming the first field of ``arch`` / ``num_classes`` / ``resolution`` out of bounds."""
+    """FormatError naming the first field of ``arch`` / ``num_classes`` / ``resolution`` out of bounds."""
     if not isinstance(arch, Mapping) or arch.get("name") not in ARCHITECTURES:
         name = arch.get("name") if isinstance(arch, Mapping) else arch
-        raise GeneratorError(f"arch: unknown architecture {name!r} (expected one of {sorted(ARCHITECTURES)})")
+        raise FormatError(f"arch: unknown architecture {name!r} (expected one of {sorted(ARCHITECTURES)})")
     for what, value, limit in (("resolution", resolution, MAX_RESOLUTION), ("num_classes", num_classes, MAX_CLASSES)):
         if isinstance(value, bool) or not isinstance(value, int) or not (what == "num_classes" or value > 0) \
                 or not 0 <= value <= limit:
-            raise GeneratorError(f"{what} = {value!r}: expected an integer {int(what == 'resolution')} .. {limit}")
+            raise FormatError(f"{what} = {value!r}: expected an integer {int(what == 'resolution')} .. {limit}")
     problems = [p for p in (_field_problem(str(k), v) for k, v in arch.items()) if p]
     if problems:
-        raise GeneratorError(f"arch ({arch['name']}): {'; '.join(problems[:3])}")
+        raise FormatError(f"arch ({arch['name']}): {'; '.join(problems[:3])}")
 
 
 def expected_shapes(arch: Mapping[str, Any], num_classes: int, resolution: int,
@@ -87,11 +87,11 @@ def expected_shapes(arch: Mapping[str, Any], num_classes: int, resolution: int,
         with torch.device("meta"):
             net = build_denoiser(arch, num_classes, resolution, sigma_data)
     except (TypeError, ValueError, RuntimeError, KeyError, AssertionError, ZeroDivisionError) as err:
-        raise GeneratorError(f"arch ({arch['name']}) does not build: {type(err).__name__}: {err}") from err
+        raise FormatError(f"arch ({arch['name']}) does not build: {type(err).__name__}: {err}") from err
     return {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
 
 
-class WeightsMismatch(GeneratorError):
+class WeightsMismatch(FormatError):
     """The weights present are not the state dict of the network the arch describes: ``missing``, ``unexpected``
     and ``wrong`` (of another shape) name the entries; ``expected`` holds every entry's shape in the network's
     order, ``shapes`` those of the weights present. Importers re-word it in their file's own tensor names."""
@@ -111,7 +111,7 @@ class WeightsMismatch(GeneratorError):
 
 def check_weights_fit(arch: Mapping[str, Any], num_classes: int, resolution: int,
                       shapes: Mapping[str, tuple[int, ...]], sigma_data: float) -> None:
-    """GeneratorError unless ``shapes`` (the weights present: name -> shape) are exactly the state dict of the
+    """FormatError unless ``shapes`` (the weights present: name -> shape) are exactly the state dict of the
     network ``arch`` describes (WeightsMismatch when the arch is sane but the shapes differ); only then may it be
     built for real (its size is then the weights' size)."""
     expected = {k: shape for k, (shape, _) in expected_shapes(arch, num_classes, resolution, sigma_data).items()}
@@ -123,9 +123,9 @@ def load_denoiser(arch: Any, num_classes: Any, resolution: Any, sigma_data: floa
                   weights: Any) -> EDMPrecond:
     """The one way weights from a file become a network: ``weights`` (name -> tensor) must be a dict of tensors,
     the arch within bounds and its parameter shapes (on the meta device) exactly those of ``weights``
-    (``check_weights_fit``: GeneratorError otherwise, nothing built); then the denoiser is built and loaded."""
+    (``check_weights_fit``: FormatError otherwise, nothing built); then the denoiser is built and loaded."""
     if not isinstance(weights, Mapping) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
-        raise GeneratorError("the weights are not a dict of tensors")
+        raise FormatError("the weights are not a dict of tensors")
     check_weights_fit(arch, num_classes, resolution, {k: tuple(t.shape) for k, t in weights.items()}, sigma_data)
     net = build_denoiser(arch, num_classes, resolution, sigma_data)
     net.load_state_dict(weights)

@@ -16,8 +16,9 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dmd2.config.errors import CheckpointError, ConfigError, FileError
+from dmd2.config.errors import ConfigError, FileError, FormatError
 from dmd2.config.names import dataset_label, run_name
+from dmd2.config.policy import resume_safe
 from dmd2.config.validate import to_container
 from dmd2.io.checkpoint import (RESCUE_ENV, latest_valid_checkpoint, load_checkpoint, rescue_dir, rng_state, save_final,
                                 set_rng_state)
@@ -171,7 +172,7 @@ def find_resume(cfg: DictConfig, output_dir: str, prefix: str, kind: str) -> tup
         return found
     try:
         state = load_checkpoint(cfg.resume, kind=kind)
-    except CheckpointError as err:
+    except FormatError as err:
         raise FileError(f"config key 'resume' = {cfg.resume!r}: {err}") from err
     log.info(f"[resume] continuing {cfg.resume} (step {state['step']})")
     return cfg.resume, state
@@ -205,17 +206,6 @@ def check_rescue_dir() -> None:
                         f"be written to output_dir is saved there. Set {RESCUE_ENV} to a writable folder") from err
 
 
-# Settings that may differ when a run is resumed: they take effect from the resumed step (and are announced).
-# Every other difference (architecture, data, batch size, update ratio, seed, ...) is refused unless
-# resume_allow_changes=true.
-RESUME_SAFE = ("lr", "generator_lr", "guidance_lr", "weight_decay", "adam_betas", "grad_clip", "warmup_steps",
-               "ema_decay", "generator_ema_decay", "max_steps", "num_epochs", "save_every", "log_every",
-               "sample_every", "samples_per_class", "sample_steps", "keep_last", "on_nonfinite", "eval_every",
-               "eval.", "logger.", "perf.", "paths.", "run_name", "device", "data.num_workers", "data_dir", "optimized_metric",
-               "resume", "resume_allow_changes", "output_dir", "world_size", "global_batch_size",
-               "teacher_sha256")  # (a different teacher is refused by check_same_inputs; older checkpoints lack it)
-
-
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
@@ -224,13 +214,14 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def resume_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
     """The settings that differ between a checkpoint's config and this run's, as 'key: old -> new' lines:
-    (safe to change, refused)."""
+    (safe to change, refused). Which may change is each key's policy (dmd2.config.policy.resume_safe): the
+    schedule, learning rates, logging, evaluation and paths; architecture, data, batch size, seed, ... may not."""
     a, b = flatten(old), flatten(new)
     safe, refused = [], []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
             line = f"{key}: {a.get(key, '<unset>')} -> {b.get(key, '<unset>')}"
-            (safe if key.startswith(RESUME_SAFE) else refused).append(line)
+            (safe if resume_safe(key) else refused).append(line)
     return safe, refused
 
 
@@ -384,7 +375,7 @@ def check_same_inputs(found: tuple[str, dict[str, Any]], inputs: dict[str, str],
 
 def check_resume_config(old: dict[str, Any], new: dict[str, Any]) -> None:
     """Refuse a resume whose settings (``new``: this run's resolved config) differ from the checkpoint's beyond
-    ``RESUME_SAFE`` (unless ``resume_allow_changes``); announce the changes that will take effect."""
+    ``resume_safe`` (unless ``resume_allow_changes``); announce the changes that will take effect."""
     safe, refused = resume_changes(old, new)
     if refused and not new.get("resume_allow_changes"):
         raise ConfigError("config keys differ from the checkpoint to resume, and continuing with them would mix "
