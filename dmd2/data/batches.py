@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dmd2.config.errors import ConfigError
 from dmd2.data.datasets import LabelsOnly
 from dmd2.data.images import from_uint8, to_uint8
-from dmd2.method.randomness import EPOCH_STRIDE, GLOBAL_RNG, BatchRNG, derived_seed, generator
+from dmd2.method.randomness import EPOCH_STRIDE, GLOBAL_RNG, BatchRNG, derived_seed, torch_generator
 from dmd2.runtime.perf import cache_fits
 
 
@@ -38,7 +38,7 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         epoch, index = divmod(self.start, self.batches_per_epoch)
         while True:
-            perm = torch.randperm(self.num_items, generator=generator(derived_seed(self.seed, epoch, EPOCH_STRIDE)))
+            perm = torch.randperm(self.num_items, generator=torch_generator(derived_seed(self.seed, epoch, EPOCH_STRIDE)))
             for b in range(index, self.batches_per_epoch):
                 first = b * self.global_batch + self.rank * self.batch_size
                 yield perm[first:first + self.batch_size].tolist()

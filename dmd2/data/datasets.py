@@ -24,7 +24,7 @@ from dmd2.config.errors import ConfigError, FileError
 from dmd2.config.settings import DATA_KINDS
 from dmd2.data.images import from_uint8
 from dmd2.data.mixture import MixtureDataset, mixture_from_config
-from dmd2.method.randomness import derived_seed, generator
+from dmd2.method.randomness import derived_seed, torch_generator
 
 
 def image_transform(resolution: int) -> transforms.Compose:
@@ -199,7 +199,7 @@ class SyntheticShapes(Dataset):
         return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        g, r, c = generator(derived_seed(0, i)), self.resolution, self.targets[i]
+        g, r, c = torch_generator(derived_seed(0, i)), self.resolution, self.targets[i]
         image = 30 + 15 * torch.randn(3, r, r, generator=g)
         side = int(torch.randint(r // 4, r // 2 + 1, (1,), generator=g))
         top, left = (int(v) for v in torch.randint(0, r - side + 1, (2,), generator=g))

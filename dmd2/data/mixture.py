@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dmd2.method.mixture import DATA_STREAM, GaussianMixture, make_mixture, quantize, sample_mixture
-from dmd2.method.randomness import derived_seed, generator
+from dmd2.method.randomness import derived_seed, torch_generator
 
 
 def mixture_from_config(data: Mapping[str, Any]) -> GaussianMixture:
@@ -25,7 +25,7 @@ class MixtureDataset(Dataset):
     def __init__(self, mix: GaussianMixture, per_class: int, seed: int, num_classes: int) -> None:
         self.mixture = mix
         self.targets = [i % mix.num_classes for i in range(mix.num_classes * per_class)]
-        x, self.components = sample_mixture(mix, torch.tensor(self.targets), generator(derived_seed(seed, DATA_STREAM)))
+        x, self.components = sample_mixture(mix, torch.tensor(self.targets), torch_generator(derived_seed(seed, DATA_STREAM)))
         self.images = quantize(x)
         self.classes = [f"class_{c:03d}" for c in range(num_classes)]
 

@@ -17,7 +17,7 @@ from dmd2.config.errors import FormatError
 from dmd2.config.settings import DESCENDING_SIGMAS
 from dmd2.data.images import to_uint8
 from dmd2.io.checkpoint import network_from_checkpoint
-from dmd2.method.randomness import derived_seed, generator
+from dmd2.method.randomness import derived_seed, torch_generator
 from dmd2.method.samplers import heun_nfe, heun_sample, heun_sampler_sigmas, multistep_sample
 from dmd2.networks.precond import EDMPrecond
 
@@ -115,7 +115,7 @@ def per_sample_noise(indices: Iterable[int], seed: int, shape: tuple[int, ...]) 
     """Noise [len(indices), *shape], sample i drawn from its own generator seeded (seed, i): any subset or
     batch size reproduces the same images. A leading steps axis in ``shape`` (S, C, H, W) gives each chain
     step its own draw; its first slice equals the noise of shape (C, H, W)."""
-    return torch.stack([torch.randn(shape, generator=generator(derived_seed(seed, i))) for i in indices])
+    return torch.stack([torch.randn(shape, generator=torch_generator(derived_seed(seed, i))) for i in indices])
 
 
 def label_count(num_classes: int) -> int:

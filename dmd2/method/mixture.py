@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from dmd2.method.edm import Denoiser
 from dmd2.method.frechet import frechet_to_reference
-from dmd2.method.randomness import derived_seed, generator
+from dmd2.method.randomness import derived_seed, torch_generator
 
 MEAN_AMPLITUDE = 0.75  # mean images lie in [-0.75, 0.75]: with std <= 0.05 a sample is clipped with p < 1e-6
 NEAR_RADIUS = 2.0      # "on a mode": ||x - mu|| <= NEAR_RADIUS * std * sqrt(D) (a true sample has ratio 1 +- 0.05)
@@ -61,7 +61,7 @@ def make_mixture(num_classes: int, components: int, resolution: int, std: float,
     """The mixture of ``num_classes`` (0: unconditional, one class) x ``components`` smooth mean images of side
     ``resolution``, a function of ``seed`` alone."""
     c = max(1, num_classes)
-    field = torch.randn(c * components, 3, 3, 3, generator=generator(derived_seed(seed, 0)))
+    field = torch.randn(c * components, 3, 3, 3, generator=torch_generator(derived_seed(seed, 0)))
     smooth = F.interpolate(field, size=(resolution, resolution), mode="bilinear", align_corners=True)
     means = MEAN_AMPLITUDE * torch.tanh(smooth)
     return GaussianMixture(means.view(c, components, 3, resolution, resolution), float(std))
@@ -168,7 +168,7 @@ def reference_scores(mix: GaussianMixture, num: int, seed: int = 0) -> dict[str,
     """The scores of ``num`` true samples (quantized, classes round-robin as evaluations draw them): the floor
     a perfect model reaches at this sample count."""
     labels = torch.arange(num) % mix.num_classes
-    x, _ = sample_mixture(mix, labels, generator(derived_seed(seed, DATA_STREAM + 1)))
+    x, _ = sample_mixture(mix, labels, torch_generator(derived_seed(seed, DATA_STREAM + 1)))
     return mixture_scores(mix, quantize(x), labels)
 
 
@@ -179,7 +179,7 @@ def denoising_errors(denoiser: nn.Module, mix: GaussianMixture, sigmas: list[flo
     (D*(x) - x0)^2, the error no denoiser can beat (so mse / mse_x0 is the relative excess)."""
     rows = []
     for j, sigma in enumerate(sigmas):
-        gen = generator(derived_seed(seed, 1000 + j))
+        gen = torch_generator(derived_seed(seed, 1000 + j))
         sq, sq0, count = 0.0, 0.0, 0
         for lo in range(0, num, batch_size):
             labels = torch.arange(lo, min(num, lo + batch_size)) % mix.num_classes

@@ -26,7 +26,7 @@ def derived_seed(seed: int, index: int, stride: int = SAMPLE_STRIDE) -> int:
     return seed * stride + index
 
 
-def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+def torch_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A fresh generator seeded with ``seed``."""
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -41,7 +41,7 @@ class BatchRNG:
                  world_size: int = 1) -> None:
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
-        self.generator = generator(seed, self.device) if seed is not None else None
+        self.generator = torch_generator(seed, self.device) if seed is not None else None
 
     def _global(self, shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
         return tuple(s * self.world_size if i == dim else s for i, s in enumerate(shape))

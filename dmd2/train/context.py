@@ -16,12 +16,12 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dmd2.config.errors import ConfigError, FileError, FormatError
+from dmd2.config.errors import ConfigError, FileError, FormatError, UserError
 from dmd2.config.names import dataset_label, run_name
 from dmd2.config.policy import resume_safe
 from dmd2.config.validate import to_container
-from dmd2.io.checkpoint import (RESCUE_ENV, latest_valid_checkpoint, load_checkpoint, rescue_dir, rng_state, save_final,
-                                set_rng_state)
+from dmd2.io.checkpoint import (RESCUE_ENV, checkpoint_name, latest_valid_checkpoint, load_checkpoint, rescue_dir,
+                                rng_state, save_final, set_rng_state)
 from dmd2.io.files import file_sha256
 from dmd2.method.randomness import BatchRNG, derived_seed
 from dmd2.runtime.devices import resolve_device
@@ -60,7 +60,7 @@ class RunContext:
         """Save ``<prefix>_<step>.pt`` after a stop signal and end the run with exit status 128 + signal number,
         so ``resume=auto`` continues from this very step (SIGTERM: 143, SIGINT: 130, SIGUSR1: 138)."""
         sig = self.signals[0] if self.signals else signal.SIGTERM
-        path = save_final(state, os.path.join(self.output_dir, f"{prefix}_{step:06d}.pt"), self.dist)
+        path = save_final(state, os.path.join(self.output_dir, checkpoint_name(prefix, step)), self.dist)
         message = (f"[train] {signal.Signals(sig).name} received: stopped at step {step}, checkpoint {path}; "
                    f"continue with resume=auto output_dir={self.output_dir}")
         if self.dist.is_main:
@@ -172,8 +172,8 @@ def find_resume(cfg: DictConfig, output_dir: str, prefix: str, kind: str) -> tup
         return found
     try:
         state = load_checkpoint(cfg.resume, kind=kind)
-    except FormatError as err:
-        raise FileError(f"config key 'resume' = {cfg.resume!r}: {err}") from err
+    except (FileError, FormatError) as err:
+        raise type(err)(f"config key 'resume' = {cfg.resume!r}: {err}") from err
     log.info(f"[resume] continuing {cfg.resume} (step {state['step']})")
     return cfg.resume, state
 
@@ -263,7 +263,7 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
     if d.is_main:  # rank 0 takes the folder and finds the checkpoint; every rank learns the outcome
         try:
             lock, found, inputs = take_folder(cfg, output_dir, prefix, kind, d)
-        except ConfigError as err:
+        except UserError as err:  # any refusal of the start, whatever its cause, reaches every rank
             refusal = err
     if broadcast_object(refusal is not None, d):
         if lock is not None:
@@ -399,7 +399,7 @@ def restore_rng(ctx: RunContext) -> None:
     number of processes continues the shared batch stream; each rank's own stream is then reseeded."""
     if ctx.resume is None:
         return
-    ranks = ctx.resume.get("rng_ranks", [ctx.resume["rng"]])
+    ranks = ctx.resume["rng_ranks"]
     if len(ranks) == ctx.dist.world_size:
         set_rng_state(ranks[ctx.dist.rank])
     else:

@@ -38,7 +38,7 @@ from dmd2.io.sampler import CheckpointSampler
 from dmd2.method.edm import SIGMA_MAX, SIGMA_MIN, dmd_timestep_sigmas
 from dmd2.method.guidance import GuidanceModel, guidance_logs
 from dmd2.method.mixture import ExactDenoiser
-from dmd2.method.randomness import BatchRNG, derived_seed, generator
+from dmd2.method.randomness import BatchRNG, derived_seed, torch_generator
 from dmd2.method.samplers import backward_simulation
 from dmd2.method.unified import UnifiedModel, generator_logs
 from dmd2.networks import count_parameters, set_dropout
@@ -154,7 +154,7 @@ def chain_step(seed: int, step: int, num_steps: int) -> int:
     resumed run draw the same k."""
     if num_steps == 1:
         return 0
-    return int(torch.randint(0, num_steps, (1,), generator=generator(derived_seed(seed, step))))
+    return int(torch.randint(0, num_steps, (1,), generator=torch_generator(derived_seed(seed, step))))
 
 
 def generator_step(s: DistillState, b: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:

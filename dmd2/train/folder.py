@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from dmd2.config.errors import ConfigError, FileError
+from dmd2.io.checkpoint import FINAL, checkpoint_step
 
 log = logging.getLogger(__name__)
 
@@ -250,9 +251,9 @@ def checkpoint_steps(folder: str, prefix: str) -> dict[str, int | None]:
     """The checkpoints ``<prefix>_NNNNNN.pt`` (their step) and ``<prefix>_final.pt`` (None) in ``folder``."""
     found: dict[str, int | None] = {}
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        match = re.fullmatch(re.escape(prefix) + r"_(\d+|final)\.pt", name)
-        if match:
-            found[name] = None if match.group(1) == "final" else int(match.group(1))
+        step = checkpoint_step(name, prefix)
+        if step is not None:
+            found[name] = None if step == FINAL else int(step)
     return found
 
 

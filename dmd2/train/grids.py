@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from dmd2.io.sampler import grid_labels
-from dmd2.method.randomness import GRID_NOISE_OFFSET, generator
+from dmd2.method.randomness import GRID_NOISE_OFFSET, torch_generator
 from dmd2.method.samplers import heun_nfe, heun_sample, heun_sampler_sigmas
 from dmd2.train.logger import RunLogger
 
@@ -25,7 +25,7 @@ class SampleGrids:
                  classes: list[str] | None, device: torch.device) -> None:
         self.per_class, self.classes = per_class, classes
         self.y = grid_labels(num_classes, per_class, device)
-        z = torch.randn(num_chain, len(self.y), 3, resolution, resolution, generator=generator(seed + GRID_NOISE_OFFSET))
+        z = torch.randn(num_chain, len(self.y), 3, resolution, resolution, generator=torch_generator(seed + GRID_NOISE_OFFSET))
         self.z = z.to(device)
 
     def log(self, logger: RunLogger, key: str, images: Tensor, step: int, caption: str) -> None:

@@ -127,14 +127,12 @@ class Updater:
         return {"optimizer": self.optimizer.state_dict(), "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """``state_dict()``'s output, or a bare optimizer state (checkpoints written before the Updater)."""
-        if "param_groups" in state:
-            state = {"optimizer": state}
+        """``state_dict()``'s output (older checkpoints' bare optimizer states are upgraded when loaded)."""
         ours = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         for group, hyper in zip(self.optimizer.param_groups, ours):  # the moments resume; the settings are this
             group.update(hyper)                                      # run's (e.g. a changed weight_decay)
-        self.skipped = int(state.get("skipped", 0))
+        self.skipped = int(state["skipped"])
 
 
 def check_trained(updaters: dict[str, Updater], networks: dict[str, nn.Module], final: str) -> None:
