@@ -475,6 +475,32 @@ class DistillSettings(TrainSettings):
                                   "clean images at sigma_min)", BOOL)
     diffusion_gan_max_timestep: int = setting(1000, "diffusion-GAN noise at sigmas[t], t ~ U{0 .. max-1}",
                                               POSITIVE_INT)
+    # FastGen's DMD2 recipe (NVlabs/FastGen, configs/methods/config_dmd2.py): each choice beside the official one
+    gan_features: str = setting("fake_bottleneck", "what the GAN classifier reads: fake_bottleneck (official DMD2: "
+                                "a head on the fake score network's bottleneck, trained with it) | teacher (FastGen: "
+                                "a separate discriminator of conv heads on the frozen teacher's encoder features at "
+                                "gan_feature_resolutions, own learning rate; real images noised at an independent "
+                                "DM-range timestep, fakes at the loss's own noisy input)",
+                                one_of("fake_bottleneck", "teacher"))
+    gan_feature_resolutions: List[int] = setting([32, 16, 8], "gan_features=teacher: the teacher's encoder "
+                                                 "outputs read, by size in px (FastGen: 32, 16, 8)", INT_LIST)
+    discriminator_lr: Optional[float] = setting(None, "gan_features=teacher: AdamW learning rate of the "
+                                                "discriminator (FastGen 1e-4)", optional(POSITIVE, "guidance_lr"),
+                                                policy=ADJUSTABLE)
+    update_schedule: str = setting("every", "every (official DMD2: the fake score network every iteration, the "
+                                   "generator too on every ratio-th) | alternate (FastGen: the generator alone on "
+                                   "every ratio-th iteration counted from 1, the fake score network and "
+                                   "discriminator alone on the others)", one_of("every", "alternate"))
+    fake_score_timesteps: str = setting("all", "the fake score loss's timesteps: all (official: the whole table) | "
+                                        "dm (FastGen: the DM loss's range, min/max_step_percent)",
+                                        one_of("all", "dm"))
+    fake_score_weighting: str = setting("edm", "the fake score loss: edm (official: EDM's lambda(sigma) weight) | "
+                                        "none (FastGen: the plain x0 mean squared error)", one_of("edm", "none"))
+    dm_eps: float = setting(0.0, "added to the DM gradient's normaliser mean|x - teacher x0| (official 0, "
+                            "FastGen 1e-6)", NONNEG)
+    r1_weight: float = setting(0.0, "gan_features=teacher: weight of the approximate R1 penalty of the "
+                               "discriminator (FastGen: 0 for CIFAR-10; 100-1000 when used)", NONNEG)
+    r1_alpha: float = setting(0.1, "the R1 penalty's perturbation of the real images (noise scale)", POSITIVE)
     generator_ema_decay: Optional[float] = setting(None, "EMA of the generator weights (e.g. 0.999), saved next "
                                                    "to the raw weights", optional(DECAY, "off"), policy=ADJUSTABLE)
     exact_teacher: bool = setting(False, "data=gaussian_mixture only: the real score is the mixture's exact "

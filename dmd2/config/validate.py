@@ -182,6 +182,9 @@ def validate(cfg: DictConfig) -> None:
                 f"config key 'denoising_sigmas' = {list(cfg.denoising_sigmas)}: its first sigma must equal "
                 f"conditioning_sigma = {cfg.conditioning_sigma} (the generator starts from pure noise at that level)"
             )
+        if cfg.r1_weight > 0 and not (cfg.gan_classifier and cfg.gan_features == "teacher"):
+            fail("r1_weight", cfg.r1_weight, "0 unless gan_classifier=true gan_features=teacher (the R1 penalty is "
+                 "the teacher-feature discriminator's)")
         if cfg.diffusion_gan_max_timestep > cfg.num_train_timesteps:
             fail("diffusion_gan_max_timestep", cfg.diffusion_gan_max_timestep,
                  f"an integer <= num_train_timesteps ({cfg.num_train_timesteps})")

@@ -48,7 +48,15 @@ class UnifiedModel(nn.Module):
 
     def generator_loss(self, x: Tensor, class_labels: Tensor, rng: BatchRNG = GLOBAL_RNG
                        ) -> tuple[Tensor, dict[str, Tensor]]:
-        """DM loss (+ weighted generator GAN loss when the GAN head exists). Returns (loss, logs)."""
+        """DM loss (+ weighted generator GAN loss when the GAN head or the teacher-feature discriminator exists).
+        Returns (loss, logs)."""
+        if self.guidance.discriminator is not None:  # FastGen: the GAN loss sees the DM loss's noisy input
+            draw = self.guidance.dm_draw(x, rng)
+            loss, logs = self.guidance.dm_loss(x, class_labels, rng, draw)
+            logs[LOSS_DM] = loss.detach()
+            gan = self.guidance.feature_gan_generator_loss(x, draw, class_labels)
+            logs[LOSS_GEN_GAN] = gan.detach()
+            return loss + self.gen_cls_loss_weight * gan, logs
         loss, logs = self.guidance.dm_loss(x, class_labels, rng)
         logs[LOSS_DM] = loss.detach()
         if self.guidance.gan_head is not None:

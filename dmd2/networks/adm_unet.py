@@ -49,6 +49,7 @@ class ADMUNet(nn.Module):
         self.num_classes, self.label_dropout = num_classes, label_dropout
         self.bottleneck_channels = model_channels * channel_mult[-1]
         self.bottleneck_resolution = resolution >> (levels - 1)
+        self.resolution = resolution  # the image size (the encoder features of a discriminator are found from it)
         emb_channels = model_channels * channel_mult_emb
 
         def block(cin: int, cout: int, **kw: bool) -> UNetBlock:

@@ -257,6 +257,7 @@ class EDMUNet(nn.Module):
         self.label_dropout = label_dropout
         self.bottleneck_channels = model_channels * channel_mult[-1]
         self.bottleneck_resolution = resolution >> (levels - 1)
+        self.resolution = resolution  # the image size (the encoder features of a discriminator are found from it)
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
         block_kw = dict(

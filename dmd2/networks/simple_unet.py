@@ -100,6 +100,7 @@ class SimpleUNet(nn.Module):
             res //= 2
         self.bottleneck_channels = cur
         self.bottleneck_resolution = res
+        self.resolution = resolution  # the image size (the encoder features of a discriminator are found from it)
         self.mid1 = ResBlock(cur, cur, emb_dim, dropout, groups)
         self.mid_attn = SelfAttention(cur, groups)
         self.mid2 = ResBlock(cur, cur, emb_dim, dropout, groups)

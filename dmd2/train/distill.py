@@ -36,12 +36,13 @@ from dmd2.io.checkpoint import load_checkpoint, network_from_checkpoint
 from dmd2.io.export import export_generator
 from dmd2.io.sampler import CheckpointSampler
 from dmd2.method.edm import SIGMA_MAX, SIGMA_MIN, dmd_timestep_sigmas
-from dmd2.method.guidance import GuidanceModel, guidance_logs
+from dmd2.method.guidance import GuidanceModel, LossChoices, guidance_logs
 from dmd2.method.mixture import ExactDenoiser
 from dmd2.method.randomness import BatchRNG, derived_seed, torch_generator
 from dmd2.method.samplers import backward_simulation
 from dmd2.method.unified import UnifiedModel, generator_logs
 from dmd2.networks import count_parameters, set_dropout
+from dmd2.networks.discriminator import FeatureDiscriminator, feature_channels
 from dmd2.networks.gan_head import GANHead
 from dmd2.networks.precond import EDMPrecond
 from dmd2.runtime.distributed import wrap
@@ -66,6 +67,7 @@ class DistillState:
     rng: BatchRNG                  # every random draw of the batch
     amp: Callable[[], Any]         # a fresh autocast context (bf16 on CUDA) or a null one
     ratio: int                     # the generator updates every ratio-th step (TTUR)
+    schedule: str = "every"        # "every": the critic updates on every step | "alternate": not on the generator's
 
 
 @dataclass
@@ -119,9 +121,16 @@ def build_updaters(model: UnifiedModel, ema: EDMPrecond | None, cfg: DistillSett
                        ema_of)
 
     decay = cfg.generator_ema_decay
-    return {"generator": updater("generator", list(model.generator.parameters()), cfg.generator_lr,
+    guidance: Any = model.guidance.trainable()
+    disc = model.guidance.discriminator_params()
+    if disc:  # FastGen's discriminator: its own learning rate, stepped with the fake score network
+        disc_lr = cfg.discriminator_lr if cfg.discriminator_lr is not None else cfg.guidance_lr
+        guidance = [{"params": guidance}, {"params": disc, "lr": disc_lr, "base_lr": disc_lr}]
+    upds = {"generator": updater("generator", list(model.generator.parameters()), cfg.generator_lr,
                                  EMA(ema, model.generator, lambda _: decay) if ema is not None else None),
-            "guidance": updater("guidance", model.guidance.trainable(), cfg.guidance_lr, None)}
+            "guidance": updater("guidance", guidance, cfg.guidance_lr, None)}
+    upds["guidance"].params = model.guidance.trainable() + disc
+    return upds
 
 
 def restore_distill(state: dict[str, Any], model: UnifiedModel, ema: EDMPrecond | None, upds: dict[str, Updater],
@@ -133,11 +142,16 @@ def restore_distill(state: dict[str, Any], model: UnifiedModel, ema: EDMPrecond 
         if "gan_head" not in state:
             raise ConfigError("config key 'gan_classifier' = true, but the checkpoint to resume has no GAN head")
         model.guidance.gan_head.load_state_dict(state["gan_head"])
+    if model.guidance.discriminator is not None:
+        if "discriminator" not in state:
+            raise ConfigError("config key 'gan_features' = 'teacher', but the checkpoint to resume has no "
+                              "discriminator")
+        model.guidance.discriminator.load_state_dict(state["discriminator"])
     if ema is not None:
         ema.load_state_dict(state["generator_ema"])
     for name, upd in upds.items():
         upd.load_state_dict(state[f"{name}_updater"])
-    evaluator.load_state_dict(state.get("evaluation"))
+    evaluator.load_state_dict(state["evaluation"])
     return int(state["step"])
 
 
@@ -178,17 +192,37 @@ def fake_score_step(s: DistillState, b: Batch, x: Tensor, step: int) -> dict[str
     return logs
 
 
+def generator_turn(step: int, ratio: int, schedule: str) -> bool:
+    """Whether iteration ``step`` (from 0) updates the generator: every ``ratio``-th from step 0 (``every``, the
+    official DMD2's), or every ``ratio``-th counted from 1 (``alternate``: FastGen's trainer starts at iteration 1,
+    so its first four iterations update the critic)."""
+    return (step + 1) % ratio == 0 if schedule == "alternate" else step % ratio == 0
+
+
 def distill_step(s: DistillState, b: Batch, step: int) -> dict[str, Tensor]:
-    """One iteration: the generator's update on every ratio-th step (on the others its samples are made without
-    autograd), then the fake score network's update on those samples. Returns the logs."""
-    if step % s.ratio == 0:
+    """One iteration: the generator's update on its turns (on the others its samples are made without autograd),
+    then the fake score network's (and discriminator's) update on those samples; with the ``alternate`` schedule
+    the critic skips the generator's turns. Returns the logs."""
+    if generator_turn(step, s.ratio, s.schedule):
         x, logs = generator_step(s, b, step)
+        if s.schedule == "alternate":
+            return logs
     else:
         logs = {}
         with torch.no_grad(), s.amp():
             x = s.model.generate(b.z, b.y, b.k).float()
     logs.update(fake_score_step(s, b, x, step))
     return logs
+
+
+def teacher_discriminator(teacher: EDMPrecond, s: DistillSettings | DictConfig) -> FeatureDiscriminator:
+    """FastGen's discriminator: one head per teacher encoder output at ``gan_feature_resolutions``."""
+    resolutions = [int(r) for r in s.gan_feature_resolutions]
+    try:
+        channels = feature_channels(teacher.net, teacher.net.resolution, resolutions)
+    except ValueError as err:
+        raise ConfigError(f"config key 'gan_feature_resolutions' = {resolutions}: {err}") from None
+    return FeatureDiscriminator(channels, resolutions)
 
 
 def trainable_copy(teacher: EDMPrecond, dropout: float | None) -> EDMPrecond:
@@ -205,12 +239,15 @@ def distill_model(teacher: EDMPrecond, s: DistillSettings | DictConfig) -> Unifi
     generator = trainable_copy(teacher, s.dropout)
     fake = trainable_copy(teacher, s.dropout)
     net = teacher.net
-    head = GANHead(net.bottleneck_channels, net.bottleneck_resolution) if s.gan_classifier else None
+    on_teacher = s.gan_classifier and s.gan_features == "teacher"
+    head = GANHead(net.bottleneck_channels, net.bottleneck_resolution) if s.gan_classifier and not on_teacher else None
     n = s.num_train_timesteps
     dm_steps = (int(s.min_step_percent * n), min(int(s.max_step_percent * n), n - 1))
+    choices = LossChoices(dm_steps if s.fake_score_timesteps == "dm" else None, s.fake_score_weighting, s.dm_eps,
+                          s.r1_weight, s.r1_alpha)
     guidance = GuidanceModel(teacher, fake, head, dmd_timestep_sigmas(n, SIGMA_MIN, SIGMA_MAX), dm_steps,
                              s.diffusion_gan_max_timestep if s.diffusion_gan else None, s.cls_loss_weight,
-                             teacher.sigma_data)
+                             teacher.sigma_data, choices, teacher_discriminator(teacher, s) if on_teacher else None)
     return UnifiedModel(generator, guidance, s.denoising_sigmas or [s.conditioning_sigma], s.gen_cls_loss_weight)
 
 
@@ -314,9 +351,9 @@ class DistillStage:
                 for what, value in (("lr", upd.lr_at(step)), ("skipped_steps", upd.skipped))}
 
     @staticmethod
-    def metric_keys(gan: bool) -> list[str]:
+    def metric_keys(gan: bool, r1: bool = False) -> list[str]:
         """The train/ scalars a distillation logs: its steps' logs and ``scalars``."""
-        own = generator_logs(gan) + guidance_logs(gan) + tuple(grad_norm_key(u) for u in UPDATERS)
+        own = generator_logs(gan) + guidance_logs(gan, r1) + tuple(grad_norm_key(u) for u in UPDATERS)
         return [f"train/{k}" for k in own] + [f"train/{u}_{what}" for u in UPDATERS for what in ("lr", "skipped_steps")]
 
     def state(self) -> dict[str, Any]:
@@ -330,6 +367,8 @@ class DistillStage:
             **{f"{name}_updater": upd.state_dict() for name, upd in self.s.updaters.items()})
         if model.guidance.gan_head is not None:
             state["gan_head"] = model.guidance.gan_head.state_dict()
+        if model.guidance.discriminator is not None:
+            state["discriminator"] = model.guidance.discriminator.state_dict()
         if self.ema is not None:
             state["generator_ema"] = self.ema.state_dict()
         return state
@@ -367,7 +406,7 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         start = restore_distill(ctx.resume, model, ema, upds, evaluator)
     # under torchrun the updated networks run inside DistributedDataParallel (gradients averaged over ranks)
     s = DistillState(model, wrap(model.generator, ctx.dist, device), wrap(model.guidance, ctx.dist, device), upds,
-                     ctx.rng, partial(autocast, device, cfg.precision), cfg.dfake_gen_update_ratio)
+                     ctx.rng, partial(autocast, device, cfg.precision), cfg.dfake_gen_update_ratio, cfg.update_schedule)
     loader, plan = plan_batches(cfg, ctx, dataset, start)
     ctx.say(describe_run(cfg, ctx, teacher_state, model, plan.steps, start))
     grids = SampleGrids(cfg.seed, cfg.data.num_classes, cfg.data.resolution, cfg.samples_per_class, model.num_steps,

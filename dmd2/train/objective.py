@@ -37,10 +37,10 @@ def eval_metric_keys(cfg: DictConfig) -> list[str]:
     return [key, f"{key}_best", f"{key}_std", BEST_STEP]
 
 
-def train_metric_keys(stage: str, gan_classifier: bool = False) -> list[str]:
+def train_metric_keys(stage: str, gan_classifier: bool = False, r1: bool = False) -> list[str]:
     """The train/ scalars a run of ``stage`` logs, as the stage and the loop that emit them declare them: what
     optimized_metric may name besides the eval/ metrics."""
-    own = TeacherStage.metric_keys() if stage == "teacher" else DistillStage.metric_keys(gan_classifier)
+    own = TeacherStage.metric_keys() if stage == "teacher" else DistillStage.metric_keys(gan_classifier, r1)
     return sorted(LOOP_KEYS + tuple(own))
 
 
@@ -59,7 +59,8 @@ def check_objective(cfg: DictConfig, sweeping: bool) -> None:
                 "the objective yourself, e.g. optimized_metric=train/loss (a loss does not rank sample quality)")
         return
     if metric.startswith("train/"):
-        logged = train_metric_keys(cfg.stage, bool(cfg.get("gan_classifier")))
+        gan = bool(cfg.get("gan_classifier"))
+        logged = train_metric_keys(cfg.stage, gan, gan and cfg.get("gan_features") == "teacher" and cfg.r1_weight > 0)
         if metric not in logged:
             raise ConfigError(f"config key 'optimized_metric' = {metric!r}: a stage={cfg.stage} run with these "
                               f"settings never logs it; it logs {logged}")

@@ -114,8 +114,8 @@ class Updater:
         if not is_finite(step, self.on_nonfinite, **{self.name: global_mean(loss), f"{self.name} gradient norm": gnorm}):
             self.skipped += 1
             return None
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(step)
+        for group in self.optimizer.param_groups:  # a group with its own base_lr (a discriminator) warms up alike
+            group["lr"] = warmup_lr(group.get("base_lr", self.lr), step, self.warmup_steps)
         self.optimizer.step()
         self.applied += 1
         if self.ema is not None:
