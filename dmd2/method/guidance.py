@@ -11,9 +11,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from dmd2.method.losses import (
-    distribution_matching_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss, r1_penalty,
-)
+from dmd2.method.losses import (distribution_matching_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss,
+                                r1_penalty)
 from dmd2.method.randomness import GLOBAL_RNG, BatchRNG
 
 # The names of what the losses below log (the training loop logs each as train/<name>): scalars are averaged over a
