@@ -86,3 +86,20 @@ def test_fast_paths_script_compares_each_switch_with_its_baseline(tmp_path: Path
         assert row.endswith(f"vs {base}") and "missing" not in row, row
     switched = json.loads((tmp_path / "channels_last.json").read_text())["settings"]
     assert switched["channels_last"] is True and switched["bf16"] is True
+
+
+def test_the_fastgen_benchmark_times_both_variants_and_counts_the_2048_batch(tmp_path: Path) -> None:
+    out = tmp_path / "fastgen.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fastgen.py"), "--tiny", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for name in ("official", "fastgen"):
+        r = report["steps"][name]
+        assert 0 < r["critic_iteration_s"] and 0 < r["generator_iteration_s"]
+        assert r["ratio5_mean_s"] == pytest.approx((r["generator_iteration_s"] + 4 * r["critic_iteration_s"]) / 5)
+    mem = report["memory"]
+    assert mem["activation_mib_per_sample"] > 0 and mem["static_gib"] > 0
+    assert [(r["gpus"], r["micro_batch"] * r["rounds"] * r["gpus"]) for r in mem["gpus"]] == [(1, 2048), (4, 2048),
+                                                                                              (8, 2048)]
