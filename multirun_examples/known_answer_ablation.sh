@@ -2,7 +2,8 @@
 # The DMD2 paper's ablations at toy scale, on data=gaussian_mixture, scored against the exact distribution
 # (README "Known-answer runs"). CPU only, no data, no account. One teacher, then four sweeps of 3 seeds each
 # around the base setting (experiment=mixture_dmd2: ratio 5, no GAN head, both learning rates 1e-3):
-#   update ratio 1 / 5 / 10, the GAN head on, generator_lr 3e-4 / 3e-3, the exact denoiser as teacher.
+#   update ratio 1 / 5 / 10, the GAN head on, generator_lr 3e-4 / 3e-3, the exact denoiser as teacher, and
+#   FastGen's variant (experiment=mixture_fastgen).
 # Ends with the table and plots: python -m dmd2.compare runs/mixture/ablation --metric ... --out ...
 # Extra overrides go to every distillation, e.g. max_steps=2000.
 set -euo pipefail
@@ -16,5 +17,8 @@ python train.py -m "${common[@]}" dfake_gen_update_ratio=1,5,10 hydra.sweep.dir=
 python train.py -m "${common[@]}" gan_classifier=true hydra.sweep.dir="$out/ablation/gan" "$@"
 python train.py -m "${common[@]}" generator_lr=3e-4,3e-3 hydra.sweep.dir="$out/ablation/lr" "$@"
 python train.py -m "${common[@]}" exact_teacher=true hydra.sweep.dir="$out/ablation/exact" "$@"
+# FastGen's DMD2 variant at the same scale (experiment=mixture_fastgen: teacher-feature discriminator, alternating
+# updates, unweighted fake score loss over the DM range 0.2-99.8 %)
+python train.py -m experiment=mixture_fastgen "${common[@]:1}" hydra.sweep.dir="$out/ablation/fastgen" "$@"
 python -m dmd2.compare "$out/ablation" --metric eval/mixture_fd --metric eval/mixture_near \
     --metric eval/mixture_coverage --metric eval/mixture_weight_tv --out "$out/ablation/compare"
