@@ -13,6 +13,7 @@ from dmd2.config.settings import OTHER_KEYS, SCHEMAS, Policy
 
 # dmd2/train/context.py's RESUME_SAFE, matched as key.startswith(RESUME_SAFE)
 RESUME_SAFE = ("lr", "generator_lr", "guidance_lr", "weight_decay", "adam_betas", "grad_clip", "warmup_steps",
+               "discriminator_lr",  # added with the setting (FastGen's discriminator)
                "ema_decay", "generator_ema_decay", "max_steps", "num_epochs", "save_every", "log_every",
                "sample_every", "samples_per_class", "sample_steps", "keep_last", "on_nonfinite", "eval_every",
                "eval.", "logger.", "perf.", "paths.", "run_name", "device", "data.num_workers", "data_dir",

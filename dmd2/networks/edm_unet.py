@@ -221,6 +221,15 @@ def class_onehot(class_labels: Tensor, batch: int, num_classes: int, dtype: torc
     return onehot
 
 
+def check_types(embedding_type: str, encoder_type: str, decoder_type: str) -> None:
+    """ValueError unless the three variant names are EDM's."""
+    for key, value, options in (("embedding_type", embedding_type, ("positional", "fourier")),
+                                ("encoder_type", encoder_type, ("standard", "skip", "residual")),
+                                ("decoder_type", decoder_type, ("standard", "skip"))):
+        if value not in options:
+            raise ValueError(f"{key} must be one of {', '.join(repr(o) for o in options)}, got {value!r}")
+
+
 class EDMUNet(nn.Module):
     """DDPM++/NCSN++ UNet. forward(x [B,C,R,R], c_noise [B], class_labels [B] long) -> [B,C,R,R].
 
@@ -244,12 +253,7 @@ class EDMUNet(nn.Module):
     ) -> None:
         """Keyword arguments only, all required: their defaults and meanings are EDMUNetArch (dmd2/config/settings.py)."""
         super().__init__()
-        if embedding_type not in ("positional", "fourier"):
-            raise ValueError(f"embedding_type must be 'positional' or 'fourier', got {embedding_type!r}")
-        if encoder_type not in ("standard", "skip", "residual"):
-            raise ValueError(f"encoder_type must be 'standard', 'skip' or 'residual', got {encoder_type!r}")
-        if decoder_type not in ("standard", "skip"):
-            raise ValueError(f"decoder_type must be 'standard' or 'skip', got {decoder_type!r}")
+        check_types(embedding_type, encoder_type, decoder_type)
         levels = len(channel_mult)
         if levels < 1 or resolution % 2 ** (levels - 1) != 0:
             raise ValueError(f"resolution {resolution} is not divisible by 2^{levels - 1}")
