@@ -85,10 +85,46 @@ SEED_LIMIT = 2 ** 40
 SEED = Rule(lambda v: _is_int(v) and 0 <= v < SEED_LIMIT, "an integer seed in [0, 2**40)")
 INT_LIST = Rule(lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 1 for x in v),
                 "a list of integers >= 1")
+OPEN_DECAY = number(above=0, below=1)
+DISTINCT_DECAYS = Rule(lambda v: isinstance(v, (list, tuple)) and all(OPEN_DECAY(d) for d in v)
+                       and len({float(d) for d in v}) == len(v),
+                       "a list of distinct EMA decays, each in (0, 1), e.g. [0.99995, 0.9996]")
 DESCENDING_SIGMAS = Rule(
     lambda v: isinstance(v, (list, tuple)) and len(v) >= 1 and all(_is_num(s) and s > 0 for s in v)
     and all(a > b for a, b in zip(v, v[1:])),
     "a non-empty list of positive sigmas in strictly descending order, e.g. [80.0, 2.5, 0.6, 0.1]")
+
+
+DEFAULT_EMA = "ema"  # the generator EMA of generator_ema_decay (saved as generator_ema)
+RAW_WEIGHTS = "raw"  # the generator's own weights
+
+
+def ema_name(decay: float) -> str:
+    """The name of the extra generator EMA of ``decay`` (generator_ema_decays): 'ema_' and the decay's shortest
+    exact decimal, e.g. 0.99995 -> 'ema_0.99995'. Checkpoints key it by this name; every weights choice uses it."""
+    return f"{DEFAULT_EMA}_{float(decay)!r}"
+
+
+def is_ema_name(value: Any) -> bool:
+    """Whether ``value`` has the form of an extra EMA's name (ema_<decay>, the decay in [0, 1))."""
+    if not isinstance(value, str) or not value.startswith(f"{DEFAULT_EMA}_"):
+        return False
+    try:
+        decay = float(value[len(DEFAULT_EMA) + 1:])
+    except ValueError:
+        return False
+    return OPEN_DECAY(decay) and ema_name(decay) == value
+
+
+def ema_decays(default: float | None, extra: Any) -> dict[str, float]:
+    """Every generator EMA of a distillation, name -> decay: 'ema' for ``default`` (generator_ema_decay, when set),
+    then ``ema_name(d)`` for each decay d of ``extra`` (generator_ema_decays), in their order."""
+    named = {DEFAULT_EMA: float(default)} if default is not None else {}
+    return {**named, **{ema_name(d): float(d) for d in extra}}
+
+
+GENERATOR_WEIGHTS = Rule(lambda v: v in (DEFAULT_EMA, RAW_WEIGHTS) or is_ema_name(v),
+                         "ema, raw or the name of an extra EMA (ema_<decay>, e.g. ema_0.99995)")
 
 
 @dataclass(frozen=True)
@@ -503,6 +539,12 @@ class DistillSettings(TrainSettings):
     r1_alpha: float = setting(0.1, "the R1 penalty's perturbation of the real images (noise scale)", POSITIVE)
     generator_ema_decay: Optional[float] = setting(None, "EMA of the generator weights (e.g. 0.999), saved next "
                                                    "to the raw weights", optional(DECAY, "off"), policy=ADJUSTABLE)
+    generator_ema_decays: List[float] = setting([], "extra EMAs of the generator beside generator_ema_decay, "
+                                                "updated alike; each named ema_<decay> (e.g. ema_0.99995), saved "
+                                                "in generator_emas", DISTINCT_DECAYS, policy=ADJUSTABLE)
+    eval_weights: str = setting("ema", "what eval_every measures: ema (the generator_ema_decay EMA; the raw weights "
+                                "without it) | raw | ema_<decay> (one of generator_ema_decays)", GENERATOR_WEIGHTS,
+                                policy=ADJUSTABLE)
     exact_teacher: bool = setting(False, "data=gaussian_mixture only: the real score is the mixture's exact "
                                   "denoiser (closed form, zero teacher error); teacher_checkpoint then only "
                                   "initialises the generator and the fake score network", BOOL)
@@ -535,7 +577,7 @@ class EvaluateSettings(FidSettings):
     device: str = setting("auto", "auto | cpu | cuda | cuda:N", DEVICE, policy=PLACEMENT)
     teacher_weights: str = setting("ema", "teacher checkpoints: ema | model", one_of("ema", "model"))
     generator_weights: str = setting("ema", "DMD2 checkpoints: ema (when trained with generator_ema_decay, else "
-                                     "raw) | raw", one_of("ema", "raw"))
+                                     "raw) | raw | ema_<decay> (an EMA of generator_ema_decays)", GENERATOR_WEIGHTS)
     sampler: SamplerSettings = group(SamplerSettings, "how teacher checkpoints sample")
     images: Optional[str] = setting(None, "measure these images instead of a checkpoint: a folder or .zip of image "
                                     "files (generate.py's PNGs, EDM's output) or an .npz with arr_0 uint8 [N,H,W,3] "
@@ -584,7 +626,8 @@ class GenerateSettings:
     batch_size: int = setting(256, "images generated at once", POSITIVE_INT)
     device: str = setting("auto", "auto | cpu | cuda | cuda:N", DEVICE, policy=PLACEMENT)
     teacher_weights: str = setting("ema", "teacher checkpoints: ema | model", one_of("ema", "model"))
-    generator_weights: str = setting("ema", "DMD2 checkpoints: ema | raw", one_of("ema", "raw"))
+    generator_weights: str = setting("ema", "DMD2 checkpoints: ema | raw | ema_<decay> (an EMA of "
+                                     "generator_ema_decays)", GENERATOR_WEIGHTS)
     sampler: SamplerSettings = group(SamplerSettings, "how teacher checkpoints sample")
     class_names: Optional[List[str]] = setting(None, "names for folders and grids; null = the model's (stored in "
                                                "checkpoints and exports; class_000 ... when unknown)")

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dmd2.config.errors import ConfigError, FileError
-from dmd2.config.settings import GENERATED_DATA
+from dmd2.config.settings import DEFAULT_EMA, GENERATED_DATA, RAW_WEIGHTS, ema_name
 
 # This module is on the config-composition path of the scripts (--help, tab completion): it imports torch only
 # inside the functions that need it.
@@ -155,6 +155,18 @@ def check_data(cfg: DictConfig) -> None:
         )
 
 
+def check_emas(cfg: DictConfig) -> None:
+    """The extra generator EMAs differ from the default one, and eval_weights names an EMA the run keeps."""
+    decays = [float(d) for d in cfg.generator_ema_decays]
+    if cfg.generator_ema_decay is not None and float(cfg.generator_ema_decay) in decays:
+        fail("generator_ema_decays", list(decays), f"decays other than generator_ema_decay = "
+             f"{cfg.generator_ema_decay} (that EMA is kept as 'ema' already)")
+    names = [ema_name(d) for d in decays]
+    if cfg.eval_weights not in (DEFAULT_EMA, RAW_WEIGHTS) and cfg.eval_weights not in names:
+        kept = ", ".join(names) or "none"
+        fail("eval_weights", cfg.eval_weights, f"ema, raw or an EMA of generator_ema_decays ({kept})")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check a composed training config; raise ConfigError naming the first bad key."""
     check_settings(cfg)
@@ -188,6 +200,7 @@ def validate(cfg: DictConfig) -> None:
         if cfg.diffusion_gan_max_timestep > cfg.num_train_timesteps:
             fail("diffusion_gan_max_timestep", cfg.diffusion_gan_max_timestep,
                  f"an integer <= num_train_timesteps ({cfg.num_train_timesteps})")
+        check_emas(cfg)
         check_file(cfg, "teacher_checkpoint", "teacher_final.pt")
 
 

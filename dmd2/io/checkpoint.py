@@ -87,12 +87,16 @@ def load_failure(err: Exception) -> str:
     return f"truncated, corrupted or not a checkpoint ({text.splitlines()[0] if text else type(err).__name__}); {EXPECTED}"
 
 
-def network_from_checkpoint(state: dict[str, Any], weights: str) -> EDMPrecond:
-    """Rebuild a denoiser with the checkpoint's architecture and load ``state[weights]`` into it, through
+def network_from_checkpoint(state: dict[str, Any], weights: str, entry: str | None = None) -> EDMPrecond:
+    """Rebuild a denoiser with the checkpoint's architecture and load ``state[weights]`` (with ``entry``:
+    ``state[weights][entry]``, e.g. one of ``generator_emas``) into it, through
     ``dmd2.io.weights.load_denoiser``: the recorded architecture must first describe exactly the shapes of
     those weights (checked on the meta device), so a crafted arch cannot make this allocate more than the
     weights the file holds."""
     tensors = state.get(weights)
+    if entry is not None:
+        tensors = tensors.get(entry) if isinstance(tensors, dict) else None
+        weights = f"{weights}/{entry}"
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise FormatError(f"the checkpoint has no '{weights}' weights (a dict of tensors)")
     try:

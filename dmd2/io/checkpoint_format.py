@@ -13,7 +13,10 @@ of the code reads the current keys only. After loading, a checkpoint holds:
 - teacher: ``model`` and ``ema``; a trained one ``updater`` ({"optimizer": torch optimizer state, "skipped": int});
 - dmd2: ``generator``, ``fake_unet``, ``denoising_sigmas``, ``conditioning_sigma``, ``teacher_checkpoint``,
   ``teacher_sha256`` (None when not recorded), ``generator_updater`` and ``guidance_updater`` (as ``updater``), and
-  ``generator_ema`` whenever its config has a ``generator_ema_decay``.
+  ``generator_ema`` whenever its config has a ``generator_ema_decay``, and ``generator_emas`` ({name: weights} of
+  the EMAs of ``generator_ema_decays``, named by dmd2.config.settings.ema_name; written only when there are
+  any, {} after loading when there are none). Files written before those EMAs existed read as having none: the
+  key is optional within format 1.
 """
 from __future__ import annotations
 
@@ -62,6 +65,13 @@ def upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
         if "generator_ema" not in state and "generator" in state and config.get("generator_ema_decay") is not None:
             state["generator_ema"] = state["generator"]
     state["format"] = CHECKPOINT_FORMAT
+    return with_optional_keys(state)
+
+
+def with_optional_keys(state: dict[str, Any]) -> dict[str, Any]:
+    """Fill in the keys a current checkpoint may leave out: a dmd2 checkpoint's ``generator_emas`` ({} = none)."""
+    if state["kind"] == "dmd2":
+        state.setdefault("generator_emas", {})
     return state
 
 
@@ -74,4 +84,4 @@ def current_layout(state: dict[str, Any], path: str) -> dict[str, Any]:
     if version != CHECKPOINT_FORMAT:
         raise FormatError(f"{path}: checkpoint format {version!r}; this version of dmd2 reads format "
                               f"{CHECKPOINT_FORMAT} and upgrades older ones (a newer dmd2 wrote it?)")
-    return state
+    return with_optional_keys(state)

@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dmd2.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a dmd2_*.pt or teacher_*.pt training checkpoint")
     parser.add_argument("folder", help="the export folder to write (model.safetensors, config.json, README.md)")
-    parser.add_argument("--generator-weights", choices=("ema", "raw"), default="ema",
-                        help="DMD2 checkpoints: the generator EMA (when trained with one) or the raw weights")
+    parser.add_argument("--generator-weights", default="ema", metavar="{ema,raw,ema_<decay>}",
+                        help="DMD2 checkpoints: the generator EMA (when trained with one), the raw weights, or an "
+                        "EMA of generator_ema_decays by name (ema_0.99995)")
     parser.add_argument("--teacher-weights", choices=("ema", "model"), default="ema", help="teacher checkpoints")
     parser.add_argument("--heun-steps", type=int, default=18, help="teacher checkpoints: Heun steps stored as the "
                         "default sampler (18 = 35 network evaluations)")

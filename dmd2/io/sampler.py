@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from dmd2.config.errors import FormatError
-from dmd2.config.settings import DESCENDING_SIGMAS
+from dmd2.config.errors import ConfigError, FormatError
+from dmd2.config.settings import DEFAULT_EMA, DESCENDING_SIGMAS, RAW_WEIGHTS
 from dmd2.data.images import to_uint8
 from dmd2.io.checkpoint import network_from_checkpoint
 from dmd2.method.randomness import derived_seed, torch_generator
@@ -63,19 +63,37 @@ def sampler_from_checkpoint(state: dict[str, Any], device: torch.device | str = 
                             teacher_weights: str = "ema", generator_weights: str = "ema") -> CheckpointSampler:
     """Teacher checkpoints sample their ``teacher_weights`` ("ema" or "model") with ``heun_steps`` Heun steps.
     DMD2 checkpoints sample the generator over its stored ``denoising_sigmas`` (one step by default), with
-    its EMA weights when ``generator_weights == "ema"`` and the checkpoint has them, else the raw weights."""
+    its EMA weights when ``generator_weights == "ema"`` and the checkpoint has them, else the raw weights; or the
+    weights of one of its named EMAs (``generator_weights_key``: an unknown name is refused)."""
     if state["kind"] == "teacher":
         if teacher_weights not in ("ema", "model"):
             raise ValueError(f"teacher_weights must be 'ema' or 'model', got {teacher_weights!r}")
-        key, weights = teacher_weights, teacher_weights
+        key, entry, weights = teacher_weights, None, teacher_weights
     else:
-        if generator_weights not in ("ema", "raw"):
-            raise ValueError(f"generator_weights must be 'ema' or 'raw', got {generator_weights!r}")
-        key = "generator_ema" if generator_weights == "ema" and "generator_ema" in state else "generator"
-        weights = "ema" if key == "generator_ema" else "raw"
-    net = network_from_checkpoint(state, key).to(device).eval()
+        key, entry, weights = generator_weights_key(state, generator_weights)
+    net = network_from_checkpoint(state, key, entry).to(device).eval()
     return make_sampler(state["kind"], net, int(state["step"]), int(state["num_classes"]), int(state["resolution"]),
                         weights, heun_steps, generator_sigmas(state) if state["kind"] == "dmd2" else ())
+
+
+def generator_weight_names(state: dict[str, Any]) -> list[str]:
+    """The generator weights a dmd2 checkpoint holds, by name: 'ema' (when it has the default EMA), 'raw', and
+    the names of its further EMAs."""
+    return ([DEFAULT_EMA] if "generator_ema" in state else []) + [RAW_WEIGHTS] + sorted(state.get("generator_emas", {}))
+
+
+def generator_weights_key(state: dict[str, Any], name: str) -> tuple[str, str | None, str]:
+    """(the key of ``state`` holding the weights ``name``, the entry within it (a further EMA's name) or None, the
+    name of the weights sampled) of a dmd2 checkpoint. 'ema' falls back to the raw weights when the run kept no default EMA;
+    a name the checkpoint does not hold is refused with the names it holds."""
+    if name == DEFAULT_EMA:
+        return ("generator_ema", None, DEFAULT_EMA) if "generator_ema" in state else ("generator", None, RAW_WEIGHTS)
+    if name == RAW_WEIGHTS:
+        return "generator", None, RAW_WEIGHTS
+    if isinstance(name, str) and name in state.get("generator_emas", {}):
+        return "generator_emas", name, name
+    raise ConfigError(f"config key 'generator_weights' = {name!r}: this checkpoint holds the generator weights "
+                      f"{', '.join(generator_weight_names(state))}")
 
 
 def make_sampler(kind: str, net: EDMPrecond, step: int, num_classes: int, resolution: int, weights: str,

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from dmd2.config.errors import ConfigError
-from dmd2.config.settings import DistillSettings
+from dmd2.config.settings import DEFAULT_EMA, RAW_WEIGHTS, DistillSettings, ema_decays
 from dmd2.data.batches import random_hflip
 from dmd2.data.datasets import LabelsOnly, build_dataset
 from dmd2.data.mixture import mixture_from_config
@@ -112,9 +112,10 @@ def class_names(teacher: dict[str, Any], dataset_names: list[str] | None, data_n
     return list(names) if names is not None else dataset_names
 
 
-def build_updaters(model: UnifiedModel, ema: EDMPrecond | None, cfg: DistillSettings, fused: bool
-                   ) -> dict[str, Updater]:
-    """The generator's updater (with its EMA, if any) and the guidance model's (fake score network + GAN head)."""
+def build_updaters(model: UnifiedModel, ema: EDMPrecond | None, cfg: DistillSettings, fused: bool,
+                   more: dict[str, EDMPrecond] | None = None) -> dict[str, Updater]:
+    """The generator's updater (with its EMA, if any, and the ``more`` EMAs of generator_ema_decays, by name) and
+    the guidance model's (fake score network + GAN head)."""
     def updater(name: str, params: list[Tensor], lr: float, ema_of: EMA | None) -> Updater:
         opt = adamw(params, lr, cfg.adam_betas, cfg.weight_decay, fused)
         return Updater(f"{name} loss", params, opt, lr, cfg.warmup_steps, cfg.grad_clip, cfg.on_nonfinite,
@@ -130,12 +131,29 @@ def build_updaters(model: UnifiedModel, ema: EDMPrecond | None, cfg: DistillSett
                                  EMA(ema, model.generator, lambda _: decay) if ema is not None else None),
             "guidance": updater("guidance", guidance, cfg.guidance_lr, None)}
     upds["guidance"].params = model.guidance.trainable() + disc
+    decays = ema_decays(None, cfg.generator_ema_decays)
+    upds["generator"].more_emas = [EMA(net, model.generator, lambda _, d=decays[name]: d)
+                                   for name, net in (more or {}).items()]
     return upds
 
 
-def restore_distill(state: dict[str, Any], model: UnifiedModel, ema: EDMPrecond | None, upds: dict[str, Updater],
+def restore_emas(state: dict[str, Any], emas: dict[str, EDMPrecond]) -> None:
+    """Load the generator EMAs (by name) of a dmd2 checkpoint; an extra EMA the checkpoint lacks (a decay added to
+    generator_ema_decays on resume) starts from the generator's weights."""
+    for name, net in emas.items():
+        if name == DEFAULT_EMA:
+            net.load_state_dict(state["generator_ema"])
+        elif name in state["generator_emas"]:
+            net.load_state_dict(state["generator_emas"][name])
+        else:
+            log.warning(f"[distill] the checkpoint has no generator EMA {name}: it starts from the generator's weights")
+            net.load_state_dict(state["generator"])
+
+
+def restore_distill(state: dict[str, Any], model: UnifiedModel, emas: dict[str, EDMPrecond], upds: dict[str, Updater],
                     evaluator: TrainingEvaluator) -> int:
-    """Load a dmd2 checkpoint into the freshly built objects; return its step."""
+    """Load a dmd2 checkpoint into the freshly built objects (``emas``: the generator EMAs by name); return its
+    step."""
     model.generator.load_state_dict(state["generator"])
     model.guidance.fake_unet.load_state_dict(state["fake_unet"])
     if model.guidance.gan_head is not None:
@@ -147,8 +165,7 @@ def restore_distill(state: dict[str, Any], model: UnifiedModel, ema: EDMPrecond 
             raise ConfigError("config key 'gan_features' = 'teacher', but the checkpoint to resume has no "
                               "discriminator")
         model.guidance.discriminator.load_state_dict(state["discriminator"])
-    if ema is not None:
-        ema.load_state_dict(state["generator_ema"])
+    restore_emas(state, emas)
     for name, upd in upds.items():
         upd.load_state_dict(state[f"{name}_updater"])
     evaluator.load_state_dict(state["evaluation"])
@@ -252,18 +269,21 @@ def distill_model(teacher: EDMPrecond, s: DistillSettings | DictConfig) -> Unifi
 
 
 def build_networks(cfg: DictConfig, teacher: EDMPrecond, device: torch.device
-                   ) -> tuple[UnifiedModel, EDMPrecond | None, dict[str, Updater]]:
+                   ) -> tuple[UnifiedModel, dict[str, EDMPrecond], dict[str, Updater]]:
     """The generator and the guidance model (copies of the teacher; with ``exact_teacher`` the real score is the
-    mixture's exact denoiser), the generator's EMA (or None) and both updaters."""
+    mixture's exact denoiser), the generator's EMAs by name ('ema' for generator_ema_decay, ema_<decay> for each
+    of generator_ema_decays; none without either) and both updaters."""
     model = distill_model(teacher, cfg).to(device)
     if cfg.exact_teacher:  # known-answer data: the real score is exact; the checkpoint only initialises G and fake
         model.guidance.real_unet = ExactDenoiser(mixture_from_config(cfg.data), teacher.sigma_data)
-    ema = copy.deepcopy(model.generator).eval().requires_grad_(False) if cfg.generator_ema_decay is not None else None
+    emas = {name: copy.deepcopy(model.generator).eval().requires_grad_(False)
+            for name in ema_decays(cfg.generator_ema_decay, cfg.generator_ema_decays)}
     networks = [model.generator, model.guidance.fake_unet] + ([] if cfg.exact_teacher else [model.guidance.real_unet])
     for net in networks:
         prepare_network(net, cfg.perf)  # channels-last / torch.compile (after the EMA copy: it stays eager)
     fused = fused_adamw(cfg.perf.fused_adamw, device)
-    return model, ema, build_updaters(model, ema, cfg, fused)
+    more = {name: net for name, net in emas.items() if name != DEFAULT_EMA}
+    return model, emas, build_updaters(model, emas.get(DEFAULT_EMA), cfg, fused, more)
 
 
 def describe_run(cfg: DictConfig, ctx: RunContext, teacher_state: dict[str, Any], model: UnifiedModel, steps: int,
@@ -295,12 +315,15 @@ def export_final(ctx: RunContext, path: str, steps: int, num_chain: int) -> None
                             "num_classes", "resolution", "provenance")})
 
 
-def generator_sampler(model: UnifiedModel, ema: EDMPrecond | None, step: int, num_classes: int,
-                      resolution: int) -> CheckpointSampler:
-    """What evaluations measure: the weights generate.py / evaluate.py sample (the EMA when there is one)."""
-    net = ema if ema is not None else model.generator
+def generator_sampler(model: UnifiedModel, emas: dict[str, EDMPrecond], step: int, num_classes: int,
+                      resolution: int, weights: str = DEFAULT_EMA) -> CheckpointSampler:
+    """What evaluations measure: the weights generate.py / evaluate.py sample when given ``weights`` (eval_weights:
+    'ema', the default EMA when there is one, else the raw weights; 'raw'; or an EMA's name)."""
+    if weights == DEFAULT_EMA and DEFAULT_EMA not in emas:
+        weights = RAW_WEIGHTS
+    net = model.generator if weights == RAW_WEIGHTS else emas[weights]
     return CheckpointSampler("dmd2", net, step, num_classes, resolution, model.num_steps,
-                             denoising_sigmas=tuple(model.denoising_sigmas), weights="ema" if ema is not None else "raw")
+                             denoising_sigmas=tuple(model.denoising_sigmas), weights=weights)
 
 
 def make_batch(cfg: DictConfig, rng: BatchRNG, real: Tensor, y: Tensor, step: int, num_chain: int,
@@ -321,7 +344,7 @@ class DistillStage:
     """The distillation stage for the training loop (dmd2/train/loop.py)."""
 
     s: DistillState
-    ema: EDMPrecond | None         # the generator's EMA (what generate.py and evaluations use), if any
+    emas: dict[str, EDMPrecond]    # the generator's EMAs by name ('ema': what generate.py samples by default)
     teacher: dict[str, Any]        # the teacher's checkpoint (its arch, classes, ...)
     grids: SampleGrids
     ctx: RunContext
@@ -332,6 +355,11 @@ class DistillStage:
     evaluate_first: bool = True    # the starting point: the teacher's one-step output
 
     @property
+    def ema(self) -> EDMPrecond | None:
+        """The default generator EMA (generator_ema_decay), if any."""
+        return self.emas.get(DEFAULT_EMA)
+
+    @property
     def updaters(self) -> dict[str, Updater]:
         return self.s.updaters
 
@@ -339,7 +367,8 @@ class DistillStage:
     def networks(self) -> dict[str, nn.Module]:
         model = self.s.model
         return {"generator": model.generator, "fake score network": model.guidance.fake_unet,
-                **({"generator EMA": self.ema} if self.ema is not None else {})}
+                **{("generator EMA" if name == DEFAULT_EMA else f"generator EMA {name}"): net
+                   for name, net in self.emas.items()}}
 
     def step(self, batch: tuple[Tensor, Tensor], step: int) -> dict[str, Tensor]:
         real, y = batch
@@ -371,17 +400,21 @@ class DistillStage:
             state["discriminator"] = model.guidance.discriminator.state_dict()
         if self.ema is not None:
             state["generator_ema"] = self.ema.state_dict()
+        more = {name: net.state_dict() for name, net in self.emas.items() if name != DEFAULT_EMA}
+        if more:  # only then: a run with the default EMA alone writes exactly the keys it always did
+            state["generator_emas"] = more
         return state
 
     def log_grids(self, step: int) -> None:
         model, caption = self.s.model, f"generator, {self.s.model.num_steps} NFE"
         self.grids.log(self.ctx.logger, "samples/generator", model.sample(self.grids.z, self.grids.y), step, caption)
-        if self.ema is not None:
-            self.grids.log(self.ctx.logger, "samples/generator_ema", model.sample(self.grids.z, self.grids.y, self.ema),
-                           step, f"EMA {caption}")
+        for name, net in self.emas.items():  # samples/generator_ema, samples/generator_ema_0.99995, ...
+            self.grids.log(self.ctx.logger, f"samples/generator_{name}", model.sample(self.grids.z, self.grids.y, net),
+                           step, f"{'EMA' if name == DEFAULT_EMA else name} {caption}")
 
     def sampler(self, step: int) -> CheckpointSampler:
-        return generator_sampler(self.s.model, self.ema, step, self.cfg.data.num_classes, self.cfg.data.resolution)
+        return generator_sampler(self.s.model, self.emas, step, self.cfg.data.num_classes, self.cfg.data.resolution,
+                                 self.cfg.eval_weights)
 
     def publish(self, path: str, steps: int) -> None:
         export_final(self.ctx, path, steps, self.s.model.num_steps)
@@ -400,10 +433,10 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     classes = class_names(teacher_state, dataset.class_names, cfg.data.name)
     if not cfg.gan_classifier:
         dataset = LabelsOnly(dataset)  # no image decoding when only the labels are used
-    model, ema, upds = build_networks(cfg, teacher, device)
+    model, emas, upds = build_networks(cfg, teacher, device)
     start = 0
     if ctx.resume is not None:
-        start = restore_distill(ctx.resume, model, ema, upds, evaluator)
+        start = restore_distill(ctx.resume, model, emas, upds, evaluator)
     # under torchrun the updated networks run inside DistributedDataParallel (gradients averaged over ranks)
     s = DistillState(model, wrap(model.generator, ctx.dist, device), wrap(model.guidance, ctx.dist, device), upds,
                      ctx.rng, partial(autocast, device, cfg.precision), cfg.dfake_gen_update_ratio, cfg.update_schedule)
@@ -414,4 +447,4 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     if ctx.dist.is_main:
         grids.log_teacher(ctx.logger, "samples/teacher", model.guidance.real_unet, cfg.sample_steps, 0, "teacher EMA")
         ctx.logger.use_checkpoint(cfg.teacher_checkpoint, "teacher", teacher_state.get("wandb_run_id"), "teacher")
-    return train_loop(cfg, ctx, DistillStage(s, ema, teacher_state, grids, ctx, cfg), loader, plan, evaluator)
+    return train_loop(cfg, ctx, DistillStage(s, emas, teacher_state, grids, ctx, cfg), loader, plan, evaluator)

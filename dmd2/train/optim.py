@@ -96,6 +96,7 @@ class Updater:
     clip: float | None             # max global gradient norm; None = no clipping
     on_nonfinite: str              # "stop" | "skip"
     ema: EMA | None = None
+    more_emas: list[EMA] = field(default_factory=list)  # further EMAs of the same model, updated alike
     skipped: int = field(default=0)  # skipped updates of the whole run (kept in checkpoints)
     tried: int = field(default=0)    # updates this process attempted, and applied (not kept: this start only)
     applied: int = field(default=0)
@@ -104,7 +105,7 @@ class Updater:
         return warmup_lr(self.lr, step, self.warmup_steps)
 
     def update(self, loss: Tensor, step: int) -> Tensor | None:
-        """Backward, clip, AdamW step at the learning rate of iteration ``step``, then the EMA. Returns the
+        """Backward, clip, AdamW step at the learning rate of iteration ``step``, then the EMAs. Returns the
         gradient norm, or None when the update was skipped (non-finite loss or gradient, ``on_nonfinite=skip``)."""
         self.tried += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -118,12 +119,12 @@ class Updater:
             group["lr"] = warmup_lr(group.get("base_lr", self.lr), step, self.warmup_steps)
         self.optimizer.step()
         self.applied += 1
-        if self.ema is not None:
-            ema_update(self.ema.ema, self.ema.model, self.ema.decay(step))
+        for ema in ([self.ema] if self.ema is not None else []) + self.more_emas:
+            ema_update(ema.ema, ema.model, ema.decay(step))
         return gnorm
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer state and the skipped-update count (the EMA weights are saved by the runner)."""
+        """The optimizer state and the skipped-update count (the EMAs' weights are saved by the runner)."""
         return {"optimizer": self.optimizer.state_dict(), "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
