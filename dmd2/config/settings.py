@@ -435,6 +435,11 @@ class TrainSettings:
                                 "skip the update (counted as skipped_steps)", one_of("stop", "skip"), policy=ADJUSTABLE)
 
     batch_size: int = setting(128, "samples per step (per process under torchrun)", POSITIVE_INT)
+    global_batch_size: Optional[int] = setting(None, "images per optimizer step over every process; each step "
+                                               "accumulates gradients over global_batch_size / (batch_size x "
+                                               "processes) rounds (a positive integer); a run stores the value it "
+                                               "trained with", optional(POSITIVE_INT, "batch_size x processes"),
+                                               policy=ADJUSTABLE)
     num_epochs: int = setting(100, "passes over the dataset", POSITIVE_INT, policy=ADJUSTABLE)
     max_steps: Optional[int] = setting(None, "step limit; training stops at max_steps or num_epochs, whichever "
                                        "comes first", optional(POSITIVE_INT), policy=ADJUSTABLE)
@@ -646,9 +651,9 @@ SCHEMAS: dict[str, type] = {
 # The policy of the top-level keys that are no setting of any schema above (every flag given; a key inside one,
 # such as hydra.run.dir or hydra/launcher, has its policy). The only such answers: dmd2.config.policy reads them.
 OTHER_KEYS: dict[str, Policy] = {
-    # stored beside the settings in a training run's config (its checkpoints; config.yaml holds teacher_sha256)
+    # stored beside the settings in a training run's config (its checkpoints; config.yaml holds teacher_sha256);
+    # global_batch_size is a setting, stored resolved (batch_size x processes x rounds)
     "world_size": Policy(resume_safe=True, names_run=False, splits_compare=True),  # processes: another number
-    "global_batch_size": Policy(resume_safe=True, names_run=False, splits_compare=True),  # may resume the run
     # the teacher file's hash: a different teacher is refused on resume by its own check (older checkpoints lack
     # it); runs of different teachers are different groups, whatever the teacher_checkpoint path
     "teacher_sha256": Policy(resume_safe=True, names_run=False, splits_compare=True),

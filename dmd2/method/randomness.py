@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import Tensor
 
@@ -35,19 +37,40 @@ class BatchRNG:
     """Draws for a global batch from one shared stream; each rank keeps its slice of ``world_size`` equal parts.
 
     ``randn(8, 3, dim=0)`` on rank r of 2 draws [16, 3] and returns rows 8r .. 8r+7. With one process (or
-    ``generator=None``, the global RNG) it is an ordinary draw."""
+    ``generator=None``, the global RNG) it is an ordinary draw. Inside ``rounds(R)``, round r draws for
+    R x world_size parts and keeps part r * world_size + rank (see the module docstring)."""
 
     def __init__(self, seed: int | None = None, device: torch.device | str = "cpu", rank: int = 0,
                  world_size: int = 1) -> None:
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.generator = torch_generator(seed, self.device) if seed is not None else None
+        self.parts, self.part = world_size, rank  # the draw's parts and this process's (round r: r * world + rank)
+
+    def rounds(self, rounds: int) -> Iterator[int]:
+        """Iterate over the ``rounds`` micro-batches of one phase of an iteration: before round r the stream is
+        put back where the phase started and draws are made for all ``rounds`` x world_size parts, this rank
+        keeping part r * world_size + rank. Afterwards the stream is where one full draw leaves it."""
+        if rounds == 1:
+            yield 0
+            return
+        if self.generator is None:
+            raise ValueError("accumulation rounds need a seeded BatchRNG (the global RNG cannot be rewound)")
+        start = self.generator.get_state()
+        try:
+            for r in range(rounds):
+                if r:
+                    self.generator.set_state(start)
+                self.parts, self.part = rounds * self.world_size, r * self.world_size + self.rank
+                yield r
+        finally:
+            self.parts, self.part = self.world_size, self.rank
 
     def _global(self, shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
-        return tuple(s * self.world_size if i == dim else s for i, s in enumerate(shape))
+        return tuple(s * self.parts if i == dim else s for i, s in enumerate(shape))
 
     def _mine(self, full: Tensor, n: int, dim: int) -> Tensor:
-        return full.narrow(dim, self.rank * n, n) if self.world_size > 1 else full
+        return full.narrow(dim, self.part * n, n) if self.parts > 1 else full
 
     def randn(self, *shape: int, dim: int = 0) -> Tensor:
         """Standard normal draws, ``shape`` with the batch along ``dim``."""
@@ -56,11 +79,11 @@ class BatchRNG:
 
     def rand(self, n: int) -> Tensor:
         """Uniform [0, 1) draws [n]."""
-        return self._mine(torch.rand(n * self.world_size, generator=self.generator, device=self.device), n, 0)
+        return self._mine(torch.rand(n * self.parts, generator=self.generator, device=self.device), n, 0)
 
     def randint(self, low: int, high: int, n: int) -> Tensor:
         """Integers in [low, high), [n]."""
-        full = torch.randint(low, high, (n * self.world_size,), generator=self.generator, device=self.device)
+        full = torch.randint(low, high, (n * self.parts,), generator=self.generator, device=self.device)
         return self._mine(full, n, 0)
 
     def get_state(self) -> Tensor | None:

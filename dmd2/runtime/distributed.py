@@ -9,6 +9,8 @@ slice; the global torch RNG, for dropout, seeded with ``seed + rank``).
 """
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 import os
 from dataclasses import dataclass
@@ -93,6 +95,14 @@ def mean_across_ranks(values: dict[str, float], d: Dist) -> dict[str, float]:
         for key, v in rank_values.items():
             merged.setdefault(key, []).append(v)
     return {key: sum(vs) / len(vs) for key, vs in merged.items()}
+
+
+def synced(module: nn.Module, last: bool) -> Any:
+    """The context of one accumulation round's forward and backward through ``module``: DDP's ``no_sync`` (the
+    gradients accumulate locally) unless it is the ``last`` round, whose backward all-reduces the sum."""
+    if last or not hasattr(module, "no_sync"):
+        return contextlib.nullcontext()
+    return module.no_sync()
 
 
 def wrap(module: nn.Module, d: Dist, device: torch.device) -> nn.Module:

@@ -20,6 +20,7 @@ from dmd2.config.errors import ConfigError, FileError, FormatError, UserError
 from dmd2.config.names import dataset_label, run_name
 from dmd2.config.policy import resume_safe
 from dmd2.config.validate import to_container
+from dmd2.data.batches import accumulation_rounds
 from dmd2.io.checkpoint import (RESCUE_ENV, checkpoint_name, latest_valid_checkpoint, load_checkpoint, rescue_dir,
                                 rng_state, save_final, set_rng_state)
 from dmd2.io.files import file_sha256
@@ -256,6 +257,11 @@ def run_context(cfg: DictConfig, job_type: str, prefix: str) -> Iterator[RunCont
     and the checkpoint to resume, seed, store the config, start the logger (rank 0 only). On leaving, the
     logger (and W&B run) is finished, with a failure code if the run raised, and the process group closed."""
     d, device = init_distributed(resolve_device(cfg.device))
+    try:  # every rank refuses a global batch that is no multiple of batch_size x processes, alike
+        global_batch(cfg, d)
+    except ConfigError:
+        shutdown()
+        raise
     own_dir = hydra_output_dir()
     output_dir = shared_output_dir(cfg.output_dir or own_dir or os.path.join("outputs", "run"), own_dir, d)
     kind = prefix if prefix == "teacher" else "dmd2"
@@ -303,7 +309,7 @@ def open_context(cfg: DictConfig, job_type: str, output_dir: str, device: torch.
     config = to_container(cfg)
     settings = logger_settings(cfg)  # with the sweep's W&B group filled in: evaluate.py joins it
     inputs = broadcast_object(inputs, d)
-    config.update(output_dir=output_dir, world_size=d.world_size, global_batch_size=cfg.batch_size * d.world_size,
+    config.update(output_dir=output_dir, world_size=d.world_size, global_batch_size=global_batch(cfg, d),
                   logger=settings, **inputs)
     set_backend_flags(cfg.perf, device)
     torch.manual_seed(cfg.seed + d.rank)  # dropout and other in-network randomness differ between ranks
@@ -318,8 +324,16 @@ def open_context(cfg: DictConfig, job_type: str, output_dir: str, device: torch.
     ctx = RunContext(output_dir, device, config, logger, d, BatchRNG(cfg.seed, device, d.rank, d.world_size), resume)
     if d.enabled:
         ctx.say(f"[{job_type}] {d.world_size} processes (torchrun): batch_size {cfg.batch_size} per process, "
-                f"global batch {cfg.batch_size * d.world_size}")
+                f"global batch {global_batch(cfg, d)}")
     return ctx
+
+
+def global_batch(cfg: DictConfig, d: Dist) -> int:
+    """The images of one optimizer step over every process: ``global_batch_size``, or batch_size x processes when
+    it is null (ConfigError when it is no multiple of batch_size x processes). The run stores this value as its
+    ``global_batch_size``."""
+    rounds = accumulation_rounds(cfg.get("global_batch_size"), cfg.batch_size, d.world_size)
+    return cfg.batch_size * d.world_size * rounds
 
 
 def take_folder(cfg: DictConfig, output_dir: str, prefix: str, kind: str, d: Dist
@@ -341,7 +355,7 @@ def take_folder(cfg: DictConfig, output_dir: str, prefix: str, kind: str, d: Dis
                 check_branch(output_dir, prefix, found[0], int(found[1]["step"]))
             check_same_inputs(found, inputs, cfg)
             check_resume_config(found[1]["config"], {**to_container(cfg), "output_dir": output_dir, **inputs,
-                                "world_size": d.world_size, "global_batch_size": cfg.batch_size * d.world_size})
+                                "world_size": d.world_size, "global_batch_size": global_batch(cfg, d)})
     except BaseException:
         lock.release()
         raise

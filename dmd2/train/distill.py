@@ -45,13 +45,13 @@ from dmd2.networks import count_parameters, set_dropout
 from dmd2.networks.discriminator import FeatureDiscriminator, feature_channels
 from dmd2.networks.gan_head import GANHead
 from dmd2.networks.precond import EDMPrecond
-from dmd2.runtime.distributed import wrap
+from dmd2.runtime.distributed import synced, wrap
 from dmd2.runtime.perf import autocast, fused_adamw, prepare_network
 from dmd2.train.context import RunContext, run_context
 from dmd2.train.evaluator import TrainingEvaluator
 from dmd2.train.grids import SampleGrids
 from dmd2.train.loop import plan_batches, train_loop
-from dmd2.train.optim import EMA, Updater, adamw
+from dmd2.train.optim import EMA, Updater, adamw, round_means
 
 log = logging.getLogger(__name__)
 
@@ -188,25 +188,60 @@ def chain_step(seed: int, step: int, num_steps: int) -> int:
     return int(torch.randint(0, num_steps, (1,), generator=torch_generator(derived_seed(seed, step))))
 
 
+def full(x: Tensor) -> Tensor:
+    """Generator samples at full precision: float32 from autocast's bf16 (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def generator_step(s: DistillState, b: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
     """Update the generator with the DM (+ GAN) loss; return its (detached) samples x [B,C,H,W] and the logs."""
-    with s.amp():
-        x = backward_simulation(s.generator, b.z, b.y, s.model.denoising_sigmas, b.k)
-        loss, logs = s.model.generator_loss(x.float(), b.y, s.rng)
-    gnorm = s.updaters["generator"].update(loss, step)
+    xs, logs = generator_rounds(s, [b], step)
+    return xs[0], logs
+
+
+def generator_rounds(s: DistillState, batches: list[Batch], step: int) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """One generator update accumulated over ``batches`` (one per round): per round the samples and the DM (+ GAN)
+    loss, backward of loss / rounds (DDP all-reduces on the last round only); then one step. Returns each
+    round's (detached) samples and the logs (means over the rounds)."""
+    upd, rounds = s.updaters["generator"], len(batches)
+    xs, logs = [], []
+    for r in s.rng.rounds(rounds):
+        b = batches[r]
+        with synced(s.generator, r == rounds - 1):
+            with s.amp():
+                x = backward_simulation(s.generator, b.z, b.y, s.model.denoising_sigmas, b.k)
+                loss, round_logs = s.model.generator_loss(full(x), b.y, s.rng)
+            upd.accumulate(loss, rounds)
+        xs.append(full(x.detach()))
+        logs.append(round_logs)
+    merged = round_means(logs)
+    gnorm = upd.step(step)
     if gnorm is not None:
-        logs[grad_norm_key("generator")] = gnorm
-    return x.detach().float(), logs
+        merged[grad_norm_key("generator")] = gnorm
+    return xs, merged
 
 
 def fake_score_step(s: DistillState, b: Batch, x: Tensor, step: int) -> dict[str, Tensor]:
     """Update the fake score network (and GAN head) on detached generator samples x (and the real images)."""
-    with s.amp():
-        loss, logs = s.guidance(x, b.y, b.real, b.y if b.real is not None else None, s.rng)
-    gnorm = s.updaters["guidance"].update(loss, step)
+    return fake_score_rounds(s, [b], [x], step)
+
+
+def fake_score_rounds(s: DistillState, batches: list[Batch], xs: list[Tensor], step: int) -> dict[str, Tensor]:
+    """One update of the fake score network (and GAN head) accumulated over the rounds' batches and detached
+    samples ``xs``, as ``generator_rounds``. Returns the logs (means over the rounds)."""
+    upd, rounds, logs = s.updaters["guidance"], len(batches), []
+    for r in s.rng.rounds(rounds):
+        b = batches[r]
+        with synced(s.guidance, r == rounds - 1):
+            with s.amp():
+                loss, round_logs = s.guidance(xs[r], b.y, b.real, b.y if b.real is not None else None, s.rng)
+            upd.accumulate(loss, rounds)
+        logs.append(round_logs)
+    merged = round_means(logs)
+    gnorm = upd.step(step)
     if gnorm is not None:
-        logs[grad_norm_key("guidance")] = gnorm
-    return logs
+        merged[grad_norm_key("guidance")] = gnorm
+    return merged
 
 
 def generator_turn(step: int, ratio: int, schedule: str) -> bool:
@@ -220,15 +255,21 @@ def distill_step(s: DistillState, b: Batch, step: int) -> dict[str, Tensor]:
     """One iteration: the generator's update on its turns (on the others its samples are made without autograd),
     then the fake score network's (and discriminator's) update on those samples; with the ``alternate`` schedule
     the critic skips the generator's turns. Returns the logs."""
+    return distill_rounds(s, [b], step)
+
+
+def distill_rounds(s: DistillState, batches: list[Batch], step: int) -> dict[str, Tensor]:
+    """``distill_step`` on an iteration of accumulation rounds, one ``Batch`` per round (this rank's slices of
+    the global batch): each update accumulates its gradients over the rounds, then steps once."""
     if generator_turn(step, s.ratio, s.schedule):
-        x, logs = generator_step(s, b, step)
+        xs, logs = generator_rounds(s, batches, step)
         if s.schedule == "alternate":
             return logs
     else:
         logs = {}
         with torch.no_grad(), s.amp():
-            x = s.model.generate(b.z, b.y, b.k).float()
-    logs.update(fake_score_step(s, b, x, step))
+            xs = [full(s.model.generate(b.z, b.y, b.k)) for b in batches]
+    logs.update(fake_score_rounds(s, batches, xs, step))
     return logs
 
 
@@ -294,7 +335,7 @@ def describe_run(cfg: DictConfig, ctx: RunContext, teacher_state: dict[str, Any]
         teacher_text = f"the exact mixture denoiser as teacher (networks initialised from {teacher_text})"
     return (f"[distill] {teacher_text}, {count_parameters(model.generator) / 1e6:.2f}M parameters per network, "
             f"{model.num_steps}-step generator, GAN {'on' if cfg.gan_classifier else 'off'}, {steps} steps of global "
-            f"batch {cfg.batch_size * ctx.dist.world_size} on {ctx.device}, generator every "
+            f"batch {ctx.config['global_batch_size']} on {ctx.device}, generator every "
             f"{cfg.dfake_gen_update_ratio} steps, from step {start}; writing to {ctx.output_dir}")
 
 
@@ -370,10 +411,10 @@ class DistillStage:
                 **{("generator EMA" if name == DEFAULT_EMA else f"generator EMA {name}"): net
                    for name, net in self.emas.items()}}
 
-    def step(self, batch: tuple[Tensor, Tensor], step: int) -> dict[str, Tensor]:
-        real, y = batch
-        return distill_step(self.s, make_batch(self.cfg, self.s.rng, real, y, step, self.s.model.num_steps,
-                                                self.ctx.device), step)
+    def step(self, batches: list[tuple[Tensor, Tensor]], step: int) -> dict[str, Tensor]:
+        made = [make_batch(self.cfg, self.s.rng, *batches[r], step, self.s.model.num_steps, self.ctx.device)
+                for r in self.s.rng.rounds(len(batches))]  # the rounds' draws: slices of one global draw
+        return distill_rounds(self.s, made, step)
 
     def scalars(self, step: int) -> dict[str, float]:
         return {f"train/{name}_{what}": value for name, upd in self.s.updaters.items()

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Protocol
 import torch
 from torch import Tensor, nn
 
-from dmd2.data.batches import build_batches, total_steps
+from dmd2.data.batches import accumulation_rounds, build_batches, total_steps
 from dmd2.io.checkpoint import save_final, save_periodic
 from dmd2.io.sampler import CheckpointSampler
 from dmd2.runtime.distributed import mean_across_ranks
@@ -27,7 +27,8 @@ from dmd2.train.logger import RunningMeans
 from dmd2.train.optim import Updater, check_trained
 from dmd2.train.plan import log_schedule
 
-LOOP_KEYS = ("train/images_per_sec", "train/epoch", "train/global_batch_size")  # what the loop logs for every stage
+# what the loop logs for every stage (train/kimg: thousands of images seen, over every process and round)
+LOOP_KEYS = ("train/images_per_sec", "train/epoch", "train/global_batch_size", "train/kimg")
 
 
 class Stage(Protocol):
@@ -40,8 +41,8 @@ class Stage(Protocol):
     updaters: dict[str, Updater]   # checked for "every update skipped" at the end
     networks: dict[str, nn.Module]  # checked for non-finite weights at the end
 
-    def step(self, batch: tuple[Tensor, Tensor], step: int) -> dict[str, Tensor]:
-        """One iteration on the loader's (images, labels); the logs: scalars (averaged over the log window) and
+    def step(self, batches: list[tuple[Tensor, Tensor]], step: int) -> dict[str, Tensor]:
+        """One iteration on the loader's (images, labels), one per accumulation round; the logs: scalars (averaged over the log window) and
         vectors (one histogram per window)."""
 
     def scalars(self, step: int) -> dict[str, float]:
@@ -67,18 +68,21 @@ class Plan:
     start: int                     # the first step (a resumed run's checkpoint step)
     steps: int                     # the last step
     steps_per_epoch: int           # global batches per pass over the data
-    global_batch: int              # images per step, over every process
+    global_batch: int              # images per step, over every process and accumulation round
+    rounds: int = 1                # accumulation rounds per step (micro-batches of batch_size per process)
 
 
 def plan_batches(cfg: Any, ctx: RunContext, dataset: Any, start: int) -> tuple[Iterable[Any], Plan]:
     """This rank's batches from step ``start`` on and the run's plan (printed at the start)."""
     world = ctx.dist.world_size
+    rounds = accumulation_rounds(cfg.get("global_batch_size"), cfg.batch_size, world)
     loader = build_batches(dataset, cfg.batch_size, cfg.seed, ctx.device, cfg.perf, cfg.data.num_workers, start,
-                           ctx.dist.rank, world)
-    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
-    plan = Plan(start, total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps), steps_per_epoch,
-                cfg.batch_size * world)
-    log_schedule(cfg, plan.steps, steps_per_epoch, start, ctx.dist.is_main)
+                           ctx.dist.rank, world, rounds)
+    global_batch = cfg.batch_size * world * rounds
+    steps_per_epoch = len(dataset) // global_batch
+    plan = Plan(start, total_steps(cfg.num_epochs, steps_per_epoch, cfg.max_steps), steps_per_epoch, global_batch,
+                rounds)
+    log_schedule(cfg, plan.steps, steps_per_epoch, start, ctx.dist.is_main, world, rounds)
     return loader, plan
 
 
@@ -141,13 +145,14 @@ def train_loop(cfg: Any, ctx: RunContext, stage: Stage, loader: Iterable[Any], p
     window = LogWindow()
     bar = progress(steps, stage.name, ctx)
     bar.update(plan.start)
-    for step in range(plan.start, steps):
-        window.add(stage.step(next(batches), step), plan.global_batch)
+    for step in range(plan.start, steps):  # one step: this rank's micro-batch of each accumulation round
+        window.add(stage.step([next(batches) for _ in range(plan.rounds)], step), plan.global_batch)
         done = step + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == steps:
             means, vectors, rate = window.close(ctx)
-            own = dict(zip(LOOP_KEYS, (rate, step // plan.steps_per_epoch, plan.global_batch)))
+            own = dict(zip(LOOP_KEYS, (rate, step // plan.steps_per_epoch, plan.global_batch,
+                                       done * plan.global_batch / 1000)))
             metrics = {**means, **stage.scalars(step), **own}
             ctx.logger.log(metrics, step=done)
             last.update(metrics)

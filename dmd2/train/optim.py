@@ -1,7 +1,8 @@
 """Optimisation of one trained network, the same for both stages: AdamW, a learning-rate warm-up counted in
 training iterations, gradient clipping, the non-finite policy and an optional EMA of the weights.
 
-``Updater.update(loss, step)`` is the one optimizer step of this project. A skipped update (``on_nonfinite=skip``)
+``Updater.update(loss, step)`` is the one optimizer step of this project: ``accumulate(loss, rounds)`` (backward of
+loss / rounds, gradients summed over the rounds of an iteration) then ``step(step)``. A skipped update (``on_nonfinite=skip``)
 leaves the weights, the optimizer state and the EMA untouched and is counted in ``Updater.skipped``.
 """
 from __future__ import annotations
@@ -100,6 +101,16 @@ class Updater:
     skipped: int = field(default=0)  # skipped updates of the whole run (kept in checkpoints)
     tried: int = field(default=0)    # updates this process attempted, and applied (not kept: this start only)
     applied: int = field(default=0)
+    pending: Tensor | None = field(default=None, repr=False)  # the rounds' loss so far (accumulate), for step
+
+    def accumulate(self, loss: Tensor, rounds: int = 1) -> None:
+        """Backpropagate ``loss`` / ``rounds`` of one accumulation round (the first round of an update clears the
+        gradients). With one round the loss is backpropagated as it is."""
+        if self.pending is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        part = loss if rounds == 1 else loss / rounds
+        part.backward()  # always: under DistributedDataParallel every rank must join the gradient all-reduce
+        self.pending = part.detach() if self.pending is None else self.pending + part.detach()
 
     def lr_at(self, step: int) -> float:
         return warmup_lr(self.lr, step, self.warmup_steps)
@@ -107,9 +118,15 @@ class Updater:
     def update(self, loss: Tensor, step: int) -> Tensor | None:
         """Backward, clip, AdamW step at the learning rate of iteration ``step``, then the EMAs. Returns the
         gradient norm, or None when the update was skipped (non-finite loss or gradient, ``on_nonfinite=skip``)."""
+        self.accumulate(loss)
+        return self.step(step)
+
+    def step(self, step: int) -> Tensor | None:
+        """Clip, AdamW step on the gradients accumulated since the last step, then the EMA (see ``update``)."""
+        if self.pending is None:
+            raise RuntimeError(f"{self.name}: step() without accumulate()")
+        loss, self.pending = self.pending, None
         self.tried += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # always: under DistributedDataParallel every rank must join the gradient all-reduce
         gnorm = grad_norm(self.params, self.clip)
         # the loss averaged over ranks and the (already all-reduced) gradient norm: every rank decides alike
         if not is_finite(step, self.on_nonfinite, **{self.name: global_mean(loss), f"{self.name} gradient norm": gnorm}):
@@ -134,6 +151,15 @@ class Updater:
         for group, hyper in zip(self.optimizer.param_groups, ours):  # the moments resume; the settings are this
             group.update(hyper)                                      # run's (e.g. a changed weight_decay)
         self.skipped = int(state["skipped"])
+
+
+def round_means(logs: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The logs of an iteration's accumulation rounds as one: each scalar's mean over the rounds (equal
+    micro-batches: the global batch's mean), each vector's values concatenated. One round: its logs as they are."""
+    if len(logs) == 1:
+        return logs[0]
+    return {k: torch.stack([d[k].detach() for d in logs]).mean() if v.numel() == 1
+            else torch.cat([d[k].detach().flatten() for d in logs]) for k, v in logs[0].items()}
 
 
 def check_trained(updaters: dict[str, Updater], networks: dict[str, nn.Module], final: str) -> None:

@@ -1,8 +1,8 @@
 """Stage 1: train the class-conditional EDM teacher.
 
-One step (``teacher_step``): draw sigma (ln sigma ~ N(p_mean, p_std^2)), noise the batch, EDM-weighted
-denoising loss, AdamW with warm-up and gradient clipping, then an EMA update (dmd2.train.optim.Updater). The EMA weights are what
-distillation loads. Checkpoints: teacher_NNNNNN.pt every ``save_every`` steps and teacher_final.pt.
+One step (``teacher_rounds``; ``teacher_step`` on one batch): per accumulation round draw sigma (ln sigma ~
+N(p_mean, p_std^2)), noise the batch, EDM-weighted denoising loss, backward; then AdamW with warm-up and gradient
+clipping, then an EMA update (dmd2.train.optim.Updater). The EMA weights are what distillation loads. Checkpoints: teacher_NNNNNN.pt every ``save_every`` steps and teacher_final.pt.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
+import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
@@ -24,7 +25,7 @@ from dmd2.method.randomness import BatchRNG
 from dmd2.method.samplers import heun_nfe
 from dmd2.networks import count_parameters
 from dmd2.networks.precond import EDMPrecond
-from dmd2.runtime.distributed import wrap
+from dmd2.runtime.distributed import synced, wrap
 from dmd2.runtime.perf import autocast, fused_adamw, prepare_network
 from dmd2.train.context import RunContext, run_context
 from dmd2.train.evaluator import TrainingEvaluator
@@ -50,12 +51,28 @@ class TeacherState:
 def teacher_step(s: TeacherState, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor | None]:
     """One update on images x [B,C,H,W] in [-1, 1] with labels y [B]: (flip,) draw sigma, EDM denoising loss,
     update (+ EMA). Returns the loss and the gradient norm (None when the update was skipped)."""
-    if s.hflip:
-        x = random_hflip(x, s.rng)
-    sigma = edm_sigma(s.rng.randn(x.shape[0]), s.p_mean, s.p_std)
-    with s.amp():
-        loss = denoising_loss(s.net, x, sigma, y, s.rng.randn(*x.shape), s.sigma_data)
-    return loss, s.updater.update(loss, step)
+    return teacher_rounds(s, [(x, y)], step)
+
+
+def teacher_rounds(s: TeacherState, batches: list[tuple[Tensor, Tensor]], step: int
+                   ) -> tuple[Tensor, Tensor | None]:
+    """One update accumulated over the micro-batches ``batches`` (one per round, this rank's slices of the global
+    batch): per round (flip,) draw sigma, EDM denoising loss, backward of loss / rounds (DDP all-reduces on the
+    last round only); then one optimizer step (+ EMA). Returns the loss (the rounds' mean) and the gradient norm
+    (None when the update was skipped)."""
+    rounds, losses = len(batches), []
+    for r in s.rng.rounds(rounds):
+        x, y = batches[r]
+        if s.hflip:
+            x = random_hflip(x, s.rng)
+        sigma = edm_sigma(s.rng.randn(x.shape[0]), s.p_mean, s.p_std)
+        with synced(s.net, r == rounds - 1):
+            with s.amp():
+                loss = denoising_loss(s.net, x, sigma, y, s.rng.randn(*x.shape), s.sigma_data)
+            s.updater.accumulate(loss, rounds)
+        losses.append(loss)
+    loss = losses[0] if rounds == 1 else torch.stack([v.detach() for v in losses]).mean()
+    return loss, s.updater.step(step)
 
 
 @dataclass
@@ -81,9 +98,9 @@ class TeacherStage:
     def networks(self) -> dict[str, nn.Module]:
         return {"teacher": self.model, "teacher EMA": self.ema}
 
-    def step(self, batch: tuple[Tensor, Tensor], step: int) -> dict[str, Tensor]:
-        x, y = (t.to(self.ctx.device, non_blocking=True) for t in batch)
-        loss, gnorm = teacher_step(self.s, x, y, step)
+    def step(self, batches: list[tuple[Tensor, Tensor]], step: int) -> dict[str, Tensor]:
+        moved = [tuple(t.to(self.ctx.device, non_blocking=True) for t in batch) for batch in batches]
+        loss, gnorm = teacher_rounds(self.s, moved, step)  # type: ignore[arg-type]
         return {"loss": loss} if gnorm is None else {"loss": loss, "grad_norm": gnorm}  # None: a skipped update
 
     def scalars(self, step: int) -> dict[str, float]:
