@@ -451,6 +451,11 @@ class TrainSettings:
                                            and all(FRACTION(b) for b in v), "two numbers in [0, 1]"), policy=ADJUSTABLE)
     warmup_steps: int = setting(1000, "linear learning-rate warm-up over N training iterations, then constant",
                                 NONNEG_INT, policy=ADJUSTABLE)
+    lr_decay: str = setting("none", "after the warm-up: none (constant) | cosine | linear, from the base rate to "
+                            "lr_final x the base rate at the run's last iteration (max_steps or num_epochs)",
+                            one_of("none", "cosine", "linear"), policy=ADJUSTABLE)
+    lr_final: float = setting(0.0, "with lr_decay: the learning rate at the last iteration, as a fraction of the "
+                              "base rate", FRACTION, policy=ADJUSTABLE)
     grad_clip: Optional[float] = setting(1.0, "max global gradient norm; null disables clipping", optional(POSITIVE),
                                          policy=ADJUSTABLE)
     precision: str = setting("fp32", "fp32 | bf16 (autocast on CUDA; ignored on CPU)", one_of("fp32", "bf16"))
@@ -547,6 +552,12 @@ class DistillSettings(TrainSettings):
     generator_ema_decays: List[float] = setting([], "extra EMAs of the generator beside generator_ema_decay, "
                                                 "updated alike; each named ema_<decay> (e.g. ema_0.99995), saved "
                                                 "in generator_emas", DISTINCT_DECAYS, policy=ADJUSTABLE)
+    generator_ema_warmup: bool = setting(False, "warm the generator EMAs up as the teacher's: decay min(d, (1+n)/"
+                                         "(10+n)) after n generator updates (false: d from the first update, "
+                                         "which keeps d^n of the initial weights)", BOOL, policy=ADJUSTABLE)
+    fake_warmup_steps: int = setting(0, "iterations 0 .. N-1 update the fake score network (and GAN head) alone, "
+                                     "on the initial generator's samples, before the generator's first update",
+                                     NONNEG_INT, policy=ADJUSTABLE)
     eval_weights: str = setting("ema", "what eval_every measures: ema (the generator_ema_decay EMA; the raw weights "
                                 "without it) | raw | ema_<decay> (one of generator_ema_decays)", GENERATOR_WEIGHTS,
                                 policy=ADJUSTABLE)
