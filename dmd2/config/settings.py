@@ -590,6 +590,8 @@ class EvaluateSettings(FidSettings):
                                     optional(TEXT))
     write_reference: Optional[str] = setting(None, "write the reference statistics (reference.*) to this .npz: mu, "
                                              "sigma (EDM's format) and their metadata, then stop", optional(TEXT))
+    overwrite_reference: bool = setting(False, "let write_reference replace an existing file (refused otherwise)",
+                                        BOOL)
     kid: bool = setting(False, "also compute KID (clean-fid's kernel distance)", BOOL)
     num_workers: int = setting(4, "data-loader workers reading the reference folder", NONNEG_INT)
     run_name: Optional[str] = setting(None, "W&B run name; null = built from the command-line overrides",

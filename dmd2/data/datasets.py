@@ -108,6 +108,7 @@ def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MAX_LABELS_BYTES = 256 << 20  # an EDM data set's dataset.json
 
 
 class EDMDataset(Dataset):
@@ -123,6 +124,9 @@ class EDMDataset(Dataset):
         if self.is_zip:
             with zipfile.ZipFile(root) as z:
                 names = z.namelist()
+            twice = [n for n in set(names) if names.count(n) > 1] if len(set(names)) < len(names) else []
+            if twice:  # which of the two would count?
+                raise FileError(f"data.root = {root!r}: the member {sorted(twice)[0]} is in the zip twice")
         elif os.path.isdir(root):
             names = [os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
                      for d, _, files in os.walk(root) for f in files]
@@ -131,7 +135,7 @@ class EDMDataset(Dataset):
         self.files = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
         if not self.files:
             raise FileError(f"data.root = {root!r}: no images ({', '.join(IMAGE_EXTENSIONS)})")
-        labels = json.loads(self._read("dataset.json")).get("labels") if "dataset.json" in names else None
+        labels = self._labels() if "dataset.json" in names else None
         self.labelled = labels is not None
         if labels is None:
             self.targets = [0] * len(self.files)
@@ -142,6 +146,23 @@ class EDMDataset(Dataset):
                 raise FileError(f"data.root = {root!r}: dataset.json has no label for {missing[0]} "
                                  f"({len(missing)} images without one)")
             self.targets = [by_name[f] for f in self.files]
+
+    def _labels(self) -> Any:
+        """dataset.json's "labels" (at most MAX_LABELS_BYTES: ImageNet's 1.28M labels take 50 MB)."""
+        if self.is_zip:
+            with zipfile.ZipFile(self.root) as z:
+                size = z.getinfo("dataset.json").file_size
+        else:
+            size = os.path.getsize(os.path.join(self.root, "dataset.json"))
+        if size > MAX_LABELS_BYTES:
+            raise FileError(f"data.root = {self.root!r}: dataset.json is {size} bytes (at most {MAX_LABELS_BYTES})")
+        try:
+            content = json.loads(self._read("dataset.json"))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise FileError(f"data.root = {self.root!r}: dataset.json is not JSON ({err})") from None
+        if not isinstance(content, dict):
+            raise FileError(f"data.root = {self.root!r}: dataset.json is not {{\"labels\": ...}}")
+        return content.get("labels")
 
     def _read(self, name: str) -> bytes:
         if not self.is_zip:
