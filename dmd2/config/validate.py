@@ -81,6 +81,11 @@ def check_settings(cfg: DictConfig, prefix: str = "") -> None:
             fail(key, value, problem + (f"; this key takes {rule.expected}" if rule is not None else ""))
         if rule is not None and not rule(value):
             fail(key, value, rule.expected)
+    section_rule = getattr(schema, "check_section", None)  # a combination of the section's keys (settings.py)
+    if section_rule is not None:
+        problem = section_rule(OmegaConf.to_container(cfg, resolve=True))
+        if problem is not None:
+            fail(prefix + problem[0], cfg[problem[0]], problem[1])
 
 
 def check_fid(cfg: DictConfig, prefix: str = "") -> None:

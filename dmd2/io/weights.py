@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from dmd2.config.errors import FormatError
-from dmd2.config.settings import ARCH_SETTINGS, arch_settings
+from dmd2.config.settings import ARCH_SETTINGS, MAX_RESOLUTION, MAX_WIDTH, arch_settings
 from dmd2.networks import ARCHITECTURES
 from dmd2.networks.precond import EDMPrecond
 
@@ -37,9 +37,7 @@ def build_denoiser(arch: Mapping[str, Any], num_classes: int, resolution: int, s
     return EDMPrecond(net, sigma_data)
 
 
-MAX_RESOLUTION = 1024  # image side in pixels
-MAX_CLASSES = 100_000
-MAX_WIDTH = 1 << 16  # any integer field of an arch (widths, heads, positions, filter taps)
+MAX_CLASSES = 100_000  # MAX_RESOLUTION, MAX_WIDTH (any integer field of an arch): the schema's (settings.py)
 MAX_BLOCKS = 64  # residual blocks per level (num_blocks, num_res_blocks)
 MAX_LIST = 16  # entries of a list field (channel multipliers, attention resolutions, filter taps)
 BLOCK_FIELDS = ("num_blocks", "num_res_blocks")
