@@ -243,3 +243,16 @@ def test_values_that_cannot_work_are_refused_at_composition(override, key, expec
     cfg = compose_cfg(["debug=smoke", "arch=simple_unet", override])
     with pytest.raises(ConfigError, match=re.escape(f"'{key}' = ") + ".*" + re.escape(expected)):
         check_settings(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("~lr", r"config key 'lr' was removed \(~lr\)"),
+    ("seed=${oc.env:DMD2_NO_SUCH_VARIABLE}", r"config key 'seed': its value cannot be resolved .*DMD2_NO_SUCH_VARIABLE"),
+    ("lr=${lr}", r"config key 'lr': its value cannot be resolved \(Recursive interpolation"),
+])
+def test_a_removed_key_or_an_unresolvable_interpolation_is_a_config_error(override, message, monkeypatch):
+    from dmd2.config.validate import check_settings
+
+    monkeypatch.delenv("DMD2_NO_SUCH_VARIABLE", raising=False)
+    with pytest.raises(ConfigError, match=message):
+        check_settings(compose_cfg(["debug=smoke", override]))

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dmd2.config.errors import ConfigError, FileError
 from dmd2.config.settings import DEFAULT_EMA, GENERATED_DATA, RAW_WEIGHTS, ema_name
@@ -47,15 +48,33 @@ def out_of_range(value: Any) -> str | None:
     return None
 
 
+def check_resolvable(cfg: DictConfig) -> None:
+    """ConfigError naming the key whose ${...} interpolation cannot be resolved (a missing environment variable,
+    a key that refers to itself, an unknown key or resolver)."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}': its value cannot be resolved ({str(err).splitlines()[0]})") from None
+
+
 def check_settings(cfg: DictConfig, prefix: str = "") -> None:
     """Check every key of ``cfg`` against its schema (dmd2/config/settings.py), recursively; raise ConfigError naming the
     first bad key: a key the schema does not define (e.g. added with +key=... or ++key=...), a number out of the
     shared range (``out_of_range``), or a value its rule refuses. Types were already enforced by Hydra while
     composing. An untyped section (none today) would be free-form and is not checked."""
+    if not prefix:
+        check_resolvable(cfg)
     schema = OmegaConf.get_type(cfg)
     if not dataclasses.is_dataclass(schema):
         return
     fields = dataclasses.fields(schema)
+    present = set(cfg.keys())  # type: ignore[arg-type]
+    removed = [f.name for f in fields if f.name not in present]
+    if removed:
+        key = prefix + removed[0]
+        raise ConfigError(f"config key '{key}' was removed (~{key}): every key of the schema takes a value; set it "
+                          f"instead ({key}=...; python <script> --help lists the keys)")
     unknown = sorted(set(cfg.keys()) - {f.name for f in fields})  # type: ignore[operator]
     if unknown:
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}': the scripts read only the keys of their "
