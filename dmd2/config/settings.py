@@ -106,10 +106,11 @@ OPEN_DECAY = number(above=0, below=1)
 DISTINCT_DECAYS = Rule(lambda v: isinstance(v, (list, tuple)) and all(OPEN_DECAY(d) for d in v)
                        and len({float(d) for d in v}) == len(v),
                        "a list of distinct EMA decays, each in (0, 1), e.g. [0.99995, 0.9996]")
+MAX_SIGMA = 1e5  # a noise level: EDM's largest is 80 (VE models a few hundred); x = sigma * z must stay finite
 DESCENDING_SIGMAS = Rule(
-    lambda v: isinstance(v, (list, tuple)) and len(v) >= 1 and all(_is_num(s) and s > 0 for s in v)
+    lambda v: isinstance(v, (list, tuple)) and len(v) >= 1 and all(_is_num(s) and 0 < s <= MAX_SIGMA for s in v)
     and all(a > b for a, b in zip(v, v[1:])),
-    "a non-empty list of positive sigmas in strictly descending order, e.g. [80.0, 2.5, 0.6, 0.1]")
+    f"a non-empty list of sigmas in (0, {MAX_SIGMA:g}] in strictly descending order, e.g. [80.0, 2.5, 0.6, 0.1]")
 
 
 DEFAULT_EMA = "ema"  # the generator EMA of generator_ema_decay (saved as generator_ema)

@@ -183,4 +183,13 @@ def read_export_metadata(folder_or_file: str) -> tuple[dict[str, Any], str, dict
             raise
         raise FormatError(f"{folder_or_file}: its metadata is not readable JSON ({err})") from err
     check_export_metadata(metadata, shapes, source)
+    if source == config_path and "dmd2" in header:  # the pair moved into place one after the other: one export?
+        try:
+            stamped = json.loads(header["dmd2"]).get("provenance")
+        except (ValueError, AttributeError):
+            stamped = None
+        if stamped != metadata["provenance"]:
+            raise FormatError(f"{folder_or_file}: {CONFIG_FILE} and {os.path.basename(path)} are of different "
+                              "exports (their provenance differs: a write interrupted between their moves?); export "
+                              "the checkpoint again")
     return current_export_layout(metadata), path, shapes
