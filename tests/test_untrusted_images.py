@@ -126,3 +126,24 @@ def test_an_edm_zip_with_a_member_twice_or_an_oversized_dataset_json_is_refused(
         EDMDataset(str(make_zip(tmp_path / "padded.zip", members + [padded])), lambda x: x)
     with pytest.raises(FileError, match=r"dataset.json is not JSON"):
         EDMDataset(str(make_zip(tmp_path / "bad.zip", members + [("dataset.json", b"\xff[")])), lambda x: x)
+
+
+@pytest.mark.parametrize("kind", ["image_folder", "edm_dataset"])
+def test_an_unreadable_training_image_is_skipped_and_counted_within_the_allowed_fraction(kind, tmp_path, caplog):
+    import json
+
+    from dmd2.data.datasets import build_dataset
+
+    root = image_folder(tmp_path / "data", classes=2, per_class=5)
+    (root / "c1" / "4.png").write_bytes(png()[:40])  # truncated
+    if kind == "edm_dataset":
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))
+        (root / "dataset.json").write_text(json.dumps({"labels": [[f, int(f[1])] for f in files]}))
+    data = dict(name=kind, root=str(root), num_classes=2, resolution=8, max_unreadable=0.1)
+    ds = build_dataset(data)
+    caplog.set_level("WARNING")
+    items = [ds[i] for i in range(len(ds))]
+    assert len(items) == 10 and "skipped" in caplog.text and "4.png" in caplog.text
+    strict = build_dataset({**data, "max_unreadable": 0.0})
+    with pytest.raises(FileError, match=r"4.png.*more than data.max_unreadable = 0"):
+        [strict[i] for i in range(len(strict))]

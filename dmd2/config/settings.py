@@ -296,6 +296,10 @@ class DataSettings:
                         one_of(*DATA_KINDS))
     root: str = setting("${data_dir}", "dataset folder (image_folder: root/<class>/<image>) or edm_dataset's .zip",
                         TEXT, policy=REPEATS)
+    max_unreadable: float = setting(0.001, "image_folder / edm_dataset: the fraction of images that may be "
+                                    "unreadable (truncated, corrupted): each is skipped with a warning naming it and "
+                                    "the next image read in its place; one more stops the run (0 = none)", FRACTION,
+                                    policy=ADJUSTABLE)
     num_classes: int = setting(10, "number of classes (labels 0 .. num_classes - 1); 0 = unconditional (labels "
                                 "ignored, e.g. EDM's -uncond- models)", NONNEG_INT)
     resolution: int = setting(32, "image side in pixels (image_folder: resized and center-cropped)", RESOLUTION)
