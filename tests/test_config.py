@@ -256,3 +256,12 @@ def test_a_removed_key_or_an_unresolvable_interpolation_is_a_config_error(overri
     monkeypatch.delenv("DMD2_NO_SUCH_VARIABLE", raising=False)
     with pytest.raises(ConfigError, match=message):
         check_settings(compose_cfg(["debug=smoke", override]))
+
+
+def test_a_path_that_is_not_utf8_is_refused_before_any_log_line():
+    """A shell path with non-UTF-8 bytes (decoded with surrogate escapes) made every log line naming it a logging
+    traceback; the rule every key shares refuses it, naming the key."""
+    from dmd2.config.validate import check_settings
+
+    with pytest.raises(ConfigError, match=r"'output_dir' = .*expected text in UTF-8"):
+        check_settings(compose_cfg(["debug=smoke", "output_dir='/tmp/o\udcff'"]))

@@ -37,14 +37,20 @@ FLOAT32_MAX = 3.4028234663852886e38  # floats meet float32 tensors: a larger val
 
 
 def out_of_range(value: Any) -> str | None:
-    """What is wrong with a number anywhere in ``value`` (lists included) under the rule every key shares: floats
-    finite in float32 (no key documents inf or nan as meaningful), integers within 64 bits; None when nothing is."""
+    """What is wrong with a value anywhere in ``value`` (lists included) under the rule every key shares: floats
+    finite in float32 (no key documents inf or nan as meaningful), integers within 64 bits, text in UTF-8 (logs and
+    file names are written in it); None when nothing is."""
     if isinstance(value, (list, tuple)):
         return next((w for w in (out_of_range(v) for v in value) if w is not None), None)
     if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
         return "a finite number within float32's range, |value| <= 3.4e38 (inf and nan are accepted by no key)"
     if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
         return "an integer within 64 bits (|value| < 2**63)"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 (a path from the shell): every log line would fail
+            return "text in UTF-8 (it holds bytes that are not: rename the path)"
     return None
 
 
