@@ -194,7 +194,7 @@ def test_damaged_noise_levels_are_refused_before_sampling(dmd2_run, tmp_path, si
             dmd2.load_generator(str(source))
 
 
-def test_a_config_json_of_another_export_or_not_an_export_config_is_refused(dmd2_run, tmp_path):
+def test_a_config_json_of_another_export_or_not_an_export_config_is_refused(dmd2_run, tmp_path, monkeypatch):
     """A kill between the export's two file moves could leave new weights beside the old config.json (loaded as
     the old step): the pair must carry the same provenance. A config.json that is no export's is a FormatError."""
     import shutil
@@ -210,3 +210,9 @@ def test_a_config_json_of_another_export_or_not_an_export_config_is_refused(dmd2
         (export / "config.json").write_text(text, errors="surrogateescape")
         with pytest.raises(FormatError):
             dmd2.load_generator(str(export))
+    from dmd2.io import export_format
+
+    monkeypatch.setattr(export_format, "MAX_CONFIG_BYTES", 100)  # 16 MiB in use
+    (export / "config.json").write_text(" " * 200 + "{}")
+    with pytest.raises(FormatError, match="larger than 100 bytes"):
+        dmd2.load_generator(str(export))
