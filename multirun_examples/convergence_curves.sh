@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The convergence curves of README "Convergence": known-answer distillations (data=gaussian_mixture, 2 classes x 3
+# modes, 8 px) scored exactly every 250 iterations, each row a Hydra multirun, read by python -m dmd2.compare.
+# CPU only; one thread per run (OMP_NUM_THREADS=1: single runs are chaotic, so the thread count is part of a
+# result). Two teachers: the EDM-noise one (p_std 1.2, 800 steps) and the preset's (p_std 2.0, 1600 steps).
+#   bash multirun_examples/convergence_curves.sh                 # every row below (hours on 2 cores)
+#   SEEDS=0 bash multirun_examples/convergence_curves.sh         # one seed per row
+# Extra overrides go to every distillation.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+out=runs/mixture/convergence
+seeds="${SEEDS:-0,1,2}"
+[ -f "$out/teacher_edm/teacher_final.pt" ] || python train.py experiment=mixture_teacher p_std=1.2 max_steps=800 \
+    logger=none output_dir="$out/teacher_edm"
+[ -f "$out/teacher/teacher_final.pt" ] || python train.py experiment=mixture_teacher logger=none \
+    output_dir="$out/teacher"
+official=(lr_decay=none generator_ema_decay=null generator_ema_warmup=false)
+run() {  # run <row name> <teacher folder> <overrides...>
+  local name=$1 teacher=$2; shift 2
+  python train.py -m experiment=mixture_dmd2 logger=none teacher_checkpoint="$out/$teacher/teacher_final.pt" \
+      seed="$seeds" max_steps=3000 eval_every=250 hydra.sweep.dir="$out/$name" "$@" "${EXTRA[@]}"
+}
+EXTRA=("$@")
+# the official schedule (constant rates, no EMA) from the EDM-noise teacher: the plateau
+run official teacher_edm "${official[@]}"
+# one change at a time from there
+run official_dm60 teacher_edm "${official[@]}" max_step_percent=0.6      # DM noise levels below sigma ~5 only
+run remedies_teacher_edm teacher_edm                                       # the preset's EMA + cosine decay
+run remedies_exact teacher_edm exact_teacher=true                          # ... with the exact denoiser as teacher
+run official_teacher teacher "${official[@]}"                              # the preset's teacher alone
+# the preset as it is: the better teacher, EMA 0.99 warmed up, cosine decay
+run preset teacher
+python -m dmd2.compare "$out" --metric eval/mixture_fd --metric eval/mixture_near --metric eval/mixture_coverage \
+    --metric eval/mixture_weight_tv --out "$out/compare"
