@@ -4,7 +4,8 @@ image sets with it. evaluate.py and the evaluation inside training (dmd2.train.e
 
 Protocol: ``num`` samples from a sampler (dmd2.io.sampler: per-sample seeded noise, round-robin classes), uint8
 images in [0, 255], featurized batch by batch (dmd2.eval.features), so only the features [N, D] are ever held. The
-distance is clean-fid's ``frechet_distance`` between the Gaussians (mean, covariance) of the two feature sets.
+distance is the Frechet distance between the Gaussians (mean, covariance) of the two feature sets, in the project's
+eigenvalue form (dmd2.method.frechet; equal to clean-fid's to rounding).
 
 Every comparison is checked before any image is generated or read (``check_measurement``): a reference that
 differs from what is measured in resolution, network or resize is refused, as is a sample count at or below the
@@ -107,7 +108,7 @@ def check_measurement(net: FeatureNetwork, ref: ReferenceStats | None, resolutio
 
 def score_features(feats: np.ndarray, ref: ReferenceStats, kid: bool = False, seed: int = 0,
                    resamples: int = 0, labels: np.ndarray | None = None) -> dict[str, Any]:
-    """FD of features [N,D] to ``ref`` (clean-fid's), KID when asked (and ``ref`` holds features [M,D]), each with
+    """FD of features [N,D] to ``ref``, KID when asked (and ``ref`` holds features [M,D]), each with
     its bootstrap standard deviation (``bootstrap_std``, stratified by ``labels`` [N] when known): the numbers
     every evaluation reports, whatever the images came from (a checkpoint, a folder, an .npz)."""
     value = frechet_distance(*feature_statistics(feats), ref.mu, ref.sigma)
