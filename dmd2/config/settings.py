@@ -311,7 +311,7 @@ class NoLogger:
 # ---------------------------------------------------------------------------------------------- FID / FD
 
 
-FEATURE_NETWORKS = ("inception", "torchscript")
+FEATURE_NETWORKS = ("inception", "torchscript", "module")
 RESIZE_MODES = ("clean", "legacy_tensorflow", "none")
 REFERENCES = ("auto", "cifar10_train", "folder", "npz")
 
@@ -319,9 +319,15 @@ REFERENCES = ("auto", "cifar10_train", "folder", "npz")
 @dataclass
 class FeatureNetwork:
     name: str = setting("inception", "inception (clean-fid's; reported as FID) | torchscript (a file; reported as "
-                        "FD (<name>))", one_of(*FEATURE_NETWORKS))
+                        "FD (<name>)) | module (plain weights plus the Python code that builds the network; "
+                        "reported as FD (<name>))", one_of(*FEATURE_NETWORKS))
     path: Optional[str] = setting(None, "torchscript: the .pt file, float images [B,3,H,W] in [0,255] -> "
-                                  "features [B,D]", optional(TEXT))
+                                  "features [B,D] | module: the weights file (a state dict, .pt or .safetensors)",
+                                  optional(TEXT))
+    module: Optional[str] = setting(None, "name=module: what builds the network, package.module:callable (called "
+                                    "without arguments; it must return an nn.Module mapping float images "
+                                    "[B,3,H,W] in [0,255] to features [B,D]); path's weights are loaded into it",
+                                    optional(TEXT))
     resize: str = setting("clean", "clean: clean-fid's 299x299 resize (its published-comparable protocol) | "
                           "legacy_tensorflow: Inception resizes inside, as TensorFlow did (EDM's and DMD2's FIDs) | "
                           "none: native resolution (TorchScript networks)", one_of(*RESIZE_MODES))

@@ -70,7 +70,8 @@ def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
 def feature_network_from_config(fn: Mapping[str, Any], device: torch.device) -> FeatureNetwork:
     """The ``feature_network`` config node (FeatureNetwork in dmd2/config/settings.py) -> its FeatureNetwork."""
     return build_feature_network(fn["name"], device, path=fn["path"], resize=fn["resize"],
-                                 inception_weights=fn["inception_weights"], allow_download=fn["allow_download"])
+                                 inception_weights=fn["inception_weights"], allow_download=fn["allow_download"],
+                                 module=fn.get("module"))
 
 
 def reference_from_config(ref: Mapping[str, Any], net: FeatureNetwork, kid: bool = False, batch_size: int = 128,
