@@ -328,6 +328,10 @@ class FeatureNetwork:
                                     "without arguments; it must return an nn.Module mapping float images "
                                     "[B,3,H,W] in [0,255] to features [B,D]); path's weights are loaded into it",
                                     optional(TEXT))
+    classifier: Optional[str] = setting(None, "a submodule of the network mapping its features [B,D] to class "
+                                        "logits [B,C], by dotted name (net.head for cifar10-featnet-dev): adds the "
+                                        "generated class histogram, its entropy and the label agreement per class",
+                                        optional(TEXT))
     resize: str = setting("clean", "clean: clean-fid's 299x299 resize (its published-comparable protocol) | "
                           "legacy_tensorflow: Inception resizes inside, as TensorFlow did (EDM's and DMD2's FIDs) | "
                           "none: native resolution (TorchScript networks)", one_of(*RESIZE_MODES))
@@ -368,6 +372,13 @@ class FidSettings:
     uncertainty_resamples: int = setting(20, "bootstrap resamples of the generated samples' features behind each "
                                          "value's standard deviation (eval/fid_std, eval/kid_std; the spread a "
                                          "rerun with other seeds shows); 0 = none", NONNEG_INT)
+    prdc_k: int = setting(5, "precision and recall (Kynkaanniemi et al. 2019), density and coverage (Naeem et al. "
+                          "2020) of the features already extracted, with this many nearest neighbours (5, Naeem et "
+                          "al.'s; needs the reference's features: an image folder or the training data, or "
+                          "clean-fid's CIFAR-10 with kid=true; data=gaussian_mixture: pixels against true samples); "
+                          "0 = off", NONNEG_INT)
+    prdc_samples: int = setting(10000, "precision / recall / density / coverage use at most this many samples of "
+                                "each side (a seeded subsample; the cost grows with its square)", int_at_least(6))
 
 
 @dataclass

@@ -57,6 +57,7 @@ class FeatureNetwork:
     model: Callable[[Tensor], Tensor]
     device: torch.device
     source: str          # the weights file
+    classifier: Callable[[Tensor], Tensor] | None = None  # features [B,D] -> class logits [B,C] (optional)
 
     @property
     def is_inception(self) -> bool:
@@ -229,10 +230,35 @@ def build_module_network(path: str, module: str, device: torch.device, resize: s
 
 def build_feature_network(name: str, device: torch.device, *, path: str | None = None, resize: str = "clean",
                           inception_weights: str | None = None, allow_download: bool = False,
-                          module: str | None = None) -> FeatureNetwork:
+                          module: str | None = None, classifier: str | None = None) -> FeatureNetwork:
     """The feature network ``name`` ("inception", "torchscript" or "module": the weights ``path`` loaded into
-    what ``module`` builds); fails within seconds when its file is missing (nothing is downloaded unless
+    what ``module`` builds), with its ``classifier`` (the dotted name of a submodule mapping its features to class
+    logits, e.g. 'net.head'); fails within seconds when its file is missing (nothing is downloaded unless
     ``allow_download``)."""
+    net = _build_feature_network(name, device, path=path, resize=resize, inception_weights=inception_weights,
+                                 allow_download=allow_download, module=module)
+    if classifier:
+        net.classifier = submodule(net.model, classifier)
+    return net
+
+
+def submodule(model: object, dotted: str) -> Callable[[Tensor], Tensor]:
+    """``model``'s attribute ``dotted`` ('net.head'), which must be callable (features -> logits)."""
+    obj = model
+    try:
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+    except AttributeError as err:
+        raise EvaluationError(f"feature_network.classifier = {dotted!r}: the feature network has no such "
+                              f"submodule ({err})") from None
+    if not callable(obj):
+        raise EvaluationError(f"feature_network.classifier = {dotted!r}: not callable")
+    return obj  # type: ignore[return-value]
+
+
+def _build_feature_network(name: str, device: torch.device, *, path: str | None, resize: str,
+                           inception_weights: str | None, allow_download: bool, module: str | None
+                           ) -> FeatureNetwork:
     if name == "inception":
         return build_inception(inception_weights, device, allow_download, resize)
     if name == "module":
@@ -279,6 +305,23 @@ def image_features(images: np.ndarray, net: FeatureNetwork, batch_size: int) -> 
     parts = [batch_features(torch.from_numpy(images[lo:lo + batch_size]).permute(0, 3, 1, 2).contiguous(), net)
              for lo in range(0, len(images), batch_size)]
     return np.concatenate(parts)
+
+
+def classify(feats: np.ndarray, net: FeatureNetwork, batch_size: int = 1024) -> tuple[np.ndarray, int] | None:
+    """The classes [N] the feature network's classifier predicts from features [N,D] (argmax of its logits
+    [N,C]) and C; None without a classifier."""
+    if net.classifier is None:
+        return None
+    out, width = [], 0
+    with torch.no_grad():
+        for lo in range(0, len(feats), batch_size):
+            logits = net.classifier(torch.from_numpy(np.ascontiguousarray(feats[lo:lo + batch_size])).to(net.device))
+            if logits.ndim != 2:
+                raise EvaluationError(f"the classifier of {net.source} returned shape {tuple(logits.shape)}; "
+                                      "expected logits [B, C]")
+            out.append(logits.argmax(1).cpu().numpy())
+            width = logits.shape[1]
+    return (np.concatenate(out) if out else np.zeros(0, np.int64)), width
 
 
 def feature_dim(net: FeatureNetwork, resolution: int) -> int:
