@@ -528,7 +528,13 @@ class DistillSettings(TrainSettings):
                                        int_at_least(2))
     gan_classifier: bool = setting(False, "DMD2's GAN head on the fake score network's bottleneck", BOOL)
     cls_loss_weight: float = setting(1e-2, "weight of the classifier's loss in the guidance update", NONNEG)
-    gen_cls_loss_weight: float = setting(3e-3, "weight of the generator's non-saturating GAN loss", NONNEG)
+    gen_cls_loss_weight: float = setting(3e-3, "weight of the generator's non-saturating GAN loss. The DMD2 "
+                                         "authors' calibration rule: weight it so that its gradient at the "
+                                         "generated images is comparable to the DM gradient's. Read "
+                                         "train/gan_dm_grad_ratio (this weight x train/gan_grad_norm / "
+                                         "train/dm_grad_norm, per sample, same units): about 1 = comparable; far "
+                                         "below 1 = the GAN term barely acts; far above = it swamps the DM "
+                                         "gradient (health.grad_ratio_band alerts outside a band)", NONNEG)
     diffusion_gan: bool = setting(True, "noise real and fake images before the classifier sees them (false: "
                                   "clean images at sigma_min)", BOOL)
     diffusion_gan_max_timestep: int = setting(1000, "diffusion-GAN noise at sigmas[t], t ~ U{0 .. max-1}",

@@ -37,6 +37,7 @@ from dmd2.io.export import export_generator
 from dmd2.io.sampler import CheckpointSampler
 from dmd2.method.edm import SIGMA_MAX, SIGMA_MIN, dmd_timestep_sigmas
 from dmd2.method.guidance import GuidanceModel, LossChoices, guidance_logs
+from dmd2.method.health import SATURATED, saturated_fraction
 from dmd2.method.mixture import ExactDenoiser
 from dmd2.method.randomness import BatchRNG, derived_seed, torch_generator
 from dmd2.method.samplers import backward_simulation
@@ -269,6 +270,7 @@ def distill_rounds(s: DistillState, batches: list[Batch], step: int) -> dict[str
         logs = {}
         with torch.no_grad(), s.amp():
             xs = [full(s.model.generate(b.z, b.y, b.k)) for b in batches]
+    logs[SATURATED] = saturated_fraction(torch.cat(xs))  # a diagnostic (dmd2.method.health): no draw, no gradient
     logs.update(fake_score_rounds(s, batches, xs, step))
     return logs
 
@@ -423,7 +425,8 @@ class DistillStage:
     @staticmethod
     def metric_keys(gan: bool, r1: bool = False) -> list[str]:
         """The train/ scalars a distillation logs: its steps' logs and ``scalars``."""
-        own = generator_logs(gan) + guidance_logs(gan, r1) + tuple(grad_norm_key(u) for u in UPDATERS)
+        own = (generator_logs(gan) + guidance_logs(gan, r1) + tuple(grad_norm_key(u) for u in UPDATERS)
+               + (SATURATED,))
         return [f"train/{k}" for k in own] + [f"train/{u}_{what}" for u in UPDATERS for what in ("lr", "skipped_steps")]
 
     def state(self) -> dict[str, Any]:
