@@ -503,6 +503,40 @@ class TeacherSettings(TrainSettings):
     p_std: float = setting(1.2, "EDM training noise spread", POSITIVE)
 
 
+BAND = Rule(lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_num(b) and b >= 0 for b in v)
+            and v[0] <= v[1], "two numbers low <= high, both >= 0, e.g. [0.001, 10]")
+
+
+@dataclass
+class HealthSettings:
+    """Diagnostics of a distillation's health (README "Is my run healthy?"): the alerts' thresholds and the
+    denoiser panels. An alert is a warning line, a W&B alert and a row in metrics.jsonl, once per event (when its
+    condition starts to hold) with its step. The defaults stay quiet on a healthy known-answer run and fire on the
+    broken ones the README shows."""
+    alerts: bool = setting(True, "watch the logged metrics and raise the alerts below", BOOL)
+    min_recall: float = setting(0.3, "alert when eval/recall (precision / recall of the evaluation, prdc_k) falls "
+                                "below this: modes are being lost (true samples of the known-answer mixture score "
+                                "about 0.75 at 1000 samples)", FRACTION)
+    min_class_entropy: float = setting(0.5, "alert when eval/class_entropy (the generated class histogram's entropy "
+                                       "over log C: 1 = every class equally often) falls below this", FRACTION)
+    max_saturated: float = setting(0.1, "alert when train/saturated_fraction (generated pixels at +-1 after "
+                                   "clamping) exceeds this", FRACTION)
+    fd_rise_evals: int = setting(3, "alert when the FID / FD rises over this many evaluations in a row; 0 = off",
+                                 NONNEG_INT)
+    grad_ratio_band: List[float] = setting([0.001, 10.0], "alert when train/gan_dm_grad_ratio (GAN gradient over "
+                                           "DM gradient, the weight included; GAN runs only) leaves [low, high]",
+                                           BAND)
+    panels: bool = setting(True, "at every sample grid: the denoiser panel (noisy generated images, the "
+                           "teacher's and the fake score network's x0, their difference and the DM gradient at "
+                           "panel_sigmas) and, for a multi-step generator, its chain's panel", BOOL)
+    panel_images: int = setting(4, "generated images in the panels (the first of as many grid rows)",
+                                POSITIVE_INT)
+    panel_sigmas: List[float] = setting([0.5, 2.0, 10.0, 40.0], "the panels' noise levels",
+                                        Rule(lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 6
+                                             and all(_is_num(x) and x > 0 for x in v),
+                                             "1 to 6 positive sigmas"))
+
+
 @dataclass
 class DistillSettings(TrainSettings):
     """Stage 2: DMD2 distillation of a teacher checkpoint into a one-step (or few-step) generator."""
@@ -573,6 +607,10 @@ class DistillSettings(TrainSettings):
     eval_weights: str = setting("ema", "what eval_every measures: ema (the generator_ema_decay EMA; the raw weights "
                                 "without it) | raw | ema_<decay> (one of generator_ema_decays)", GENERATOR_WEIGHTS,
                                 policy=ADJUSTABLE)
+    health: HealthSettings = group(HealthSettings, "diagnostics and alerts of the run's health", policy=ADJUSTABLE)
+    dm_gradient_sign: float = setting(1.0, "a deliberately broken control (README \"Is my run healthy?\"): -1 "
+                                      "flips the DM gradient's sign, so the generator moves toward the fake score "
+                                      "network's x0 and away from the teacher's; 1 = DMD2", one_of(1.0, -1.0))
     exact_teacher: bool = setting(False, "data=gaussian_mixture only: the real score is the mixture's exact "
                                   "denoiser (closed form, zero teacher error); teacher_checkpoint then only "
                                   "initialises the generator and the fake score network", BOOL)

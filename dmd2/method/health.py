@@ -30,12 +30,12 @@ def per_sample_gradient_norms(loss: Tensor, x: Tensor) -> Tensor:
 
 
 def balance_ratio(weight: float, gan_norm: Tensor, dm_norm: Tensor) -> Tensor:
-    """weight * gan_norm / dm_norm (scalars; 0 / 0 is 0, x / 0 is inf): the GAN term's gradient against the DM
-    term's, the weight included."""
+    """weight * gan_norm / dm_norm (scalars): the GAN term's gradient against the DM term's, the weight included.
+    NaN (undefined, left out of the logged window means) where the DM gradient is exactly zero, as at the first
+    update while the fake score network still equals the teacher."""
     gan = weight * gan_norm.float()
     dm = dm_norm.float()
-    return torch.where(dm > 0, gan / dm.clamp_min(torch.finfo(dm.dtype).tiny),
-                       torch.where(gan > 0, torch.full_like(gan, float("inf")), torch.zeros_like(gan)))
+    return torch.where(dm > 0, gan / dm.clamp_min(torch.finfo(dm.dtype).tiny), torch.full_like(gan, float("nan")))
 
 
 @torch.no_grad()
