@@ -33,7 +33,8 @@ from dmd2.eval.prdc import class_statistics, prdc, subsample
 from dmd2.eval.references import ReferenceStats
 from dmd2.eval.statistics import bootstrap_std, feature_statistics, frechet_distance, kernel_inception_distance
 from dmd2.io.sampler import CheckpointSampler, generate_uint8, round_robin_labels
-from dmd2.method.mixture import GaussianMixture, mixture_classes, mixture_scores, reference_scores, true_samples
+from dmd2.method.mixture import (GaussianMixture, mean_span_features, mixture_classes, mixture_scores,
+                                 reference_scores, true_samples)
 from dmd2.runtime.distributed import Dist, barrier, batch_shard, gather_to_main
 
 log = logging.getLogger(__name__)
@@ -235,11 +236,11 @@ def evaluate_images(images: np.ndarray, net: FeatureNetwork, ref: ReferenceStats
 
 def mixture_diagnostics(mix: GaussianMixture, images: Tensor, labels: Tensor, reference: Tensor | None,
                         diag: Diagnostics, seed: int = 0) -> dict[str, Any]:
-    """``feature_diagnostics`` of a mixture model's samples (uint8 [N,3,R,R], classes ``labels`` [N]) with the
-    pixels as features (in [-1, 1]) against true samples ``reference`` [M,3,R,R], and the exact classifier's
-    class statistics (``mixture_classes``)."""
+    """``feature_diagnostics`` of a mixture model's samples (uint8 [N,3,R,R], classes ``labels`` [N]) against true
+    samples ``reference`` [M,3,R,R], with the mixture's own features (``mean_span_features``: coordinates in the
+    span of the component means), and the exact classifier's class statistics (``mixture_classes``)."""
     def pixels(x: Tensor) -> np.ndarray:
-        return (x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()).flatten(1).double().numpy()
+        return mean_span_features(mix, x).numpy()
 
     return feature_diagnostics(pixels(images), pixels(reference) if reference is not None else None,
                                (mixture_classes(mix, images).numpy(), mix.num_classes), labels.numpy(), diag, seed)

@@ -179,6 +179,17 @@ def reference_scores(mix: GaussianMixture, num: int, seed: int = 0) -> dict[str,
     return mixture_scores(mix, *true_samples(mix, num, seed, 1))
 
 
+def mean_span_features(mix: GaussianMixture, images: Tensor) -> Tensor:
+    """The mixture's own features of samples (uint8 [N,3,R,R] or floats in [-1, 1]): their coordinates in an
+    orthonormal basis of the span of the C*K component means -> float64 [N, rank] (rank <= C*K). The modes differ
+    only there; the other D - rank directions hold isotropic noise alone, which would swamp nearest-neighbour
+    distances in pixel space (the role a feature network plays for images)."""
+    x = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()
+    basis, r = torch.linalg.qr(mix.means.flatten(2).flatten(0, 1).double().T)  # [D,C*K]
+    keep = r.diagonal().abs() > 1e-9 * r.diagonal().abs().max()
+    return x.cpu().flatten(1).double() @ basis[:, keep]
+
+
 def mixture_classes(mix: GaussianMixture, images: Tensor) -> Tensor:
     """The exact classifier of the mixture: for samples (uint8 [N,3,R,R] or floats in [-1, 1]) the class of the
     nearest component of any class -> [N] (the Bayes classifier when the components' spread is small against
