@@ -92,7 +92,8 @@ def test_alerts_fire_once_per_event_with_their_step_and_rearm_after_clearing(tmp
     import json
 
     mon, logger = monitor(tmp_path, fd_rise_evals=2)
-    rows = [(1, {"train/saturated_fraction": 0.0, "train/gan_dm_grad_ratio": float("nan")}),
+    rows = [(0, {"eval/mixture_fd": 2.0, "eval/recall": 0.0}),  # the starting point: never an alert
+            (1, {"train/saturated_fraction": 0.0, "train/gan_dm_grad_ratio": float("nan")}),
             (2, {"train/saturated_fraction": 0.5}),               # fires
             (3, {"train/saturated_fraction": 0.6}),               # still holds: quiet
             (4, {"train/saturated_fraction": 0.0}),               # clears
@@ -106,7 +107,7 @@ def test_alerts_fire_once_per_event_with_their_step_and_rearm_after_clearing(tmp
     logger.finish()
     fired = [(e.name, e.step) for e in mon.events]
     assert fired == [("saturated_pixels", 2), ("saturated_pixels", 5), ("grad_ratio_out_of_band", 5),
-                     ("recall_low", 20), ("class_entropy_low", 20), ("fd_rising", 30)]
+                     ("recall_low", 20), ("class_entropy_low", 20), ("fd_rising", 30)]  # 2.0 -> 1.0 -> 1.1 -> 1.2
     assert caplog.text.count("ALERT") == 6 and "[health] step 20: ALERT recall_low" in caplog.text
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     alerts = [(r["alert"], r["step"]) for r in events if "alert" in r]

@@ -1,6 +1,7 @@
 """Is the run healthy? The runner side of a distillation's health diagnostics (README "Is my run healthy?"):
 
-- ``HealthMonitor`` watches every row the run logs (RunLogger.watchers) and raises an alert (a warning line, a
+- ``HealthMonitor`` watches every row the run logs after step 0 (RunLogger.watchers; step 0 is the starting point,
+  a distillation's teacher one-step output, before any update) and raises an alert (a warning line, a
   W&B alert and a row in metrics.jsonl) once per event, with its step, when recall or the class entropy falls
   below its threshold, the saturated-pixel fraction exceeds its threshold, the FID / FD rises over k evaluations
   in a row, or the gradient-balance ratio leaves its band (HealthSettings in dmd2/config/settings.py);
@@ -101,6 +102,10 @@ class HealthMonitor:
         return self
 
     def watch(self, metrics: Mapping[str, float], step: int) -> None:
+        if step == 0:  # the starting point (a distillation: the teacher's one-step output), before any update
+            if self.fd_key is not None and self.fd_key in metrics:
+                self.fds.append(float(metrics[self.fd_key]))
+            return
         for rule in self.rules:
             if rule.key in metrics:
                 value = float(metrics[rule.key])
