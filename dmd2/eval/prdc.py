@@ -75,7 +75,7 @@ def class_statistics(predicted: np.ndarray, labels: np.ndarray | None, num_class
     c = max(int(num_classes), 1)
     hist = np.bincount(predicted.astype(np.int64), minlength=c)[:c].astype(np.float64) / max(len(predicted), 1)
     nz = hist[hist > 0]
-    entropy = float(-(nz * np.log(nz)).sum() / np.log(c)) if c > 1 else 1.0
+    entropy = max(0.0, float(-(nz * np.log(nz)).sum() / np.log(c))) if c > 1 else 1.0  # never -0.0
     out: dict[str, object] = {"class_histogram": hist.tolist(), "class_entropy": entropy}
     if labels is not None:
         agree = predicted == labels
