@@ -27,7 +27,8 @@ from tests.conftest import compose_cfg, run_cli
 
 RESULT_FIELDS = {"metric", "name", "value", "std", "kid", "kid_std", "reference_meta", "num_samples", "nfe", "images_per_sec", "checkpoint", "step", "kind",
                  "sampler_steps", "weights", "seed", "feature_network", "resize", "protocol", "reference",
-                 "reference_stats", "generation_seconds", "total_seconds", "device", "world_size"}
+                 "reference_stats", "generation_seconds", "total_seconds", "device", "world_size",
+                 "prdc", "prdc_k"}  # precision / recall / density / coverage: the folder reference keeps its features
 
 
 def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
