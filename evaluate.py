@@ -173,7 +173,20 @@ def feature_row(numbers: dict[str, Any], net: Any, ref: Any) -> tuple[dict[str, 
         scalars["eval/kid"] = row["kid"]
     if row["kid_std"] is not None:
         scalars["eval/kid_std"] = row["kid_std"]
+    add_diagnostics(row, scalars, numbers)
     return row, scalars
+
+
+def add_diagnostics(row: dict[str, Any], scalars: dict[str, float], numbers: dict[str, Any]) -> None:
+    """A result row's diagnostics (precision / recall / density / coverage with their k; the classifier's class
+    histogram, entropy and label agreement per class) and their scalars (dmd2.eval.measure.diagnostic_scalars)."""
+    from dmd2.eval.measure import diagnostic_scalars
+
+    if numbers.get("prdc") is not None:
+        row.update(prdc=numbers["prdc"], prdc_k=numbers.get("prdc_k"))
+    if numbers.get("classes") is not None:
+        row["classes"] = numbers["classes"]
+    scalars.update(diagnostic_scalars(numbers))
 
 
 def value_text(row: dict[str, Any]) -> str:
@@ -182,7 +195,10 @@ def value_text(row: dict[str, Any]) -> str:
     kid = ""
     if row.get("kid") is not None:
         kid = f", KID {row['kid']:.5f}" + (f" ± {row['kid_std']:.5f}" if row.get("kid_std") is not None else "")
-    return f"{row['metric']} = {row['value']:.4f}{noise}" + (f" ({row['name']})" if "name" in row else "") + kid
+    prdc = "".join(f", {k} {v:.3f}" for k, v in (row.get("prdc") or {}).items())
+    classes = row.get("classes") or {}
+    prdc += "".join(f", {k} {classes[k]:.3f}" for k in ("class_entropy", "label_agreement") if k in classes)
+    return f"{row['metric']} = {row['value']:.4f}{noise}" + (f" ({row['name']})" if "name" in row else "") + kid + prdc
 
 
 def measure_features(sampler: CheckpointSampler, measurement: Measurement, device: Any, d: Dist | None = None
@@ -260,6 +276,7 @@ def measure_mixture(sampler: CheckpointSampler, measurement: Measurement, cfg: D
            "reference": "the exact mixture", "generation_seconds": numbers["generation_seconds"],
            "total_seconds": numbers["total_seconds"]}
     scalars = {f"eval/mixture_{k}": v for k, v in scores.items()}
+    add_diagnostics(row, scalars, numbers)
     if sampler.kind == "teacher":
         rows = denoising_errors(sampler.net, mix, DENOISING_SIGMAS, min(cfg.num_samples, DENOISING_SAMPLES),
                                 cfg.seed, cfg.batch_size, device)
@@ -303,10 +320,11 @@ def measurement_setup(cfg: DictConfig, checkpoints: list[tuple[dict[str, Any], s
     checkpoints' training data), or the known-answer mixture's exact scores. Rank 0 computes the reference (or
     reads it from its cache) while the other ranks wait."""
     from dmd2.eval.measure import MeasureSettings, mixture_measurement
-    from dmd2.train.evaluator import measurement_from_config
+    from dmd2.train.evaluator import diagnostics_from_config, measurement_from_config
 
     if mixture is not None:  # known-answer data: exact scores, no feature network or reference statistics
-        return mixture_measurement(mixture, MeasureSettings(cfg.num_samples, cfg.seed, cfg.batch_size), d)
+        return mixture_measurement(mixture, MeasureSettings(cfg.num_samples, cfg.seed, cfg.batch_size,
+                                                            diag=diagnostics_from_config(cfg)), d)
     data = checkpoints[-1][0].get("data") or None
     resolution = data.get("resolution") if data else None
     return measurement_from_config(cfg, device, d, resolution=None if resolution is None else int(resolution),

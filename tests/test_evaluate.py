@@ -27,7 +27,8 @@ from tests.conftest import compose_cfg, run_cli
 
 RESULT_FIELDS = {"metric", "name", "value", "std", "kid", "kid_std", "reference_meta", "num_samples", "nfe", "images_per_sec", "checkpoint", "step", "kind",
                  "sampler_steps", "weights", "seed", "feature_network", "resize", "protocol", "reference",
-                 "reference_stats", "generation_seconds", "total_seconds", "device", "world_size"}
+                 "reference_stats", "generation_seconds", "total_seconds", "device", "world_size",
+                 "prdc", "prdc_k"}  # precision / recall / density / coverage: the folder reference keeps its features
 
 
 def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
@@ -113,7 +114,7 @@ def test_inception_with_local_weights_and_precomputed_stats_is_named_fid(teacher
     stats.mkdir()
     np.savez(stats / "cifar10_clean_train_32.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     # scipy's 2048x2048 matrix square root takes minutes on two busy cores; the wiring is what is tested here
-    monkeypatch.setattr("dmd2.eval.statistics.cleanfid_frechet_distance",
+    monkeypatch.setattr("dmd2.eval.statistics.gaussian_frechet_distance",
                         lambda mu1, s1, mu2, s2: float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2)))
     cfg = compose_cfg([f"checkpoint={teacher_ckpt}", f"feature_network.inception_weights={weights}",
                        f"reference.cache_dir={stats}", "num_samples=6", "batch_size=3", "sampler.steps=1",

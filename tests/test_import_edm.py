@@ -302,7 +302,7 @@ def test_edm_protocol_feeds_inception_the_images_at_their_own_size_and_reads_a_r
         expected = torch.jit.load(str(weights))(images.float(), return_features=True).view(2, 2048)
     np.testing.assert_allclose(batch_features(images, net), expected.numpy(), rtol=1e-6)  # no resize outside
     np.savez(tmp_path / "cifar10-32x32.npz", mu=np.zeros(2048), sigma=np.eye(2048))
-    monkeypatch.setattr("dmd2.eval.statistics.cleanfid_frechet_distance",  # a 2048-d sqrtm takes minutes on 2 cores
+    monkeypatch.setattr("dmd2.eval.statistics.gaussian_frechet_distance",  # a 2048-d sqrtm takes minutes on 2 cores
                         lambda mu1, s1, mu2, s2: float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2)))
     cfg = compose_cfg([f"checkpoint={teacher_ckpt}", "protocol=edm", f"reference.path={tmp_path / 'cifar10-32x32.npz'}",
                        f"feature_network.inception_weights={weights}", "num_samples=4", "batch_size=2",

@@ -22,8 +22,11 @@ MIXTURE_METRIC = "pixel FD to the exact mixture"
 
 # Which way an eval metric improves: distances (eval/fid, eval/fd_*, eval/kid, eval/mixture_fd, _weight_tv) are
 # better lower; these scores are better higher. Used wherever a run's best value is picked (python -m dmd2.compare).
+# Precision, recall, density and coverage (dmd2.eval.prdc) and the classifier's class entropy and label agreement
+# are scores too (density is about 1 when the distributions agree; above 1 only when samples crowd the data's modes).
 HIGHER_IS_BETTER = ("eval/mixture_coverage", "eval/mixture_near", "eval/is", "eval/inception_score",
-                    "eval/precision", "eval/recall")
+                    "eval/precision", "eval/recall", "eval/density", "eval/coverage", "eval/class_entropy",
+                    "eval/label_agreement")
 
 
 def higher_is_better(key: str) -> bool:

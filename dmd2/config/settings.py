@@ -340,7 +340,7 @@ class NoLogger:
 # ---------------------------------------------------------------------------------------------- FID / FD
 
 
-FEATURE_NETWORKS = ("inception", "torchscript")
+FEATURE_NETWORKS = ("inception", "torchscript", "module")
 RESIZE_MODES = ("clean", "legacy_tensorflow", "none")
 REFERENCES = ("auto", "cifar10_train", "folder", "npz")
 
@@ -348,9 +348,19 @@ REFERENCES = ("auto", "cifar10_train", "folder", "npz")
 @dataclass
 class FeatureNetwork:
     name: str = setting("inception", "inception (clean-fid's; reported as FID) | torchscript (a file; reported as "
-                        "FD (<name>))", one_of(*FEATURE_NETWORKS))
+                        "FD (<name>)) | module (plain weights plus the Python code that builds the network; "
+                        "reported as FD (<name>))", one_of(*FEATURE_NETWORKS))
     path: Optional[str] = setting(None, "torchscript: the .pt file, float images [B,3,H,W] in [0,255] -> "
-                                  "features [B,D]", optional(TEXT))
+                                  "features [B,D] | module: the weights file (a state dict, .pt or .safetensors)",
+                                  optional(TEXT))
+    module: Optional[str] = setting(None, "name=module: what builds the network, package.module:callable (called "
+                                    "without arguments; it must return an nn.Module mapping float images "
+                                    "[B,3,H,W] in [0,255] to features [B,D]); path's weights are loaded into it",
+                                    optional(TEXT))
+    classifier: Optional[str] = setting(None, "a submodule of the network mapping its features [B,D] to class "
+                                        "logits [B,C], by dotted name (net.head for cifar10-featnet-dev): adds the "
+                                        "generated class histogram, its entropy and the label agreement per class",
+                                        optional(TEXT))
     resize: str = setting("clean", "clean: clean-fid's 299x299 resize (its published-comparable protocol) | "
                           "legacy_tensorflow: Inception resizes inside, as TensorFlow did (EDM's and DMD2's FIDs) | "
                           "none: native resolution (TorchScript networks)", one_of(*RESIZE_MODES))
@@ -391,6 +401,13 @@ class FidSettings:
     uncertainty_resamples: int = setting(20, "bootstrap resamples of the generated samples' features behind each "
                                          "value's standard deviation (eval/fid_std, eval/kid_std; the spread a "
                                          "rerun with other seeds shows); 0 = none", NONNEG_INT)
+    prdc_k: int = setting(5, "precision and recall (Kynkaanniemi et al. 2019), density and coverage (Naeem et al. "
+                          "2020) of the features already extracted, with this many nearest neighbours (5, Naeem et "
+                          "al.'s; needs the reference's features: an image folder or the training data, or "
+                          "clean-fid's CIFAR-10 with kid=true; data=gaussian_mixture: pixels against true samples); "
+                          "0 = off", NONNEG_INT)
+    prdc_samples: int = setting(10000, "precision / recall / density / coverage use at most this many samples of "
+                                "each side (a seeded subsample; the cost grows with its square)", int_at_least(6))
 
 
 @dataclass
@@ -519,6 +536,40 @@ class TeacherSettings(TrainSettings):
     p_std: float = setting(1.2, "EDM training noise spread", POSITIVE)
 
 
+BAND = Rule(lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_num(b) and b >= 0 for b in v)
+            and v[0] <= v[1], "two numbers low <= high, both >= 0, e.g. [0.001, 10]")
+
+
+@dataclass
+class HealthSettings:
+    """Diagnostics of a distillation's health (README "Is my run healthy?"): the alerts' thresholds and the
+    denoiser panels. An alert is a warning line, a W&B alert and a row in metrics.jsonl, once per event (when its
+    condition starts to hold) with its step. The defaults stay quiet on a healthy known-answer run and fire on the
+    broken ones the README shows."""
+    alerts: bool = setting(True, "watch the logged metrics and raise the alerts below", BOOL)
+    min_recall: float = setting(0.3, "alert when eval/recall (precision / recall of the evaluation, prdc_k) falls "
+                                "below this: modes are being lost (true samples of the known-answer mixture score "
+                                "about 0.75 at 1000 samples)", FRACTION)
+    min_class_entropy: float = setting(0.5, "alert when eval/class_entropy (the generated class histogram's entropy "
+                                       "over log C: 1 = every class equally often) falls below this", FRACTION)
+    max_saturated: float = setting(0.1, "alert when train/saturated_fraction (generated pixels at +-1 after "
+                                   "clamping) exceeds this", FRACTION)
+    fd_rise_evals: int = setting(3, "alert when the FID / FD rises over this many evaluations in a row; 0 = off",
+                                 NONNEG_INT)
+    grad_ratio_band: List[float] = setting([0.001, 10.0], "alert when train/gan_dm_grad_ratio (GAN gradient over "
+                                           "DM gradient, the weight included; GAN runs only) leaves [low, high]",
+                                           BAND)
+    panels: bool = setting(True, "at every sample grid: the denoiser panel (noisy generated images, the "
+                           "teacher's and the fake score network's x0, their difference and the DM gradient at "
+                           "panel_sigmas) and, for a multi-step generator, its chain's panel", BOOL)
+    panel_images: int = setting(4, "generated images in the panels (the first of as many grid rows)",
+                                POSITIVE_INT)
+    panel_sigmas: List[float] = setting([0.5, 2.0, 10.0, 40.0], "the panels' noise levels",
+                                        Rule(lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 6
+                                             and all(_is_num(x) and x > 0 for x in v),
+                                             "1 to 6 positive sigmas"))
+
+
 @dataclass
 class DistillSettings(TrainSettings):
     """Stage 2: DMD2 distillation of a teacher checkpoint into a one-step (or few-step) generator."""
@@ -544,7 +595,13 @@ class DistillSettings(TrainSettings):
                                        int_at_least(2))
     gan_classifier: bool = setting(False, "DMD2's GAN head on the fake score network's bottleneck", BOOL)
     cls_loss_weight: float = setting(1e-2, "weight of the classifier's loss in the guidance update", NONNEG)
-    gen_cls_loss_weight: float = setting(3e-3, "weight of the generator's non-saturating GAN loss", NONNEG)
+    gen_cls_loss_weight: float = setting(3e-3, "weight of the generator's non-saturating GAN loss. The DMD2 "
+                                         "authors' calibration rule: weight it so that its gradient at the "
+                                         "generated images is comparable to the DM gradient's. Read "
+                                         "train/gan_dm_grad_ratio (this weight x train/gan_grad_norm / "
+                                         "train/dm_grad_norm, per sample, same units): about 1 = comparable; far "
+                                         "below 1 = the GAN term barely acts; far above = it swamps the DM "
+                                         "gradient (health.grad_ratio_band alerts outside a band)", NONNEG)
     diffusion_gan: bool = setting(True, "noise real and fake images before the classifier sees them (false: "
                                   "clean images at sigma_min)", BOOL)
     diffusion_gan_max_timestep: int = setting(1000, "diffusion-GAN noise at sigmas[t], t ~ U{0 .. max-1}",
@@ -589,6 +646,10 @@ class DistillSettings(TrainSettings):
     eval_weights: str = setting("ema", "what eval_every measures: ema (the generator_ema_decay EMA; the raw weights "
                                 "without it) | raw | ema_<decay> (one of generator_ema_decays)", GENERATOR_WEIGHTS,
                                 policy=ADJUSTABLE)
+    health: HealthSettings = group(HealthSettings, "diagnostics and alerts of the run's health", policy=ADJUSTABLE)
+    dm_gradient_sign: float = setting(1.0, "a deliberately broken control (README \"Is my run healthy?\"): -1 "
+                                      "flips the DM gradient's sign, so the generator moves toward the fake score "
+                                      "network's x0 and away from the teacher's; 1 = DMD2", one_of(1.0, -1.0))
     exact_teacher: bool = setting(False, "data=gaussian_mixture only: the real score is the mixture's exact "
                                   "denoiser (closed form, zero teacher error); teacher_checkpoint then only "
                                   "initialises the generator and the fake score network", BOOL)

@@ -119,9 +119,17 @@ def check_fid(cfg: DictConfig, prefix: str = "") -> None:
     if fn.name == "inception" and fn.resize == "none":
         fail(prefix + "feature_network.resize", fn.resize, "'clean' or 'legacy_tensorflow' for Inception (it takes "
              "299x299 inputs)")
-    if fn.name == "torchscript" and fn.resize == "legacy_tensorflow":
-        fail(prefix + "feature_network.resize", fn.resize, "'clean' or 'none' for a TorchScript network "
+    if fn.name in ("torchscript", "module") and fn.resize == "legacy_tensorflow":
+        fail(prefix + "feature_network.resize", fn.resize, f"'clean' or 'none' for a {fn.name} network "
              "(legacy_tensorflow is Inception's own internal resize)")
+    if fn.name == "module" and not (isinstance(fn.module, str) and ":" in fn.module):
+        fail(prefix + "feature_network.module", fn.module, f"package.module:callable with {prefix}feature_network."
+             "name=module (the code that builds the network its weights file fits)")
+    if fn.name != "module" and fn.module is not None:
+        fail(prefix + "feature_network.module", fn.module, f"null unless {prefix}feature_network.name=module")
+    if fn.name == "module" and (fn.path is None or not os.path.isfile(fn.path)):
+        fail_file(prefix + "feature_network.path", fn.path,
+                  f"an existing weights file (a state dict) with {prefix}feature_network.name=module")
     if fn.name == "inception" and fn.path is not None:
         fail(prefix + "feature_network.path", fn.path, f"null with {prefix}feature_network.name=inception "
              f"(set {prefix}feature_network.name=torchscript to use this file)")

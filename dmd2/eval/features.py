@@ -1,4 +1,5 @@
-"""Feature networks: clean-fid's Inception or a TorchScript file, how images reach them, and batch features.
+"""Feature networks: clean-fid's Inception, a TorchScript file or plain weights with the module that builds them;
+how images reach them, and batch features.
 
 Images are featurized exactly as clean-fid featurizes an image folder: uint8 image -> clean-fid's resize -> float
 [0, 255] -> feature network, so a checkpoint's samples, images read from files and reference images go one way.
@@ -6,7 +7,8 @@ Images are featurized exactly as clean-fid featurizes an image folder: uint8 ima
 "FID" is reserved for clean-fid's Inception network, in one of two protocols (``FeatureNetwork.resize``):
 "clean" (clean-fid's PIL-bicubic 299x299 resize; comparable with clean-fid's published numbers) or
 "legacy_tensorflow" (the network resizes inside, as the original TensorFlow code did; this is how EDM and DMD2
-measure). Any other (TorchScript) feature network gives an "FD (<network name>)", never called FID.
+measure). Any other feature network (a TorchScript file, or a weights file plus the Python callable that builds
+its module: ``feature_network.name=module``) gives an "FD (<network name>)", never called FID.
 
 Nothing is downloaded unless asked to (``allow_download``): a missing Inception weights file fails at once with a
 message saying which file is needed, where it comes from and where it goes.
@@ -14,6 +16,8 @@ message saying which file is needed, where it comes from and where it goes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib
 import logging
 import os
 import platform
@@ -53,6 +57,7 @@ class FeatureNetwork:
     model: Callable[[Tensor], Tensor]
     device: torch.device
     source: str          # the weights file
+    classifier: Callable[[Tensor], Tensor] | None = None  # features [B,D] -> class logits [B,C] (optional)
 
     @property
     def is_inception(self) -> bool:
@@ -169,12 +174,100 @@ def build_torchscript(path: str, device: torch.device, resize: str) -> FeatureNe
     return FeatureNetwork(identity, f"FD ({stem})", key, resize, module, device, os.path.abspath(path))
 
 
+def import_callable(spec: str) -> Callable[[], torch.nn.Module]:
+    """'package.module:name' -> that object (a class or a function building the network)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise EvaluationError(f"feature_network.module = {spec!r}: expected package.module:callable")
+    try:
+        obj: object = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        raise EvaluationError(f"feature_network.module = {spec!r}: cannot import it ({err})") from err
+    if not callable(obj):
+        raise EvaluationError(f"feature_network.module = {spec!r}: not callable")
+    return obj  # type: ignore[return-value]
+
+
+def load_state_dict_file(path: str) -> dict[str, Tensor]:
+    """A state dict from ``path``: a .safetensors file, or a torch.save'd dict of tensors (read with
+    weights_only=True: no code runs while loading)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise EvaluationError(f"feature_network.path = {path!r}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def build_module_network(path: str, module: str, device: torch.device, resize: str) -> FeatureNetwork:
+    """A feature network from plain weights (``path``: a state dict) and the callable ``module``
+    ('package.module:name') that builds the nn.Module they fit: float [B,3,H,W] in [0,255] -> [B,D]; H = W = 299
+    when resize='clean'. Its identity holds the weights' and the builder's hash: other code or other weights never
+    reuse cached statistics."""
+    if resize not in ("clean", "none"):
+        raise EvaluationError(f"feature_network.resize = {resize!r}: a module network takes 'clean' or 'none'")
+    net = import_callable(module)()
+    if not isinstance(net, torch.nn.Module):
+        raise EvaluationError(f"feature_network.module = {module!r} returned {type(net).__name__}, not an nn.Module")
+    try:
+        net.load_state_dict(load_state_dict_file(path))
+    except EvaluationError:
+        raise
+    except Exception as err:
+        raise EvaluationError(f"feature_network.path = {path!r}: cannot load these weights into {module} "
+                              f"({err})") from err
+    net = net.to(device).eval().requires_grad_(False)
+    stem = network_stem(path)
+    key = metric_key("module", resize, path)
+    digest = hashlib.sha256(f"{file_sha256(path)}:{module}".encode()).hexdigest()
+    return FeatureNetwork(f"mod-{key[len('eval/fd_'):]}-{digest[:12]}", f"FD ({stem})", key, resize, net, device,
+                          os.path.abspath(path))
+
+
 def build_feature_network(name: str, device: torch.device, *, path: str | None = None, resize: str = "clean",
-                          inception_weights: str | None = None, allow_download: bool = False) -> FeatureNetwork:
-    """The feature network ``name`` ("inception" or "torchscript"); fails within seconds when its file is missing
-    (nothing is downloaded unless ``allow_download``)."""
+                          inception_weights: str | None = None, allow_download: bool = False,
+                          module: str | None = None, classifier: str | None = None) -> FeatureNetwork:
+    """The feature network ``name`` ("inception", "torchscript" or "module": the weights ``path`` loaded into
+    what ``module`` builds), with its ``classifier`` (the dotted name of a submodule mapping its features to class
+    logits, e.g. 'net.head'); fails within seconds when its file is missing (nothing is downloaded unless
+    ``allow_download``)."""
+    net = _build_feature_network(name, device, path=path, resize=resize, inception_weights=inception_weights,
+                                 allow_download=allow_download, module=module)
+    if classifier:
+        net.classifier = submodule(net.model, classifier)
+    return net
+
+
+def submodule(model: object, dotted: str) -> Callable[[Tensor], Tensor]:
+    """``model``'s attribute ``dotted`` ('net.head'), which must be callable (features -> logits)."""
+    obj = model
+    try:
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+    except AttributeError as err:
+        raise EvaluationError(f"feature_network.classifier = {dotted!r}: the feature network has no such "
+                              f"submodule ({err})") from None
+    if not callable(obj):
+        raise EvaluationError(f"feature_network.classifier = {dotted!r}: not callable")
+    return obj  # type: ignore[return-value]
+
+
+def _build_feature_network(name: str, device: torch.device, *, path: str | None, resize: str,
+                           inception_weights: str | None, allow_download: bool, module: str | None
+                           ) -> FeatureNetwork:
     if name == "inception":
         return build_inception(inception_weights, device, allow_download, resize)
+    if name == "module":
+        if not path or not os.path.isfile(path):
+            raise EvaluationError(f"feature_network.path = {path!r}: file not found (the weights of a module "
+                                  f"feature network)")
+        if not module:
+            raise EvaluationError("feature_network.name=module needs feature_network.module=package.module:callable")
+        return build_module_network(path, module, device, resize)
     if name == "torchscript":
         if not path or not os.path.isfile(path):
             raise EvaluationError(f"feature_network.path = {path!r}: file not found (a TorchScript feature network)")
@@ -212,6 +305,23 @@ def image_features(images: np.ndarray, net: FeatureNetwork, batch_size: int) -> 
     parts = [batch_features(torch.from_numpy(images[lo:lo + batch_size]).permute(0, 3, 1, 2).contiguous(), net)
              for lo in range(0, len(images), batch_size)]
     return np.concatenate(parts)
+
+
+def classify(feats: np.ndarray, net: FeatureNetwork, batch_size: int = 1024) -> tuple[np.ndarray, int] | None:
+    """The classes [N] the feature network's classifier predicts from features [N,D] (argmax of its logits
+    [N,C]) and C; None without a classifier."""
+    if net.classifier is None:
+        return None
+    out, width = [], 0
+    with torch.no_grad():
+        for lo in range(0, len(feats), batch_size):
+            logits = net.classifier(torch.from_numpy(np.ascontiguousarray(feats[lo:lo + batch_size])).to(net.device))
+            if logits.ndim != 2:
+                raise EvaluationError(f"the classifier of {net.source} returned shape {tuple(logits.shape)}; "
+                                      "expected logits [B, C]")
+            out.append(logits.argmax(1).cpu().numpy())
+            width = logits.shape[1]
+    return (np.concatenate(out) if out else np.zeros(0, np.int64)), width
 
 
 def feature_dim(net: FeatureNetwork, resolution: int) -> int:

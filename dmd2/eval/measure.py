@@ -4,7 +4,8 @@ image sets with it. evaluate.py and the evaluation inside training (dmd2.train.e
 
 Protocol: ``num`` samples from a sampler (dmd2.io.sampler: per-sample seeded noise, round-robin classes), uint8
 images in [0, 255], featurized batch by batch (dmd2.eval.features), so only the features [N, D] are ever held. The
-distance is clean-fid's ``frechet_distance`` between the Gaussians (mean, covariance) of the two feature sets.
+distance is the Frechet distance between the Gaussians (mean, covariance) of the two feature sets, in the project's
+eigenvalue form (dmd2.method.frechet; equal to clean-fid's to rounding).
 
 Every comparison is checked before any image is generated or read (``check_measurement``): a reference that
 differs from what is measured in resolution, network or resize is refused, as is a sample count at or below the
@@ -23,14 +24,17 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from dmd2.config.errors import EvaluationError
 from dmd2.config.names import MIXTURE_KEY, MIXTURE_METRIC
-from dmd2.eval.features import FeatureNetwork, batch_features, feature_dim, image_features
+from dmd2.eval.features import FeatureNetwork, batch_features, classify, feature_dim, image_features
+from dmd2.eval.prdc import class_statistics, prdc, subsample
 from dmd2.eval.references import ReferenceStats
 from dmd2.eval.statistics import bootstrap_std, feature_statistics, frechet_distance, kernel_inception_distance
 from dmd2.io.sampler import CheckpointSampler, generate_uint8, round_robin_labels
-from dmd2.method.mixture import GaussianMixture, mixture_scores, reference_scores
+from dmd2.method.mixture import (GaussianMixture, mean_span_features, mixture_classes, mixture_scores,
+                                 reference_scores, true_samples)
 from dmd2.runtime.distributed import Dist, barrier, batch_shard, gather_to_main
 
 log = logging.getLogger(__name__)
@@ -105,16 +109,62 @@ def check_measurement(net: FeatureNetwork, ref: ReferenceStats | None, resolutio
 # --------------------------------------------------------------------------------------------- the numbers
 
 
+@dataclass(frozen=True)
+class Diagnostics:
+    """What an evaluation computes from its features besides the distance: precision / recall / density /
+    coverage with ``prdc_k`` nearest neighbours (0 = off; needs the reference's features, and more than
+    ``prdc_k`` samples on each side) on at most ``prdc_samples`` samples of each side."""
+
+    prdc_k: int = 0
+    prdc_samples: int = 10000
+
+
+def feature_diagnostics(feats: np.ndarray, ref_feats: np.ndarray | None, predicted: tuple[np.ndarray, int] | None,
+                        labels: np.ndarray | None, diag: Diagnostics, seed: int = 0,
+                        device: torch.device | str = "cpu") -> dict[str, Any]:
+    """``prdc`` (dmd2.eval.prdc: features [N,D] against the reference's [M,D], each subsampled to
+    ``diag.prdc_samples`` from ``seed``) and ``classes`` (``class_statistics`` of ``predicted`` = (the predicted
+    classes [N], the number of classes C) against the generated-for ``labels`` [N], assumed to be the
+    classifier's class ids); None where not computed."""
+    scores = None
+    k = diag.prdc_k
+    if k > 0 and ref_feats is not None and min(len(ref_feats), len(feats)) > k:
+        scores = prdc(subsample(ref_feats, diag.prdc_samples, seed), subsample(feats, diag.prdc_samples, seed + 1),
+                      k, device)
+    classes = class_statistics(predicted[0], labels, predicted[1]) if predicted is not None else None
+    return dict(prdc=scores, prdc_k=k if scores is not None else None, classes=classes)
+
+
+def diagnostic_scalars(numbers: dict[str, Any]) -> dict[str, float]:
+    """The logged scalars of an evaluation's diagnostics: eval/precision, eval/recall, eval/density, eval/coverage
+    (when computed) and eval/class_entropy, eval/label_agreement (with a classifier)."""
+    out = {f"eval/{k}": float(v) for k, v in (numbers.get("prdc") or {}).items()}
+    classes = numbers.get("classes") or {}
+    for key in ("class_entropy", "label_agreement"):
+        if key in classes:
+            out[f"eval/{key}"] = float(classes[key])
+    return out
+
+
+def diagnostics_text(numbers: dict[str, Any]) -> str:
+    """', precision 0.712, recall 0.655, ...' for the log ('' when nothing was computed)."""
+    return "".join(f", {k.split('/', 1)[1]} {v:.3f}" for k, v in diagnostic_scalars(numbers).items())
+
+
 def score_features(feats: np.ndarray, ref: ReferenceStats, kid: bool = False, seed: int = 0,
-                   resamples: int = 0, labels: np.ndarray | None = None) -> dict[str, Any]:
-    """FD of features [N,D] to ``ref`` (clean-fid's), KID when asked (and ``ref`` holds features [M,D]), each with
-    its bootstrap standard deviation (``bootstrap_std``, stratified by ``labels`` [N] when known): the numbers
-    every evaluation reports, whatever the images came from (a checkpoint, a folder, an .npz)."""
+                   resamples: int = 0, labels: np.ndarray | None = None, diag: Diagnostics = Diagnostics(),
+                   predicted: tuple[np.ndarray, int] | None = None, device: torch.device | str = "cpu"
+                   ) -> dict[str, Any]:
+    """FD of features [N,D] to ``ref``, KID when asked (and ``ref`` holds features [M,D]), each with
+    its bootstrap standard deviation (``bootstrap_std``, stratified by ``labels`` [N] when known), and the
+    ``feature_diagnostics`` (precision / recall / density / coverage, a classifier's ``predicted`` classes [N]):
+    the numbers every evaluation reports, whatever the images came from (a checkpoint, a folder, an .npz)."""
     value = frechet_distance(*feature_statistics(feats), ref.mu, ref.sigma)
     kid_value = kernel_inception_distance(feats, ref.feats, seed) if kid and ref.feats is not None else None
     std, kid_std = bootstrap_std(feats, ref.mu, ref.sigma, resamples, seed,
                                  ref.feats if kid_value is not None else None, labels)
-    return dict(value=value, std=std, kid=kid_value, kid_std=kid_std, num_samples=int(len(feats)))
+    return dict(value=value, std=std, kid=kid_value, kid_std=kid_std, num_samples=int(len(feats)),
+                **feature_diagnostics(feats, ref.feats, predicted, labels, diag, seed, device))
 
 
 def sampler_features(sampler: CheckpointSampler, net: FeatureNetwork, num: int, seed: int, batch_size: int,
@@ -143,7 +193,7 @@ def sampler_features(sampler: CheckpointSampler, net: FeatureNetwork, num: int, 
 def evaluate_sampler(sampler: CheckpointSampler, net: FeatureNetwork, ref: ReferenceStats | None, num: int,
                      seed: int, batch_size: int, device: torch.device | str, kid: bool = False,
                      dist: Dist | None = None, progress: bool = True, resamples: int = 0,
-                     allow_few_samples: bool = False) -> dict[str, Any] | None:
+                     allow_few_samples: bool = False, diag: Diagnostics = Diagnostics()) -> dict[str, Any] | None:
     """FID / FD (and KID) of samples 0..num-1 of ``sampler`` against ``ref``, each with its bootstrap standard
     deviation over ``resamples`` resamples (``score_features``); the numbers of one result row.
 
@@ -165,7 +215,8 @@ def evaluate_sampler(sampler: CheckpointSampler, net: FeatureNetwork, ref: Refer
     assert ref is not None, "rank 0 needs the reference statistics"
     feats, gen_seconds = np.concatenate([f for f, _ in parts]), max(s for _, s in parts)
     labels = round_robin_labels(range(num), sampler.num_classes).numpy()  # the classes generate_uint8 drew
-    numbers = score_features(feats, ref, kid, seed, resamples, labels)
+    numbers = score_features(feats, ref, kid, seed, resamples, labels, diag, classify(feats, net),
+                             net.device)
     total = time.perf_counter() - start
     return dict(**numbers, images_per_sec=num / max(gen_seconds, 1e-9), generation_seconds=gen_seconds,
                 total_seconds=total)
@@ -173,20 +224,35 @@ def evaluate_sampler(sampler: CheckpointSampler, net: FeatureNetwork, ref: Refer
 
 def evaluate_images(images: np.ndarray, net: FeatureNetwork, ref: ReferenceStats, batch_size: int, seed: int = 0,
                     kid: bool = False, resamples: int = 0, allow_few_samples: bool = False,
-                    labels: np.ndarray | None = None) -> dict[str, Any]:
+                    labels: np.ndarray | None = None, diag: Diagnostics = Diagnostics()) -> dict[str, Any]:
     """FID / FD (and KID) of uint8 images [N,H,W,3] (classes ``labels`` [N] when known: the bootstrap resamples
     within them) against ``ref``: the checks and numbers of ``evaluate_sampler``, for images made elsewhere."""
     check_measurement(net, ref, images.shape[1], len(images), allow_few_samples)
     start = time.perf_counter()
-    numbers = score_features(image_features(images, net, batch_size), ref, kid, seed, resamples, labels)
+    feats = image_features(images, net, batch_size)
+    numbers = score_features(feats, ref, kid, seed, resamples, labels, diag, classify(feats, net), net.device)
     return dict(**numbers, total_seconds=time.perf_counter() - start)
 
 
+def mixture_diagnostics(mix: GaussianMixture, images: Tensor, labels: Tensor, reference: Tensor | None,
+                        diag: Diagnostics, seed: int = 0) -> dict[str, Any]:
+    """``feature_diagnostics`` of a mixture model's samples (uint8 [N,3,R,R], classes ``labels`` [N]) against true
+    samples ``reference`` [M,3,R,R], with the mixture's own features (``mean_span_features``: coordinates in the
+    span of the component means), and the exact classifier's class statistics (``mixture_classes``)."""
+    def pixels(x: Tensor) -> np.ndarray:
+        return mean_span_features(mix, x).numpy()
+
+    return feature_diagnostics(pixels(images), pixels(reference) if reference is not None else None,
+                               (mixture_classes(mix, images).numpy(), mix.num_classes), labels.numpy(), diag, seed)
+
+
 def evaluate_mixture(sampler: CheckpointSampler, mix: GaussianMixture, num: int, seed: int, batch_size: int,
-                     device: torch.device | str, dist: Dist | None = None) -> dict[str, Any] | None:
+                     device: torch.device | str, dist: Dist | None = None, reference: Tensor | None = None,
+                     diag: Diagnostics = Diagnostics()) -> dict[str, Any] | None:
     """Exact scores (dmd2.method.mixture.mixture_scores: pixel FD to the true moments, mode coverage, samples on a
     mode) of samples 0..num-1 of a model trained on ``data=gaussian_mixture``, drawn as ``evaluate_sampler`` draws
-    them (same seeds, same classes, same slices per rank; rank 0 scores). Returns None on the other ranks."""
+    them (same seeds, same classes, same slices per rank; rank 0 scores), with the ``mixture_diagnostics``
+    against the true samples ``reference``. Returns None on the other ranks."""
     dist = dist or Dist()
     start = time.perf_counter()
     share = batch_shard(num, batch_size, dist)
@@ -201,7 +267,8 @@ def evaluate_mixture(sampler: CheckpointSampler, mix: GaussianMixture, num: int,
     scores = mixture_scores(mix, images, labels)
     gen_seconds = max(s for _, s in gathered)
     return dict(value=scores["fd"], scores=scores, images_per_sec=num / max(gen_seconds, 1e-9),
-                generation_seconds=gen_seconds, total_seconds=time.perf_counter() - start)
+                generation_seconds=gen_seconds, total_seconds=time.perf_counter() - start,
+                **mixture_diagnostics(mix, images, labels, reference, diag, seed))
 
 
 # --------------------------------------------------------------------------------------------- one measurement
@@ -219,6 +286,7 @@ class MeasureSettings:
     kid: bool = False
     resamples: int = 0
     allow_few_samples: bool = False
+    diag: Diagnostics = Diagnostics()
 
 
 @dataclass
@@ -230,7 +298,8 @@ class Measurement:
     net: FeatureNetwork | None = None
     ref: ReferenceStats | None = None
     mixture: GaussianMixture | None = None
-    floor: dict[str, float] | None = None
+    floor: dict[str, Any] | None = None
+    true_samples: Tensor | None = None  # a mixture's reference set for precision / recall (rank 0 only)
 
     @property
     def key(self) -> str:
@@ -260,15 +329,17 @@ class Measurement:
         ``evaluate_sampler`` or, for a mixture, ``evaluate_mixture``."""
         s = self.settings
         if self.mixture is not None:
-            return evaluate_mixture(sampler, self.mixture, s.num, s.seed, s.batch_size, device, dist)
+            return evaluate_mixture(sampler, self.mixture, s.num, s.seed, s.batch_size, device, dist,
+                                    self.true_samples, s.diag)
         return evaluate_sampler(sampler, self.net, self.ref, s.num, s.seed, s.batch_size, device, s.kid, dist=dist,
-                                progress=progress, resamples=s.resamples, allow_few_samples=s.allow_few_samples)
+                                progress=progress, resamples=s.resamples, allow_few_samples=s.allow_few_samples,
+                                diag=s.diag)
 
     def measure_images(self, images: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
         """The numbers of uint8 images [N,H,W,3] (classes ``labels`` [N] when known): ``evaluate_images``."""
         s = self.settings
         return evaluate_images(images, self.net, self.ref, s.batch_size, s.seed, s.kid, s.resamples,
-                               s.allow_few_samples, labels)
+                               s.allow_few_samples, labels, s.diag)
 
 
 def set_up_measurement(net: FeatureNetwork, reference: Callable[[], ReferenceStats], resolution: int | None,
@@ -292,7 +363,14 @@ def set_up_measurement(net: FeatureNetwork, reference: Callable[[], ReferenceSta
 
 def mixture_measurement(mixture: GaussianMixture, settings: MeasureSettings, dist: Dist | None = None) -> Measurement:
     """The exact scores of a model of ``data=gaussian_mixture``, with no feature network or reference statistics;
-    rank 0 computes the floor (the scores of ``settings.num`` true samples)."""
+    rank 0 computes the floor (the scores of ``settings.num`` true samples, with their precision / recall /
+    density / coverage against an independent set of ``settings.num`` true samples, the reference set every
+    evaluation is compared with)."""
     dist = dist or Dist()
-    floor = reference_scores(mixture, settings.num, settings.seed) if dist.is_main else None
-    return Measurement(settings, mixture=mixture, floor=floor)
+    if not dist.is_main:
+        return Measurement(settings, mixture=mixture)
+    floor: dict[str, Any] = reference_scores(mixture, settings.num, settings.seed)
+    reference, _ = true_samples(mixture, settings.num, settings.seed, stream=2)
+    x, labels = true_samples(mixture, settings.num, settings.seed, stream=1)
+    floor.update(mixture_diagnostics(mixture, x, labels, reference, settings.diag, settings.seed))
+    return Measurement(settings, mixture=mixture, floor=floor, true_samples=reference)

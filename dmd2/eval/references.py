@@ -284,16 +284,19 @@ def image_set_stats(images: ImageSource, net: FeatureNetwork, cache_dir: str, ki
 def reference_statistics(name: str, net: FeatureNetwork, cache_dir: str, *, folder: str | None = None,
                          path: str | None = None, resolution: int | None = None,
                          data: Mapping[str, Any] | None = None, kid: bool = False, allow_download: bool = False,
-                         batch_size: int = 128, num_workers: int = 0) -> ReferenceStats:
+                         batch_size: int = 128, num_workers: int = 0, features: bool = False) -> ReferenceStats:
     """The reference statistics ``name`` names: "npz" (the file ``path``; ``resolution``: the side of its images
     when it does not record it), "folder" (the images in ``folder``, computed once and cached in ``cache_dir``),
     "auto" (the training data ``data``: clean-fid's precomputed statistics for 32x32 CIFAR-10 under Inception's
     clean resize, else computed once and cached) or "cifar10_train" (clean-fid's precomputed CIFAR-10 train
-    statistics). ``kid``: with the reference features [M,D] that KID needs."""
+    statistics). ``kid``: with the reference features [M,D] that KID needs; ``features``: with them where they
+    are kept (an image set's cache; clean-fid's precomputed CIFAR-10 features only with ``kid``), for precision
+    and recall."""
+    kid_or_features = kid or features
     if name == "npz":
         return npz_stats(path, net, resolution)
     if name == "folder":
-        return image_set_stats(folder_source(folder), net, cache_dir, kid, batch_size, num_workers)
+        return image_set_stats(folder_source(folder), net, cache_dir, kid_or_features, batch_size, num_workers)
     if name == "auto":
         if not data:
             raise EvaluationError("reference.name=auto measures against the training data of the model, which is "
@@ -302,5 +305,6 @@ def reference_statistics(name: str, net: FeatureNetwork, cache_dir: str, *, fold
                                   "reference.name=npz reference.path=<statistics file>")
         if not (data["name"] == "cifar10" and int(data["resolution"]) == CIFAR10_TRAIN["res"] and net.is_inception
                 and net.resize == "clean"):
-            return image_set_stats(training_data_source(data), net, cache_dir, kid, batch_size, num_workers)
+            return image_set_stats(training_data_source(data), net, cache_dir, kid_or_features, batch_size,
+                                   num_workers)
     return precomputed_cifar10_stats(net, cache_dir, kid=kid, allow_download=allow_download)

@@ -1,11 +1,11 @@
-"""Statistics of features: mean and covariance, the Frechet distance and KID (clean-fid's), and the bootstrap
-behind each value's standard deviation. Pure functions of arrays; features are [N,D] (N images, D dimensions)."""
+"""Statistics of features: mean and covariance, the Frechet distance (the project's eigenvalue form,
+dmd2.method.frechet), KID (clean-fid's) and the bootstrap behind each value's standard deviation. Pure functions of arrays; features are [N,D] (N images, D dimensions)."""
 from __future__ import annotations
 
 import numpy as np
-from cleanfid.fid import frechet_distance as cleanfid_frechet_distance
 from cleanfid.fid import kernel_distance
 
+from dmd2.method.frechet import frechet_distance as gaussian_frechet_distance
 from dmd2.method.frechet import frechet_to_reference
 
 
@@ -17,8 +17,9 @@ def feature_statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Frechet distance between N(mu1 [D], sigma1 [D,D]) and N(mu2, sigma2): clean-fid's implementation."""
-    return float(cleanfid_frechet_distance(mu1, sigma1, mu2, sigma2))
+    """Frechet distance between N(mu1 [D], sigma1 [D,D]) and N(mu2, sigma2): the eigenvalue form of
+    dmd2.method.frechet, equal to clean-fid's ``frechet_distance`` (a SciPy ``sqrtm``) to rounding (tested)."""
+    return float(gaussian_frechet_distance(mu1, sigma1, mu2, sigma2))
 
 
 def kernel_inception_distance(feats: np.ndarray, ref_feats: np.ndarray, seed: int = 0) -> float:

@@ -39,6 +39,7 @@ class LossChoices:
     dm_eps: float                       # added to the DM gradient's normaliser
     r1_weight: float                    # the discriminator's R1 penalty (teacher-feature discriminator only)
     r1_alpha: float                     # its perturbation of the real images
+    flip_dm: bool = False               # a broken control: the DM gradient's sign flipped (dm_gradient_sign=-1)
 
 
 @contextmanager
@@ -120,7 +121,8 @@ class GuidanceModel(nn.Module):
         fresh ``dm_draw``); logs hold the timesteps and |grad|."""
         t, noise = draw if draw is not None else self.dm_draw(x, rng)
         loss, grad = distribution_matching_loss(
-            x, self.real_unet, self.fake_unet, self.sigmas[t], class_labels, noise, self.choices.dm_eps
+            x, self.real_unet, self.fake_unet, self.sigmas[t], class_labels, noise, self.choices.dm_eps,
+            self.choices.flip_dm
         )
         return loss, {DM_TIMESTEPS: t, DM_GRAD_NORM: grad.flatten(1).norm(dim=1).mean()}
 

@@ -55,17 +55,21 @@ def dm_gradient(x: Tensor, real_denoised: Tensor, fake_denoised: Tensor, eps: fl
 
 
 def distribution_matching_loss(
-    x: Tensor, real: Denoiser, fake: Denoiser, sigma: Tensor, class_labels: Tensor, noise: Tensor, eps: float = 0.0
+    x: Tensor, real: Denoiser, fake: Denoiser, sigma: Tensor, class_labels: Tensor, noise: Tensor, eps: float = 0.0,
+    flip: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """DMD2 generator loss. x [B,C,H,W] generator samples (with grad), sigma [B], noise like x.
 
     The two denoisers run without gradient on x_t = x + sigma * noise. The loss is the surrogate
-    0.5 * mean((x - (x - g).detach())^2) whose gradient w.r.t. x is g / x.numel(), g = ``dm_gradient``.
+    0.5 * mean((x - (x - g).detach())^2) whose gradient w.r.t. x is g / x.numel(), g = ``dm_gradient``
+    (-g with ``flip``: a deliberately broken control, the generator then climbs the KL it should descend).
     Returns (scalar loss, g [B,C,H,W]).
     """
     with torch.no_grad():
         x_t = x + sigma.view(-1, *([1] * (x.dim() - 1))) * noise
         grad = dm_gradient(x, real(x_t, sigma, class_labels), fake(x_t, sigma, class_labels), eps)
+        if flip:
+            grad = -grad
     loss = 0.5 * F.mse_loss(x, (x - grad).detach(), reduction="mean")
     return loss, grad
 

@@ -164,12 +164,40 @@ def mixture_scores(mix: GaussianMixture, images: Tensor, labels: Tensor) -> dict
                              float(np.mean(tvs)))))
 
 
+def true_samples(mix: GaussianMixture, num: int, seed: int = 0, stream: int = 1) -> tuple[Tensor, Tensor]:
+    """``num`` true samples, quantized, classes round-robin as evaluations draw them: (x [num,3,R,R], labels
+    [num]), from the random stream ``stream`` of ``seed`` (1: the floor's samples, 2: the reference set of
+    precision / recall)."""
+    labels = torch.arange(num) % mix.num_classes
+    x, _ = sample_mixture(mix, labels, torch_generator(derived_seed(seed, DATA_STREAM + stream)))
+    return quantize(x), labels
+
+
 def reference_scores(mix: GaussianMixture, num: int, seed: int = 0) -> dict[str, float]:
     """The scores of ``num`` true samples (quantized, classes round-robin as evaluations draw them): the floor
     a perfect model reaches at this sample count."""
-    labels = torch.arange(num) % mix.num_classes
-    x, _ = sample_mixture(mix, labels, torch_generator(derived_seed(seed, DATA_STREAM + 1)))
-    return mixture_scores(mix, quantize(x), labels)
+    return mixture_scores(mix, *true_samples(mix, num, seed, 1))
+
+
+def mean_span_features(mix: GaussianMixture, images: Tensor) -> Tensor:
+    """The mixture's own features of samples (uint8 [N,3,R,R] or floats in [-1, 1]): their coordinates in an
+    orthonormal basis of the span of the C*K component means -> float64 [N, rank] (rank <= C*K). The modes differ
+    only there; the other D - rank directions hold isotropic noise alone, which would swamp nearest-neighbour
+    distances in pixel space (the role a feature network plays for images)."""
+    x = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()
+    basis, r = torch.linalg.qr(mix.means.flatten(2).flatten(0, 1).double().T)  # [D,C*K]
+    keep = r.diagonal().abs() > 1e-9 * r.diagonal().abs().max()
+    return x.cpu().flatten(1).double() @ basis[:, keep]
+
+
+def mixture_classes(mix: GaussianMixture, images: Tensor) -> Tensor:
+    """The exact classifier of the mixture: for samples (uint8 [N,3,R,R] or floats in [-1, 1]) the class of the
+    nearest component of any class -> [N] (the Bayes classifier when the components' spread is small against
+    their separation, as at the default std)."""
+    x = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()
+    mu = mix.means.flatten(2).double().flatten(0, 1)                      # [C*K,D]
+    d = torch.cdist(x.cpu().flatten(1).double(), mu)                      # [N,C*K]
+    return d.argmin(1) // mix.num_components
 
 
 def denoising_errors(denoiser: nn.Module, mix: GaussianMixture, sigmas: list[float], num: int, seed: int = 0,

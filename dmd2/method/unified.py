@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from dmd2.method.guidance import DM_GRAD_NORM, GuidanceModel
+from dmd2.method.health import GAN_GRAD_NORM, GRAD_RATIO, balance_ratio, per_sample_gradient_norms
 from dmd2.method.randomness import GLOBAL_RNG, BatchRNG
 from dmd2.method.samplers import backward_simulation, multistep_sample
 
@@ -20,7 +21,7 @@ LOSS_GEN_GAN = "loss_gen_gan"      # the generator's GAN loss (generator_loss, w
 
 def generator_logs(gan: bool) -> tuple[str, ...]:
     """The scalars the generator's loss (``UnifiedModel.generator_loss``) logs."""
-    return (LOSS_DM, DM_GRAD_NORM, LOSS_GEN_GAN) if gan else (LOSS_DM, DM_GRAD_NORM)
+    return (LOSS_DM, DM_GRAD_NORM, LOSS_GEN_GAN, GAN_GRAD_NORM, GRAD_RATIO) if gan else (LOSS_DM, DM_GRAD_NORM)
 
 
 class UnifiedModel(nn.Module):
@@ -56,14 +57,25 @@ class UnifiedModel(nn.Module):
             logs[LOSS_DM] = loss.detach()
             gan = self.guidance.feature_gan_generator_loss(x, draw, class_labels)
             logs[LOSS_GEN_GAN] = gan.detach()
+            logs.update(self.gradient_balance(gan, x, logs[DM_GRAD_NORM]))
             return loss + self.gen_cls_loss_weight * gan, logs
         loss, logs = self.guidance.dm_loss(x, class_labels, rng)
         logs[LOSS_DM] = loss.detach()
         if self.guidance.gan_head is not None:
             gan = self.guidance.generator_gan_loss(x, class_labels, rng)
             logs[LOSS_GEN_GAN] = gan.detach()
+            logs.update(self.gradient_balance(gan, x, logs[DM_GRAD_NORM]))
             loss = loss + self.gen_cls_loss_weight * gan
         return loss, logs
+
+    def gradient_balance(self, gan: Tensor, x: Tensor, dm_norm: Tensor) -> dict[str, Tensor]:
+        """The GAN loss's gradient at the generated images x [B,C,H,W] in the DM gradient's units (its mean
+        per-sample norm) and its ratio to ``dm_grad_norm``, the weight included (dmd2.method.health). Only when x
+        carries a graph (a generator update); no random draw, no parameter gradient."""
+        if not x.requires_grad:
+            return {}
+        gan_norm = per_sample_gradient_norms(gan, x).mean()
+        return {GAN_GRAD_NORM: gan_norm, GRAD_RATIO: balance_ratio(self.gen_cls_loss_weight, gan_norm, dm_norm)}
 
     @torch.no_grad()
     def sample(self, noise: Tensor, class_labels: Tensor, generator: nn.Module | None = None) -> Tensor:

@@ -37,6 +37,7 @@ from dmd2.io.export import export_generator
 from dmd2.io.sampler import CheckpointSampler
 from dmd2.method.edm import SIGMA_MAX, SIGMA_MIN, dmd_timestep_sigmas
 from dmd2.method.guidance import GuidanceModel, LossChoices, guidance_logs
+from dmd2.method.health import SATURATED, saturated_fraction
 from dmd2.method.mixture import ExactDenoiser
 from dmd2.method.randomness import BatchRNG, derived_seed, torch_generator
 from dmd2.method.samplers import backward_simulation
@@ -50,6 +51,7 @@ from dmd2.runtime.perf import autocast, fused_adamw, prepare_network
 from dmd2.train.context import RunContext, run_context
 from dmd2.train.evaluator import TrainingEvaluator
 from dmd2.train.grids import SampleGrids
+from dmd2.train.health import DenoiserPanels, HealthMonitor
 from dmd2.train.loop import plan_batches, train_loop
 from dmd2.train.optim import EMA, Updater, adamw, ema_decay_at, lr_schedule, plan_schedules, round_means
 
@@ -287,6 +289,7 @@ def distill_rounds(s: DistillState, batches: list[Batch], step: int) -> dict[str
         logs = {}
         with torch.no_grad(), s.amp():
             xs = [full(s.model.generate(b.z, b.y, b.k)) for b in batches]
+    logs[SATURATED] = saturated_fraction(torch.cat(xs))  # a diagnostic (dmd2.method.health): no draw, no gradient
     logs.update(fake_score_rounds(s, batches, xs, step))
     return logs
 
@@ -320,7 +323,7 @@ def distill_model(teacher: EDMPrecond, s: DistillSettings | DictConfig) -> Unifi
     n = s.num_train_timesteps
     dm_steps = (int(s.min_step_percent * n), min(int(s.max_step_percent * n), n - 1))
     choices = LossChoices(dm_steps if s.fake_score_timesteps == "dm" else None, s.fake_score_weighting, s.dm_eps,
-                          s.r1_weight, s.r1_alpha)
+                          s.r1_weight, s.r1_alpha, s.dm_gradient_sign < 0)
     guidance = GuidanceModel(teacher, fake, head, dmd_timestep_sigmas(n, SIGMA_MIN, SIGMA_MAX), dm_steps,
                              s.diffusion_gan_max_timestep if s.diffusion_gan else None, s.cls_loss_weight,
                              teacher.sigma_data, choices, teacher_discriminator(teacher, s) if on_teacher else None)
@@ -412,6 +415,7 @@ class DistillStage:
     prefix: str = "dmd2"
     progress_key: str = "train/loss_fake"
     evaluate_first: bool = True    # the starting point: the teacher's one-step output
+    panels: DenoiserPanels | None = None  # health.panels: drawn with every sample grid (dmd2.train.health)
 
     @property
     def ema(self) -> EDMPrecond | None:
@@ -441,7 +445,8 @@ class DistillStage:
     @staticmethod
     def metric_keys(gan: bool, r1: bool = False) -> list[str]:
         """The train/ scalars a distillation logs: its steps' logs and ``scalars``."""
-        own = generator_logs(gan) + guidance_logs(gan, r1) + tuple(grad_norm_key(u) for u in UPDATERS)
+        own = (generator_logs(gan) + guidance_logs(gan, r1) + tuple(grad_norm_key(u) for u in UPDATERS)
+               + (SATURATED,))
         return [f"train/{k}" for k in own] + [f"train/{u}_{what}" for u in UPDATERS for what in ("lr", "skipped_steps")]
 
     def state(self) -> dict[str, Any]:
@@ -470,6 +475,8 @@ class DistillStage:
         for name, net in self.emas.items():  # samples/generator_ema, samples/generator_ema_0.99995, ...
             self.grids.log(self.ctx.logger, f"samples/generator_{name}", model.sample(self.grids.z, self.grids.y, net),
                            step, f"{'EMA' if name == DEFAULT_EMA else name} {caption}")
+        if self.panels is not None:
+            self.panels.log(self.ctx.logger, model.generator, model.guidance.real_unet, model.guidance.fake_unet, step)
 
     def sampler(self, step: int) -> CheckpointSampler:
         return generator_sampler(self.s.model, self.emas, step, self.cfg.data.num_classes, self.cfg.data.resolution,
@@ -508,4 +515,10 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     if ctx.dist.is_main:
         grids.log_teacher(ctx.logger, "samples/teacher", model.guidance.real_unet, cfg.sample_steps, 0, "teacher EMA")
         ctx.logger.use_checkpoint(cfg.teacher_checkpoint, "teacher", teacher_state.get("wandb_run_id"), "teacher")
-    return train_loop(cfg, ctx, DistillStage(s, emas, teacher_state, grids, ctx, cfg), loader, plan, evaluator)
+    h = cfg.health
+    if h.alerts and ctx.dist.is_main:
+        HealthMonitor(h, evaluator.key if evaluator.enabled else None, ctx.logger).attach()
+    panels = DenoiserPanels.build(grids.z, grids.y, cfg.samples_per_class, h.panel_images, list(h.panel_sigmas),
+                                  model.denoising_sigmas, cfg.seed) if h.panels else None
+    return train_loop(cfg, ctx, DistillStage(s, emas, teacher_state, grids, ctx, cfg, panels=panels), loader, plan,
+                      evaluator)

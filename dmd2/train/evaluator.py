@@ -34,7 +34,8 @@ from dmd2.config.names import BEST_STEP, mixture_key
 from dmd2.config.validate import to_container
 from dmd2.data.mixture import mixture_from_config
 from dmd2.eval.features import FeatureNetwork, build_feature_network
-from dmd2.eval.measure import Measurement, MeasureSettings, mixture_measurement, set_up_measurement
+from dmd2.eval.measure import (Diagnostics, Measurement, MeasureSettings, diagnostic_scalars, diagnostics_text,
+                               mixture_measurement, set_up_measurement)
 from dmd2.eval.references import ReferenceStats, reference_statistics
 from dmd2.io.sampler import CheckpointSampler
 from dmd2.runtime.distributed import Dist
@@ -70,16 +71,25 @@ def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
 def feature_network_from_config(fn: Mapping[str, Any], device: torch.device) -> FeatureNetwork:
     """The ``feature_network`` config node (FeatureNetwork in dmd2/config/settings.py) -> its FeatureNetwork."""
     return build_feature_network(fn["name"], device, path=fn["path"], resize=fn["resize"],
-                                 inception_weights=fn["inception_weights"], allow_download=fn["allow_download"])
+                                 inception_weights=fn["inception_weights"], allow_download=fn["allow_download"],
+                                 module=fn.get("module"), classifier=fn.get("classifier"))
 
 
 def reference_from_config(ref: Mapping[str, Any], net: FeatureNetwork, kid: bool = False, batch_size: int = 128,
-                          num_workers: int = 0, data: Mapping[str, Any] | None = None) -> ReferenceStats:
+                          num_workers: int = 0, data: Mapping[str, Any] | None = None,
+                          features: bool = False) -> ReferenceStats:
     """The ``reference`` config node (Reference in dmd2/config/settings.py) -> its statistics
-    (dmd2.eval.references.reference_statistics); ``data``: the training data reference.name=auto names."""
+    (dmd2.eval.references.reference_statistics); ``data``: the training data reference.name=auto names;
+    ``features``: with the reference features where they are kept (precision / recall)."""
     return reference_statistics(ref["name"], net, ref["cache_dir"], folder=ref.get("folder"), path=ref.get("path"),
                                 resolution=ref.get("resolution"), data=data, kid=kid,
-                                allow_download=ref["allow_download"], batch_size=batch_size, num_workers=num_workers)
+                                allow_download=ref["allow_download"], batch_size=batch_size, num_workers=num_workers,
+                                features=features)
+
+
+def diagnostics_from_config(fid: Any) -> Diagnostics:
+    """The ``prdc_k`` / ``prdc_samples`` keys (FidSettings)."""
+    return Diagnostics(int(fid.prdc_k), int(fid.prdc_samples))
 
 
 def measurement_from_config(fid: Any, device: torch.device, dist: Dist | None, *, resolution: int | None,
@@ -96,10 +106,11 @@ def measurement_from_config(fid: Any, device: torch.device, dist: Dist | None, *
     def reference() -> ReferenceStats:
         with guard():
             return reference_from_config(fid.reference, net, kid=kid, batch_size=fid.batch_size,
-                                         num_workers=num_workers, data=data)
+                                         num_workers=num_workers, data=data, features=fid.prdc_k > 0)
 
     settings = MeasureSettings(fid.num_samples if num is None else num, fid.seed, fid.batch_size, kid,
-                               fid.uncertainty_resamples, fid.allow_few_samples)
+                               fid.uncertainty_resamples, fid.allow_few_samples,
+                               diagnostics_from_config(fid))
     return set_up_measurement(net, reference, resolution, settings, dist, prefix)
 
 
@@ -116,12 +127,15 @@ class TrainingEvaluator:
         self.best, self.best_step, self.last = math.inf, -1, math.nan
         self.last_scores: dict[str, float] = {}  # data=gaussian_mixture: the last evaluation's exact scores
         self.last_std: float | None = None  # the last value's bootstrap standard deviation (feature networks)
+        self.last_diagnostics: dict[str, float] = {}  # the last evaluation's eval/precision, ... (diagnostic_scalars)
+        self.last_numbers: dict[str, Any] = {}  # the last evaluation's numbers (rank 0)
         if not self.enabled:
             return
         self.num = cfg.eval.num_samples
         self.device, self.dist, self.logger = device, dist, logger
         if cfg.data.name == "gaussian_mixture":  # known-answer data: exact scores, no feature network or reference
-            settings = MeasureSettings(self.num, cfg.eval.seed, cfg.eval.batch_size)
+            settings = MeasureSettings(self.num, cfg.eval.seed, cfg.eval.batch_size,
+                                       diag=diagnostics_from_config(cfg.eval))
             self.measurement = mixture_measurement(mixture_from_config(cfg.data), settings, dist)
         else:
             self.measurement = self.feature_measurement(cfg)
@@ -131,7 +145,8 @@ class TrainingEvaluator:
         if m.mixture is not None:
             if dist.is_main:
                 logger.summary({f"{self.key}_floor": m.floor["fd"]})
-                log.info(f"[eval] {self.metric} of {self.num} true samples (the floor): {m.floor['fd']:.4f}")
+                log.info(f"[eval] {self.metric} of {self.num} true samples (the floor): {m.floor['fd']:.4f}"
+                         f"{diagnostics_text(m.floor)}")
             return
         logger.summary({"eval/num_samples": self.num, "eval/name": self.name})
         if dist.is_main:
@@ -172,10 +187,14 @@ class TrainingEvaluator:
         self.last_std = numbers.get("std")
         if self.last_std is not None:
             extra[f"{self.key}_std"] = self.last_std
+        self.last_diagnostics = diagnostic_scalars(numbers)
+        extra.update(self.last_diagnostics)
+        self.last_numbers = numbers
         self.logger.log({self.key: value, **extra, "eval/seconds": seconds, "eval/images_per_sec": self.num / seconds,
                          "eval/nfe": sampler.nfe}, step=step)
         self.logger.summary({f"{self.key}_best": self.best, BEST_STEP: self.best_step})
         scores = "".join(f", {k} {v:.3f}" for k, v in numbers.get("scores", {}).items() if k != "fd")
+        scores += diagnostics_text(numbers)
         noise = f" ± {self.last_std:.4f}" if self.last_std is not None else ""
         log.info(f"[eval] step {step}: {self.metric} = {value:.4f}{noise}{scores} ({self.name}: {self.num} samples, "
                  f"{sampler.nfe} NFE, {seconds:.1f} s, {self.num / seconds:.1f} images/s; best {self.best:.4f} at "
@@ -189,6 +208,7 @@ class TrainingEvaluator:
         extra = {mixture_key(k): v for k, v in self.last_scores.items() if k != "fd"}
         if self.last_std is not None:
             extra[f"{self.key}_std"] = self.last_std
+        extra.update(self.last_diagnostics)
         return {self.key: self.last, f"{self.key}_best": self.best, BEST_STEP: self.best_step, **extra}
 
     def state_dict(self) -> dict[str, Any]:

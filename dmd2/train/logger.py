@@ -46,6 +46,7 @@ class RunLogger:
         self._definitions: list[tuple[str, dict[str, Any]]] = []
         self.log_checkpoints = False  # logger.log_checkpoints of a started W&B run
         self._started = time.monotonic()  # each row's wall_s: seconds since this segment of the run started
+        self.watchers: list[Callable[[Mapping[str, float], int], None]] = []  # see every logged row (health alerts)
 
     def start(self) -> None:
         """Open the run's outputs: ``config.yaml`` (when given), ``metrics.jsonl`` and the W&B run. Called by the
@@ -157,6 +158,27 @@ class RunLogger:
         path = os.path.join(self.output_dir, "metrics.jsonl")
         self._side_write("metrics", path, lambda: self._write_row((json.dumps(row) + "\n").encode()))
         self._wandb("log", {**metrics, STEP_KEY: step}, step=step)
+        for watch in self.watchers:
+            watch(metrics, step)
+
+    def log_event(self, event: Mapping[str, Any], step: int) -> None:
+        """A row of metrics.jsonl that is not a scalar series (a health alert: its name, value, threshold and
+        message), at ``step``; not sent to W&B's charts."""
+        if not self.enabled:
+            return
+        self.start()
+        path = os.path.join(self.output_dir, "metrics.jsonl")
+        row = json.dumps({"step": step, **event})
+        self._side_write("metrics", path, lambda: self._write_row((row + "\n").encode()))
+
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (wandb.alert: an e-mail / Slack notification, per the user's W&B settings); guarded like
+        every W&B call, nothing without a W&B run."""
+        if self.run is None:
+            return
+        import wandb
+
+        self._guarded(lambda: self.run.alert(title=title, text=text, level=wandb.AlertLevel.WARN), "alert failed")
 
     def log_grid(self, key: str, grid: torch.Tensor, step: int, caption: str = "") -> str | None:
         """Save an image grid [3,H,W] in [0, 1] to ``samples/<key>_<step>.png`` and log it; return the path."""
