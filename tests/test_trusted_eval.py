@@ -25,7 +25,7 @@ from dmd2.method.frechet import frechet_to_reference
 from dmd2.train.context import logger_settings, wandb_project
 from dmd2.train.evaluator import reference_from_config
 from dmd2.train.objective import check_objective
-from tests.conftest import SMOKE, compose_cfg, run_cli, train_eval_args
+from tests.conftest import SMOKE, compose_cfg, needs_sweeper, run_cli, train_eval_args
 
 
 def tiny_net(featnet: Path, resize: str = "none"):
@@ -282,6 +282,7 @@ def test_a_sweep_without_evaluation_or_with_a_metric_the_run_lacks_is_refused(fe
         check_objective(compose_cfg(base + ["optimized_metric=eval/fid"]), sweeping=False)
 
 
+@needs_sweeper
 def test_an_optuna_sweep_with_evaluation_off_stops_at_its_first_trial(teacher_ckpt, tiny_data, tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("train.py", "hparams_search=distill_optuna", "hydra.sweeper.n_trials=2", *SMOKE,
