@@ -20,11 +20,52 @@ from typing import Any, Callable
 
 from hydra._internal import hydra as hydra_app
 from hydra.errors import ConfigCompositionException, HydraException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from dmd2.config import errors
 from dmd2.config.errors import ConfigError
 from dmd2.config.settings import DistillSettings, TeacherSettings, TrainSettings
+
+
+# Run folders Hydra is about to create for this invocation (they did not exist when hydra.run.dir was resolved):
+# a refused start removes them again when they hold only Hydra's own files (``remove_refused_run_dir``)
+NEW_RUN_DIRS: dict[str, str | None] = {}  # run folder -> the outermost of its folders that did not exist yet
+
+
+def run_dir(output_dir: Any, default: str) -> str:
+    """The resolver ``${dmd2_run_dir:${output_dir},<default>}`` of ``hydra.run.dir``: the run's ``output_dir``
+    when set (train.log and .hydra/ go into the run's own folder), else ``default`` (outputs/<date>/<time>)."""
+    path = str(output_dir) if output_dir not in (None, "", "None") else default
+    leaf = top = os.path.abspath(path)
+    if leaf not in NEW_RUN_DIRS:
+        if os.path.exists(leaf):
+            NEW_RUN_DIRS[leaf] = None
+        else:
+            while not os.path.exists(os.path.dirname(top)):
+                top = os.path.dirname(top)
+            NEW_RUN_DIRS[leaf] = top
+    return path
+
+
+OmegaConf.register_new_resolver("dmd2_run_dir", run_dir, replace=True)
+HYDRA_FILES = (".hydra",)  # with <script>.log: all a run folder holds before the run itself writes anything
+
+
+def remove_refused_run_dir() -> None:
+    """After a refused start: remove the run folders this invocation made that hold nothing but Hydra's files
+    (.hydra/ and the script's log), so a refused start leaves no folder behind. A folder that existed before, or
+    that holds anything else (another run's lock or checkpoints), is left alone."""
+    import shutil
+
+    for path, top in NEW_RUN_DIRS.items():
+        if top is None or not os.path.isdir(path):
+            continue
+        if all(name in HYDRA_FILES or name.endswith(".log") for name in os.listdir(path)):
+            shutil.rmtree(path, ignore_errors=True)
+            while path != top and os.path.isdir(os.path.dirname(path)) and not os.listdir(os.path.dirname(path)):
+                path = os.path.dirname(path)  # the folders made for it (outputs/<date>/), when left empty
+                os.rmdir(path)
 
 
 def stage_of_key(key: str) -> str | None:
@@ -102,6 +143,7 @@ def run_script(main: Callable[[], Any]) -> int:
         status = exit_status(err)
         if status is None:
             raise
+        remove_refused_run_dir()
         if show_traceback:
             traceback.print_exc()
         script = os.path.basename(sys.argv[0])

@@ -455,7 +455,12 @@ class TrainSettings:
                                          policy=ADJUSTABLE)
     precision: str = setting("fp32", "fp32 | bf16 (autocast on CUDA; ignored on CPU)", one_of("fp32", "bf16"))
 
-    log_every: int = setting(50, "scalar logging interval (steps)", POSITIVE_INT, policy=ADJUSTABLE)
+    log_every: int = setting(50, "scalar logging interval (steps); also the status line's (step, kimg, s/step, "
+                             "ETA, losses, memory), in <run>/train.log and, without a terminal, on stdout",
+                             POSITIVE_INT, policy=ADJUSTABLE)
+    progress: str = setting("auto", "how training shows its progress: auto = a bar on a terminal, status lines every "
+                            "log_every steps otherwise (nohup, SLURM, a pipe) | bar | lines",
+                            one_of("auto", "bar", "lines"), policy=PLACEMENT)
     sample_every: int = setting(5000, "sample grid interval (steps); 0 = only at the end", NONNEG_INT,
                                 policy=ADJUSTABLE)
     samples_per_class: int = setting(8, "columns of the sample grid (one row per class; at most 16 classes, "
