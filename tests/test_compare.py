@@ -121,3 +121,27 @@ def test_a_real_multirun_end_to_end(tmp_path):
     assert header.startswith("| lr | n | eval/mixture_coverage final |")
     assert [line.split(" | ")[1] for line in proc.stdout.splitlines()[2:]] == ["2", "2"]
     assert (out / "compare_mixture_fd.png").read_bytes().startswith(PNG)
+
+
+def measured_run(folder: Path, num: int, reference: str, fid: float) -> None:
+    folder.mkdir(parents=True)
+    config = {"stage": "distill", "seed": 0, "lr": 1e-4, "eval": {"num_samples": num, "feature_network": {
+        "name": "inception", "path": None, "resize": "clean"}, "reference": {"name": reference, "folder": None}}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval/fid": fid, "eval/fid_std": 0.1}) + "\n")
+
+
+def test_values_of_different_sample_counts_or_references_never_share_a_column(tmp_path, capsys):
+    measured_run(tmp_path / "a", 1000, "auto", 30.0)
+    measured_run(tmp_path / "b", 2000, "auto", 20.0)
+    header, rows = table(find_runs([str(tmp_path)]))
+    assert "eval/fid final" not in header
+    assert "eval/fid@1k final" in header and "eval/fid@2k final" in header
+    cells = [dict(zip(header, row)) for row in rows]
+    assert {(c["eval/fid@1k final"], c["eval/fid@2k final"]) for c in cells} == {("30", ""), ("", "20")}
+    assert "eval/fid was measured with different samples" in capsys.readouterr().err
+    measured_run(tmp_path / "c", 2000, "cifar10_train", 10.0)  # now the reference differs too
+    header, _ = table(find_runs([str(tmp_path)]))
+    assert {"eval/fid@2k ref=auto final", "eval/fid@2k ref=cifar10_train final",
+            "eval/fid@1k ref=auto final"} <= set(header)
+    assert main([str(tmp_path), "--metric", "eval/fid"]) == 0  # the plain name asks for every one of its columns

@@ -27,8 +27,16 @@ HIGHER_IS_BETTER = ("eval/mixture_coverage", "eval/mixture_near", "eval/is", "ev
 
 
 def higher_is_better(key: str) -> bool:
-    """Whether a larger value of the metric ``key`` is better (scores); False for distances and losses."""
-    return key in HIGHER_IS_BETTER
+    """Whether a larger value of the metric ``key`` is better (scores); False for distances and losses. A key
+    named with its measurement (python -m dmd2.compare's 'eval/fid@1k ref=...') is its metric's."""
+    return key.split("@")[0].split(" ")[0] in HIGHER_IS_BETTER
+
+
+def count_label(num: int) -> str:
+    """A sample count as it appears in metric names: 50000 -> '50k', 10000 -> '10k', 2500 -> '2.5k', 40 -> '40'."""
+    if num >= 1000 and num % 100 == 0:
+        return f"{num / 1000:g}k"
+    return str(num)
 
 
 def network_stem(path: str) -> str:

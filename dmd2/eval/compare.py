@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from dmd2.config.errors import FileError, run_tool
-from dmd2.config.names import higher_is_better
+from dmd2.config.names import count_label, higher_is_better, network_stem
 from dmd2.config.policy import splits_groups
 
 # eval/* values that describe the cost or the bookkeeping of an evaluation, not the model
@@ -112,7 +112,53 @@ def find_runs(patterns: list[str]) -> list[Run]:
             folders.update(run_folders(top))
     if not folders:
         raise FileError(f"no runs (folders with config.yaml and metrics.jsonl) under {' '.join(patterns)}")
-    return [read_run(f) for f in sorted(folders)]
+    runs = [read_run(f) for f in sorted(folders)]
+    for note in split_measurements(runs):
+        print(f"[compare] {note}", file=sys.stderr)
+    return runs
+
+
+# what an eval/* value was measured with, as the run's config records it (eval.*): values measured otherwise are
+# never put in one column
+MEASURED_WITH = {
+    "samples": ("eval.num_samples",),
+    "network": ("eval.feature_network.name", "eval.feature_network.path", "eval.feature_network.resize"),
+    "reference": ("eval.reference.name", "eval.reference.folder", "eval.reference.path"),
+}
+
+
+def measured_with(run: Run, part: str) -> str:
+    """How ``run`` measured its eval/* values, one ``part`` of MEASURED_WITH, as it appears in a column name:
+    '@2k' (the sample count), ' net=<network>', ' ref=<reference>'."""
+    c = run.config
+    if part == "samples":
+        n = c.get("eval.num_samples")
+        return f"@{count_label(int(n))}" if isinstance(n, (int, float)) else "@?"
+    if part == "network":
+        path = c.get("eval.feature_network.path")
+        name = network_stem(str(path)) if path else str(c.get("eval.feature_network.name"))
+        return f" net={name}/{c.get('eval.feature_network.resize')}"
+    where = c.get("eval.reference.folder") or c.get("eval.reference.path")
+    return f" ref={c.get('eval.reference.name')}" + (f":{os.path.normpath(str(where))}" if where else "")
+
+
+def split_measurements(runs: list[Run]) -> list[str]:
+    """Rename each eval/* series whose runs measured it with different sample counts, feature networks or
+    references after what differs (eval/fid -> eval/fid@1k, eval/fid@2k): separate, named columns, never one
+    column of values that do not compare. Returns a note per metric split."""
+    notes = []
+    for metric in eval_metrics(runs):
+        members = [r for r in runs if metric in r.series]
+        differing = [p for p in MEASURED_WITH if len({measured_with(r, p) for r in members}) > 1]
+        if not differing:
+            continue
+        for r in members:
+            tag = "".join(measured_with(r, p) for p in differing)
+            for key in [k for k in (metric, metric + "_std", metric + "_best") if k in r.series]:
+                r.series[metric + tag + key[len(metric):]] = r.series.pop(key)
+        notes.append(f"{metric} was measured with different {', '.join(differing)}: one column for each "
+                     f"({', '.join(sorted({metric + ''.join(measured_with(r, p) for p in differing) for r in members}))})")
+    return notes
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
@@ -288,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
 def compare_command(args: argparse.Namespace) -> None:
     """``python -m dmd2.compare`` with its parsed arguments: find the runs, write the table and plots."""
     runs = find_runs(args.paths)
-    metrics = args.metric
+    logged = {k for r in runs for k in r.series}
+    # a metric split by split_measurements is asked for by its plain name: every one of its columns
+    metrics = [k for m in args.metric for k in sorted(logged) if k == m or k.startswith((m + "@", m + " "))] or \
+        args.metric if args.metric else None
     missing = [m for m in metrics or [] if not any(m in r.series for r in runs)]
     if missing:
         raise FileError(f"--metric {', '.join(missing)}: no run logged it; they logged "

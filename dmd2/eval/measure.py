@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dmd2.config.errors import EvaluationError
-from dmd2.config.names import MIXTURE_KEY, MIXTURE_METRIC
+from dmd2.config.names import MIXTURE_KEY, MIXTURE_METRIC, count_label  # noqa: F401 (count_label: also from here)
 from dmd2.eval.features import FeatureNetwork, batch_features, feature_dim, image_features
 from dmd2.eval.references import ReferenceStats
 from dmd2.eval.statistics import bootstrap_std, feature_statistics, frechet_distance, kernel_inception_distance
@@ -34,13 +34,6 @@ from dmd2.method.mixture import GaussianMixture, mixture_scores, reference_score
 from dmd2.runtime.distributed import Dist, barrier, batch_shard, gather_to_main
 
 log = logging.getLogger(__name__)
-
-
-def count_label(num: int) -> str:
-    """A sample count as it appears in metric names: 50000 -> '50k', 10000 -> '10k', 2500 -> '2.5k', 40 -> '40'."""
-    if num >= 1000 and num % 100 == 0:
-        return f"{num / 1000:g}k"
-    return str(num)
 
 
 def metric_name(wandb_key: str, num: int) -> str:
