@@ -144,6 +144,10 @@ def test_evaluate_logs_to_the_project_of_the_checkpoints_data():
 def test_wandb_project_and_reference_follow_the_dataset():
     assert wandb_project({"name": "cifar10", "root": "./data"}) == "dmd2-cifar10"
     assert wandb_project({"name": "edm_dataset", "root": "datasets/imagenet-64x64.zip"}) == "dmd2-imagenet64"
+    # a folder named after its split is known by the folder above it: not every data set in one dmd2-train
+    assert wandb_project({"name": "image_folder", "root": "data/cifar10-jpeg/train"}) == "dmd2-cifar10-jpeg"
+    assert wandb_project({"name": "image_folder", "root": "/data/faces/val/"}) == "dmd2-faces"
+    assert wandb_project({"name": "image_folder", "root": "data/faces"}) == "dmd2-faces"
     cfg = compose_cfg(["experiment=dmd2_imagenet64", "teacher_checkpoint=x.pt",
                        "data.root=datasets/imagenet-64x64.zip"])
     assert cfg.eval.reference.name == "auto" and cfg.data.resolution == 64

@@ -57,15 +57,22 @@ def metric_key(name: str, resize: str, path: str | None = None) -> str:
     return "eval/fd_" + re.sub(r"[^A-Za-z0-9_.-]", "_", network_stem(path or ""))
 
 
+SPLITS = ("train", "training", "val", "valid", "validation", "test", "testing")  # folders named after a split
+
+
 def dataset_label(data: Mapping[str, Any]) -> str:
     """A short name of the data a ``data`` config reads, for W&B project names and reference statistics:
     cifar10, synthetic, mixture, or the stem of ``root`` with its 'NxN' folded in (datasets/imagenet-64x64.zip ->
-    imagenet64, data/faces -> faces)."""
+    imagenet64, data/faces -> faces); a folder named after a split is known by the folder above it
+    (data/cifar10-jpeg/train -> cifar10-jpeg)."""
     if data["name"] in ("cifar10", "synthetic"):
         return data["name"]
     if data["name"] == "gaussian_mixture":
         return "mixture"
-    stem = os.path.basename(os.path.normpath(str(data["root"])))
+    root = os.path.normpath(str(data["root"]))
+    stem = os.path.basename(root)
+    if stem.lower() in SPLITS and os.path.basename(os.path.dirname(os.path.abspath(root))):
+        stem = os.path.basename(os.path.dirname(os.path.abspath(root)))
     stem = stem[:-4] if stem.lower().endswith(".zip") else stem
     stem = re.sub(r"[-_]?(\d+)x\1$", r"\1", stem)
     return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or data["name"]
