@@ -39,7 +39,7 @@ import hydra
 from omegaconf import DictConfig
 
 import dmd2.config.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
-from dmd2.config.cli import quiet_hydra_on_other_ranks, run_script
+from dmd2.config.cli import eval_group_overrides, quiet_hydra_on_other_ranks, run_script
 from dmd2.config.errors import ConfigError
 from dmd2.config.validate import check_fid, check_settings, fail, fail_file, to_container
 from dmd2.io.files import atomic_write
@@ -394,5 +394,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = quiet_hydra_on_other_ranks(sys.argv)
+    sys.argv = eval_group_overrides(quiet_hydra_on_other_ranks(sys.argv))
     sys.exit(run_script(main))

@@ -253,3 +253,17 @@ def test_evaluate_defaults():
     assert (cfg.num_samples, cfg.sampler.steps, cfg.kid, cfg.feature_network.name, cfg.reference.cache_dir) == (
         50000, 18, False, "inception", "./fid_stats")
     assert cfg.reference.allow_download is False and OmegaConf.select(cfg, "feature_network.inception_weights") is None
+
+
+def test_evaluate_and_generate_take_train_pys_eval_and_local_groups():
+    from dmd2.config.cli import eval_group_overrides
+
+    argv = eval_group_overrides(["evaluate.py", "checkpoint=x.pt", "eval=featnet", "paths.featnet=/nets/f.ts.pt"])
+    assert argv[2] == "eval@_global_=featnet"  # evaluate.py's command line says eval=featnet, as train.py's does
+    cfg = compose_cfg(argv[1:], config_name="evaluate")
+    train = compose_cfg(["eval=featnet", "paths.featnet=/nets/f.ts.pt"])
+    assert OmegaConf.to_container(cfg.feature_network, resolve=True) == OmegaConf.to_container(
+        train.eval.feature_network, resolve=True)  # one group file, the same network in both scripts
+    assert cfg.feature_network.path == "/nets/f.ts.pt" and cfg.reference.name == "auto"
+    # the machine's paths (conf/local/default.yaml) are keys of all three scripts
+    assert compose_cfg(["checkpoint=x.pt", "paths.featnet=/n.pt"], config_name="generate").paths.featnet == "/n.pt"

@@ -160,6 +160,12 @@ def run_script(main: Callable[[], Any]) -> int:
     return 0
 
 
+def eval_group_overrides(argv: list[str]) -> list[str]:
+    """evaluate.py takes train.py's ``eval`` config group with its keys at the top level (conf/evaluate.yaml:
+    ``eval@_global_``); ``eval=featnet`` on its command line means that group, as it does for train.py."""
+    return [f"eval@_global_={a[len('eval='):]}" if a.startswith("eval=") else a for a in argv]
+
+
 def quiet_hydra_on_other_ranks(argv: list[str]) -> list[str]:
     """Under torchrun, ranks > 0 write no Hydra files: they all use rank 0's output folder."""
     if int(os.environ.get("RANK", "0")) > 0:

@@ -599,6 +599,7 @@ class EvaluateSettings(FidSettings):
     num_workers: int = setting(4, "data-loader workers reading the reference folder", NONNEG_INT)
     run_name: Optional[str] = setting(None, "W&B run name; null = built from the command-line overrides",
                                       optional(TEXT), policy=PLACEMENT)
+    paths: LocalPaths = group(LocalPaths, "machine-specific paths (conf/local/default.yaml)", policy=PLACEMENT)
 
 
 def _seeds_ok(value: Any) -> bool:
@@ -638,6 +639,7 @@ class GenerateSettings:
     teacher_weights: str = setting("ema", "teacher checkpoints: ema | model", one_of("ema", "model"))
     generator_weights: str = setting("ema", "DMD2 checkpoints: ema | raw | ema_<decay> (an EMA of "
                                      "generator_ema_decays)", GENERATOR_WEIGHTS)
+    paths: LocalPaths = group(LocalPaths, "machine-specific paths (conf/local/default.yaml)", policy=PLACEMENT)
     sampler: SamplerSettings = group(SamplerSettings, "how teacher checkpoints sample")
     class_names: Optional[List[str]] = setting(None, "names for folders and grids; null = the model's (stored in "
                                                "checkpoints and exports; class_000 ... when unknown)")
@@ -751,9 +753,9 @@ def register() -> None:
                                      "local"]),
         "dmd2_evaluate": help_template("evaluate.py", "FID / FD of teacher and DMD2 checkpoints.",
                                        [("Keys", EvaluateSettings, ""), ("logger=wandb", WandbLogger, "logger.")],
-                                       ["logger", "protocol"]),
+                                       ["logger", "protocol", "eval", "local"]),
         "dmd2_generate": help_template("generate.py", "images from a checkpoint or an export, one per seed.",
-                                       [("Keys", GenerateSettings, "")], []),
+                                       [("Keys", GenerateSettings, "")], ["local"]),
     }
     for name, template in helps.items():
         cs.store(group="hydra/help", name=name, node={"app_name": name, "header": "", "footer": "",

@@ -60,8 +60,8 @@ class RunLogger:
             self.run = self._start_wandb(logger_cfg, config, job_type, run_name, resume_id)
             self.log_checkpoints = bool(logger_cfg.get("log_checkpoints", False))
             if self.run is not None:
-                group = logger_cfg.get("group")
-                log.info(f"[logger] W&B project {logger_cfg.get('project')}, run {run_name or self.run.id}"
+                group, name = logger_cfg.get("group"), run_name or getattr(self.run, "id", "")
+                log.info(f"[logger] W&B project {logger_cfg.get('project')}, run {name}"
                          + (f", group {group}" if group else "") + f" ({logger_cfg.get('mode', 'offline')})")
         # every series is plotted against the training step (also when a resumed run's W&B step differs)
         self._wandb("define_metric", STEP_KEY)
