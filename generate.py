@@ -21,7 +21,6 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from tqdm import tqdm
 
 import dmd2.config.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
 from dmd2.config.cli import quiet_hydra_on_other_ranks, run_script
@@ -30,6 +29,7 @@ from dmd2.config.seeds import parse_seeds
 from dmd2.config.validate import check_settings
 from dmd2.io.files import atomic_write
 from dmd2.io.pictures import labelled_grid
+from dmd2.runtime.progress import Progress
 from dmd2.runtime.devices import check_device, resolve_device
 
 if TYPE_CHECKING:  # torch and the generator are imported in generate(): --help and tab completion stay fast
@@ -133,7 +133,7 @@ def sample_share(cfg: DictConfig, gen: Generator, seeds: list[int], labels: list
     grid_rows: dict[int, list[torch.Tensor]] = {}
     arrays: list[np.ndarray] = []
     done = 0
-    with tqdm(total=len(seeds), desc="generate", unit="img", dynamic_ncols=True, disable=not progress) as bar:
+    with Progress(len(seeds), "[generate]", "images", enabled=progress) as bar:
         for images, y in (gen.batches(labels, seeds, batch_size=cfg.batch_size) if seeds else ()):
             for img, label, seed in zip(images, y.tolist(), seeds[done:done + len(images)]):
                 row = grid_rows.setdefault(label, [])

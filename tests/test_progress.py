@@ -62,3 +62,18 @@ def test_a_refused_start_leaves_no_folder_behind(tmp_path):
         proc = run_cli("train.py", *SMOKE, "lr=-1", *extra, cwd=tmp_path)
         assert proc.returncode == 2 and "config key 'lr'" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_reference_statistics_report_their_progress_with_a_count(featnet, tiny_data, tmp_path, caplog, monkeypatch):
+    import dmd2.runtime.progress as progress
+    from dmd2.eval.features import build_feature_network
+    from dmd2.eval.references import reference_statistics
+
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)  # a line at every update (30 s apart in a real run)
+    caplog.set_level(logging.INFO)
+    net = build_feature_network("torchscript", torch.device("cpu"), path=str(featnet), resize="none")
+    reference_statistics("folder", net, str(tmp_path / "stats"), folder=str(tiny_data), batch_size=8)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[reference]")]
+    assert any(re.match(r"\[reference\] hashing .*tiny: 20/20 files in", line) for line in lines), lines
+    assert any(re.match(r"\[reference\] tiny: features of 8/20 images \(40%\), .*ETA", line) for line in lines), lines
+    assert any(re.match(r"\[reference\] tiny: features of 20/20 images in", line) for line in lines), lines

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from cleanfid.fid import get_files_features
-from cleanfid.utils import EXTENSIONS
+from cleanfid.fid import get_batch_features
+from cleanfid.utils import EXTENSIONS, ResizeDataset
 from torch.utils.data import DataLoader
 
 from dmd2.config.errors import EvaluationError
@@ -24,6 +24,7 @@ from dmd2.config.settings import GENERATED_DATA
 from dmd2.data.datasets import build_dataset
 from dmd2.data.images import to_uint8
 from dmd2.eval.features import FeatureNetwork, batch_features
+from dmd2.runtime.progress import Progress
 from dmd2.io.files import file_sha256
 
 GENERATE_GRID = "grid.png"  # generate.py's overview grid in its output folder
@@ -149,8 +150,10 @@ def folder_fingerprint(folder: str, files: list[str]) -> str:
     """Hash of every file's relative path and bytes (read in 1 MiB blocks): a folder whose images changed gets new
     statistics, whatever their sizes and modification times (about 2 s per 50,000 CIFAR-size images)."""
     digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{os.path.relpath(f, folder)}\t{file_sha256(f)}\n".encode())
+    with Progress(len(files), f"[reference] hashing {folder}:", "files") as shown:
+        for f in files:
+            digest.update(f"{os.path.relpath(f, folder)}\t{file_sha256(f)}\n".encode())
+            shown.update(1)
     return digest.hexdigest()
 
 
@@ -189,11 +192,16 @@ def folder_source(folder: str) -> ImageSource:
 
         with Image.open(files[0]) as first:
             image_size = int(first.size[0])
-        feats = get_files_features(files, net.model, num_workers=num_workers, batch_size=batch_size,
-                                   device=net.device, mode="clean",
-                                   custom_fn_resize=None if net.resize == "clean" else _no_resize,
-                                   description=f"reference {label}: ")
-        return feats, image_size
+        # clean-fid's reading and resizing of image files (get_files_features' loader), with this project's progress
+        dataset = ResizeDataset(files, mode="clean")
+        if net.resize != "clean":
+            dataset.fn_resize = _no_resize
+        parts = []
+        with Progress(len(files), f"[reference] {label}: features of", "images") as shown:
+            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+                parts.append(get_batch_features(batch, net.model, net.device))
+                shown.update(len(batch))
+        return np.concatenate(parts), image_size
 
     return ImageSource(re.sub(r"[^A-Za-z0-9_.-]", "_", label) or "folder", fingerprint, os.path.abspath(folder),
                        os.path.basename(os.path.normpath(os.path.abspath(folder))),
@@ -209,8 +217,14 @@ def training_data_source(data: Mapping[str, Any]) -> ImageSource:
               else f"data={data['name']} data.root={os.path.abspath(str(data['root']))}")
 
     def featurize(net: FeatureNetwork, batch_size: int, num_workers: int) -> tuple[np.ndarray, int]:
-        loader = DataLoader(build_dataset(dict(data)), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        return np.concatenate([batch_features(to_uint8(x), net) for x, _ in loader]), res
+        dataset = build_dataset(dict(data))
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        parts = []
+        with Progress(len(dataset), f"[reference] {label}: features of", "images") as shown:
+            for x, _ in loader:
+                parts.append(batch_features(to_uint8(x), net))
+                shown.update(len(x))
+        return np.concatenate(parts), res
 
     return ImageSource(f"{label}-{res}px", fingerprint, f"the training data {label}", label,
                        f"{origin} (sha256 {fingerprint[:12]})", featurize)

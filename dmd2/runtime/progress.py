@@ -37,8 +37,9 @@ class Progress:
     lines; nothing when not ``enabled`` (ranks > 0, or a caller that reports otherwise)."""
 
     def __init__(self, total: int, what: str, unit: str = "images", enabled: bool = True,
-                 bar: bool | None = None, every_s: float = LINE_EVERY_S) -> None:
-        self.total, self.what, self.unit, self.every_s = total, what, unit, every_s
+                 bar: bool | None = None, every_s: float | None = None) -> None:
+        self.total, self.what, self.unit = total, what, unit
+        self.every_s = LINE_EVERY_S if every_s is None else every_s
         self.enabled = enabled and total > 0
         self.done = 0
         self.t0 = self.last = time.perf_counter()
