@@ -77,3 +77,13 @@ def test_reference_statistics_report_their_progress_with_a_count(featnet, tiny_d
     assert any(re.match(r"\[reference\] hashing .*tiny: 20/20 files in", line) for line in lines), lines
     assert any(re.match(r"\[reference\] tiny: features of 8/20 images \(40%\), .*ETA", line) for line in lines), lines
     assert any(re.match(r"\[reference\] tiny: features of 20/20 images in", line) for line in lines), lines
+
+
+@pytest.mark.slow
+def test_a_refused_start_in_an_earlier_runs_folder_leaves_its_record_as_it_was(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("train.py", *SMOKE, "max_steps=1", f"output_dir={out}", cwd=tmp_path).returncode == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = run_cli("train.py", *SMOKE, "max_steps=2", f"output_dir={out}", cwd=tmp_path)  # no resume: refused
+    assert proc.returncode == 2 and "holds an earlier run" in proc.stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -41,6 +41,7 @@ def run_dir(output_dir: Any, default: str) -> str:
     if leaf not in NEW_RUN_DIRS:
         if os.path.exists(leaf):
             NEW_RUN_DIRS[leaf] = None
+            KEPT_HYDRA_FILES[leaf] = hydra_files(leaf)
         else:
             while not os.path.exists(os.path.dirname(top)):
                 top = os.path.dirname(top)
@@ -50,6 +51,40 @@ def run_dir(output_dir: Any, default: str) -> str:
 
 OmegaConf.register_new_resolver("dmd2_run_dir", run_dir, replace=True)
 HYDRA_FILES = (".hydra",)  # with <script>.log: all a run folder holds before the run itself writes anything
+# an existing run folder's Hydra files as they were before this invocation: path -> (bytes of .hydra/*, log sizes)
+KEPT_HYDRA_FILES: dict[str, tuple[dict[str, bytes], dict[str, int]]] = {}
+
+
+def hydra_files(folder: str) -> tuple[dict[str, bytes], dict[str, int]]:
+    """The contents of ``folder``/.hydra/* (a few small YAML files) and the sizes of its *.log files."""
+    hydra_dir = os.path.join(folder, ".hydra")
+    saved = {}
+    for name in sorted(os.listdir(hydra_dir)) if os.path.isdir(hydra_dir) else []:
+        with open(os.path.join(hydra_dir, name), "rb") as f:
+            saved[name] = f.read()
+    logs = {n: os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".log")}
+    return saved, logs
+
+
+def restore_hydra_files(folder: str, kept: tuple[dict[str, bytes], dict[str, int]]) -> None:
+    """Put an existing run folder's Hydra files back as ``hydra_files`` found them: a refused start into the
+    folder of an earlier run leaves that run's record (.hydra/, its log) as it was."""
+    saved, logs = kept
+    hydra_dir = os.path.join(folder, ".hydra")
+    for name in os.listdir(hydra_dir) if os.path.isdir(hydra_dir) else []:
+        if name not in saved:
+            os.remove(os.path.join(hydra_dir, name))
+    for name, data in saved.items():
+        with open(os.path.join(hydra_dir, name), "wb") as f:
+            f.write(data)
+    if not saved and os.path.isdir(hydra_dir) and not os.listdir(hydra_dir):
+        os.rmdir(hydra_dir)
+    for name in [n for n in os.listdir(folder) if n.endswith(".log")]:
+        path = os.path.join(folder, name)
+        if name in logs:
+            os.truncate(path, logs[name])
+        else:
+            os.remove(path)
 
 
 def remove_refused_run_dir() -> None:
@@ -58,6 +93,11 @@ def remove_refused_run_dir() -> None:
     that holds anything else (another run's lock or checkpoints), is left alone."""
     import shutil
 
+    for path, kept in KEPT_HYDRA_FILES.items():
+        try:
+            restore_hydra_files(path, kept)
+        except OSError:
+            pass  # an unwritable folder (the refusal may be just that): nothing was written there either
     for path, top in NEW_RUN_DIRS.items():
         if top is None or not os.path.isdir(path):
             continue
