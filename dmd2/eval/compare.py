@@ -9,8 +9,8 @@ runs are repetitions. For every ``eval/*`` metric the table shows, as mean +- sd
 logged value (final) and its best value over the run (min for distances such as FID / FD, max for scores such as
 coverage: ``dmd2.config.names.higher_is_better``), with n; also the steps and the wall time (from the first to the last
 write of the run). The Markdown table goes to stdout; ``--out DIR`` writes compare.md, compare.csv (means and
-sds as numbers) and compare_<metric>.png (each metric against the step, one line per group, a band of +- sd over
-its runs).
+sds as numbers), compare_<metric>.png (each metric against the step, one line per group, a band of +- sd over
+its runs) and contact_sheet.png (each group's latest sample grid, from its first run, one below the other).
 """
 from __future__ import annotations
 
@@ -299,6 +299,42 @@ def plot(runs: list[Run], metrics: list[str], folder: str) -> list[str]:
     return paths
 
 
+# the sample grids a contact sheet shows, in order of preference (samples/<name>_<step>.png in a run folder)
+SHEET_GRIDS = ("samples_generator_ema", "samples_generator", "samples_teacher_ema", "samples_teacher")
+
+
+def latest_samples(run: Run) -> str | None:
+    """The newest sample grid of ``run`` (its generator EMA's, else its generator's, else its teacher's)."""
+    names = os.listdir(os.path.join(run.path, "samples")) if os.path.isdir(os.path.join(run.path, "samples")) else []
+    for kind in SHEET_GRIDS:
+        found = sorted(n for n in names if re.fullmatch(re.escape(kind) + r"_\d+\.png", n))
+        if found:
+            return os.path.join(run.path, "samples", found[-1])  # steps are zero-padded: the last is the latest
+    return None
+
+
+def contact_sheet(runs: list[Run], path: str) -> str | None:
+    """``path``: each group's latest sample grid (from its first run that has one), titled with its setting,
+    one below the other; None (nothing written) when no run has a grid."""
+    from PIL import Image
+
+    from dmd2.io.pictures import stacked, titled
+
+    keys, groups = group_runs(runs)
+    panels = []
+    for setting, members in groups.items():
+        grid = next((g for g in map(latest_samples, members) if g), None)
+        if grid is None:
+            continue
+        label = ", ".join(f"{k}={v}" for k, v in zip(keys, setting)) or "all runs"
+        with Image.open(grid) as image:
+            panels.append(titled(image.convert("RGB"), f"{label}: {os.path.relpath(grid)}"))
+    if not panels:
+        return None
+    stacked(panels).save(path)
+    return path
+
+
 def write_outputs(runs: list[Run], metrics: list[str] | None, args: argparse.Namespace) -> None:
     metrics = metrics or eval_metrics(runs)
     text = markdown(*table(runs, metrics))
@@ -317,13 +353,18 @@ def write_outputs(runs: list[Run], metrics: list[str] | None, args: argparse.Nam
     if args.out or args.plot:
         for path in plot(runs, metrics, args.out or "."):
             print(f"[compare] plot: {path}", file=sys.stderr)
+    if args.out:
+        sheet = contact_sheet(runs, os.path.join(args.out, "contact_sheet.png"))
+        print(f"[compare] contact sheet: {sheet}" if sheet else "[compare] no contact sheet: no run has a sample grid",
+              file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dmd2.compare", description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", help="run folders, sweep folders or globs")
     parser.add_argument("--metric", action="append", help="eval metric to show (repeatable); default: every eval/*")
-    parser.add_argument("--out", metavar="DIR", help="write compare.md, compare.csv and compare_<metric>.png here")
+    parser.add_argument("--out", metavar="DIR", help="write compare.md, compare.csv, compare_<metric>.png and "
+                        "contact_sheet.png here")
     parser.add_argument("--plot", action="store_true", help="write the PNG plots (into --out, else here)")
     parser.add_argument("--markdown", metavar="FILE", help="write the Markdown table here")
     parser.add_argument("--csv", metavar="FILE", help="write the table as CSV (means and sds) here")

@@ -73,6 +73,16 @@ def side_by_side(pictures: Sequence[Image.Image], gap: int = 8) -> Image.Image:
     return out
 
 
+def titled(picture: Image.Image, title: str) -> Image.Image:
+    """``picture`` with a line of text above it."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    out = Image.new("RGB", (max(picture.width, int(measure.textlength(title)) + 8), picture.height + TITLE_H + PAD),
+                    "white")
+    ImageDraw.Draw(out).text((4, 2), title, fill="black")
+    out.paste(picture, (0, TITLE_H + PAD))
+    return out
+
+
 def stacked(pictures: Sequence[Image.Image], gap: int = 8) -> Image.Image:
     """Pictures one below the other, left aligned, on white."""
     height = sum(p.height for p in pictures) + gap * max(0, len(pictures) - 1)
