@@ -369,6 +369,13 @@ def evaluate_checkpoints(cfg: DictConfig, device: Any, d: Dist) -> list[dict[str
             sampler, row, scalars = measure_checkpoint(cfg, path, measurement, device, d)
             if row is None:  # ranks > 0
                 continue
+            if "denoising_error" in row:  # a known-answer teacher: its error by noise level against the bound
+                from dmd2.io.pictures import plot_denoising_error
+
+                row["denoising_plot"] = plot_denoising_error(
+                    row["denoising_error"], os.path.join(output_dir, f"denoising_error_{sampler.step:06d}.png"),
+                    f"{sampler.describe()}, {path}")
+                log.info(f"[evaluate] denoising error by noise level, against the bound: {row['denoising_plot']}")
             results.append(row)
             _write_json(results_path, results)
             log.info(f"[evaluate] {value_text(row)} | {sampler.kind} step {sampler.step}, "

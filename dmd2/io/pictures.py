@@ -104,3 +104,31 @@ def class_rows(images: Any, labels: Sequence[int], class_names: Sequence[str] | 
         return rows, [""] * len(rows)
     names = [class_names[y] if class_names and y < len(class_names) else str(y) for y in firsts]
     return rows, names
+
+
+def plot_denoising_error(rows: Sequence[dict[str, float]], path: str, title: str = "") -> str:
+    """evaluate.py's denoising error of a known-answer teacher (``rows``: dmd2.method.mixture.denoising_errors) by
+    noise level, on log axes: the teacher's error to the clean images, E(D(x) - x0)^2 = mse + mse_x0 (the cross
+    term vanishes: D* is the conditional mean), against mse_x0, the bound no denoiser can beat (the exact
+    denoiser's), and mse, the distance to that denoiser. Written to ``path`` (PNG); matplotlib (Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sigmas = [r["sigma"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(sigmas, [r["mse"] + r["mse_x0"] for r in rows], marker="o", label="teacher: E(D(x) - x0)²")
+    ax.plot(sigmas, [r["mse_x0"] for r in rows], "k--", label="bound: the exact denoiser's E(D*(x) - x0)²")
+    ax.plot(sigmas, [r["mse"] for r in rows], marker=".", alpha=0.7, label="teacher vs the exact denoiser")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("noise level sigma")
+    ax.set_ylabel("mean squared error per pixel")
+    ax.set_title(title, fontsize="small")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
