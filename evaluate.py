@@ -374,7 +374,7 @@ def evaluate_checkpoints(cfg: DictConfig, device: Any, d: Dist) -> list[dict[str
 
                 row["denoising_plot"] = plot_denoising_error(
                     row["denoising_error"], os.path.join(output_dir, f"denoising_error_{sampler.step:06d}.png"),
-                    f"{sampler.describe()}, {path}")
+                    f"{sampler.describe()}, {os.path.basename(path)}")
                 log.info(f"[evaluate] denoising error by noise level, against the bound: {row['denoising_plot']}")
             results.append(row)
             _write_json(results_path, results)
