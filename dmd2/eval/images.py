@@ -7,6 +7,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import zipfile
@@ -24,9 +25,10 @@ from dmd2.config.settings import GENERATED_DATA
 from dmd2.data.datasets import build_dataset
 from dmd2.data.images import to_uint8
 from dmd2.eval.features import FeatureNetwork, batch_features
-from dmd2.runtime.progress import Progress
 from dmd2.io.files import file_sha256
+from dmd2.runtime.progress import Progress
 
+log = logging.getLogger(__name__)
 GENERATE_GRID = "grid.png"  # generate.py's overview grid in its output folder
 IMAGE_SUFFIXES = tuple("." + e for e in EXTENSIONS)
 
@@ -208,10 +210,32 @@ def folder_source(folder: str) -> ImageSource:
                        f"{os.path.abspath(folder)} (files sha256 {fingerprint[:12]})", featurize)
 
 
+def files_at_resolution(files: list[str], resolution: int) -> bool:
+    """Whether every image file is ``resolution`` x ``resolution`` pixels (read from the files' headers)."""
+    from PIL import Image
+
+    with Progress(len(files), "[reference] checking image sizes:", "files") as shown:
+        for f in files:
+            with Image.open(f) as image:
+                if image.size != (resolution, resolution):
+                    return False
+            shown.update(1)
+    return True
+
+
 def training_data_source(data: Mapping[str, Any]) -> ImageSource:
     """The images a ``data`` config reads (any kind: dmd2.data.datasets.build_dataset), as the model sees them:
-    resized and center-cropped to data.resolution, then uint8."""
+    resized and center-cropped to data.resolution, then uint8. An image folder whose files all have that size
+    already is the folder itself (``folder_source``): its statistics are one cache file, whether
+    reference.name=auto (train.py, evaluate.py on its checkpoints) or reference.name=folder asked for them."""
     label, res = dataset_label(data), int(data["resolution"])
+    root = str(data.get("root"))
+    if data["name"] == "image_folder" and os.path.isdir(root):
+        files = list_images(root)
+        if len(files) >= 2 and len(files) == len(build_dataset(dict(data))) and files_at_resolution(files, res):
+            log.info(f"[reference] the training data's {len(files)} images are {res}x{res} files as they are: "
+                     f"its statistics are those of reference.name=folder reference.folder={root}")
+            return folder_source(root)
     fingerprint = data_fingerprint(data)
     origin = (f"data={data['name']}, generated from its settings" if data["name"] in GENERATED_DATA
               else f"data={data['name']} data.root={os.path.abspath(str(data['root']))}")
