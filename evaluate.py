@@ -72,6 +72,8 @@ def validate(cfg: DictConfig) -> None:
              "training data): reference.name=folder reference.folder=..., npz reference.path=... or cifar10_train")
     if cfg.write_reference is not None and not cfg.write_reference.endswith(".npz"):
         fail("write_reference", cfg.write_reference, "a path ending in .npz")
+    if cfg.write_reference is not None:
+        check_reference_output(cfg.write_reference, cfg.overwrite_reference)
     if cfg.write_reference is not None and (cfg.images is not None or cfg.checkpoint_dir is not None):
         fail("write_reference", cfg.write_reference, "no images= or checkpoint_dir= with it (it writes the reference "
              "statistics reference.* names; checkpoint= only supplies the training data of reference.name=auto)")
@@ -81,6 +83,20 @@ def validate(cfg: DictConfig) -> None:
     if cfg.checkpoint_dir is not None and not os.path.isdir(cfg.checkpoint_dir):
         fail_file("checkpoint_dir", cfg.checkpoint_dir, "an existing folder of checkpoints")
     check_fid(cfg)
+
+
+def check_reference_output(path: str, overwrite: bool) -> None:
+    """FileError unless ``path`` can become the reference statistics: not a folder, no file among its parent
+    folders, not an existing file (unless ``overwrite``)."""
+    if os.path.isdir(path):
+        fail_file("write_reference", path, "a file to write, not a folder")
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        fail_file("write_reference", path, f"a path in a folder ({parent} is a file)")
+    if os.path.lexists(path) and not overwrite:
+        fail_file("write_reference", path, "a new file (it exists; overwrite_reference=true replaces it)")
 
 
 def checkpoint_info(path: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from dmd2.io.weights import build_denoiser
 from dmd2.method.randomness import BatchRNG
 from dmd2.runtime.distributed import Dist, wrap
 from dmd2.train.distill import DistillState, build_updaters, distill_model, distill_rounds, make_batch
-from dmd2.train.optim import EMA, Updater, adamw, ema_decay_at
+from dmd2.train.optim import EMA, LRSchedule, Updater, adamw, ema_decay_at
 from dmd2.train.teacher import TeacherState, teacher_rounds
 from tests.conftest import run_cli
 
@@ -56,7 +56,7 @@ def teacher_run(d: Dist, rounds: int, batches) -> list[dict[str, torch.Tensor]]:
     model = build_denoiser(TINY, 10, RES, 0.5)
     ema = build_denoiser(TINY, 10, RES, 0.5).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    upd = Updater("loss", list(model.parameters()), adamw(model.parameters(), 1e-3, (0.9, 0.999), 0.0), 1e-3, 1,
+    upd = Updater("loss", list(model.parameters()), adamw(model.parameters(), 1e-3, (0.9, 0.999), 0.0), 1e-3, LRSchedule(1),
                   1.0, "stop", EMA(ema, model, lambda step: ema_decay_at(step, 0.999)))
     s = TeacherState(wrap(model, d, torch.device("cpu")), upd, BatchRNG(5, "cpu", d.rank, d.world_size),
                      nullcontext, -1.2, 1.2, 0.5, True)

@@ -97,6 +97,17 @@ class Reduced:
         return self.fn, self.args
 
 
+class ReducedWithState(Reduced):
+    """Pickles as ``fn(*args)`` then ``__setstate__(state)`` (the BUILD opcode)."""
+
+    def __init__(self, fn, args, state) -> None:
+        super().__init__(fn, *args)
+        self.state = state
+
+    def __reduce__(self):
+        return self.fn, self.args, self.state
+
+
 def edm_records(parameters: dict, **model_kwargs) -> dict:
     """An EDM snapshot dict whose EDMPrecond holds a SongUNet record with ``parameters`` and ``model_kwargs``."""
     from tests.test_import_edm import persistence_module
@@ -160,6 +171,10 @@ def hostile_pickles() -> dict:
         "numpy": (pickle.dumps(edm_records({}, skip=Reduced(np.ndarray.__reduce__(np.zeros(0))[0], np.ndarray,
                                                           (10_000_000_000,), b"b"))),
                   r"refusing a NumPy array record of shape \(10000000000,\)"),
+        # NumPy's own (0,) reduction, then a state of 1e9 object entries given by a one-element list (8 GB)
+        "numpy_state": (pickle.dumps(edm_records({}, skip=ReducedWithState(
+            np.ndarray.__reduce__(np.zeros(0))[0], (np.ndarray, (0,), b"b"),
+            (1, (1_000_000_000,), np.dtype("O"), False, [0])))), r"refusing a NumPy array record \(shape"),
         # recorded constructor arguments of a 2e5-channel SongUNet with no weights: refused before any building
         "width": (pickle.dumps(edm_records({}, model_channels=200_000)), r"model_channels = 200000 \(expected"),
         "arch": (pickle.dumps(edm_records({"w": torch.zeros(3)}, model_channels=1024, channel_mult=[1, 2, 2, 2])),
@@ -167,7 +182,8 @@ def hostile_pickles() -> dict:
     }
 
 
-@pytest.mark.parametrize("name", ["bytes8", "frame", "unicode8", "storage", "view", "numpy", "width", "arch"])
+@pytest.mark.parametrize("name", ["bytes8", "frame", "unicode8", "storage", "view", "numpy", "numpy_state",
+                                  "width", "arch"])
 def test_a_tiny_hostile_edm_pickle_is_refused_before_allocating(name, tmp_path):
     from dmd2.io.import_edm import EDMImportError, import_edm
 

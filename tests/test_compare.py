@@ -3,6 +3,7 @@ seeds, CSV numbers and a plot per eval metric."""
 from __future__ import annotations
 
 import csv
+import os
 import json
 import statistics
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dmd2.config.errors import FILE_ERROR
+from dmd2.config.errors import FILE_ERROR, FORMAT_ERROR
 from dmd2.eval.compare import find_runs, main, table
 from tests.conftest import HANG_GUARD_S, ROOT, run_cli
 
@@ -167,3 +168,77 @@ def test_out_writes_a_contact_sheet_of_each_settings_latest_samples(sweep, tmp_p
     make_run(empty / "r", 1, 0, [1.0, 1.0, 1.0], [0.1, 0.1, 0.1])
     assert main([str(empty), "--out", str(tmp_path / "out2")]) == 0
     assert "no contact sheet: no run has a sample grid" in capsys.readouterr().err
+
+
+def one_run(folder: Path, rows: list, config: str = "seed: 0\nlr: 1.0\n") -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(config)
+    (folder / "metrics.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return folder
+
+
+def test_yaml_alias_bomb_and_python_tags_are_refused_at_once(tmp_path, capsys):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    one_run(tmp_path / "bomb", [{"step": 1, "eval/fd": 1.0}], bomb)
+    assert main([str(tmp_path / "bomb")]) == FORMAT_ERROR
+    assert "alias" in capsys.readouterr().err
+    one_run(tmp_path / "tag", [{"step": 1, "eval/fd": 1.0}], "a: !!python/object/apply:os.system ['true']\n")
+    assert main([str(tmp_path / "tag")]) == FORMAT_ERROR
+    one_run(tmp_path / "list", [{"step": 1, "eval/fd": 1.0}], "- 1\n")
+    assert main([str(tmp_path / "list")]) == FORMAT_ERROR
+    assert "expected a mapping" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ['[1, 2]', '3', '{"step": "abc", "eval/fd": 1}', '{"step": 1e400}',
+                                 '{"step": Infinity}', '{"eval/fd": 1.0}', '{"step": true}'])
+def test_malformed_rows_are_refused_naming_the_line(tmp_path, capsys, bad):
+    one_run(tmp_path / "r", [{"step": 1, "eval/fd": 2.0}, bad, {"step": 2, "eval/fd": 1.0}])
+    assert main([str(tmp_path / "r")]) == FORMAT_ERROR
+    assert "metrics.jsonl:2" in capsys.readouterr().err
+
+
+def test_non_utf8_unreadable_metrics_and_out_file_are_refused(tmp_path, capsys):
+    run = one_run(tmp_path / "r", [{"step": 1, "eval/fd": 2.0}])
+    (run / "metrics.jsonl").write_bytes(b'{"step": 1, "eval/fd": 2.0}\n{"step": 2, "\xff\xfe": 1.0}\n{"step": 3}\n')
+    assert main([str(run)]) == FORMAT_ERROR
+    assert "metrics.jsonl:2" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text('{"step": 1, "eval/fd": 2.0}\n')
+    (tmp_path / "file").write_text("x")
+    assert main([str(run), "--out", str(tmp_path / "file")]) == FILE_ERROR
+    assert "cannot write" in capsys.readouterr().err
+    if os.geteuid() != 0:
+        (run / "metrics.jsonl").chmod(0)
+        assert main([str(run)]) == FILE_ERROR
+        assert "cannot be read" in capsys.readouterr().err
+
+
+def test_a_run_reached_twice_counts_once_and_n_is_per_metric(tmp_path):
+    one_run(tmp_path / "s" / "a", [{"step": 1, "eval/fd": 2.0}])
+    one_run(tmp_path / "s" / "b", [{"step": 1, "eval/fd": 4.0}])
+    one_run(tmp_path / "s" / "c", [{"step": 1, "train/loss": 4.0}])  # no eval/fd
+    (tmp_path / "link").symlink_to(tmp_path / "s" / "a")
+    runs = find_runs([str(tmp_path / "s"), str(tmp_path / "s" / "a") + "/", str(tmp_path / "link")])
+    assert len(runs) == 3
+    header, rows = table(runs)
+    row = dict(zip(header, rows[0]))
+    assert row["n"] == "3" and row["eval/fd final"] == "3 ± 1.4 (n=2)"
+
+
+def test_wall_time_of_a_resumed_run_is_the_sum_of_its_segments(tmp_path):
+    rows = [{"step": 1, "wall_s": 10.0}, {"step": 2, "wall_s": 100.0},        # first segment, then stopped
+            {"step": 3, "wall_s": 5.0}, {"step": 4, "eval/fd": 1.0, "wall_s": 50.0}]  # resumed
+    one_run(tmp_path / "r", rows)
+    (run,) = find_runs([str(tmp_path / "r")])
+    assert run.seconds == pytest.approx(150.0)
+    assert "wall_s" not in run.series
+
+
+def test_the_logger_stamps_each_row_with_its_segment_seconds(tmp_path):
+    from dmd2.train.logger import RunLogger
+
+    logger = RunLogger(str(tmp_path), {"name": "none"}, {}, "train")
+    logger.log({"train/loss": 1.0}, 1)
+    logger.finish()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["step"] == 1 and 0 <= row["wall_s"] < 60

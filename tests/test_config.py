@@ -226,3 +226,42 @@ def test_models_read_the_stage_settings_and_keep_no_defaults():
     same = distill_model(teacher, DistillSettings(min_step_percent=0.1, max_step_percent=0.5, num_train_timesteps=100,
                                                  denoising_sigmas=[80.0, 1.0], gan_classifier=True))
     assert (same.guidance.min_step, same.guidance.max_step, same.denoising_sigmas) == (10, 50, [80.0, 1.0])
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("adam_betas=[1.0,1.0]", "adam_betas", "two numbers in [0, 1)"),
+    ("samples_per_class=100000", "samples_per_class", "an integer in [1, 64]"),
+    ("eval.num_samples=1000000000", "eval.num_samples", "an integer in [2, 10000000]"),
+    ("data.resolution=100000", "data.resolution", "an integer in [1, 1024]"),
+    ("arch.channels=[]", "arch.channels", "a non-empty list"),
+    ("arch.groups=3", "arch.groups", "a divisor of every entry of channels"),
+    ("lr=3e38", "lr", "a number in (0, 1]"),
+])
+def test_values_that_cannot_work_are_refused_at_composition(override, key, expected):
+    from dmd2.config.validate import check_settings
+
+    cfg = compose_cfg(["debug=smoke", "arch=simple_unet", override])
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}' = ") + ".*" + re.escape(expected)):
+        check_settings(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("~lr", r"config key 'lr' was removed \(~lr\)"),
+    ("seed=${oc.env:DMD2_NO_SUCH_VARIABLE}", r"config key 'seed': its value cannot be resolved .*DMD2_NO_SUCH_VARIABLE"),
+    ("lr=${lr}", r"config key 'lr': its value cannot be resolved \(Recursive interpolation"),
+])
+def test_a_removed_key_or_an_unresolvable_interpolation_is_a_config_error(override, message, monkeypatch):
+    from dmd2.config.validate import check_settings
+
+    monkeypatch.delenv("DMD2_NO_SUCH_VARIABLE", raising=False)
+    with pytest.raises(ConfigError, match=message):
+        check_settings(compose_cfg(["debug=smoke", override]))
+
+
+def test_a_path_that_is_not_utf8_is_refused_before_any_log_line():
+    """A shell path with non-UTF-8 bytes (decoded with surrogate escapes) made every log line naming it a logging
+    traceback; the rule every key shares refuses it, naming the key."""
+    from dmd2.config.validate import check_settings
+
+    with pytest.raises(ConfigError, match=r"'output_dir' = .*expected text in UTF-8"):
+        check_settings(compose_cfg(["debug=smoke", "output_dir='/tmp/o\udcff'"]))

@@ -18,7 +18,7 @@ from dmd2.method.losses import denoising_loss, distribution_matching_loss, dm_gr
 from dmd2.method.mixture import gaussian_optimal_denoiser
 from dmd2.method.randomness import BatchRNG
 from dmd2.train.distill import Batch, DistillState, distill_model, distill_step
-from dmd2.train.optim import Updater, adamw
+from dmd2.train.optim import LRSchedule, Updater, adamw
 from tests.conftest import SMOKE, compose_cfg, run_cli
 
 TINY_ARCH = {"name": "simple_unet", "channels": [8, 16], "emb_dim": 16, "noise_emb_dim": 8, "groups": 4,
@@ -108,9 +108,9 @@ def test_update_schedule_and_frozen_teacher():
     gen_before = [p.detach().clone() for p in model.generator.parameters()]
     opts = {"generator": adamw(model.generator.parameters(), 1e-3, (0.9, 0.999), 0.01),
             "guidance": adamw(model.guidance.fake_unet.parameters(), 1e-3, (0.9, 0.999), 0.01)}
-    upds = {"generator": Updater("generator loss", list(model.generator.parameters()), opts["generator"], 1e-3, 0,
+    upds = {"generator": Updater("generator loss", list(model.generator.parameters()), opts["generator"], 1e-3, LRSchedule(0),
                                  10.0, "stop"),
-            "guidance": Updater("guidance loss", model.guidance.trainable(), opts["guidance"], 1e-3, 0, 10.0, "stop")}
+            "guidance": Updater("guidance loss", model.guidance.trainable(), opts["guidance"], 1e-3, LRSchedule(0), 10.0, "stop")}
     steps, ratio = 7, 3
     s = DistillState(model, model.generator, model.guidance, upds, BatchRNG(), nullcontext, ratio)
     updates = 0

@@ -191,7 +191,7 @@ def test_evaluate_py_measures_an_export_as_its_checkpoint(dmd2_run, featnet, tin
     assert export["value"] == checkpoint["value"] > 0
 
 
-@pytest.mark.parametrize("sigmas", [[80.0, float("nan")], [80.0, -1.0], [2.0, 80.0], []])
+@pytest.mark.parametrize("sigmas", [[80.0, float("nan")], [80.0, -1.0], [2.0, 80.0], [], [1e300]])
 def test_damaged_noise_levels_are_refused_before_sampling(dmd2_run, tmp_path, sigmas):
     """NaN, negative or unordered denoising_sigmas in a checkpoint or an export gave black images; both are
     refused when loaded."""
@@ -208,3 +208,27 @@ def test_damaged_noise_levels_are_refused_before_sampling(dmd2_run, tmp_path, si
     for source in (tmp_path / "dmd2_damaged.pt", export):
         with pytest.raises(FormatError, match="denoising_sigmas"):
             dmd2.load_generator(str(source))
+
+
+def test_a_config_json_of_another_export_or_not_an_export_config_is_refused(dmd2_run, tmp_path, monkeypatch):
+    """A kill between the export's two file moves could leave new weights beside the old config.json (loaded as
+    the old step): the pair must carry the same provenance. A config.json that is no export's is a FormatError."""
+    import shutil
+
+    export = tmp_path / "export"
+    shutil.copytree(dmd2_run / "generator", export)
+    meta = json.loads((export / "config.json").read_text())
+    meta["provenance"]["step"] -= 1
+    (export / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(FormatError, match="are of different exports"):
+        dmd2.load_generator(str(export))
+    for text in ("[]", "{}", "{not json", '"x"', "\udcff"):
+        (export / "config.json").write_text(text, errors="surrogateescape")
+        with pytest.raises(FormatError):
+            dmd2.load_generator(str(export))
+    from dmd2.io import export_format
+
+    monkeypatch.setattr(export_format, "MAX_CONFIG_BYTES", 100)  # 16 MiB in use
+    (export / "config.json").write_text(" " * 200 + "{}")
+    with pytest.raises(FormatError, match="larger than 100 bytes"):
+        dmd2.load_generator(str(export))

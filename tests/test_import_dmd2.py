@@ -162,9 +162,9 @@ def test_a_huge_declared_architecture_is_refused_before_any_network_is_built(tmp
     torch.save(state, src)
     assert src.stat().st_size < 2 ** 25  # the tiny network's other tensors: 13 MB
     monkeypatch.setitem(ARCHITECTURES, "adm", meta_only)
-    with pytest.raises(FormatError, match=r"tensor model\.\S+ (has shape|is missing)"):
+    with pytest.raises(FormatError, match=r"tensor model\.\S+ (has shape|is missing|a \[\d+, \d+\] view)"):
         import_dmd2(str(src))
-    assert devices == ["meta"]
+    assert devices in ([], ["meta"])  # refused when read (stride-0 views), else by the meta-device fit
 
 
 def test_the_imported_export_carries_the_fields_of_every_export(dmd2_run, tmp_path):
@@ -181,3 +181,81 @@ def test_the_imported_export_carries_the_fields_of_every_export(dmd2_run, tmp_pa
     assert p["teacher_sha256"] is None and p["teacher_checkpoint"] is None
     assert set(p["unknown"]) == {"teacher_checkpoint", "teacher_sha256", "wandb_run_id"}
     assert exported["provenance"]["unknown"] == [] and exported["provenance"]["teacher_sha256"]
+
+
+def test_a_consistent_architecture_of_expanded_tensors_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    """Every tensor a stride-0 view of one zero, all shapes those of an 8192-channel ADM: the meta-device fit
+    passes, but the weights are not stored whole (a 4 KB file would have become a multi-GB network)."""
+    from dmd2.io.weights import expected_shapes
+    from dmd2.networks import ARCHITECTURES
+
+    def never(*args, **kwargs):
+        raise AssertionError("a network was built")
+
+    arch = arch_settings("adm", **{**TINY_ADM, "model_channels": 8192})
+    shapes = expected_shapes(arch, CLASSES, RES, 0.5)
+    state = {"model." + k[len("net."):]: torch.zeros(1, dtype=dtype).expand(shape) if shape else torch.zeros((), dtype=dtype)
+             for k, (shape, dtype) in shapes.items()}
+    src = tmp_path / "pytorch_model.bin"
+    torch.save(state, src)
+    assert src.stat().st_size < 2 ** 20
+    monkeypatch.setitem(ARCHITECTURES, "adm", never)
+    with pytest.raises(FormatError, match=r"view of a \d+-byte storage"):
+        import_dmd2(str(src))
+
+
+def test_a_compressed_member_is_refused_before_torch_inflates_it(tmp_path):
+    import zipfile
+
+    state, _ = official_state_dict()
+    plain, packed = tmp_path / "plain.bin", tmp_path / "packed.bin"
+    torch.save(state, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    with pytest.raises(FormatError, match="compressed member"):
+        import_dmd2(str(packed))
+
+
+def test_level_names_with_two_sides_or_huge_numbers_are_not_levels(tmp_path):
+    state, _ = official_state_dict()
+    state["model.enc.16x1048576_block9.x"] = torch.zeros(1)
+    state["model.enc." + "9" * 5000 + "x1_conv.weight"] = torch.zeros(1)
+    src = tmp_path / "pytorch_model.bin"
+    torch.save(state, src)
+    with pytest.raises(FormatError, match="unexpected tensor"):
+        import_dmd2(str(src))
+
+
+def test_non_finite_weights_are_refused_at_import_and_at_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dmd2.io.import_dmd2 import import_command
+
+    state, _ = official_state_dict()
+    bad = dict(state)
+    bad["model.out_conv.weight"] = torch.full_like(state["model.out_conv.weight"], float("nan"))
+    torch.save(bad, tmp_path / "nan.bin")
+    with pytest.raises(FormatError, match=r"out_conv.weight holds non-finite"):
+        import_dmd2(str(tmp_path / "nan.bin"))
+    torch.save(state, tmp_path / "ok.bin")
+    import_command(str(tmp_path / "ok.bin"), str(tmp_path / "export"))
+    weights_file = tmp_path / "export" / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file), "pt") as f:
+        header = f.metadata()
+    weights = load_file(str(weights_file))
+    weights["net.out_conv.weight"][0] = float("inf")
+    save_file(weights, str(weights_file), metadata=header)
+    with pytest.raises(FormatError, match="non-finite"):
+        load_generator(str(tmp_path / "export"))
+
+
+def test_a_pickle_is_refused_without_the_advice_to_run_it(tmp_path, capsys):
+    import pathlib
+
+    torch.save({"model.x": pathlib.PurePosixPath("/etc")}, tmp_path / "obj.bin")
+    assert import_main([str(tmp_path / "obj.bin"), str(tmp_path / "out")]) == FILE_ERROR
+    err = capsys.readouterr().err
+    assert "pickled Python objects" in err and "weights_only=False" not in err

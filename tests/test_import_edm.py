@@ -319,6 +319,10 @@ def test_edm_protocol_feeds_inception_the_images_at_their_own_size_and_reads_a_r
     (dict(mu=np.zeros(4), sigma=np.eye(3)), r"expected mu \[D\] and sigma \[D,D\]"),
     (dict(mu=np.full(4, np.nan), sigma=np.eye(4)), "NaN or inf"),
     (None, "not a readable .npz"),
+    (dict(mu=np.zeros(2), sigma=np.array([[1.0, 2.0], [2.0, 1.0]])), "negative eigenvalue"),  # not PSD
+    (dict(mu=np.zeros(2), sigma=np.array([[1.0, 0.5], [0.0, 1.0]])), "not symmetric"),
+    (dict(mu=np.zeros(9000), sigma=np.eye(2)), r"D at most 8192"),  # 9000 x 9000 float64 would be 650 MB
+    (dict(mu=np.array([1, "x"], dtype=object), sigma=np.eye(2)), "holds Python objects"),
 ])
 def test_a_malformed_reference_npz_is_refused(arrays, message, featnet, tmp_path):
     path = tmp_path / "ref.npz"

@@ -14,7 +14,7 @@ from dmd2.config.settings import ema_decays, ema_name, is_ema_name
 from dmd2.io.checkpoint import load_checkpoint
 from dmd2.io.export import export_generator, main
 from dmd2.train.distill import generator_sampler, restore_emas
-from dmd2.train.optim import EMA, Updater
+from dmd2.train.optim import EMA, LRSchedule, Updater
 from tests.conftest import SMOKE, build_once, compose_cfg, run_cli
 
 DECAYS = [0.5, 0.99]
@@ -38,7 +38,7 @@ def test_every_ema_follows_the_closed_form_of_a_constant_model_step():
     copies = [torch.nn.ParameterList([torch.nn.Parameter(w.detach().clone())]) for _ in decays]
     emas = [EMA(c, model, lambda _, d=d: d) for c, d in zip(copies, decays)]
     lr, slope = 0.1, torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
-    upd = Updater("loss", [w], torch.optim.SGD([w], lr=lr), lr, 0, None, "stop", emas[0], emas[1:])
+    upd = Updater("loss", [w], torch.optim.SGD([w], lr=lr), lr, LRSchedule(0), None, "stop", emas[0], emas[1:])
     k = 7
     for step in range(k):
         upd.update((slope * w).sum(), step)

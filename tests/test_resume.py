@@ -15,7 +15,7 @@ import torch
 
 from dmd2.config.errors import FormatError
 from dmd2.io.checkpoint import latest_valid_checkpoint, load_checkpoint, prune_checkpoints
-from dmd2.train.optim import NonFiniteError
+from dmd2.train.optim import LRSchedule, NonFiniteError
 from tests.conftest import ROOT, SMOKE, compose_cfg, run_cli
 
 
@@ -241,7 +241,7 @@ def test_non_finite_weights_fail_the_run():
     from dmd2.train.optim import Updater, adamw, check_trained
 
     net = torch.nn.Linear(2, 2)
-    upd = Updater("loss", list(net.parameters()), adamw(net.parameters(), 1e-3, (0.9, 0.999), 0.0), 1e-3, 0, None,
+    upd = Updater("loss", list(net.parameters()), adamw(net.parameters(), 1e-3, (0.9, 0.999), 0.0), 1e-3, LRSchedule(0), None,
                   "skip")
     upd.update(net(torch.ones(1, 2)).sum(), 0)
     check_trained({"net": upd}, {"net": net}, "teacher_final.pt")  # trained and finite: passes
@@ -249,7 +249,7 @@ def test_non_finite_weights_fail_the_run():
         net.weight[0, 0] = float("nan")
     with pytest.raises(TrainingFailed, match="the net weights are not finite. teacher_final.pt was not written"):
         check_trained({"net": upd}, {"net": net}, "out/teacher_final.pt")
-    fresh = Updater("loss", list(net.parameters()), adamw(net.parameters(), 1e-3, (0.9, 0.999), 0.0), 1e-3, 0, None,
+    fresh = Updater("loss", list(net.parameters()), adamw(net.parameters(), 1e-3, (0.9, 0.999), 0.0), 1e-3, LRSchedule(0), None,
                     "skip")
     fresh.update(net(torch.ones(1, 2)).sum(), 0)  # NaN weights: a NaN loss, skipped
     with pytest.raises(TrainingFailed, match="every one of the 1 net updates"):

@@ -355,3 +355,56 @@ def test_a_killed_run_whose_workers_still_hold_the_lock_is_taken_over(tmp_path, 
     lock = acquire_lock(str(tmp_path))
     assert "taking over" in caplog.text
     lock.release()
+
+
+@pytest.mark.parametrize("take_over", ["", "any"])
+def test_without_flock_one_holder_when_several_processes_take_over_a_stale_lock(monkeypatch, tmp_path, take_over):
+    import dmd2.train.folder as run_folder
+
+    monkeypatch.setattr(run_folder, "try_flock", lambda fd: None)  # flock failing with ENOLCK (forked: inherited)
+    monkeypatch.setenv("DMD2_TAKE_OVER_LOCK", take_over)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "started": "earlier"})
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(12):
+        folder = tmp_path / f"t{trial}"
+        folder.mkdir()
+        (folder / LOCK_FILE).write_text(stale)
+        start, tried, results = ctx.Barrier(4), ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=hold_lock, args=(str(folder), start, tried, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        assert sum(outcomes) == 1, f"trial {trial}: {sum(outcomes)} holders"
+        assert sorted(p.name for p in folder.iterdir()) == []  # released, no guard left
+
+
+def test_a_planted_lock_symlink_is_refused_and_its_target_left_alone(tmp_path):
+    import dmd2.train.folder as run_folder
+
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_FILE).symlink_to(target)
+    with pytest.raises(FileError, match="is a symbolic link"):
+        acquire_lock(str(tmp_path / "run"))
+    assert target.read_text() == "keep me"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_folder, "try_flock", lambda fd: None)
+        with pytest.raises(FileError, match="is a symbolic link"):
+            acquire_lock(str(tmp_path / "run"))
+    assert target.read_text() == "keep me"
+
+
+def test_without_flock_a_release_removes_only_its_own_lock_file(monkeypatch, tmp_path):
+    import dmd2.train.folder as run_folder
+
+    monkeypatch.setattr(run_folder, "try_flock", lambda fd: None)
+    lock = acquire_lock(str(tmp_path))
+    other = tmp_path / "other"  # taken over meanwhile: another process's lock now stands there
+    other.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    os.replace(other, tmp_path / LOCK_FILE)
+    lock.release()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getppid()

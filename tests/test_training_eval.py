@@ -19,7 +19,7 @@ from dmd2.io.checkpoint import load_checkpoint
 from dmd2.io.weights import build_denoiser
 from dmd2.method.unified import UnifiedModel
 from dmd2.train.distill import distill_model
-from dmd2.train.optim import EMA, Updater, adamw, warmup_lr
+from dmd2.train.optim import EMA, LRSchedule, Updater, adamw, warmup_lr
 from tests.conftest import SMOKE, compose_cfg, needs_sweeper, run_cli, train_eval_args
 
 TINY_ARCH = {"name": "simple_unet", "channels": [8, 16], "num_res_blocks": 1, "attn_resolutions": [],
@@ -99,7 +99,7 @@ def test_a_skipped_update_changes_nothing_and_is_counted(with_ema):
     """One behaviour for both stages: weights, optimizer state and EMA stay as they were."""
     net, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     params = list(net.parameters())
-    upd = Updater("loss", params, adamw(params, 0.1, (0.9, 0.999), 0.0), 0.1, 0, 1.0, "skip",
+    upd = Updater("loss", params, adamw(params, 0.1, (0.9, 0.999), 0.0), 0.1, LRSchedule(0), 1.0, "skip",
                   EMA(ema, net, lambda _: 0.5) if with_ema else None)
     upd.update(net(torch.ones(1, 3)).sum(), 0)
     before = [t.detach().clone() for t in [*net.parameters(), *ema.parameters()]]

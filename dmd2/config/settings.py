@@ -50,6 +50,10 @@ def int_at_least(low: int) -> Rule:
     return Rule(lambda v: _is_int(v) and v >= low, f"an integer >= {low}")
 
 
+def int_in(low: int, high: int) -> Rule:
+    return Rule(lambda v: _is_int(v) and low <= v <= high, f"an integer in [{low}, {high}]")
+
+
 def number(low: float | None = None, high: float | None = None, *, above: float | None = None,
            below: float | None = None) -> Rule:
     """A number in [low, high] (``above`` / ``below``: strict bounds)."""
@@ -85,14 +89,28 @@ SEED_LIMIT = 2 ** 40
 SEED = Rule(lambda v: _is_int(v) and 0 <= v < SEED_LIMIT, "an integer seed in [0, 2**40)")
 INT_LIST = Rule(lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 1 for x in v),
                 "a list of integers >= 1")
+# Bounds of values that cannot work beyond them (a network, a data set or a sample count no machine holds); the
+# same limits bound architectures read from files (dmd2.io.weights).
+MAX_RESOLUTION = 1024  # image side in pixels
+MAX_WIDTH = 1 << 16  # channels of a layer
+MAX_SAMPLES = 10_000_000  # images generated for one evaluation (published FIDs use 50,000)
+RESOLUTION = int_in(1, MAX_RESOLUTION)
+WIDTHS = Rule(lambda v: isinstance(v, (list, tuple)) and len(v) >= 1 and all(_is_int(x) and 1 <= x <= MAX_WIDTH
+                                                                             for x in v),
+              f"a non-empty list of integers in [1, {MAX_WIDTH}]")
+LEARNING_RATE = number(above=0, high=1)  # AdamW's update is about lr per step: beyond 1 it only diverges
+ADAM_BETAS = Rule(lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+                  and all(_is_num(b) and 0 <= b < 1 for b in v),
+                  "two numbers in [0, 1) (a beta of 1 divides by zero in AdamW's bias correction)")
 OPEN_DECAY = number(above=0, below=1)
 DISTINCT_DECAYS = Rule(lambda v: isinstance(v, (list, tuple)) and all(OPEN_DECAY(d) for d in v)
                        and len({float(d) for d in v}) == len(v),
                        "a list of distinct EMA decays, each in (0, 1), e.g. [0.99995, 0.9996]")
+MAX_SIGMA = 1e5  # a noise level: EDM's largest is 80 (VE models a few hundred); x = sigma * z must stay finite
 DESCENDING_SIGMAS = Rule(
-    lambda v: isinstance(v, (list, tuple)) and len(v) >= 1 and all(_is_num(s) and s > 0 for s in v)
+    lambda v: isinstance(v, (list, tuple)) and len(v) >= 1 and all(_is_num(s) and 0 < s <= MAX_SIGMA for s in v)
     and all(a > b for a, b in zip(v, v[1:])),
-    "a non-empty list of positive sigmas in strictly descending order, e.g. [80.0, 2.5, 0.6, 0.1]")
+    f"a non-empty list of sigmas in (0, {MAX_SIGMA:g}] in strictly descending order, e.g. [80.0, 2.5, 0.6, 0.1]")
 
 
 DEFAULT_EMA = "ema"  # the generator EMA of generator_ema_decay (saved as generator_ema)
@@ -176,14 +194,21 @@ class SimpleUNetArch:
     """The spec's SimpleUNet for 32x32 RGB images (about 21M parameters at these widths)."""
     name: str = setting("simple_unet", "architecture", one_of("simple_unet"))
     channels: List[int] = setting([64, 128, 256, 512], "stem width, then one entry per 2x-downsampling stage",
-                                  INT_LIST)
+                                  WIDTHS)
     num_res_blocks: int = setting(1, "ResBlocks per stage", POSITIVE_INT)
     attn_resolutions: List[int] = setting([], "extra self-attention at these resolutions (the middle always has one)",
                                           INT_LIST)
     noise_emb_dim: int = setting(128, "sinusoidal noise-embedding width", POSITIVE_INT)
     emb_dim: int = setting(512, "conditioning (noise + class) embedding width", POSITIVE_INT)
     dropout: float = setting(0.1, "dropout in the residual blocks", FRACTION)
-    groups: int = setting(8, "GroupNorm groups", POSITIVE_INT)
+    groups: int = setting(8, "GroupNorm groups (must divide every entry of channels)", POSITIVE_INT)
+
+    @staticmethod
+    def check_section(arch: dict[str, Any]) -> tuple[str, str] | None:
+        """(key, expected) of a combination of this section's keys that cannot build, else None."""
+        odd = [c for c in arch["channels"] if c % arch["groups"]]
+        return ("groups", f"a divisor of every entry of channels {arch['channels']} (not of {odd[0]})") if odd \
+            else None
 
 
 @dataclass
@@ -271,9 +296,13 @@ class DataSettings:
                         one_of(*DATA_KINDS))
     root: str = setting("${data_dir}", "dataset folder (image_folder: root/<class>/<image>) or edm_dataset's .zip",
                         TEXT, policy=REPEATS)
+    max_unreadable: float = setting(0.001, "image_folder / edm_dataset: the fraction of images that may be "
+                                    "unreadable (truncated, corrupted): each is skipped with a warning naming it and "
+                                    "the next image read in its place; one more stops the run (0 = none)", FRACTION,
+                                    policy=ADJUSTABLE)
     num_classes: int = setting(10, "number of classes (labels 0 .. num_classes - 1); 0 = unconditional (labels "
                                 "ignored, e.g. EDM's -uncond- models)", NONNEG_INT)
-    resolution: int = setting(32, "image side in pixels (image_folder: resized and center-cropped)", POSITIVE_INT)
+    resolution: int = setting(32, "image side in pixels (image_folder: resized and center-cropped)", RESOLUTION)
     hflip: bool = setting(True, "random horizontal flips (teacher training augmentation)", BOOL)
     num_workers: int = setting(2, "DataLoader worker processes", NONNEG_INT, policy=PLACEMENT)
     synthetic_per_class: int = setting(64, "data=synthetic / gaussian_mixture: images per class", POSITIVE_INT)
@@ -368,7 +397,7 @@ class FidSettings:
 class EvalSettings(FidSettings):
     """What eval_every measures: feature_network.* and reference.* as in evaluate.py, and these."""
     num_samples: int = setting(10000, "samples per evaluation, classes round-robin; the values are named with it "
-                               "(fid@10k); published FIDs use 50000 (README \"Which FID\")", int_at_least(2))
+                               "(fid@10k); published FIDs use 50000 (README \"Which FID\")", int_in(2, MAX_SAMPLES))
     batch_size: int = setting(250, "images generated and featurized at once", POSITIVE_INT)
     seed: int = setting(0, "sample i uses noise seeded by (seed, i): every evaluation sees the same noise",
                         SEED)
@@ -447,10 +476,14 @@ class TrainSettings:
                               POSITIVE_INT, policy=ADJUSTABLE)
     weight_decay: float = setting(0.0, "AdamW weight decay", NONNEG, policy=ADJUSTABLE)
     adam_betas: List[float] = setting([0.9, 0.999], "AdamW betas",
-                                      Rule(lambda v: isinstance(v, (list, tuple)) and len(v) == 2
-                                           and all(FRACTION(b) for b in v), "two numbers in [0, 1]"), policy=ADJUSTABLE)
+                                      ADAM_BETAS, policy=ADJUSTABLE)
     warmup_steps: int = setting(1000, "linear learning-rate warm-up over N training iterations, then constant",
                                 NONNEG_INT, policy=ADJUSTABLE)
+    lr_decay: str = setting("none", "after the warm-up: none (constant) | cosine | linear, from the base rate to "
+                            "lr_final x the base rate at the run's last iteration (max_steps or num_epochs)",
+                            one_of("none", "cosine", "linear"), policy=ADJUSTABLE)
+    lr_final: float = setting(0.0, "with lr_decay: the learning rate at the last iteration, as a fraction of the "
+                              "base rate", FRACTION, policy=ADJUSTABLE)
     grad_clip: Optional[float] = setting(1.0, "max global gradient norm; null disables clipping", optional(POSITIVE),
                                          policy=ADJUSTABLE)
     precision: str = setting("fp32", "fp32 | bf16 (autocast on CUDA; ignored on CPU)", one_of("fp32", "bf16"))
@@ -464,7 +497,7 @@ class TrainSettings:
     sample_every: int = setting(5000, "sample grid interval (steps); 0 = only at the end", NONNEG_INT,
                                 policy=ADJUSTABLE)
     samples_per_class: int = setting(8, "columns of the sample grid (one row per class; at most 16 classes, "
-                                     "evenly spaced)", POSITIVE_INT, policy=ADJUSTABLE)
+                                     "evenly spaced)", int_in(1, 64), policy=ADJUSTABLE)
     sample_steps: int = setting(18, "Heun steps of teacher sample grids (18 steps = 35 network evaluations)",
                                 POSITIVE_INT, policy=ADJUSTABLE)
 
@@ -483,7 +516,7 @@ class TrainSettings:
 class TeacherSettings(TrainSettings):
     """Stage 1: train the EDM teacher."""
     stage: str = setting("teacher", "teacher | distill", one_of("teacher"))
-    lr: float = setting(1e-4, "AdamW learning rate", POSITIVE, policy=ADJUSTABLE)
+    lr: float = setting(1e-4, "AdamW learning rate", LEARNING_RATE, policy=ADJUSTABLE)
     ema_decay: float = setting(0.9999, "EMA of the weights (what distillation loads); warmed up as "
                                "min(decay, (1+n)/(10+n))", DECAY, policy=ADJUSTABLE)
     sigma_data: float = setting(0.5, "EDM data standard deviation", POSITIVE)
@@ -497,8 +530,8 @@ class DistillSettings(TrainSettings):
     stage: str = setting("distill", "teacher | distill", one_of("distill"))
     teacher_checkpoint: str = setting(MISSING, "a teacher checkpoint (teacher_final.pt); its EMA weights are used",
                                       TEXT, policy=REPEATS)
-    generator_lr: float = setting(2e-6, "AdamW learning rate of the generator", POSITIVE, policy=ADJUSTABLE)
-    guidance_lr: float = setting(2e-6, "AdamW learning rate of the fake score network (and GAN head)", POSITIVE,
+    generator_lr: float = setting(2e-6, "AdamW learning rate of the generator", LEARNING_RATE, policy=ADJUSTABLE)
+    guidance_lr: float = setting(2e-6, "AdamW learning rate of the fake score network (and GAN head)", LEARNING_RATE,
                                  policy=ADJUSTABLE)
     dfake_gen_update_ratio: int = setting(10, "the fake score network updates every step, the generator every "
                                           "N-th step (two time-scale update rule)", POSITIVE_INT)
@@ -531,7 +564,7 @@ class DistillSettings(TrainSettings):
     gan_feature_resolutions: List[int] = setting([32, 16, 8], "gan_features=teacher: the teacher's encoder "
                                                  "outputs read, by size in px (FastGen: 32, 16, 8)", INT_LIST)
     discriminator_lr: Optional[float] = setting(None, "gan_features=teacher: AdamW learning rate of the "
-                                                "discriminator (FastGen 1e-4)", optional(POSITIVE, "guidance_lr"),
+                                                "discriminator (FastGen 1e-4)", optional(LEARNING_RATE, "guidance_lr"),
                                                 policy=ADJUSTABLE)
     update_schedule: str = setting("every", "every (official DMD2: the fake score network every iteration, the "
                                    "generator too on every ratio-th) | alternate (FastGen: the generator alone on "
@@ -552,6 +585,12 @@ class DistillSettings(TrainSettings):
     generator_ema_decays: List[float] = setting([], "extra EMAs of the generator beside generator_ema_decay, "
                                                 "updated alike; each named ema_<decay> (e.g. ema_0.99995), saved "
                                                 "in generator_emas", DISTINCT_DECAYS, policy=ADJUSTABLE)
+    generator_ema_warmup: bool = setting(False, "warm the generator EMAs up as the teacher's: decay min(d, (1+n)/"
+                                         "(10+n)) after n generator updates (false: d from the first update, "
+                                         "which keeps d^n of the initial weights)", BOOL, policy=ADJUSTABLE)
+    fake_warmup_steps: int = setting(0, "iterations 0 .. N-1 update the fake score network (and GAN head) alone, "
+                                     "on the initial generator's samples, before the generator's first update",
+                                     NONNEG_INT, policy=ADJUSTABLE)
     eval_weights: str = setting("ema", "what eval_every measures: ema (the generator_ema_decay EMA; the raw weights "
                                 "without it) | raw | ema_<decay> (one of generator_ema_decays)", GENERATOR_WEIGHTS,
                                 policy=ADJUSTABLE)
@@ -580,7 +619,8 @@ class EvaluateSettings(FidSettings):
                                             optional(TEXT))
     output_dir: Optional[str] = setting(None, "results.json, metrics.jsonl and wandb/; null = this run's Hydra "
                                         "directory", optional(TEXT), policy=PLACEMENT)
-    num_samples: int = setting(50000, "generated images per checkpoint, classes round-robin", int_at_least(2))
+    num_samples: int = setting(50000, "generated images per checkpoint, classes round-robin",
+                               int_in(2, MAX_SAMPLES))
     batch_size: int = setting(250, "images generated and featurized at once", POSITIVE_INT)
     seed: int = setting(0, "sample i uses noise seeded by (seed, i): every checkpoint sees the same noise",
                         SEED)
@@ -595,6 +635,8 @@ class EvaluateSettings(FidSettings):
                                     optional(TEXT))
     write_reference: Optional[str] = setting(None, "write the reference statistics (reference.*) to this .npz: mu, "
                                              "sigma (EDM's format) and their metadata, then stop", optional(TEXT))
+    overwrite_reference: bool = setting(False, "let write_reference replace an existing file (refused otherwise)",
+                                        BOOL)
     kid: bool = setting(False, "also compute KID (clean-fid's kernel distance)", BOOL)
     num_workers: int = setting(4, "data-loader workers reading the reference folder", NONNEG_INT)
     run_name: Optional[str] = setting(None, "W&B run name; null = built from the command-line overrides",

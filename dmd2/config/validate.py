@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dmd2.config.errors import ConfigError, FileError
 from dmd2.config.settings import DEFAULT_EMA, GENERATED_DATA, RAW_WEIGHTS, ema_name
@@ -36,15 +37,31 @@ FLOAT32_MAX = 3.4028234663852886e38  # floats meet float32 tensors: a larger val
 
 
 def out_of_range(value: Any) -> str | None:
-    """What is wrong with a number anywhere in ``value`` (lists included) under the rule every key shares: floats
-    finite in float32 (no key documents inf or nan as meaningful), integers within 64 bits; None when nothing is."""
+    """What is wrong with a value anywhere in ``value`` (lists included) under the rule every key shares: floats
+    finite in float32 (no key documents inf or nan as meaningful), integers within 64 bits, text in UTF-8 (logs and
+    file names are written in it); None when nothing is."""
     if isinstance(value, (list, tuple)):
         return next((w for w in (out_of_range(v) for v in value) if w is not None), None)
     if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
         return "a finite number within float32's range, |value| <= 3.4e38 (inf and nan are accepted by no key)"
     if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
         return "an integer within 64 bits (|value| < 2**63)"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 (a path from the shell): every log line would fail
+            return "text in UTF-8 (it holds bytes that are not: rename the path)"
     return None
+
+
+def check_resolvable(cfg: DictConfig) -> None:
+    """ConfigError naming the key whose ${...} interpolation cannot be resolved (a missing environment variable,
+    a key that refers to itself, an unknown key or resolver)."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}': its value cannot be resolved ({str(err).splitlines()[0]})") from None
 
 
 def check_settings(cfg: DictConfig, prefix: str = "") -> None:
@@ -52,10 +69,18 @@ def check_settings(cfg: DictConfig, prefix: str = "") -> None:
     first bad key: a key the schema does not define (e.g. added with +key=... or ++key=...), a number out of the
     shared range (``out_of_range``), or a value its rule refuses. Types were already enforced by Hydra while
     composing. An untyped section (none today) would be free-form and is not checked."""
+    if not prefix:
+        check_resolvable(cfg)
     schema = OmegaConf.get_type(cfg)
     if not dataclasses.is_dataclass(schema):
         return
     fields = dataclasses.fields(schema)
+    present = set(cfg.keys())  # type: ignore[arg-type]
+    removed = [f.name for f in fields if f.name not in present]
+    if removed:
+        key = prefix + removed[0]
+        raise ConfigError(f"config key '{key}' was removed (~{key}): every key of the schema takes a value; set it "
+                          f"instead ({key}=...; python <script> --help lists the keys)")
     unknown = sorted(set(cfg.keys()) - {f.name for f in fields})  # type: ignore[operator]
     if unknown:
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}': the scripts read only the keys of their "
@@ -81,6 +106,11 @@ def check_settings(cfg: DictConfig, prefix: str = "") -> None:
             fail(key, value, problem + (f"; this key takes {rule.expected}" if rule is not None else ""))
         if rule is not None and not rule(value):
             fail(key, value, rule.expected)
+    section_rule = getattr(schema, "check_section", None)  # a combination of the section's keys (settings.py)
+    if section_rule is not None:
+        problem = section_rule(OmegaConf.to_container(cfg, resolve=True))
+        if problem is not None:
+            fail(prefix + problem[0], cfg[problem[0]], problem[1])
 
 
 def check_fid(cfg: DictConfig, prefix: str = "") -> None:

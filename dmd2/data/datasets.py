@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import zipfile
 from typing import Any, Callable, Mapping
@@ -21,10 +22,48 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from dmd2.config.errors import ConfigError, FileError
-from dmd2.config.settings import DATA_KINDS
+from dmd2.config.settings import DATA_KINDS, DataSettings
 from dmd2.data.images import from_uint8
 from dmd2.data.mixture import MixtureDataset, mixture_from_config
 from dmd2.method.randomness import derived_seed, torch_generator
+
+
+log = logging.getLogger(__name__)
+
+
+class SkipsUnreadable:
+    """A data set of image files whose unreadable images (FileError from decode_rgb) are skipped, each named in a
+    warning, the next image taking its place, while at most ``max_unreadable`` of them (a fraction of the data
+    set, ``data.max_unreadable``) were met by this process; one more raises the FileError."""
+
+    max_unreadable: float = DataSettings.max_unreadable
+    unreadable: set[int]
+
+    def read_item(self, i: int) -> tuple[Tensor, int]:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        n = len(self)  # type: ignore[arg-type]
+        if not hasattr(self, "unreadable"):
+            self.unreadable = set()
+        for j in range(i, i + n):
+            try:
+                return self.read_item(j % n)
+            except FileError as err:
+                self.unreadable.add(j % n)
+                allowed = int(self.max_unreadable * n)
+                if len(self.unreadable) > allowed:
+                    raise FileError(f"{err} ({len(self.unreadable)} unreadable images, more than data.max_unreadable "
+                                    f"= {self.max_unreadable:g} of {n} allows)") from err
+                log.warning(f"[data] skipped: {err} ({len(self.unreadable)} of at most {allowed} skipped)")
+        raise FileError("data.root: no image could be read")
+
+
+class ImageFolderSkipping(SkipsUnreadable, datasets.ImageFolder):
+    """torchvision's ImageFolder with unreadable images skipped (SkipsUnreadable)."""
+
+    def read_item(self, i: int) -> tuple[Tensor, int]:
+        return datasets.ImageFolder.__getitem__(self, i)
 
 
 def image_transform(resolution: int) -> transforms.Compose:
@@ -79,7 +118,7 @@ def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
         classes = ds.classes  # type: ignore[attr-defined]
     elif data["name"] == "image_folder":
         try:
-            ds = datasets.ImageFolder(root=data["root"], transform=tf, loader=load_rgb)
+            ds = ImageFolderSkipping(root=data["root"], transform=tf, loader=load_rgb)
         except (FileNotFoundError, NotADirectoryError) as err:  # missing, or no class folder holds an image
             raise FileError(f"data.root = {data['root']!r}: not a class-folder tree of images "
                             f"(<root>/<class>/<image>): {err}") from err
@@ -95,6 +134,8 @@ def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
         classes, named = default_class_names(data["num_classes"]), False
     else:
         raise ConfigError(f"data.name: unknown dataset {data['name']!r}; expected one of {DATA_KINDS}")
+    if isinstance(ds, SkipsUnreadable):
+        ds.max_unreadable = float(data.get("max_unreadable", DataSettings.max_unreadable))
     ds.class_names = (list(classes) if named else None) if data["num_classes"] else []  # type: ignore[attr-defined]
     if data["num_classes"] == 0:  # unconditional: every image gets label 0, which the networks ignore
         ds.targets = [0] * len(ds)  # type: ignore[attr-defined]
@@ -108,9 +149,10 @@ def build_dataset(data: Mapping[str, Any], train: bool = True) -> Dataset:
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MAX_LABELS_BYTES = 256 << 20  # an EDM data set's dataset.json
 
 
-class EDMDataset(Dataset):
+class EDMDataset(SkipsUnreadable, Dataset):
     """EDM's dataset format, as its ``dataset_tool.py`` writes it: a .zip or a folder of images (in any
     sub-folders) and ``dataset.json`` holding ``{"labels": [[relative path, class], ...]}`` (or null: no labels).
     Items are (transformed image, class); ``targets`` lists every image's class, in the images' sorted order.
@@ -123,6 +165,9 @@ class EDMDataset(Dataset):
         if self.is_zip:
             with zipfile.ZipFile(root) as z:
                 names = z.namelist()
+            twice = [n for n in set(names) if names.count(n) > 1] if len(set(names)) < len(names) else []
+            if twice:  # which of the two would count?
+                raise FileError(f"data.root = {root!r}: the member {sorted(twice)[0]} is in the zip twice")
         elif os.path.isdir(root):
             names = [os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
                      for d, _, files in os.walk(root) for f in files]
@@ -131,7 +176,7 @@ class EDMDataset(Dataset):
         self.files = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
         if not self.files:
             raise FileError(f"data.root = {root!r}: no images ({', '.join(IMAGE_EXTENSIONS)})")
-        labels = json.loads(self._read("dataset.json")).get("labels") if "dataset.json" in names else None
+        labels = self._labels() if "dataset.json" in names else None
         self.labelled = labels is not None
         if labels is None:
             self.targets = [0] * len(self.files)
@@ -142,6 +187,23 @@ class EDMDataset(Dataset):
                 raise FileError(f"data.root = {root!r}: dataset.json has no label for {missing[0]} "
                                  f"({len(missing)} images without one)")
             self.targets = [by_name[f] for f in self.files]
+
+    def _labels(self) -> Any:
+        """dataset.json's "labels" (at most MAX_LABELS_BYTES: ImageNet's 1.28M labels take 50 MB)."""
+        if self.is_zip:
+            with zipfile.ZipFile(self.root) as z:
+                size = z.getinfo("dataset.json").file_size
+        else:
+            size = os.path.getsize(os.path.join(self.root, "dataset.json"))
+        if size > MAX_LABELS_BYTES:
+            raise FileError(f"data.root = {self.root!r}: dataset.json is {size} bytes (at most {MAX_LABELS_BYTES})")
+        try:
+            content = json.loads(self._read("dataset.json"))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise FileError(f"data.root = {self.root!r}: dataset.json is not JSON ({err})") from None
+        if not isinstance(content, dict):
+            raise FileError(f"data.root = {self.root!r}: dataset.json is not {{\"labels\": ...}}")
+        return content.get("labels")
 
     def _read(self, name: str) -> bytes:
         if not self.is_zip:
@@ -157,7 +219,7 @@ class EDMDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+    def read_item(self, i: int) -> tuple[Tensor, int]:
         name = f"{self.root}/{self.files[i]}" if self.is_zip else os.path.join(self.root, self.files[i])
         return self.transform(decode_rgb(self._read(self.files[i]), name)), self.targets[i]
 

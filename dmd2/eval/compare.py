@@ -28,12 +28,15 @@ from typing import Any
 
 import yaml
 
-from dmd2.config.errors import FileError, run_tool
+from dmd2.config.errors import FileError, FormatError, run_tool
 from dmd2.config.names import count_label, higher_is_better, network_stem
 from dmd2.config.policy import splits_groups
 
 # eval/* values that describe the cost or the bookkeeping of an evaluation, not the model
 NOT_METRICS = ("eval/seconds", "eval/images_per_sec", "eval/nfe", "eval/best_step", "eval/num_samples")
+WALL_KEY = "wall_s"  # a metrics.jsonl row's seconds since its segment (one process of the run) started
+MAX_CONFIG_BYTES = 1 << 20  # a run's config.yaml (a few KB in practice)
+MAX_ROW_BYTES = 1 << 20  # one metrics.jsonl line
 
 
 @dataclass
@@ -65,6 +68,77 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: json.dumps(node) if isinstance(node, list) else node}
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without anchors and aliases: the config.yaml a run writes has none, and nested aliases
+    make a file of a kilobyte expand to gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError(f"an alias (*{self.peek_event().anchor}): a run's config.yaml has none")
+        return super().compose_node(parent, index)
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """A run's config.yaml as a dict (at most MAX_CONFIG_BYTES, plain YAML: no aliases, no Python tags)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise FileError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise FormatError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes (not a run's config.yaml)")
+    try:
+        config = yaml.load(data.decode("utf-8"), Loader=_NoAliasLoader) or {}  # noqa: S506 - safe, no aliases
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise FormatError(f"{path}: not a run's config.yaml ({type(err).__name__}: {err})") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: expected a mapping of settings, got {type(config).__name__}")
+    return config
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_metrics(path: str, run: Run) -> list[list[float]]:
+    """Fill ``run``'s series and steps from its metrics.jsonl; return the ``wall_s`` values of each segment.
+    A last line cut off by a crash is left out; any other line that is not a row {"step": <int >= 0>, key:
+    number, ...} is refused, naming the file and line."""
+    segments: list[list[float]] = []
+    try:
+        with open(path, "rb") as f:
+            lines = []
+            while line := f.readline(MAX_ROW_BYTES + 1):
+                if len(line) > MAX_ROW_BYTES:
+                    raise FormatError(f"{path}:{len(lines) + 1}: a line longer than {MAX_ROW_BYTES} bytes")
+                lines.append(line)
+    except OSError as err:
+        raise FileError(f"{path}: cannot be read ({err.strerror or err})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as err:
+            if number == len(lines) and not line.endswith(b"\n"):
+                continue  # a line cut off by a crash: the rest still counts
+            raise FormatError(f"{path}:{number}: not a JSON row ({type(err).__name__}: {err})") from None
+        step = row.get("step") if isinstance(row, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise FormatError(f"{path}:{number}: expected a row {{\"step\": <integer >= 0>, ...}}, got "
+                              f"{line.decode('utf-8', 'replace').strip()[:80]!r}")
+        run.steps = max(run.steps, step)
+        wall = row.get(WALL_KEY)
+        if _number(wall) and math.isfinite(wall):
+            if not segments or wall < segments[-1][-1]:
+                segments.append([])  # the clock restarted: a resumed segment
+            segments[-1].append(float(wall))
+        for key, value in row.items():
+            if _number(value) and key not in ("step", WALL_KEY):
+                run.series.setdefault(key, []).append((step, float(value)))
+    return segments
+
+
 def read_run(folder: str) -> Run:
     config_path, metrics = os.path.join(folder, "config.yaml"), os.path.join(folder, "metrics.jsonl")
     if not os.path.isfile(metrics):
@@ -72,20 +146,12 @@ def read_run(folder: str) -> Run:
                         "folder the run wrote: its output_dir)")
     if not os.path.isfile(config_path):
         raise FileError(f"{folder}: metrics.jsonl without the run's config.yaml")
-    with open(config_path) as f:
-        run = Run(folder, flatten(yaml.safe_load(f) or {}))
-    with open(metrics) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut off by a crash: the rest still counts
-                continue
-            step = int(row.get("step", 0))
-            run.steps = max(run.steps, step)
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    run.series.setdefault(key, []).append((step, float(value)))
-    run.seconds = os.path.getmtime(metrics) - os.path.getmtime(config_path)
+    run = Run(folder, flatten(read_config(config_path)))
+    segments = read_metrics(metrics, run)
+    if segments:  # the sum over the run's segments (each started, was stopped, and was resumed)
+        run.seconds = sum(s[-1] for s in segments)
+    else:  # rows without wall_s (older runs): from the first to the last write
+        run.seconds = os.path.getmtime(metrics) - os.path.getmtime(config_path)
     return run
 
 
@@ -103,16 +169,17 @@ def run_folders(top: str) -> list[str]:
 
 def find_runs(patterns: list[str]) -> list[Run]:
     """Every run folder at or below the given paths (globs allowed), in path order."""
-    folders: set[str] = set()
+    folders: dict[str, str] = {}  # the real path of each run folder -> the path it was first reached by
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) or [pattern]
         for top in matches:
             if not os.path.isdir(top):
                 raise FileError(f"{top!r} is not a folder (expected run folders, sweep folders or globs)")
-            folders.update(run_folders(top))
+            for folder in run_folders(top):  # a run reached again (a symlink, a trailing slash) counts once
+                folders.setdefault(os.path.realpath(folder), os.path.normpath(folder))
     if not folders:
         raise FileError(f"no runs (folders with config.yaml and metrics.jsonl) under {' '.join(patterns)}")
-    runs = [read_run(f) for f in sorted(folders)]
+    runs = [read_run(f) for f in sorted(folders.values())]
     for note in split_measurements(runs):
         print(f"[compare] {note}", file=sys.stderr)
     return runs
@@ -207,13 +274,13 @@ def stats(values: list[float]) -> tuple[float, float]:
 
 
 def mean_sd(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
+    """mean ± sd of the values that are not nan, with "(n=k)" when only k of the group's runs have one."""
+    present = [v for v in values if not math.isnan(v)]
+    if not present:
         return ""
-    if len(values) == 1:
-        return f"{values[0]:.4g}"
-    mean, sd = stats(values)
-    return f"{mean:.4g} ± {sd:.2g}"
+    mean, sd = stats(present)
+    text = f"{present[0]:.4g}" if len(present) == 1 else f"{mean:.4g} ± {sd:.2g}"
+    return text if len(present) == len(values) else f"{text} (n={len(present)})"
 
 
 def table(runs: list[Run], metrics: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
@@ -238,8 +305,10 @@ def csv_table(runs: list[Run], metrics: list[str] | None = None) -> list[list[An
     for setting, members in groups.items():
         cols = columns(members, metrics)
         if not out:
-            out.append([*keys, "n", *(f"{name} {part}" for name in cols for part in ("mean", "sd"))])
-        cells = [f"{x:.6g}" if not math.isnan(x) else "" for v in cols.values() for x in stats(v)]
+            out.append([*keys, "n", *(f"{name} {part}" for name in cols for part in ("mean", "sd", "n"))])
+        cells = [cell for v in cols.values()
+                 for cell in (*(f"{x:.6g}" if not math.isnan(x) else "" for x in stats(v)),
+                              sum(not math.isnan(x) for x in v))]
         out.append([*setting, len(members), *cells])
     return out
 
@@ -336,6 +405,13 @@ def contact_sheet(runs: list[Run], path: str) -> str | None:
 
 
 def write_outputs(runs: list[Run], metrics: list[str] | None, args: argparse.Namespace) -> None:
+    try:
+        _write_outputs(runs, metrics, args)
+    except OSError as err:  # --out naming a file, a folder that is not writable, a full disk
+        raise FileError(f"{err.filename or args.out}: cannot write the comparison ({err.strerror or err})") from None
+
+
+def _write_outputs(runs: list[Run], metrics: list[str] | None, args: argparse.Namespace) -> None:
     metrics = metrics or eval_metrics(runs)
     text = markdown(*table(runs, metrics))
     sys.stdout.write(text)

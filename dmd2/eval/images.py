@@ -3,7 +3,6 @@ say) and the sources of reference images (an image folder, a model's training da
 what they hold before any image is read, featurized when their statistics are not cached yet)."""
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
@@ -25,30 +24,74 @@ from dmd2.config.settings import GENERATED_DATA
 from dmd2.data.datasets import build_dataset
 from dmd2.data.images import to_uint8
 from dmd2.eval.features import FeatureNetwork, batch_features
-from dmd2.io.files import file_sha256
+from dmd2.io.files import file_sha256, inflation_limit, read_npz_arrays
 from dmd2.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 GENERATE_GRID = "grid.png"  # generate.py's overview grid in its output folder
 IMAGE_SUFFIXES = tuple("." + e for e in EXTENSIONS)
+MAX_IMAGE_SIDE = 4096  # pixels: an image's header is checked against it before the image is decoded
 
 
 def list_images(folder: str) -> list[str]:
-    """Image files under ``folder`` (recursive, clean-fid's extensions), sorted."""
-    root = os.path.join(glob.escape(folder), "**")
-    files = {f for ext in EXTENSIONS for f in glob.glob(os.path.join(root, "*." + ext), recursive=True)}
-    return sorted(files)
+    """Image files under ``folder`` (recursive, clean-fid's extensions), sorted; each file once: a sub-folder
+    reached again through a symlink (``ln -s . loop``) is not entered twice, nor a file counted twice."""
+    files: dict[str, str] = {}  # real path -> the first path it was found by
+    seen: set[str] = set()
+    for top, subfolders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders.sort()
+        for name in sorted(names):
+            if name.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(path := os.path.join(top, name)):
+                files.setdefault(os.path.realpath(path), path)
+    return sorted(files.values())
+
+
+def decode_image(source: Any, name: str) -> np.ndarray:
+    """One image (a path or a file object) -> uint8 [H,W,3] (RGB); its size is read from the header and bounded
+    (MAX_IMAGE_SIDE) before the pixels are decoded. EvaluationError naming ``name`` when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(source) as img:
+            if max(img.size) > MAX_IMAGE_SIDE:
+                raise EvaluationError(f"the image {name} is {img.size[0]}x{img.size[1]} pixels (at most "
+                                      f"{MAX_IMAGE_SIDE} a side)")
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's message names no file
+        raise EvaluationError(f"cannot read the image {name}: {err}") from err
 
 
 def read_image_file(path: str) -> np.ndarray:
     """One image file -> uint8 [H,W,3] (RGB)."""
-    from PIL import Image
+    return decode_image(path, path)
 
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as err:  # truncated, corrupted: PIL's message names no file
-        raise EvaluationError(f"cannot read the image {path}: {err}") from err
+
+def stack_images(arrays: list[np.ndarray], names: list[str], what: str) -> np.ndarray:
+    """uint8 [N,H,W,3] of images of one size (EvaluationError naming two that differ)."""
+    odd = [i for i, a in enumerate(arrays) if a.shape != arrays[0].shape]
+    if odd:
+        raise EvaluationError(f"images = {what!r}: images of different sizes, e.g. {names[0]} "
+                              f"{arrays[0].shape[:2]} and {names[odd[0]]} {arrays[odd[0]].shape[:2]}")
+    return np.stack(arrays) if arrays else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+class DecodedBudget:
+    """The bytes a set of images stored in ``stored`` bytes may decode to (dmd2.io.files.inflation_limit)."""
+
+    def __init__(self, what: str, stored: int) -> None:
+        self.what, self.left = what, inflation_limit(stored)
+
+    def spend(self, image: np.ndarray) -> np.ndarray:
+        self.left -= image.nbytes
+        if self.left < 0:
+            raise EvaluationError(f"images = {self.what!r}: the images decode to more than "
+                                  f"{inflation_limit(0) // 2**20} MiB or 100 times their stored size")
+        return image
 
 
 # --------------------------------------------------------------------------------------------- images to measure
@@ -64,43 +107,72 @@ def folder_labels(relpaths: list[str]) -> np.ndarray | None:
     return np.array([names.index(d) for d in folders])
 
 
+def _check_npz_images(name: str, shape: tuple[int, ...], dtype: Any) -> str | None:
+    if name != "arr_0":
+        return None if len(shape) == 1 and dtype.kind in "iu" else "expected class labels [N] (integers)"
+    if dtype != np.uint8 or len(shape) != 4 or 3 not in (shape[1], shape[-1]):
+        return f"expected uint8 [N,H,W,3] or [N,3,H,W], got {dtype} {list(shape)}"
+    if max(shape[1:]) > MAX_IMAGE_SIDE:
+        return f"images of {list(shape[1:])} (at most {MAX_IMAGE_SIDE} pixels a side)"
+    return None
+
+
 def npz_images(path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """An .npz whose ``arr_0`` is uint8 [N,H,W,3] or [N,3,H,W] -> (images [N,H,W,3], its ``arr_1`` [N] or None)."""
-    labels = None
-    with np.load(path) as data:
-        if "arr_0" not in data.files:
-            raise EvaluationError(f"images = {path!r}: expected the array 'arr_0' (uint8 [N,H,W,3]), found "
-                                  f"{sorted(data.files)}")
-        images = data["arr_0"]
-        if "arr_1" in data.files and data["arr_1"].shape == (len(images),):
-            labels = np.asarray(data["arr_1"])
+    """An .npz whose ``arr_0`` is uint8 [N,H,W,3] or [N,3,H,W] -> (images [N,H,W,3], its ``arr_1`` [N] or None).
+    Each array's header is checked before it is read (dmd2.io.files.read_npz_arrays)."""
+    try:
+        arrays = read_npz_arrays(path, ("arr_0", "arr_1"), _check_npz_images)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise EvaluationError(f"images = {path!r}: not a readable .npz of images ({err})") from None
+    if "arr_0" not in arrays:
+        raise EvaluationError(f"images = {path!r}: expected the array 'arr_0' (uint8 [N,H,W,3])")
+    images = arrays["arr_0"]
+    labels = arrays["arr_1"] if "arr_1" in arrays and arrays["arr_1"].shape == (len(images),) else None
     if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
         images = images.transpose(0, 2, 3, 1)  # [N,3,H,W] -> [N,H,W,3]
     return images, labels
 
 
-def zip_images(path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """A .zip of image files (sorted by name, generate.py's grid left out) -> (uint8 [N,H,W,3], labels [N] from
-    their folders, or None)."""
-    from PIL import Image
+def is_image_member(name: str) -> bool:
+    """Whether a zip member is an image to measure: an image file's name, not generate.py's grid, not macOS's
+    resource forks (``__MACOSX/``, ``._x.png``)."""
+    return name.lower().endswith(IMAGE_SUFFIXES) and name != GENERATE_GRID and not name.startswith("__MACOSX/") \
+        and not os.path.basename(name).startswith("._")
 
-    with zipfile.ZipFile(path) as zf:
-        names = sorted(n for n in zf.namelist() if n.lower().endswith(IMAGE_SUFFIXES) and n != GENERATE_GRID)
-        images = np.stack([np.asarray(Image.open(io.BytesIO(zf.read(n))).convert("RGB"), dtype=np.uint8)
-                           for n in names]) if names else np.zeros((0, 0, 0, 3), np.uint8)
-    return images, folder_labels(names)
+
+def zip_images(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A .zip of image files (sorted by name, generate.py's grid and macOS's resource forks left out) -> (uint8
+    [N,H,W,3], labels [N] from their folders, or None). Each member is read through a bounded stream and its size
+    checked before it is decoded; all of them together decode to at most dmd2.io.files.inflation_limit of the
+    zip's size; a name found twice is refused (which one would count?)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = [i for i in zf.infolist() if is_image_member(i.filename)]
+            names = [i.filename for i in members]
+            twice = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) < len(names) else []
+            if twice:
+                raise EvaluationError(f"images = {path!r}: the member {twice[0]} is in the zip twice "
+                                      f"({len(twice)} names are)")
+            members.sort(key=lambda i: i.filename)
+            budget = DecodedBudget(path, os.path.getsize(path))
+            arrays = []
+            for info in members:
+                with zf.open(info) as f:
+                    arrays.append(budget.spend(decode_image(f, f"{path}/{info.filename}")))
+    except (OSError, zipfile.BadZipFile) as err:
+        raise EvaluationError(f"images = {path!r}: not a readable .zip of images ({err})") from None
+    names = [i.filename for i in members]
+    return stack_images(arrays, names, path), folder_labels(names)
 
 
 def folder_images(path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """A folder of image files, read recursively in sorted order (generate.py's overview grid <folder>/grid.png
-    is not a sample) -> (uint8 [N,H,W,3], labels [N] from their sub-folders, or None)."""
+    """A folder of image files, read recursively in sorted order, each file once (list_images; generate.py's
+    overview grid <folder>/grid.png is not a sample) -> (uint8 [N,H,W,3], labels [N] from their sub-folders, or
+    None)."""
     files = [f for f in list_images(path) if os.path.relpath(f, path) != GENERATE_GRID]
-    arrays = [read_image_file(f) for f in files]
-    odd = [f for f, a in zip(files, arrays) if a.shape != arrays[0].shape]
-    if odd:
-        raise EvaluationError(f"images = {path!r}: images of different sizes, e.g. {files[0]} "
-                              f"{arrays[0].shape[:2]} and {odd[0]} {arrays[files.index(odd[0])].shape[:2]}")
-    images = np.stack(arrays) if arrays else np.zeros((0, 0, 0, 3), np.uint8)
+    budget = DecodedBudget(path, sum(os.path.getsize(f) for f in files))
+    arrays = [budget.spend(read_image_file(f)) for f in files]
+    images = stack_images(arrays, files, path)
     return images, folder_labels([os.path.relpath(f, path) for f in files])
 
 

@@ -26,7 +26,7 @@ from dmd2.config.errors import EvaluationError
 from dmd2.eval.features import FeatureNetwork, download_guard
 from dmd2.eval.images import ImageSource, folder_source, training_data_source
 from dmd2.eval.statistics import feature_statistics
-from dmd2.io.files import atomic_write
+from dmd2.io.files import atomic_write, read_npz_arrays
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +76,33 @@ def write_reference(path: str, ref: ReferenceStats, **extra: Any) -> None:
              meta=np.array(json.dumps(meta)))
 
 
+MAX_FEATURE_DIM = 8192  # features of a statistics file (Inception: 2048; sigma is D x D float64)
+MAX_META_CHARS = 1 << 20
+
+
+def _check_stats_array(name: str, shape: tuple[int, ...], dtype: Any) -> str | None:
+    if name == "meta":
+        return None if shape == () and dtype.kind == "U" and dtype.itemsize <= 4 * MAX_META_CHARS \
+            else "expected one string of metadata"
+    if dtype.kind not in "fiu":
+        return f"expected numbers, got {dtype}"
+    if len(shape) != (1 if name == "mu" else 2) or any(n > MAX_FEATURE_DIM for n in shape):
+        return f"shape {list(shape)} (expected mu [D] and sigma [D,D], D at most {MAX_FEATURE_DIM})"
+    return None
+
+
 def read_stats_file(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any] | None]:
     """An .npz of statistics -> (mu [D], sigma [D,D], float64; its metadata, or None when it has none), checked:
-    both arrays present, of matching shapes and finite."""
+    each array's header before it is read (dmd2.io.files.read_npz_arrays: D at most MAX_FEATURE_DIM), both arrays
+    present, of matching shapes and finite, sigma symmetric positive semi-definite (a covariance: anything else
+    would fail only after every sample was made)."""
     try:
-        with np.load(path) as stats:
-            if "mu" not in stats.files or "sigma" not in stats.files:
-                raise EvaluationError(f"reference.path = {path!r}: expected arrays 'mu' and 'sigma', found "
-                                      f"{sorted(stats.files)}")
-            mu, sigma = np.asarray(stats["mu"], dtype=np.float64), np.asarray(stats["sigma"], dtype=np.float64)
-            meta = json.loads(str(stats["meta"])) if "meta" in stats.files else None
+        stats = read_npz_arrays(path, ("mu", "sigma", "meta"), _check_stats_array)
+        if "mu" not in stats or "sigma" not in stats:
+            raise EvaluationError(f"reference.path = {path!r}: expected arrays 'mu' and 'sigma', found "
+                                  f"{sorted(stats)}")
+        mu, sigma = np.asarray(stats["mu"], dtype=np.float64), np.asarray(stats["sigma"], dtype=np.float64)
+        meta = json.loads(str(stats["meta"])) if "meta" in stats else None
     except EvaluationError:
         raise
     except Exception as err:
@@ -95,7 +112,19 @@ def read_stats_file(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any] |
                               f"{sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise EvaluationError(f"reference.path = {path!r}: mu or sigma holds NaN or inf")
+    check_covariance(sigma, f"reference.path = {path!r}")
     return mu, sigma, meta
+
+
+def check_covariance(sigma: np.ndarray, what: str) -> None:
+    """EvaluationError unless ``sigma`` is symmetric and positive semi-definite (up to rounding)."""
+    scale = float(np.abs(sigma).max()) or 1.0
+    if not np.allclose(sigma, sigma.T, rtol=0, atol=1e-6 * scale):
+        raise EvaluationError(f"{what}: sigma is not symmetric (not a covariance matrix)")
+    lowest = float(np.linalg.eigvalsh(sigma)[0])
+    if lowest < -1e-6 * scale:
+        raise EvaluationError(f"{what}: sigma has the negative eigenvalue {lowest:.3g} (not a covariance matrix: "
+                              "positive semi-definite)")
 
 
 def resolution_in_name(path: str) -> int | None:

@@ -75,7 +75,7 @@ EXPECTED = ("expected a checkpoint of this project: a teacher_*.pt or dmd2_*.pt 
             "imported with python -m dmd2.import_edm (tensors, numbers and strings only)")
 
 
-def load_failure(err: Exception) -> str:
+def load_failure(err: Exception, expected: str = EXPECTED) -> str:
     """Why ``torch.load(weights_only=True)`` failed, in this project's words. A file holding pickled Python objects
     is named as such and never loaded (torch's advice to retry with weights_only=False, which would run code from
     the file, is left out)."""
@@ -83,8 +83,8 @@ def load_failure(err: Exception) -> str:
     if "weights_only" in text or "Weights only load failed" in text:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"global[: ]+'?([\w.]+)", text)
         what = f" (e.g. {found.group(1)})" if found else ""
-        return f"it holds pickled Python objects{what}, which are never loaded; {EXPECTED}"
-    return f"truncated, corrupted or not a checkpoint ({text.splitlines()[0] if text else type(err).__name__}); {EXPECTED}"
+        return f"it holds pickled Python objects{what}, which are never loaded; {expected}"
+    return f"truncated, corrupted or not a checkpoint ({text.splitlines()[0] if text else type(err).__name__}); {expected}"
 
 
 def network_from_checkpoint(state: dict[str, Any], weights: str, entry: str | None = None) -> EDMPrecond:

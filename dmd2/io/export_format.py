@@ -25,6 +25,7 @@ from dmd2.version import __version__
 
 EXPORT_FORMAT, EXPORT_FORMAT_VERSION = "dmd2-generator", 1
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+MAX_CONFIG_BYTES = 16 << 20  # an export's config.json (a few KB; class names and the training config included)
 DEFAULT_HEUN_STEPS = 18  # a teacher export that records no Heun steps samples with EDM's 18
 MAX_HEUN_STEPS, MAX_CHAIN = 1000, 64  # an export's sampler: Heun steps, one-step-generator chain length
 # provenance fields that are null when the source did not record them; ``provenance.unknown`` lists those that are
@@ -171,16 +172,30 @@ def read_export_metadata(folder_or_file: str) -> tuple[dict[str, Any], str, dict
     config_path = os.path.join(os.path.dirname(path), CONFIG_FILE)
     try:
         if os.path.isfile(config_path):
-            with open(config_path) as f:
-                metadata, source = json.load(f), config_path
+            with open(config_path, "rb") as f:
+                text = f.read(MAX_CONFIG_BYTES + 1)
+            if len(text) > MAX_CONFIG_BYTES:
+                raise FormatError(f"{config_path}: larger than {MAX_CONFIG_BYTES} bytes (not an export's config)")
+            metadata, source = json.loads(text.decode("utf-8")), config_path
         elif "dmd2" in header:
             metadata, source = json.loads(header["dmd2"]), path
         else:
             raise FormatError(f"{path}: no {CONFIG_FILE} next to it and no dmd2 metadata in its header: not an "
                                  "export of this project")
+    except OSError as err:
+        raise FileError(f"{config_path}: cannot be read ({err.strerror or err})") from None
     except (ValueError, UnicodeDecodeError) as err:
         if isinstance(err, FormatError):
             raise
         raise FormatError(f"{folder_or_file}: its metadata is not readable JSON ({err})") from err
     check_export_metadata(metadata, shapes, source)
+    if source == config_path and "dmd2" in header:  # the pair moved into place one after the other: one export?
+        try:
+            stamped = json.loads(header["dmd2"]).get("provenance")
+        except (ValueError, AttributeError):
+            stamped = None
+        if stamped != metadata["provenance"]:
+            raise FormatError(f"{folder_or_file}: {CONFIG_FILE} and {os.path.basename(path)} are of different "
+                              "exports (their provenance differs: a write interrupted between their moves?); export "
+                              "the checkpoint again")
     return current_export_layout(metadata), path, shapes

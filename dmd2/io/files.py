@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
-from typing import IO, Callable
+from typing import IO, Any, Callable
 
 
 def current_umask() -> int:
@@ -59,3 +60,55 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ bounded reads
+
+INFLATION_FLOOR = 256 << 20  # bytes any input may decode to, whatever its size on disk
+MAX_INFLATION = 100  # beyond the floor: decoded bytes per stored byte (images and arrays compress far less)
+
+
+def inflation_limit(stored_bytes: int) -> int:
+    """The most bytes an input of ``stored_bytes`` on disk may decode to (a file of kilobytes never costs
+    gigabytes; real images and arrays compress far less than MAX_INFLATION to 1)."""
+    return max(INFLATION_FLOOR, MAX_INFLATION * stored_bytes)
+
+
+def read_npz_arrays(path: str, names: tuple[str, ...] | None = None,
+                    check: Callable[[str, tuple[int, ...], Any], str | None] | None = None) -> dict[str, Any]:
+    """The arrays ``names`` (all when None) of an .npz, each read only after its header is checked: plain numbers
+    (no object arrays: nothing is unpickled), a declared size equal to the member's and within
+    ``inflation_limit`` of its compressed size, and ``check(name, shape, dtype)`` (a reason to refuse, or None).
+    ValueError (with the reason) otherwise; OSError / zipfile.BadZipFile for a file that is not a zip."""
+    import zipfile
+
+    import numpy as np
+
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        members = {i.filename[:-len(".npy")]: i for i in zf.infolist() if i.filename.endswith(".npy")}
+        for name in (names if names is not None else tuple(members)):
+            info = members.get(name)
+            if info is None:
+                continue
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f)
+                header = f.tell()
+                if dtype.hasobject:
+                    raise ValueError(f"array {name!r} holds Python objects (never unpickled)")
+                declared = math.prod(shape) * dtype.itemsize
+                if header + declared != info.file_size:
+                    raise ValueError(f"array {name!r} declares {declared} bytes of {dtype} {list(shape)}, but the "
+                                     f"file holds {info.file_size - header}")
+                if declared > inflation_limit(info.compress_size):
+                    raise ValueError(f"array {name!r}: {declared} bytes compressed into {info.compress_size} (more "
+                                     f"than {MAX_INFLATION} to 1; write it with np.savez, uncompressed)")
+                reason = check(name, tuple(shape), dtype) if check else None
+                if reason:
+                    raise ValueError(f"array {name!r}: {reason}")
+            with zf.open(info) as f:  # read from the start (read_array reads the header again)
+                out[name] = np.lib.format.read_array(f, allow_pickle=False)
+    return out

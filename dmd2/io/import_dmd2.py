@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import zipfile
 from typing import Any, Mapping
 
 import torch
@@ -27,21 +28,24 @@ from dmd2.config.errors import FileError, FormatError, run_tool
 from dmd2.config.settings import arch_settings
 from dmd2.io.export import write_export
 from dmd2.io.export_format import export_metadata
+from dmd2.io.checkpoint import load_failure
 from dmd2.io.files import file_sha256
 from dmd2.io.sampler import make_sampler
-from dmd2.io.weights import WeightsMismatch, load_denoiser
+from dmd2.io.weights import WeightsMismatch, check_stored_whole, load_denoiser
 
 CONDITIONING_SIGMA = 80.0  # the official generators' one step: x = G(80 z; sigma 80, one-hot class)
 SIGMA_DATA = 0.5  # EDMPrecond's sigma_data in the official ImageNet config
 CHANNELS_PER_HEAD = 64  # fixed inside EDM's DhariwalUNet
 MODEL_PREFIX = "model."  # EDMPrecond's name for the UNet inside it
-_ENC_KEY = re.compile(r"^enc\.(\d+)x(\d+)_(conv|down|block(\d+))\.")
+STATE_DICT = "expected the official generator's state dict (tensors only: pytorch_model.bin or a .safetensors)"
+_ENC_KEY = re.compile(r"^enc\.(\d{1,6})x\1_(conv|down|block(\d{1,6}))\.")  # a level's side, twice
 
 
 def read_state_dict(path: str) -> dict[str, Tensor]:
     """The tensors of a ``torch.save``-d state dict (weights only: no code is run) or a .safetensors file."""
     if not os.path.isfile(path):
         raise FileError(f"{path}: file not found (expected the official pytorch_model.bin or a .safetensors)")
+    check_stored_members(path)
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -50,10 +54,31 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated files, pickles with code, foreign formats
-        raise FormatError(f"{path}: not a readable state dict ({type(err).__name__}: {err})") from err
+        raise FormatError(f"{path}: not a readable state dict: {load_failure(err, STATE_DICT)}") from None
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise FormatError(f"{path}: expected a state dict of tensors (name -> tensor), got {type(state).__name__}")
+    try:  # a network built for them is then no larger than the file
+        check_stored_whole(state, os.path.getsize(path))
+    except FormatError as err:
+        raise FormatError(f"{path}: {err}") from None
     return dict(state)
+
+
+def check_stored_members(path: str) -> None:
+    """FormatError unless a torch.save zip file stores its members uncompressed (as torch.save does) and they fit
+    in the file: torch.load would inflate a deflated member whole before anything is checked."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise FormatError(f"{path}: not a readable state dict (a damaged zip archive: {err})") from None
+    packed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise FormatError(f"{path}: compressed member {packed[0]} (torch.save stores its members uncompressed)")
+    if sum(m.file_size for m in members) > os.path.getsize(path):
+        raise FormatError(f"{path}: its members declare more bytes than the file holds")
 
 
 def strip_prefix(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
@@ -95,8 +120,8 @@ def derive_arch(state: Mapping[str, Tensor], source: str) -> tuple[dict[str, Any
         m = _ENC_KEY.match(key)
         if m:
             blocks.setdefault(int(m.group(1)), set())
-            if m.group(4) is not None:
-                blocks[int(m.group(1))].add(int(m.group(4)))
+            if m.group(3) is not None:
+                blocks[int(m.group(1))].add(int(m.group(3)))
     if not blocks:
         raise FormatError(f"{source}: no encoder tensors ({MODEL_PREFIX}enc.<R>x<R>_...): not a DhariwalUNet")
     resolutions = sorted(blocks, reverse=True)

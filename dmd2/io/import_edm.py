@@ -180,12 +180,27 @@ def _storage_from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
+class _CheckedArray(np.ndarray):
+    """An ndarray rebuilt from a pickle: its state (shape, dtype, raw bytes) is checked before NumPy sees it."""
+
+    def __setstate__(self, state: Any) -> None:
+        shape, dtype, data = (state[1], state[2], state[4]) if isinstance(state, tuple) and len(state) == 5 \
+            else (None, None, None)
+        if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)
+                and isinstance(dtype, np.dtype) and not dtype.hasobject and isinstance(data, bytes)
+                and math.prod(shape) * dtype.itemsize == len(data)):
+            raise EDMImportError(f"refusing a NumPy array record (shape {shape!r:.40}, dtype {dtype!r:.40}): only "
+                                 "arrays of plain numbers whose bytes are all in the file")
+        super().__setstate__(state)
+
+
 def _numpy_reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
-    """NumPy's ndarray reduction, which always passes shape (0,) (the data comes with the state); any other shape
-    would allocate an array the file does not hold."""
+    """NumPy's ndarray reduction, which always passes shape (0,) (the data comes with the state, checked by
+    _CheckedArray: no object arrays, exactly the bytes the shape declares); any other shape would allocate an
+    array the file does not hold."""
     if subtype is not np.ndarray or tuple(shape) != (0,):
         raise EDMImportError(f"refusing a NumPy array record of shape {shape!r:.40} (NumPy pickles use (0,))")
-    return _np_multiarray._reconstruct(subtype, shape, dtype)
+    return _np_multiarray._reconstruct(_CheckedArray, shape, dtype)
 
 
 def _rebuild_parameter(data: torch.Tensor, requires_grad: bool, backward_hooks: Any, *state: Any) -> torch.Tensor:

@@ -5,7 +5,6 @@ Both ``generate.py`` and ``evaluate.py`` use it, so a checkpoint is always sampl
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -14,7 +13,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from dmd2.config.errors import ConfigError, FormatError
-from dmd2.config.settings import DEFAULT_EMA, DESCENDING_SIGMAS, RAW_WEIGHTS
+from dmd2.config.settings import DEFAULT_EMA, DESCENDING_SIGMAS, MAX_SIGMA, RAW_WEIGHTS
 from dmd2.data.images import to_uint8
 from dmd2.io.checkpoint import network_from_checkpoint
 from dmd2.method.randomness import derived_seed, torch_generator
@@ -107,15 +106,15 @@ def make_sampler(kind: str, net: EDMPrecond, step: int, num_classes: int, resolu
     sigmas = tuple(float(s) for s in sigmas)
     if not is_sigma_chain(sigmas):
         raise FormatError(f"the generator's stored noise levels (denoising_sigmas) are {list(sigmas)}: expected "
-                             "positive, finite sigmas in strictly descending order (NaN or negative ones give black "
+                             f"sigmas in (0, {MAX_SIGMA:g}] in strictly descending order (NaN or negative ones give black "
                              "images); the checkpoint or export is damaged or was edited")
     return CheckpointSampler("dmd2", net, step, num_classes, resolution, len(sigmas), denoising_sigmas=sigmas,
                              weights=weights)
 
 
 def is_sigma(value: Any) -> bool:
-    """Whether ``value`` can be a noise level: a finite number > 0."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+    """Whether ``value`` can be a noise level: a number in (0, MAX_SIGMA] (dmd2.config.settings)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_SIGMA
 
 
 def is_sigma_chain(sigmas: Any) -> bool:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from dmd2.config.errors import FormatError
-from dmd2.config.settings import ARCH_SETTINGS, arch_settings
+from dmd2.config.settings import ARCH_SETTINGS, MAX_RESOLUTION, MAX_WIDTH, arch_settings
 from dmd2.networks import ARCHITECTURES
 from dmd2.networks.precond import EDMPrecond
 
@@ -37,9 +37,7 @@ def build_denoiser(arch: Mapping[str, Any], num_classes: int, resolution: int, s
     return EDMPrecond(net, sigma_data)
 
 
-MAX_RESOLUTION = 1024  # image side in pixels
-MAX_CLASSES = 100_000
-MAX_WIDTH = 1 << 16  # any integer field of an arch (widths, heads, positions, filter taps)
+MAX_CLASSES = 100_000  # MAX_RESOLUTION, MAX_WIDTH (any integer field of an arch): the schema's (settings.py)
 MAX_BLOCKS = 64  # residual blocks per level (num_blocks, num_res_blocks)
 MAX_LIST = 16  # entries of a list field (channel multipliers, attention resolutions, filter taps)
 BLOCK_FIELDS = ("num_blocks", "num_res_blocks")
@@ -119,14 +117,40 @@ def check_weights_fit(arch: Mapping[str, Any], num_classes: int, resolution: int
         raise WeightsMismatch(arch["name"], expected, shapes)
 
 
+def check_stored_whole(weights: Mapping[str, torch.Tensor], file_bytes: int) -> None:
+    """FormatError unless every tensor's elements are stored (no stride-0 or overlapping view of a smaller
+    storage) and all of them together fit in the ``file_bytes`` of the file they come from: a network built for
+    weights that pass is no larger than the file."""
+    total = 0
+    for name, tensor in weights.items():
+        size = tensor.numel() * tensor.element_size()
+        if size > tensor.untyped_storage().nbytes():
+            raise FormatError(f"tensor {name}: a {list(tensor.shape)} view of a {tensor.untyped_storage().nbytes()}"
+                              "-byte storage (repeated elements); weights are stored whole")
+        total += size
+    if total > file_bytes:
+        raise FormatError(f"the weights would take {total} bytes, more than the file's {file_bytes} (tensors "
+                          "sharing their storage)")
+
+
+def check_finite(weights: Mapping[str, torch.Tensor]) -> None:
+    """FormatError naming the first floating-point tensor that holds NaN or infinite values (a network with them
+    samples black images)."""
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FormatError(f"tensor {name} holds non-finite values (NaN or inf): not usable weights")
+
+
 def load_denoiser(arch: Any, num_classes: Any, resolution: Any, sigma_data: float,
                   weights: Any) -> EDMPrecond:
     """The one way weights from a file become a network: ``weights`` (name -> tensor) must be a dict of tensors,
     the arch within bounds and its parameter shapes (on the meta device) exactly those of ``weights``
-    (``check_weights_fit``: FormatError otherwise, nothing built); then the denoiser is built and loaded."""
+    (``check_weights_fit``: FormatError otherwise, nothing built), every value finite (``check_finite``); then
+    the denoiser is built and loaded."""
     if not isinstance(weights, Mapping) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
         raise FormatError("the weights are not a dict of tensors")
     check_weights_fit(arch, num_classes, resolution, {k: tuple(t.shape) for k, t in weights.items()}, sigma_data)
+    check_finite(weights)
     net = build_denoiser(arch, num_classes, resolution, sigma_data)
     net.load_state_dict(weights)
     return net

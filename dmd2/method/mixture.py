@@ -196,6 +196,104 @@ def denoising_errors(denoiser: nn.Module, mix: GaussianMixture, sigmas: list[flo
     return rows
 
 
+# ------------------------------------------------------------------- the generator's distribution, fitted
+
+
+@dataclass(frozen=True)
+class FittedMixture:
+    """A class-conditional mixture with diagonal covariances, fitted to samples (``fit_mixture``): weights
+    [C,K], means [C,K,D] and variances [C,K,D] (float64)."""
+
+    weights: Tensor
+    means: Tensor
+    variances: Tensor
+
+
+def fit_mixture(mix: GaussianMixture, x: Tensor, labels: Tensor, iterations: int = 30, floor: float = 1e-5
+                ) -> FittedMixture:
+    """Fit, per class, a mixture of K + 1 diagonal Gaussians to samples x [N,3,R,R] of classes ``labels`` [N]
+    by EM: K components start at the data's modes (so component k stays the generator's version of mode k) and
+    one broad component at the class mean takes the samples that are on no mode. Variances are floored at
+    ``floor``. The fitted mixture's exact denoiser (``fitted_denoise``) is then the ideal fake score network."""
+    x = x.flatten(1).double().cpu()
+    labels = labels.long().cpu() if mix.num_classes > 1 else torch.zeros(len(x), dtype=torch.long)
+    k = mix.num_components
+    ws, mus, vs = [], [], []
+    for c in range(mix.num_classes):
+        xc = x[labels == c]                                                   # [n,D]
+        mu = torch.cat([mix.means[c].flatten(1).double(), xc.mean(0, keepdim=True)])  # [K+1,D]
+        var = torch.cat([torch.full((k, x.shape[1]), mix.std ** 2, dtype=torch.float64),
+                         xc.var(0, keepdim=True).clamp_min(floor)])
+        w = torch.full((k + 1,), 1.0 / (k + 1), dtype=torch.float64)
+        for _ in range(iterations):
+            logp = diagonal_log_densities(xc, mu, var) + w.log()              # [n,K+1]
+            r = torch.softmax(logp, dim=1)
+            nk = r.sum(0).clamp_min(1e-12)
+            w = nk / nk.sum()
+            mu = (r.T @ xc) / nk[:, None]
+            var = ((r.T @ xc.pow(2)) / nk[:, None] - mu.pow(2)).clamp_min(floor)
+        ws.append(w), mus.append(mu), vs.append(var)
+    return FittedMixture(torch.stack(ws), torch.stack(mus), torch.stack(vs))
+
+
+def diagonal_log_densities(x: Tensor, mu: Tensor, var: Tensor) -> Tensor:
+    """log N(x; mu_k, diag(var_k)) for x [N,D], mu and var [K,D] -> [N,K] (float64)."""
+    d2 = ((x[:, None] - mu[None]) ** 2 / var[None]).sum(-1)
+    return -0.5 * (d2 + var.log().sum(-1)[None] + x.shape[1] * math.log(2 * math.pi))
+
+
+def fitted_denoise(fit: FittedMixture, x: Tensor, sigma: Tensor, labels: Tensor) -> Tensor:
+    """E[x0 | x] under the fitted mixture, x = x0 + sigma n: x [B,3,R,R], sigma [B], labels [B] -> [B,3,R,R].
+    Component k seen through the noise is N(mu_k, diag(v_k + sigma^2)); within it the posterior mean is
+    mu_k + v_k / (v_k + sigma^2) (x - mu_k). The generalisation of ``exact_denoise`` to weighted, diagonal
+    components."""
+    xd = x.flatten(1).double().cpu()                                         # [B,D]
+    s2 = sigma.double().cpu().view(-1, 1, 1) ** 2                            # [B,1,1]
+    c = labels.long().cpu() if fit.weights.shape[0] > 1 else torch.zeros(len(xd), dtype=torch.long)
+    mu, v = fit.means[c], fit.variances[c]                                   # [B,K,D]
+    var = v + s2
+    logp = -0.5 * (((xd[:, None] - mu) ** 2 / var).sum(-1) + var.log().sum(-1)) + fit.weights[c].log()  # [B,K]
+    post = torch.softmax(logp, dim=1)
+    within = mu + v / var * (xd[:, None] - mu)
+    return (post[:, :, None] * within).sum(1).view_as(x).to(x.dtype)
+
+
+def dm_gradient_errors(generator_samples: Tensor, labels: Tensor, real: nn.Module, fake: nn.Module,
+                       mix: GaussianMixture, fit: FittedMixture, sigmas: list[float], seed: int = 0
+                       ) -> list[dict[str, float]]:
+    """How far a distillation's networks are from their ideals, per noise level, on generator samples x [N,3,R,R]
+    of classes ``labels`` [N] noised to x_t = x + sigma n:
+
+    - ``fake_mse``: mean (D_fake(x_t) - D_gen(x_t))^2 per pixel, D_gen the exact denoiser of the generator's
+      fitted distribution ``fit`` (what a perfect fake score network outputs); ``fake_mse_x0`` = mean
+      (D_gen(x_t) - x)^2, the error no fake score network can beat;
+    - ``real_mse``: mean (D_real(x_t) - D_data(x_t))^2, the real score's error against the data's exact denoiser
+      on these (off-data) inputs;
+    - ``signal``: mean (D_gen(x_t) - D_data(x_t))^2, the squared exact DM direction (unnormalised: D_fake -
+      D_real at perfect networks); ``error``: mean of the squared difference between the networks' direction
+      (D_fake - D_real) and the exact one; ``cosine``: their cosine similarity over the whole batch.
+
+    Where ``error`` exceeds ``signal``, the generator's DM gradient is mostly the networks' error at that level."""
+    rows = []
+    labels = labels.long()
+    for j, sigma in enumerate(sigmas):
+        gen = torch_generator(derived_seed(seed, 2000 + j))
+        x = generator_samples.float()
+        s = torch.full((len(x),), float(sigma))
+        x_t = x + sigma * torch.randn(x.shape, generator=gen)
+        cls = labels if mix.num_classes > 1 else torch.zeros_like(labels)
+        with torch.no_grad():
+            d_fake, d_real = fake(x_t, s, labels).float(), real(x_t, s, labels).float()
+        d_gen, d_data = fitted_denoise(fit, x_t, s, cls).float(), exact_denoise(mix, x_t, s, cls).float()
+        net, ideal = d_fake - d_real, d_gen - d_data
+        cos = float((net * ideal).sum() / (net.norm() * ideal.norm()).clamp_min(1e-30))
+        rows.append({"sigma": float(sigma), "fake_mse": float(((d_fake - d_gen) ** 2).mean()),
+                     "fake_mse_x0": float(((d_gen - x) ** 2).mean()),
+                     "real_mse": float(((d_real - d_data) ** 2).mean()), "signal": float((ideal ** 2).mean()),
+                     "error": float(((net - ideal) ** 2).mean()), "cosine": cos})
+    return rows
+
+
 DENOISING_SIGMAS = [0.002, 0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0]  # evaluate.py's noise levels
 DENOISING_SAMPLES = 2000  # evaluate.py's samples per noise level (at most num_samples)
 

@@ -51,7 +51,7 @@ from dmd2.train.context import RunContext, run_context
 from dmd2.train.evaluator import TrainingEvaluator
 from dmd2.train.grids import SampleGrids
 from dmd2.train.loop import plan_batches, train_loop
-from dmd2.train.optim import EMA, Updater, adamw, round_means
+from dmd2.train.optim import EMA, Updater, adamw, ema_decay_at, lr_schedule, plan_schedules, round_means
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class DistillState:
     amp: Callable[[], Any]         # a fresh autocast context (bf16 on CUDA) or a null one
     ratio: int                     # the generator updates every ratio-th step (TTUR)
     schedule: str = "every"        # "every": the critic updates on every step | "alternate": not on the generator's
+    fake_warmup: int = 0           # iterations 0 .. fake_warmup - 1 update the critic alone (fake_warmup_steps)
 
 
 @dataclass
@@ -118,7 +119,7 @@ def build_updaters(model: UnifiedModel, ema: EDMPrecond | None, cfg: DistillSett
     the guidance model's (fake score network + GAN head)."""
     def updater(name: str, params: list[Tensor], lr: float, ema_of: EMA | None) -> Updater:
         opt = adamw(params, lr, cfg.adam_betas, cfg.weight_decay, fused)
-        return Updater(f"{name} loss", params, opt, lr, cfg.warmup_steps, cfg.grad_clip, cfg.on_nonfinite,
+        return Updater(f"{name} loss", params, opt, lr, lr_schedule(cfg), cfg.grad_clip, cfg.on_nonfinite,
                        ema_of)
 
     decay = cfg.generator_ema_decay
@@ -127,12 +128,19 @@ def build_updaters(model: UnifiedModel, ema: EDMPrecond | None, cfg: DistillSett
     if disc:  # FastGen's discriminator: its own learning rate, stepped with the fake score network
         disc_lr = cfg.discriminator_lr if cfg.discriminator_lr is not None else cfg.guidance_lr
         guidance = [{"params": guidance}, {"params": disc, "lr": disc_lr, "base_lr": disc_lr}]
+    def decay_of(d: float) -> Any:  # with generator_ema_warmup, the teacher's warm-up over generator updates
+        if not cfg.generator_ema_warmup:
+            return lambda _: d
+        turns = partial(generator_updates_before, ratio=cfg.dfake_gen_update_ratio, schedule=cfg.update_schedule,
+                        fake_warmup=cfg.fake_warmup_steps)
+        return lambda step: ema_decay_at(turns(step), d)
+
     upds = {"generator": updater("generator", list(model.generator.parameters()), cfg.generator_lr,
-                                 EMA(ema, model.generator, lambda _: decay) if ema is not None else None),
+                                 EMA(ema, model.generator, decay_of(decay)) if ema is not None else None),
             "guidance": updater("guidance", guidance, cfg.guidance_lr, None)}
     upds["guidance"].params = model.guidance.trainable() + disc
     decays = ema_decays(None, cfg.generator_ema_decays)
-    upds["generator"].more_emas = [EMA(net, model.generator, lambda _, d=decays[name]: d)
+    upds["generator"].more_emas = [EMA(net, model.generator, decay_of(decays[name]))
                                    for name, net in (more or {}).items()]
     return upds
 
@@ -244,11 +252,21 @@ def fake_score_rounds(s: DistillState, batches: list[Batch], xs: list[Tensor], s
     return merged
 
 
-def generator_turn(step: int, ratio: int, schedule: str) -> bool:
+def generator_turn(step: int, ratio: int, schedule: str, fake_warmup: int = 0) -> bool:
     """Whether iteration ``step`` (from 0) updates the generator: every ``ratio``-th from step 0 (``every``, the
     official DMD2's), or every ``ratio``-th counted from 1 (``alternate``: FastGen's trainer starts at iteration 1,
-    so its first four iterations update the critic)."""
+    so its first four iterations update the critic); never before iteration ``fake_warmup`` (the fake score network
+    first learns the generator's initial samples)."""
+    if step < fake_warmup:
+        return False
     return (step + 1) % ratio == 0 if schedule == "alternate" else step % ratio == 0
+
+
+def generator_updates_before(step: int, ratio: int, schedule: str, fake_warmup: int = 0) -> int:
+    """How many of iterations 0 .. step - 1 are generator turns (``generator_turn``): the count an EMA warm-up
+    of the generator is a function of (a pure function of the iteration, so a resumed run continues it)."""
+    first = fake_warmup + (-fake_warmup - (1 if schedule == "alternate" else 0)) % ratio  # the first turn
+    return 0 if step <= first else (step - first - 1) // ratio + 1
 
 
 def distill_step(s: DistillState, b: Batch, step: int) -> dict[str, Tensor]:
@@ -261,7 +279,7 @@ def distill_step(s: DistillState, b: Batch, step: int) -> dict[str, Tensor]:
 def distill_rounds(s: DistillState, batches: list[Batch], step: int) -> dict[str, Tensor]:
     """``distill_step`` on an iteration of accumulation rounds, one ``Batch`` per round (this rank's slices of
     the global batch): each update accumulates its gradients over the rounds, then steps once."""
-    if generator_turn(step, s.ratio, s.schedule):
+    if generator_turn(step, s.ratio, s.schedule, s.fake_warmup):
         xs, logs = generator_rounds(s, batches, step)
         if s.schedule == "alternate":
             return logs
@@ -487,8 +505,10 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         start = restore_distill(ctx.resume, model, emas, upds, evaluator)
     # under torchrun the updated networks run inside DistributedDataParallel (gradients averaged over ranks)
     s = DistillState(model, wrap(model.generator, ctx.dist, device), wrap(model.guidance, ctx.dist, device), upds,
-                     ctx.rng, partial(autocast, device, cfg.precision), cfg.dfake_gen_update_ratio, cfg.update_schedule)
+                     ctx.rng, partial(autocast, device, cfg.precision), cfg.dfake_gen_update_ratio, cfg.update_schedule,
+                     cfg.fake_warmup_steps)
     loader, plan = plan_batches(cfg, ctx, dataset, start)
+    plan_schedules(upds.values(), plan.steps)  # a learning-rate decay ends at the run's last iteration
     ctx.say(describe_run(cfg, ctx, teacher_state, model, plan.steps, start))
     grids = SampleGrids(cfg.seed, cfg.data.num_classes, cfg.data.resolution, cfg.samples_per_class, model.num_steps,
                         classes, device)

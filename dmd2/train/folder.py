@@ -42,17 +42,29 @@ def process_alive(pid: int) -> bool:
 class RunLock:
     """``<folder>/run.lock`` while a run writes into ``folder``: its pid, host and start time. Where the file
     system supports it, the open file also holds an exclusive ``flock`` for the lifetime of the process (``fd``),
-    which the system drops when the process dies, however it dies."""
+    which the system drops when the process dies, however it dies. Without flock, ``identity`` (device, inode)
+    is the lock file this process made: only that file is ever removed."""
 
-    def __init__(self, path: str, fd: int | None = None) -> None:
+    def __init__(self, path: str, fd: int | None = None, identity: tuple[int, int] | None = None) -> None:
         self.path = path
         self.fd = fd
+        self.identity = identity
+
+    def ours(self) -> bool:
+        """Whether ``path`` still names this lock's file."""
+        if self.fd is not None:
+            return same_file(self.fd, self.path)
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return self.identity is None or (st.st_dev, st.st_ino) == self.identity
 
     def release(self) -> None:
         """Remove the lock file (only if it is still this lock's) and drop the flock. A folder that has become
         unwritable is reported, not raised: the next run takes the left lock over (its process is gone)."""
         try:
-            if self.fd is None or same_file(self.fd, self.path):
+            if self.ours():
                 os.remove(self.path)
         except FileNotFoundError:
             pass
@@ -152,13 +164,15 @@ def acquire_lock(folder: str) -> RunLock:
     while True:
         created = False
         try:
-            try:
-                fd = os.open(path, os.O_RDWR)
+            try:  # never through a symlink: a planted run.lock -> <file> would have its target overwritten
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
             except FileNotFoundError:
                 fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
         except FileExistsError:
             continue
         except OSError as err:
+            if os.path.islink(path):
+                raise not_a_lock(folder, path) from None
             raise unwritable(folder, path, err) from err
         taken = try_flock(fd)
         if taken is None:
@@ -196,42 +210,68 @@ def held_by_the_dead(holder: dict[str, Any]) -> bool:
     return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not process_alive(pid)
 
 
+def not_a_lock(folder: str, path: str) -> FileError:
+    return FileError(f"config key 'output_dir' = {folder!r}: {path} is a symbolic link, not a run's lock; remove "
+                     "it (the run writes its lock only as a file of its own)")
+
+
+GUARD_SUFFIX = ".takeover"  # run.lock.takeover: held (O_EXCL) by the one process replacing a stale lock
+GUARD_PATIENCE_S = 10.0  # a take-over lasts milliseconds; a guard older than this was left by a killed process
+
+
+def take_guard(guard: str, folder: str) -> bool:
+    """Create the take-over guard exclusively: True if made, False if another process holds it now (ConfigError
+    for a guard left behind long ago: its process was killed mid take-over; the user removes it)."""
+    try:
+        os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        return True
+    except FileExistsError:
+        try:
+            age = time.time() - os.stat(guard, follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            return False
+        if age > GUARD_PATIENCE_S:
+            raise ConfigError(f"config key 'output_dir' = {folder!r}: {guard} was left {age:.0f} s ago by a run "
+                              "killed while taking the folder over; delete it if no run is starting there") from None
+        return False
+
+
 def acquire_without_flock(folder: str, path: str, me: dict[str, Any]) -> RunLock:
-    """The lock on a file system without flock: created exclusively (O_EXCL). A stale lock is first renamed to a
-    name of this process's own and read again: only the lock judged stale is removed, never one that a faster
-    process has just made."""
-    aside = f"{path}.stale-{me['host']}-{me['pid']}"
-    for _ in range(10):
+    """The lock on a file system without flock: created exclusively (O_EXCL, which never follows a symlink). A
+    stale lock is removed only by the process holding the take-over guard (``run.lock.takeover``, created
+    exclusively too), and only if, read again under the guard, it still names the same stale holder: a lock
+    another process has just made is never removed, so at most one process holds the folder."""
+    guard = path + GUARD_SUFFIX
+    deadline = time.monotonic() + GUARD_PATIENCE_S
+    while time.monotonic() < deadline:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
+            if os.path.islink(path):
+                raise not_a_lock(folder, path) from None
             holder = read_holder(path)
-            if not holder or not may_take_over(folder, path, holder):
+            if not holder or not may_take_over(folder, path, holder):  # empty: being written by its new holder
                 raise in_use(folder, path, holder) from None
-            try:
-                os.rename(path, aside)
-            except FileNotFoundError:
+            if not take_guard(guard, folder):
+                time.sleep(0.01)
                 continue
-            moved = read_holder(aside)
-            if moved != holder:  # another process's new lock: put it back, unless a newer one is already there
-                try:
-                    os.link(aside, path)
-                except OSError:
-                    pass
-                os.remove(aside)
-                raise in_use(folder, path, moved) from None
-            os.remove(aside)
+            try:
+                if read_holder(path) == holder:  # still the stale lock, and no one else may remove it now
+                    os.remove(path)
+            finally:
+                os.remove(guard)
             continue
         except OSError as err:
             raise unwritable(folder, path, err) from err
         try:
             write_holder(fd, me)
+            st = os.fstat(fd)
         except OSError as err:
             os.close(fd)
             os.remove(path)
             raise unwritable(folder, path, err) from err
         os.close(fd)
-        return RunLock(path)
+        return RunLock(path, identity=(st.st_dev, st.st_ino))
     raise ConfigError(f"config key 'output_dir' = {folder!r}: could not take {path}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any, Callable, Mapping
 
 import torch
@@ -44,6 +45,7 @@ class RunLogger:
         self._pending = (logger_cfg, config, job_type, run_name, resume_id, config_yaml) if enabled else None
         self._definitions: list[tuple[str, dict[str, Any]]] = []
         self.log_checkpoints = False  # logger.log_checkpoints of a started W&B run
+        self._started = time.monotonic()  # each row's wall_s: seconds since this segment of the run started
 
     def start(self) -> None:
         """Open the run's outputs: ``config.yaml`` (when given), ``metrics.jsonl`` and the W&B run. Called by the
@@ -154,7 +156,8 @@ class RunLogger:
         if not self.enabled:
             return
         self.start()
-        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()},
+               "wall_s": round(time.monotonic() - self._started, 3)}
         path = os.path.join(self.output_dir, "metrics.jsonl")
         self._side_write("metrics", path, lambda: self._write_row((json.dumps(row) + "\n").encode()))
         self._wandb("log", {**metrics, STEP_KEY: step}, step=step)

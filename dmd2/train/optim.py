@@ -1,5 +1,5 @@
 """Optimisation of one trained network, the same for both stages: AdamW, a learning-rate warm-up counted in
-training iterations, gradient clipping, the non-finite policy and an optional EMA of the weights.
+training iterations (and an optional decay), gradient clipping, the non-finite policy and an optional EMA of the weights.
 
 ``Updater.update(loss, step)`` is the one optimizer step of this project: ``accumulate(loss, rounds)`` (backward of
 loss / rounds, gradients summed over the rounds of an iteration) then ``step(step)``. A skipped update (``on_nonfinite=skip``)
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -36,6 +36,39 @@ def warmup_lr(base_lr: float, step: int, warmup_steps: int) -> float:
     return base_lr * min(1.0, (step + 1) / max(1, warmup_steps))
 
 
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning rate as a function of the training iteration: ``warmup_lr``'s linear warm-up, then constant
+    (``decay`` "none") or decayed to ``final`` x the base rate at the last iteration ``total_steps - 1`` along a
+    half cosine ("cosine") or a line ("linear"). A pure function of the iteration (a resumed run continues it)."""
+
+    warmup_steps: int = 0
+    decay: str = "none"      # none | cosine | linear
+    final: float = 0.0       # the rate at the last iteration, as a fraction of the base rate
+    total_steps: int = 0     # the run's length in iterations (0: unknown, no decay)
+
+    def lr(self, base_lr: float, step: int) -> float:
+        rate = warmup_lr(base_lr, step, self.warmup_steps)
+        span = self.total_steps - 1 - self.warmup_steps
+        if self.decay == "none" or span <= 0 or step <= self.warmup_steps:
+            return rate
+        t = min(1.0, (step - self.warmup_steps) / span)  # 0 at the end of the warm-up, 1 at the last iteration
+        shape = 0.5 * (1.0 + math.cos(math.pi * t)) if self.decay == "cosine" else 1.0 - t
+        return rate * (self.final + (1.0 - self.final) * shape)
+
+
+def lr_schedule(cfg: Any, total_steps: int = 0) -> LRSchedule:
+    """The learning-rate schedule of a stage's settings (warmup_steps, lr_decay, lr_final) for a run of
+    ``total_steps`` iterations."""
+    return LRSchedule(cfg.warmup_steps, cfg.lr_decay, cfg.lr_final, total_steps)
+
+
+def plan_schedules(updaters: Any, total_steps: int) -> None:
+    """Give each updater's schedule the run's length (known once its batches are planned)."""
+    for upd in updaters:
+        upd.schedule = replace(upd.schedule, total_steps=total_steps)
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, parameter-wise; buffers are copied."""
@@ -45,7 +78,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def ema_decay_at(step: int, decay: float) -> float:
-    """EMA decay warmed up as min(decay, (1 + n) / (10 + n)) so short runs do not keep the initial weights."""
+    """EMA decay warmed up as min(decay, (1 + n) / (10 + n)), n the updates so far, so that short runs do not keep
+    the initial weights (a fixed decay d still holds d^n of them after n updates: 0.99^156 = 21 %)."""
     return min(decay, (1 + step) / (10 + step))
 
 
@@ -93,7 +127,7 @@ class Updater:
     params: list[Tensor]
     optimizer: torch.optim.Optimizer
     lr: float                      # base learning rate (after warm-up)
-    warmup_steps: int
+    schedule: LRSchedule           # warm-up and decay by iteration (its total_steps is set once the run is planned)
     clip: float | None             # max global gradient norm; None = no clipping
     on_nonfinite: str              # "stop" | "skip"
     ema: EMA | None = None
@@ -113,7 +147,7 @@ class Updater:
         self.pending = part.detach() if self.pending is None else self.pending + part.detach()
 
     def lr_at(self, step: int) -> float:
-        return warmup_lr(self.lr, step, self.warmup_steps)
+        return self.schedule.lr(self.lr, step)
 
     def update(self, loss: Tensor, step: int) -> Tensor | None:
         """Backward, clip, AdamW step at the learning rate of iteration ``step``, then the EMAs. Returns the
@@ -133,7 +167,7 @@ class Updater:
             self.skipped += 1
             return None
         for group in self.optimizer.param_groups:  # a group with its own base_lr (a discriminator) warms up alike
-            group["lr"] = warmup_lr(group.get("base_lr", self.lr), step, self.warmup_steps)
+            group["lr"] = self.schedule.lr(group.get("base_lr", self.lr), step)
         self.optimizer.step()
         self.applied += 1
         for ema in ([self.ema] if self.ema is not None else []) + self.more_emas:

@@ -31,7 +31,7 @@ from dmd2.train.context import RunContext, run_context
 from dmd2.train.evaluator import TrainingEvaluator
 from dmd2.train.grids import SampleGrids
 from dmd2.train.loop import plan_batches, train_loop
-from dmd2.train.optim import EMA, Updater, adamw, ema_decay_at
+from dmd2.train.optim import EMA, Updater, adamw, ema_decay_at, lr_schedule, plan_schedules
 
 
 @dataclass
@@ -141,7 +141,7 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     prepare_network(model, cfg.perf)  # channels-last / torch.compile (after the EMA copy: it stays eager)
     opt = adamw(model.parameters(), cfg.lr, cfg.adam_betas, cfg.weight_decay, fused_adamw(cfg.perf.fused_adamw, device))
-    upd = Updater("loss", list(model.parameters()), opt, cfg.lr, cfg.warmup_steps, cfg.grad_clip, cfg.on_nonfinite,
+    upd = Updater("loss", list(model.parameters()), opt, cfg.lr, lr_schedule(cfg), cfg.grad_clip, cfg.on_nonfinite,
                   EMA(ema, model, lambda step: ema_decay_at(step, cfg.ema_decay)))
     start = 0
     if ctx.resume is not None:
@@ -154,6 +154,7 @@ def train_teacher(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     s = TeacherState(wrap(model, ctx.dist, device), upd, ctx.rng, partial(autocast, device, cfg.precision),
                      cfg.p_mean, cfg.p_std, cfg.sigma_data, cfg.data.hflip)
     loader, plan = plan_batches(cfg, ctx, dataset, start)
+    plan_schedules([upd], plan.steps)  # a learning-rate decay ends at the run's last iteration
     ctx.say(f"[teacher] {count_parameters(model) / 1e6:.2f}M parameters, {len(dataset)} images, {plan.steps} steps "
             f"of global batch {plan.global_batch} on {device} (from step {start}); writing to {ctx.output_dir}")
     # class names are stored in checkpoints: generate.py and exports name their classes
