@@ -19,7 +19,8 @@ RESUME_SAFE = ("lr", "generator_lr", "guidance_lr", "weight_decay", "adam_betas"
                "eval.", "logger.", "perf.", "paths.", "run_name", "device", "data.num_workers", "data_dir",
                "optimized_metric", "resume", "resume_allow_changes", "output_dir", "world_size", "global_batch_size",
                "teacher_sha256",
-               "eval_weights", "progress")  # keys added since, resume-safe by their schema entry
+               "eval_weights", "progress", "generator_ema_warmup", "fake_warmup_steps",
+               "data.max_unreadable")  # keys added since, resume-safe by their schema entry
 # dmd2/config/names.py's UNNAMED: the key, or a key inside it (after "." or "/")
 UNNAMED = ("output_dir", "data_dir", "run_name", "resume", "device", "data.num_workers", "hydra", "logger", "paths",
            "local",
