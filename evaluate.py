@@ -39,7 +39,7 @@ import hydra
 from omegaconf import DictConfig
 
 import dmd2.config.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
-from dmd2.config.cli import quiet_hydra_on_other_ranks, run_script
+from dmd2.config.cli import eval_group_overrides, quiet_hydra_on_other_ranks, run_script
 from dmd2.config.errors import ConfigError
 from dmd2.config.validate import check_fid, check_settings, fail, fail_file, to_container
 from dmd2.io.files import atomic_write
@@ -403,6 +403,13 @@ def evaluate_checkpoints(cfg: DictConfig, device: Any, d: Dist) -> list[dict[str
             sampler, row, scalars = measure_checkpoint(cfg, path, measurement, device, d)
             if row is None:  # ranks > 0
                 continue
+            if "denoising_error" in row:  # a known-answer teacher: its error by noise level against the bound
+                from dmd2.io.pictures import plot_denoising_error
+
+                row["denoising_plot"] = plot_denoising_error(
+                    row["denoising_error"], os.path.join(output_dir, f"denoising_error_{sampler.step:06d}.png"),
+                    f"{sampler.describe()}, {os.path.basename(path)}")
+                log.info(f"[evaluate] denoising error by noise level, against the bound: {row['denoising_plot']}")
             results.append(row)
             _write_json(results_path, results)
             log.info(f"[evaluate] {value_text(row)} | {sampler.kind} step {sampler.step}, "
@@ -428,5 +435,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = quiet_hydra_on_other_ranks(sys.argv)
+    sys.argv = eval_group_overrides(quiet_hydra_on_other_ranks(sys.argv))
     sys.exit(run_script(main))

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, ImageDraw
-from tqdm import tqdm
+from PIL import Image
 
 import dmd2.config.settings  # noqa: F401  (registers the config schemas that conf/ builds on)
 from dmd2.config.cli import quiet_hydra_on_other_ranks, run_script
@@ -29,6 +28,8 @@ from dmd2.config.errors import ConfigError, FileError, FormatError
 from dmd2.config.seeds import parse_seeds
 from dmd2.config.validate import check_settings
 from dmd2.io.files import atomic_write
+from dmd2.io.pictures import labelled_grid
+from dmd2.runtime.progress import Progress
 from dmd2.runtime.devices import check_device, resolve_device
 
 if TYPE_CHECKING:  # torch and the generator are imported in generate(): --help and tab completion stay fast
@@ -123,23 +124,6 @@ def write_manifest(folder: str, manifest: dict[str, Any]) -> None:
     atomic_write(os.path.join(folder, MANIFEST_FILE), lambda f: f.write(text.encode()))
 
 
-def labelled_grid(rows: list[list[torch.Tensor]], names: list[str]) -> Image.Image:
-    """uint8 images [3,H,W], one list per row, as one image with each row's name on its left."""
-    h, w = rows[0][0].shape[1:] if rows and rows[0] else (32, 32)
-    pad = 2
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    margin = (int(max(draw.textlength(n) for n in names)) + 8) if any(names) else 0
-    cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (margin + cols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (images, name) in enumerate(zip(rows, names)):
-        top = pad + r * (h + pad)
-        draw.text((4, top + h // 2 - 6), name, fill="black")
-        for c, img in enumerate(images):
-            grid.paste(Image.fromarray(img.permute(1, 2, 0).numpy()), (margin + pad + c * (w + pad), top))
-    return grid
-
-
 def sample_share(cfg: DictConfig, gen: Generator, seeds: list[int], labels: list[int], folders: list[str],
                  progress: bool) -> tuple[dict[int, list[torch.Tensor]], list[np.ndarray]]:
     """Sample ``seeds`` (this process's share) and write each one's PNG (format=png, into its class's folder of
@@ -149,7 +133,7 @@ def sample_share(cfg: DictConfig, gen: Generator, seeds: list[int], labels: list
     grid_rows: dict[int, list[torch.Tensor]] = {}
     arrays: list[np.ndarray] = []
     done = 0
-    with tqdm(total=len(seeds), desc="generate", unit="img", dynamic_ncols=True, disable=not progress) as bar:
+    with Progress(len(seeds), "[generate]", "images", enabled=progress) as bar:
         for images, y in (gen.batches(labels, seeds, batch_size=cfg.batch_size) if seeds else ()):
             for img, label, seed in zip(images, y.tolist(), seeds[done:done + len(images)]):
                 row = grid_rows.setdefault(label, [])

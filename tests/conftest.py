@@ -1,6 +1,7 @@
 """Shared fixtures: tiny generated image-folder data, config composition and CLI runs. No network."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -57,6 +58,11 @@ def build_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
             build(folder)
             (folder / ".built").touch()
     return folder
+
+
+# the Optuna sweeper is opt-in (pip install -e ".[sweep]"; CI installs it): its tests skip without it
+needs_sweeper = pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+                                   reason='the Optuna sweeper is not installed (pip install -e ".[sweep]")')
 
 
 @pytest.fixture(scope="session")

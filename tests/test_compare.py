@@ -124,6 +124,52 @@ def test_a_real_multirun_end_to_end(tmp_path):
     assert (out / "compare_mixture_fd.png").read_bytes().startswith(PNG)
 
 
+def measured_run(folder: Path, num: int, reference: str, fid: float) -> None:
+    folder.mkdir(parents=True)
+    config = {"stage": "distill", "seed": 0, "lr": 1e-4, "eval": {"num_samples": num, "feature_network": {
+        "name": "inception", "path": None, "resize": "clean"}, "reference": {"name": reference, "folder": None}}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval/fid": fid, "eval/fid_std": 0.1}) + "\n")
+
+
+def test_values_of_different_sample_counts_or_references_never_share_a_column(tmp_path, capsys):
+    measured_run(tmp_path / "a", 1000, "auto", 30.0)
+    measured_run(tmp_path / "b", 2000, "auto", 20.0)
+    header, rows = table(find_runs([str(tmp_path)]))
+    assert "eval/fid final" not in header
+    assert "eval/fid@1k final" in header and "eval/fid@2k final" in header
+    cells = [dict(zip(header, row)) for row in rows]
+    assert {(c["eval/fid@1k final"], c["eval/fid@2k final"]) for c in cells} == {("30", ""), ("", "20")}
+    assert "eval/fid was measured with different samples" in capsys.readouterr().err
+    measured_run(tmp_path / "c", 2000, "cifar10_train", 10.0)  # now the reference differs too
+    header, _ = table(find_runs([str(tmp_path)]))
+    assert {"eval/fid@2k ref=auto final", "eval/fid@2k ref=cifar10_train final",
+            "eval/fid@1k ref=auto final"} <= set(header)
+    assert main([str(tmp_path), "--metric", "eval/fid"]) == 0  # the plain name asks for every one of its columns
+
+
+def test_out_writes_a_contact_sheet_of_each_settings_latest_samples(sweep, tmp_path, capsys):
+    from PIL import Image
+
+    for name, size in (("r1s0", 40), ("r5s1", 60)):  # a grid in one run of each setting (r5s0 has none)
+        samples = sweep / name / "samples"
+        samples.mkdir()
+        Image.new("RGB", (size, 10), "red").save(samples / "samples_generator_000050.png")
+        Image.new("RGB", (size, 20), "blue").save(samples / "samples_generator_000100.png")  # the latest
+        Image.new("RGB", (size, 99), "green").save(samples / "samples_teacher_000000.png")  # not the generator's
+    out = tmp_path / "out"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    assert f"[compare] contact sheet: {out / 'contact_sheet.png'}" in capsys.readouterr().err
+    sheet = Image.open(out / "contact_sheet.png").convert("RGB")
+    assert sheet.width >= 60 and sheet.height == 2 * (14 + 2 + 20) + 8  # two titled panels of the 20-px grids
+    assert sheet.getpixel((5, 14 + 2 + 5)) == (0, 0, 255)  # the latest grid (blue), under its title
+    capsys.readouterr()
+    empty = tmp_path / "none"
+    make_run(empty / "r", 1, 0, [1.0, 1.0, 1.0], [0.1, 0.1, 0.1])
+    assert main([str(empty), "--out", str(tmp_path / "out2")]) == 0
+    assert "no contact sheet: no run has a sample grid" in capsys.readouterr().err
+
+
 def one_run(folder: Path, rows: list, config: str = "seed: 0\nlr: 1.0\n") -> Path:
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(config)

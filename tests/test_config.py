@@ -206,8 +206,8 @@ def test_help_lists_every_key_with_its_meaning():
     # each script lists the config groups it uses, with their options (no internal schema groups)
     groups = proc.stdout.split("== Keys")[0]
     assert "data: cifar10, edm_dataset, gaussian_mixture, image_folder, synthetic" in groups and "schema" not in groups
-    assert "logger: none, wandb\nprotocol: edm" in templates["dmd2_evaluate"]
-    assert "Config groups" not in templates["dmd2_generate"]
+    assert "logger: none, wandb\nprotocol: edm\neval: featnet\nlocal: example" in templates["dmd2_evaluate"]
+    assert "== Config groups ==\nlocal: example" in templates["dmd2_generate"]
 
 
 def test_models_read_the_stage_settings_and_keep_no_defaults():

@@ -7,6 +7,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from dmd2.config.settings import DistillSettings
@@ -145,6 +146,10 @@ def test_teacher_distill_generate_end_to_end(dmd2_run, teacher_ckpt, tmp_path):
     assert all("train/loss_fake" in r and "train/guidance_grad_norm" in r for r in rows)
     assert (out / "samples" / "samples_teacher_000000.png").is_file()
     assert (out / "samples" / "samples_generator_000005.png").is_file()
+    # the teacher (step 0) and the generator EMA from the same noise, side by side, class names on the left
+    beside = Image.open(out / "samples" / "samples_teacher_vs_generator_000005.png")
+    single = Image.open(out / "samples" / "samples_generator_ema_000005.png")
+    assert beside.width > single.width + 2 * 32 and beside.height == single.height  # two panels of 2 columns
 
     gen_out = tmp_path / "generated"
     proc = run_cli("generate.py", f"checkpoint={out / 'dmd2_final.pt'}", f"output_dir={gen_out}", "seeds=0-29",

@@ -254,3 +254,35 @@ def test_evaluate_defaults():
     assert (cfg.num_samples, cfg.sampler.steps, cfg.kid, cfg.feature_network.name, cfg.reference.cache_dir) == (
         50000, 18, False, "inception", "./fid_stats")
     assert cfg.reference.allow_download is False and OmegaConf.select(cfg, "feature_network.inception_weights") is None
+
+
+def test_evaluate_and_generate_take_train_pys_eval_and_local_groups():
+    from dmd2.config.cli import eval_group_overrides
+
+    argv = eval_group_overrides(["evaluate.py", "checkpoint=x.pt", "eval=featnet", "paths.featnet=/nets/f.ts.pt"])
+    assert argv[2] == "eval@_global_=featnet"  # evaluate.py's command line says eval=featnet, as train.py's does
+    cfg = compose_cfg(argv[1:], config_name="evaluate")
+    train = compose_cfg(["eval=featnet", "paths.featnet=/nets/f.ts.pt"])
+    assert OmegaConf.to_container(cfg.feature_network, resolve=True) == OmegaConf.to_container(
+        train.eval.feature_network, resolve=True)  # one group file, the same network in both scripts
+    assert cfg.feature_network.path == "/nets/f.ts.pt" and cfg.reference.name == "auto"
+    # the machine's paths (conf/local/default.yaml) are keys of all three scripts
+    assert compose_cfg(["checkpoint=x.pt", "paths.featnet=/n.pt"], config_name="generate").paths.featnet == "/n.pt"
+
+
+def test_one_statistics_cache_per_set_of_images_whatever_asked_for_it(featnet, tiny_data, tmp_path, caplog):
+    """The training data of data=image_folder (reference.name=auto: train.py's eval, evaluate.py on its
+    checkpoints) whose files already have data.resolution is the folder: reference.name=folder reuses its cache."""
+    caplog.set_level("INFO")
+    cache = tmp_path / "stats"
+    net = build_feature_network("torchscript", torch.device("cpu"), path=str(featnet), resize="none")
+    data = {"name": "image_folder", "root": str(tiny_data), "resolution": 32, "num_classes": 10}
+    auto = reference_statistics("auto", net, str(cache), data=data)
+    caplog.clear()
+    folder = reference_statistics("folder", net, str(cache), folder=str(tiny_data) + "/")  # another spelling
+    assert folder.path == auto.path and "reusing cached reference statistics" in caplog.text
+    np.testing.assert_array_equal(folder.mu, auto.mu)
+    assert len(list(cache.glob("*.npz"))) == 2  # the statistics and their features: one set
+    # at another resolution the model sees resized images: statistics of their own
+    other = reference_statistics("auto", net, str(cache), data={**data, "resolution": 16})
+    assert other.path != auto.path

@@ -36,7 +36,7 @@ def png(path: Path) -> torch.Tensor:
 
 def test_a_distillation_exports_its_generator_with_metadata(dmd2_run):
     folder, ckpt = dmd2_run / "generator", dmd2_run / "dmd2_final.pt"
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors", "samples.png"]
     meta = json.loads((folder / "config.json").read_text())
     state = load_checkpoint(str(ckpt))
     assert (meta["kind"], meta["weights"], meta["sampler"], meta["resolution"]) == (
@@ -54,7 +54,23 @@ def test_a_distillation_exports_its_generator_with_metadata(dmd2_run):
     assert all(torch.equal(weights[k], state["generator_ema"][k]) for k in weights)
     assert ckpt.stat().st_size > 5 * (folder / "model.safetensors").stat().st_size
     card = (folder / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: dmd2") and "dmd2.load_generator" in card
+    assert card.startswith("---\nlibrary_name: dmd2\nlicense: mit\n") and "dmd2.load_generator" in card
+    assert "| license | MIT" in card and "![samples](samples.png)" in card
+    assert "| quality | not measured during training" in card  # the fixture's run evaluated nothing
+    grid = Image.open(folder / "samples.png")  # one row per class (10 rows of 6), their names on the left
+    assert grid.height > 10 * 32 and grid.width > 6 * 32
+
+
+def test_the_model_card_states_the_fd_with_its_sample_count_and_reference():
+    from dmd2.io.export import card_metric
+
+    meta = {"provenance": {"step": 400}, "training_config": {"eval": {"num_samples": 2000, "reference": {
+        "name": "folder", "folder": "data/cifar10-jpeg/train"}}}}
+    line = card_metric(meta, {"eval/fd_featnet": 12.345, "eval/fd_featnet_std": 0.21, "eval/fd_featnet_best": 11.0,
+                              "train/loss_dm": 0.5})
+    assert line == "fd_featnet = 12.35 ± 0.21 from 2000 samples against folder (data/cifar10-jpeg/train), at step 400"
+    meta["training_config"]["eval"]["reference"] = {"name": "auto"}
+    assert "against the training data (reference.name=auto)" in card_metric(meta, {"eval/fid": 3.0})
 
 
 def test_export_load_and_sample_gives_bitwise_the_images_generate_py_writes(dmd2_run, tmp_path):

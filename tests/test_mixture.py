@@ -171,6 +171,9 @@ def test_teacher_and_student_are_scored_exactly_in_training_and_by_evaluate(tmp_
     assert all(e["mse"] >= 0 and e["mse_x0"] > 0 for e in errors)
     saved = json.loads((tmp_path / "e" / "results.json").read_text())
     assert saved[0]["denoising_error"] == errors
+    # ... and plotted against the bound no denoiser can beat
+    plot = tmp_path / "e" / f"denoising_error_{row['step']:06d}.png"
+    assert saved[0]["denoising_plot"] == str(plot) and plot.read_bytes().startswith(b"\x89PNG")
 
 
 def test_exact_denoiser_has_no_denoising_error(mix):

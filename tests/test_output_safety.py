@@ -21,10 +21,11 @@ def test_export_refuses_to_replace_files_already_in_the_folder(teacher_ckpt, tmp
     assert (folder / "README.md").read_text() == "my notes" and sorted(p.name for p in folder.iterdir()) == [
         "README.md"]
     assert export_main([str(teacher_ckpt), str(folder), "--overwrite"]) == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                         "samples.png"]
     assert (folder / "README.md").read_text() != "my notes"
     assert export_main([str(teacher_ckpt), str(folder)]) == FILE_ERROR  # an earlier export is not replaced either
-    assert "model.safetensors, config.json, README.md already there" in capsys.readouterr().err
+    assert "model.safetensors, config.json, README.md, samples.png already there" in capsys.readouterr().err
 
 
 def test_import_edm_refuses_to_replace_an_existing_output(tmp_path, capsys):

@@ -19,14 +19,17 @@ RESUME_SAFE = ("lr", "generator_lr", "guidance_lr", "weight_decay", "adam_betas"
                "eval.", "logger.", "perf.", "paths.", "run_name", "device", "data.num_workers", "data_dir",
                "optimized_metric", "resume", "resume_allow_changes", "output_dir", "world_size", "global_batch_size",
                "teacher_sha256",
-               "eval_weights",  # keys added since, resume-safe by their schema entry
+               "eval_weights", "progress", "generator_ema_warmup", "fake_warmup_steps",
+               "data.max_unreadable",  # keys added since, resume-safe by their schema entry
                "health.")  # the health diagnostics' thresholds and panels (HealthSettings)
 # dmd2/config/names.py's UNNAMED: the key, or a key inside it (after "." or "/")
 UNNAMED = ("output_dir", "data_dir", "run_name", "resume", "device", "data.num_workers", "hydra", "logger", "paths",
-           "local")
+           "local",
+           "progress")  # added with the setting: how a run shows its progress, not what it computes
 # dmd2/eval/compare.py's IGNORED: the key, or (ending in ".") a key inside the section
 IGNORED = ("seed", "output_dir", "run_name", "resume", "data_dir", "logger.", "data.root", "data.num_workers",
-           "teacher_checkpoint", "device", "paths.")
+           "teacher_checkpoint", "device", "paths.",
+           "progress")  # added with the setting
 
 
 def was_resume_safe(key: str) -> bool:

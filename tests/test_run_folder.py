@@ -45,6 +45,7 @@ def test_a_full_disk_mid_run_stops_no_side_write(monkeypatch, tiny_data, tmp_pat
     monkeypatch.setenv("DMD2_RESCUE_DIR", str(rescue))
     disk = {"full": False}
     real_write, real_save, real_image = os.write, checkpoint.save_checkpoint, run_logger.save_image
+    real_picture = run_logger.save_picture
     real_log = run_logger.RunLogger.log
 
     def full() -> OSError:
@@ -70,10 +71,16 @@ def test_a_full_disk_mid_run_stops_no_side_write(monkeypatch, tiny_data, tmp_pat
             raise full()
         return real_image(*args, **kwargs)
 
+    def picture(*args, **kwargs):
+        if disk["full"]:
+            raise full()
+        return real_picture(*args, **kwargs)
+
     monkeypatch.setattr(run_logger.RunLogger, "log", log)
     monkeypatch.setattr(os, "write", write)
     monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     monkeypatch.setattr(run_logger, "save_image", image)
+    monkeypatch.setattr(run_logger, "save_picture", picture)
     caplog.set_level("INFO")
     from train import train
 
@@ -278,7 +285,7 @@ def test_written_files_follow_the_umask(teacher_ckpt, tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [*tmp_path.iterdir(), *(tmp_path / "export").iterdir()]
              if p.is_file()}
     assert modes == {"a.json": 0o644, "c.pt": 0o644, "model.safetensors": 0o644, "config.json": 0o644,
-                     "README.md": 0o644, "private.json": 0o600}
+                     "README.md": 0o644, "samples.png": 0o644, "private.json": 0o600}
 
 
 def test_without_flock_the_lock_is_made_exclusively(monkeypatch, tmp_path, caplog):

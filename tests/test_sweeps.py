@@ -29,6 +29,9 @@ def test_two_job_sweep_writes_two_runs_in_one_wandb_group(tiny_data, tmp_path):
         overrides = json.loads(next(item.value_json for item in run.config.update if item.key == "overrides"))
         assert f"data.root={tiny_data}" in overrides and f"lr={lr}" in overrides
     assert runs[0].run_id != runs[1].run_id
+    # the sweep ends with the compare table of its runs, one row per learning rate
+    assert f"[compare] the sweep's 2 runs (python -m dmd2.compare {sweep}" in proc.stdout
+    assert "| lr | n | steps | wall s |" in proc.stdout and "| 0.0002 | 1 | 1 |" in proc.stdout
 
 
 def wandb_run(folder: Path):

@@ -20,7 +20,7 @@ from dmd2.io.weights import build_denoiser
 from dmd2.method.unified import UnifiedModel
 from dmd2.train.distill import distill_model
 from dmd2.train.optim import EMA, LRSchedule, Updater, adamw, warmup_lr
-from tests.conftest import SMOKE, compose_cfg, run_cli, train_eval_args
+from tests.conftest import SMOKE, compose_cfg, needs_sweeper, run_cli, train_eval_args
 
 TINY_ARCH = {"name": "simple_unet", "channels": [8, 16], "num_res_blocks": 1, "attn_resolutions": [],
              "noise_emb_dim": 8, "emb_dim": 16, "dropout": 0.1, "groups": 4}
@@ -193,6 +193,7 @@ def test_an_evaluation_that_does_not_fit_stops_the_run_before_its_first_step(ove
 
 
 @pytest.mark.slow
+@needs_sweeper
 def test_optuna_search_minimises_the_eval_metric(teacher_ckpt, tiny_data, featnet, tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("train.py", "hparams_search=distill_optuna", "hydra.sweeper.n_trials=2",
@@ -234,6 +235,7 @@ def test_bad_evaluation_settings_name_the_key(overrides, message, tiny_data):
         validate(cfg)
 
 
+@needs_sweeper
 def test_hparams_search_configs_compose_with_a_search_space():
     for name, stage in (("distill_optuna", "distill"), ("teacher_optuna", "teacher")):
         cfg = compose_cfg([f"hparams_search={name}"], return_hydra_config=True)

@@ -25,7 +25,7 @@ from dmd2.method.frechet import frechet_to_reference
 from dmd2.train.context import logger_settings, wandb_project
 from dmd2.train.evaluator import reference_from_config
 from dmd2.train.objective import check_objective
-from tests.conftest import SMOKE, compose_cfg, run_cli, train_eval_args
+from tests.conftest import SMOKE, compose_cfg, needs_sweeper, run_cli, train_eval_args
 
 
 def tiny_net(featnet: Path, resize: str = "none"):
@@ -103,7 +103,8 @@ def test_a_folder_and_the_training_data_read_back_from_their_cache_as_they_were_
     from dmd2.eval.references import write_reference
 
     net = tiny_net(featnet)
-    data = {"name": "image_folder", "root": str(tiny_data), "resolution": 32, "num_classes": 10}
+    # at 16 px the training data is the folder's images resized (at 32 px it would be the folder itself)
+    data = {"name": "image_folder", "root": str(tiny_data), "resolution": 16, "num_classes": 10}
     for name, source in (("folder", {"folder": str(tiny_data)}), ("auto", {"data": data})):
         fresh = reference_statistics(name, net, str(tmp_path / "stats"), kid=True, **source)
         cached = reference_statistics(name, net, str(tmp_path / "stats"), kid=True, **source)
@@ -144,6 +145,10 @@ def test_evaluate_logs_to_the_project_of_the_checkpoints_data():
 def test_wandb_project_and_reference_follow_the_dataset():
     assert wandb_project({"name": "cifar10", "root": "./data"}) == "dmd2-cifar10"
     assert wandb_project({"name": "edm_dataset", "root": "datasets/imagenet-64x64.zip"}) == "dmd2-imagenet64"
+    # a folder named after its split is known by the folder above it: not every data set in one dmd2-train
+    assert wandb_project({"name": "image_folder", "root": "data/cifar10-jpeg/train"}) == "dmd2-cifar10-jpeg"
+    assert wandb_project({"name": "image_folder", "root": "/data/faces/val/"}) == "dmd2-faces"
+    assert wandb_project({"name": "image_folder", "root": "data/faces"}) == "dmd2-faces"
     cfg = compose_cfg(["experiment=dmd2_imagenet64", "teacher_checkpoint=x.pt",
                        "data.root=datasets/imagenet-64x64.zip"])
     assert cfg.eval.reference.name == "auto" and cfg.data.resolution == 64
@@ -282,6 +287,7 @@ def test_a_sweep_without_evaluation_or_with_a_metric_the_run_lacks_is_refused(fe
         check_objective(compose_cfg(base + ["optimized_metric=eval/fid"]), sweeping=False)
 
 
+@needs_sweeper
 def test_an_optuna_sweep_with_evaluation_off_stops_at_its_first_trial(teacher_ckpt, tiny_data, tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("train.py", "hparams_search=distill_optuna", "hydra.sweeper.n_trials=2", *SMOKE,

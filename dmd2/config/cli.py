@@ -20,11 +20,92 @@ from typing import Any, Callable
 
 from hydra._internal import hydra as hydra_app
 from hydra.errors import ConfigCompositionException, HydraException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from dmd2.config import errors
 from dmd2.config.errors import ConfigError
 from dmd2.config.settings import DistillSettings, TeacherSettings, TrainSettings
+
+
+# Run folders Hydra is about to create for this invocation (they did not exist when hydra.run.dir was resolved):
+# a refused start removes them again when they hold only Hydra's own files (``remove_refused_run_dir``)
+NEW_RUN_DIRS: dict[str, str | None] = {}  # run folder -> the outermost of its folders that did not exist yet
+
+
+def run_dir(output_dir: Any, default: str) -> str:
+    """The resolver ``${dmd2_run_dir:${output_dir},<default>}`` of ``hydra.run.dir``: the run's ``output_dir``
+    when set (train.log and .hydra/ go into the run's own folder), else ``default`` (outputs/<date>/<time>)."""
+    path = str(output_dir) if output_dir not in (None, "", "None") else default
+    leaf = top = os.path.abspath(path)
+    if leaf not in NEW_RUN_DIRS:
+        if os.path.exists(leaf):
+            NEW_RUN_DIRS[leaf] = None
+            KEPT_HYDRA_FILES[leaf] = hydra_files(leaf)
+        else:
+            while not os.path.exists(os.path.dirname(top)):
+                top = os.path.dirname(top)
+            NEW_RUN_DIRS[leaf] = top
+    return path
+
+
+OmegaConf.register_new_resolver("dmd2_run_dir", run_dir, replace=True)
+HYDRA_FILES = (".hydra",)  # with <script>.log: all a run folder holds before the run itself writes anything
+# an existing run folder's Hydra files as they were before this invocation: path -> (bytes of .hydra/*, log sizes)
+KEPT_HYDRA_FILES: dict[str, tuple[dict[str, bytes], dict[str, int]]] = {}
+
+
+def hydra_files(folder: str) -> tuple[dict[str, bytes], dict[str, int]]:
+    """The contents of ``folder``/.hydra/* (a few small YAML files) and the sizes of its *.log files."""
+    hydra_dir = os.path.join(folder, ".hydra")
+    saved = {}
+    for name in sorted(os.listdir(hydra_dir)) if os.path.isdir(hydra_dir) else []:
+        with open(os.path.join(hydra_dir, name), "rb") as f:
+            saved[name] = f.read()
+    logs = {n: os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".log")}
+    return saved, logs
+
+
+def restore_hydra_files(folder: str, kept: tuple[dict[str, bytes], dict[str, int]]) -> None:
+    """Put an existing run folder's Hydra files back as ``hydra_files`` found them: a refused start into the
+    folder of an earlier run leaves that run's record (.hydra/, its log) as it was."""
+    saved, logs = kept
+    hydra_dir = os.path.join(folder, ".hydra")
+    for name in os.listdir(hydra_dir) if os.path.isdir(hydra_dir) else []:
+        if name not in saved:
+            os.remove(os.path.join(hydra_dir, name))
+    for name, data in saved.items():
+        with open(os.path.join(hydra_dir, name), "wb") as f:
+            f.write(data)
+    if not saved and os.path.isdir(hydra_dir) and not os.listdir(hydra_dir):
+        os.rmdir(hydra_dir)
+    for name in [n for n in os.listdir(folder) if n.endswith(".log")]:
+        path = os.path.join(folder, name)
+        if name in logs:
+            os.truncate(path, logs[name])
+        else:
+            os.remove(path)
+
+
+def remove_refused_run_dir() -> None:
+    """After a refused start: remove the run folders this invocation made that hold nothing but Hydra's files
+    (.hydra/ and the script's log), so a refused start leaves no folder behind. A folder that existed before, or
+    that holds anything else (another run's lock or checkpoints), is left alone."""
+    import shutil
+
+    for path, kept in KEPT_HYDRA_FILES.items():
+        try:
+            restore_hydra_files(path, kept)
+        except OSError:
+            pass  # an unwritable folder (the refusal may be just that): nothing was written there either
+    for path, top in NEW_RUN_DIRS.items():
+        if top is None or not os.path.isdir(path):
+            continue
+        if all(name in HYDRA_FILES or name.endswith(".log") for name in os.listdir(path)):
+            shutil.rmtree(path, ignore_errors=True)
+            while path != top and os.path.isdir(os.path.dirname(path)) and not os.listdir(os.path.dirname(path)):
+                path = os.path.dirname(path)  # the folders made for it (outputs/<date>/), when left empty
+                os.rmdir(path)
 
 
 def stage_of_key(key: str) -> str | None:
@@ -102,6 +183,7 @@ def run_script(main: Callable[[], Any]) -> int:
         status = exit_status(err)
         if status is None:
             raise
+        remove_refused_run_dir()
         if show_traceback:
             traceback.print_exc()
         script = os.path.basename(sys.argv[0])
@@ -116,6 +198,12 @@ def run_script(main: Callable[[], Any]) -> int:
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
     return 0
+
+
+def eval_group_overrides(argv: list[str]) -> list[str]:
+    """evaluate.py takes train.py's ``eval`` config group with its keys at the top level (conf/evaluate.yaml:
+    ``eval@_global_``); ``eval=featnet`` on its command line means that group, as it does for train.py."""
+    return [f"eval@_global_={a[len('eval='):]}" if a.startswith("eval=") else a for a in argv]
 
 
 def quiet_hydra_on_other_ranks(argv: list[str]) -> list[str]:

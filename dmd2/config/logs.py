@@ -17,3 +17,11 @@ class BelowLevel(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno < self.level
+
+
+class NotFileOnly(logging.Filter):
+    """Drops records logged with ``extra={"file_only": True}`` (the console handlers: training's status lines go
+    to the run's log file only while a progress bar shows them on the terminal)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)

@@ -30,8 +30,16 @@ HIGHER_IS_BETTER = ("eval/mixture_coverage", "eval/mixture_near", "eval/is", "ev
 
 
 def higher_is_better(key: str) -> bool:
-    """Whether a larger value of the metric ``key`` is better (scores); False for distances and losses."""
-    return key in HIGHER_IS_BETTER
+    """Whether a larger value of the metric ``key`` is better (scores); False for distances and losses. A key
+    named with its measurement (python -m dmd2.compare's 'eval/fid@1k ref=...') is its metric's."""
+    return key.split("@")[0].split(" ")[0] in HIGHER_IS_BETTER
+
+
+def count_label(num: int) -> str:
+    """A sample count as it appears in metric names: 50000 -> '50k', 10000 -> '10k', 2500 -> '2.5k', 40 -> '40'."""
+    if num >= 1000 and num % 100 == 0:
+        return f"{num / 1000:g}k"
+    return str(num)
 
 
 def network_stem(path: str) -> str:
@@ -52,15 +60,22 @@ def metric_key(name: str, resize: str, path: str | None = None) -> str:
     return "eval/fd_" + re.sub(r"[^A-Za-z0-9_.-]", "_", network_stem(path or ""))
 
 
+SPLITS = ("train", "training", "val", "valid", "validation", "test", "testing")  # folders named after a split
+
+
 def dataset_label(data: Mapping[str, Any]) -> str:
     """A short name of the data a ``data`` config reads, for W&B project names and reference statistics:
     cifar10, synthetic, mixture, or the stem of ``root`` with its 'NxN' folded in (datasets/imagenet-64x64.zip ->
-    imagenet64, data/faces -> faces)."""
+    imagenet64, data/faces -> faces); a folder named after a split is known by the folder above it
+    (data/cifar10-jpeg/train -> cifar10-jpeg)."""
     if data["name"] in ("cifar10", "synthetic"):
         return data["name"]
     if data["name"] == "gaussian_mixture":
         return "mixture"
-    stem = os.path.basename(os.path.normpath(str(data["root"])))
+    root = os.path.normpath(str(data["root"]))
+    stem = os.path.basename(root)
+    if stem.lower() in SPLITS and os.path.basename(os.path.dirname(os.path.abspath(root))):
+        stem = os.path.basename(os.path.dirname(os.path.abspath(root)))
     stem = stem[:-4] if stem.lower().endswith(".zip") else stem
     stem = re.sub(r"[-_]?(\d+)x\1$", r"\1", stem)
     return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or data["name"]

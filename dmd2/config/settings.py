@@ -505,7 +505,12 @@ class TrainSettings:
                                          policy=ADJUSTABLE)
     precision: str = setting("fp32", "fp32 | bf16 (autocast on CUDA; ignored on CPU)", one_of("fp32", "bf16"))
 
-    log_every: int = setting(50, "scalar logging interval (steps)", POSITIVE_INT, policy=ADJUSTABLE)
+    log_every: int = setting(50, "scalar logging interval (steps); also the status line's (step, kimg, s/step, "
+                             "ETA, losses, memory), in <run>/train.log and, without a terminal, on stdout",
+                             POSITIVE_INT, policy=ADJUSTABLE)
+    progress: str = setting("auto", "how training shows its progress: auto = a bar on a terminal, status lines every "
+                            "log_every steps otherwise (nohup, SLURM, a pipe) | bar | lines",
+                            one_of("auto", "bar", "lines"), policy=PLACEMENT)
     sample_every: int = setting(5000, "sample grid interval (steps); 0 = only at the end", NONNEG_INT,
                                 policy=ADJUSTABLE)
     samples_per_class: int = setting(8, "columns of the sample grid (one row per class; at most 16 classes, "
@@ -697,6 +702,7 @@ class EvaluateSettings(FidSettings):
     num_workers: int = setting(4, "data-loader workers reading the reference folder", NONNEG_INT)
     run_name: Optional[str] = setting(None, "W&B run name; null = built from the command-line overrides",
                                       optional(TEXT), policy=PLACEMENT)
+    paths: LocalPaths = group(LocalPaths, "machine-specific paths (conf/local/default.yaml)", policy=PLACEMENT)
 
 
 def _seeds_ok(value: Any) -> bool:
@@ -736,6 +742,7 @@ class GenerateSettings:
     teacher_weights: str = setting("ema", "teacher checkpoints: ema | model", one_of("ema", "model"))
     generator_weights: str = setting("ema", "DMD2 checkpoints: ema | raw | ema_<decay> (an EMA of "
                                      "generator_ema_decays)", GENERATOR_WEIGHTS)
+    paths: LocalPaths = group(LocalPaths, "machine-specific paths (conf/local/default.yaml)", policy=PLACEMENT)
     sampler: SamplerSettings = group(SamplerSettings, "how teacher checkpoints sample")
     class_names: Optional[List[str]] = setting(None, "names for folders and grids; null = the model's (stored in "
                                                "checkpoints and exports; class_000 ... when unknown)")
@@ -849,9 +856,9 @@ def register() -> None:
                                      "local"]),
         "dmd2_evaluate": help_template("evaluate.py", "FID / FD of teacher and DMD2 checkpoints.",
                                        [("Keys", EvaluateSettings, ""), ("logger=wandb", WandbLogger, "logger.")],
-                                       ["logger", "protocol"]),
+                                       ["logger", "protocol", "eval", "local"]),
         "dmd2_generate": help_template("generate.py", "images from a checkpoint or an export, one per seed.",
-                                       [("Keys", GenerateSettings, "")], []),
+                                       [("Keys", GenerateSettings, "")], ["local"]),
     }
     for name, template in helps.items():
         cs.store(group="hydra/help", name=name, node={"app_name": name, "header": "", "footer": "",

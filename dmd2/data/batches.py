@@ -13,6 +13,7 @@ from dmd2.data.datasets import LabelsOnly
 from dmd2.data.images import from_uint8, to_uint8
 from dmd2.method.randomness import EPOCH_STRIDE, GLOBAL_RNG, BatchRNG, derived_seed, torch_generator
 from dmd2.runtime.perf import cache_fits
+from dmd2.runtime.progress import Progress
 
 
 def random_hflip(images: Tensor, rng: BatchRNG = GLOBAL_RNG) -> Tensor:
@@ -92,9 +93,11 @@ class CachedBatches:
             self.images, self.labels = None, torch.tensor(ds.targets, device=device)
             return
         chunks, labels = [], []
-        for x, y in DataLoader(ds, batch_size=500, num_workers=num_workers):  # [-1, 1] floats -> exact uint8
-            chunks.append(to_uint8(x))
-            labels.append(y)
+        with Progress(len(ds), "[data] decoding into memory", "images", enabled=rank == 0) as shown:
+            for x, y in DataLoader(ds, batch_size=500, num_workers=num_workers):  # [-1, 1] floats -> exact uint8
+                chunks.append(to_uint8(x))
+                labels.append(y)
+                shown.update(len(y))
         self.images = torch.cat(chunks).to(device)
         self.labels = torch.cat(labels).to(device)
 

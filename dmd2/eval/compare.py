@@ -9,8 +9,8 @@ runs are repetitions. For every ``eval/*`` metric the table shows, as mean +- sd
 logged value (final) and its best value over the run (min for distances such as FID / FD, max for scores such as
 coverage: ``dmd2.config.names.higher_is_better``), with n; also the steps and the wall time (from the first to the last
 write of the run). The Markdown table goes to stdout; ``--out DIR`` writes compare.md, compare.csv (means and
-sds as numbers) and compare_<metric>.png (each metric against the step, one line per group, a band of +- sd over
-its runs).
+sds as numbers), compare_<metric>.png (each metric against the step, one line per group, a band of +- sd over
+its runs) and contact_sheet.png (each group's latest sample grid, from its first run, one below the other).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from dmd2.config.errors import FileError, FormatError, run_tool
-from dmd2.config.names import higher_is_better
+from dmd2.config.names import count_label, higher_is_better, network_stem
 from dmd2.config.policy import splits_groups
 
 # eval/* values that describe the cost or the bookkeeping of an evaluation, not the model
@@ -179,7 +179,53 @@ def find_runs(patterns: list[str]) -> list[Run]:
                 folders.setdefault(os.path.realpath(folder), os.path.normpath(folder))
     if not folders:
         raise FileError(f"no runs (folders with config.yaml and metrics.jsonl) under {' '.join(patterns)}")
-    return [read_run(f) for f in sorted(folders.values())]
+    runs = [read_run(f) for f in sorted(folders.values())]
+    for note in split_measurements(runs):
+        print(f"[compare] {note}", file=sys.stderr)
+    return runs
+
+
+# what an eval/* value was measured with, as the run's config records it (eval.*): values measured otherwise are
+# never put in one column
+MEASURED_WITH = {
+    "samples": ("eval.num_samples",),
+    "network": ("eval.feature_network.name", "eval.feature_network.path", "eval.feature_network.resize"),
+    "reference": ("eval.reference.name", "eval.reference.folder", "eval.reference.path"),
+}
+
+
+def measured_with(run: Run, part: str) -> str:
+    """How ``run`` measured its eval/* values, one ``part`` of MEASURED_WITH, as it appears in a column name:
+    '@2k' (the sample count), ' net=<network>', ' ref=<reference>'."""
+    c = run.config
+    if part == "samples":
+        n = c.get("eval.num_samples")
+        return f"@{count_label(int(n))}" if isinstance(n, (int, float)) else "@?"
+    if part == "network":
+        path = c.get("eval.feature_network.path")
+        name = network_stem(str(path)) if path else str(c.get("eval.feature_network.name"))
+        return f" net={name}/{c.get('eval.feature_network.resize')}"
+    where = c.get("eval.reference.folder") or c.get("eval.reference.path")
+    return f" ref={c.get('eval.reference.name')}" + (f":{os.path.normpath(str(where))}" if where else "")
+
+
+def split_measurements(runs: list[Run]) -> list[str]:
+    """Rename each eval/* series whose runs measured it with different sample counts, feature networks or
+    references after what differs (eval/fid -> eval/fid@1k, eval/fid@2k): separate, named columns, never one
+    column of values that do not compare. Returns a note per metric split."""
+    notes = []
+    for metric in eval_metrics(runs):
+        members = [r for r in runs if metric in r.series]
+        differing = [p for p in MEASURED_WITH if len({measured_with(r, p) for r in members}) > 1]
+        if not differing:
+            continue
+        for r in members:
+            tag = "".join(measured_with(r, p) for p in differing)
+            for key in [k for k in (metric, metric + "_std", metric + "_best") if k in r.series]:
+                r.series[metric + tag + key[len(metric):]] = r.series.pop(key)
+        notes.append(f"{metric} was measured with different {', '.join(differing)}: one column for each "
+                     f"({', '.join(sorted({metric + ''.join(measured_with(r, p) for p in differing) for r in members}))})")
+    return notes
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
@@ -322,6 +368,42 @@ def plot(runs: list[Run], metrics: list[str], folder: str) -> list[str]:
     return paths
 
 
+# the sample grids a contact sheet shows, in order of preference (samples/<name>_<step>.png in a run folder)
+SHEET_GRIDS = ("samples_generator_ema", "samples_generator", "samples_teacher_ema", "samples_teacher")
+
+
+def latest_samples(run: Run) -> str | None:
+    """The newest sample grid of ``run`` (its generator EMA's, else its generator's, else its teacher's)."""
+    names = os.listdir(os.path.join(run.path, "samples")) if os.path.isdir(os.path.join(run.path, "samples")) else []
+    for kind in SHEET_GRIDS:
+        found = sorted(n for n in names if re.fullmatch(re.escape(kind) + r"_\d+\.png", n))
+        if found:
+            return os.path.join(run.path, "samples", found[-1])  # steps are zero-padded: the last is the latest
+    return None
+
+
+def contact_sheet(runs: list[Run], path: str) -> str | None:
+    """``path``: each group's latest sample grid (from its first run that has one), titled with its setting,
+    one below the other; None (nothing written) when no run has a grid."""
+    from PIL import Image
+
+    from dmd2.io.pictures import stacked, titled
+
+    keys, groups = group_runs(runs)
+    panels = []
+    for setting, members in groups.items():
+        grid = next((g for g in map(latest_samples, members) if g), None)
+        if grid is None:
+            continue
+        label = ", ".join(f"{k}={v}" for k, v in zip(keys, setting)) or "all runs"
+        with Image.open(grid) as image:
+            panels.append(titled(image.convert("RGB"), f"{label}: {os.path.relpath(grid)}"))
+    if not panels:
+        return None
+    stacked(panels).save(path)
+    return path
+
+
 def write_outputs(runs: list[Run], metrics: list[str] | None, args: argparse.Namespace) -> None:
     try:
         _write_outputs(runs, metrics, args)
@@ -347,13 +429,18 @@ def _write_outputs(runs: list[Run], metrics: list[str] | None, args: argparse.Na
     if args.out or args.plot:
         for path in plot(runs, metrics, args.out or "."):
             print(f"[compare] plot: {path}", file=sys.stderr)
+    if args.out:
+        sheet = contact_sheet(runs, os.path.join(args.out, "contact_sheet.png"))
+        print(f"[compare] contact sheet: {sheet}" if sheet else "[compare] no contact sheet: no run has a sample grid",
+              file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dmd2.compare", description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", help="run folders, sweep folders or globs")
     parser.add_argument("--metric", action="append", help="eval metric to show (repeatable); default: every eval/*")
-    parser.add_argument("--out", metavar="DIR", help="write compare.md, compare.csv and compare_<metric>.png here")
+    parser.add_argument("--out", metavar="DIR", help="write compare.md, compare.csv, compare_<metric>.png and "
+                        "contact_sheet.png here")
     parser.add_argument("--plot", action="store_true", help="write the PNG plots (into --out, else here)")
     parser.add_argument("--markdown", metavar="FILE", help="write the Markdown table here")
     parser.add_argument("--csv", metavar="FILE", help="write the table as CSV (means and sds) here")
@@ -364,7 +451,10 @@ def main(argv: list[str] | None = None) -> int:
 def compare_command(args: argparse.Namespace) -> None:
     """``python -m dmd2.compare`` with its parsed arguments: find the runs, write the table and plots."""
     runs = find_runs(args.paths)
-    metrics = args.metric
+    logged = {k for r in runs for k in r.series}
+    # a metric split by split_measurements is asked for by its plain name: every one of its columns
+    metrics = [k for m in args.metric for k in sorted(logged) if k == m or k.startswith((m + "@", m + " "))] or \
+        args.metric if args.metric else None
     missing = [m for m in metrics or [] if not any(m in r.series for r in runs)]
     if missing:
         raise FileError(f"--metric {', '.join(missing)}: no run logged it; they logged "

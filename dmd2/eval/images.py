@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import zipfile
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from cleanfid.fid import get_files_features
-from cleanfid.utils import EXTENSIONS
+from cleanfid.fid import get_batch_features
+from cleanfid.utils import EXTENSIONS, ResizeDataset
 from torch.utils.data import DataLoader
 
 from dmd2.config.errors import EvaluationError
@@ -24,7 +25,9 @@ from dmd2.data.datasets import build_dataset
 from dmd2.data.images import to_uint8
 from dmd2.eval.features import FeatureNetwork, batch_features
 from dmd2.io.files import file_sha256, inflation_limit, read_npz_arrays
+from dmd2.runtime.progress import Progress
 
+log = logging.getLogger(__name__)
 GENERATE_GRID = "grid.png"  # generate.py's overview grid in its output folder
 IMAGE_SUFFIXES = tuple("." + e for e in EXTENSIONS)
 MAX_IMAGE_SIDE = 4096  # pixels: an image's header is checked against it before the image is decoded
@@ -221,8 +224,10 @@ def folder_fingerprint(folder: str, files: list[str]) -> str:
     """Hash of every file's relative path and bytes (read in 1 MiB blocks): a folder whose images changed gets new
     statistics, whatever their sizes and modification times (about 2 s per 50,000 CIFAR-size images)."""
     digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{os.path.relpath(f, folder)}\t{file_sha256(f)}\n".encode())
+    with Progress(len(files), f"[reference] hashing {folder}:", "files") as shown:
+        for f in files:
+            digest.update(f"{os.path.relpath(f, folder)}\t{file_sha256(f)}\n".encode())
+            shown.update(1)
     return digest.hexdigest()
 
 
@@ -261,28 +266,61 @@ def folder_source(folder: str) -> ImageSource:
 
         with Image.open(files[0]) as first:
             image_size = int(first.size[0])
-        feats = get_files_features(files, net.model, num_workers=num_workers, batch_size=batch_size,
-                                   device=net.device, mode="clean",
-                                   custom_fn_resize=None if net.resize == "clean" else _no_resize,
-                                   description=f"reference {label}: ")
-        return feats, image_size
+        # clean-fid's reading and resizing of image files (get_files_features' loader), with this project's progress
+        dataset = ResizeDataset(files, mode="clean")
+        if net.resize != "clean":
+            dataset.fn_resize = _no_resize
+        parts = []
+        with Progress(len(files), f"[reference] {label}: features of", "images") as shown:
+            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+                parts.append(get_batch_features(batch, net.model, net.device))
+                shown.update(len(batch))
+        return np.concatenate(parts), image_size
 
     return ImageSource(re.sub(r"[^A-Za-z0-9_.-]", "_", label) or "folder", fingerprint, os.path.abspath(folder),
                        os.path.basename(os.path.normpath(os.path.abspath(folder))),
                        f"{os.path.abspath(folder)} (files sha256 {fingerprint[:12]})", featurize)
 
 
+def files_at_resolution(files: list[str], resolution: int) -> bool:
+    """Whether every image file is ``resolution`` x ``resolution`` pixels (read from the files' headers)."""
+    from PIL import Image
+
+    with Progress(len(files), "[reference] checking image sizes:", "files") as shown:
+        for f in files:
+            with Image.open(f) as image:
+                if image.size != (resolution, resolution):
+                    return False
+            shown.update(1)
+    return True
+
+
 def training_data_source(data: Mapping[str, Any]) -> ImageSource:
     """The images a ``data`` config reads (any kind: dmd2.data.datasets.build_dataset), as the model sees them:
-    resized and center-cropped to data.resolution, then uint8."""
+    resized and center-cropped to data.resolution, then uint8. An image folder whose files all have that size
+    already is the folder itself (``folder_source``): its statistics are one cache file, whether
+    reference.name=auto (train.py, evaluate.py on its checkpoints) or reference.name=folder asked for them."""
     label, res = dataset_label(data), int(data["resolution"])
+    root = str(data.get("root"))
+    if data["name"] == "image_folder" and os.path.isdir(root):
+        files = list_images(root)
+        if len(files) >= 2 and len(files) == len(build_dataset(dict(data))) and files_at_resolution(files, res):
+            log.info(f"[reference] the training data's {len(files)} images are {res}x{res} files as they are: "
+                     f"its statistics are those of reference.name=folder reference.folder={root}")
+            return folder_source(root)
     fingerprint = data_fingerprint(data)
     origin = (f"data={data['name']}, generated from its settings" if data["name"] in GENERATED_DATA
               else f"data={data['name']} data.root={os.path.abspath(str(data['root']))}")
 
     def featurize(net: FeatureNetwork, batch_size: int, num_workers: int) -> tuple[np.ndarray, int]:
-        loader = DataLoader(build_dataset(dict(data)), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        return np.concatenate([batch_features(to_uint8(x), net) for x, _ in loader]), res
+        dataset = build_dataset(dict(data))
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        parts = []
+        with Progress(len(dataset), f"[reference] {label}: features of", "images") as shown:
+            for x, _ in loader:
+                parts.append(batch_features(to_uint8(x), net))
+                shown.update(len(x))
+        return np.concatenate(parts), res
 
     return ImageSource(f"{label}-{res}px", fingerprint, f"the training data {label}", label,
                        f"{origin} (sha256 {fingerprint[:12]})", featurize)

@@ -27,9 +27,10 @@ import torch
 from torch import Tensor
 
 from dmd2.config.errors import EvaluationError
-from dmd2.config.names import MIXTURE_KEY, MIXTURE_METRIC
+from dmd2.config.names import MIXTURE_KEY, MIXTURE_METRIC, count_label  # noqa: F401 (count_label: also from here)
 from dmd2.eval.features import FeatureNetwork, batch_features, classify, feature_dim, image_features
 from dmd2.eval.prdc import class_statistics, prdc, subsample
+from dmd2.runtime.progress import Progress
 from dmd2.eval.references import ReferenceStats
 from dmd2.eval.statistics import bootstrap_std, feature_statistics, frechet_distance, kernel_inception_distance
 from dmd2.io.sampler import CheckpointSampler, generate_uint8, round_robin_labels
@@ -38,13 +39,6 @@ from dmd2.method.mixture import (GaussianMixture, mean_span_features, mixture_cl
 from dmd2.runtime.distributed import Dist, barrier, batch_shard, gather_to_main
 
 log = logging.getLogger(__name__)
-
-
-def count_label(num: int) -> str:
-    """A sample count as it appears in metric names: 50000 -> '50k', 10000 -> '10k', 2500 -> '2.5k', 40 -> '40'."""
-    if num >= 1000 and num % 100 == 0:
-        return f"{num / 1000:g}k"
-    return str(num)
 
 
 def metric_name(wandb_key: str, num: int) -> str:
@@ -174,19 +168,18 @@ def sampler_features(sampler: CheckpointSampler, net: FeatureNetwork, num: int, 
     noise, round-robin classes), generated and featurized batch by batch; also the seconds spent generating."""
     feats = np.empty((num, dim), dtype=np.float32)
     batches = generate_uint8(sampler, num, seed, batch_size, device, start)
-    done, gen_seconds, next_report = 0, 0.0, num / 10
-    while True:
-        start = time.perf_counter()
-        try:
-            images, _ = next(batches)  # uint8 [B,3,R,R] on the CPU (the copy waits for the device)
-        except StopIteration:
-            break
-        gen_seconds += time.perf_counter() - start
-        feats[done: done + len(images)] = batch_features(images, net)
-        done += len(images)
-        if progress and (done >= next_report or done == num):
-            log.info(f"[evaluate]   {done}/{num} samples ({done / max(gen_seconds, 1e-9):.1f} images/s generation)")
-            next_report += num / 10
+    done, gen_seconds = 0, 0.0
+    with Progress(num, "[evaluate] sampling and features:", "images", enabled=progress) as shown:
+        while True:
+            start = time.perf_counter()
+            try:
+                images, _ = next(batches)  # uint8 [B,3,R,R] on the CPU (the copy waits for the device)
+            except StopIteration:
+                break
+            gen_seconds += time.perf_counter() - start
+            feats[done: done + len(images)] = batch_features(images, net)
+            done += len(images)
+            shown.update(len(images))
     return feats, gen_seconds
 
 

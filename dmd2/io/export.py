@@ -10,7 +10,9 @@ The folder holds:
 - ``config.json``: what is needed to sample (architecture, resolution, sigma_data, the generator's noise levels
   or the teacher's Heun steps, network evaluations per image, class names) and provenance (checkpoint and its
   SHA-256, training step, teacher, hash of the training config, W&B run id, when it was exported).
-- ``README.md``: a model card with the commands to use it.
+- ``README.md``: a model card with the commands to use it, the license (``LICENSE``), the FID / FD the training
+  run last measured (with its sample count and reference) and the sample grid.
+- ``samples.png``: that grid, drawn from the exported weights (seeds 0.., one row per class).
 
 ``dmd2.load_generator(folder)`` (or ``hf://owner/repo``) loads it back; see dmd2.io.loaded.
 """
@@ -29,11 +31,51 @@ from dmd2.config.errors import ConfigError, FileError, run_tool
 from dmd2.io.checkpoint import load_checkpoint
 from dmd2.io.export_format import CONFIG_FILE, WEIGHTS_FILE, checkpoint_export_metadata
 from dmd2.io.files import atomic_write, follow_umask
-from dmd2.io.sampler import sampler_from_checkpoint
+from dmd2.io.sampler import CheckpointSampler, grid_labels, sample_batches, sampler_from_checkpoint
+
+LICENSE = "mit"              # the project's license (LICENSE, pyproject.toml), stated in every model card
+GRID_FILE = "samples.png"    # the model card's sample grid
+GRID_PER_CLASS = 6           # images per class (row) in it
 
 
-def model_card(meta: dict[str, Any], repo_id: str | None) -> str:
-    """README.md of an export (a Hugging Face Hub model card with its YAML header)."""
+def card_metric(meta: dict[str, Any], metrics: dict[str, float] | None) -> str:
+    """The model card's quality line: the FID / FD the training run last logged, with its sample count and
+    reference (from the run's config: eval.num_samples, eval.reference), or a note that none was measured."""
+    metrics = metrics or {}
+    keys = sorted(k for k in metrics if (k == "eval/fid" or k.startswith(("eval/fid_", "eval/fd_")))
+                  and not k.endswith(("_std", "_best")))
+    if not keys:
+        return "not measured during training (`python evaluate.py checkpoint=<this folder>` measures it)"
+    cfg = (meta.get("training_config") or {}).get("eval") or {}
+    ref = cfg.get("reference") or {}
+    where = ref.get("folder") or ref.get("path")
+    reference = f"{ref.get('name', 'auto')}" + (f" ({where})" if where else "") if ref else "unknown"
+    if ref.get("name") == "auto":
+        reference = "the training data (reference.name=auto)"
+    key = keys[0]
+    std = metrics.get(f"{key}_std")
+    return (f"{key.split('/', 1)[1]} = {metrics[key]:.4g}" + (f" ± {std:.2g}" if std is not None else "")
+            + f" from {cfg.get('num_samples', '?')} samples against {reference}, at step {meta['provenance']['step']}")
+
+
+def sample_grid(sampler: CheckpointSampler, class_names: list[str] | None, batch_size: int = 64) -> Any:
+    """The model card's picture: GRID_PER_CLASS samples (seeds 0..) of each class (at most GRID_MAX_CLASSES
+    rows), the class names on the left."""
+    import torch
+
+    from dmd2.io.pictures import class_rows, labelled_grid
+
+    labels = grid_labels(sampler.num_classes, GRID_PER_CLASS, torch.device("cpu"))
+    with torch.no_grad():
+        images = torch.cat([x for x, _ in sample_batches(sampler, range(len(labels)), labels, batch_size)])
+    rows, names = class_rows(images, labels.tolist(), class_names, GRID_PER_CLASS)
+    return labelled_grid(rows, names, title=f"seeds 0-{len(labels) - 1}, {sampler.nfe} NFE")
+
+
+def model_card(meta: dict[str, Any], repo_id: str | None, grid: bool = False,
+               metrics: dict[str, float] | None = None) -> str:
+    """README.md of an export (a Hugging Face Hub model card with its YAML header): ``grid``: samples.png is there;
+    ``metrics``: the training run's last logged values (its FID / FD)."""
     what = ("a one-step" if meta["sampler"]["nfe"] == 1 else f"a {meta['sampler']['nfe']}-step") + " DMD2 generator" \
         if meta["kind"] == "dmd2" else f"an EDM teacher (Heun sampler, {meta['sampler']['nfe']} network evaluations)"
     classes = (f"{meta['num_classes']} classes: {', '.join(meta['class_names'][:20])}"
@@ -42,6 +84,7 @@ def model_card(meta: dict[str, Any], repo_id: str | None) -> str:
     p = meta["provenance"]
     return f"""---
 library_name: dmd2
+license: {LICENSE}
 tags: [diffusion, distillation, dmd2, image-generation]
 ---
 # {repo_id or 'DMD2 export'}
@@ -66,12 +109,14 @@ or `python generate.py checkpoint={source} seeds=0-63`.
 | teacher | {p['teacher_checkpoint'] or p['imported_from'] or '-'} |
 | training config hash | {p['config_sha256']} |
 | W&B run | {p['wandb_run_id'] or '-'} |
-
+| quality | {card_metric(meta, metrics)} |
+| license | {LICENSE.upper()} (the dmd2 code's license; the training data and the teacher may carry their own terms) |
+{chr(10) + f"![samples]({GRID_FILE})" + chr(10) if grid else ""}
 The full training config is in `config.json` (`training_config`).
 """
 
 
-EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, "README.md")
+EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, "README.md", GRID_FILE)
 
 
 def check_export_folder(folder: str, overwrite: bool) -> None:
@@ -96,16 +141,19 @@ def export_generator(checkpoint: str, folder: str, *, teacher_weights: str = "em
     sampler = sampler_from_checkpoint(state, "cpu", heun_steps, teacher_weights, generator_weights)
     meta = checkpoint_export_metadata(state, sampler, checkpoint)
     weights = {k: v.detach().contiguous() for k, v in sampler.net.state_dict().items()}
-    write_export(folder, meta, weights, repo_id, overwrite)
+    write_export(folder, meta, weights, repo_id, overwrite, grid=sample_grid(sampler, meta["class_names"]),
+                 metrics=state.get("metrics"))
     return meta
 
 
 def write_export(folder: str, meta: dict[str, Any], weights: dict[str, Tensor], repo_id: str | None = None,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, grid: Any = None, metrics: dict[str, float] | None = None) -> None:
     """Write the export files (model.safetensors with ``meta``, config.json, README.md) into ``folder`` (``meta``
     from dmd2.io.export_format.export_metadata, the one writer of export metadata): staged in
     a temporary folder next to it and moved in at the end, so an interruption never leaves a half-written export.
-    A file of those names already in ``folder`` is replaced only with ``overwrite``."""
+    A file of those names already in ``folder`` is replaced only with ``overwrite``. ``grid``: the sample grid (a
+    PIL image) written as samples.png and shown in the card; ``metrics``: the training run's last values (the
+    card's FID / FD)."""
     from safetensors.torch import save_file
 
     parent = os.path.dirname(os.path.abspath(folder))
@@ -114,12 +162,16 @@ def write_export(folder: str, meta: dict[str, Any], weights: dict[str, Tensor], 
     try:
         save_file(weights, os.path.join(staging, WEIGHTS_FILE), metadata={"dmd2": json.dumps(meta)})
         follow_umask(os.path.join(staging, WEIGHTS_FILE))  # safetensors creates it 0600
-        for name, text in ((CONFIG_FILE, json.dumps(meta, indent=2) + "\n"), ("README.md", model_card(meta, repo_id))):
+        for name, text in ((CONFIG_FILE, json.dumps(meta, indent=2) + "\n"),
+                           ("README.md", model_card(meta, repo_id, grid is not None, metrics))):
             atomic_write(os.path.join(staging, name), lambda f, t=text: f.write(t.encode()))
+        if grid is not None:
+            grid.save(os.path.join(staging, GRID_FILE))
         os.makedirs(folder, exist_ok=True)
         check_export_folder(folder, overwrite)  # again: the folder may have changed while the weights were written
         for name in EXPORT_FILES:
-            os.replace(os.path.join(staging, name), os.path.join(folder, name))
+            if os.path.exists(os.path.join(staging, name)):
+                os.replace(os.path.join(staging, name), os.path.join(folder, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -471,10 +471,17 @@ class DistillStage:
 
     def log_grids(self, step: int) -> None:
         model, caption = self.s.model, f"generator, {self.s.model.num_steps} NFE"
-        self.grids.log(self.ctx.logger, "samples/generator", model.sample(self.grids.z, self.grids.y), step, caption)
+        raw = model.sample(self.grids.z, self.grids.y)
+        self.grids.log(self.ctx.logger, "samples/generator", raw, step, caption)
+        beside, beside_caption = raw, caption
         for name, net in self.emas.items():  # samples/generator_ema, samples/generator_ema_0.99995, ...
-            self.grids.log(self.ctx.logger, f"samples/generator_{name}", model.sample(self.grids.z, self.grids.y, net),
-                           step, f"{'EMA' if name == DEFAULT_EMA else name} {caption}")
+            images = model.sample(self.grids.z, self.grids.y, net)
+            label = f"{'EMA' if name == DEFAULT_EMA else name} {caption}"
+            self.grids.log(self.ctx.logger, f"samples/generator_{name}", images, step, label)
+            if name == DEFAULT_EMA:
+                beside, beside_caption = images, label
+        # the teacher and the generator (its EMA when trained with one) from the same noise, in one picture
+        self.grids.log_beside(self.ctx.logger, "samples/teacher_vs_generator", beside, step, beside_caption)
         if self.panels is not None:
             self.panels.log(self.ctx.logger, model.generator, model.guidance.real_unet, model.guidance.fake_unet, step)
 

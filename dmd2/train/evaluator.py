@@ -175,7 +175,7 @@ class TrainingEvaluator:
         """Measure ``sampler`` (every rank must call it), log the value at ``step``; return it (rank 0)."""
         start = time.perf_counter()
         with eval_mode(sampler.net), untouched_rng(self.device):
-            numbers = self.measurement.measure(sampler, self.device, self.dist, progress=False)
+            numbers = self.measurement.measure(sampler, self.device, self.dist, progress=self.dist.is_main)
         if numbers is None:  # ranks > 0
             return None
         seconds = time.perf_counter() - start

@@ -24,6 +24,7 @@ class SampleGrids:
     def __init__(self, seed: int, num_classes: int, resolution: int, per_class: int, num_chain: int,
                  classes: list[str] | None, device: torch.device) -> None:
         self.per_class, self.classes = per_class, classes
+        self.teacher: tuple[Tensor, str] | None = None  # the teacher's grid (images, caption), once drawn
         self.y = grid_labels(num_classes, per_class, device)
         z = torch.randn(num_chain, len(self.y), 3, resolution, resolution, generator=torch_generator(seed + GRID_NOISE_OFFSET))
         self.z = z.to(device)
@@ -32,6 +33,22 @@ class SampleGrids:
         logger.log_samples(key, images, self.y, self.classes, self.per_class, step, caption)
 
     def log_teacher(self, logger: RunLogger, key: str, teacher: nn.Module, steps: int, step: int, what: str) -> None:
-        """Heun samples of ``teacher`` (``steps`` steps) from the first noise draw."""
-        self.log(logger, key, teacher_samples(teacher, self.z[0], self.y, steps), step,
-                 f"{what}, Heun {heun_nfe(steps)} NFE")
+        """Heun samples of ``teacher`` (``steps`` steps) from the first noise draw (kept for ``log_beside``)."""
+        images = teacher_samples(teacher, self.z[0], self.y, steps)
+        self.teacher = (images.detach().cpu(), f"{what}, Heun {heun_nfe(steps)} NFE")
+        self.log(logger, key, images, step, self.teacher[1])
+
+    def log_beside(self, logger: RunLogger, key: str, images: Tensor, step: int, caption: str) -> None:
+        """The teacher's grid (drawn once, at the start) and ``images`` of the same noise and classes side by side
+        in one picture, each titled; nothing before the teacher's grid is drawn."""
+        if self.teacher is None or not logger.enabled:
+            return
+        from dmd2.data.images import to_uint8
+        from dmd2.io.pictures import class_rows, labelled_grid, side_by_side
+
+        panels = []
+        for shown, title in ((self.teacher[0], self.teacher[1]), (images, f"{caption}, step {step}")):
+            rows, names = class_rows(to_uint8(shown.detach().float()).cpu(), self.y.tolist(), self.classes,
+                                     self.per_class)
+            panels.append(labelled_grid(rows, names if not panels else None, title=title))
+        logger.log_picture(key, side_by_side(panels), step, f"teacher | {caption}")

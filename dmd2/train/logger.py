@@ -62,6 +62,10 @@ class RunLogger:
         if logger_cfg.get("name") == "wandb":
             self.run = self._start_wandb(logger_cfg, config, job_type, run_name, resume_id)
             self.log_checkpoints = bool(logger_cfg.get("log_checkpoints", False))
+            if self.run is not None:
+                group, name = logger_cfg.get("group"), run_name or getattr(self.run, "id", "")
+                log.info(f"[logger] W&B project {logger_cfg.get('project')}, run {name}"
+                         + (f", group {group}" if group else "") + f" ({logger_cfg.get('mode', 'offline')})")
         # every series is plotted against the training step (also when a resumed run's W&B step differs)
         self._wandb("define_metric", STEP_KEY)
         for pattern in STEPPED:
@@ -195,14 +199,33 @@ class RunLogger:
             self._wandb_media(lambda: {key: wandb.Image(path, caption=caption)}, step)
         return written
 
+    def log_picture(self, key: str, picture: Any, step: int, caption: str = "") -> str | None:
+        """Save a picture (a PIL image) to ``samples/<key>_<step>.png`` and log it; return the path."""
+        if not self.enabled:
+            return None
+        self.start()
+        path = os.path.join(self.output_dir, "samples", f"{key.replace('/', '_')}_{step:06d}.png")
+        written = self._side_write("samples", path, lambda: atomic_write(
+            path, lambda f: save_picture(picture, f), suffix=".png") or path)
+        if self.run is not None and written:
+            import wandb
+
+            self._wandb_media(lambda: {key: wandb.Image(path, caption=caption)}, step)
+        return written
+
     def log_samples(self, key: str, images: torch.Tensor, labels: torch.Tensor, class_names: list[str] | None,
                     per_row: int, step: int, caption: str = "") -> str | None:
-        """Images [N,3,H,W] in [-1, 1] with their labels [N]: a grid (``per_row`` images per row, see log_grid)
-        and, in W&B, a Table of the images with their step, label and class name (``<key>_table``)."""
+        """Images [N,3,H,W] in [-1, 1] with their labels [N]: a grid (``per_row`` images per row, each row's class
+        name on its left, the caption and step above, small images enlarged: dmd2.io.pictures) and, in W&B, a
+        Table of the images with their step, label and class name (``<key>_table``)."""
         from dmd2.data.images import to_uint8
-        from dmd2.io.sampler import to_grid
+        from dmd2.io.pictures import class_rows, labelled_grid
 
-        path = self.log_grid(key, to_grid(images, per_row), step, caption)
+        if not self.enabled:
+            return None
+        rows, names = class_rows(to_uint8(images.detach().float()).cpu(), labels.tolist(), class_names, per_row)
+        path = self.log_picture(key, labelled_grid(rows, names, title=", ".join(filter(None, [caption, f"step {step}"]))),
+                                step, caption)
         if self.run is not None:
             import wandb
 
@@ -291,6 +314,11 @@ class RunLogger:
             self._metrics = None
         self._wandb("finish", exit_code=exit_code)
         self.run = None
+
+
+def save_picture(picture: Any, f: Any) -> None:
+    """Write a PIL picture to the open file ``f`` as PNG."""
+    picture.save(f, format="png")
 
 
 def row_step(line: bytes) -> int | None:

@@ -8,11 +8,13 @@ the evaluator says so, periodic checkpoints, stop signals, and the final checkpo
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -21,11 +23,14 @@ from dmd2.data.batches import accumulation_rounds, build_batches, total_steps
 from dmd2.io.checkpoint import save_final, save_periodic
 from dmd2.io.sampler import CheckpointSampler
 from dmd2.runtime.distributed import mean_across_ranks
+from dmd2.runtime.progress import bar_safe_logging
 from dmd2.train.context import RunContext, restore_rng, run_state
 from dmd2.train.evaluator import TrainingEvaluator
 from dmd2.train.logger import RunningMeans
 from dmd2.train.optim import Updater, check_trained
 from dmd2.train.plan import log_schedule
+
+log = logging.getLogger(__name__)
 
 # what the loop logs for every stage (train/kimg: thousands of images seen, over every process and round)
 LOOP_KEYS = ("train/images_per_sec", "train/epoch", "train/global_batch_size", "train/kimg")
@@ -114,12 +119,90 @@ class LogWindow:
         return means, vectors, rate
 
 
-def progress(total: int, desc: str, ctx: RunContext) -> Any:
-    """A progress bar on rank 0 (disabled on the others)."""
-    from tqdm import tqdm
+def memory_text(device: torch.device) -> str:
+    """The memory a status line shows: the peak allocated on a CUDA device, else the process's peak resident
+    size."""
+    if device.type == "cuda":
+        return f"gpumem {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB"
+    import resource
 
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
-                disable=not ctx.dist.is_main)
+    return f"cpumem {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB"  # ru_maxrss: KiB (Linux)
+
+
+def loss_keys(metrics: dict[str, float], progress_key: str) -> list[str]:
+    """The losses a status line shows: the stage's progress key first, then every other train/loss_*."""
+    keys = [progress_key] if progress_key in metrics else []
+    return keys + sorted(k for k in metrics if k.startswith("train/loss") and k != progress_key)
+
+
+class TrainingProgress:
+    """The training run's progress on rank 0: a bar on a terminal (``progress``: auto | bar | lines), else a status
+    line every ``log_every`` steps, in the style of EDM's: step, kimg, seconds per step, ETA, the main losses and
+    memory. The status line also goes to the run's train.log when the bar is shown. Seconds per step, the bar's
+    rate and the ETA count training steps only: the time spent in sample grids, evaluations and checkpoints is
+    left out (``paused``)."""
+
+    def __init__(self, mode: str, plan: Plan, name: str, progress_key: str, device: torch.device,
+                 enabled: bool) -> None:
+        from dmd2.runtime.progress import interactive
+
+        self.plan, self.name, self.key, self.device, self.enabled = plan, name, progress_key, device, enabled
+        self.lines = mode == "lines" or (mode == "auto" and not interactive())
+        self.t0, self.paused_s = time.perf_counter(), 0.0
+        self.bar = None
+        if enabled and not self.lines:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=plan.steps, initial=plan.start, desc=name, dynamic_ncols=True, file=sys.stderr,
+                            mininterval=1.0, smoothing=0.05)
+
+    def seconds_per_step(self, done: int) -> float:
+        trained = time.perf_counter() - self.t0 - self.paused_s
+        return trained / max(done - self.plan.start, 1)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """A block whose time is no training time (grids, evaluations, checkpoints)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self.paused_s += spent
+            if self.bar is not None:  # the bar's rate and ETA: as if the block took no time
+                self.bar.start_t += spent
+                self.bar.last_print_t += spent
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def status(self, done: int, metrics: dict[str, float]) -> str:
+        """The status line of step ``done``."""
+        from dmd2.runtime.progress import clock
+
+        per_step = self.seconds_per_step(done)
+        losses = " ".join(f"{k.split('/')[-1]} {metrics[k]:<8.4f}" for k in loss_keys(metrics, self.key))
+        return (f"[{self.name}] step {done:>{len(str(self.plan.steps))}}/{self.plan.steps} "
+                f"kimg {done * self.plan.global_batch / 1000:<9.3f} s/step {per_step:<7.3f} "
+                f"eta {clock(per_step * (self.plan.steps - done)):<8} {losses} {memory_text(self.device)}")
+
+    def log(self, done: int, metrics: dict[str, float]) -> None:
+        """At a logging step: the status line (stdout and train.log without a bar; train.log only, and the bar's
+        loss, with one)."""
+        if not self.enabled:
+            return
+        line = self.status(done, metrics)
+        if self.bar is None:
+            log.info(line)
+            return
+        log.info(line, extra={"file_only": True})
+        self.bar.set_postfix({self.key.split("/")[-1]: f"{metrics.get(self.key, float('nan')):.4f}"})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def train_loop(cfg: Any, ctx: RunContext, stage: Stage, loader: Iterable[Any], plan: Plan,
@@ -143,31 +226,26 @@ def train_loop(cfg: Any, ctx: RunContext, stage: Stage, loader: Iterable[Any], p
     batches = iter(loader)
     steps = plan.steps
     window = LogWindow()
-    bar = progress(steps, stage.name, ctx)
-    bar.update(plan.start)
-    for step in range(plan.start, steps):  # one step: this rank's micro-batch of each accumulation round
-        window.add(stage.step([next(batches) for _ in range(plan.rounds)], step), plan.global_batch)
-        done = step + 1
-        bar.update(1)
-        if done % cfg.log_every == 0 or done == steps:
-            means, vectors, rate = window.close(ctx)
-            own = dict(zip(LOOP_KEYS, (rate, step // plan.steps_per_epoch, plan.global_batch,
-                                       done * plan.global_batch / 1000)))
-            metrics = {**means, **stage.scalars(step), **own}
-            ctx.logger.log(metrics, step=done)
-            last.update(metrics)
-            for key, values in vectors.items():
-                ctx.logger.log_histogram(key, values, step=done)
-            bar.set_postfix({stage.progress_key.split("/")[-1]: f"{metrics.get(stage.progress_key, float('nan')):.4f}"})
-        if ctx.dist.is_main and ((cfg.sample_every and done % cfg.sample_every == 0) or done == steps):
-            stage.log_grids(done)
-        if evaluator.due(done, steps):
-            evaluator(stage.sampler(done), done)
-        if done % cfg.save_every == 0 and done != steps:
-            save_periodic(checkpoint(done), ctx.output_dir, stage.prefix, done, cfg.keep_last, ctx.dist)
-        if ctx.stop_requested() and done != steps:  # SIGTERM / SIGINT / SIGUSR1: save this step, then exit
-            ctx.stop(checkpoint(done), stage.prefix, done)
-    bar.close()
+    shown = TrainingProgress(cfg.get("progress", "auto"), plan, stage.name, stage.progress_key, ctx.device,
+                             ctx.dist.is_main)
+    with bar_safe_logging() if shown.bar is not None else nullcontext():
+        for step in range(plan.start, steps):  # one step: this rank's micro-batch of each accumulation round
+            window.add(stage.step([next(batches) for _ in range(plan.rounds)], step), plan.global_batch)
+            done = step + 1
+            shown.step()
+            if done % cfg.log_every == 0 or done == steps:
+                log_window(ctx, stage, window, plan, step, last, shown)
+            with shown.paused():  # grids, evaluations and checkpoints: not counted in s/step and the ETA
+                if ctx.dist.is_main and ((cfg.sample_every and done % cfg.sample_every == 0) or done == steps):
+                    stage.log_grids(done)
+                if evaluator.due(done, steps):
+                    evaluator(stage.sampler(done), done)
+                if done % cfg.save_every == 0 and done != steps:
+                    save_periodic(checkpoint(done), ctx.output_dir, stage.prefix, done, cfg.keep_last, ctx.dist)
+            if ctx.stop_requested() and done != steps:  # SIGTERM / SIGINT / SIGUSR1: save this step, then exit
+                shown.close()
+                ctx.stop(checkpoint(done), stage.prefix, done)
+    shown.close()
     path = os.path.join(ctx.output_dir, f"{stage.prefix}_final.pt")
     check_trained(stage.updaters, stage.networks, path)  # every update skipped, or non-finite weights: no final
     path = save_final(checkpoint(steps), path, ctx.dist)
@@ -175,6 +253,21 @@ def train_loop(cfg: Any, ctx: RunContext, stage: Stage, loader: Iterable[Any], p
         stage.publish(path, steps)
     ctx.say(f"[{stage.name}] done: {path}")
     return run_result(path, steps, last, evaluator)
+
+
+def log_window(ctx: RunContext, stage: Stage, window: LogWindow, plan: Plan, step: int, last: dict[str, float],
+               shown: TrainingProgress) -> None:
+    """At a logging step: the window's scalars (metrics.jsonl, W&B) and histograms, and the status line."""
+    done = step + 1
+    means, vectors, rate = window.close(ctx)
+    own = dict(zip(LOOP_KEYS, (rate, step // plan.steps_per_epoch, plan.global_batch,
+                               done * plan.global_batch / 1000)))
+    metrics = {**means, **stage.scalars(step), **own}
+    ctx.logger.log(metrics, step=done)
+    last.update(metrics)
+    for key, values in vectors.items():
+        ctx.logger.log_histogram(key, values, step=done)
+    shown.log(done, metrics)
 
 
 def run_result(checkpoint: str, steps: int, metrics: dict[str, float], evaluator: TrainingEvaluator
