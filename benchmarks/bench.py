@@ -61,7 +61,7 @@ from dmd2.networks import count_parameters  # noqa: E402
 from dmd2.runtime.perf import autocast  # noqa: E402
 from dmd2.runtime.perf import set_backend_flags  # noqa: E402
 from dmd2.train.distill import Batch, DistillState, build_updaters, distill_model, fake_score_step, generator_step
-from dmd2.train.optim import EMA, Updater, adamw, ema_decay_at, grad_norm  # noqa: E402
+from dmd2.train.optim import EMA, LRSchedule, Updater, adamw, ema_decay_at, grad_norm  # noqa: E402
 from dmd2.train.teacher import TeacherState, teacher_step  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def bench_teacher(arch: dict[str, Any], device: torch.device, args: argparse.Nam
     model = prepare(build(arch, device).train(), args)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = adamw(model.parameters(), hp["lr"], hp["adam_betas"], hp["weight_decay"], args.fused_adamw)
-    upd = Updater("loss", list(model.parameters()), opt, hp["lr"], hp["warmup_steps"], hp["grad_clip"], "stop",
+    upd = Updater("loss", list(model.parameters()), opt, hp["lr"], LRSchedule(hp["warmup_steps"]), hp["grad_clip"], "stop",
                   EMA(ema, model, lambda s: ema_decay_at(s, hp["ema_decay"])))
     s = TeacherState(model, upd, BatchRNG(device=device), partial(autocast, device, "bf16" if args.bf16 else "fp32"),
                      hp["p_mean"], hp["p_std"], hp["sigma_data"], hflip=True)

@@ -136,6 +136,8 @@ def test_an_export_written_before_the_current_fields_still_loads(dmd2_run, tmp_p
     defaults = arch_settings(meta["arch"]["name"])
     meta["arch"] = {k: v for k, v in meta["arch"].items() if k == "name" or v != defaults[k]}
     (folder / "config.json").write_text(json.dumps(meta))
+    weights = load_file(str(folder / "model.safetensors"))  # its header repeats the metadata, as the writer's did
+    save_file(weights, str(folder / "model.safetensors"), metadata={"dmd2": json.dumps(meta)})
     alone = tmp_path / "alone.safetensors"
     save_file(load_file(str(folder / "model.safetensors")), str(alone), metadata={"dmd2": json.dumps(meta)})
     for source in (folder, alone):
