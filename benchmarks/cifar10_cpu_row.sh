@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# CIFAR-10 at CPU scale: does a change of the distillation settings carry from the known-answer mixture to images?
+# One teacher (SimpleUNet, 1.35M parameters, 3 epochs at batch 128), then two one-step distillations of it
+# (2 epochs at batch 128, ratio 5, learning rate 1e-4 for both networks) that differ only in the remedies of the
+# mixture preset, and the FD of 5,000 samples of each against the 10,000 test images:
+#   official   constant learning rate after a 100-step warm-up, no generator EMA (the paper's schedule)
+#   remedies   generator_ema_decay=0.99 generator_ema_warmup=true lr_decay=cosine (experiment=mixture_dmd2's)
+#
+#   bash benchmarks/cifar10_cpu_row.sh --data DIR --featnet FILE [--out DIR] [--seed N] [--teacher CKPT]
+#
+# --data: the JPEG copy extracted (DIR/train/<class>/*.jpg, DIR/test/<class>/*.jpg); --featnet: a TorchScript
+# feature network (float [B,3,32,32] in [0,255] -> [B,D]); FDs are named "FD (<its file>)". --teacher reuses a
+# teacher checkpoint (its FD steps are skipped when their results exist). Each run is a real train.py / evaluate.py
+# command, logged in --out/logs; --out/summary.txt has the table. The two distillations run side by side with one
+# OpenMP thread each; the teacher and the FD steps use every core.
+# Cost on 2 CPU cores: about 2 hours (teacher ~35 min, its 35-NFE FD ~10 min, each distillation ~60 min).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+DATA=""; FEATNET=""; OUT="outputs/cifar10_cpu_row"; SEED=0; TEACHER=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --data) DATA="$2"; shift 2 ;;
+    --featnet) FEATNET="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    --seed) SEED="$2"; shift 2 ;;
+    --teacher) TEACHER="$2"; shift 2 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "cifar10_cpu_row.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[[ -d "$DATA/train" && -d "$DATA/test" ]] || { echo "cifar10_cpu_row.sh: --data must hold train/ and test/ (got '$DATA')" >&2; exit 2; }
+[[ -f "$FEATNET" ]] || { echo "cifar10_cpu_row.sh: --featnet must name a TorchScript file (got '$FEATNET')" >&2; exit 2; }
+[[ -z "$TEACHER" || -f "$TEACHER" ]] || { echo "cifar10_cpu_row.sh: --teacher $TEACHER does not exist" >&2; exit 2; }
+DATA="$(cd "$DATA" && pwd)"; FEATNET="$(cd "$(dirname "$FEATNET")" && pwd)/$(basename "$FEATNET")"
+mkdir -p "$OUT/logs"; OUT="$(cd "$OUT" && pwd)"
+cd "$ROOT"
+export WANDB_MODE=disabled WANDB_SILENT=true PYTHONUNBUFFERED=1
+PY="${PYTHON:-python}"
+# the feature network's head classifies the samples (class entropy, label agreement); the test split's statistics
+# and features are computed once and cached (precision / recall / density / coverage need the features)
+FEAT=(feature_network.name=torchscript "feature_network.path=$FEATNET" feature_network.resize=none
+      feature_network.classifier=net.head reference.name=folder "reference.folder=$DATA/test")
+COMMON=(logger=none data=image_folder "data.root=$DATA/train" data.num_workers=0 batch_size=128 "seed=$SEED"
+        save_every=1000000 eval_every=0 sample_every=0 log_every=50)
+
+run() { local name="$1"; shift; echo ">>> [$name] $*" >&2; "$@" > "$OUT/logs/$name.log" 2>&1; }
+fd() {  # fd NAME CHECKPOINT [overrides]: FD of 5,000 samples (classes round-robin) against the test split
+  local name="$1" ckpt="$2"; shift 2
+  [[ -f "$OUT/$name/results.json" ]] && return 0
+  run "$name" "$PY" evaluate.py logger=none "checkpoint=$ckpt" num_samples=5000 batch_size=250 "${FEAT[@]}" \
+    "seed=$SEED" "$@" "output_dir=$OUT/$name" "hydra.run.dir=$OUT/$name/hydra"
+}
+
+if [[ -z "$TEACHER" ]]; then
+  run teacher "$PY" train.py stage=teacher arch=simple_unet_small "${COMMON[@]}" num_epochs=3 lr=2e-4 warmup_steps=100 \
+    "output_dir=$OUT/teacher" "hydra.run.dir=$OUT/teacher/hydra"
+  TEACHER="$OUT/teacher/teacher_final.pt"
+fi
+fd fd_teacher_35nfe "$TEACHER" sampler.steps=18
+fd fd_teacher_1nfe "$TEACHER" sampler.steps=1
+
+DISTILL=(stage=distill "teacher_checkpoint=$TEACHER" "${COMMON[@]}" num_epochs=2 generator_lr=1e-4 guidance_lr=1e-4
+         dfake_gen_update_ratio=5 warmup_steps=100)
+declare -A VARIANT=(
+  [official]="lr_decay=none"
+  [remedies]="generator_ema_decay=0.99 generator_ema_warmup=true lr_decay=cosine"
+)
+pids=()
+for v in official remedies; do
+  # shellcheck disable=SC2086  # the variant's overrides are words
+  OMP_NUM_THREADS=1 run "distill_$v" "$PY" train.py "${DISTILL[@]}" ${VARIANT[$v]} \
+    "output_dir=$OUT/distill_$v" "hydra.run.dir=$OUT/distill_$v/hydra" &
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; done
+for v in official remedies; do fd "fd_student_$v" "$OUT/distill_$v/generator"; done
+
+"$PY" - "$OUT" "$(basename "$FEATNET")" "$SEED" <<'EOF'
+import json, sys
+from pathlib import Path
+out, net, seed = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+rows = [("teacher, 35 NFE", "fd_teacher_35nfe"), ("teacher, 1 NFE", "fd_teacher_1nfe"),
+        ("student, official", "fd_student_official"), ("student, remedies", "fd_student_remedies")]
+lines = [f"CIFAR-10 at CPU scale, seed {seed}: FD ({net}) of 5,000 samples against the 10,000 test images",
+         "| model | FD | bootstrap sd | precision | recall | coverage | label agreement |", "|---|---|---|---|---|---|---|"]
+for label, name in rows:
+    r = json.loads((out / name / "results.json").read_text())[0]
+    p, c = r.get("prdc") or {}, r.get("classes") or {}
+    cells = [p.get("precision"), p.get("recall"), p.get("coverage"), c.get("label_agreement")]
+    lines.append(f"| {label} | {r['value']:.2f} | {r['std']:.2f} | "
+                 + " | ".join("-" if x is None else f"{x:.3f}" for x in cells) + " |")
+(out / "summary.txt").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
