@@ -10,9 +10,9 @@
 #
 # --data: the JPEG copy extracted (DIR/train/<class>/*.jpg, DIR/test/<class>/*.jpg); --featnet: a TorchScript
 # feature network (float [B,3,32,32] in [0,255] -> [B,D]); FDs are named "FD (<its file>)". --teacher reuses a
-# teacher checkpoint (its FD steps are skipped when their results exist). Each run is a real train.py / evaluate.py
-# command, logged in --out/logs; --out/summary.txt has the table. The two distillations run side by side with one
-# OpenMP thread each; the teacher and the FD steps use every core.
+# teacher checkpoint; an FD whose result in --out measured the same checkpoint with the same seed is not redone.
+# Each run is a real train.py / evaluate.py command, logged in --out/logs; --out/summary.txt has the table. The
+# two distillations run side by side with one OpenMP thread each; the teacher and the FD steps use every core.
 # Cost on 2 CPU cores: about 2 hours (teacher ~35 min, its 35-NFE FD ~10 min, each distillation ~60 min).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -31,7 +31,8 @@ done
 [[ -d "$DATA/train" && -d "$DATA/test" ]] || { echo "cifar10_cpu_row.sh: --data must hold train/ and test/ (got '$DATA')" >&2; exit 2; }
 [[ -f "$FEATNET" ]] || { echo "cifar10_cpu_row.sh: --featnet must name a TorchScript file (got '$FEATNET')" >&2; exit 2; }
 [[ -z "$TEACHER" || -f "$TEACHER" ]] || { echo "cifar10_cpu_row.sh: --teacher $TEACHER does not exist" >&2; exit 2; }
-DATA="$(cd "$DATA" && pwd)"; FEATNET="$(cd "$(dirname "$FEATNET")" && pwd)/$(basename "$FEATNET")"
+abspath() { echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }
+DATA="$(cd "$DATA" && pwd)"; FEATNET="$(abspath "$FEATNET")"; [[ -z "$TEACHER" ]] || TEACHER="$(abspath "$TEACHER")"
 mkdir -p "$OUT/logs"; OUT="$(cd "$OUT" && pwd)"
 cd "$ROOT"
 export WANDB_MODE=disabled WANDB_SILENT=true PYTHONUNBUFFERED=1
@@ -46,7 +47,9 @@ COMMON=(logger=none data=image_folder "data.root=$DATA/train" data.num_workers=0
 run() { local name="$1"; shift; echo ">>> [$name] $*" >&2; "$@" > "$OUT/logs/$name.log" 2>&1; }
 fd() {  # fd NAME CHECKPOINT [overrides]: FD of 5,000 samples (classes round-robin) against the test split
   local name="$1" ckpt="$2"; shift 2
-  [[ -f "$OUT/$name/results.json" ]] && return 0
+  # an earlier result is kept only when it measured this checkpoint with this seed (a rerun with --teacher)
+  "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1]))[0]; sys.exit(not (r["checkpoint"] == sys.argv[2] and r["seed"] == int(sys.argv[3])))' \
+    "$OUT/$name/results.json" "$ckpt" "$SEED" 2> /dev/null && return 0
   run "$name" "$PY" evaluate.py logger=none "checkpoint=$ckpt" num_samples=5000 batch_size=250 "${FEAT[@]}" \
     "seed=$SEED" "$@" "output_dir=$OUT/$name" "hydra.run.dir=$OUT/$name/hydra"
 }
@@ -66,13 +69,20 @@ declare -A VARIANT=(
   [remedies]="generator_ema_decay=0.99 generator_ema_warmup=true lr_decay=cosine"
 )
 pids=()
+trap 'kill "${pids[@]}" 2> /dev/null' EXIT   # an error or a stop here also stops the other distillation
 for v in official remedies; do
   # shellcheck disable=SC2086  # the variant's overrides are words
   OMP_NUM_THREADS=1 run "distill_$v" "$PY" train.py "${DISTILL[@]}" ${VARIANT[$v]} \
     "output_dir=$OUT/distill_$v" "hydra.run.dir=$OUT/distill_$v/hydra" &
   pids+=($!)
 done
-for p in "${pids[@]}"; do wait "$p"; done
+i=0
+for v in official remedies; do
+  wait "${pids[$i]}" || { echo "cifar10_cpu_row.sh: distill_$v failed; see $OUT/logs/distill_$v.log" >&2
+                          tail -n 15 "$OUT/logs/distill_$v.log" >&2; exit 1; }
+  i=$((i + 1))
+done
+trap - EXIT
 for v in official remedies; do fd "fd_student_$v" "$OUT/distill_$v/generator"; done
 
 "$PY" - "$OUT" "$(basename "$FEATNET")" "$SEED" <<'EOF'
@@ -87,7 +97,8 @@ for label, name in rows:
     r = json.loads((out / name / "results.json").read_text())[0]
     p, c = r.get("prdc") or {}, r.get("classes") or {}
     cells = [p.get("precision"), p.get("recall"), p.get("coverage"), c.get("label_agreement")]
-    lines.append(f"| {label} | {r['value']:.2f} | {r['std']:.2f} | "
+    std = "-" if r.get("std") is None else f"{r['std']:.2f}"
+    lines.append(f"| {label} | {r['value']:.2f} | {std} | "
                  + " | ".join("-" if x is None else f"{x:.3f}" for x in cells) + " |")
 (out / "summary.txt").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))

@@ -33,7 +33,8 @@ SIGMAS = [0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0]
 
 
 def generator_samples(state: dict, weights: str, num: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num`` one-step samples [num,3,R,R] (classes round-robin) of the checkpoint's generator ``weights``."""
+    """``num`` one-step samples [num,3,R,R] (classes round-robin) of the checkpoint's generator ``weights``, clipped
+    to [-1, 1] as every evaluation's samples are (the data's modes lie well inside)."""
     net = network_from_checkpoint(state, weights).eval()
     sigma = float(state["conditioning_sigma"])
     labels = torch.arange(num) % max(1, classes)
@@ -45,6 +46,10 @@ def generator_samples(state: dict, weights: str, num: int, classes: int, seed: i
 
 def measure(path: str, num: int, seed: int) -> dict:
     state = load_checkpoint(path, "dmd2")
+    steps = len(state.get("denoising_sigmas") or [state["conditioning_sigma"]])
+    if steps > 1:
+        raise SystemExit(f"mixture_mechanism.py: {path} is a {steps}-step generator; this measurement models the "
+                         "samples of a one-step generator (the fake score network's inputs at its first step only)")
     cfg = state["config"]
     mix = mixture_from_config(cfg["data"])
     if cfg.get("exact_teacher"):

@@ -185,13 +185,14 @@ def test_generate_is_reproducible(teacher_ckpt, tmp_path):
     (["min_step_percent=0.9", "max_step_percent=0.5"], "min_step_percent < max_step_percent"),
     (["teacher_checkpoint=/nonexistent/teacher.pt"], "teacher_checkpoint"),
     (["arch.channels=[8,8]"], "contradicts the teacher checkpoint"),
+    (["fake_warmup_steps=4"], "config key 'fake_warmup_steps' = 4: the generator's first update would be at step 4"),
 ])
 def test_distill_bad_inputs(overrides, message, teacher_ckpt, tiny_data, tmp_path):
     start = time.perf_counter()
     proc = run_cli("train.py", *SMOKE, "stage=distill", "data=image_folder", f"data.root={tiny_data}",
                    f"teacher_checkpoint={teacher_ckpt}", *overrides, f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
-    assert time.perf_counter() - start < 30
+    assert time.perf_counter() - start < 120  # refused at the start, not after a run (generous: a loaded machine)
 
 
 def test_a_non_teacher_checkpoint_is_refused(tiny_data, tmp_path):

@@ -494,10 +494,12 @@ class TrainSettings:
     weight_decay: float = setting(0.0, "AdamW weight decay", NONNEG, policy=ADJUSTABLE)
     adam_betas: List[float] = setting([0.9, 0.999], "AdamW betas",
                                       ADAM_BETAS, policy=ADJUSTABLE)
-    warmup_steps: int = setting(1000, "linear learning-rate warm-up over N training iterations, then constant",
+    warmup_steps: int = setting(1000, "linear learning-rate warm-up over N training iterations, then lr_decay's "
+                                "schedule (constant by default)",
                                 NONNEG_INT, policy=ADJUSTABLE)
     lr_decay: str = setting("none", "after the warm-up: none (constant) | cosine | linear, from the base rate to "
-                            "lr_final x the base rate at the run's last iteration (max_steps or num_epochs)",
+                            "lr_final x the base rate at the run's last iteration (max_steps or num_epochs; a resume that "
+                            "changes them rescales the curve)",
                             one_of("none", "cosine", "linear"), policy=ADJUSTABLE)
     lr_final: float = setting(0.0, "with lr_decay: the learning rate at the last iteration, as a fraction of the "
                               "base rate", FRACTION, policy=ADJUSTABLE)

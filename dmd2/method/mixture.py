@@ -249,6 +249,8 @@ def fit_mixture(mix: GaussianMixture, x: Tensor, labels: Tensor, iterations: int
     ws, mus, vs = [], [], []
     for c in range(mix.num_classes):
         xc = x[labels == c]                                                   # [n,D]
+        if len(xc) < 2:
+            raise ValueError(f"fit_mixture: class {c} has {len(xc)} sample(s); a fit needs at least 2 per class")
         mu = torch.cat([mix.means[c].flatten(1).double(), xc.mean(0, keepdim=True)])  # [K+1,D]
         var = torch.cat([torch.full((k, x.shape[1]), mix.std ** 2, dtype=torch.float64),
                          xc.var(0, keepdim=True).clamp_min(floor)])

@@ -271,6 +271,12 @@ def generator_updates_before(step: int, ratio: int, schedule: str, fake_warmup: 
     return 0 if step <= first else (step - first - 1) // ratio + 1
 
 
+def first_generator_turn(cfg: DictConfig) -> int:
+    """The iteration of the generator's first update (``generator_turn``: after the fake warm-up, on a turn)."""
+    ratio, schedule, warm = cfg.dfake_gen_update_ratio, cfg.update_schedule, cfg.fake_warmup_steps
+    return next(step for step in range(warm, warm + ratio + 1) if generator_turn(step, ratio, schedule, warm))
+
+
 def distill_step(s: DistillState, b: Batch, step: int) -> dict[str, Tensor]:
     """One iteration: the generator's update on its turns (on the others its samples are made without autograd),
     then the fake score network's (and discriminator's) update on those samples; with the ``alternate`` schedule
@@ -357,7 +363,9 @@ def describe_run(cfg: DictConfig, ctx: RunContext, teacher_state: dict[str, Any]
     return (f"[distill] {teacher_text}, {count_parameters(model.generator) / 1e6:.2f}M parameters per network, "
             f"{model.num_steps}-step generator, GAN {'on' if cfg.gan_classifier else 'off'}, {steps} steps of global "
             f"batch {ctx.config['global_batch_size']} on {ctx.device}, generator every "
-            f"{cfg.dfake_gen_update_ratio} steps, from step {start}; writing to {ctx.output_dir}")
+            f"{cfg.dfake_gen_update_ratio} steps" + (f" (after {cfg.fake_warmup_steps} steps of fake score network "
+            f"warm-up: first at step {first_generator_turn(cfg)})" if cfg.fake_warmup_steps else "")
+            + f", from step {start}; writing to {ctx.output_dir}")
 
 
 def export_final(ctx: RunContext, path: str, steps: int, num_chain: int) -> None:
@@ -516,6 +524,11 @@ def train_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
                      cfg.fake_warmup_steps)
     loader, plan = plan_batches(cfg, ctx, dataset, start)
     plan_schedules(upds.values(), plan.steps)  # a learning-rate decay ends at the run's last iteration
+    first = first_generator_turn(cfg)
+    if cfg.fake_warmup_steps and first >= plan.steps:
+        raise ConfigError(f"config key 'fake_warmup_steps' = {cfg.fake_warmup_steps}: the generator's first update "
+                          f"would be at step {first}, but the run has {plan.steps} steps (the generator would never "
+                          "train); lower it or raise max_steps / num_epochs")
     ctx.say(describe_run(cfg, ctx, teacher_state, model, plan.steps, start))
     grids = SampleGrids(cfg.seed, cfg.data.num_classes, cfg.data.resolution, cfg.samples_per_class, model.num_steps,
                         classes, device)

@@ -57,10 +57,10 @@ class LRSchedule:
         return rate * (self.final + (1.0 - self.final) * shape)
 
 
-def lr_schedule(cfg: Any, total_steps: int = 0) -> LRSchedule:
-    """The learning-rate schedule of a stage's settings (warmup_steps, lr_decay, lr_final) for a run of
-    ``total_steps`` iterations."""
-    return LRSchedule(cfg.warmup_steps, cfg.lr_decay, cfg.lr_final, total_steps)
+def lr_schedule(cfg: Any) -> LRSchedule:
+    """The learning-rate schedule of a stage's settings (warmup_steps, lr_decay, lr_final); its length is set
+    by ``plan_schedules`` once the run's steps are known."""
+    return LRSchedule(cfg.warmup_steps, cfg.lr_decay, cfg.lr_final)
 
 
 def plan_schedules(updaters: Any, total_steps: int) -> None:

@@ -34,7 +34,7 @@ def main() -> None:
         steps = sorted(set.intersection(*(set(r) for r in runs)) - {0})
         for ax, (k, title) in zip(axes, KEYS):
             v = np.array([[r[s][k] for s in steps] for r in runs])
-            m, sd = v.mean(0), v.std(0)
+            m, sd = v.mean(0), v.std(0, ddof=1) if len(runs) > 1 else 0.0 * v[0]  # sample sd over seeds
             ax.plot(steps, m, marker=".", label=f"{label} (n={len(runs)})")
             if len(runs) > 1:
                 ax.fill_between(steps, m - sd, m + sd, alpha=0.2)
