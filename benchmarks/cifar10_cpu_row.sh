@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # CIFAR-10 at CPU scale: does a change of the distillation settings carry from the known-answer mixture to images?
 # One teacher (SimpleUNet, 1.35M parameters, 3 epochs at batch 128), then two one-step distillations of it
-# (2 epochs at batch 128, ratio 5, learning rate 1e-4 for both networks) that differ only in the remedies of the
-# mixture preset, and the FD of 5,000 samples of each against the 10,000 test images:
+# (2 epochs by default at batch 128, ratio 5, learning rate 1e-4 for both networks) that differ only in the
+# remedies of the mixture preset, and the FD of 5,000 samples of each against the 10,000 test images:
 #   official   constant learning rate after a 100-step warm-up, no generator EMA (the paper's schedule)
 #   remedies   generator_ema_decay=0.99 generator_ema_warmup=true lr_decay=cosine (experiment=mixture_dmd2's)
 #
 #   bash benchmarks/cifar10_cpu_row.sh --data DIR --featnet FILE [--out DIR] [--seed N] [--teacher CKPT]
+#                                      [--distill-epochs N (default 2)]
 #
 # --data: the JPEG copy extracted (DIR/train/<class>/*.jpg, DIR/test/<class>/*.jpg); --featnet: a TorchScript
 # feature network (float [B,3,32,32] in [0,255] -> [B,D]); FDs are named "FD (<its file>)". --teacher reuses a
 # teacher checkpoint; an FD whose result in --out measured the same checkpoint with the same seed is not redone.
 # Each run is a real train.py / evaluate.py command, logged in --out/logs; --out/summary.txt has the table. The
-# two distillations run side by side with one OpenMP thread each; the teacher and the FD steps use every core.
-# Cost on 2 CPU cores: about 2 hours (teacher ~35 min, its 35-NFE FD ~10 min, each distillation ~60 min).
+# two distillations run side by side with one OpenMP thread each, the teacher's FDs beside them; the teacher and
+# the students' FDs use every core.
+# Cost on 2 CPU cores (measured): teacher 27 min (1.4 s/step); then the two distillations and the teacher's FDs
+# side by side, 5.4 s/step per distillation (35 min per epoch; the 35-NFE FD 32 min beside them); students' FDs
+# about a minute each.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-DATA=""; FEATNET=""; OUT="outputs/cifar10_cpu_row"; SEED=0; TEACHER=""
+DATA=""; FEATNET=""; OUT="outputs/cifar10_cpu_row"; SEED=0; TEACHER=""; EPOCHS=2
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --data) DATA="$2"; shift 2 ;;
@@ -24,12 +28,14 @@ while [[ $# -gt 0 ]]; do
     --out) OUT="$2"; shift 2 ;;
     --seed) SEED="$2"; shift 2 ;;
     --teacher) TEACHER="$2"; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --distill-epochs) EPOCHS="$2"; shift 2 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "cifar10_cpu_row.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 [[ -d "$DATA/train" && -d "$DATA/test" ]] || { echo "cifar10_cpu_row.sh: --data must hold train/ and test/ (got '$DATA')" >&2; exit 2; }
 [[ -f "$FEATNET" ]] || { echo "cifar10_cpu_row.sh: --featnet must name a TorchScript file (got '$FEATNET')" >&2; exit 2; }
+[[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || { echo "cifar10_cpu_row.sh: --distill-epochs must be a positive integer (got '$EPOCHS')" >&2; exit 2; }
 [[ -z "$TEACHER" || -f "$TEACHER" ]] || { echo "cifar10_cpu_row.sh: --teacher $TEACHER does not exist" >&2; exit 2; }
 abspath() { echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }
 DATA="$(cd "$DATA" && pwd)"; FEATNET="$(abspath "$FEATNET")"; [[ -z "$TEACHER" ]] || TEACHER="$(abspath "$TEACHER")"
@@ -59,10 +65,7 @@ if [[ -z "$TEACHER" ]]; then
     "output_dir=$OUT/teacher" "hydra.run.dir=$OUT/teacher/hydra"
   TEACHER="$OUT/teacher/teacher_final.pt"
 fi
-fd fd_teacher_35nfe "$TEACHER" sampler.steps=18
-fd fd_teacher_1nfe "$TEACHER" sampler.steps=1
-
-DISTILL=(stage=distill "teacher_checkpoint=$TEACHER" "${COMMON[@]}" num_epochs=2 generator_lr=1e-4 guidance_lr=1e-4
+DISTILL=(stage=distill "teacher_checkpoint=$TEACHER" "${COMMON[@]}" "num_epochs=$EPOCHS" generator_lr=1e-4 guidance_lr=1e-4
          dfake_gen_update_ratio=5 warmup_steps=100)
 declare -A VARIANT=(
   [official]="lr_decay=none"
@@ -76,6 +79,8 @@ for v in official remedies; do
     "output_dir=$OUT/distill_$v" "hydra.run.dir=$OUT/distill_$v/hydra" &
   pids+=($!)
 done
+OMP_NUM_THREADS=1 fd fd_teacher_35nfe "$TEACHER" sampler.steps=18   # beside the distillations, one thread each
+OMP_NUM_THREADS=1 fd fd_teacher_1nfe "$TEACHER" sampler.steps=1
 i=0
 for v in official remedies; do
   wait "${pids[$i]}" || { echo "cifar10_cpu_row.sh: distill_$v failed; see $OUT/logs/distill_$v.log" >&2
