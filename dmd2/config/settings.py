@@ -498,8 +498,8 @@ class TrainSettings:
                                 "schedule (constant by default)",
                                 NONNEG_INT, policy=ADJUSTABLE)
     lr_decay: str = setting("none", "after the warm-up: none (constant) | cosine | linear, from the base rate to "
-                            "lr_final x the base rate at the run's last iteration (max_steps or num_epochs; a resume that "
-                            "changes them rescales the curve)",
+                            "lr_final x the base rate at the run's last iteration (max_steps or num_epochs; a resume "
+                            "that changes them rescales the curve)",
                             one_of("none", "cosine", "linear"), policy=ADJUSTABLE)
     lr_final: float = setting(0.0, "with lr_decay: the learning rate at the last iteration, as a fraction of the "
                               "base rate", FRACTION, policy=ADJUSTABLE)
