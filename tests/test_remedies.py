@@ -141,3 +141,17 @@ def test_fake_warmup_and_ema_warmup_in_a_distillation_step():
     distill_step(s, batch, 10)  # the first generator update: n = 0 updates before it, decay min(0.99, 1/10)
     for e, g, g0 in zip(ema.parameters(), model.generator.parameters(), start):
         assert torch.allclose(e, 0.1 * g0 + 0.9 * g, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["teacher", "distill"])
+def test_a_final_rate_without_a_decay_is_refused(stage):
+    """lr_final sets where lr_decay ends; with a constant rate it would be silently ignored."""
+    from dmd2.config.errors import ConfigError
+    from dmd2.config.validate import validate
+    from tests.conftest import SMOKE, compose_cfg
+
+    base = [*SMOKE, f"stage={stage}"] + ([f"teacher_checkpoint={__file__}"] if stage == "distill" else [])
+    with pytest.raises(ConfigError, match="config key 'lr_final' = 0.1: expected 0 with lr_decay=none"):
+        validate(compose_cfg(base + ["lr_final=0.1"]))
+    validate(compose_cfg(base + ["lr_final=0.1", "lr_decay=cosine"]))
+    validate(compose_cfg(base))

@@ -502,7 +502,7 @@ class TrainSettings:
                             "that changes them rescales the curve)",
                             one_of("none", "cosine", "linear"), policy=ADJUSTABLE)
     lr_final: float = setting(0.0, "with lr_decay: the learning rate at the last iteration, as a fraction of the "
-                              "base rate", FRACTION, policy=ADJUSTABLE)
+                              "base rate (0 unless lr_decay is set)", FRACTION, policy=ADJUSTABLE)
     grad_clip: Optional[float] = setting(1.0, "max global gradient norm; null disables clipping", optional(POSITIVE),
                                          policy=ADJUSTABLE)
     precision: str = setting("fp32", "fp32 | bf16 (autocast on CUDA; ignored on CPU)", one_of("fp32", "bf16"))
@@ -646,7 +646,7 @@ class DistillSettings(TrainSettings):
                                                 "in generator_emas", DISTINCT_DECAYS, policy=ADJUSTABLE)
     generator_ema_warmup: bool = setting(False, "warm the generator EMAs up as the teacher's: decay min(d, (1+n)/"
                                          "(10+n)) after n generator updates (false: d from the first update, "
-                                         "which keeps d^n of the initial weights)", BOOL, policy=ADJUSTABLE)
+                                         "which keeps d^n of the initial weights); no effect without an EMA", BOOL, policy=ADJUSTABLE)
     fake_warmup_steps: int = setting(0, "iterations 0 .. N-1 update the fake score network (and GAN head) alone, "
                                      "on the initial generator's samples, before the generator's first update",
                                      NONNEG_INT, policy=ADJUSTABLE)

@@ -217,6 +217,9 @@ def validate(cfg: DictConfig) -> None:
                 f"{cfg.data.resolution}x{cfg.data.resolution}; measure against the training data "
                 f"(eval.reference.name=auto) or a reference of that resolution")
     check_data(cfg)
+    if cfg.lr_decay == "none" and cfg.lr_final != 0:
+        fail("lr_final", cfg.lr_final, "0 with lr_decay=none (a constant rate has no final value; "
+             "lr_decay=cosine or linear decays to it)")
     if cfg.resume not in (None, "auto") and not os.path.isfile(cfg.resume):
         raise FileError(f"config key 'resume' = {cfg.resume!r}: file not found (expected null, auto or a checkpoint)")
     if cfg.resume == "auto" and not cfg.output_dir:
