@@ -31,5 +31,14 @@ run remedies_exact teacher_edm exact_teacher=true                          # ...
 run official_teacher teacher "${official[@]}"                              # the preset's teacher alone
 # the preset as it is: the better teacher, EMA 0.99 warmed up, cosine decay
 run preset teacher
+# ... with the budget raised (the decay spans the longer run)
+run preset_10k teacher max_steps=10000 eval_every=500
+# one further change at a time from the preset
+run gan teacher gan_classifier=true                                  # DMD2's GAN head (its default weights)
+run generator_lr_half teacher generator_lr=5e-4                      # generator rate half the fake score's
+run fake_warmup teacher fake_warmup_steps=250                        # 250 fake-only iterations first
+run ratio10 teacher dfake_gen_update_ratio=10                        # half the generator updates
+run batch256 teacher batch_size=256 max_steps=1500 eval_every=125    # twice the batch, the same samples
+run fastgen teacher experiment=mixture_fastgen                       # FastGen's variant (preset's rates)
 python -m dmd2.compare "$out" --metric eval/mixture_fd --metric eval/mixture_near --metric eval/mixture_coverage \
     --metric eval/mixture_weight_tv --out "$out/compare"
