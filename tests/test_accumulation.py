@@ -27,7 +27,7 @@ from dmd2.runtime.distributed import Dist, wrap
 from dmd2.train.distill import DistillState, build_updaters, distill_model, distill_rounds, make_batch
 from dmd2.train.optim import EMA, LRSchedule, Updater, adamw, ema_decay_at
 from dmd2.train.teacher import TeacherState, teacher_rounds
-from tests.conftest import run_cli
+from tests.conftest import compose_cfg, run_cli
 
 TINY = {"name": "simple_unet", "channels": [8, 16, 16], "emb_dim": 16, "noise_emb_dim": 8, "groups": 4,
         "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
@@ -172,22 +172,23 @@ def test_batch_rng_rounds_keep_the_slice_of_the_global_draw():
 
 
 @pytest.mark.slow
-def test_a_run_with_accumulation_resumes_exactly_and_logs_its_batch(tiny_data, tmp_path):
+def test_a_run_with_accumulation_resumes_exactly_and_logs_its_batch(tiny_data, tmp_path, caplog):
     """A teacher with batch_size 4 and global_batch_size 8 (2 rounds): 4 straight steps equal 2 steps, then a
-    resume to 4; the schedule states the global batch and the rounds, the logs the kimg."""
+    resume to 4; the schedule states the global batch and the rounds, the logs the kimg. The runs train in this
+    process; the refusal of a global batch that is no multiple of the batch is the command line's."""
     common = ["stage=teacher", "logger=none", "device=cpu", "data=image_folder", f"data.root={tiny_data}",
               "arch=simple_unet_tiny", "arch.dropout=0", "batch_size=4", "global_batch_size=8", "save_every=2",
               "sample_every=0", "log_every=1", "warmup_steps=2", "data.num_workers=0", "samples_per_class=1",
               "sample_steps=2"]
-    straight = run_cli("train.py", *common, "max_steps=4", f"output_dir={tmp_path / 'a'}",
-                       f"hydra.run.dir={tmp_path / 'h1'}")
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    assert "global batch 8 = batch_size 4 x 1 process x 2 accumulation rounds" in straight.stderr + straight.stdout
-    first = run_cli("train.py", *common, "max_steps=2", f"output_dir={tmp_path / 'b'}", f"hydra.run.dir={tmp_path / 'h2'}")
-    assert first.returncode == 0, first.stderr[-3000:]
-    resumed = run_cli("train.py", *common, "max_steps=4", "resume=auto", f"output_dir={tmp_path / 'b'}",
-                      f"hydra.run.dir={tmp_path / 'h3'}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    from train import train
+
+    caplog.set_level("INFO")
+    train(compose_cfg([*common, "max_steps=4", f"output_dir={tmp_path / 'a'}"]))
+    assert "global batch 8 = batch_size 4 x 1 process x 2 accumulation rounds" in caplog.text
+    train(compose_cfg([*common, "max_steps=2", f"output_dir={tmp_path / 'b'}"]))
+    caplog.clear()
+    train(compose_cfg([*common, "max_steps=4", "resume=auto", f"output_dir={tmp_path / 'b'}"]))
+    assert "[resume] continuing" in caplog.text
     a = load_checkpoint(str(tmp_path / "a" / "teacher_final.pt"))
     b = load_checkpoint(str(tmp_path / "b" / "teacher_final.pt"))
     assert a["step"] == b["step"] == 4 and a["config"]["global_batch_size"] == 8

@@ -25,7 +25,7 @@ from dmd2.io.weights import build_denoiser
 from dmd2.networks import count_parameters
 from dmd2.networks.gan_head import GANHead
 from dmd2.networks.precond import EDMPrecond
-from tests.conftest import SMOKE, run_cli
+from tests.conftest import SMOKE, compose_cfg
 from tests.test_import_edm import EDMPrecondStandIn, make_persistent, persistence_module
 
 TINY_ADM = dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[16])  # 1 head at 16x16
@@ -217,11 +217,11 @@ def test_the_imagenet64_preset_runs_two_steps_on_an_imported_adm(tmp_path):
     data = make_edm_dataset(tmp_path / "imagenet-32x32.zip", n=16)
     out = tmp_path / "run"
     # debug=smoke picks generated data: naming the preset's data again puts the zip back
-    proc = run_cli("train.py", "experiment=dmd2_imagenet64", *SMOKE, "arch=from_teacher", "data=edm_dataset",
-                   f"data.root={data}",
-                   "data.resolution=32", f"teacher_checkpoint={teacher}", "max_steps=2", "batch_size=4",
-                   f"output_dir={out}", f"hydra.run.dir={out}/hydra")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from train import train
+
+    train(compose_cfg(["experiment=dmd2_imagenet64", *SMOKE, "arch=from_teacher", "data=edm_dataset",
+                       f"data.root={data}", "data.resolution=32", f"teacher_checkpoint={teacher}", "max_steps=2",
+                       "batch_size=4", f"output_dir={out}"]))
     state = load_checkpoint(str(out / "dmd2_final.pt"), kind="dmd2")
     cfg = state["config"]  # the preset's keys, except the ratio: debug=smoke's 2 (conf/debug_stage) wins over its 5
     assert (cfg["data"]["name"], cfg["data"]["num_classes"], cfg["dfake_gen_update_ratio"], cfg["gan_classifier"],

@@ -229,22 +229,26 @@ def test_other_preconditionings_and_architectures_are_refused(precond, model_typ
 @pytest.mark.slow
 @pytest.mark.parametrize("label_dim", [10, 0])
 def test_an_imported_teacher_distills_generates_and_evaluates(label_dim, tiny_data, featnet, tmp_path):
+    """python -m dmd2.import_edm in a fresh process (no module of the EDM pickle's own code is loaded there), then
+    train.py's distillation, generate.py and evaluate.py (their functions, in this process) on its teacher."""
     pkl = tmp_path / "edm.pkl"
     edm_snapshot(pkl, "ncsnpp" if label_dim else "ddpmpp", label_dim)
     teacher = tmp_path / "edm.pt"
     proc = subprocess.run([sys.executable, "-m", "dmd2.import_edm", str(pkl), str(teacher)], cwd=ROOT,
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    import generate as generate_script
+    from train import train
+
     data = ["data=image_folder", f"data.root={tiny_data}", f"data.num_classes={label_dim}"]
     out = tmp_path / "distill"
-    proc = run_cli("train.py", *SMOKE, "stage=distill", "arch=from_teacher", *data, f"teacher_checkpoint={teacher}",
-                   "gan_classifier=true", "dfake_gen_update_ratio=2", "max_steps=2", f"output_dir={out}",
-                   f"hydra.run.dir={out}/hydra")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(compose_cfg([*SMOKE, "stage=distill", "arch=from_teacher", *data, f"teacher_checkpoint={teacher}",
+                       "gan_classifier=true", "dfake_gen_update_ratio=2", "max_steps=2", f"output_dir={out}"]))
     gen = tmp_path / "generated"
-    proc = run_cli("generate.py", f"checkpoint={out / 'dmd2_final.pt'}", f"output_dir={gen}",
-                   f"seeds=0-{3 * max(label_dim, 1) - 1}", "device=cpu", f"hydra.run.dir={tmp_path}/hydra-gen")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    with torch.no_grad():  # as generate.py's main
+        generate_script.generate(compose_cfg([f"checkpoint={out / 'dmd2_final.pt'}", f"output_dir={gen}",
+                                              f"seeds=0-{3 * max(label_dim, 1) - 1}", "device=cpu"],
+                                             config_name="generate"))
     if label_dim:  # the imported teacher names no classes: the distillation took the dataset's
         assert len(list(gen.glob("*/*.png"))) == 30 and (gen / "class00" / "000010.png").exists()
     else:  # unconditional: a flat folder and one grid
@@ -252,10 +256,10 @@ def test_an_imported_teacher_distills_generates_and_evaluates(label_dim, tiny_da
                                                          "grid.png"]
     if label_dim:
         return  # evaluate.py on an imported conditional teacher: as on any teacher (tests/test_evaluate.py)
-    proc = run_cli("evaluate.py", f"checkpoint={teacher}", "sampler.steps=1", "logger=none",
-                   *train_eval_args(featnet, tiny_data, tmp_path / "fid_stats", num=20, prefix=""),
-                   f"output_dir={tmp_path / 'eval'}", f"hydra.run.dir={tmp_path}/hydra-eval")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluate_script.evaluate(compose_cfg([f"checkpoint={teacher}", "sampler.steps=1", "logger=none",
+                                          *train_eval_args(featnet, tiny_data, tmp_path / "fid_stats", num=20,
+                                                           prefix=""),
+                                          f"output_dir={tmp_path / 'eval'}"], config_name="evaluate"))
     (row,) = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert row["kind"] == "teacher" and np.isfinite(row["value"])
 

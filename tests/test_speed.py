@@ -55,10 +55,18 @@ def test_bad_perf_values_are_refused_by_name(key, value):
         validate(compose_cfg(["stage=teacher", f"{key}={value}"]))
 
 
-def train_teacher(tiny_data: Path, out: Path, *switches: str) -> dict:
-    proc = run_cli("train.py", *SMOKE, "stage=teacher", "data=image_folder", f"data.root={tiny_data}",
-                   "arch.dropout=0", "lr=1e-3", f"output_dir={out}", f"hydra.run.dir={out / 'hydra'}", *switches)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def train_teacher(tiny_data: Path, out: Path, *switches: str, fresh_process: bool = False) -> dict:
+    """A short teacher run with ``switches``: in this process, or (``fresh_process``) through the CLI in a fresh one
+    (torch.compile: its compiled code and caches stay out of the test process)."""
+    args = [*SMOKE, "stage=teacher", "data=image_folder", f"data.root={tiny_data}", "arch.dropout=0", "lr=1e-3",
+            f"output_dir={out}", *switches]
+    if fresh_process:
+        proc = run_cli("train.py", *args, f"hydra.run.dir={out / 'hydra'}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    else:
+        from train import train
+
+        train(compose_cfg(args))
     return load_checkpoint(str(out / "teacher_final.pt"))
 
 
@@ -74,6 +82,6 @@ def test_cpu_fast_paths_train_like_the_plain_path(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_compiled_networks_train_like_eager_ones(tiny_data, tmp_path):
     eager = train_teacher(tiny_data, tmp_path / "eager")
-    compiled = train_teacher(tiny_data, tmp_path / "compiled", "perf.compile=true")
+    compiled = train_teacher(tiny_data, tmp_path / "compiled", "perf.compile=true", fresh_process=True)
     assert_trained_alike(eager["model"], compiled["model"], 1e-3, "compile")
     assert list(compiled["model"]) == list(eager["model"])  # in-place compile: same state_dict keys

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dmd2.runtime.distributed import Dist, batch_shard
-from tests.conftest import HANG_GUARD_S, ROOT, run_cli, train_eval_args
+from tests.conftest import HANG_GUARD_S, ROOT, compose_cfg, train_eval_args
 
 # the torchrun runs (two processes each) run one at a time, on one test worker
 pytestmark = pytest.mark.xdist_group("torchrun")
@@ -22,6 +22,21 @@ def torchrun(script: str, *overrides: str, nproc: int = 2) -> subprocess.Complet
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / script), *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env, cwd=ROOT)
+
+
+def in_process(script: str, *overrides: str) -> None:
+    """The one-process run to compare with: ``script``'s own function, in this process (as its main runs it)."""
+    import torch
+
+    if script == "generate.py":
+        import generate
+
+        with torch.no_grad():  # generate.py's main samples without autograd
+            generate.generate(compose_cfg(list(overrides), config_name="generate"))
+    else:
+        import evaluate
+
+        evaluate.evaluate(compose_cfg(list(overrides), config_name="evaluate"))
 
 
 @pytest.mark.parametrize("n, batch, world", [(30, 8, 2), (30, 8, 3), (5, 8, 2), (17, 4, 4), (0, 3, 2)])
@@ -37,9 +52,7 @@ def test_two_processes_write_the_same_images_and_measure_the_same_fd_as_one(dmd2
     gen = dmd2_run / "generator"
     common = [f"checkpoint={gen}", "device=cpu", "seeds=0-20", "batch_size=4"]
     for fmt in ("png", "npz"):
-        one = run_cli("generate.py", *common, f"format={fmt}", f"output_dir={tmp_path / fmt / 'one'}",
-                      f"hydra.run.dir={tmp_path / fmt / 'h1'}")
-        assert one.returncode == 0, one.stderr[-3000:]
+        in_process("generate.py", *common, f"format={fmt}", f"output_dir={tmp_path / fmt / 'one'}")
         two = torchrun("generate.py", *common, f"format={fmt}", f"output_dir={tmp_path / fmt / 'two'}",
                        f"hydra.run.dir={tmp_path / fmt / 'h2'}")
         assert two.returncode == 0, two.stderr[-3000:]
@@ -57,8 +70,7 @@ def test_two_processes_write_the_same_images_and_measure_the_same_fd_as_one(dmd2
 
     args = train_eval_args(featnet, tiny_data, tmp_path / "cache", num=30, prefix="") + [
         f"checkpoint={gen}", "device=cpu", "logger=none", "uncertainty_resamples=20"]
-    one = run_cli("evaluate.py", *args, f"output_dir={tmp_path / 'eval1'}", f"hydra.run.dir={tmp_path / 'e1'}")
-    assert one.returncode == 0, one.stderr[-3000:]
+    in_process("evaluate.py", *args, f"output_dir={tmp_path / 'eval1'}")
     two = torchrun("evaluate.py", *args, f"output_dir={tmp_path / 'eval2'}", f"hydra.run.dir={tmp_path / 'e2'}")
     assert two.returncode == 0, two.stderr[-3000:]
     r1 = json.loads((tmp_path / "eval1" / "results.json").read_text())
@@ -74,7 +86,6 @@ def test_two_processes_write_the_same_images_and_measure_the_same_fd_as_one(dmd2
 def test_a_known_answer_model_gets_the_same_exact_scores_from_two_processes(tmp_path):
     """data=gaussian_mixture: the samples are sharded and gathered to rank 0, which alone scores them and measures
     the teacher's denoising error."""
-    from tests.conftest import compose_cfg
     from train import train
 
     quick = ["debug=smoke", "logger=none", "data=gaussian_mixture", "data.num_classes=2",
@@ -82,8 +93,7 @@ def test_a_known_answer_model_gets_the_same_exact_scores_from_two_processes(tmp_
     train(compose_cfg([*quick, f"output_dir={tmp_path / 't'}"]))
     args = [f"checkpoint={tmp_path / 't' / 'teacher_final.pt'}", "num_samples=40", "batch_size=8",
             "sampler.steps=2", "device=cpu", "logger=none"]
-    one = run_cli("evaluate.py", *args, f"output_dir={tmp_path / 'e1'}", f"hydra.run.dir={tmp_path / 'h1'}")
-    assert one.returncode == 0, one.stderr[-3000:]
+    in_process("evaluate.py", *args, f"output_dir={tmp_path / 'e1'}")
     two = torchrun("evaluate.py", *args, f"output_dir={tmp_path / 'e2'}", f"hydra.run.dir={tmp_path / 'h2'}")
     assert two.returncode == 0, two.stderr[-3000:]
     (r1,) = json.loads((tmp_path / "e1" / "results.json").read_text())

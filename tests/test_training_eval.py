@@ -73,11 +73,10 @@ def test_warmup_counts_training_iterations_for_both_networks(teacher_ckpt, tiny_
     """Generator every 2nd iteration, warm-up 4 iterations: the generator's last update (iteration 4) runs at the
     full learning rate, like the fake score network's; counted in generator updates it would be at 3/4."""
     assert [warmup_lr(1.0, s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    proc = run_cli("train.py", *SMOKE, "stage=distill", "data=image_folder", f"data.root={tiny_data}",
-                   f"teacher_checkpoint={teacher_ckpt}", f"output_dir={tmp_path}", "max_steps=5",
-                   "dfake_gen_update_ratio=2", "warmup_steps=4", "generator_lr=1e-3", "guidance_lr=2e-3",
-                   f"hydra.run.dir={tmp_path / 'h'}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_script.train(compose_cfg([*SMOKE, "stage=distill", "data=image_folder", f"data.root={tiny_data}",
+                                    f"teacher_checkpoint={teacher_ckpt}", f"output_dir={tmp_path}", "max_steps=5",
+                                    "dfake_gen_update_ratio=2", "warmup_steps=4", "generator_lr=1e-3",
+                                    "guidance_lr=2e-3"]))
     state = load_checkpoint(str(tmp_path / "dmd2_final.pt"))
     assert state["generator_updater"]["optimizer"]["param_groups"][0]["lr"] == 1e-3
     assert state["guidance_updater"]["optimizer"]["param_groups"][0]["lr"] == 2e-3
@@ -115,34 +114,37 @@ def test_a_skipped_update_changes_nothing_and_is_counted(with_ema):
 # ------------------------------------------------------------------------------------ evaluation inside training
 
 
-def distill_with_eval(teacher_ckpt: Path, tiny_data: Path, featnet: Path, out: Path, *extra: str):
-    return run_cli("train.py", *SMOKE, "stage=distill", "data=image_folder", f"data.root={tiny_data}",
-                   f"teacher_checkpoint={teacher_ckpt}", f"output_dir={out}", "max_steps=4",
-                   "dfake_gen_update_ratio=2", "generator_ema_decay=0.5",
-                   *train_eval_args(featnet, tiny_data, out.parent / "fid_stats", every=2, num=30),
-                   f"hydra.run.dir={out / 'h'}", *extra)
+def distill_with_eval(teacher_ckpt: Path, tiny_data: Path, featnet: Path, out: Path, *extra: str) -> None:
+    """A 4-step distillation measuring the FD every 2 steps, trained in this process."""
+    train_script.train(compose_cfg([*SMOKE, "stage=distill", "data=image_folder", f"data.root={tiny_data}",
+                                    f"teacher_checkpoint={teacher_ckpt}", f"output_dir={out}", "max_steps=4",
+                                    "dfake_gen_update_ratio=2", "generator_ema_decay=0.5",
+                                    *train_eval_args(featnet, tiny_data, out.parent / "fid_stats", every=2, num=30),
+                                    *extra]))
 
 
 @pytest.mark.slow
-def test_distill_logs_the_fd_curve_equal_to_evaluate_py(teacher_ckpt, tiny_data, featnet, tmp_path):
+def test_distill_logs_the_fd_curve_equal_to_evaluate_py(teacher_ckpt, tiny_data, featnet, tmp_path, caplog):
+    import evaluate as evaluate_script
+
+    caplog.set_level("INFO")
     out = tmp_path / "run"
-    proc = distill_with_eval(teacher_ckpt, tiny_data, featnet, out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    distill_with_eval(teacher_ckpt, tiny_data, featnet, out)
     curve = eval_curve(out)
     assert sorted(curve) == [0, 2, 4] and all(v > 0 for v in curve.values())
     costs = [r for r in rows(out) if KEY in r]
     assert all(r[f"{KEY}_std"] > 0 for r in costs)  # each value with its bootstrap standard deviation
-    assert "(fd_tiny-featnet@30: 30 samples" in proc.stdout
+    assert "(fd_tiny-featnet@30: 30 samples" in caplog.text
     assert all(r["eval/seconds"] > 0 and r["eval/images_per_sec"] > 0 and r["eval/nfe"] == 1 for r in costs)
-    assert "[eval] step 4: FD (tiny-featnet)" in proc.stdout and "images/s" in proc.stdout
+    assert "[eval] step 4: FD (tiny-featnet)" in caplog.text and "images/s" in caplog.text
     state = load_checkpoint(str(out / "dmd2_final.pt"))
     assert state["evaluation"]["best"] == min(curve.values()) and state["evaluation"]["last"] == curve[4]
     # evaluate.py on the final checkpoint (its generator EMA, the same samples) gives the value logged at step 4
-    proc = run_cli("evaluate.py", f"checkpoint={out / 'dmd2_final.pt'}",
-                   *train_eval_args(featnet, tiny_data, tmp_path / "fid_stats", num=30, prefix=""),
-                   "num_workers=0", "logger=none", f"output_dir={tmp_path / 'eval'}",
-                   f"hydra.run.dir={tmp_path / 'eval' / 'h'}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluate_script.evaluate(compose_cfg([f"checkpoint={out / 'dmd2_final.pt'}",
+                                          *train_eval_args(featnet, tiny_data, tmp_path / "fid_stats", num=30,
+                                                           prefix=""),
+                                          "num_workers=0", "logger=none", f"output_dir={tmp_path / 'eval'}"],
+                                         config_name="evaluate"))
     (row,) = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert row["weights"] == "ema" and row["value"] == pytest.approx(curve[4], rel=1e-6)
 
@@ -151,8 +153,7 @@ def test_distill_logs_the_fd_curve_equal_to_evaluate_py(teacher_ckpt, tiny_data,
 def test_evaluation_does_not_change_training(teacher_ckpt, tiny_data, featnet, tmp_path):
     """The random streams are left as they were: with or without evaluation, the same weights."""
     for name, extra in (("with", []), ("without", ["eval_every=0"])):
-        proc = distill_with_eval(teacher_ckpt, tiny_data, featnet, tmp_path / name, "gan_classifier=true", *extra)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        distill_with_eval(teacher_ckpt, tiny_data, featnet, tmp_path / name, "gan_classifier=true", *extra)
     a, b = (load_checkpoint(str(tmp_path / n / "dmd2_final.pt")) for n in ("with", "without"))
     for key in ("generator", "fake_unet", "gan_head", "generator_ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
