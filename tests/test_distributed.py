@@ -169,12 +169,12 @@ def test_a_global_batch_larger_than_the_dataset_is_refused():
 @pytest.mark.slow
 def test_a_stop_signal_under_torchrun_saves_one_checkpoint_at_a_step_all_ranks_agree_on(tiny_data, tmp_path):
     """SIGTERM to torchrun as soon as the training loop has started (metrics.jsonl appears then, after the ranks
-    built their networks together: both have their signal handlers), long before the run's 60 steps end; every
+    built their networks together: both have their signal handlers), long before the run's 120 steps end; every
     rank stops after the same step, and the checkpoint resumes in two processes to a longer run."""
     import time
 
     args = [*BASE, "stage=teacher", "arch=simple_unet_tiny", f"data.root={tiny_data}", "batch_size=4",
-            "max_steps=60", "num_epochs=1000", "save_every=1000", "log_every=1000", f"output_dir={tmp_path / 'out'}"]
+            "max_steps=120", "num_epochs=1000", "save_every=1000", "log_every=1000", f"output_dir={tmp_path / 'out'}"]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py")]
     proc = subprocess.Popen([*cmd, *args, f"hydra.run.dir={tmp_path / 'h1'}"], stdout=subprocess.PIPE,
@@ -186,8 +186,8 @@ def test_a_stop_signal_under_torchrun_saves_one_checkpoint_at_a_step_all_ranks_a
     _, stderr = proc.communicate(timeout=HANG_GUARD_S)
     (saved,) = (tmp_path / "out").glob("teacher_0*.pt")
     step = load_checkpoint(str(saved))["step"]
-    assert 0 < step < 60 and f"stopped at step {step}" in stderr
-    resumed = torchrun(*args, "resume=auto", "max_steps=70", f"hydra.run.dir={tmp_path / 'h2'}")
+    assert 0 < step < 120 and f"stopped at step {step}" in stderr
+    resumed = torchrun(*args, "resume=auto", "max_steps=130", f"hydra.run.dir={tmp_path / 'h2'}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"[resume] continuing {saved} (step {step})" in resumed.stdout + resumed.stderr
-    assert load_checkpoint(str(tmp_path / "out" / "teacher_final.pt"))["step"] == 70
+    assert load_checkpoint(str(tmp_path / "out" / "teacher_final.pt"))["step"] == 130

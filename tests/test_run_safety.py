@@ -144,12 +144,12 @@ def test_resume_applies_safe_changes_and_refuses_the_others(tiny_data, tmp_path)
 def test_a_stop_signal_saves_a_checkpoint_and_resume_loses_nothing(tiny_data, tmp_path, caplog):
     """SIGUSR1, the signal schedulers send before a time limit (SIGTERM: the torchrun test). The signal is sent to
     a real run as soon as its training loop has started (metrics.jsonl appears then; the loop checks for a stop
-    after each step, so it stops at step 1 or later), long before its 50 steps end; the resume and the
+    after each step, so it stops at step 1 or later), long before its 100 steps end; the resume and the
     uninterrupted run for comparison run in this process."""
     from train import train
 
     sig = signal.SIGUSR1
-    args = [*SMOKE, "data=image_folder", f"data.root={tiny_data}", "max_steps=50", "save_every=1000",
+    args = [*SMOKE, "data=image_folder", f"data.root={tiny_data}", "max_steps=100", "save_every=1000",
             "log_every=1000", "sample_every=0"]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     out = tmp_path / "stopped"
@@ -165,14 +165,14 @@ def test_a_stop_signal_saves_a_checkpoint_and_resume_loses_nothing(tiny_data, tm
     assert code == 128 + int(sig) == 138, stderr[-2000:]
     (saved,) = out.glob("teacher_0*.pt")
     step = load_checkpoint(str(saved))["step"]
-    assert 0 < step < 50 and f"stopped at step {step}" in stderr
+    assert 0 < step < 100 and f"stopped at step {step}" in stderr
     caplog.set_level("INFO")
-    assert train(compose_cfg([*args, f"output_dir={out}", "resume=auto", "max_steps=50"]))["steps"] == 50
+    assert train(compose_cfg([*args, f"output_dir={out}", "resume=auto", "max_steps=100"]))["steps"] == 100
     assert f"[resume] continuing {saved}" in caplog.text
     train(compose_cfg([*args, f"output_dir={tmp_path / 'whole'}"]))
     a = load_checkpoint(str(out / "teacher_final.pt"))
     b = load_checkpoint(str(tmp_path / "whole" / "teacher_final.pt"))
-    assert a["step"] == b["step"] == 50
+    assert a["step"] == b["step"] == 100
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
