@@ -646,7 +646,8 @@ class DistillSettings(TrainSettings):
                                                 "in generator_emas", DISTINCT_DECAYS, policy=ADJUSTABLE)
     generator_ema_warmup: bool = setting(False, "warm the generator EMAs up as the teacher's: decay min(d, (1+n)/"
                                          "(10+n)) after n generator updates (false: d from the first update, "
-                                         "which keeps d^n of the initial weights); no effect without an EMA", BOOL, policy=ADJUSTABLE)
+                                         "which keeps d^n of the initial weights); no effect without an EMA",
+                                         BOOL, policy=ADJUSTABLE)
     fake_warmup_steps: int = setting(0, "iterations 0 .. N-1 update the fake score network (and GAN head) alone, "
                                      "on the initial generator's samples, before the generator's first update",
                                      NONNEG_INT, policy=ADJUSTABLE)
