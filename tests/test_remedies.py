@@ -5,11 +5,14 @@ import math
 import pytest
 import torch
 
+from dmd2.config.errors import ConfigError
+from dmd2.config.validate import validate
 from dmd2.method.mixture import (ExactDenoiser, FittedMixture, dm_gradient_errors, exact_denoise, fit_mixture,
                                  fitted_denoise, make_mixture, sample_mixture)
 from dmd2.method.randomness import torch_generator
 from dmd2.train.distill import generator_turn, generator_updates_before
 from dmd2.train.optim import LRSchedule, ema_decay_at
+from tests.conftest import SMOKE, compose_cfg
 
 
 def test_constant_schedule_is_the_warm_up_alone():
@@ -146,10 +149,6 @@ def test_fake_warmup_and_ema_warmup_in_a_distillation_step():
 @pytest.mark.parametrize("stage", ["teacher", "distill"])
 def test_a_final_rate_without_a_decay_is_refused(stage):
     """lr_final sets where lr_decay ends; with a constant rate it would be silently ignored."""
-    from dmd2.config.errors import ConfigError
-    from dmd2.config.validate import validate
-    from tests.conftest import SMOKE, compose_cfg
-
     base = [*SMOKE, f"stage={stage}"] + ([f"teacher_checkpoint={__file__}"] if stage == "distill" else [])
     with pytest.raises(ConfigError, match="config key 'lr_final' = 0.1: expected 0 with lr_decay=none"):
         validate(compose_cfg(base + ["lr_final=0.1"]))
