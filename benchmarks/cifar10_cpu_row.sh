@@ -7,11 +7,13 @@
 #   remedies   generator_ema_decay=0.99 generator_ema_warmup=true lr_decay=cosine (experiment=mixture_dmd2's)
 #
 #   bash benchmarks/cifar10_cpu_row.sh --data DIR --featnet FILE [--out DIR] [--seed N] [--teacher CKPT]
-#                                      [--distill-epochs N (default 2)]
+#                                      [--distill-epochs N (default 2)] [--teacher-seed N (default: --seed)]
 #
 # --data: the JPEG copy extracted (DIR/train/<class>/*.jpg, DIR/test/<class>/*.jpg); --featnet: a TorchScript
 # feature network (float [B,3,32,32] in [0,255] -> [B,D]); FDs are named "FD (<its file>)". --teacher reuses a
 # teacher checkpoint; an FD whose result in --out measured the same checkpoint with the same seed is not redone.
+# --teacher-seed: the sampling seed of the teacher's two FDs, so that the rows of other student seeds can reuse one
+# teacher measurement (copy its fd_teacher_* folders into --out; the 35-NFE FD is the row's longest step).
 # Each run is a real train.py / evaluate.py command, logged in --out/logs; --out/summary.txt has the table. The
 # two distillations run side by side with one OpenMP thread each, the teacher's FDs beside them; the teacher and
 # the students' FDs use every core.
@@ -20,7 +22,7 @@
 # about a minute each.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-DATA=""; FEATNET=""; OUT="outputs/cifar10_cpu_row"; SEED=0; TEACHER=""; EPOCHS=2
+DATA=""; FEATNET=""; OUT="outputs/cifar10_cpu_row"; SEED=0; TEACHER=""; EPOCHS=2; TSEED=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --data) DATA="$2"; shift 2 ;;
@@ -29,6 +31,7 @@ while [[ $# -gt 0 ]]; do
     --seed) SEED="$2"; shift 2 ;;
     --teacher) TEACHER="$2"; shift 2 ;;
     --distill-epochs) EPOCHS="$2"; shift 2 ;;
+    --teacher-seed) TSEED="$2"; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "cifar10_cpu_row.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -36,6 +39,8 @@ done
 [[ -d "$DATA/train" && -d "$DATA/test" ]] || { echo "cifar10_cpu_row.sh: --data must hold train/ and test/ (got '$DATA')" >&2; exit 2; }
 [[ -f "$FEATNET" ]] || { echo "cifar10_cpu_row.sh: --featnet must name a TorchScript file (got '$FEATNET')" >&2; exit 2; }
 [[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || { echo "cifar10_cpu_row.sh: --distill-epochs must be a positive integer (got '$EPOCHS')" >&2; exit 2; }
+TSEED="${TSEED:-$SEED}"
+[[ "$TSEED" =~ ^[0-9]+$ ]] || { echo "cifar10_cpu_row.sh: --teacher-seed must be a non-negative integer (got '$TSEED')" >&2; exit 2; }
 [[ -z "$TEACHER" || -f "$TEACHER" ]] || { echo "cifar10_cpu_row.sh: --teacher $TEACHER does not exist" >&2; exit 2; }
 abspath() { echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }
 DATA="$(cd "$DATA" && pwd)"; FEATNET="$(abspath "$FEATNET")"; [[ -z "$TEACHER" ]] || TEACHER="$(abspath "$TEACHER")"
@@ -51,13 +56,13 @@ COMMON=(logger=none data=image_folder "data.root=$DATA/train" data.num_workers=0
         save_every=1000000 eval_every=0 sample_every=0 log_every=50)
 
 run() { local name="$1"; shift; echo ">>> [$name] $*" >&2; "$@" > "$OUT/logs/$name.log" 2>&1; }
-fd() {  # fd NAME CHECKPOINT [overrides]: FD of 5,000 samples (classes round-robin) against the test split
-  local name="$1" ckpt="$2"; shift 2
+fd() {  # fd NAME CHECKPOINT SEED [overrides]: FD of 5,000 samples (classes round-robin) against the test split
+  local name="$1" ckpt="$2" seed="$3"; shift 3
   # an earlier result is kept only when it measured this checkpoint with this seed (a rerun with --teacher)
   "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1]))[0]; sys.exit(not (r["checkpoint"] == sys.argv[2] and r["seed"] == int(sys.argv[3])))' \
-    "$OUT/$name/results.json" "$ckpt" "$SEED" 2> /dev/null && return 0
+    "$OUT/$name/results.json" "$ckpt" "$seed" 2> /dev/null && return 0
   run "$name" "$PY" evaluate.py logger=none "checkpoint=$ckpt" num_samples=5000 batch_size=250 "${FEAT[@]}" \
-    "seed=$SEED" "$@" "output_dir=$OUT/$name" "hydra.run.dir=$OUT/$name/hydra"
+    "seed=$seed" "$@" "output_dir=$OUT/$name" "hydra.run.dir=$OUT/$name/hydra"
 }
 
 if [[ -z "$TEACHER" ]]; then
@@ -79,8 +84,8 @@ for v in official remedies; do
     "output_dir=$OUT/distill_$v" "hydra.run.dir=$OUT/distill_$v/hydra" &
   pids+=($!)
 done
-OMP_NUM_THREADS=1 fd fd_teacher_35nfe "$TEACHER" sampler.steps=18   # beside the distillations, one thread each
-OMP_NUM_THREADS=1 fd fd_teacher_1nfe "$TEACHER" sampler.steps=1
+OMP_NUM_THREADS=1 fd fd_teacher_35nfe "$TEACHER" "$TSEED" sampler.steps=18   # beside the distillations, one thread each
+OMP_NUM_THREADS=1 fd fd_teacher_1nfe "$TEACHER" "$TSEED" sampler.steps=1
 i=0
 for v in official remedies; do
   wait "${pids[$i]}" || { echo "cifar10_cpu_row.sh: distill_$v failed; see $OUT/logs/distill_$v.log" >&2
@@ -88,7 +93,7 @@ for v in official remedies; do
   i=$((i + 1))
 done
 trap - EXIT
-for v in official remedies; do fd "fd_student_$v" "$OUT/distill_$v/generator"; done
+for v in official remedies; do fd "fd_student_$v" "$OUT/distill_$v/generator" "$SEED"; done
 
 "$PY" - "$OUT" "$(basename "$FEATNET")" "$SEED" <<'EOF'
 import json, sys
