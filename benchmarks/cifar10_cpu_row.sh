@@ -95,13 +95,13 @@ done
 trap - EXIT
 for v in official remedies; do fd "fd_student_$v" "$OUT/distill_$v/generator" "$SEED"; done
 
-"$PY" - "$OUT" "$(basename "$FEATNET")" "$SEED" <<'EOF'
+"$PY" - "$OUT" "$(basename "$FEATNET")" "$SEED" "$TSEED" <<'EOF'
 import json, sys
 from pathlib import Path
-out, net, seed = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+out, net, seed, tseed = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 rows = [("teacher, 35 NFE", "fd_teacher_35nfe"), ("teacher, 1 NFE", "fd_teacher_1nfe"),
         ("student, official", "fd_student_official"), ("student, remedies", "fd_student_remedies")]
-lines = [f"CIFAR-10 at CPU scale, seed {seed}: FD ({net}) of 5,000 samples against the 10,000 test images",
+lines = [f"CIFAR-10 at CPU scale, seed {seed} (teacher's FDs: seed {tseed}): FD ({net}) of 5,000 samples against the 10,000 test images",
          "| model | FD | bootstrap sd | precision | recall | coverage | label agreement |", "|---|---|---|---|---|---|---|"]
 for label, name in rows:
     r = json.loads((out / name / "results.json").read_text())[0]

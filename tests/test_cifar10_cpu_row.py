@@ -35,3 +35,14 @@ def test_help_states_the_runs_and_their_cost(tmp_path):
     assert r.returncode == 0
     assert "official" in r.stdout and "remedies" in r.stdout and "Cost on 2 CPU cores" in r.stdout
     assert "set -euo" not in r.stdout
+
+
+def test_refuses_a_teacher_seed_that_is_not_a_seed(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+    net = tmp_path / "net.ts.pt"
+    net.write_bytes(b"x")
+    r = row("--data", str(tmp_path / "data"), "--featnet", str(net), "--out", str(tmp_path / "out"),
+            "--teacher-seed", "-1", cwd=tmp_path)
+    assert r.returncode == 2 and "--teacher-seed must be a non-negative integer" in r.stderr
+    assert not (tmp_path / "out").exists()
