@@ -5,9 +5,12 @@
 # remedies of the mixture preset, and the FD of 5,000 samples of each against the 10,000 test images:
 #   official   constant learning rate after a 100-step warm-up, no generator EMA (the paper's schedule)
 #   remedies   generator_ema_decay=0.99 generator_ema_warmup=true lr_decay=cosine (experiment=mixture_dmd2's)
+#   ema        generator_ema_decay=0.99 generator_ema_warmup=true, constant rate (the EMA without the decay;
+#              only when --variants names it)
 #
 #   bash benchmarks/cifar10_cpu_row.sh --data DIR --featnet FILE [--out DIR] [--seed N] [--teacher CKPT]
 #                                      [--distill-epochs N (default 2)] [--teacher-seed N (default: --seed)]
+#                                      [--variants LIST (default official,remedies; any of official,remedies,ema)]
 #
 # --data: the JPEG copy extracted (DIR/train/<class>/*.jpg, DIR/test/<class>/*.jpg); --featnet: a TorchScript
 # feature network (float [B,3,32,32] in [0,255] -> [B,D]); FDs are named "FD (<its file>)". --teacher reuses a
@@ -15,14 +18,14 @@
 # --teacher-seed: the sampling seed of the teacher's two FDs, so that the rows of other student seeds can reuse one
 # teacher measurement (copy its fd_teacher_* folders into --out; the 35-NFE FD is the row's longest step).
 # Each run is a real train.py / evaluate.py command, logged in --out/logs; --out/summary.txt has the table. The
-# two distillations run side by side with one OpenMP thread each, the teacher's FDs beside them; the teacher and
+# distillations run side by side with one OpenMP thread each, the teacher's FDs beside them; the teacher and
 # the students' FDs use every core.
 # Cost on 2 CPU cores (measured): teacher 27 min (1.4 s/step); then the two distillations and the teacher's FDs
 # side by side, 5.4 s/step per distillation (35 min per epoch; the 35-NFE FD 32 min beside them); students' FDs
 # about a minute each.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-DATA=""; FEATNET=""; OUT="outputs/cifar10_cpu_row"; SEED=0; TEACHER=""; EPOCHS=2; TSEED=""
+DATA=""; FEATNET=""; OUT="outputs/cifar10_cpu_row"; SEED=0; TEACHER=""; EPOCHS=2; TSEED=""; VARIANTS="official,remedies"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --data) DATA="$2"; shift 2 ;;
@@ -32,6 +35,7 @@ while [[ $# -gt 0 ]]; do
     --teacher) TEACHER="$2"; shift 2 ;;
     --distill-epochs) EPOCHS="$2"; shift 2 ;;
     --teacher-seed) TSEED="$2"; shift 2 ;;
+    --variants) VARIANTS="$2"; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "cifar10_cpu_row.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -41,6 +45,8 @@ done
 [[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || { echo "cifar10_cpu_row.sh: --distill-epochs must be a positive integer (got '$EPOCHS')" >&2; exit 2; }
 TSEED="${TSEED:-$SEED}"
 [[ "$TSEED" =~ ^[0-9]+$ ]] || { echo "cifar10_cpu_row.sh: --teacher-seed must be a non-negative integer (got '$TSEED')" >&2; exit 2; }
+[[ "$VARIANTS" =~ ^(official|remedies|ema)(,(official|remedies|ema))*$ ]] || { echo "cifar10_cpu_row.sh: --variants must be a comma-separated list of official, remedies, ema (got '$VARIANTS')" >&2; exit 2; }
+IFS=, read -r -a VLIST <<< "$VARIANTS"
 [[ -z "$TEACHER" || -f "$TEACHER" ]] || { echo "cifar10_cpu_row.sh: --teacher $TEACHER does not exist" >&2; exit 2; }
 abspath() { echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }
 DATA="$(cd "$DATA" && pwd)"; FEATNET="$(abspath "$FEATNET")"; [[ -z "$TEACHER" ]] || TEACHER="$(abspath "$TEACHER")"
@@ -75,10 +81,11 @@ DISTILL=(stage=distill "teacher_checkpoint=$TEACHER" "${COMMON[@]}" "num_epochs=
 declare -A VARIANT=(
   [official]="lr_decay=none"
   [remedies]="generator_ema_decay=0.99 generator_ema_warmup=true lr_decay=cosine"
+  [ema]="generator_ema_decay=0.99 generator_ema_warmup=true lr_decay=none"
 )
 pids=()
-trap 'kill "${pids[@]}" 2> /dev/null' EXIT   # an error or a stop here also stops the other distillation
-for v in official remedies; do
+trap 'kill "${pids[@]}" 2> /dev/null' EXIT   # an error or a stop here also stops the other distillations
+for v in "${VLIST[@]}"; do
   # shellcheck disable=SC2086  # the variant's overrides are words
   OMP_NUM_THREADS=1 run "distill_$v" "$PY" train.py "${DISTILL[@]}" ${VARIANT[$v]} \
     "output_dir=$OUT/distill_$v" "hydra.run.dir=$OUT/distill_$v/hydra" &
@@ -87,20 +94,20 @@ done
 OMP_NUM_THREADS=1 fd fd_teacher_35nfe "$TEACHER" "$TSEED" sampler.steps=18   # beside the distillations, one thread each
 OMP_NUM_THREADS=1 fd fd_teacher_1nfe "$TEACHER" "$TSEED" sampler.steps=1
 i=0
-for v in official remedies; do
+for v in "${VLIST[@]}"; do
   wait "${pids[$i]}" || { echo "cifar10_cpu_row.sh: distill_$v failed; see $OUT/logs/distill_$v.log" >&2
                           tail -n 15 "$OUT/logs/distill_$v.log" >&2; exit 1; }
   i=$((i + 1))
 done
 trap - EXIT
-for v in official remedies; do fd "fd_student_$v" "$OUT/distill_$v/generator" "$SEED"; done
+for v in "${VLIST[@]}"; do fd "fd_student_$v" "$OUT/distill_$v/generator" "$SEED"; done
 
-"$PY" - "$OUT" "$(basename "$FEATNET")" "$SEED" "$TSEED" <<'EOF'
+"$PY" - "$OUT" "$(basename "$FEATNET")" "$SEED" "$TSEED" "${VLIST[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
-out, net, seed, tseed = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-rows = [("teacher, 35 NFE", "fd_teacher_35nfe"), ("teacher, 1 NFE", "fd_teacher_1nfe"),
-        ("student, official", "fd_student_official"), ("student, remedies", "fd_student_remedies")]
+out, net, seed, tseed, variants = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+rows = [("teacher, 35 NFE", "fd_teacher_35nfe"), ("teacher, 1 NFE", "fd_teacher_1nfe")]
+rows += [(f"student, {v}", f"fd_student_{v}") for v in variants]
 lines = [f"CIFAR-10 at CPU scale, seed {seed} (teacher's FDs: seed {tseed}): FD ({net}) of 5,000 samples against the 10,000 test images",
          "| model | FD | bootstrap sd | precision | recall | coverage | label agreement |", "|---|---|---|---|---|---|---|"]
 for label, name in rows:
