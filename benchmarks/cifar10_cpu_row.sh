@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CIFAR-10 at CPU scale: does a change of the distillation settings carry from the known-answer mixture to images?
-# One teacher (SimpleUNet, 1.35M parameters, 3 epochs at batch 128), then two one-step distillations of it
-# (2 epochs by default at batch 128, ratio 5, learning rate 1e-4 for both networks) that differ only in the
-# remedies of the mixture preset, and the FD of 5,000 samples of each against the 10,000 test images:
+# One teacher (SimpleUNet, 1.35M parameters, 3 epochs at batch 128), then one-step distillations of it (2 epochs
+# by default at batch 128, ratio 5, learning rate 1e-4 for both networks) that differ only in the remedies of the
+# mixture preset, and the FD of 5,000 samples of each against the 10,000 test images:
 #   official   constant learning rate after a 100-step warm-up, no generator EMA (the paper's schedule)
 #   remedies   generator_ema_decay=0.99 generator_ema_warmup=true lr_decay=cosine (experiment=mixture_dmd2's)
 #   ema        generator_ema_decay=0.99 generator_ema_warmup=true, constant rate (the EMA without the decay;
@@ -22,7 +22,8 @@
 # the students' FDs use every core.
 # Cost on 2 CPU cores (measured): teacher 27 min (1.4 s/step); then the two distillations and the teacher's FDs
 # side by side, 5.4 s/step per distillation (35 min per epoch; the 35-NFE FD 32 min beside them); students' FDs
-# about a minute each.
+# about a minute each. Each further variant is one more single-thread run on the same cores (measured: two
+# distillations beside two other single-thread runs, 6.5-8 s/step each).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DATA=""; FEATNET=""; OUT="outputs/cifar10_cpu_row"; SEED=0; TEACHER=""; EPOCHS=2; TSEED=""; VARIANTS="official,remedies"
