@@ -1,7 +1,10 @@
-"""benchmarks/cifar10_cpu_row.sh refuses bad input before any run starts (its full run takes hours: README)."""
+"""benchmarks/cifar10_cpu_row.sh: its refusals of bad input before any run starts, and its flow with train.py and
+evaluate.py stood in for (a full run takes hours: README)."""
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -79,8 +82,6 @@ esac
 def test_runs_each_variant_named_and_reuses_a_teacher_measurement(tmp_path):
     """The script's flow with train.py / evaluate.py stood in for: one distillation per --variants entry, each with
     its overrides, one summary row each; a rerun with --teacher keeps the teacher FDs that measured that checkpoint."""
-    import os
-    import sys
     for split in ("train", "test"):
         (tmp_path / "data" / split).mkdir(parents=True)
     net = tmp_path / "net.ts.pt"
