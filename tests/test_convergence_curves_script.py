@@ -39,7 +39,7 @@ def calls(tmp_path_factory) -> list[list[str]]:
     shim.write_text(SHIM)
     shim.chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp / 'bin'}:{os.environ['PATH']}", "CALLS": str(tmp / "calls"),
-           "OUT": str(tmp / "out")}
+           "OUT": str(tmp / "out"), "SEEDS": "0,1,2"}
     r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return [shlex.split(line) for line in (tmp / "calls").read_text().splitlines()]
