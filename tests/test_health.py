@@ -114,6 +114,24 @@ def test_alerts_fire_once_per_event_with_their_step_and_rearm_after_clearing(tmp
     assert alerts == fired
 
 
+def test_fd_rising_needs_a_rise_beyond_the_tolerance(tmp_path):
+    def fired(fds, **overrides):
+        mon, logger = monitor(tmp_path / str(len(list(tmp_path.iterdir()))), **overrides)
+        for step, fd in enumerate(fds):
+            logger.log({"eval/mixture_fd": fd}, step)
+        logger.finish()
+        return [(e.name, e.step) for e in mon.events]
+
+    creep = [2.0, 1.0, 1.01, 1.02, 1.03]  # three rises in a row, 3 % in all: evaluation noise at the default 5 %
+    assert fired(creep) == []
+    assert fired(creep, fd_rise_min=0.0) == [("fd_rising", 4)]  # control: any rise, as before the tolerance
+    assert fired(creep, fd_rise_min=0.02) == [("fd_rising", 4)]
+    assert fired([2.0, 1.0, 1.02, 1.04, 1.06]) == [("fd_rising", 4)]  # 6 % over the run
+    # the run's rise counts from its start, so a long slow climb alerts once it has added up
+    assert fired([2.0, 1.0, 1.01, 1.02, 1.03, 1.04, 1.07]) == [("fd_rising", 6)]
+    assert fired([2.0, 1.0, 1.1, 1.2, 1.3], fd_rise_evals=4) == []  # too few rises, however large
+
+
 def test_healthy_numbers_raise_nothing(tmp_path):
     mon, logger = monitor(tmp_path)
     for step, fd in enumerate([5.0, 3.0, 3.5, 2.0, 2.1, 1.5]):

@@ -4,7 +4,8 @@
   a distillation's teacher one-step output, before any update) and raises an alert (a warning line, a
   W&B alert and a row in metrics.jsonl) once per event, with its step, when recall or the class entropy falls
   below its threshold, the saturated-pixel fraction exceeds its threshold, the FID / FD rises over k evaluations
-  in a row, or the gradient-balance ratio leaves its band (HealthSettings in dmd2/config/settings.py);
+  in a row by more than a set fraction, or the gradient-balance ratio leaves its band (HealthSettings in
+  dmd2/config/settings.py);
 - ``DenoiserPanels`` draws, at every sample grid, for a fixed batch of generated images and a few noise levels:
   the noisy image, the teacher's x0, the fake score network's x0, their difference and the DM gradient, as one
   labelled PNG (samples/diagnostics_denoiser_<step>.png in the run folder, W&B image diagnostics/denoiser), and
@@ -91,7 +92,7 @@ class HealthMonitor:
 
     def __init__(self, h: Any, fd_key: str | None, logger: RunLogger) -> None:
         self.rules = alert_rules(h, fd_key)
-        self.fd_key, self.fd_rise = fd_key, int(h.fd_rise_evals)
+        self.fd_key, self.fd_rise, self.fd_rise_min = fd_key, int(h.fd_rise_evals), float(h.fd_rise_min)
         self.logger = logger
         self.active: set[str] = set()
         self.fds: list[float] = []
@@ -113,7 +114,9 @@ class HealthMonitor:
         if self.fd_key is not None and self.fd_rise > 0 and self.fd_key in metrics:
             self.fds.append(float(metrics[self.fd_key]))
             run = rising_run(self.fds)
-            self.update("fd_rising", self.fd_key, self.fds[-1], run >= self.fd_rise,
+            start, now = self.fds[-1 - run], self.fds[-1]
+            rise = (now - start) / abs(start) if start != 0 else math.inf
+            self.update("fd_rising", self.fd_key, now, run >= self.fd_rise and rise > self.fd_rise_min,
                         f"{self.fd_key} rose over {run} evaluations in a row", step)
 
     def update(self, name: str, key: str, value: float, holds: bool, says: str, step: int) -> None:
