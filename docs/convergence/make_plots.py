@@ -1,10 +1,12 @@
 """The README "Convergence" figure: exact scores against iterations, mean and spread over each row's seeds.
 
-    python docs/convergence/make_plots.py ROW=FOLDER[,FOLDER...] ... --out docs/convergence/curves.png [--x samples]
+    python docs/convergence/make_plots.py LABEL=FOLDER[,FOLDER...] ... --out docs/convergence/curves.png [--x samples]
 
 Each FOLDER is a run folder (its metrics.jsonl and config.yaml); a row's folders are its seeds. --x samples puts the
 training samples seen (iterations x batch_size) on the x axis, to compare batch sizes at equal data.
 """
+from __future__ import annotations
+
 import argparse
 import json
 from pathlib import Path
@@ -24,6 +26,25 @@ def curves(folder: str) -> dict[int, dict[str, float]]:
     return {r["step"]: {k: r[f"eval/mixture_{k}"] for k, _ in KEYS} for r in rows if "eval/mixture_fd" in r}
 
 
+def split_row(spec: str) -> tuple[str, list[str]]:
+    """LABEL=FOLDER[,FOLDER...] -> (label, folders). A label may hold "=" and "," (``lr_decay=none``) and a Hydra
+    folder name may too: the split is the first "=" after which the rest reads as run folders (each with its
+    metrics.jsonl), joined by "," (a part that is no run folder is joined to the next)."""
+    def run_folders(rest: str) -> list[str] | None:
+        folders, part = [], ""
+        for piece in rest.split(","):
+            part = f"{part},{piece}" if part else piece
+            if Path(part, "metrics.jsonl").is_file():
+                folders, part = folders + [part], ""
+        return folders if folders and not part else None
+
+    for i, c in enumerate(spec):
+        folders = run_folders(spec[i + 1:]) if c == "=" and i > 0 else None
+        if folders:
+            return spec[:i], folders
+    raise SystemExit(f"row {spec!r}: expected LABEL=FOLDER[,FOLDER...] with run folders (each with metrics.jsonl)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("rows", nargs="+", help="LABEL=FOLDER[,FOLDER...]")
@@ -35,10 +56,10 @@ def main() -> None:
     args = parser.parse_args()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for spec in args.rows:
-        label, folders = spec.split("=", 1)
-        runs = [curves(f) for f in folders.split(",")]
+        label, folders = split_row(spec)
+        runs = [curves(f) for f in folders]
         steps = sorted(set.intersection(*(set(r) for r in runs)) - {0})
-        batches = {yaml.safe_load(Path(f, "config.yaml").read_text())["batch_size"] for f in folders.split(",")}
+        batches = {yaml.safe_load(Path(f, "config.yaml").read_text())["batch_size"] for f in folders}
         if args.x == "samples" and len(batches) != 1:
             raise SystemExit(f"row {label!r}: its runs have different batch sizes {sorted(batches)}")
         xs = [s * min(batches) / 1000 for s in steps] if args.x == "samples" else steps
