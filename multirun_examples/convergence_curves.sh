@@ -47,5 +47,6 @@ m10=(data.num_classes=10 data.resolution=16)
 [ -f "$out/teacher_m10/teacher_final.pt" ] || python train.py experiment=mixture_teacher logger=none "${m10[@]}" \
     max_steps=6000 eval_every=1000 output_dir="$out/teacher_m10"
 run preset_m10 teacher_m10 "${m10[@]}"
+run ema_const_m10 teacher_m10 "${m10[@]}" lr_decay=none      # ... the EMA at a constant rate (no decay)
 python -m dmd2.compare "$out" --metric eval/mixture_fd --metric eval/mixture_near --metric eval/mixture_coverage \
     --metric eval/mixture_weight_tv --out "$out/compare"

@@ -48,7 +48,7 @@ def calls(tmp_path_factory) -> list[list[str]]:
 def test_every_row_composes_and_validates(calls):
     trains = [c[1:] for c in calls if c[0] == "train.py"]
     distills = [c for c in trains if c[0] == "-m"]
-    assert len(trains) - len(distills) == 3 and len(distills) == 14     # 3 teachers, a multirun per row
+    assert len(trains) - len(distills) == 3 and len(distills) == 15     # 3 teachers, a multirun per row
     for argv in trains:
         cfg = compose_cfg(single_run(argv))
         validate(cfg)
@@ -73,3 +73,9 @@ def test_the_harder_mixture_row_distils_its_own_teacher(calls):
     assert any(a.startswith("teacher_checkpoint=") and a.endswith("teacher_m10/teacher_final.pt") for a in row)
     cfg = compose_cfg(single_run(row[2:]))
     assert cfg.data.num_classes == 10 and cfg.data.resolution == 16 and cfg.max_steps == 3000
+    assert cfg.lr_decay == "cosine"
+    # its constant-rate row: the same teacher and data, only the decay off
+    const = next(c for c in calls if any(a.endswith("/ema_const_m10") for a in c))
+    ccfg = compose_cfg(single_run(const[2:]))
+    assert ccfg.lr_decay == "none" and ccfg.teacher_checkpoint == cfg.teacher_checkpoint
+    assert (ccfg.data.num_classes, ccfg.data.resolution, ccfg.generator_ema_decay) == (10, 16, cfg.generator_ema_decay)
