@@ -3,7 +3,7 @@
 # modes, 8 px) scored exactly every 250 iterations, each row a Hydra multirun, read by python -m dmd2.compare.
 # CPU only; one thread per run (OMP_NUM_THREADS=1: single runs are chaotic, so the thread count is part of a
 # result). Two teachers: the EDM-noise one (p_std 1.2, 800 steps) and the preset's (p_std 2.0, 1600 steps); the
-# last row is the harder mixture (10 classes x 3 modes, 16 px) with its own preset teacher trained 6000 steps.
+# last three rows are the harder mixture (10 classes x 3 modes, 16 px) with its own preset teacher trained 6000 steps.
 #   bash multirun_examples/convergence_curves.sh                 # every row below (hours on 2 cores)
 #   SEEDS=0 bash multirun_examples/convergence_curves.sh         # one seed per row
 #   OUT=DIR bash multirun_examples/convergence_curves.sh         # into DIR (default runs/mixture/convergence)
@@ -48,5 +48,6 @@ m10=(data.num_classes=10 data.resolution=16)
     max_steps=6000 eval_every=1000 output_dir="$out/teacher_m10"
 run preset_m10 teacher_m10 "${m10[@]}"
 run ema_const_m10 teacher_m10 "${m10[@]}" lr_decay=none      # ... the EMA at a constant rate (no decay)
+run preset_10k_m10 teacher_m10 "${m10[@]}" max_steps=10000 eval_every=500  # ... a longer budget
 python -m dmd2.compare "$out" --metric eval/mixture_fd --metric eval/mixture_near --metric eval/mixture_coverage \
     --metric eval/mixture_weight_tv --out "$out/compare"
