@@ -20,10 +20,11 @@
 # Each run is a real train.py / evaluate.py command, logged in --out/logs; --out/summary.txt has the table. The
 # distillations run side by side with one OpenMP thread each, the teacher's FDs beside them; the teacher and
 # the students' FDs use every core.
-# Cost on 2 CPU cores (measured): teacher 27 min (1.4 s/step); then the two distillations and the teacher's FDs
-# side by side, 5.4 s/step per distillation (35 min per epoch; the 35-NFE FD 32 min beside them); students' FDs
-# about a minute each. Each further variant is one more single-thread run on the same cores (measured: two
-# distillations beside two other single-thread runs, 6.5-8 s/step each).
+# Cost on 2 CPU cores, measured on two hosts of that size (a slower one / a faster one): teacher 27 / 20 min (1.4 /
+# 0.9 s/step); then the two distillations and the teacher's FDs side by side, 5.4 / 1.25 s/step per distillation
+# (35 / 8 min per epoch; the 35-NFE FD 32 min beside them on the slower host); students' FDs 1-3 min each. Each
+# further variant is one more single-thread run on the same cores (slower host: two distillations beside two other
+# single-thread runs, 6.5-8 s/step each).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DATA=""; FEATNET=""; OUT="outputs/cifar10_cpu_row"; SEED=0; TEACHER=""; EPOCHS=2; TSEED=""; VARIANTS="official,remedies"
