@@ -3,7 +3,7 @@
 # modes, 8 px) scored exactly every 250 iterations, each row a Hydra multirun, read by python -m dmd2.compare.
 # CPU only; one thread per run (OMP_NUM_THREADS=1: single runs are chaotic, so the thread count is part of a
 # result). Two teachers: the EDM-noise one (p_std 1.2, 800 steps) and the preset's (p_std 2.0, 1600 steps); the
-# last three rows are the harder mixture (10 classes x 3 modes, 16 px) with its own preset teacher trained 6000 steps.
+# last three rows are the harder mixture (10 classes x 3 modes, 16 px) with its own teacher trained 6000 steps.
 #   bash multirun_examples/convergence_curves.sh                 # every row below (hours on 2 cores)
 #   SEEDS=0 bash multirun_examples/convergence_curves.sh         # one seed per row
 #   OUT=DIR bash multirun_examples/convergence_curves.sh         # into DIR (default runs/mixture/convergence)

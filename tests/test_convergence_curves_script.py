@@ -78,9 +78,9 @@ def test_the_harder_mixture_row_distils_its_own_teacher(calls):
     const = next(c for c in calls if any(a.endswith("/ema_const_m10") for a in c))
     ccfg = compose_cfg(single_run(const[2:]))
     assert ccfg.lr_decay == "none" and ccfg.teacher_checkpoint == cfg.teacher_checkpoint
+    assert (ccfg.data.num_classes, ccfg.data.resolution, ccfg.generator_ema_decay) == (10, 16, cfg.generator_ema_decay)
     # its longer row: the same teacher, data and decay, only the budget raised (the cosine spans the 10k)
     long = next(c for c in calls if any(a.endswith("/preset_10k_m10") for a in c))
     lcfg = compose_cfg(single_run(long[2:]))
     assert lcfg.max_steps == 10000 and lcfg.lr_decay == "cosine" and lcfg.data.num_classes == 10
     assert lcfg.teacher_checkpoint == cfg.teacher_checkpoint
-    assert (ccfg.data.num_classes, ccfg.data.resolution, ccfg.generator_ema_decay) == (10, 16, cfg.generator_ema_decay)
